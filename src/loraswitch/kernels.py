@@ -1,0 +1,119 @@
+"""Batched multi-LoRA kernels: every way of computing `sum_e w[t,e] * B_e A_e x_t` sits behind
+`add_lora`, so the layer never knows which one ran (cf. vLLM's punica wrapper).
+
+Weights are stacked per module: `A[s]` is slot s's [r_max, in] factor and `B[s]` its scaled
+[out, r_max] factor, zero-padded to the largest rank; slot 0 is all zeros and stands for "no
+adapter", so a token routed nowhere costs nothing special. Three strategies:
+
+* uniform  - every token uses one adapter with weight 1 (an explicit choice): two matmuls, the
+             same arithmetic as PEFT's unmerged forward.
+* gather   - few (token, expert) pairs (decoding): gather each pair's factors and run two
+             batched matmuls; cost is independent of how many adapters are loaded.
+* grouped  - many pairs (prefill): loop over the distinct experts present, one pair of dense
+             matmuls each on the tokens routed to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+GATHER_MAX_PAIRS = 96  # above this many (token, expert) pairs the grouped loop wins on CPU
+
+
+@dataclass
+class Routing:
+    """Per-token sparse adapter weights: token t uses slots `ids[t, :]` with `weights[t, :]`.
+    A slot id of -1 means "no adapter" for that choice. Tokens are the flattened batch (row-major
+    over [batch, seq]), matching `x.reshape(-1, hidden)` inside a layer."""
+
+    ids: torch.Tensor  # [T, k] long
+    weights: torch.Tensor  # [T, k] float
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.ids.dim() == 1:
+            self.ids, self.weights = self.ids[:, None], self.weights[:, None]
+        if self.ids.shape != self.weights.shape:
+            raise ValueError(f"routing ids {tuple(self.ids.shape)} and weights {tuple(self.weights.shape)} differ")
+
+    @classmethod
+    def single(cls, n_tokens: int, slot: int) -> Routing:
+        return cls(torch.full((n_tokens, 1), slot, dtype=torch.long), torch.ones(n_tokens, 1))
+
+    @property
+    def n_tokens(self) -> int:
+        return self.ids.shape[0]
+
+    def uniform_slot(self) -> int | None:
+        """The slot every token uses with weight 1, or None when tokens differ."""
+        if "uniform" not in self._cache:
+            ids, w = self.ids, self.weights
+            first = int(ids[0, 0]) if ids.numel() else -1
+            same = ids.shape[1] == 1 and bool((ids == first).all()) and bool((w == 1).all())
+            self._cache["uniform"] = first if same else None
+        return self._cache["uniform"]
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Active (token, expert) pairs: token index, stack index (slot + 1), weight."""
+        if "pairs" not in self._cache:
+            keep = (self.ids >= 0) & (self.weights != 0)
+            tok = keep.nonzero()[:, 0]
+            self._cache["pairs"] = (tok, self.ids[keep] + 1, self.weights[keep])
+        return self._cache["pairs"]
+
+    def groups(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Pairs grouped by expert: (stack index, token indices, weights), computed once per
+        routing and shared by every layer that uses it."""
+        if "groups" not in self._cache:
+            tok, sid, w = self.pairs()
+            order = torch.argsort(sid, stable=True)
+            tok, sid, w = tok[order], sid[order], w[order]
+            uniq, counts = torch.unique_consecutive(sid, return_counts=True)
+            out, start = [], 0
+            for s, c in zip(uniq.tolist(), counts.tolist()):
+                out.append((s, tok[start : start + c], w[start : start + c]))
+                start += c
+            self._cache["groups"] = out
+        return self._cache["groups"]
+
+
+def add_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    ranks: list[int],
+    routing: Routing,
+) -> torch.Tensor:
+    """Return `y + sum_e w[t,e] * B_e A_e x_t` for 2-D `x` [T, in] and `y` [T, out].
+
+    `A` [S+1, r_max, in] and `B` [S+1, out, r_max] are the stacked factors (slot s at index s+1,
+    scale folded into B), `ranks[i]` the true rank at stack index i. In-place on `y` unless
+    autograd is recording (gate training backpropagates through the routing weights).
+    """
+    inplace = not torch.is_grad_enabled()
+    uniform = routing.uniform_slot()
+    if uniform is not None:
+        if uniform < 0 or ranks[uniform + 1] == 0:
+            return y
+        r = ranks[uniform + 1]
+        delta = (x @ A[uniform + 1, :r].T) @ B[uniform + 1, :, :r].T
+        return y.add_(delta) if inplace else y + delta
+    tok, sid, w = routing.pairs()
+    if tok.numel() == 0:
+        return y
+    if tok.numel() <= GATHER_MAX_PAIRS:
+        xs = x if tok.numel() == x.shape[0] and routing.ids.shape[1] == 1 else x.index_select(0, tok)
+        h = torch.bmm(A.index_select(0, sid), xs.unsqueeze(-1))  # [P, r_max, 1]
+        delta = torch.bmm(B.index_select(0, sid), h).squeeze(-1) * w.unsqueeze(-1).to(y.dtype)
+        return y.index_add_(0, tok, delta) if inplace else y.index_add(0, tok, delta)
+    for s, idx, wg in routing.groups():
+        r = ranks[s]
+        if r == 0:
+            continue  # this adapter does not target this module
+        delta = (x.index_select(0, idx) @ A[s, :r].T) @ B[s, :, :r].T
+        delta = delta * wg.unsqueeze(-1).to(y.dtype)
+        y = y.index_add_(0, idx, delta) if inplace else y.index_add(0, idx, delta)
+    return y

@@ -1,0 +1,123 @@
+"""The multi-LoRA linear layer: `y = W x + sum_e w[t,e] * s_e * B_e A_e x` for per-token routing.
+
+One `MultiLoRALinear` replaces each targeted `nn.Linear` of the base model. It keeps the factors
+of every loaded adapter that targets it in two stacks (see `kernels`), and reads the routing for
+the current forward pass from a `RoutingContext` shared by all layers of one engine. That context
+is the single seam between "which adapters, with what weight" (routers, explicit choice) and "how
+to compute it" (kernels): explicit choice, per-request routing and token-level gates differ only
+in the `Routing` they put there.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from loraswitch.kernels import Routing, add_lora
+from loraswitch.library import LoraModule
+
+# per-layer routers (Arrow, learned gates) decide inside the forward pass, from the layer input
+DynamicRouter = Callable[[str, torch.Tensor], "Routing | None"]
+
+
+class RoutingContext:
+    """What the layers of one engine read during a forward pass: a static per-token routing,
+    or a dynamic router consulted by each layer with its own input."""
+
+    def __init__(self) -> None:
+        self.static: Routing | None = None
+        self.dynamic: DynamicRouter | None = None
+
+    def routing_for(self, key: str, x2d: torch.Tensor) -> Routing | None:
+        if self.dynamic is not None:
+            return self.dynamic(key, x2d)
+        return self.static
+
+
+class MultiLoRALinear(nn.Module):
+    """A base `nn.Linear` plus the stacked LoRA factors of every adapter slot targeting it."""
+
+    def __init__(self, base: nn.Linear, key: str, ctx: RoutingContext):
+        super().__init__()
+        self.base = base
+        self.key = key
+        self.ctx = ctx
+        w = base.weight
+        # stack index 0 is the all-zero "no adapter" slot; adapter slot s lives at index s + 1
+        self.register_buffer("A", torch.zeros(1, 0, base.in_features, dtype=w.dtype, device=w.device), persistent=False)
+        self.register_buffer("B", torch.zeros(1, base.out_features, 0, dtype=w.dtype, device=w.device), persistent=False)
+        self.ranks: list[int] = [0]
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that inspects `module.weight` keeps working
+        return self.base.weight
+
+    def _grow(self, n_stack: int, rank: int) -> None:
+        """Make room for `n_stack` stack entries of rank up to `rank` (zero-padded)."""
+        cur_n, cur_r = self.A.shape[0], self.A.shape[1]
+        if n_stack <= cur_n and rank <= cur_r:
+            return
+        n, r = max(n_stack, cur_n), max(rank, cur_r)
+        A = self.A.new_zeros(n, r, self.in_features)
+        B = self.B.new_zeros(n, self.out_features, r)
+        A[:cur_n, :cur_r] = self.A
+        B[:cur_n, :, :cur_r] = self.B
+        self.A, self.B = A, B
+        self.ranks += [0] * (n - len(self.ranks))
+
+    def reserve(self, n_slots: int) -> None:
+        """Give the stacks room for slots 0..n_slots-1, so any routed slot id indexes safely."""
+        self._grow(n_slots + 1, 0)
+
+    def set_slot(self, slot: int, module: LoraModule | None) -> None:
+        """Install (or with None, clear) adapter slot `slot`'s factors; scale is folded into B."""
+        i = slot + 1
+        if module is None:
+            if i < self.A.shape[0]:
+                self.A[i].zero_()
+                self.B[i].zero_()
+                self.ranks[i] = 0
+            return
+        self._grow(i + 1, module.rank)
+        r = module.rank
+        self.A[i].zero_()
+        self.B[i].zero_()
+        self.A[i, :r] = module.A.to(self.A)
+        self.B[i, :, :r] = (module.B * module.scale).to(self.B)
+        self.ranks[i] = r
+
+    def has_adapters(self) -> bool:
+        return any(self.ranks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        routing = self.ctx.routing_for(self.key, x)
+        if routing is None or not self.has_adapters():
+            return y
+        x2 = x.reshape(-1, x.shape[-1])
+        if routing.n_tokens != x2.shape[0]:
+            raise RuntimeError(f"{self.key}: routing covers {routing.n_tokens} tokens, the input has {x2.shape[0]}")
+        out = add_lora(y.reshape(-1, y.shape[-1]), x2, self.A, self.B, self.ranks, routing)
+        return out.view(y.shape)
+
+
+def wrap_linear(model: nn.Module, key: str, ctx: RoutingContext) -> MultiLoRALinear:
+    """Replace `model.<key>` (an nn.Linear) by a MultiLoRALinear around it, once."""
+    module = model.get_submodule(key)
+    if isinstance(module, MultiLoRALinear):
+        return module
+    parent_name, _, child = key.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    layer = MultiLoRALinear(module, key, ctx)
+    setattr(parent, child, layer)
+    return layer

@@ -1,0 +1,67 @@
+"""`loraswitch zoo build`: train the demo adapters and write them, with a manifest, where the
+package finds them (`loraswitch/demo_adapters/`).
+
+Recipes differ per task on purpose: the easy classification task gets a rank-4 adapter on the
+attention projections only, addition gets rank 16 everywhere. That keeps the committed library
+small and exercises mixed ranks and target modules in every demo run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraswitch.base import Base
+from loraswitch.zoo.train import Recipe, train_adapter
+
+DEMO_ADAPTER_DIR = Path(__file__).resolve().parent.parent / "demo_adapters"
+MANIFEST = "manifest.json"
+
+RECIPES: dict[str, Recipe] = {
+    "iso_date": Recipe(steps=100),
+    "to_json": Recipe(steps=90),
+    "reverse_words": Recipe(steps=130),
+    "sort_numbers": Recipe(steps=200),
+    "num_to_english": Recipe(steps=160),
+    "num_to_french": Recipe(steps=160),
+    "add": Recipe(rank=16, alpha=32, steps=250),
+    "sentiment": Recipe(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], steps=60),
+}
+
+
+def shrink_to_bf16(adapter_dir: Path) -> None:
+    """Store the weights in bfloat16: half the size in git; loaders upcast to the base dtype.
+    The manifest's accuracies are measured on these stored weights, not the fp32 originals."""
+    path = adapter_dir / "adapter_model.safetensors"
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def read_manifest(out_dir: Path = DEMO_ADAPTER_DIR) -> dict:
+    path = out_dir / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {"adapters": {}}
+
+
+def write_manifest(manifest: dict, out_dir: Path = DEMO_ADAPTER_DIR) -> None:
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def train_zoo(base: Base, tasks: list[str], out_dir: Path = DEMO_ADAPTER_DIR, steps_scale: float = 1.0) -> dict:
+    """Train each task's adapter into `out_dir/<task>/` and record its recipe in the manifest."""
+    manifest = read_manifest(out_dir)
+    manifest["base"] = base.name
+    for task in tasks:
+        recipe = RECIPES[task]
+        if steps_scale != 1.0:
+            recipe = Recipe(**{**recipe.to_dict(), "steps": max(1, round(recipe.steps * steps_scale))})
+        stats = train_adapter(base, task, recipe, out_dir / task)
+        shrink_to_bf16(out_dir / task)
+        entry = manifest["adapters"].setdefault(task, {})
+        entry.update({"task": task, "recipe": recipe.to_dict(), "training": stats, "trained_at": time.strftime("%Y-%m-%d")})
+        entry.pop("eval", None)  # stale until `zoo eval` measures the new weights
+        write_manifest(manifest, out_dir)
+    return manifest

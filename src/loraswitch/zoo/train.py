@@ -1,0 +1,132 @@
+"""Training one LoRA adapter per demo task with PEFT, on the base model, on CPU.
+
+Only the answer tokens carry loss, and the language-model head is evaluated only at those
+positions: with prompts left-padded, every row's answer sits at the end of the window, so
+`logits_to_keep` trims the 49k-wide head (a fifth of SmolLM2's compute) to a few positions.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tqdm.auto import tqdm
+
+from loraswitch.base import Base
+from loraswitch.tasks import examples
+
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class Recipe:
+    """How one task's adapter is trained; recorded in the zoo manifest."""
+
+    rank: int = 8
+    alpha: int = 16
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJ))
+    steps: int = 150
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup: int = 10
+    seed: int = 0
+    n_train: int = 4000
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def encode_example(base: Base, prompt: str, answer: str) -> tuple[list[int], int]:
+    """Token ids of the chat-formatted prompt plus answer and end-of-turn; returns the ids and
+    how many trailing tokens are the target."""
+    prompt_ids = base.chat_ids(prompt)
+    eot = base.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eot = eot if isinstance(eot, int) and eot >= 0 else base.tokenizer.eos_token_id
+    answer_ids = base.tokenizer(answer, add_special_tokens=False)["input_ids"] + [eot]
+    return prompt_ids + answer_ids, len(answer_ids)
+
+
+def _batch(rows: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad a batch; labels cover only the last `n_target` tokens of each row."""
+    width = max(len(ids) for ids, _ in rows)
+    keep = max(n for _, n in rows) + 1
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), keep - 1), -100, dtype=torch.long)
+    for i, (row, n_target) in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+        labels[i, keep - 1 - n_target :] = torch.tensor(row[-n_target:])
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels, "keep": keep}
+
+
+def lora_config(recipe: Recipe, base_name: str) -> LoraConfig:
+    return LoraConfig(
+        r=recipe.rank,
+        lora_alpha=recipe.alpha,
+        target_modules=recipe.target_modules,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_name,
+    )
+
+
+def train_adapter(base: Base, task: str, recipe: Recipe, out_dir: Path, progress: bool = True) -> dict:
+    """Train `task`'s adapter and save it in PEFT format to `out_dir`. Returns training stats.
+
+    The base model is left untouched: PEFT's wrapper is unloaded after saving.
+    """
+    torch.manual_seed(recipe.seed)
+    rng = random.Random(recipe.seed)
+    data = [encode_example(base, e.prompt, e.answer) for e in examples(task, "train", recipe.n_train, recipe.seed)]
+    model = get_peft_model(base.model, lora_config(recipe, base.name))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+
+    def lr_at(step: int) -> float:
+        if step < recipe.warmup:
+            return (step + 1) / recipe.warmup
+        progress_frac = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    losses: list[float] = []
+    tokens = 0
+    start = time.time()
+    bar = tqdm(range(recipe.steps), desc=f"train {task}", disable=not progress, dynamic_ncols=True)
+    for _step in bar:
+        batch = _batch(rng.sample(data, recipe.batch_size), base.tokenizer.pad_token_id)
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            logits_to_keep=batch["keep"],
+            use_cache=False,
+        )
+        logits = out.logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        tokens += int(batch["attention_mask"].sum())
+        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", tok_s=f"{tokens / (time.time() - start):.0f}")
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    model.unload()  # restore the plain base modules for the next task
+    return {
+        "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "train_tokens": tokens,
+        "train_seconds": round(time.time() - start, 1),
+    }
