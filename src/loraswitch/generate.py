@@ -8,6 +8,7 @@ and still share every matmul. Finished rows leave the batch (the cache shrinks w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,15 @@ class Policy:
     def step_choice(self, row: int, generated: list[int]) -> Choice:
         """Routing for the forward pass that consumes `generated[-1]` and predicts the next token."""
         return NO_ADAPTER
+
+    def override(self, row: int, generated: list[int], token: int) -> int:
+        """The token row `row` actually emits given the sampled `token`: structured policies
+        (answering a multi-part prompt part by part) force separators and part numbers here."""
+        return token
+
+    def on_forward(self, rows: list[int], tokens_per_row: int) -> None:
+        """Called before each forward pass with the rows in batch order (token-level routers
+        use it to map their per-token records back to rows)."""
 
     def trace_entry(self, engine: Engine, row: int, choice: Choice) -> dict:
         return {"adapters": _named(engine, choice)}
@@ -145,9 +155,19 @@ def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator |
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+TokenCallback = Callable[[int, int, dict], None]  # (row, token id, trace entry) as each token lands
+
+
 @torch.inference_mode()
-def generate(engine: Engine, prompts: list[list[int]], policy: Policy | None = None, params: SamplingParams | None = None) -> list[Generation]:
-    """Generate for a batch of token-id prompts under `policy` (default: base model only)."""
+def generate(
+    engine: Engine,
+    prompts: list[list[int]],
+    policy: Policy | None = None,
+    params: SamplingParams | None = None,
+    on_token: TokenCallback | None = None,
+) -> list[Generation]:
+    """Generate for a batch of token-id prompts under `policy` (default: base model only).
+    `on_token` is called for every generated (non-stop) token, for streaming."""
     policy = policy or Policy()
     params = params or SamplingParams()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -171,6 +191,7 @@ def generate(engine: Engine, prompts: list[list[int]], policy: Policy | None = N
         live = list(range(len(prompts)))  # batch position -> row
         routing = _prefill_routing(policy, prompts, width)
         last_choice = [policy.prompt_choice(i, p) for i, p in enumerate(prompts)]
+        policy.on_forward(list(live), width)
         with engine.routed(routing, policy.dynamic):
             out = engine.model(
                 input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
@@ -181,16 +202,19 @@ def generate(engine: Engine, prompts: list[list[int]], policy: Policy | None = N
             tokens = _sample(out.logits[:, -1], params, gen).tolist()
             keep = []
             for b, row in enumerate(live):
-                tok = tokens[b]
                 res = results[row]
+                tok = tokens[b] = policy.override(row, res.token_ids, tokens[b])
                 choice = last_choice[row]
                 if isinstance(choice[0], torch.Tensor):  # per-token prompt routing: label by last token
                     choice = (choice[0][-1].tolist(), choice[1][-1].tolist())
-                res.trace.append({"token_id": tok, **policy.trace_entry(engine, row, choice)})
+                entry = {"token_id": tok, **policy.trace_entry(engine, row, choice)}
+                res.trace.append(entry)
                 if tok in stop:
                     res.finish_reason = "stop"
                     continue
                 res.token_ids.append(tok)
+                if on_token is not None:
+                    on_token(row, tok, entry)
                 if len(res.token_ids) < params.max_new_tokens:
                     keep.append(b)
             if not keep:
@@ -205,6 +229,7 @@ def generate(engine: Engine, prompts: list[list[int]], policy: Policy | None = N
             for row, c in zip(live, choices):
                 last_choice[row] = c
             mask = torch.cat([mask, torch.ones(len(live), 1, dtype=torch.long)], dim=1)
+            policy.on_forward(list(live), 1)
             with engine.routed(_pack(choices, [1] * len(live)), policy.dynamic):
                 out = engine.model(
                     input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask.to(device),

@@ -10,7 +10,7 @@ in the `Routing` they put there.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -10,6 +10,7 @@ collects refusals per adapter so one bad adapter never stops the others.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -79,6 +80,21 @@ class Adapter:
         return sum(m.A.numel() + m.B.numel() for m in self.modules.values())
 
     @property
+    def fingerprint(self) -> str:
+        """Identifies these exact weights: trained routers record it per adapter, so a library
+        whose adapters were added, removed, reordered or retrained is detected, never misrouted."""
+        if "_fingerprint" not in self.__dict__:
+            h = hashlib.sha1()
+            for key in sorted(self.modules):
+                m = self.modules[key]
+                h.update(key.encode())
+                h.update(m.A.float().numpy().tobytes())
+                h.update(m.B.float().numpy().tobytes())
+                h.update(repr(m.scale).encode())
+            self.__dict__["_fingerprint"] = h.hexdigest()[:16]
+        return self.__dict__["_fingerprint"]
+
+    @property
     def size_bytes(self) -> int:
         if self.path is not None and (self.path / WEIGHTS_FILE).is_file():
             return (self.path / WEIGHTS_FILE).stat().st_size
@@ -140,7 +156,7 @@ def _read_tensors(name: str, path: Path) -> dict[str, torch.Tensor]:
         raise AdapterError(name, f"missing {WEIGHTS_FILE} in {path}")
     try:
         with safe_open(str(weights), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as exc:  # safetensors raises SafetensorError / OSError for broken files
         raise AdapterError(name, f"corrupt {WEIGHTS_FILE}: {exc}") from exc
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import random
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from loraswitch.tasks.spelling import english, french
 
@@ -83,9 +83,7 @@ def bucket(task: str, payload: str) -> str:
 
 # ---------------------------------------------------------------- samplers
 
-_MONTHS = (
-    "January February March April May June July August September October November December"
-).split()
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"]
 
 
 def _ordinal(d: int) -> str:
@@ -109,14 +107,8 @@ def _iso_date(rng: random.Random) -> tuple[dict, str]:
     return {"x": written}, f"{y:04d}-{m:02d}-{d:02d}"
 
 
-_NAMES = (
-    "Anna Ben Carla David Elena Farid Grace Hugo Ines Jonas Kenji Lena Marco Nadia Omar Priya "
-    "Quentin Rosa Sven Tara Umar Vera Wei Xenia Yusuf Zoe Liam Maya Noah Olga Pablo Sara Tom Ula"
-).split()
-_CITIES = (
-    "Oslo Paris Berlin Madrid Rome Vienna Prague Lisbon Dublin Warsaw Athens Helsinki Cairo Lima "
-    "Tokyo Seoul Delhi Nairobi Toronto Boston Denver Sydney Austin Quito Riga Porto Bergen Lyon"
-).split()
+_NAMES = ["Anna", "Ben", "Carla", "David", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kenji", "Lena", "Marco", "Nadia", "Omar", "Priya", "Quentin", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wei", "Xenia", "Yusuf", "Zoe", "Liam", "Maya", "Noah", "Olga", "Pablo", "Sara", "Tom", "Ula"]
+_CITIES = ["Oslo", "Paris", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Lisbon", "Dublin", "Warsaw", "Athens", "Helsinki", "Cairo", "Lima", "Tokyo", "Seoul", "Delhi", "Nairobi", "Toronto", "Boston", "Denver", "Sydney", "Austin", "Quito", "Riga", "Porto", "Bergen", "Lyon"]
 
 
 def _to_json(rng: random.Random) -> tuple[dict, str]:
@@ -133,11 +125,7 @@ def _to_json(rng: random.Random) -> tuple[dict, str]:
     return {"x": sentence}, json.dumps({"name": name, "age": age, "city": city})
 
 
-_WORDS = (
-    "green apples taste sweet the quick brown fox jumps over lazy dog red cars drive fast small "
-    "birds sing loud songs old trees grow tall cold rain falls on quiet streets bright stars shine "
-    "at night happy kids play in parks warm bread smells good blue rivers flow into deep seas"
-).split()
+_WORDS = ["green", "apples", "taste", "sweet", "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "red", "cars", "drive", "fast", "small", "birds", "sing", "loud", "songs", "old", "trees", "grow", "tall", "cold", "rain", "falls", "on", "quiet", "streets", "bright", "stars", "shine", "at", "night", "happy", "kids", "play", "in", "parks", "warm", "bread", "smells", "good", "blue", "rivers", "flow", "into", "deep", "seas"]
 
 
 def _reverse_words(rng: random.Random) -> tuple[dict, str]:
@@ -165,21 +153,9 @@ def _add(rng: random.Random) -> tuple[dict, str]:
     return {"a": str(a), "b": str(b)}, str(a + b)
 
 
-_PRODUCTS = (
-    "battery phone charger laptop blender kettle headset camera vacuum jacket backpack lamp "
-    "keyboard mouse speaker watch mattress toaster drill printer"
-).split()
-_GOOD = (
-    "works perfectly|exceeded my expectations|is worth every penny|arrived early and works great|"
-    "is sturdy and well made|made my life easier|still works like new after months|"
-    "is the best purchase I made this year|does exactly what it promises|feels premium|"
-    "is easy to use and reliable|keeps impressing me"
-).split("|")
-_BAD = (
-    "died after a day|broke within a week|stopped working after two uses|is cheap and flimsy|"
-    "was a waste of money|arrived damaged|overheats constantly|feels badly made|"
-    "never worked properly|fell apart quickly|is a huge disappointment|keeps failing"
-).split("|")
+_PRODUCTS = ["battery", "phone", "charger", "laptop", "blender", "kettle", "headset", "camera", "vacuum", "jacket", "backpack", "lamp", "keyboard", "mouse", "speaker", "watch", "mattress", "toaster", "drill", "printer"]
+_GOOD = ["works perfectly", "exceeded my expectations", "is worth every penny", "arrived early and works great", "is sturdy and well made", "made my life easier", "still works like new after months", "is the best purchase I made this year", "does exactly what it promises", "feels premium", "is easy to use and reliable", "keeps impressing me"]
+_BAD = ["died after a day", "broke within a week", "stopped working after two uses", "is cheap and flimsy", "was a waste of money", "arrived damaged", "overheats constantly", "feels badly made", "never worked properly", "fell apart quickly", "is a huge disappointment", "keeps failing"]
 _GOOD_TAIL = ("I love it.", "Highly recommend.", "Five stars.", "Very happy.", "Would buy again.", "")
 _BAD_TAIL = ("Avoid it.", "Do not buy.", "One star.", "Very annoyed.", "Returning it.", "")
 
@@ -416,13 +392,7 @@ _OOS_TEMPLATES = (
     "Plan a weekend around {t}.",
     "Summarize why {t} matters.",
 )
-_OOS_TOPICS = (
-    "autumn|the sea|coffee|gardening|chess|volcanoes|penguins|jazz music|bicycles|the moon|"
-    "rainy days|mountains|friendship|baking bread|old libraries|trains|winter mornings|honeybees|"
-    "kites|lighthouses|desert nights|tea ceremonies|city parks|thunderstorms|origami|"
-    "space travel|dinosaurs|pottery|ocean tides|street food|camping|snowflakes|owls|"
-    "classical music|sunflowers|hot air balloons|rock climbing|board games|fireflies|recycling"
-).split("|")
+_OOS_TOPICS = ["autumn", "the sea", "coffee", "gardening", "chess", "volcanoes", "penguins", "jazz music", "bicycles", "the moon", "rainy days", "mountains", "friendship", "baking bread", "old libraries", "trains", "winter mornings", "honeybees", "kites", "lighthouses", "desert nights", "tea ceremonies", "city parks", "thunderstorms", "origami", "space travel", "dinosaurs", "pottery", "ocean tides", "street food", "camping", "snowflakes", "owls", "classical music", "sunflowers", "hot air balloons", "rock climbing", "board games", "fireflies", "recycling"]
 
 
 def out_of_suite(split: str, n: int, seed: int = 0) -> list[str]:

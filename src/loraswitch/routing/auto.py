@@ -1,0 +1,56 @@
+"""`auto`: the router to use when you don't want to choose one.
+
+Single-task prompts get the calibrated sequence-level selector (best routing accuracy, and the
+only router that abstains reliably on prompts no adapter is for). Prompts made of numbered parts
+are answered part by part, each part routed by the selector on its own words (`segments`). When
+the selector is missing or was trained for a different library (an adapter was added or
+changed since), auto falls back to Arrow, which needs no training, and says so in each decision.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from loraswitch.engine import Engine
+from loraswitch.generate import Policy
+from loraswitch.routing.arrow import ArrowRouter
+from loraswitch.routing.base import Decision, Router
+from loraswitch.routing.segments import SegmentPolicy, split_parts
+from loraswitch.routing.seq import SequenceRouter, StaleRouterError
+
+
+class AutoRouter(Router):
+    name = "auto"
+
+    def __init__(self, inner: Router, note: str = ""):
+        self.inner = inner
+        self.note = note
+
+    @classmethod
+    def build(cls, engine: Engine, directory: Path) -> AutoRouter:
+        try:
+            return cls(SequenceRouter.load(directory, engine))
+        except (FileNotFoundError, StaleRouterError) as exc:
+            note = f"using arrow: {exc}"
+            warnings.warn(note, stacklevel=2)
+            return cls(ArrowRouter(engine), note)
+
+    def route(self, engine: Engine, prompts: list[str]) -> list[Decision]:
+        decisions = self.inner.route(engine, prompts)
+        if self.note:
+            for d in decisions:
+                d.reason = f"{d.reason}; {self.note}" if d.reason else self.note
+        return decisions
+
+    def policy(self, engine: Engine, prompts: list[str]) -> Policy:
+        if isinstance(self.inner, ArrowRouter):
+            return self.inner.policy(engine, prompts)
+        split = [split_parts(p) or [p] for p in prompts]
+        flat = [part for parts in split for part in parts]
+        decided = self.route(engine, flat)
+        rows, i = [], 0
+        for parts in split:
+            rows.append(decided[i : i + len(parts)])
+            i += len(parts)
+        return SegmentPolicy(engine, rows, f"auto ({self.inner.name})")

@@ -1,0 +1,68 @@
+"""Prompt features for sequence-level routing: the base model's hidden states part-way up.
+
+The raw prompt text (no chat template: the system preamble is the same for every prompt and only
+dilutes the signal) goes through the first `layer` decoder layers of the base model with every
+adapter off; a forward hook stops the pass there, so routing costs a fraction of a prefill. The
+feature is the masked mean of that layer's hidden states concatenated with the last token's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from tqdm.auto import tqdm
+
+from loraswitch.engine import Engine
+
+
+class _Stop(Exception):
+    pass
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(model).__name__} has no .model.layers; routing features need a decoder stack")
+    return layers
+
+
+def default_layer(engine: Engine) -> int:
+    return len(decoder_layers(engine.model)) // 2
+
+
+@torch.inference_mode()
+def prompt_features(engine: Engine, prompts: list[str], layer: int, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+    """[N, 2*hidden] features of `prompts` from decoder layer `layer` (0-based, its output)."""
+    tok = engine.base.tokenizer
+    target = decoder_layers(engine.model)[layer]
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _Stop
+
+    handle = target.register_forward_hook(hook)
+    out = []
+    try:
+        for i in tqdm(range(0, len(prompts), batch_size), desc="features", disable=not progress):
+            chunk = prompts[i : i + batch_size]
+            enc = [tok(p, add_special_tokens=False)["input_ids"][:256] or [tok.eos_token_id] for p in chunk]
+            width = max(len(e) for e in enc)
+            ids = torch.full((len(enc), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(enc), width), dtype=torch.long)
+            for j, e in enumerate(enc):
+                ids[j, width - len(e) :] = torch.tensor(e)
+                mask[j, width - len(e) :] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            captured.clear()
+            with engine.routed(None), contextlib.suppress(_Stop):
+                engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+            h = captured[0].float()
+            m = mask.unsqueeze(-1).to(h.dtype)
+            mean = (h * m).sum(1) / m.sum(1)
+            out.append(torch.cat([mean, h[:, -1]], dim=-1))
+    finally:
+        handle.remove()
+    return torch.cat(out)

@@ -1,0 +1,166 @@
+"""Token-level learned gates (after MeteoRA): one small linear gate per targeted layer scores the
+adapters, plus "no adapter", from that layer's input; each token uses the top-k.
+
+Training keeps the base model and every adapter frozen and runs in two phases:
+1. per-token task labels: examples are run with the *correct* adapter routed (teacher forcing,
+   so each layer sees the inputs it will see at inference) and every gate learns, from its own
+   layer's inputs, to name that adapter; the shared chat preamble is labelled "no adapter";
+2. LM loss: a few steps of next-token loss on the answers through the gated model, so the gates
+   learn the mixtures that actually answer well (gradients reach the gates through the routing
+   weights; the kernels are autograd-safe).
+Gates are saved as safetensors together with the library's adapter names, order and weight
+fingerprints; loading them against any other library raises instead of misrouting.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from loraswitch.engine import Engine
+from loraswitch.kernels import Routing
+from loraswitch.routing.seq import NONE_CLASS, check_library, library_signature
+from loraswitch.routing.token import TokenRouter
+
+FILE = "gate_router.safetensors"
+
+
+class GateRouter(TokenRouter):
+    name = "gate"
+
+    def __init__(self, engine: Engine, gates: dict[str, torch.Tensor], names: list[str], top_k: int = 1, temperature: float = 1.0):
+        super().__init__(engine, top_k, temperature)
+        self.gates = gates  # key -> [len(names) + 1, in]; row 0 = no adapter
+        self.names = names
+        self.slots = torch.tensor([-1] + [engine.slot_of(n) for n in names], dtype=torch.long)
+
+    def scores(self, key: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        gate = self.gates.get(key)
+        if gate is None:
+            return None
+        return x.reshape(-1, x.shape[-1]) @ gate.T, self.slots
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"names": self.names, "top_k": self.top_k, "temperature": self.temperature,
+                "library": library_signature(self.engine, self.names)}
+        save_file({k: v.detach().contiguous() for k, v in self.gates.items()}, path, metadata={"loraswitch": json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path, engine: Engine) -> GateRouter:
+        path = Path(directory) / FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no trained gates at {path}; train them with `loraswitch train-router --router gate`")
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["loraswitch"])
+            gates = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        check_library(engine, meta["library"], "the gate router")
+        if list(meta["names"]) != [i["name"] for i in meta["library"]]:
+            raise ValueError(f"{path}: adapter order in the file is inconsistent")
+        missing = set(gates) - set(engine.layers)
+        if missing:
+            raise ValueError(f"{path}: gates for layers no loaded adapter targets: {sorted(missing)[:3]}")
+        return cls(engine, gates, meta["names"], meta["top_k"], meta["temperature"])
+
+
+def _encode(engine: Engine, prompt: str, answer: str | None) -> tuple[list[int], int, int]:
+    """Chat ids (+ answer), the index where the user's words start, and the answer length."""
+    tok = engine.base.tokenizer
+    ids = engine.base.chat_ids(prompt)
+    n_user = len(tok(prompt, add_special_tokens=False)["input_ids"]) + 5  # words + template tail
+    n_ans = 0
+    if answer is not None:
+        ans = tok(answer, add_special_tokens=False)["input_ids"] + [min(engine.base.eos_ids)]
+        ids, n_ans = ids + ans, len(ans)
+    return ids, max(0, len(ids) - n_ans - n_user), n_ans
+
+
+def train_gates(engine: Engine, data: dict[str, list[tuple[str, str | None]]], epochs: int = 3, lm_steps: int = 20,
+                batch_size: int = 8, lr: float = 5e-3, top_k: int = 1, seed: int = 0, progress: bool = True) -> GateRouter:
+    """Train gates for every wrapped layer from {adapter or NONE_CLASS: [(prompt, answer)]}."""
+    names = [n for n in engine.names if n in data]
+    label_of = {n: i + 1 for i, n in enumerate(names)} | {NONE_CLASS: 0}
+    rows = [(_encode(engine, p, a), label_of[k]) for k, pairs in data.items() if k in label_of for p, a in pairs]
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    gates = {key: torch.zeros(len(names) + 1, layer.in_features, requires_grad=True) for key, layer in engine.layers.items()}
+    router = GateRouter(engine, gates, names, top_k=top_k)
+    opt = torch.optim.Adam(list(gates.values()), lr=lr)
+    pad = engine.base.tokenizer.pad_token_id
+
+    def batches():
+        order = rows[:]
+        rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            yield order[i : i + batch_size]
+
+    def pack(batch):
+        width = max(len(r[0][0]) for r in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.zeros_like(ids)  # per-token gate label: 0 (no adapter) on padding and preamble
+        slots = torch.full((len(batch), width), -1, dtype=torch.long)
+        for j, ((seq, user_start, _), label) in enumerate(batch):
+            off = width - len(seq)
+            ids[j, off:] = torch.tensor(seq)
+            mask[j, off:] = 1
+            labels[j, off + user_start :] = label
+            slots[j, off:] = router.slots[label]  # teacher forcing: the correct adapter everywhere
+        return ids, mask, labels.reshape(-1), slots.reshape(-1)
+
+    # phase 1: per-token labels, teacher-forced inputs, one Adam step per batch on every gate
+    n_batches = (len(rows) + batch_size - 1) // batch_size
+    bar = tqdm(total=epochs * n_batches, desc="train gates (labels)", disable=not progress)
+    for _ in range(epochs):
+        for batch in batches():
+            ids, mask, labels, slots = pack(batch)
+            keep = mask.reshape(-1).bool()
+            losses: list[torch.Tensor] = []
+            teacher = Routing(slots[:, None], torch.ones(len(slots), 1))
+
+            def record(key: str, x: torch.Tensor, _keep=keep, _labels=labels, _losses=losses, _teacher=teacher) -> Routing:
+                with torch.enable_grad():  # the model runs without grad; each gate's own graph is tiny
+                    logits = x.detach().reshape(-1, x.shape[-1])[_keep] @ gates[key].T
+                    _losses.append(torch.nn.functional.cross_entropy(logits, _labels[_keep]))
+                return _teacher
+
+            with torch.no_grad(), engine.routed(None, record):
+                engine.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                             use_cache=False, logits_to_keep=1)
+            loss = torch.stack(losses).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+
+    # phase 2: next-token loss on the answers through the gated model (base and adapters frozen)
+    answered = [r for r in rows if r[0][2] > 0]
+    opt = torch.optim.Adam(list(gates.values()), lr=lr / 5)
+    for _ in tqdm(range(lm_steps if answered else 0), desc="train gates (LM loss)", disable=not progress):
+        batch = rng.sample(answered, min(batch_size, len(answered)))
+        ids, mask, _, _ = pack(batch)
+        n_ans = max(r[0][2] for r in batch)
+        target = torch.full((len(batch), n_ans), -100, dtype=torch.long)
+        for j, ((seq, _, k), _) in enumerate(batch):
+            target[j, n_ans - k :] = torch.tensor(seq[-k:])
+        with torch.enable_grad(), engine.routed(None, router.select):
+            out = engine.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                               use_cache=False, logits_to_keep=n_ans + 1)
+            logits = out.logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for g in gates.values():
+        g.requires_grad_(False)
+    return router

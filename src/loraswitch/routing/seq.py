@@ -1,0 +1,173 @@
+"""Sequence-level selector (after TAME's selector network): a small classifier on the base
+model's pooled hidden states picks one adapter per prompt, or abstains to the base model.
+
+Classes are the library's adapters plus `__none__`, learned from generic out-of-suite prompts.
+Confidence is calibrated by temperature scaling on held-out prompts, and the abstain threshold
+is chosen on them too: the router abstains when `__none__` wins or the calibrated top
+probability is below the threshold. The file records each adapter's name and weight fingerprint,
+so a changed library is detected instead of silently misrouted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from loraswitch.engine import Engine
+from loraswitch.routing.base import Decision, Router
+from loraswitch.routing.features import default_layer, prompt_features
+
+NONE_CLASS = "__none__"
+FILE = "seq_router.safetensors"
+
+
+class StaleRouterError(RuntimeError):
+    """A trained router does not match the adapters now loaded."""
+
+
+def library_signature(engine: Engine, names: list[str] | None = None) -> list[dict]:
+    names = engine.names if names is None else names
+    return [{"name": n, "fingerprint": engine.adapters[n].fingerprint} for n in names]
+
+
+def check_library(engine: Engine, recorded: list[dict], what: str) -> None:
+    """Raise StaleRouterError unless every recorded adapter is loaded with the same weights."""
+    problems = []
+    for item in recorded:
+        adapter = engine.adapters.get(item["name"])
+        if adapter is None:
+            problems.append(f"{item['name']} is not loaded")
+        elif adapter.fingerprint != item["fingerprint"]:
+            problems.append(f"{item['name']} has different weights than it was trained with")
+    extra = sorted(set(engine.names) - {i["name"] for i in recorded})
+    if extra:
+        problems.append(f"new adapters it has never seen: {', '.join(extra)}")
+    if problems:
+        raise StaleRouterError(f"{what} does not match the loaded library ({'; '.join(problems)}); retrain it with `loraswitch train-router`")
+
+
+class SequenceRouter(Router):
+    name = "seq"
+
+    def __init__(self, classes: list[str], W: torch.Tensor, b: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                 layer: int, temperature: float = 1.0, threshold: float = 0.5, library: list[dict] | None = None):
+        self.classes, self.W, self.b, self.mean, self.std = classes, W, b, mean, std
+        self.layer, self.temperature, self.threshold = layer, temperature, threshold
+        self.library = library or []
+
+    # ------------------------------------------------------------------ inference
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        return ((feats - self.mean) / self.std) @ self.W.T + self.b
+
+    def probabilities(self, engine: Engine, prompts: list[str]) -> torch.Tensor:
+        return torch.softmax(self.logits(prompt_features(engine, prompts, self.layer)) / self.temperature, -1)
+
+    def decide(self, probs: torch.Tensor, engine: Engine) -> list[Decision]:
+        out = []
+        for row in probs:
+            scores = {c: round(float(p), 4) for c, p in zip(self.classes, row) if c != NONE_CLASS}
+            top = int(row.argmax())
+            conf = float(row[top])
+            name = self.classes[top]
+            if name == NONE_CLASS:
+                out.append(Decision(None, conf, scores, f"out of suite (p={conf:.2f} that no adapter fits)"))
+            elif conf < self.threshold:
+                out.append(Decision(None, conf, scores, f"confidence {conf:.2f} below threshold {self.threshold:.2f}"))
+            elif name not in engine.slots:
+                out.append(Decision(None, conf, scores, f"picked {name!r}, which is no longer loaded"))
+            else:
+                out.append(Decision(name, conf, scores))
+        return out
+
+    def route(self, engine: Engine, prompts: list[str]) -> list[Decision]:
+        return self.decide(self.probabilities(engine, prompts), engine)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"classes": self.classes, "layer": self.layer, "temperature": self.temperature,
+                "threshold": self.threshold, "library": self.library}
+        save_file({"W": self.W.contiguous(), "b": self.b, "mean": self.mean, "std": self.std}, path,
+                  metadata={"loraswitch": json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path, engine: Engine | None = None) -> SequenceRouter:
+        path = Path(directory) / FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no trained sequence router at {path}; train one with `loraswitch train-router --router seq`")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["loraswitch"])
+        t = load_file(path)
+        router = cls(meta["classes"], t["W"], t["b"], t["mean"], t["std"], meta["layer"], meta["temperature"],
+                     meta["threshold"], meta["library"])
+        if engine is not None:
+            check_library(engine, router.library, "the sequence router")
+        return router
+
+
+def _fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Temperature minimising held-out NLL (Guo et al. 2017), by a log-spaced grid search."""
+    best, best_t = math.inf, 1.0
+    for t in torch.logspace(-1.5, 1.5, 61).tolist():
+        nll = torch.nn.functional.cross_entropy(logits / t, labels).item()
+        if nll < best:
+            best, best_t = nll, t
+    return best_t
+
+
+def _pick_threshold(probs: torch.Tensor, labels: torch.Tensor, none_idx: int, keep: float = 0.99) -> float:
+    """The highest threshold that still answers `keep` of the correctly routed in-suite prompts."""
+    conf, pred = probs.max(-1)
+    ok = (pred == labels) & (labels != none_idx)
+    if ok.sum() == 0:
+        return 0.5
+    return float(torch.quantile(conf[ok], 1 - keep).clamp(0.2, 0.9))
+
+
+def train_selector(engine: Engine, train: dict[str, list[str]], val: dict[str, list[str]],
+                   layer: int | None = None, steps: int = 400, progress: bool = True) -> SequenceRouter:
+    """Train on prompts per class (adapter names, plus NONE_CLASS for out-of-suite prompts)."""
+    layer = default_layer(engine) if layer is None else layer
+    missing = [n for n in train if n != NONE_CLASS and n not in engine.adapters]
+    if missing:
+        raise ValueError(f"training data for adapters that are not loaded: {missing}")
+    classes = [n for n in engine.names if n in train] + ([NONE_CLASS] if NONE_CLASS in train else [])
+
+    def featurize(data: dict[str, list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts, labels = [], []
+        for i, c in enumerate(classes):
+            prompts += data.get(c, [])
+            labels += [i] * len(data.get(c, []))
+        return prompt_features(engine, prompts, layer, progress=progress), torch.tensor(labels)
+
+    x, y = featurize(train)
+    xv, yv = featurize(val)
+    mean, std = x.mean(0), x.std(0) + 1e-4
+    z, zv = (x - mean) / std, (xv - mean) / std
+    torch.manual_seed(0)
+    W = torch.zeros(len(classes), x.shape[1], requires_grad=True)
+    b = torch.zeros(len(classes), requires_grad=True)
+    opt = torch.optim.Adam([W, b], lr=1e-2, weight_decay=1e-3)
+    counts = torch.bincount(y, minlength=len(classes)).float()
+    class_w = counts.sum() / (len(classes) * counts.clamp(min=1))  # balance classes
+    for _ in tqdm(range(steps), desc="train seq router", disable=not progress):
+        loss = torch.nn.functional.cross_entropy(z @ W.T + b, y, weight=class_w)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    W, b = W.detach(), b.detach()
+    val_logits = zv @ W.T + b
+    temperature = _fit_temperature(val_logits, yv)
+    none_idx = classes.index(NONE_CLASS) if NONE_CLASS in classes else -1
+    threshold = _pick_threshold(torch.softmax(val_logits / temperature, -1), yv, none_idx)
+    return SequenceRouter(classes, W, b, mean, std, layer, temperature, threshold,
+                          library_signature(engine, [c for c in classes if c != NONE_CLASS]))

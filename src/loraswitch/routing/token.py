@@ -1,0 +1,128 @@
+"""Token-level routing inside the forward pass: every targeted layer scores the adapters from its
+own input and mixes the top-k. Arrow and the learned gates differ only in how a layer scores
+(`TokenRouter.scores`); selection, the sparse `Routing` they hand the kernels, the per-token
+trace and the sequence-level summary are shared here.
+
+Only the selected experts are computed (the kernels gather or group by the chosen slots), unlike
+PEFT's Arrow, which evaluates every adapter densely and then weights them.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import torch
+
+from loraswitch.engine import Engine
+from loraswitch.generate import Choice, Policy
+from loraswitch.kernels import Routing
+from loraswitch.routing.base import Decision, Router
+
+
+class TokenRouter(Router):
+    """Per-layer top-k routing; subclasses say how a layer scores slots for its input."""
+
+    def __init__(self, engine: Engine, top_k: int = 2, temperature: float = 1.0):
+        self.engine = engine
+        self.top_k = top_k
+        self.temperature = temperature
+
+    @abstractmethod
+    def scores(self, key: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(scores [T, n], slot ids [n]) over the candidates for layer `key`; slot -1 = no adapter."""
+
+    def select(self, key: str, x: torch.Tensor) -> Routing | None:
+        scored = self.scores(key, x)
+        if scored is None:
+            return None
+        s, slots = scored
+        k = min(self.top_k, s.shape[1])
+        top, idx = s.topk(k, dim=-1)
+        weights = torch.softmax(top / self.temperature, dim=-1)
+        return Routing(slots[idx], weights)
+
+    def policy(self, engine: Engine, prompts: list[str]) -> TokenPolicy:
+        return TokenPolicy(self, engine)
+
+    def route(self, engine: Engine, prompts: list[str]) -> list[Decision]:
+        """Sequence-level view: average the per-token, per-layer weights over the prompt."""
+        out = []
+        for prompt in prompts:
+            policy = self.policy(engine, [prompt])
+            ids = torch.tensor([engine.base.chat_ids(prompt)])
+            policy.on_forward([0], ids.shape[1])
+            with torch.inference_mode(), engine.routed(None, policy.dynamic):
+                engine.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            n_user = len(engine.base.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            # the user's words and the few template tokens after them, not the system preamble
+            totals = policy.mass[-n_user - 5 :].mean(0) if policy.mass is not None else None
+            out.append(self._decision(engine, totals))
+        return out
+
+    def _decision(self, engine: Engine, totals: torch.Tensor | None) -> Decision:
+        if totals is None or totals.sum() <= 0:
+            return Decision(None, 1.0, {}, "no adapter targets the routed layers")
+        share = totals / totals.sum()
+        scores = {n: round(float(share[1 + s]), 4) for n, s in engine.slots.items()}
+        base_share = float(share[0])
+        best = max(scores, key=scores.get) if scores else None
+        if best is None or base_share >= scores[best]:
+            return Decision(None, base_share, scores, f"the layers route most weight ({base_share:.2f}) to no adapter")
+        return Decision(best, scores[best], scores)
+
+
+class TokenPolicy(Policy):
+    """Generation policy of a token-level router: the layers decide (`dynamic`); this object
+    accumulates each token's routing mass over layers for the trace and switch events."""
+
+    def __init__(self, router: TokenRouter, engine: Engine):
+        self.router = router
+        self.engine = engine
+        self.n_slots = max(engine.slots.values(), default=-1) + 2  # index 0 = no adapter
+        self.rows: list[int] = []
+        self.width = 1
+        self.mass: torch.Tensor | None = None  # [T, n_slots + 1] summed weights this forward
+        self.traces: dict[int, list[dict[str, float]]] = {}
+        self.dynamic = self._route
+
+    def on_forward(self, rows: list[int], tokens_per_row: int) -> None:
+        self.rows, self.width, self.mass = rows, tokens_per_row, None
+
+    def _route(self, key: str, x: torch.Tensor) -> Routing | None:
+        routing = self.router.select(key, x)
+        if routing is None:
+            return None
+        if self.mass is None:
+            self.mass = torch.zeros(routing.n_tokens, self.n_slots)
+        self.mass.scatter_add_(1, (routing.ids + 1).clamp(min=0), routing.weights.float())
+        return routing
+
+    def trace_entry(self, engine: Engine, row: int, choice: Choice) -> dict:
+        if self.mass is None:
+            return {"adapters": {}}
+        b = self.rows.index(row)
+        m = self.mass[b * self.width + self.width - 1]
+        share = m / m.sum().clamp(min=1e-9)
+        adapters = {engine.name_of(s - 1) or f"slot{s - 1}": round(float(share[s]), 4)
+                    for s in range(1, len(share)) if share[s] >= 0.05}
+        self.traces.setdefault(row, []).append(adapters)
+        return {"adapters": adapters}
+
+    def summary(self, engine: Engine, row: int) -> dict:
+        totals: dict[str, float] = {}
+        for step in self.traces.get(row, []):
+            for name, w in step.items():
+                totals[name] = totals.get(name, 0.0) + w
+        best = max(totals, key=totals.get) if totals else None
+        n = max(1, len(self.traces.get(row, [])))
+        return {"router": self.router.name, "adapter": best, "confidence": round(totals.get(best, 0.0) / n, 4) if best else 0.0,
+                "scores": {k: round(v / n, 4) for k, v in totals.items()}}
+
+    def events(self, row: int) -> list[dict]:
+        out, prev = [], None
+        for i, step in enumerate(self.traces.get(row, [])):
+            top = max(step, key=step.get) if step else None
+            if top != prev:
+                out.append({"token_index": i, "event": "switch", "adapter": top})
+                prev = top
+        return out
