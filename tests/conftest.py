@@ -48,7 +48,12 @@ def write_adapter(model, path: Path, *, r=4, alpha=8, targets=("q_proj", "v_proj
     torch.manual_seed(seed)
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora,
                      init_lora_weights=False, task_type="CAUSAL_LM", base_model_name_or_path="tiny-llama", **extra)
-    peft_model = get_peft_model(copy.deepcopy(model), cfg)
+    plain = copy.deepcopy(model)
+    for name, module in list(plain.named_modules()):  # an engine may have wrapped the linears
+        if hasattr(module, "base") and isinstance(module.base, torch.nn.Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent), child, module.base)
+    peft_model = get_peft_model(plain, cfg)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:

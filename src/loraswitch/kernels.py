@@ -51,14 +51,17 @@ class Routing:
         if "uniform" not in self._cache:
             ids, w = self.ids, self.weights
             first = int(ids[0, 0]) if ids.numel() else -1
-            same = ids.shape[1] == 1 and bool((ids == first).all()) and bool((w == 1).all())
+            # learnable weights (AdaMerging, gate training) must stay in the graph: no shortcut
+            same = not w.requires_grad and ids.shape[1] == 1 and bool((ids == first).all()) and bool((w == 1).all())
             self._cache["uniform"] = first if same else None
         return self._cache["uniform"]
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Active (token, expert) pairs: token index, stack index (slot + 1), weight."""
         if "pairs" not in self._cache:
-            keep = (self.ids >= 0) & (self.weights != 0)
+            keep = self.ids >= 0
+            if not self.weights.requires_grad:  # a zero weight still has a gradient when learned
+                keep &= self.weights != 0
             tok = keep.nonzero()[:, 0]
             self._cache["pairs"] = (tok, self.ids[keep] + 1, self.weights[keep])
         return self._cache["pairs"]

@@ -193,6 +193,8 @@ def read_adapter(path: str | Path, base: nn.Module, name: str | None = None, bas
             target = base.get_submodule(module_name)
         except AttributeError:
             raise AdapterError(name, f"targets module {module_name!r}, which the base model does not have{wrong_base_hint}") from None
+        if not isinstance(target, nn.Linear) and isinstance(getattr(target, "base", None), nn.Linear):
+            target = target.base  # already wrapped by a running engine (hot-loading)
         if not isinstance(target, nn.Linear):
             raise AdapterError(name, f"targets {module_name!r}, a {type(target).__name__}; only nn.Linear layers are supported")
         A, B = ab["A"], ab["B"]

@@ -50,7 +50,7 @@ class GateRouter(TokenRouter):
         path = Path(directory) / FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"names": self.names, "top_k": self.top_k, "temperature": self.temperature,
-                "library": library_signature(self.engine, self.names)}
+                "library": library_signature(self.engine)}
         save_file({k: v.detach().contiguous() for k, v in self.gates.items()}, path, metadata={"loraswitch": json.dumps(meta)})
         return path
 
@@ -63,8 +63,8 @@ class GateRouter(TokenRouter):
             meta = json.loads(f.metadata()["loraswitch"])
             gates = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         check_library(engine, meta["library"], "the gate router")
-        if list(meta["names"]) != [i["name"] for i in meta["library"]]:
-            raise ValueError(f"{path}: adapter order in the file is inconsistent")
+        if not set(meta["names"]) <= {i["name"] for i in meta["library"]}:
+            raise ValueError(f"{path}: gate classes name adapters outside the recorded library")
         missing = set(gates) - set(engine.layers)
         if missing:
             raise ValueError(f"{path}: gates for layers no loaded adapter targets: {sorted(missing)[:3]}")

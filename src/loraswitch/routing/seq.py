@@ -169,5 +169,5 @@ def train_selector(engine: Engine, train: dict[str, list[str]], val: dict[str, l
     temperature = _fit_temperature(val_logits, yv)
     none_idx = classes.index(NONE_CLASS) if NONE_CLASS in classes else -1
     threshold = _pick_threshold(torch.softmax(val_logits / temperature, -1), yv, none_idx)
-    return SequenceRouter(classes, W, b, mean, std, layer, temperature, threshold,
-                          library_signature(engine, [c for c in classes if c != NONE_CLASS]))
+    # the whole library is recorded, not just the classes: an adapter added later is detected
+    return SequenceRouter(classes, W, b, mean, std, layer, temperature, threshold, library_signature(engine))

@@ -1,0 +1,145 @@
+"""Adapter refusals: each class of bad input gets a specific error, and never stops the others."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraswitch.engine import Engine
+from loraswitch.library import AdapterError, read_adapter, scan
+from tests.conftest import tiny_model, write_adapter
+
+
+def _corrupt_weights(path, fn):
+    f = path / "adapter_model.safetensors"
+    tensors = load_file(f)
+    save_file({k: v.contiguous() for k, v in fn(tensors).items()}, f)
+
+
+@pytest.fixture
+def library(tmp_path, tiny_base, adapter_dir):
+    """The three good adapters plus one bad adapter of every refusal class."""
+    root = adapter_dir
+    model = tiny_base.model
+    bad = {}
+    bad["no_config"] = write_adapter(model, root / "no_config")
+    (root / "no_config" / "adapter_config.json").unlink()
+    bad["bad_json"] = write_adapter(model, root / "bad_json")
+    (root / "bad_json" / "adapter_config.json").write_text("{not json")
+    bad["not_lora"] = write_adapter(model, root / "not_lora")
+    cfg = json.loads((root / "not_lora" / "adapter_config.json").read_text())
+    (root / "not_lora" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    bad["dora"] = write_adapter(model, root / "dora", use_dora=True)
+    bad["pickle"] = write_adapter(model, root / "pickle")
+    w = load_file(root / "pickle" / "adapter_model.safetensors")
+    (root / "pickle" / "adapter_model.safetensors").unlink()
+    torch.save(w, root / "pickle" / "adapter_model.bin")
+    bad["truncated"] = write_adapter(model, root / "truncated")
+    data = (root / "truncated" / "adapter_model.safetensors").read_bytes()
+    (root / "truncated" / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    bad["nan"] = write_adapter(model, root / "nan")
+    _corrupt_weights(root / "nan", lambda t: {k: (v.fill_(float("nan")) if "lora_B" in k else v) for k, v in t.items()})
+    bad["wrong_base"] = root / "wrong_base"
+    other = tiny_model(seed=1)
+    other.model.layers[0].self_attn.q_proj = torch.nn.Linear(64, 64, bias=False)
+    import copy
+
+    bigger = copy.deepcopy(other)
+    bigger.config.hidden_size = 32
+    write_adapter(tiny_model(seed=2), root / "wrong_base_src")
+    _corrupt_weights(root / "wrong_base_src", lambda t: {k: (v[:, :32] if "lora_A" in k else v) for k, v in t.items()})
+    shutil.move(root / "wrong_base_src", bad["wrong_base"])
+    bad["missing_module"] = write_adapter(model, root / "missing_module")
+    _corrupt_weights(root / "missing_module", lambda t: {k.replace("layers.1.", "layers.7."): v for k, v in t.items()})
+    bad["unpaired"] = write_adapter(model, root / "unpaired")
+    _corrupt_weights(root / "unpaired", lambda t: {k: v for k, v in t.items() if "layers.0.self_attn.q_proj.lora_B" not in k})
+    bad["full_module"] = write_adapter(model, root / "full_module")
+    _corrupt_weights(root / "full_module", lambda t: {**t, "base_model.model.lm_head.weight": torch.zeros(3, 3)})
+    return root, bad
+
+
+EXPECTED = {
+    "no_config": "missing adapter_config.json",
+    "bad_json": "corrupt adapter_config.json",
+    "not_lora": "is not LoRA",
+    "dora": "DoRA",
+    "pickle": "pickle",
+    "truncated": "corrupt adapter_model.safetensors",
+    "nan": "NaN or Inf",
+    "wrong_base": "but the base layer is",
+    "missing_module": "which the base model does not have",
+    "unpaired": "not its pair",
+    "full_module": "not a LoRA factor",
+}
+
+
+def test_each_bad_adapter_is_refused_with_its_reason_and_good_ones_load(tiny_base, library):
+    root, bad = library
+    engine = Engine(tiny_base, [root])
+    assert sorted(engine.names) == ["alpha", "beta", "gamma"]
+    assert set(engine.errors) == set(EXPECTED)
+    for name, fragment in EXPECTED.items():
+        assert fragment in engine.errors[name].reason, (name, engine.errors[name].reason)
+
+
+def test_duplicate_names_across_folders_are_refused(tmp_path, tiny_base, adapter_dir):
+    other = tmp_path / "more"
+    write_adapter(tiny_base.model, other / "alpha", seed=9)
+    result = scan([adapter_dir, other], tiny_base.model)
+    assert sorted(a.name for a in result.adapters) == ["alpha", "beta", "gamma"]
+    assert "duplicate name" in result.errors["alpha"].reason
+
+
+def test_reserved_and_unknown_names(tiny_base, adapter_dir, tmp_path):
+    shutil.copytree(adapter_dir / "alpha", tmp_path / "auto")
+    with pytest.raises(AdapterError, match="reserved"):
+        read_adapter(tmp_path / "auto", tiny_base.model)
+    engine = Engine(tiny_base, [adapter_dir])
+    with pytest.raises(AdapterError, match="unknown adapter"):
+        engine.slot_of("nope")
+
+
+def test_scaling_honours_alpha_rank_rslora_and_alpha_pattern(tiny_base, tmp_path):
+    model = tiny_base.model
+    plain = read_adapter(write_adapter(model, tmp_path / "plain", r=4, alpha=8), model)
+    rs = read_adapter(write_adapter(model, tmp_path / "rs", r=4, alpha=8, rslora=True), model)
+    pat = read_adapter(write_adapter(model, tmp_path / "pat", r=4, alpha=8, alpha_pattern={"v_proj": 2}), model)
+    assert {m.scale for m in plain.modules.values()} == {2.0}
+    assert {m.scale for m in rs.modules.values()} == {4.0}
+    assert pat.modules["model.layers.0.self_attn.v_proj"].scale == 0.5
+    assert pat.modules["model.layers.0.self_attn.q_proj"].scale == 2.0
+
+
+def test_rank_pattern_gives_mixed_ranks_in_one_adapter(tiny_base, tmp_path):
+    a = read_adapter(write_adapter(tiny_base.model, tmp_path / "rp", r=4, rank_pattern={"v_proj": 2}), tiny_base.model)
+    assert a.ranks == [2, 4]
+
+
+def test_add_and_remove_at_run_time_with_slot_reuse(tiny_base, adapter_dir):
+    engine = Engine(tiny_base, [adapter_dir])
+    ids = torch.randint(3, 1000, (1, 8))
+    from loraswitch.kernels import Routing
+
+    before = engine.logits(ids, routing=Routing.single(8, engine.slot_of("gamma")))
+    slot = engine.slot_of("alpha")
+    engine.remove_adapter("alpha")
+    assert "alpha" not in engine.names
+    again = engine.load_adapter(adapter_dir / "alpha", name="alpha2")
+    assert engine.slot_of(again.name) == slot  # freed slot is reused
+    after = engine.logits(ids, routing=Routing.single(8, engine.slot_of("gamma")))
+    assert torch.allclose(before, after)
+
+
+def test_removal_waits_for_in_flight_work(tiny_base, adapter_dir):
+    engine = Engine(tiny_base, [adapter_dir])
+    slot = engine.slot_of("beta")
+    layer = engine.layers["model.layers.0.mlp.down_proj"]
+    with engine.pin([slot]):
+        engine.remove_adapter("beta")
+        assert layer.ranks[slot + 1] == 8  # still computable by the pinned request
+        assert "beta" not in engine.names  # but no new request can pick it
+    assert layer.ranks[slot + 1] == 0

@@ -1,0 +1,132 @@
+"""Routers on tiny random models: Arrow's math, training/saving/loading the learned routers,
+stale-library detection, and part-by-part switching on prompts that mix tasks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraswitch.engine import Engine
+from loraswitch.generate import SamplingParams, generate
+from loraswitch.routing import load_router
+from loraswitch.routing.arrow import ArrowRouter, top_right_singular_vector
+from loraswitch.routing.gate import GateRouter, train_gates
+from loraswitch.routing.segments import SegmentPolicy, split_parts
+from loraswitch.routing.seq import NONE_CLASS, SequenceRouter, StaleRouterError, train_selector
+from tests.conftest import write_adapter
+
+DATES = ["Convert to ISO date: March {} 20{:02d}", "What is May {}, 19{:02d} as an ISO date?"]
+SUMS = ["What is {} + {}?", "Add {} and {}."]
+
+
+def _data(n: int, offset: int = 0) -> dict[str, list[str]]:
+    return {
+        "alpha": [DATES[i % 2].format(i % 28 + 1, (i * 7 + offset) % 100) for i in range(n)],
+        "beta": [SUMS[i % 2].format(i * 3 + offset, i * 11 + 5) for i in range(n)],
+        NONE_CLASS: [f"Write a poem about the {w} number {i + offset}" for i, w in enumerate(["sea", "moon", "tree", "sky"] * (n // 4))],
+    }
+
+
+def test_arrow_prototype_is_top_right_singular_vector(tiny_base, adapter_dir):
+    engine = Engine(tiny_base, [adapter_dir])
+    for adapter in engine.adapters.values():
+        for module in adapter.modules.values():
+            v = top_right_singular_vector(module)
+            dense = torch.linalg.svd(module.delta().double())[2][0].float()
+            assert torch.allclose(v.abs(), dense.abs(), atol=1e-4)
+
+
+def test_arrow_routes_a_token_to_the_adapter_it_aligns_with(tiny_base, adapter_dir):
+    engine = Engine(tiny_base, [adapter_dir])
+    router = ArrowRouter(engine, top_k=1)
+    key = "model.layers.0.self_attn.v_proj"  # targeted by alpha and gamma
+    P, slots = router.prototypes[key]
+    routing = router.select(key, P * 3.0)  # each prototype as a token input
+    assert routing.ids[:, 0].tolist() == slots.tolist()
+    assert torch.allclose(routing.weights, torch.ones_like(routing.weights))
+
+
+def test_arrow_routes_to_a_new_adapter_without_retraining(tiny_base, adapter_dir, tmp_path):
+    engine = Engine(tiny_base, [adapter_dir])
+    router = ArrowRouter(engine)
+    write_adapter(tiny_base.model, tmp_path / "delta", targets=("q_proj",), seed=7)
+    engine.load_adapter(tmp_path / "delta")
+    key = "model.layers.1.self_attn.q_proj"
+    v = top_right_singular_vector(engine.adapters["delta"].modules[key])
+    routing = router.select(key, v[None] * 5)
+    assert routing.ids[0, 0].item() == engine.slot_of("delta")
+
+
+def test_token_router_generation_has_a_trace(tiny_base, adapter_dir):
+    engine = Engine(tiny_base, [adapter_dir])
+    router = ArrowRouter(engine, top_k=2)
+    prompts = ["hello", "a longer prompt here"]
+    out = generate(engine, [tiny_base.chat_ids(p) for p in prompts], router.policy(engine, prompts),
+                   SamplingParams(max_new_tokens=4, stop_ids=set()))
+    for res in out:
+        assert len(res.trace) == 4
+        assert all(set(step["adapters"]) <= {"alpha", "beta", "gamma"} for step in res.trace)
+        assert abs(sum(res.trace[0]["adapters"].values()) - 1) < 0.1
+        assert res.routing["router"] == "arrow" and res.events
+
+
+def test_seq_selector_trains_calibrates_abstains_and_detects_stale_library(tiny_base, adapter_dir, tmp_path):
+    engine = Engine(tiny_base, [adapter_dir])
+    router = train_selector(engine, _data(48), _data(16, offset=50), steps=200, progress=False)
+    assert 0.2 <= router.threshold <= 0.9 and router.temperature > 0
+    test = _data(16, offset=90)
+    decisions = router.route(engine, test["alpha"] + test["beta"])
+    picked = [d.adapter for d in decisions]
+    assert picked.count("alpha") >= 14 and picked[16:].count("beta") >= 14
+    assert sum(d.adapter is None for d in router.route(engine, test[NONE_CLASS])) >= 12
+    assert all(0 <= d.confidence <= 1 and set(d.scores) == {"alpha", "beta"} for d in decisions)
+
+    router.save(tmp_path)
+    loaded = SequenceRouter.load(tmp_path, engine)
+    assert [d.adapter for d in loaded.route(engine, test["alpha"][:4])] == picked[:4]
+    engine.load_adapter(adapter_dir / "gamma", name="gamma2")
+    with pytest.raises(StaleRouterError, match="new adapters"):
+        SequenceRouter.load(tmp_path, engine)
+    with pytest.warns(UserWarning, match="using arrow"):
+        auto = load_router(engine, "auto", tmp_path)  # auto falls back instead of misrouting
+    assert "using arrow" in auto.route(engine, ["What is 1 + 2?"])[0].reason
+
+
+def test_gates_train_save_and_refuse_a_reordered_library(tiny_base, adapter_dir, tmp_path):
+    engine = Engine(tiny_base, [adapter_dir])
+    data = {k: [(p, "42") for p in v[:8]] for k, v in _data(8).items() if k != "beta"}
+    router = train_gates(engine, data, epochs=2, lm_steps=2, batch_size=4, progress=False)
+    assert set(router.gates) == set(engine.layers)
+    assert all(not g.requires_grad and g.abs().sum() > 0 for g in router.gates.values())
+    router.save(tmp_path)
+    GateRouter.load(tmp_path, engine)
+    other = Engine(type(tiny_base)(model=__import__("tests.conftest", fromlist=["tiny_model"]).tiny_model(),
+                                   tokenizer=tiny_base.tokenizer, name="t", source="t"))
+    other.load_adapter(adapter_dir / "gamma")  # a different order / subset of the library
+    other.load_adapter(adapter_dir / "alpha")
+    with pytest.raises(StaleRouterError):
+        GateRouter.load(tmp_path, other)
+
+
+def test_split_parts():
+    assert split_parts("Answer each part.\n1. Add 1 and 2.\n2. Sort: 3, 1") == ["Add 1 and 2.", "Sort: 3, 1"]
+    assert split_parts("1. only one part") is None
+    assert split_parts("2. out of order\n1. x") is None
+
+
+def test_segment_policy_switches_adapter_per_part(tiny_base, adapter_dir, monkeypatch):
+    import loraswitch.routing.segments as seg
+    from loraswitch.routing.base import Decision
+
+    monkeypatch.setattr(seg, "MAX_PART_TOKENS", 3)
+    engine = Engine(tiny_base, [adapter_dir])
+    decisions = [Decision("alpha", 0.9), Decision("gamma", 0.8), Decision(None, 0.3, reason="unsure")]
+    policy = SegmentPolicy(engine, [decisions], "test")
+    prompt = "Answer each part on its own line.\n1. a\n2. b\n3. c"
+    res = generate(engine, [tiny_base.chat_ids(prompt)], policy, SamplingParams(max_new_tokens=40, stop_ids=set(engine.base.eos_ids)))[0]
+    assert res.text.startswith("1.") and "\n2." in res.text and "\n3." in res.text
+    switches = [e for e in res.events if e["event"] == "switch"]
+    assert [e["adapter"] for e in switches] == ["alpha", "gamma", None]
+    assert [e["part"] for e in switches] == [1, 2, 3]
+    assert {tuple(t["adapters"]) for t in res.trace} == {("alpha",), ("gamma",), ()}
+    assert res.routing["adapter"] == ["alpha", "gamma", None]
