@@ -49,6 +49,7 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("A", torch.zeros(1, 0, base.in_features, dtype=w.dtype, device=w.device), persistent=False)
         self.register_buffer("B", torch.zeros(1, base.out_features, 0, dtype=w.dtype, device=w.device), persistent=False)
         self.ranks: list[int] = [0]
+        self.active = False  # any slot installed; checked on every forward, so kept as a flag
 
     @property
     def in_features(self) -> int:
@@ -87,6 +88,7 @@ class MultiLoRALinear(nn.Module):
                 self.A[i].zero_()
                 self.B[i].zero_()
                 self.ranks[i] = 0
+            self.active = any(self.ranks)
             return
         self._grow(i + 1, module.rank)
         r = module.rank
@@ -95,14 +97,12 @@ class MultiLoRALinear(nn.Module):
         self.A[i, :r] = module.A.to(self.A)
         self.B[i, :, :r] = (module.B * module.scale).to(self.B)
         self.ranks[i] = r
-
-    def has_adapters(self) -> bool:
-        return any(self.ranks)
+        self.active = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         routing = self.ctx.routing_for(self.key, x)
-        if routing is None or not self.has_adapters():
+        if routing is None or not self.active:
             return y
         x2 = x.reshape(-1, x.shape[-1])
         if routing.n_tokens != x2.shape[0]:
