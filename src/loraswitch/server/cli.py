@@ -1,0 +1,72 @@
+"""`loraswitch serve`: the OpenAI-compatible server on a base model and its adapter folders.
+
+Register in the main CLI with `app.command("serve")(serve)`; also runnable on its own as
+`python -m loraswitch.server [OPTIONS]`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def serve(
+    base: Annotated[str | None, typer.Option("--base", help="Model directory or .gguf file (default: embedded SmolLM2-135M-Instruct).")] = None,
+    adapter_dirs: Annotated[list[Path] | None, typer.Option("--adapter-dir", help="Folder of PEFT LoRA adapters (repeatable; default: the demo adapters).")] = None,
+    router_dir: Annotated[Path | None, typer.Option("--router-dir", help="Folder of trained routers (default: the demo routers).")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on (127.0.0.1 = this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="LORASWITCH_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/*.")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together in one batched forward.")] = 32,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests allowed to wait; beyond that the server answers 429.")] = 256,
+    max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Longer prompts are refused with 400.")] = 2048,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for (400 above).")] = 512,
+    default_max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens when a request does not say.")] = 256,
+    default_temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="temperature when a request does not say (OpenAI: 1).")] = 1.0,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a request may take from arrival to last token (504 after).")] = 300.0,
+    adapter_admin: Annotated[bool, typer.Option(help="Allow POST/DELETE /v1/adapters (loading folders from this machine's disk).")] = True,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), adapter
+    management, /healthz, /metrics and the routing trace page /ui."""
+    import logging
+
+    import uvicorn
+
+    from loraswitch.server.app import ServerSettings, create_app
+
+    switch = _load(base, adapter_dirs, router_dir)
+    settings = ServerSettings(
+        max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+        default_max_tokens=min(default_max_tokens, max_new_tokens), default_temperature=default_temperature,
+        timeout=timeout, api_key=api_key or None, allow_adapter_admin=adapter_admin,
+    )
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(levelname)s %(name)s: %(message)s")
+    app = create_app(switch, settings)
+    where = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
+    typer.echo(f"loraswitch serving {switch.base.name} with {len(switch.engine.names)} adapters "
+               f"({', '.join(switch.engine.names) or 'none'}) on {where}  (trace page: {where}/ui)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=10)
+
+
+def _load(base: str | None, adapter_dirs: list[Path] | None, router_dir: Path | None):
+    """The Switch, with the same quiet set-up and error reporting as the other commands."""
+    try:
+        from loraswitch.cli import _switch  # the main CLI's loader: quiet logs, thread count, refusals
+    except ImportError:  # pragma: no cover
+        _switch = None
+    if _switch is not None:
+        return _switch(base, adapter_dirs, router_dir)
+    import torch
+
+    from loraswitch.switch import Switch
+
+    torch.set_num_threads(int(os.environ.get("LORASWITCH_THREADS", os.cpu_count() or 1)))
+    return Switch(base, adapter_dirs, router_dir)
+
+
+def main() -> None:  # pragma: no cover
+    typer.run(serve)

@@ -1,0 +1,100 @@
+"""Prometheus metrics, one registry per app (tests build many apps in one process)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+ENDPOINTS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/models": "models",
+    "/v1/adapters": "adapters",
+    "/healthz": "healthz",
+    "/metrics": "metrics",
+}
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def endpoint_label(path: str) -> str:
+    """A bounded label for a request path (unknown paths are "other")."""
+    if path in ENDPOINTS:
+        return ENDPOINTS[path]
+    if path.startswith("/v1/adapters/"):
+        return "adapters"
+    if path.startswith("/v1/models/"):
+        return "models"
+    if path == "/ui" or path.startswith("/ui/"):
+        return "ui"
+    return "other"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        disable_created_metrics()  # no *_created series: half the exposition, never read
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("loraswitch_requests", "HTTP requests by endpoint and status code.",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("loraswitch_request_latency_seconds", "HTTP request latency (streams: until the last byte).",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("loraswitch_prompt_tokens", "Prompt tokens of answered requests.", registry=r)
+        self.completion_tokens = Counter("loraswitch_completion_tokens", "Generated tokens of answered requests.",
+                                         registry=r)
+        self.generations = Counter("loraswitch_generations", "Finished generations by outcome.", ["outcome"], registry=r)
+        self.routed = Counter("loraswitch_routed_requests", "Answered requests by the adapter that answered (base = none).",
+                              ["adapter", "requested"], registry=r)
+        self.adapter_tokens = Counter("loraswitch_adapter_tokens", "Generated tokens by the adapter with the most weight.",
+                                      ["adapter"], registry=r)
+        self.switches = Counter("loraswitch_switch_events", "Routing events (select, abstain, switch) in answers.",
+                                ["event"], registry=r)
+        self.batch_size = Histogram("loraswitch_batch_size", "Rows per batched generate call.", buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.queue_wait = Histogram("loraswitch_queue_wait_seconds", "Time from queueing to the start of its batch.",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.first_token = Histogram("loraswitch_time_to_first_token_seconds", "Time from queueing to the first token.",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.generation_time = Histogram("loraswitch_generation_seconds", "Time from queueing to the answer.",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("loraswitch_queue_depth", "Requests waiting for the worker.", registry=r)
+        self.running = Gauge("loraswitch_running_requests", "Requests in the batch being decoded.", registry=r)
+        self.adapters_loaded = Gauge("loraswitch_adapters_loaded", "Adapters loaded now.", registry=r)
+
+    def bind(self, scheduler) -> None:
+        """Gauges read live from the scheduler and engine at scrape time."""
+        self.queue_depth.set_function(lambda: scheduler.queue_depth)
+        self.running.set_function(lambda: scheduler.running)
+        self.adapters_loaded.set_function(lambda: len(scheduler.engine.names))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # ------------------------------------------------------------------ scheduler hooks
+    def batch_started(self, jobs) -> None:
+        self.batch_size.observe(len(jobs))
+        for job in jobs:
+            self.queue_wait.observe(max(0.0, (job.started or time.monotonic()) - job.submitted))
+
+    def job_done(self, job, result) -> None:
+        self.generations.labels(outcome=result.finish_reason).inc()
+        self.prompt_tokens.inc(result.prompt_tokens)
+        self.completion_tokens.inc(result.completion_tokens)
+        requested = job.model if job.model in ("auto", "base") else "explicit"
+        for name in result.routing.get("adapters") or ["base"]:
+            self.routed.labels(adapter=name, requested=requested).inc()
+        for name, n in result.routing.get("tokens_by_adapter", {}).items():
+            self.adapter_tokens.labels(adapter=name).inc(n)
+        for event in result.routing.get("events", []):
+            self.switches.labels(event=str(event.get("event", "other"))).inc()
+        if job.first_token is not None:
+            self.first_token.observe(job.first_token - job.submitted)
+        self.generation_time.observe(time.monotonic() - job.submitted)
+
+    def job_failed(self, job, error) -> None:
+        self.generations.labels(outcome="error").inc()
+
+    def job_cancelled(self, job) -> None:
+        self.generations.labels(outcome="cancelled").inc()

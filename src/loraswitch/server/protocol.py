@@ -1,0 +1,192 @@
+"""Request bodies of the OpenAI-compatible endpoints, and turning them into prompt token ids.
+
+Fields we do not implement but that are harmless at their defaults are accepted and ignored
+(`extra="allow"`); asking for a feature we lack (n > 1, logprobs, tools, penalties...) is a 400
+that names the field, never a silent difference.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraswitch.server.errors import bad_request
+
+
+class LoraswitchOptions(BaseModel):
+    """The `"loraswitch": {...}` extension object (also accepted as top-level fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+    trace: bool = False  # include the per-token routing trace
+    route: str | None = None  # router for model="auto": auto | seq | arrow | gate
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self, index: int) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        pieces = []
+        for j, part in enumerate(self.content):
+            if part.type != "text" or part.text is None:
+                raise bad_request(f"only text content parts are supported (got type {part.type!r})",
+                                  f"messages.{index}.content.{j}.type", "unsupported_content")
+            pieces.append(part.text)
+        return "".join(pieces)
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int | None = Field(default=None, ge=1)
+    stream: bool | None = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # loraswitch extensions
+    trace: bool | None = None
+    route: str | None = None
+    loraswitch: LoraswitchOptions | None = None
+
+    def stops(self) -> list[str]:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > 4:
+            raise bad_request("at most 4 stop sequences are allowed", "stop")
+        if any(s == "" for s in stop):
+            raise bad_request("stop sequences must not be empty", "stop")
+        return stop
+
+    def want_trace(self) -> bool:
+        return bool(self.trace) or bool(self.loraswitch and self.loraswitch.trace)
+
+    def router(self) -> str | None:
+        return self.route or (self.loraswitch.route if self.loraswitch else None)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+    def check_supported(self) -> None:
+        if (self.n or 1) > 1:
+            raise bad_request("only n=1 is supported", "n", "unsupported_value")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise bad_request(f"{name} is not supported (leave it unset or 0)", name, "unsupported_parameter")
+        if self.logit_bias:
+            raise bad_request("logit_bias is not supported", "logit_bias", "unsupported_parameter")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed with stream=true", "stream_options")
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs or self.top_logprobs:
+            raise bad_request("logprobs are not supported", "logprobs", "unsupported_parameter")
+        if self.tools or self.functions:
+            raise bad_request("tools / function calling are not supported", "tools", "unsupported_parameter")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise bad_request("only response_format {'type': 'text'} is supported", "response_format",
+                              "unsupported_parameter")
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def conversation(self) -> list[dict[str, str]]:
+        """Messages as the chat template takes them ("developer" is the newer name of "system")."""
+        out = []
+        for i, m in enumerate(self.messages):
+            role = "system" if m.role == "developer" else m.role
+            out.append({"role": role, "content": m.text(i)})
+        return out
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise bad_request("echo is not supported", "echo", "unsupported_parameter")
+        if self.logprobs:
+            raise bad_request("logprobs are not supported", "logprobs", "unsupported_parameter")
+        if (self.best_of or 1) > 1:
+            raise bad_request("only best_of=1 is supported", "best_of", "unsupported_value")
+        if self.suffix:
+            raise bad_request("suffix is not supported", "suffix", "unsupported_parameter")
+
+    def limit(self) -> int | None:
+        return self.max_tokens
+
+    def prompt_input(self) -> str | list[int]:
+        """The one prompt, as text or token ids (a batch of several prompts is refused)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return p
+        if not p:
+            raise bad_request("prompt must not be empty", "prompt")
+        if all(isinstance(x, int) for x in p):
+            return list(p)  # type: ignore[arg-type]
+        if len(p) != 1:
+            raise bad_request("only one prompt per request is supported (send several requests; they batch together)",
+                              "prompt", "unsupported_value")
+        return p[0]  # type: ignore[return-value]
+
+
+class AdapterLoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1)
+    name: str | None = None
+
+
+def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a whole conversation in the model's chat template, ready for the assistant's
+    turn (the multi-turn counterpart of `Base.chat_ids`)."""
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return tokenizer(text)["input_ids"]
+
+
+def route_text(messages: list[dict[str, str]]) -> str:
+    """What a router reads for a conversation: the last user message (routers are trained on
+    single user turns; a system prompt says nothing about the task)."""
+    for m in reversed(messages):
+        if m["role"] == "user" and m["content"].strip():
+            return m["content"]
+    return messages[-1]["content"]
