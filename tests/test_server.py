@@ -527,7 +527,7 @@ def test_ui_streams_and_colours_tokens(live):
         assert 1 <= len(tokens) <= 8 and {t.get_attribute("data-adapter") for t in tokens} == {"alpha"}
         assert tokens[0].value_of_css_property("background-color") != tokens[0].value_of_css_property("color")
         legend = driver.find_element(By.CSS_SELECTOR, '#legend li[data-adapter="alpha"]').text
-        assert f"{len(tokens)} tokens" in legend
+        assert f"{len(tokens)} token" in legend
 
         status = run("auto", PROMPT, 6)
         assert status.startswith("done"), status

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loraswitch.merging.cli import merge_command
+from loraswitch.server.cli import serve
 
 app = typer.Typer(help="One LLM, many LoRA skills, no task label needed.", no_args_is_help=True, add_completion=False)
 adapters_app = typer.Typer(help="The adapter library.", no_args_is_help=True)
@@ -23,6 +24,7 @@ zoo_app = typer.Typer(help="Train and measure the demo adapters.", no_args_is_he
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(zoo_app, name="zoo")
 app.command("merge")(merge_command)
+app.command("serve")(serve)
 console = Console(stderr=True)
 
 BaseOpt = Annotated[str | None, typer.Option("--base", help="Model directory or .gguf file (default: embedded SmolLM2-135M-Instruct).")]

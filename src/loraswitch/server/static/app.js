@@ -58,7 +58,7 @@ function renderLegend() {
     const sw = el("span", { className: "swatch" });
     sw.style.background = colorOf(name);
     li.append(sw, el("span", {}, name === "base" ? "base (no adapter)" : name),
-      el("span", { className: "count" }, counts.has(name) ? `${counts.get(name)} tokens` : ""));
+      el("span", { className: "count" }, counts.has(name) ? `${counts.get(name)} ${counts.get(name) === 1 ? "token" : "tokens"}` : ""));
     ul.append(li);
   }
 }
