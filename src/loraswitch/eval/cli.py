@@ -1,0 +1,109 @@
+"""`loraswitch eval` and `loraswitch bench`: typer-ready command functions (registered in
+`loraswitch.cli`). Progress and tables go to stderr through rich; the last stdout line is the
+path of the main result file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from loraswitch.eval.bench import bench_command
+
+console = Console(stderr=True)
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def eval_command(
+    methods: Annotated[list[str] | None, typer.Option("--methods", "-m", help="Methods to run (repeatable or comma-separated; see --list).")] = None,
+    tasks: Annotated[list[str] | None, typer.Option("--tasks", "-t", help="Demo tasks (repeatable or comma-separated; default: all eight).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Test prompts per task (and per composite size; 2x for out-of-suite).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A small subset that runs in about a minute on a 2-core CPU.")] = False,
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("eval_results"),
+    composite: Annotated[list[int] | None, typer.Option("--composite", help="Composite sizes (default 2, 3, 5).")] = None,
+    xlora_limit: Annotated[int, typer.Option(min=1, help="At most this many prompts per task / set for peft_xlora (no KV cache).")] = 4,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="New tokens per single-task answer.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    base: Annotated[str | None, typer.Option("--base", help="Model directory or .gguf file (default: embedded SmolLM2-135M-Instruct).")] = None,
+    adapter_dir: Annotated[list[Path] | None, typer.Option("--adapter-dir", help="Adapter folder (repeatable; default: the demo adapters).")] = None,
+    router_dir: Annotated[Path | None, typer.Option("--router-dir", help="Trained routers (default: the demo routers).")] = None,
+    list_methods: Annotated[bool, typer.Option("--list", help="List the methods and exit.")] = False,
+    doc: Annotated[Path | None, typer.Option("--doc", help="Also write the result tables into this markdown file (between generated markers), e.g. docs/evaluation.md.")] = None,
+) -> None:
+    """Quality: base, oracle, routers, merges and PEFT baselines on the demo task suite."""
+    import torch
+    import transformers
+
+    from loraswitch.eval.harness import EvalConfig, run_eval
+    from loraswitch.eval.methods import registry
+
+    reg = registry()
+    if list_methods:
+        table = Table("method", "family", "what")
+        for name, spec in reg.items():
+            table.add_row(name, spec.family, spec.description)
+        Console().print(table)
+        return
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(int(os.environ.get("LORASWITCH_THREADS", os.cpu_count() or 1)))
+
+    def split(values):
+        return [v.strip() for s in values for v in s.split(",") if v.strip()] if values else None
+
+    overrides = {"methods": split(methods), "tasks": split(tasks), "limit": limit, "out_dir": out,
+                 "composite_sizes": tuple(composite) if composite else None, "xlora_limit": xlora_limit,
+                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "base": base,
+                 "adapter_dirs": adapter_dir, "router_dir": router_dir}
+    if quick:
+        cfg = EvalConfig.quick_config(**overrides)
+    else:
+        cfg = EvalConfig(**{k: v for k, v in overrides.items() if v is not None})
+    unknown = [m for m in cfg.methods if m not in reg]
+    if unknown:
+        console.print(f"[red]error:[/red] unknown method(s) {unknown}; known: {', '.join(reg)}")
+        raise typer.Exit(2)
+
+    def on_method(name: str, entry: dict) -> None:
+        if entry["status"] != "ok":
+            console.print(f"[yellow]{name}[/yellow]: {entry['status']} ({entry.get('error')})")
+            return
+        extra = ""
+        if entry.get("routes"):
+            extra = f", routing {_pct(entry['routing_accuracy']['overall'])}, abstain {_pct(entry.get('abstain_rate'))}"
+        console.print(f"[green]{name}[/green]: accuracy {_pct(entry['accuracy']['overall'])}{extra} "
+                      f"({entry['wall_s']:.1f} s answering, {entry.get('setup_s', 0):.1f} s setup)")
+
+    try:
+        results = run_eval(cfg, on_method=on_method)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    table = Table("method", "accuracy", "held-out wording", "routing", "abstain", *[f"{k}" for k in ("composite parts",)], "time (s)",
+                  title="loraswitch eval")
+    for name, r in results["methods"].items():
+        if r["status"] != "ok":
+            table.add_row(name, f"[yellow]{r['status']}[/yellow]", "", "", "", "", "")
+            continue
+        parts = [c["part_accuracy"] for c in r.get("composite", {}).values() if c.get("part_accuracy") is not None]
+        table.add_row(name, _pct(r["accuracy"]["overall"]), _pct(r.get("accuracy_heldout_wording")),
+                      _pct(r.get("routing_accuracy", {}).get("overall")), _pct(r.get("abstain_rate")),
+                      _pct(sum(parts) / len(parts)) if parts else "–", f"{r['wall_s']:.1f}")
+    console.print(table)
+    console.print(f"wrote {out}/results.json, results.md and plots")
+    if doc is not None:
+        from loraswitch.eval.report import update_doc
+
+        update_doc(doc, "eval", (Path(out) / "results.md").read_text(), images_from=Path(out))
+        console.print(f"updated {doc}")
+    print(Path(out) / "results.json")
+
+
+__all__ = ["bench_command", "eval_command"]

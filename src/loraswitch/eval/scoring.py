@@ -1,0 +1,151 @@
+"""Scoring and aggregation, kept free of models so they can be checked on hand-made answers.
+
+What a method returns per item is an `Answer` (text, per-token trace, routing summary; a
+`generate.Generation` has all three). `score_item` turns (item, answer) into a flat record;
+`aggregate` turns one method's records into the numbers of the report.
+
+Which adapter "answered": the majority, over generated tokens, of each token's top adapter in the
+trace ("base" for a token routed to no adapter). Without a trace, the routing summary's
+`adapter` decides. A method abstains on a prompt when that answer is "base". For composite
+prompts the same rule is applied per part: to the tokens the trace labels with that part, or,
+when the trace has no part labels (token-level routers), to the tokens of the answer's N-th line.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from loraswitch.eval.data import OOS_SET, TASK_SET, Item
+from loraswitch.tasks import parse_numbered, score
+
+BASE = "base"
+
+
+@dataclass
+class Answer:
+    text: str
+    n_tokens: int = 0
+    trace: list[dict] = field(default_factory=list)  # per token: {"token", "adapters": {name: w}, "part"?}
+    routing: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_generation(cls, gen) -> Answer:
+        return cls(gen.text, len(gen.token_ids), list(gen.trace), dict(gen.routing))
+
+
+def top_adapter(entry: dict) -> str:
+    adapters = {k: v for k, v in (entry.get("adapters") or {}).items() if v > 0}
+    return max(adapters, key=adapters.get) if adapters else BASE
+
+
+def _majority(names: list[str]) -> str:
+    counts = Counter(names)
+    best = max(counts.values())
+    return next(n for n in names if counts[n] == best)  # ties: the one seen first
+
+
+def _summary_adapter(routing: dict, part: int | None = None) -> str:
+    chosen = routing.get("adapter")
+    if isinstance(chosen, list):
+        chosen = chosen[part] if part is not None and part < len(chosen) else (chosen[0] if chosen else None)
+    return chosen or BASE
+
+
+def chosen_adapter(answer: Answer) -> str:
+    """The adapter that answered (majority over tokens), "base" when the method abstained."""
+    if answer.trace:
+        return _majority([top_adapter(e) for e in answer.trace])
+    return _summary_adapter(answer.routing)
+
+
+def part_adapters(answer: Answer, n_parts: int) -> list[str]:
+    """The adapter that answered each part of a composite prompt."""
+    groups: dict[int, list[str]] = {}
+    if any("part" in e for e in answer.trace):
+        for e in answer.trace:
+            groups.setdefault(int(e.get("part", 1)) - 1, []).append(top_adapter(e))
+    else:
+        line = 0
+        for e in answer.trace:
+            groups.setdefault(line, []).append(top_adapter(e))
+            line += str(e.get("token", "")).count("\n")
+    out = []
+    for i in range(n_parts):
+        out.append(_majority(groups[i]) if groups.get(i) else _summary_adapter(answer.routing, i))
+    return out
+
+
+def score_item(item: Item, answer: Answer, routes: bool) -> dict:
+    """One flat, JSON-ready record. `routes`: whether the method routes (router metrics apply)."""
+    rec: dict = {"id": item.id, "set": item.set, "task": item.task, "output": answer.text, "n_tokens": answer.n_tokens}
+    if item.set == TASK_SET:
+        rec["correct"] = bool(score(item.task, answer.text, item.answer))
+        rec["heldout_template"] = item.heldout_template
+        rec["seen_payload"] = item.seen_payload
+    elif item.is_composite:
+        got = parse_numbered(answer.text, len(item.parts))
+        rec["parts"] = [{"task": p.task, "output": g, "correct": bool(score(p.task, g, p.answer))} for p, g in zip(item.parts, got)]
+        rec["correct"] = all(p["correct"] for p in rec["parts"])
+    if routes:
+        chosen = chosen_adapter(answer)
+        rec["chosen"] = chosen
+        rec["abstained"] = chosen == BASE
+        if item.is_composite:
+            for part, name in zip(rec["parts"], part_adapters(answer, len(item.parts))):
+                part["chosen"] = name
+    return rec
+
+
+def _rate(flags: list[bool]) -> float | None:
+    return round(sum(flags) / len(flags), 4) if flags else None
+
+
+def aggregate(records: list[dict], tasks: list[str], routes: bool) -> dict:
+    """Accuracy per task and overall; held-out vs training wording; num_to_french on unseen
+    numbers; composite per-part accuracy; for routers, routing accuracy, confusion and abstain."""
+    single = [r for r in records if r["set"] == TASK_SET]
+    out: dict = {
+        "accuracy": {
+            "overall": _rate([r["correct"] for r in single]),
+            "n": len(single),
+            "per_task": {t: _rate([r["correct"] for r in single if r["task"] == t]) for t in tasks},
+        },
+        "accuracy_heldout_wording": _rate([r["correct"] for r in single if r.get("heldout_template")]),
+        "accuracy_training_wording": _rate([r["correct"] for r in single if r.get("heldout_template") is False]),
+    }
+    fr = [r for r in single if r["task"] == "num_to_french"]
+    if fr:
+        out["num_to_french"] = {
+            "unseen_numbers": _rate([r["correct"] for r in fr if not r.get("seen_payload")]),
+            "seen_numbers_new_wording": _rate([r["correct"] for r in fr if r.get("seen_payload")]),
+            "n_unseen": sum(1 for r in fr if not r.get("seen_payload")),
+        }
+    comp: dict = {}
+    for r in records:
+        if "parts" in r:
+            comp.setdefault(r["set"], []).append(r)
+    out["composite"] = {}
+    for name in sorted(comp, key=lambda s: int(s.split("-")[1])):
+        rs = comp[name]
+        parts = [p for r in rs for p in r["parts"]]
+        entry = {"n_prompts": len(rs), "part_accuracy": _rate([p["correct"] for p in parts]),
+                 "all_parts_accuracy": _rate([r["correct"] for r in rs])}
+        if routes:
+            entry["part_routing_accuracy"] = _rate([p.get("chosen") == p["task"] for p in parts])
+        out["composite"][name] = entry
+    if routes:
+        out["routing_accuracy"] = {
+            "overall": _rate([r["chosen"] == r["task"] for r in single]),
+            "per_task": {t: _rate([r["chosen"] == r["task"] for r in single if r["task"] == t]) for t in tasks},
+        }
+        out["false_abstain_rate"] = _rate([r["abstained"] for r in single])
+        oos = [r for r in records if r["set"] == OOS_SET]
+        out["abstain_rate"] = _rate([r["abstained"] for r in oos])
+        out["n_oos"] = len(oos)
+        confusion: dict[str, dict[str, int]] = {}
+        for r in single + oos:
+            row = confusion.setdefault(r["task"] or "out-of-suite", {})
+            row[r["chosen"]] = row.get(r["chosen"], 0) + 1
+        out["confusion"] = confusion
+    return out
