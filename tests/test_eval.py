@@ -187,8 +187,9 @@ def test_build_items_respects_task_subset_and_limits():
 def test_bench_smoke(tmp_path, tokenizer, monkeypatch):
     """The benchmark runs end to end on a tiny random Llama and writes JSON, markdown and plot."""
     import loraswitch.eval.bench as bench
+    import loraswitch.eval.bench.fixtures as fixtures
 
-    monkeypatch.setattr(bench, "_TOKENIZER", tokenizer)
+    monkeypatch.setattr(fixtures, "_TOKENIZER", tokenizer)
     cfg = bench.BenchConfig(models=["llama-tiny"], batch_sizes=[2], new_tokens=3, prompt_len=4, repeats=1,
                             scaling=[1, 8, 10], xlora_new_tokens=2, out_dir=tmp_path,
                             configs=["base", "merged", "ls_mixed", "ls_dense", "ls_token_top2", "peft_mixed", "peft_xlora"], proto=True)

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from loraswitch.eval.cli import bench_command, eval_command
 from loraswitch.merging.cli import merge_command
 from loraswitch.server.cli import serve
 
@@ -25,6 +26,8 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(zoo_app, name="zoo")
 app.command("merge")(merge_command)
 app.command("serve")(serve)
+app.command("eval")(eval_command)
+app.command("bench")(bench_command)
 console = Console(stderr=True)
 
 BaseOpt = Annotated[str | None, typer.Option("--base", help="Model directory or .gguf file (default: embedded SmolLM2-135M-Instruct).")]
@@ -255,11 +258,12 @@ def zoo_eval(
     tasks: Annotated[list[str] | None, typer.Option("--task")] = None,
     adapter_dir: Annotated[Path | None, typer.Option()] = None,
     n: Annotated[int, typer.Option(help="Test prompts per task.")] = 200,
+    doc: Annotated[Path | None, typer.Option("--doc", help="Also write the results table into this markdown file, e.g. README.md.")] = None,
 ) -> None:
     """Each demo adapter and the base model on the adapter's held-out test split; updates the manifest."""
     from loraswitch.tasks import TASK_NAMES
     from loraswitch.zoo.build import DEMO_ADAPTER_DIR, read_manifest, write_manifest
-    from loraswitch.zoo.evaluate import evaluate_zoo
+    from loraswitch.zoo.evaluate import evaluate_zoo, markdown_table
 
     folder = adapter_dir or DEMO_ADAPTER_DIR
     switch = _switch(None, [folder])
@@ -269,6 +273,11 @@ def zoo_eval(
     for task, res in results.items():
         manifest["adapters"].setdefault(task, {})["eval"] = res
     write_manifest(manifest, folder)
+    if doc is not None:
+        from loraswitch.eval.report import update_doc
+
+        update_doc(doc, "zoo", markdown_table(manifest))
+        console.print(f"updated {doc}")
     table = Table("adapter", "n", "adapter acc", "base acc", "held-out wording", "meets bar")
     for task, r in results.items():
         table.add_row(task, str(r["n_test"]), f"{r['adapter_accuracy']:.1%}", f"{r['base_accuracy']:.1%}",

@@ -45,3 +45,26 @@ def evaluate_adapter(switch: Switch, task: str, n: int = 200) -> dict:
 
 def evaluate_zoo(switch: Switch, tasks: list[str], n: int = 200, progress: bool = True) -> dict[str, dict]:
     return {t: evaluate_adapter(switch, t, n) for t in tqdm(tasks, desc="zoo eval", disable=not progress)}
+
+
+def markdown_table(manifest: dict) -> str:
+    """The manifest's measured adapters as the README's results table."""
+
+    def pct(x: float | None) -> str:
+        return "–" if x is None else f"{100 * x:.1f}%"
+
+    lines = ["| adapter | rank | targets | test prompts | adapter exact match | base exact match | held-out wording | "
+             "unseen inputs | meets bar |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in sorted(manifest["adapters"].items()):
+        r, recipe = entry.get("eval"), entry.get("recipe", {})
+        if r is None:
+            continue
+        targets = ",".join(m.replace("_proj", "") for m in recipe.get("target_modules", []))
+        lines.append(f"| `{name}` | {recipe.get('rank', '?')} | {targets} | {r['n_test']} | {pct(r['adapter_accuracy'])} | "
+                     f"{pct(r['base_accuracy'])} | {pct(r['adapter_accuracy_heldout_wording'])} | "
+                     f"{pct(r.get('adapter_accuracy_unseen_inputs'))} | {'yes' if r['meets_bar'] else '**no**'} |")
+    lines += ["", f"Bar: >= {BAR_ACCURACY:.0%} exact match on the adapter's own held-out test split and >= "
+              f"{100 * BAR_MARGIN:.0f} points above the base model. \"held-out wording\": test prompts phrased with "
+              "instruction templates never used in training; \"unseen inputs\": inputs never seen in training "
+              "(reported for tasks with a small input space)."]
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""`loraswitch bench` / `benchmarks/bench.py`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.table import Table
+
+from loraswitch.eval.bench.config import CONFIGS, LLAMA_SHAPES, BenchConfig, console
+from loraswitch.eval.bench.run import run_bench
+
+
+def bench_command(
+    models: Annotated[list[str] | None, typer.Option("--models", help="smollm2 and/or " + ", ".join(LLAMA_SHAPES) + " (repeatable or comma-separated).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    batch_sizes: Annotated[list[int] | None, typer.Option("--batch", help="Batch sizes (default 1 and 16).")] = None,
+    new_tokens: Annotated[int | None, typer.Option(min=2)] = None,
+    prompt_len: Annotated[int | None, typer.Option(min=1)] = None,
+    repeats: Annotated[int | None, typer.Option(min=1, help="Timed runs per configuration (best is kept).")] = None,
+    scaling: Annotated[list[int] | None, typer.Option("--scaling", help="Adapters loaded for the scaling study (default 1 8 32 128).")] = None,
+    configs: Annotated[list[str] | None, typer.Option("--configs", help="Only these configurations: " + ", ".join(CONFIGS))] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="SmolLM2 only, batch 16, 16 new tokens, 8 vs 128 adapters.")] = False,
+    profile: Annotated[bool, typer.Option("--profile", help="Also profile the loraswitch decode paths (torch profiler).")] = False,
+    proto: Annotated[bool, typer.Option("--proto", help="Also time a proposed mixed-batch kernel (bench.ProtoKernel) beside the product's.")] = False,
+    out: Annotated[Path, typer.Option("--out")] = Path("benchmarks/results"),
+    doc: Annotated[Path | None, typer.Option("--doc", help="Also write the result tables into this markdown file (between generated markers), e.g. docs/benchmarks.md.")] = None,
+) -> None:
+    """Speed and memory: loraswitch vs one merged adapter, the base model and PEFT."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(int(os.environ.get("LORASWITCH_THREADS", os.cpu_count() or 1)))
+
+    def split(values):
+        return [v.strip() for s in values for v in str(s).split(",") if v.strip()] if values else None
+
+    overrides = {"models": split(models), "device": device, "batch_sizes": batch_sizes, "new_tokens": new_tokens,
+                 "prompt_len": prompt_len, "repeats": repeats, "scaling": scaling, "configs": split(configs),
+                 "out_dir": out, "profile": profile, "proto": proto}
+    cfg = BenchConfig.quick_config(**overrides) if quick else BenchConfig(**{k: v for k, v in overrides.items() if v is not None})
+    bad = [c for c in cfg.configs if c not in CONFIGS]
+    if bad:
+        console.print(f"[red]error:[/red] unknown configuration(s) {bad}; known: {', '.join(CONFIGS)}")
+        raise typer.Exit(2)
+    try:
+        with console.status("benchmarking...") as status:
+            res = run_bench(cfg, lambda s: status.update(f"benchmarking {s}"))
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    for m in res["models"]:
+        if "error" in m:
+            console.print(f"[red]{m['model']} failed:[/red] {m['error']}")
+            continue
+        table = Table("target", "measured", "status", title=f"{m['model']} ({m['wall_s']} s)")
+        for t in m["targets"]:
+            table.add_row(t["target"], f"{t['ratio']}x", "[green]met[/green]" if t["met"] else "[red]NOT MET[/red]")
+        console.print(table)
+    stem = f"bench_{cfg.device.split(':')[0]}"
+    console.print(f"wrote {out}/{stem}.json, {stem}.md, {stem}_scaling.png")
+    if doc is not None:
+        from loraswitch.eval.report import update_doc
+
+        body = (Path(out) / f"{stem}.md").read_text() + f"\n![decode tokens/s vs adapters loaded]({stem}_scaling.png)\n"
+        update_doc(doc, f"bench-{stem}", body, images_from=Path(out))
+        console.print(f"updated {doc}")
+    print(Path(out) / f"{stem}.json")

@@ -1,0 +1,185 @@
+"""Timing and memory: the greedy loops every configuration runs through, and peak-memory sampling.
+
+loraswitch configurations run the product's own `generate`; base, merged and PEFT run a minimal
+greedy loop with the same KV cache, so any loop overhead counts against loraswitch."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from loraswitch.engine import Engine
+from loraswitch.generate import Policy, SamplingParams, generate
+
+
+# ---------------------------------------------------------------------------- measuring
+def limit_malloc_caching() -> None:
+    """Make glibc return large freed blocks to the OS (a fixed mmap threshold), so the resident
+    set tracks what a configuration really holds and RSS growth per run means something."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB (also disables its dynamic growth)
+        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: peak RSS so far (kB on Linux, bytes on macOS)
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Peak memory growth (bytes) inside the block: CUDA allocator stats, or sampled RSS."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        gc.collect()
+        self.start = _rss_bytes()
+        self._max = self.start
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self._max = max(self._max, _rss_bytes())
+                self._stop.wait(0.001)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.start
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self._max, _rss_bytes()) - self.start
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Timing:
+    prefill_s: float
+    decode_s: float
+    prefill_tokens: int
+    decode_tokens: int
+    total_s: float = 0.0
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@torch.inference_mode()
+def lean_generate(model: nn.Module, ids: torch.Tensor, n_new: int, device: torch.device,
+                  kwargs: dict | None = None) -> Timing:
+    """The minimal greedy loop with a KV cache (for base, merged and PEFT): prefill, then
+    n_new - 1 one-token forwards; no sampling options, no stop tokens, no bookkeeping."""
+    kwargs = kwargs or {}
+    ids = ids.to(device)
+    mask = torch.ones_like(ids)
+    pos = torch.arange(ids.shape[1], device=device).expand_as(ids)
+    cache = DynamicCache()
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                logits_to_keep=1, **kwargs)
+    tok = out.logits[:, -1].argmax(-1)
+    _sync(device)
+    t1 = time.perf_counter()
+    nxt = pos[:, -1:] + 1
+    for _ in range(n_new - 1):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=nxt, past_key_values=cache, use_cache=True,
+                    **kwargs)
+        tok = out.logits[:, -1].argmax(-1)
+        nxt = nxt + 1
+    _sync(device)
+    t2 = time.perf_counter()
+    return Timing(t1 - t0, t2 - t1, ids.numel(), ids.shape[0] * (n_new - 1), t2 - t0)
+
+
+def ls_generate(engine: Engine, ids: torch.Tensor, n_new: int, policy_fn: Callable[[], Policy],
+                device: torch.device) -> Timing:
+    """loraswitch's own `generate`; prefill ends when the first token lands (`on_token`)."""
+    prompts = ids.tolist()
+    marks: list[float] = []
+
+    def on_token(row, tok, entry):
+        marks.append(time.perf_counter())
+
+    policy = policy_fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    gens = generate(engine, prompts, policy, SamplingParams(max_new_tokens=n_new, stop_ids=set()), on_token)
+    _sync(device)
+    t_end = time.perf_counter()
+    b = len(prompts)
+    assert all(len(g.token_ids) == n_new for g in gens)
+    first, last = marks[b - 1], marks[-1]  # the batch's first tokens come from the prefill
+    return Timing(first - t0, last - first, ids.numel(), b * (n_new - 1), t_end - t0)
+
+
+def hf_timing(model: nn.Module, ids: torch.Tensor, n_new: int, device: torch.device) -> Timing:
+    """X-LoRA: `generate` without a KV cache; only the total is meaningful (reported as decode)."""
+    ids = ids.to(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                             min_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=0, use_cache=False)
+    _sync(device)
+    dt = time.perf_counter() - t0
+    assert out.shape[1] == ids.shape[1] + n_new
+    return Timing(0.0, dt, 0, ids.shape[0] * n_new, dt)
+
+
+
+def measure(run: Callable[[], Timing], repeats: int, device: torch.device, warmup: bool = True) -> dict:
+    if warmup:
+        with PeakMemory(device) as mem:  # warm-up run, measured for memory only
+            run()
+        runs = [run() for _ in range(repeats)]
+    else:  # slow configurations (X-LoRA): one run, timed and measured
+        with PeakMemory(device) as mem:
+            runs = [run()]
+    best_prefill = max(runs, key=lambda t: t.prefill_tps)
+    best_decode = max(runs, key=lambda t: t.decode_tps)
+    return {"prefill_tok_s": round(best_prefill.prefill_tps, 1), "decode_tok_s": round(best_decode.decode_tps, 2),
+            "prefill_s": round(best_prefill.prefill_s, 4), "decode_s": round(best_decode.decode_s, 4),
+            "total_s": round(min(r.total_s for r in runs), 4), "peak_mem_mb": round(mem.peak / 2**20, 1),
+            "runs_decode_tok_s": [round(r.decode_tps, 2) for r in runs]}
+
+

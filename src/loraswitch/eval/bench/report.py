@@ -1,0 +1,153 @@
+"""The speed targets with their measured ratios, the markdown summary and the scaling plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loraswitch.eval.bench.config import BenchConfig
+
+
+# ---------------------------------------------------------------------------- targets & report
+def _get(r: dict, b: int, config: str, key: str = "decode_tok_s") -> float | None:
+    v = r.get("batches", {}).get(str(b), {}).get(config, {})
+    return v.get(key) if isinstance(v, dict) else None
+
+
+def _ratio(a, b) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def targets(model_result: dict, cfg: BenchConfig) -> list[dict]:
+    """The project's speed targets, each with the measured ratio and met / NOT MET."""
+    r = model_result
+    out = []
+    big = max(cfg.batch_sizes)
+    for b in cfg.batch_sizes:
+        for config, label in (("ls_seq", "sequence-routed"), ("ls_mixed", "one adapter per request"),
+                              ("ls_token_top1", "token-routed (random)")):
+            ratio = _ratio(_get(r, b, config), _get(r, b, "merged"))
+            if ratio is not None:
+                out.append({"target": f"top-1 {label} decode >= 0.9x merged weights (batch {b})", "ratio": ratio,
+                            "goal": 0.9, "met": ratio >= 0.9})
+    vs_peft = _ratio(_get(r, big, "ls_mixed"), _get(r, big, "peft_mixed"))
+    ceiling = _ratio(_get(r, big, "base"), _get(r, big, "peft_mixed"))
+    if vs_peft is not None:
+        entry = {"target": f"{big} requests over {cfg.n_mixed} adapters >= 3x PEFT adapter_names decode", "ratio": vs_peft,
+                 "goal": 3.0, "met": vs_peft >= 3.0, "ceiling": ceiling}
+        out.append(entry)
+        if ceiling is not None and ceiling < 3.0:
+            vs_base = _ratio(_get(r, big, "ls_mixed"), _get(r, big, "base"))
+            out.append({"target": f"(ceiling {ceiling}x < 3x) {big} requests over {cfg.n_mixed} adapters >= 0.9x the base model",
+                        "ratio": vs_base, "goal": 0.9, "met": vs_base is not None and vs_base >= 0.9})
+    sc = r.get("scaling", {})
+    if "8" in sc and "128" in sc:
+        for b in cfg.batch_sizes:
+            t8 = sc["8"].get(str(b), {}).get("decode_tok_s")
+            t128 = sc["128"].get(str(b), {}).get("decode_tok_s")
+            cost = _ratio(t8, t128)  # time per token at 128 / at 8
+            if cost is not None:
+                out.append({"target": f"decode cost with 128 adapters loaded <= 1.2x with 8 (batch {b})", "ratio": cost,
+                            "goal": 1.2, "met": cost <= 1.2, "lower_is_better": True})
+    dense = _ratio(_get(r, big, "ls_dense"), _get(r, big, "peft_xlora"))
+    if dense is not None:
+        out.append({"target": f"dense mixing over {cfg.n_mixed} adapters >= 5x PEFT X-LoRA decode (batch {big})",
+                    "ratio": dense, "goal": 5.0, "met": dense >= 5.0})
+    return out
+
+
+def markdown(res: dict) -> str:
+    cfg = res["config"]
+    lines = [f"# loraswitch benchmark ({res['device']})", "",
+             f"{res['started']} on {res['platform']}, {res['torch_threads']} torch threads, torch {res['torch']}, "
+             f"{cfg['dtype']}. Prompts of {cfg['prompt_len']} random tokens, greedy decoding of {cfg['new_tokens']} new tokens "
+             f"(X-LoRA: {cfg['xlora_new_tokens']}), best of {cfg['repeats']} runs after a warm-up; random adapters of rank "
+             f"{cfg['rank']} on q,k,v,o,gate,up,down; mixed batches spread over {cfg['n_mixed']} adapters. Tokens/s are "
+             "batch totals. Ratios are within this one run.", ""]
+    for m in res["models"]:
+        if "error" in m:
+            lines += [f"## {m['model']}: failed", "", f"`{m['error']}`", ""]
+            continue
+        s = m["shape"]
+        lines += [f"## {m['model']} (hidden {s['hidden']}, {s['layers']} layers, {s['params_m']}M parameters; "
+                  f"one adapter {m['adapter_mb']} MB)", ""]
+        lines += ["### Targets", "", "| target | measured | goal | status |", "|---|---|---|---|"]
+        for t in m.get("targets", []):
+            status = "met" if t["met"] else "**NOT MET**"
+            lines.append(f"| {t['target']} | {t['ratio']}x | {'<=' if t.get('lower_is_better') else '>='} {t['goal']}x | {status} |")
+        lines.append("")
+        for b, rows in m["batches"].items():
+            lines += [f"### batch {b}", "", "| configuration | prefill tok/s | decode tok/s | decode vs merged | decode vs base | "
+                      "peak memory growth (MB) |", "|---|---|---|---|---|---|"]
+            merged = rows.get("merged", {}).get("decode_tok_s")
+            basev = rows.get("base", {}).get("decode_tok_s")
+            for name, r in rows.items():
+                if "error" in r:
+                    lines.append(f"| `{name}` | error: {r['error'][:80]} | | | | |")
+                    continue
+                pre = f"{r['prefill_tok_s']:.0f}" if r.get("prefill_tok_s") else "–"
+                lines.append(f"| `{name}` | {pre} | {r['decode_tok_s']:.1f} | {_fmt(_ratio(r['decode_tok_s'], merged))} | "
+                             f"{_fmt(_ratio(r['decode_tok_s'], basev))} | {r['peak_mem_mb']:.0f} |")
+            lines.append("")
+        if m.get("scaling"):
+            bs = [b for b in m["batches"]]
+            lines += ["### Adapters loaded (requests spread over min(8, loaded) adapters)", "",
+                      "| adapters loaded | adapter stacks (MB) | " + " | ".join(f"decode tok/s b={b} | cost vs 8 b={b}" for b in bs) + " |",
+                      "|---|---|" + "---|---|" * len(bs)]
+            ref = m["scaling"].get("8", {})
+            for n, e in m["scaling"].items():
+                cells = []
+                for b in bs:
+                    v = e.get(b, {}).get("decode_tok_s")
+                    cells += [f"{v:.1f}" if v else "–", _fmt(_ratio(ref.get(b, {}).get("decode_tok_s"), v))]
+                lines.append(f"| {n} | {e['adapter_stack_mb']} | " + " | ".join(cells) + " |")
+            lines.append("")
+        if m.get("profile"):
+            lines += ["### Profile of loraswitch decode (torch profiler, largest batch)", ""]
+            for name, p in m["profile"].items():
+                lines.append(f"- `{name}`: {p['total_s']} s, {100 * p['add_lora_share']:.0f}% inside `add_lora`; top ops: " +
+                             ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in p["top_ops"][:6]))
+            lines.append("")
+    lines += ["Configurations: see `loraswitch.eval.bench` (module docstring). `merged` = one adapter folded into "
+              "the weights (the limit for one adapter); `base` = no adapter (the ceiling for any batch). "
+              "Peak memory growth: resident-set growth during a warm-up run (CPU) or CUDA peak allocation above "
+              "the model's, i.e. activations, KV cache and kernel temporaries, not weights.", ""]
+    return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:.2f}x"
+
+
+def plot_scaling(res: dict, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in res["models"] if m.get("scaling")]
+    if not models:
+        return False
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        ns = sorted(int(n) for n in m["scaling"])
+        for b in m["batches"]:
+            ys = [m["scaling"][str(n)].get(b, {}).get("decode_tok_s") for n in ns]
+            ax.plot(ns, [y or 0 for y in ys], marker="o", label=f"loraswitch, batch {b}")
+            for config, style in (("merged", ":"), ("peft_mixed", "--")):
+                v = m["batches"][b].get(config, {}).get("decode_tok_s")
+                if v:
+                    ax.axhline(v, linestyle=style, linewidth=1, color=ax.lines[-1].get_color(),
+                               label=f"{config}, batch {b}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("adapters loaded")
+        ax.set_ylabel("decode tokens/s (batch total)")
+        ax.set_title(m["model"])
+        ax.legend(fontsize=7)
+    fig.suptitle(f"decode throughput vs adapters loaded ({res['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
