@@ -11,7 +11,7 @@ import pytest
 from loraswitch.base import Base
 from loraswitch.eval import EvalConfig, build_items, run_eval
 from loraswitch.eval.data import Item
-from loraswitch.eval.scoring import Answer, aggregate, chosen_adapter, part_adapters, score_item
+from loraswitch.eval.scoring import Answer, aggregate, chosen_adapter, part_adapters, routing_targets, score_item
 from loraswitch.tasks import Example
 from tests.conftest import tiny_model, write_adapter
 
@@ -76,6 +76,26 @@ def test_harness_end_to_end(tmp_path, tiny_base, task_adapters, routers):
     assert results["methods"]["oracle"]["n_items"] == len(TASKS) + 2  # no out-of-suite prompts
     md = (out / "results.md").read_text()
     assert "| `oracle` |" in md and "## Composite prompts" in md
+    assert set(results["routing_targets"]) == {"auto", "seq", "arrow", "gate"} and "## Routing targets" in md
+
+
+def test_routing_targets_compare_with_the_oracle():
+    """Each router's bar: measured against the oracle where a ratio is asked for; unmeasured is None."""
+    def method(per_task, routing, heldout, abstain, comp3, routes=True):
+        return {"status": "ok", "routes": routes, "accuracy": {"per_task": per_task},
+                "routing_accuracy": {"overall": routing, "heldout_wording": heldout}, "abstain_rate": abstain,
+                "composite": {"composite-3": {"part_accuracy": comp3}}}
+
+    oracle = method({"add": 1.0, "iso_date": 0.8}, None, None, None, 0.9, routes=False)
+    good = method({"add": 1.0, "iso_date": 0.78}, 0.99, 0.95, 0.92, 0.85)
+    bad = method({"add": 0.5, "iso_date": 0.8}, 0.97, 0.80, 0.50, 0.5)
+    t = routing_targets({"oracle": oracle, "good": good, "bad": bad})
+    assert set(t) == {"good", "bad"}
+    assert t["good"]["min_task_accuracy_vs_oracle"]["value"] == pytest.approx(0.975)
+    assert all(v["met"] for k, v in t["good"].items() if k != "composite-5_vs_oracle")
+    assert t["good"]["composite-3_vs_oracle"]["value"] == pytest.approx(0.85 / 0.9, abs=1e-4)
+    assert t["good"]["composite-5_vs_oracle"] == {"value": None, "goal": 0.9, "met": None}
+    assert not any(v["met"] for k, v in t["bad"].items() if k != "composite-5_vs_oracle")
 
 
 def test_unavailable_method_is_reported_not_fatal(tmp_path, tiny_base, task_adapters):

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from loraswitch.base import Base, load_base
 from loraswitch.eval.data import COMPOSITE_SIZES, OOS_SET, TASK_SET, Item, build_items
 from loraswitch.eval.methods import EvalContext, registry
-from loraswitch.eval.scoring import aggregate, score_item
+from loraswitch.eval.scoring import aggregate, routing_targets, score_item
 from loraswitch.tasks import TASK_NAMES
 
 DEFAULT_METHODS = (
@@ -127,6 +127,7 @@ def run_eval(cfg: EvalConfig, base_factory: Callable[[], Base] | None = None,
     results["meta"].setdefault("adapters", sorted({a for r in results["methods"].values() for a in r.get("info", {}).get("adapters", [])}))
     results["meta"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results["heatmaps"] = _heatmap_traces(all_records, items, cfg.heatmap_prompts)
+    results["routing_targets"] = routing_targets(results["methods"])
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "records.json").write_text(json.dumps(
         {"items": [i.to_dict() for i in items], "records": {m: [{k: v for k, v in r.items() if k != "trace"} for r in rs]

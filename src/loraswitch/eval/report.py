@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from loraswitch.eval.scoring import BASE  # noqa: E402
+from loraswitch.eval.scoring import BASE, ROUTING_GOALS  # noqa: E402
 
 ACCURACY_PNG = "accuracy_by_task.png"
 CONFUSION_PNG = "routing_confusion.png"
@@ -57,6 +57,7 @@ def markdown(results: dict) -> str:
               "(higher is better); false abstain: share of in-suite prompts answered by the base model (lower is better). "
               "`–`: not applicable. Answer time excludes setup (model build, merge, classifier training).", ""]
 
+    lines += _targets_table(results)
     lines += ["## Accuracy per task", ""]
     head = ["method"] + tasks
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -103,6 +104,25 @@ def markdown(results: dict) -> str:
     for m in results.get("heatmaps", {}):
         lines += [f"![{m} routing heatmap]({HEATMAP_PNG.format(method=m)})", ""]
     return "\n".join(lines) + "\n"
+
+
+def _targets_table(results: dict) -> list[str]:
+    """Issue 3's bar per routing method: measured value, goal, met or not."""
+    targets = results.get("routing_targets") or {}
+    if not targets:
+        return []
+    methods = list(targets)
+    lines = ["## Routing targets", "", "Each routing method against the bar for automatic routing "
+             "(ratios are against the oracle adapter on the same prompts; `–`: not measured in this run).", "",
+             "| target | goal | " + " | ".join(f"`{m}`" for m in methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for key, (label, goal) in ROUTING_GOALS.items():
+        cells = []
+        for m in methods:
+            t = targets[m].get(key, {})
+            v = t.get("value")
+            cells.append("–" if v is None else f"{100 * v:.1f}%" + ("" if t["met"] else " **(not met)**"))
+        lines.append(f"| {label} | >= {100 * goal:.0f}% | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot_accuracy(results: dict, path: Path) -> None:

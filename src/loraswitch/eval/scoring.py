@@ -137,6 +137,7 @@ def aggregate(records: list[dict], tasks: list[str], routes: bool) -> dict:
     if routes:
         out["routing_accuracy"] = {
             "overall": _rate([r["chosen"] == r["task"] for r in single]),
+            "heldout_wording": _rate([r["chosen"] == r["task"] for r in single if r.get("heldout_template")]),
             "per_task": {t: _rate([r["chosen"] == r["task"] for r in single if r["task"] == t]) for t in tasks},
         }
         out["false_abstain_rate"] = _rate([r["abstained"] for r in single])
@@ -148,4 +149,47 @@ def aggregate(records: list[dict], tasks: list[str], routes: bool) -> dict:
             row = confusion.setdefault(r["task"] or "out-of-suite", {})
             row[r["chosen"]] = row.get(r["chosen"], 0) + 1
         out["confusion"] = confusion
+    return out
+
+
+# issue 3's bar for a router, each as (label, goal); ratios are against the oracle adapter
+ROUTING_GOALS = {
+    "routing_accuracy": ("routing accuracy, held-out single-task prompts", 0.98),
+    "routing_accuracy_heldout_wording": ("routing accuracy, wording never used in training", 0.90),
+    "min_task_accuracy_vs_oracle": ("worst task's accuracy / the oracle's", 0.97),
+    "composite-3_vs_oracle": ("composite-3 per-part accuracy / the oracle's", 0.90),
+    "composite-5_vs_oracle": ("composite-5 per-part accuracy / the oracle's", 0.90),
+    "abstain_rate": ("out-of-suite prompts answered by the base model", 0.90),
+}
+
+
+def _over(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None:
+        return None
+    return round(a / b, 4) if b > 0 else (1.0 if a >= b else None)
+
+
+def routing_targets(methods: dict[str, dict]) -> dict[str, dict]:
+    """For every routing method, the measured value of each ROUTING_GOALS entry and whether it
+    meets the goal (None where this run did not measure it, e.g. no oracle or no composite-5)."""
+    oracle = methods.get("oracle", {})
+    out: dict[str, dict] = {}
+    for name, r in methods.items():
+        if r.get("status") != "ok" or not r.get("routes"):
+            continue
+        per_task = r["accuracy"]["per_task"]
+        ratios = [_over(per_task.get(t), oracle.get("accuracy", {}).get("per_task", {}).get(t)) for t in per_task]
+        ratios = [x for x in ratios if x is not None]
+        values = {
+            "routing_accuracy": r["routing_accuracy"]["overall"],
+            "routing_accuracy_heldout_wording": r["routing_accuracy"].get("heldout_wording"),
+            "min_task_accuracy_vs_oracle": min(ratios) if ratios else None,
+            "abstain_rate": r.get("abstain_rate"),
+        }
+        for size in ("composite-3", "composite-5"):
+            ours = r.get("composite", {}).get(size, {}).get("part_accuracy")
+            ref = oracle.get("composite", {}).get(size, {}).get("part_accuracy")
+            values[f"{size}_vs_oracle"] = _over(ours, ref)
+        out[name] = {k: {"value": v, "goal": ROUTING_GOALS[k][1], "met": None if v is None else v >= ROUTING_GOALS[k][1]}
+                     for k, v in values.items()}
     return out
