@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads of the server (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the result file names")
+    p.add_argument("--doc", help="also write the result table into this markdown file (generated block), e.g. docs/server.md")
     args = p.parse_args(argv)
     if args.requests < 1 or args.requests > 5000 or args.concurrency < 1:
         p.error("--requests must be 1..5000 and --concurrency at least 1")
@@ -317,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
+    if args.doc:
+        from loraswitch.eval.report import update_doc
+
+        update_doc(Path(args.doc), "server-load", markdown(report))
     bad = sum(ph["errors_5xx"] + ph["lost"] for ph in phases.values())
     return 1 if bad else 0
 

@@ -36,6 +36,7 @@ def eval_command(
     router_dir: Annotated[Path | None, typer.Option("--router-dir", help="Trained routers (default: the demo routers).")] = None,
     list_methods: Annotated[bool, typer.Option("--list", help="List the methods and exit.")] = False,
     doc: Annotated[Path | None, typer.Option("--doc", help="Also write the result tables into this markdown file (between generated markers), e.g. docs/evaluation.md.")] = None,
+    readme: Annotated[Path | None, typer.Option("--readme", help="Also write the short summary into this markdown file, e.g. README.md.")] = None,
 ) -> None:
     """Quality: base, oracle, routers, merges and PEFT baselines on the demo task suite."""
     import torch
@@ -103,6 +104,11 @@ def eval_command(
 
         update_doc(doc, "eval", (Path(out) / "results.md").read_text(), images_from=Path(out))
         console.print(f"updated {doc}")
+    if readme is not None:
+        from loraswitch.eval.report import readme_summary, update_doc
+
+        update_doc(readme, "eval", readme_summary(results, str(doc or Path(out) / "results.md")))
+        console.print(f"updated {readme}")
     print(Path(out) / "results.json")
 
 

@@ -106,6 +106,26 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme_summary(results: dict, details: str = "docs/evaluation.md") -> str:
+    """The README's short version: one row per method, then the routing targets."""
+    ok = _ok(results)
+    cfg = results["meta"]["config"]
+    sizes = sorted({s for r in ok.values() for s in r.get("composite", {})}, key=lambda s: int(s.split("-")[1]))
+    head = ["method", "accuracy", "held-out wording", "routing acc.", "abstain (out-of-suite)"] + [f"{s} parts" for s in sizes]
+    lines = [f"`--limit {cfg['limit']}` test prompts per task, {results['meta'].get('n_items', {})}; started "
+             f"{results['meta']['started']}. Full tables, plots and method notes: [{details}]({details}).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, r in ok.items():
+        comp = r.get("composite", {})
+        row = [f"`{m}`", _pct(r["accuracy"]["overall"]), _pct(r.get("accuracy_heldout_wording")),
+               _pct(r.get("routing_accuracy", {}).get("overall")), _pct(r.get("abstain_rate"))]
+        lines.append("| " + " | ".join(row + [_pct(comp.get(s, {}).get("part_accuracy")) for s in sizes]) + " |")
+    skipped = [m for m, r in results["methods"].items() if r.get("status") != "ok"]
+    if skipped:
+        lines += ["", f"Not evaluated in this run: {', '.join(f'`{m}`' for m in skipped)} (reasons in {details})."]
+    return "\n".join(lines + [""] + _targets_table(results))
+
+
 def _targets_table(results: dict) -> list[str]:
     """Issue 3's bar per routing method: measured value, goal, met or not."""
     targets = results.get("routing_targets") or {}

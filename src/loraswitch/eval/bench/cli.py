@@ -28,6 +28,7 @@ def bench_command(
     proto: Annotated[bool, typer.Option("--proto", help="Also time a proposed mixed-batch kernel (bench.ProtoKernel) beside the product's.")] = False,
     out: Annotated[Path, typer.Option("--out")] = Path("benchmarks/results"),
     doc: Annotated[Path | None, typer.Option("--doc", help="Also write the result tables into this markdown file (between generated markers), e.g. docs/benchmarks.md.")] = None,
+    readme: Annotated[Path | None, typer.Option("--readme", help="Also write the short summary into this markdown file, e.g. README.md.")] = None,
 ) -> None:
     """Speed and memory: loraswitch vs one merged adapter, the base model and PEFT."""
     import transformers
@@ -72,4 +73,10 @@ def bench_command(
         body = (Path(out) / f"{stem}.md").read_text() + f"\n![decode tokens/s vs adapters loaded]({stem}_scaling.png)\n"
         update_doc(doc, f"bench-{stem}", body, images_from=Path(out))
         console.print(f"updated {doc}")
+    if readme is not None:
+        from loraswitch.eval.bench.report import readme_summary
+        from loraswitch.eval.report import update_doc
+
+        update_doc(readme, f"bench-{stem}", readme_summary(res, str(doc or Path(out) / f"{stem}.md")))
+        console.print(f"updated {readme}")
     print(Path(out) / f"{stem}.json")

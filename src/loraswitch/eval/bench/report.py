@@ -151,3 +151,28 @@ def plot_scaling(res: dict, path: Path) -> bool:
     return True
 
 
+
+
+def readme_summary(res: dict, details: str = "docs/benchmarks.md") -> str:
+    """The README's short version: per model, the targets and the largest batch's decode rows."""
+    lines = [f"{res['device']}, {res['torch_threads']} threads, {res['started']}; ratios within one run. "
+             f"Every configuration, batch 1, memory and the scaling plot: [{details}]({details}).", ""]
+    for m in res["models"]:
+        if "error" in m:
+            lines += [f"**{m['model']}**: failed (`{m['error'][:120]}`)", ""]
+            continue
+        big = str(max(int(b) for b in m["batches"]))
+        rows = m["batches"][big]
+        merged, basev = rows.get("merged", {}).get("decode_tok_s"), rows.get("base", {}).get("decode_tok_s")
+        lines += [f"**{m['model']}** ({m['shape']['params_m']}M parameters), batch {big}:", "",
+                  "| configuration | decode tok/s | vs merged | vs base |", "|---|---|---|---|"]
+        for name, r in rows.items():
+            if "error" not in r:
+                lines.append(f"| `{name}` | {r['decode_tok_s']:.1f} | {_fmt(_ratio(r['decode_tok_s'], merged))} | "
+                             f"{_fmt(_ratio(r['decode_tok_s'], basev))} |")
+        lines += ["", "| target | measured | goal | status |", "|---|---|---|---|"]
+        for tg in m.get("targets", []):
+            lines.append(f"| {tg['target']} | {tg['ratio']}x | {'<=' if tg.get('lower_is_better') else '>='} {tg['goal']}x | "
+                         f"{'met' if tg['met'] else '**NOT MET**'} |")
+        lines.append("")
+    return "\n".join(lines)
