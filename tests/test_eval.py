@@ -212,12 +212,12 @@ def test_bench_smoke(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(fixtures, "_TOKENIZER", tokenizer)
     cfg = bench.BenchConfig(models=["llama-tiny"], batch_sizes=[2], new_tokens=3, prompt_len=4, repeats=1,
                             scaling=[1, 8, 10], xlora_new_tokens=2, out_dir=tmp_path,
-                            configs=["base", "merged", "ls_mixed", "ls_dense", "ls_token_top2", "peft_mixed", "peft_xlora"], proto=True)
+                            configs=["base", "merged", "ls_mixed", "ls_dense", "ls_token_top2", "peft_mixed", "peft_xlora"])
     res = bench.run_bench(cfg)
     m = res["models"][0]
     assert "error" not in m, m.get("error")
     rows = m["batches"]["2"]
-    assert set(rows) == {"base", "merged", "ls_mixed", "ls_dense", "ls_token_top2", "peft_mixed", "peft_xlora", "ls_mixed+proto", "ls_dense+proto", "ls_token_top2+proto"}
+    assert set(rows) == {"base", "merged", "ls_mixed", "ls_dense", "ls_token_top2", "peft_mixed", "peft_xlora"}
     assert all("error" not in r and r["decode_tok_s"] > 0 for r in rows.values()), rows
     assert set(m["scaling"]) == {"1", "8", "10"}
     assert m["scaling"]["10"]["adapter_stack_mb"] > m["scaling"]["8"]["adapter_stack_mb"]
@@ -227,25 +227,3 @@ def test_bench_smoke(tmp_path, tokenizer, monkeypatch):
     for f in ["bench_cpu.json", "bench_cpu.md", "bench_cpu_scaling.png"]:
         assert (tmp_path / f).is_file()
     assert "NOT MET" in (tmp_path / "bench_cpu.md").read_text() or "| met |" in (tmp_path / "bench_cpu.md").read_text()
-
-
-def test_proto_kernel_matches_add_lora():
-    """The benchmark's proposed kernel computes exactly what kernels.add_lora computes."""
-    import torch
-
-    from loraswitch.eval.bench import ProtoKernel
-    from loraswitch.kernels import Routing, add_lora
-
-    g = torch.Generator().manual_seed(0)
-    A, B = torch.randn(6, 4, 10, generator=g), torch.randn(6, 7, 4, generator=g)
-    A[0], B[0] = 0, 0
-    ranks = [0, 4, 4, 2, 4, 3]
-    A[3, 2:], B[4, :, 3:] = 0, 0
-    x, y = torch.randn(9, 10, generator=g), torch.randn(9, 7, generator=g)
-    ids = torch.randint(-1, 5, (9, 2), generator=g)
-    w = torch.rand(9, 2, generator=g)
-    with torch.no_grad():
-        want = add_lora(y.clone(), x, A, B, ranks, Routing(ids, w))
-        with ProtoKernel() as proto:
-            got = proto.add_lora(y.clone(), x, A, B, ranks, Routing(ids, w))
-    assert torch.allclose(got, want, atol=1e-5)

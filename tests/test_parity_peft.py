@@ -7,9 +7,11 @@ import copy
 import torch
 from peft import PeftModel
 
+from loraswitch.base import Base
 from loraswitch.engine import Engine
 from loraswitch.generate import SamplingParams, explicit, generate
 from loraswitch.kernels import Routing
+from tests.conftest import tiny_model, write_adapter
 
 NAMES = ["alpha", "beta", "gamma"]
 
@@ -54,8 +56,9 @@ def test_mixed_batch_matches_peft_adapter_names(tiny_base, adapter_dir):
     assert (got - want).abs().max().item() < 1e-4
 
 
-def test_gather_and_grouped_kernels_agree(tiny_base, adapter_dir, monkeypatch):
-    """The decode path (gather) and prefill path (grouped) compute the same mixture."""
+def test_kernel_strategies_agree(tiny_base, adapter_dir, monkeypatch):
+    """Stacked (inference, few adapters), gather (decode) and grouped (prefill) compute the same
+    mixture, with top-2 routing, "no adapter" choices and zero weights mixed in."""
     import loraswitch.kernels as k
 
     engine = Engine(tiny_base, [adapter_dir])
@@ -63,14 +66,37 @@ def test_gather_and_grouped_kernels_agree(tiny_base, adapter_dir, monkeypatch):
     g = torch.Generator().manual_seed(3)
     slots = torch.randint(-1, 3, (ids.numel(), 2), generator=g)
     weights = torch.rand(ids.numel(), 2, generator=g)
-    routing = Routing(slots, weights)
-    monkeypatch.setattr(k, "GATHER_MAX_PAIRS", 10**9)
-    gathered = engine.logits(ids, routing=Routing(slots, weights))
-    monkeypatch.setattr(k, "GATHER_MAX_PAIRS", 0)
-    grouped = engine.logits(ids, routing=routing)
-    assert (gathered - grouped).abs().max().item() < 1e-4
-    # and both equal the definition: base + sum_e w * dense delta_e, computed with dense updates
-    assert not torch.allclose(gathered, engine.logits(ids), atol=1e-3)
+    weights[::7] = 0.0
+    out = {}
+    for name, stack_cols, gather_pairs in (("stacked", 10**9, 0), ("gather", 0, 10**9), ("grouped", 0, 0)):
+        monkeypatch.setattr(k, "STACK_MAX_COLS", stack_cols)
+        monkeypatch.setattr(k, "GATHER_MAX_PAIRS", gather_pairs)
+        out[name] = engine.logits(ids, routing=Routing(slots, weights))
+    assert (out["stacked"] - out["gather"]).abs().max().item() < 1e-4
+    assert (out["gather"] - out["grouped"]).abs().max().item() < 1e-4
+    assert not torch.allclose(out["gather"], engine.logits(ids), atol=1e-3)
+
+
+def test_stacked_cache_follows_adapter_changes(tiny_base, adapter_dir, tmp_path):
+    """The stacked strategy caches concatenated factors per layer; replacing an adapter in the
+    same slot must never serve the old factors."""
+    engine = Engine(tiny_base, [adapter_dir])
+    name = engine.names[0]
+    slot = engine.slot_of(name)
+    ids = _batch(2, 6, seed=4)
+    routing = Routing(torch.tensor([[slot, -1]] * ids.numel()), torch.tensor([[0.5, 0.0]] * ids.numel()))
+    before = engine.logits(ids, routing=routing)
+    assert any(layer.stacked_cache for layer in engine.layers.values())
+    write_adapter(tiny_base.model, tmp_path / name, r=4, targets=("q_proj", "v_proj"), seed=99)
+    engine.remove_adapter(name)
+    engine.load_adapter(tmp_path / name)
+    routing = Routing(torch.tensor([[engine.slot_of(name), -1]] * ids.numel()), torch.tensor([[0.5, 0.0]] * ids.numel()))
+    after = engine.logits(ids, routing=routing)
+    other = Base(model=tiny_model(), tokenizer=tiny_base.tokenizer, name="tiny-llama", source="random")
+    fresh = Engine(other, [tmp_path]).logits(ids, routing=Routing(
+        torch.tensor([[0, -1]] * ids.numel()), torch.tensor([[0.5, 0.0]] * ids.numel())))
+    assert not torch.allclose(before, after, atol=1e-4)
+    assert (after - fresh).abs().max().item() < 1e-4
 
 
 def test_token_mixture_matches_dense_definition(tiny_base, adapter_dir):

@@ -3,14 +3,25 @@
 
 Weights are stacked per module: `A[s]` is slot s's [r_max, in] factor and `B[s]` its scaled
 [out, r_max] factor, zero-padded to the largest rank; slot 0 is all zeros and stands for "no
-adapter", so a token routed nowhere costs nothing special. Three strategies:
+adapter", so a token routed nowhere costs nothing special. Four strategies, picked per call:
 
 * uniform  - every token uses one adapter with weight 1 (an explicit choice): two matmuls, the
              same arithmetic as PEFT's unmerged forward.
-* gather   - few (token, expert) pairs (decoding): gather each pair's factors and run two
-             batched matmuls; cost is independent of how many adapters are loaded.
-* grouped  - many pairs (prefill): loop over the distinct experts present, one pair of dense
-             matmuls each on the tokens routed to it.
+* stacked  - inference with few distinct adapters in the batch (U of them, U * r_max <= STACK_MAX_COLS):
+             the U adapters' factors are concatenated once per layer and adapter set ([in, U*r] and
+             [U*r, out], cached by the layer), and every token runs two dense GEMMs against them,
+             its own adapters' weights applied as a [T, U] mask between the two:
+                 h = x @ A_u  ->  h *= mask  ->  y += h @ B_u
+             Three ops per layer, no per-token copies of the factors, and a cost that depends on U,
+             not on how many adapters are loaded. Mixed batches, token routing and dense mixing all
+             take this path; it is what makes a mixed batch cost about what one adapter costs.
+* gather   - few (token, expert) pairs over many distinct adapters, or with autograd: gather each
+             pair's factors and run two batched matmuls.
+* grouped  - many pairs (training, large prefill over many adapters): loop over the distinct
+             experts present, one pair of dense matmuls each on the tokens routed to it.
+
+The learned-weights paths (gate training, AdaMerging) keep autograd: `stacked` and the in-place
+updates run only when no gradient is recorded.
 """
 
 from __future__ import annotations
@@ -20,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 GATHER_MAX_PAIRS = 96  # above this many (token, expert) pairs the grouped loop wins on CPU
+STACK_MAX_COLS = 256  # U * r_max up to which the stacked strategy runs (beyond: wasted FLOPs on padding)
+STACK_CACHE_MAX = 64  # adapter sets remembered per layer
 
 
 @dataclass
@@ -66,6 +79,17 @@ class Routing:
             self._cache["pairs"] = (tok, self.ids[keep] + 1, self.weights[keep])
         return self._cache["pairs"]
 
+    def stacked(self) -> tuple[torch.Tensor, tuple[int, ...], torch.Tensor]:
+        """The distinct stack indices present (U of them), as a tensor and as a hashable key,
+        and the [T, U] mixing weights; computed once per routing, shared by every layer."""
+        if "stacked" not in self._cache:
+            tok, sid, w = self.pairs()
+            uniq = torch.unique(sid)
+            mask = torch.zeros(self.n_tokens, len(uniq), dtype=w.dtype, device=w.device)
+            mask.index_put_((tok, torch.searchsorted(uniq, sid)), w, accumulate=True)
+            self._cache["stacked"] = (uniq, tuple(uniq.tolist()), mask)
+        return self._cache["stacked"]
+
     def groups(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """Pairs grouped by expert: (stack index, token indices, weights), computed once per
         routing and shared by every layer that uses it."""
@@ -89,12 +113,15 @@ def add_lora(
     B: torch.Tensor,
     ranks: list[int],
     routing: Routing,
+    cache: dict | None = None,
 ) -> torch.Tensor:
     """Return `y + sum_e w[t,e] * B_e A_e x_t` for 2-D `x` [T, in] and `y` [T, out].
 
     `A` [S+1, r_max, in] and `B` [S+1, out, r_max] are the stacked factors (slot s at index s+1,
     scale folded into B), `ranks[i]` the true rank at stack index i. In-place on `y` unless
-    autograd is recording (gate training backpropagates through the routing weights).
+    autograd is recording (gate training backpropagates through the routing weights). `cache`:
+    the layer's store of concatenated factors for the stacked strategy; the layer clears it
+    whenever its stacks change.
     """
     inplace = not torch.is_grad_enabled()
     uniform = routing.uniform_slot()
@@ -107,6 +134,10 @@ def add_lora(
     tok, sid, w = routing.pairs()
     if tok.numel() == 0:
         return y
+    if inplace and not w.requires_grad:
+        uniq, key, mask = routing.stacked()
+        if len(key) * A.shape[1] <= STACK_MAX_COLS:
+            return _add_stacked(y, x, A, B, uniq, key, mask, cache)
     if tok.numel() <= GATHER_MAX_PAIRS:
         xs = x if tok.numel() == x.shape[0] and routing.ids.shape[1] == 1 else x.index_select(0, tok)
         h = torch.bmm(A.index_select(0, sid), xs.unsqueeze(-1))  # [P, r_max, 1]
@@ -120,3 +151,22 @@ def add_lora(
         delta = delta * wg.unsqueeze(-1).to(y.dtype)
         y = y.index_add_(0, idx, delta) if inplace else y.index_add(0, idx, delta)
     return y
+
+
+def _add_stacked(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, uniq: torch.Tensor,
+                 key: tuple[int, ...], mask: torch.Tensor, cache: dict | None) -> torch.Tensor:
+    """The stacked strategy (module docstring): y += ((x @ A_u) * mask) @ B_u, in place."""
+    factors = cache.get(key) if cache is not None else None
+    if factors is None or factors[0].device != x.device or factors[0].dtype != x.dtype:
+        r = A.shape[1]
+        A_u = A.index_select(0, uniq).reshape(-1, A.shape[2]).T.contiguous()  # [in, U*r]
+        B_u = B.index_select(0, uniq).transpose(1, 2).reshape(len(key) * r, -1).contiguous()  # [U*r, out]
+        factors = (A_u.to(x.dtype), B_u.to(x.dtype))
+        if cache is not None:
+            if len(cache) >= STACK_CACHE_MAX:
+                cache.clear()
+            cache[key] = factors
+    A_u, B_u = factors
+    h = x @ A_u
+    h.view(x.shape[0], len(key), -1).mul_(mask.to(h.dtype).unsqueeze(-1))
+    return y.addmm_(h, B_u)

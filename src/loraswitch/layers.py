@@ -50,6 +50,9 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("B", torch.zeros(1, base.out_features, 0, dtype=w.dtype, device=w.device), persistent=False)
         self.ranks: list[int] = [0]
         self.active = False  # any slot installed; checked on every forward, so kept as a flag
+        # concatenated factors per adapter set, for the kernels' stacked strategy; derived from
+        # A and B, so every change to the stacks clears it
+        self.stacked_cache: dict = {}
 
     @property
     def in_features(self) -> int:
@@ -75,6 +78,7 @@ class MultiLoRALinear(nn.Module):
         B[:cur_n, :, :cur_r] = self.B
         self.A, self.B = A, B
         self.ranks += [0] * (n - len(self.ranks))
+        self.stacked_cache.clear()
 
     def reserve(self, n_slots: int) -> None:
         """Give the stacks room for slots 0..n_slots-1, so any routed slot id indexes safely."""
@@ -83,6 +87,7 @@ class MultiLoRALinear(nn.Module):
     def set_slot(self, slot: int, module: LoraModule | None) -> None:
         """Install (or with None, clear) adapter slot `slot`'s factors; scale is folded into B."""
         i = slot + 1
+        self.stacked_cache.clear()
         if module is None:
             if i < self.A.shape[0]:
                 self.A[i].zero_()
@@ -99,6 +104,10 @@ class MultiLoRALinear(nn.Module):
         self.ranks[i] = r
         self.active = True
 
+    def _apply(self, fn, recurse=True):  # .to(device / dtype): the cached factors are stale
+        self.stacked_cache.clear()
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         routing = self.ctx.routing_for(self.key, x)
@@ -107,7 +116,7 @@ class MultiLoRALinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         if routing.n_tokens != x2.shape[0]:
             raise RuntimeError(f"{self.key}: routing covers {routing.n_tokens} tokens, the input has {x2.shape[0]}")
-        out = add_lora(y.reshape(-1, y.shape[-1]), x2, self.A, self.B, self.ranks, routing)
+        out = add_lora(y.reshape(-1, y.shape[-1]), x2, self.A, self.B, self.ranks, routing, self.stacked_cache)
         return out.view(y.shape)
 
 

@@ -31,12 +31,11 @@ the same KV cache, so any loop overhead counts against loraswitch. Scaling: `ls_
 
 Modules: `config` (what runs), `measure` (loops, timing, memory), `fixtures` (models, random
 adapters, policies), `run` (one model, one benchmark), `report` (targets, markdown, plot),
-`profiling` (torch profiler, the proposed kernel), `cli`.
+`profiling` (torch profiler), `cli`.
 """
 
 from loraswitch.eval.bench.cli import bench_command
 from loraswitch.eval.bench.config import CONFIGS, LLAMA_SHAPES, BenchConfig
-from loraswitch.eval.bench.profiling import ProtoKernel
 from loraswitch.eval.bench.run import bench_model, run_bench
 
-__all__ = ["CONFIGS", "LLAMA_SHAPES", "BenchConfig", "ProtoKernel", "bench_command", "bench_model", "run_bench"]
+__all__ = ["CONFIGS", "LLAMA_SHAPES", "BenchConfig", "bench_command", "bench_model", "run_bench"]

@@ -25,7 +25,6 @@ def bench_command(
     configs: Annotated[list[str] | None, typer.Option("--configs", help="Only these configurations: " + ", ".join(CONFIGS))] = None,
     quick: Annotated[bool, typer.Option("--quick", help="SmolLM2 only, batch 16, 16 new tokens, 8 vs 128 adapters.")] = False,
     profile: Annotated[bool, typer.Option("--profile", help="Also profile the loraswitch decode paths (torch profiler).")] = False,
-    proto: Annotated[bool, typer.Option("--proto", help="Also time a proposed mixed-batch kernel (bench.ProtoKernel) beside the product's.")] = False,
     out: Annotated[Path, typer.Option("--out")] = Path("benchmarks/results"),
     doc: Annotated[Path | None, typer.Option("--doc", help="Also write the result tables into this markdown file (between generated markers), e.g. docs/benchmarks.md.")] = None,
     readme: Annotated[Path | None, typer.Option("--readme", help="Also write the short summary into this markdown file, e.g. README.md.")] = None,
@@ -45,7 +44,7 @@ def bench_command(
 
     overrides = {"models": split(models), "device": device, "batch_sizes": batch_sizes, "new_tokens": new_tokens,
                  "prompt_len": prompt_len, "repeats": repeats, "scaling": scaling, "configs": split(configs),
-                 "out_dir": out, "profile": profile, "proto": proto}
+                 "out_dir": out, "profile": profile}
     cfg = BenchConfig.quick_config(**overrides) if quick else BenchConfig(**{k: v for k, v in overrides.items() if v is not None})
     bad = [c for c in cfg.configs if c not in CONFIGS]
     if bad:

@@ -32,7 +32,6 @@ class BenchConfig:
     out_dir: Path = Path("benchmarks/results")
     dtype: str = "float32"
     profile: bool = False
-    proto: bool = False  # also time the proposed kernel (ProtoKernel) on the mixed / token / dense paths
     seed: int = 0
 
     @classmethod

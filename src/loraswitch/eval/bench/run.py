@@ -29,15 +29,10 @@ from loraswitch.eval.bench.fixtures import (
     random_seq_router,
 )
 from loraswitch.eval.bench.measure import Timing, hf_timing, lean_generate, limit_malloc_caching, ls_generate, measure
-from loraswitch.eval.bench.profiling import ProtoKernel, profile_kernels
+from loraswitch.eval.bench.profiling import profile_kernels
 from loraswitch.eval.bench.report import markdown, plot_scaling, targets
 from loraswitch.generate import FixedPolicy, Policy
 from loraswitch.library import Adapter
-
-
-def _with_proto(fn: Callable[[], Timing]) -> Timing:
-    with ProtoKernel():
-        return fn()
 
 
 def _write_peft(adapters: list[Adapter], folder: Path, model: nn.Module) -> dict[str, Path]:
@@ -120,11 +115,6 @@ def bench_model(name: str, cfg: BenchConfig, log: Callable[[str], None] = lambda
             for config in CONFIGS:  # the documented order
                 if config in factories:
                     record(b, config, partial(ls_generate, engine, ids, cfg.new_tokens, factories[config], device))
-            if cfg.proto:
-                for config in ("ls_mixed", "ls_token_top1", "ls_token_top2", "ls_dense"):
-                    if config in factories and config in want:
-                        record(b, f"{config}+proto", partial(_with_proto, partial(
-                            ls_generate, engine, ids, cfg.new_tokens, factories[config], device)), force=True)
         out["adapter_stack_mb_8"] = round(engine_adapter_bytes(engine) / 2**20, 1)
 
         # --- scaling with the number of adapters loaded (same engine, adapters added)
