@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Regenerate every number the README and docs/ show, in one go (about an hour on 2 CPU cores).
+# Regenerate every number the README and docs/ show, in one go (about 45 minutes on 2 CPU cores).
 # Each step rewrites its own generated block; nothing in those blocks is typed by hand.
 #   zoo      the demo adapters on their test splits        -> README.md, demo_adapters/manifest.json
 #   eval     quality of every method on the demo suite      -> README.md, docs/evaluation.md, benchmarks/results/eval/
 #   bench    speed and memory vs merged weights and PEFT    -> README.md, docs/benchmarks.md, benchmarks/results/bench_cpu.*
+#            (SmolLM2 only; `python benchmarks/bench.py` adds a random 280M Llama, `--device cuda` a GPU)
 #   load     the server under 200 concurrent requests       -> docs/server.md, benchmarks/results/server_load.*
 # Run a subset by naming steps: `bash scripts/refresh-results.sh eval bench`.
 set -euo pipefail
@@ -15,9 +16,9 @@ steps=("$@")
 for step in "${steps[@]}"; do
   case "$step" in
     zoo) loraswitch zoo eval --doc README.md ;;
-    eval) loraswitch eval --limit 20 --out benchmarks/results/eval --doc docs/evaluation.md --readme README.md ;;
-    bench) python benchmarks/bench.py --doc docs/benchmarks.md --readme README.md ;;
-    load) python benchmarks/load_server.py --doc docs/server.md ;;
+    eval) loraswitch eval --limit 10 --out benchmarks/results/eval --doc docs/evaluation.md --readme README.md ;;
+    bench) python benchmarks/bench.py --models smollm2 --doc docs/benchmarks.md --readme README.md ;;
+    load) python benchmarks/load_server.py --requests 200 --compare-requests 40 --doc docs/server.md ;;
     *) echo "unknown step $step (zoo, eval, bench, load)" >&2; exit 2 ;;
   esac
 done

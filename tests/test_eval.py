@@ -76,7 +76,7 @@ def test_harness_end_to_end(tmp_path, tiny_base, task_adapters, routers):
     assert results["methods"]["oracle"]["n_items"] == len(TASKS) + 2  # no out-of-suite prompts
     md = (out / "results.md").read_text()
     assert "| `oracle` |" in md and "## Composite prompts" in md
-    assert set(results["routing_targets"]) == {"auto", "seq", "arrow", "gate"} and "## Routing targets" in md
+    assert set(results["routing_targets"]) == {"auto", "seq", "arrow", "gate", "peft_xlora"} and "## Routing targets" in md
 
 
 def test_routing_targets_compare_with_the_oracle():
