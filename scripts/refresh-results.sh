@@ -4,7 +4,7 @@
 #   zoo      the demo adapters on their test splits        -> README.md, demo_adapters/manifest.json
 #   eval     quality of every method on the demo suite      -> README.md, docs/evaluation.md, benchmarks/results/eval/
 #   bench    speed and memory vs merged weights and PEFT    -> README.md, docs/benchmarks.md, benchmarks/results/bench_cpu.*
-#            (SmolLM2 only; `python benchmarks/bench.py` adds a random 280M Llama, `--device cuda` a GPU)
+#            (--quick: SmolLM2, batch 16; `python benchmarks/bench.py` adds batch 1 and a random 280M Llama)
 #   load     the server under 200 concurrent requests       -> docs/server.md, benchmarks/results/server_load.*
 # Run a subset by naming steps: `bash scripts/refresh-results.sh eval bench`.
 set -euo pipefail
@@ -17,8 +17,8 @@ for step in "${steps[@]}"; do
   case "$step" in
     zoo) loraswitch zoo eval --doc README.md ;;
     eval) loraswitch eval --limit 10 --out benchmarks/results/eval --doc docs/evaluation.md --readme README.md ;;
-    bench) python benchmarks/bench.py --models smollm2 --doc docs/benchmarks.md --readme README.md ;;
-    load) python benchmarks/load_server.py --requests 200 --compare-requests 40 --doc docs/server.md ;;
+    bench) python benchmarks/bench.py --quick --doc docs/benchmarks.md --readme README.md ;;
+    load) python benchmarks/load_server.py --requests 200 --compare-requests 24 --max-tokens 16 --doc docs/server.md ;;
     *) echo "unknown step $step (zoo, eval, bench, load)" >&2; exit 2 ;;
   esac
 done
