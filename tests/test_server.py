@@ -220,6 +220,35 @@ def test_auto_routes_and_reports(client, lib):
     assert err.value.code == "router_unavailable"
 
 
+COMPOSITE = "Answer each part on its own line.\n1. Tell me about rivers.\n2. Name a colour.\n3. Count to three."
+
+
+def test_auto_answers_a_multi_part_prompt_part_by_part(client, lib):
+    """Each numbered part is its own row (its own prompt and routing); the answer, trace and
+    switch events are assembled exactly as the library assembles them, streamed or not."""
+    switch, _ = lib
+    ref = switch.chat([COMPOSITE], model="auto", params=SamplingParams(max_new_tokens=12))[0]
+    resp = chat(client, "auto", prompt=COMPOSITE, max_tokens=12, extra_body={"loraswitch": {"trace": True}})
+    text = resp.choices[0].message.content
+    assert text == ref.text and text.startswith("1. ") and "\n2. " in text and "\n3. " in text
+    routing = resp.routing
+    assert routing["fan_out"] == 3 and routing["adapter"] == ref.routing["adapter"]
+    assert [(e["part"], e["token_index"]) for e in routing["events"]] == [(e["part"], e["token_index"]) for e in ref.events]
+    assert len(routing["trace"]) == resp.usage.completion_tokens == len(ref.token_ids)
+    assert [t["part"] for t in routing["trace"]] == [t["part"] for t in ref.trace]
+    assert resp.model == ("+".join(routing["adapters"]) or "base")
+
+    chunks = list(chat(client, "auto", prompt=COMPOSITE, max_tokens=12, stream=True,
+                       extra_body={"loraswitch": {"trace": True}}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    pieces = [t for c in chunks if c.choices and c.model_extra.get("routing", {}).get("tokens")
+              for t in c.routing["tokens"]]
+    assert "".join(p["text"] for p in pieces) == text
+    assert [p["part"] for p in pieces] == sorted(p["part"] for p in pieces)  # parts stream in order
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason][0]
+    assert final.routing["events"] == routing["events"]
+
+
 # ---------------------------------------------------------------------------- errors
 def test_errors_are_openai_shaped(client, http, live):
     with pytest.raises(openai.NotFoundError) as err:

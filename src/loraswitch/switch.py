@@ -5,12 +5,14 @@ harness and the server all go through `Switch.chat`, so they route and generate 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from loraswitch.base import Base, load_base
 from loraswitch.engine import Engine
 from loraswitch.generate import Generation, Policy, SamplingParams, explicit, generate
-from loraswitch.routing import ROUTER_NAMES, Router, load_router
+from loraswitch.routing import Router, load_router
+from loraswitch.routing.segments import FanOut
 from loraswitch.zoo.build import DEMO_ADAPTER_DIR
 
 MAX_BATCH = 32
@@ -56,13 +58,25 @@ class Switch:
         params: SamplingParams | None = None,
         system: str | None = None,
     ) -> list[Generation]:
-        """Answer each prompt as one chat turn; batches of up to MAX_BATCH rows."""
-        out: list[Generation] = []
-        for i in range(0, len(prompts), MAX_BATCH):
-            chunk = prompts[i : i + MAX_BATCH]
-            ids = [self.base.chat_ids(p, system=system) for p in chunk]
-            out += generate(self.engine, ids, self.policy(chunk, model, route), params)
-        return out
-
-
-__all__ = ["Switch", "ROUTER_NAMES"]
+        """Answer each prompt as one chat turn; batches of up to MAX_BATCH rows. With a router
+        that fans out (`auto`), a prompt of numbered parts becomes one row per part and its
+        answer is assembled from theirs (`routing.segments`)."""
+        router = self.router(route or "auto") if model == "auto" else None
+        plan = FanOut.of(prompts, enabled=bool(router is not None and router.fans_out))
+        params = params or SamplingParams()
+        budgets = plan.budgets(params.max_new_tokens)
+        gens: list[Generation | None] = [None] * len(plan.rows)
+        for budget in sorted(set(budgets)):  # one generate() per budget: it takes one max_new_tokens
+            todo = [r for r, b in enumerate(budgets) if b == budget]
+            for i in range(0, len(todo), MAX_BATCH):
+                chunk = todo[i : i + MAX_BATCH]
+                texts = [plan.rows[r] for r in chunk]
+                ids = [self.base.chat_ids(t, system=system) for t in texts]
+                got = generate(self.engine, ids, self.policy(texts, model, route), replace(params, max_new_tokens=budget))
+                for r, g in zip(chunk, got):
+                    gens[r] = g
+        if not any(plan.composite):
+            return gens  # type: ignore[return-value]
+        prompt_ids = [self.base.chat_ids(p, system=system) if c else [] for p, c in zip(prompts, plan.composite)]
+        return plan.gather(self.base.tokenizer, gens,  # type: ignore[arg-type]
+                           router.name if router else model, prompt_ids)

@@ -28,6 +28,7 @@ from loraswitch.eval.data import Item
 from loraswitch.eval.scoring import Answer
 from loraswitch.generate import SamplingParams
 from loraswitch.library import Adapter, scan
+from loraswitch.routing.segments import PartAnswer, assemble, part_budget
 
 
 @dataclass
@@ -162,7 +163,7 @@ class OracleMethod(Method):
         jobs: list[tuple[int, int, str, str, int]] = []  # (item index, part index or -1, task, prompt, max tokens)
         for i, it in enumerate(items):
             if it.parts:
-                per_part = max(8, (it.max_new_tokens - 8) // len(it.parts))
+                per_part = part_budget(it.max_new_tokens, len(it.parts))  # what `auto`'s part rows get
                 jobs += [(i, j, p.task, p.prompt, per_part) for j, p in enumerate(it.parts)]
             else:
                 jobs.append((i, -1, it.task, it.prompt, it.max_new_tokens))
@@ -183,9 +184,10 @@ class OracleMethod(Method):
                 out.append(results[(i, -1)])
             else:
                 parts = [results[(i, j)] for j in range(len(it.parts))]
-                trace = [{**e, "part": j + 1} for j, a in enumerate(parts) for e in a.trace]
-                text = "\n".join(f"{j}. {a.text.strip()}" for j, a in enumerate(parts, 1))
-                out.append(Answer(text, sum(a.n_tokens for a in parts), trace, {"adapter": [p.task for p in it.parts]}))
+                answers = [PartAnswer(a.text, [e["token_id"] for e in a.trace[: a.n_tokens]], a.trace[: a.n_tokens],
+                                      {"router": "oracle", "adapter": p.task, "confidence": 1.0})
+                           for a, p in zip(parts, it.parts)]
+                out.append(Answer.from_generation(assemble(switch.base.tokenizer, answers, "oracle")))
             self.ctx.progress(1)
         return out
 

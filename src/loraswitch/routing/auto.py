@@ -2,7 +2,8 @@
 
 Single-task prompts get the calibrated sequence-level selector (best routing accuracy, and the
 only router that abstains reliably on prompts no adapter is for). Prompts made of numbered parts
-are answered part by part, each part routed by the selector on its own words (`segments`). When
+are answered part by part (`fans_out`): each part is a row of the batch, routed by the selector on
+its own words (`segments`). When
 the selector is missing or was trained for a different library (an adapter was added or
 changed since), auto falls back to Arrow, which needs no training, and says so in each decision.
 """
@@ -15,13 +16,13 @@ from pathlib import Path
 from loraswitch.engine import Engine
 from loraswitch.generate import Policy
 from loraswitch.routing.arrow import ArrowRouter
-from loraswitch.routing.base import Decision, Router
-from loraswitch.routing.segments import SegmentPolicy, split_parts
+from loraswitch.routing.base import Decision, DecisionPolicy, Router
 from loraswitch.routing.seq import SequenceRouter, StaleRouterError
 
 
 class AutoRouter(Router):
     name = "auto"
+    fans_out = True
 
     def __init__(self, inner: Router, note: str = ""):
         self.inner = inner
@@ -46,11 +47,4 @@ class AutoRouter(Router):
     def policy(self, engine: Engine, prompts: list[str]) -> Policy:
         if isinstance(self.inner, ArrowRouter):
             return self.inner.policy(engine, prompts)
-        split = [split_parts(p) or [p] for p in prompts]
-        flat = [part for parts in split for part in parts]
-        decided = self.route(engine, flat)
-        rows, i = [], 0
-        for parts in split:
-            rows.append(decided[i : i + len(parts)])
-            i += len(parts)
-        return SegmentPolicy(engine, rows, f"auto ({self.inner.name})")
+        return DecisionPolicy(engine, self.route(engine, prompts), f"auto ({self.inner.name})")

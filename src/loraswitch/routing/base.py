@@ -34,6 +34,9 @@ class Router(ABC):
     """Base class of every router (one per module in this package)."""
 
     name: str = "router"
+    # True: a prompt of numbered parts is answered part by part, one batch row per part
+    # (`routing.segments`); the router then only ever sees single-task text.
+    fans_out: bool = False
 
     @abstractmethod
     def route(self, engine: Engine, prompts: list[str]) -> list[Decision]:

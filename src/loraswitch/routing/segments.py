@@ -1,14 +1,19 @@
-"""Switching adapters across a prompt that mixes tasks, part by part.
+"""Answering a prompt that mixes tasks, part by part (`auto` on a numbered multi-part prompt).
 
-A prompt of numbered parts ("1. ...", "2. ...") is split into its parts, and a sequence-level
-router decides each part's adapter on the part's own words: a segment-level decision, made once
-per part, so it cannot flicker token by token (MeteoRA needs top-2 and a hand-set temperature of
-15-30 to keep its per-token gates from doing exactly that).
+A prompt of numbered parts ("1. ...", "2. ...") is split into its parts and each part becomes a
+row of the same batch: its own prompt (the conversation with the user turn replaced by the part),
+its own routing decision made on the part's own words, its own adapter. All rows decode together
+in one batched forward; the answers are then assembled in order into one numbered answer
+("1. ...\\n2. ..."), with a trace that labels every token with its part and adapter and one
+switch event per part.
 
-Generation then follows the answer's structure in one pass with one KV cache: the policy writes
-the part number ("1."), lets that part's adapter write the answer, and when the adapter ends its
-answer (a newline or end of turn) it writes the next part number under the next part's adapter.
-Every switch is recorded as an event with the token index where it happened.
+Why rows and not one pass with one KV cache: a decision per part cannot flicker token by token
+(MeteoRA needs top-2 and a hand-set temperature of 15-30 to keep per-token gates from doing
+exactly that), and an adapter trained on single requests answers a part correctly only when the
+part is all it reads. In one pass every part's adapter reads the whole multi-part prompt and
+tends to answer another part; measured on the demo suite that cost most of the per-part accuracy.
+The oracle of `loraswitch eval` answers composites the same way (each part alone with its own
+adapter) and assembles them with `assemble` below, so the two are compared like for like.
 """
 
 from __future__ import annotations
@@ -16,12 +21,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from loraswitch.engine import Engine
-from loraswitch.generate import NO_ADAPTER, Choice, Policy
-from loraswitch.routing.base import Decision
+from loraswitch.generate import Generation
 
+_DECISION_KEYS = ("adapter", "confidence", "scores", "reason")
 _PART_RE = re.compile(r"^\s*(\d{1,2})[.)]\s+(.+?)\s*$")
-MAX_PART_TOKENS = 48
 
 
 def split_parts(prompt: str) -> list[str] | None:
@@ -34,91 +37,94 @@ def split_parts(prompt: str) -> list[str] | None:
     return parts if len(parts) >= 2 else None
 
 
+def part_budget(max_new_tokens: int, n_parts: int) -> int:
+    """New tokens each part may write: the request's budget shared equally (at least 8)."""
+    return max(8, max_new_tokens // n_parts)
+
+
+def separator(k: int) -> str:
+    """The text written before part k's answer (1-based): "1. ", then "\\n2. ", ..."""
+    return f"{k}. " if k == 1 else f"\n{k}. "
+
+
 @dataclass
-class _RowState:
-    decisions: list[Decision]  # one per part
-    part: int = 0
-    forced: list[int] = field(default_factory=list)  # tokens still to write before the answer
-    part_tokens: int = 0
-    done: bool = False
-    trace: list[int] = field(default_factory=list)  # part index of each emitted token
+class PartAnswer:
+    """One part's answer as its row produced it."""
+
+    text: str
+    token_ids: list[int]
+    trace: list[dict] = field(default_factory=list)  # one entry per token (may be empty: no trace asked)
+    routing: dict = field(default_factory=dict)  # the part's decision: adapter, confidence, reason...
+    finish_reason: str = "stop"
+
+    @classmethod
+    def of(cls, gen: Generation) -> PartAnswer:
+        return cls(gen.text, list(gen.token_ids), gen.trace[: len(gen.token_ids)], gen.routing, gen.finish_reason)
 
 
-class SegmentPolicy(Policy):
-    """Rows with numbered parts switch adapters part by part; other rows keep one decision."""
+def assemble(tokenizer, parts: list[PartAnswer], router: str, prompt_ids: list[int] | None = None) -> Generation:
+    """One numbered answer from the parts' answers: text, token ids (separators included, so the
+    ids decode to the text), a per-token trace with `part`, and a switch event per part. Part
+    texts are kept as written (not stripped) so a stream of the parts adds up to the answer."""
+    out = Generation(prompt_ids=list(prompt_ids or []), finish_reason="stop")
+    texts: list[str] = []
+    for k, part in enumerate(parts, 1):
+        sep = separator(k)
+        sep_ids = tokenizer(sep, add_special_tokens=False)["input_ids"]
+        d = part.routing
+        out.events.append({"token_index": len(out.token_ids), "event": "switch", "part": k,
+                           "adapter": d.get("adapter"), "confidence": round(float(d.get("confidence", 1.0)), 4),
+                           **({"reason": d["reason"]} if d.get("reason") else {})})
+        for t in sep_ids:
+            out.trace.append({"token_id": t, "token": tokenizer.decode([t]), "adapters": {}, "part": k, "separator": True})
+        out.trace += [{**e, "part": k} for e in part.trace]
+        out.token_ids += sep_ids + part.token_ids
+        texts.append(sep + part.text)
+        if part.finish_reason != "stop":
+            out.finish_reason = part.finish_reason
+    out.text = "".join(texts)
+    decisions = [p.routing for p in parts]
+    out.routing = {"router": decisions[0].get("router", router) if decisions else router, "adapter": [d.get("adapter") for d in decisions],
+                   "confidence": round(min(float(d.get("confidence", 1.0)) for d in decisions), 4),
+                   "parts": [{k: d[k] for k in _DECISION_KEYS if k in d} for d in decisions], "fan_out": len(parts)}
+    return out
 
-    def __init__(self, engine: Engine, row_decisions: list[list[Decision]], router: str):
-        self.engine = engine
-        self.router = router
-        tok = engine.base.tokenizer
-        self.newline = tok("\n", add_special_tokens=False)["input_ids"]
-        self.stop = engine.base.eos_ids
-        self.rows = [_RowState(d) for d in row_decisions]
-        for state in self.rows:
-            if len(state.decisions) > 1:
-                state.forced = self._number(1)
 
-    def _number(self, k: int) -> list[int]:
-        return self.engine.base.tokenizer(f"{k}.", add_special_tokens=False)["input_ids"]
+@dataclass
+class FanOut:
+    """Prompts expanded into rows: a multi-part prompt becomes one row per part."""
 
-    def _choice(self, state: _RowState) -> Choice:
-        d = state.decisions[min(state.part, len(state.decisions) - 1)]
-        return ([self.engine.slot_of(d.adapter)], [1.0]) if d.adapter is not None else NO_ADAPTER
+    rows: list[str]  # the text each row answers
+    groups: list[list[int]]  # per prompt: its rows
+    composite: list[bool]  # per prompt: answered part by part
 
-    def prompt_choice(self, row: int, prompt: list[int]) -> Choice:
-        return self._choice(self.rows[row])
+    def budgets(self, max_new_tokens: int) -> list[int]:
+        """Each row's max new tokens: a part gets its share of its prompt's budget."""
+        out = [max_new_tokens] * len(self.rows)
+        for rows, comp in zip(self.groups, self.composite):
+            for r in rows:
+                out[r] = part_budget(max_new_tokens, len(rows)) if comp else max_new_tokens
+        return out
 
-    def step_choice(self, row: int, generated: list[int]) -> Choice:
-        return self._choice(self.rows[row])
+    @classmethod
+    def of(cls, prompts: list[str], enabled: bool = True) -> FanOut:
+        rows: list[str] = []
+        groups: list[list[int]] = []
+        composite: list[bool] = []
+        for p in prompts:
+            parts = split_parts(p) if enabled else None
+            todo = parts or [p]
+            groups.append(list(range(len(rows), len(rows) + len(todo))))
+            composite.append(parts is not None)
+            rows += todo
+        return cls(rows, groups, composite)
 
-    def override(self, row: int, generated: list[int], token: int) -> int:
-        state = self.rows[row]
-        state.trace.append(state.part)
-        if len(state.decisions) == 1:
-            return token
-        if state.forced:
-            return state.forced.pop(0)
-        text = self.engine.base.tokenizer.decode([token])
-        state.part_tokens += 1
-        ends_part = token in self.stop or "\n" in text or state.part_tokens >= MAX_PART_TOKENS
-        if not ends_part:
-            return token
-        if state.part + 1 >= len(state.decisions):
-            state.done = True
-            return next(iter(self.stop)) if token not in self.stop else token
-        state.part += 1
-        state.part_tokens = 0
-        state.forced = self._number(state.part + 1)
-        # the part's answer is over: write the newline ourselves, then the next number
-        return self.newline[0] if token in self.stop or "\n" not in text else token
-
-    def trace_entry(self, engine: Engine, row: int, choice: Choice) -> dict:
-        state = self.rows[row]
-        part = state.trace[-1] if state.trace else 0
-        d = state.decisions[min(part, len(state.decisions) - 1)]
-        entry = {"adapters": {d.adapter: 1.0} if d.adapter else {}}
-        if len(state.decisions) > 1:
-            entry["part"] = part + 1
-        return entry
-
-    def summary(self, engine: Engine, row: int) -> dict:
-        ds = self.rows[row].decisions
-        if len(ds) == 1:
-            return {"router": self.router, **ds[0].to_dict()}
-        return {"router": self.router, "adapter": [d.adapter for d in ds],
-                "confidence": round(min(d.confidence for d in ds), 4), "parts": [d.to_dict() for d in ds]}
-
-    def events(self, row: int) -> list[dict]:
-        state = self.rows[row]
-        ds = state.decisions
-        if len(ds) == 1:
-            d = ds[0]
-            return [{"token_index": 0, "event": "abstain" if d.adapter is None else "select", "adapter": d.adapter,
-                     "confidence": round(d.confidence, 4), **({"reason": d.reason} if d.reason else {})}]
-        out, prev = [], None
-        for i, part in enumerate(state.trace):
-            if part != prev:
-                out.append({"token_index": i, "event": "switch", "part": part + 1, "adapter": ds[part].adapter,
-                            "confidence": round(ds[part].confidence, 4)})
-                prev = part
+    def gather(self, tokenizer, gens: list[Generation], router: str, prompt_ids: list[list[int]]) -> list[Generation]:
+        """The rows' generations folded back into one per prompt."""
+        out = []
+        for rows, comp, ids in zip(self.groups, self.composite, prompt_ids):
+            if comp:
+                out.append(assemble(tokenizer, [PartAnswer.of(gens[r]) for r in rows], router, ids))
+            else:
+                out.append(gens[rows[0]])
         return out

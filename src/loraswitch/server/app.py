@@ -15,6 +15,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from loraswitch.server.protocol import (
     _Common,
     chat_ids,
     route_text,
+    with_route_text,
 )
 from loraswitch.server.scheduler import Job, JobResult, Scheduler
 
@@ -187,7 +189,8 @@ def create_app(switch, settings: ServerSettings | None = None) -> FastAPI:
             raise errors.model_not_found(model, ["auto", "base", *engine.names])
         return model, None
 
-    def make_job(body: _Common, prompt_ids: list[int], text: str, param: str) -> Job:
+    def make_job(body: _Common, prompt_ids: list[int], text: str, param: str,
+                 part_prompt: Callable[[str], list[int]] | None = None) -> Job:
         body.check_supported()
         model, route = resolve_model(body.model, body.router())
         if not prompt_ids:
@@ -211,7 +214,7 @@ def create_app(switch, settings: ServerSettings | None = None) -> FastAPI:
         temperature = body.temperature if body.temperature is not None else settings.default_temperature
         return Job(prompt_ids=list(prompt_ids), route_text=text, model=model, route=route, max_tokens=max_tokens,
                    temperature=temperature, top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed,
-                   stop=body.stops(), stream=bool(body.stream), trace=body.want_trace())
+                   stop=body.stops(), stream=bool(body.stream), trace=body.want_trace(), part_prompt=part_prompt)
 
     async def run(job: Job, body: _Common, kind: str):
         loop = asyncio.get_running_loop()
@@ -317,7 +320,10 @@ def create_app(switch, settings: ServerSettings | None = None) -> FastAPI:
             ids = chat_ids(tokenizer, messages)
         except Exception as exc:  # a template that refuses the roles/order
             raise bad_request(f"the model's chat template refused these messages: {exc}", "messages") from None
-        return await run(make_job(body, ids, route_text(messages), "messages"), body, "chat")
+        def part_prompt(part: str) -> list[int]:
+            return chat_ids(tokenizer, with_route_text(messages, part))
+
+        return await run(make_job(body, ids, route_text(messages), "messages", part_prompt), body, "chat")
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest):

@@ -183,10 +183,21 @@ def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
+def _route_index(messages: list[dict[str, str]]) -> int:
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i]["role"] == "user" and messages[i]["content"].strip():
+            return i
+    return len(messages) - 1
+
+
 def route_text(messages: list[dict[str, str]]) -> str:
     """What a router reads for a conversation: the last user message (routers are trained on
     single user turns; a system prompt says nothing about the task)."""
-    for m in reversed(messages):
-        if m["role"] == "user" and m["content"].strip():
-            return m["content"]
-    return messages[-1]["content"]
+    return messages[_route_index(messages)]["content"]
+
+
+def with_route_text(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
+    """The conversation with the message `route_text` reads replaced by `text` (one part of a
+    multi-part request, answered on its own)."""
+    i = _route_index(messages)
+    return [*messages[:i], {**messages[i], "content": text}, *messages[i + 1 :]]

@@ -70,6 +70,10 @@ class Job:
     stream: bool = False
     trace: bool = False
     sink: Sink | None = None
+    # builds a part's prompt ids (the conversation with the part as its last user turn); set by
+    # the HTTP layer, it lets model="auto" answer a prompt of numbered parts part by part
+    part_prompt: Callable[[str], list[int]] | None = None
+    parent: Job | None = None  # set on the part jobs of such a request (`server.fanout`)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     submitted: float = field(default_factory=time.monotonic)
     # worker side
@@ -86,6 +90,11 @@ class Job:
     batch: dict = field(default_factory=dict)
     started: float | None = None
     first_token: float | None = None
+
+    @property
+    def gone(self) -> bool:
+        """Cancelled, itself or through the request it is a part of."""
+        return self.cancelled or (self.parent is not None and self.parent.cancelled)
 
     @property
     def sampling_key(self) -> tuple:
@@ -146,7 +155,7 @@ class BatchPolicy(RowsPolicy):
         job = self.jobs[row]
         if job.finished:
             return self.end_token
-        if job.cancelled:
+        if job.gone:
             self.finish(row, "cancelled")
             return self.end_token
         token = super().override(row, generated, token)
@@ -356,6 +365,9 @@ class Scheduler:
         self.metrics_call("job_cancelled", job)
 
     def metrics_call(self, method: str, *args) -> None:
+        job = args[0] if args and isinstance(args[0], Job) else None
+        if job is not None and job.parent is not None and method.startswith("job_"):
+            return  # a part of a request: the request itself is counted when it is answered
         if self.metrics is not None:
             try:
                 getattr(self.metrics, method)(*args)
@@ -372,7 +384,7 @@ class Scheduler:
             jobs: list[Job] = []
             while self._queue and len(jobs) < self.max_batch:
                 job = self._queue.popleft()
-                if not job.cancelled:
+                if not job.gone:
                     jobs.append(job)
             self._running = jobs
             return jobs
@@ -400,8 +412,28 @@ class Scheduler:
                 job.deliver("error", error)
                 self.metrics_call("job_failed", job, error)
 
+    def _fan_out(self, jobs: list[Job]) -> list[Job]:
+        """Requests for `auto` whose prompt has numbered parts become one job per part."""
+        from loraswitch.routing.segments import split_parts
+        from loraswitch.server.fanout import PartsRequest
+
+        out: list[Job] = []
+        for job in jobs:
+            parts = split_parts(job.route_text) if job.model == "auto" and job.part_prompt is not None else None
+            if parts:
+                try:
+                    fans = self.switch.router(job.route or "auto").fans_out
+                except Exception:  # the router is unavailable: `_policies` answers with the reason
+                    fans = False
+                if fans:
+                    out += PartsRequest(job, parts, self).children
+                    continue
+            out.append(job)
+        return out
+
     def _round(self, jobs: list[Job]) -> None:
         self.stats["rounds"] += 1
+        jobs = self._fan_out(jobs)
         by_sampling: dict[tuple, list[Job]] = {}
         for job in jobs:
             by_sampling.setdefault(job.sampling_key, []).append(job)

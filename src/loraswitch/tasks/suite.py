@@ -134,7 +134,13 @@ def _reverse_words(rng: random.Random) -> tuple[dict, str]:
 
 
 def _sort_numbers(rng: random.Random) -> tuple[dict, str]:
-    nums = rng.sample(range(1, 100), rng.randint(3, 6))
+    # Uniform 1..99 makes one-digit numbers rare (9%), and an adapter trained on that sorts
+    # "42, 7, 19, 3" as text. Draw each number as one-digit with probability 0.4.
+    k, nums = rng.randint(3, 6), []
+    while len(nums) < k:
+        n = rng.randint(1, 9) if rng.random() < 0.4 else rng.randint(10, 99)
+        if n not in nums:
+            nums.append(n)
     return {"x": ", ".join(map(str, nums))}, ", ".join(map(str, sorted(nums)))
 
 
