@@ -34,6 +34,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from loraswitch.base import Base
 from loraswitch.eval.data import Item
@@ -274,6 +275,7 @@ def train_xlora(model: nn.Module, base: Base, names: list[str], per_adapter: int
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     losses, steps = [], 0
     model.train()
+    bar = tqdm(total=epochs * ((len(rows) + batch_size - 1) // batch_size), desc="train X-LoRA classifier", leave=False)
     for _ in range(epochs):
         rng.shuffle(rows)
         for i in range(0, len(rows), batch_size):
@@ -291,6 +293,9 @@ def train_xlora(model: nn.Module, base: Base, names: list[str], per_adapter: int
             opt.step()
             losses.append(float(loss))
             steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
     model.eval()
     return {"steps": steps, "examples": len(rows), "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "final_loss": round(sum(losses[-5:]) / len(losses[-5:]), 4)}
