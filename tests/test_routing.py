@@ -3,6 +3,8 @@ stale-library detection, and part-by-part switching on prompts that mix tasks.""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -85,6 +87,18 @@ def test_seq_selector_trains_calibrates_abstains_and_detects_stale_library(tiny_
     router.save(tmp_path)
     loaded = SequenceRouter.load(tmp_path, engine)
     assert [d.adapter for d in loaded.route(engine, test["alpha"][:4])] == picked[:4]
+    # a router trained on another feature recipe is refused, not silently misrouted
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "seq_router.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["loraswitch"])
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(load_file(path), old / path.name, metadata={"loraswitch": json.dumps({**meta, "features": "raw-mean-last"})})
+    with pytest.raises(StaleRouterError, match="prompt features"):
+        SequenceRouter.load(old, engine)
     engine.load_adapter(adapter_dir / "gamma", name="gamma2")
     with pytest.raises(StaleRouterError, match="new adapters"):
         SequenceRouter.load(tmp_path, engine)

@@ -21,7 +21,11 @@ Pairs = dict[str, list[tuple[str, str | None]]]  # adapter -> [(prompt, answer o
 
 
 def demo_pairs(split: str, n_per_task: int, seed: int = 0) -> Pairs:
-    data: Pairs = {t: [(e.prompt, e.answer) for e in examples(t, split, n_per_task, seed)] for t in TASK_NAMES}
+    """Prompts per demo task (and out-of-suite ones) from `split`, in training wording only: the
+    held-out instruction templates stay unseen by router training *and* calibration, so they
+    measure routing on new wording honestly."""
+    data: Pairs = {t: [(e.prompt, e.answer) for e in examples(t, split, n_per_task, seed) if not e.heldout_template]
+                   for t in TASK_NAMES}
     data[NONE_CLASS] = [(p, None) for p in out_of_suite(split, n_per_task, seed)]
     return data
 

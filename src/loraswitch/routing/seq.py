@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from loraswitch.engine import Engine
 from loraswitch.routing.base import Decision, Router
-from loraswitch.routing.features import default_layer, prompt_features
+from loraswitch.routing.features import FEATURES, default_layer, prompt_features
 
 NONE_CLASS = "__none__"
 FILE = "seq_router.safetensors"
@@ -92,7 +92,7 @@ class SequenceRouter(Router):
         path = Path(directory) / FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"classes": self.classes, "layer": self.layer, "temperature": self.temperature,
-                "threshold": self.threshold, "library": self.library}
+                "threshold": self.threshold, "library": self.library, "features": FEATURES}
         save_file({"W": self.W.contiguous(), "b": self.b, "mean": self.mean, "std": self.std}, path,
                   metadata={"loraswitch": json.dumps(meta)})
         return path
@@ -106,6 +106,10 @@ class SequenceRouter(Router):
 
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["loraswitch"])
+        if meta.get("features") != FEATURES:
+            raise StaleRouterError(f"the sequence router at {path} was trained on prompt features "
+                                   f"{meta.get('features', 'raw-mean-last')!r}, this version computes {FEATURES!r}; "
+                                   "retrain it with `loraswitch train-router --router seq`")
         t = load_file(path)
         router = cls(meta["classes"], t["W"], t["b"], t["mean"], t["std"], meta["layer"], meta["temperature"],
                      meta["threshold"], meta["library"])
