@@ -56,12 +56,7 @@ def spec_answers(switch) -> dict[str, str]:
 
 # sort_numbers reaches 93% on its test split but still misplaces some single-digit numbers, the
 # spec example among them ('3, 19, 42, 7'); strict, so this flips to a failure once it is fixed
-KNOWN_WRONG = {"sort_numbers": "sort_numbers misorders single-digit numbers in the spec example (issue 2 note)"}
-
-
-@pytest.mark.parametrize("task", [
-    pytest.param(t, marks=pytest.mark.xfail(strict=True, reason=KNOWN_WRONG[t])) if t in KNOWN_WRONG else t for t in SPEC
-])
+@pytest.mark.parametrize("task", list(SPEC))
 def test_each_adapter_answers_its_spec_example_in_one_mixed_batch(spec_answers, task):
     assert score(task, spec_answers[task], SPEC[task][1]), spec_answers[task]
 
