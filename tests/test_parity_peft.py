@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from peft import PeftModel
 
@@ -77,24 +78,27 @@ def test_kernel_strategies_agree(tiny_base, adapter_dir, monkeypatch):
     assert not torch.allclose(out["gather"], engine.logits(ids), atol=1e-3)
 
 
-def test_stacked_cache_follows_adapter_changes(tiny_base, adapter_dir, tmp_path):
-    """The stacked strategy caches concatenated factors per layer; replacing an adapter in the
-    same slot must never serve the old factors."""
+@pytest.mark.parametrize("weight", [0.5, 1.0], ids=["stacked", "uniform"])
+def test_cached_factors_follow_adapter_changes(tiny_base, adapter_dir, tmp_path, weight):
+    """The stacked and uniform strategies cache derived factors per layer; replacing an adapter
+    in the same slot must never serve the old factors."""
     engine = Engine(tiny_base, [adapter_dir])
     name = engine.names[0]
-    slot = engine.slot_of(name)
     ids = _batch(2, 6, seed=4)
-    routing = Routing(torch.tensor([[slot, -1]] * ids.numel()), torch.tensor([[0.5, 0.0]] * ids.numel()))
-    before = engine.logits(ids, routing=routing)
+
+    def routing(slot: int) -> Routing:
+        if weight == 1.0:  # one adapter for every token: the uniform strategy
+            return Routing.single(ids.numel(), slot)
+        return Routing(torch.tensor([[slot, -1]] * ids.numel()), torch.tensor([[weight, 0.0]] * ids.numel()))
+
+    before = engine.logits(ids, routing=routing(engine.slot_of(name)))
     assert any(layer.stacked_cache for layer in engine.layers.values())
     write_adapter(tiny_base.model, tmp_path / name, r=4, targets=("q_proj", "v_proj"), seed=99)
     engine.remove_adapter(name)
     engine.load_adapter(tmp_path / name)
-    routing = Routing(torch.tensor([[engine.slot_of(name), -1]] * ids.numel()), torch.tensor([[0.5, 0.0]] * ids.numel()))
-    after = engine.logits(ids, routing=routing)
+    after = engine.logits(ids, routing=routing(engine.slot_of(name)))
     other = Base(model=tiny_model(), tokenizer=tiny_base.tokenizer, name="tiny-llama", source="random")
-    fresh = Engine(other, [tmp_path]).logits(ids, routing=Routing(
-        torch.tensor([[0, -1]] * ids.numel()), torch.tensor([[0.5, 0.0]] * ids.numel())))
+    fresh = Engine(other, [tmp_path]).logits(ids, routing=routing(0))
     assert not torch.allclose(before, after, atol=1e-4)
     assert (after - fresh).abs().max().item() < 1e-4
 

@@ -6,7 +6,8 @@ Weights are stacked per module: `A[s]` is slot s's [r_max, in] factor and `B[s]`
 adapter", so a token routed nowhere costs nothing special. Four strategies, picked per call:
 
 * uniform  - every token uses one adapter with weight 1 (an explicit choice): two matmuls, the
-             same arithmetic as PEFT's unmerged forward.
+             same arithmetic as PEFT's unmerged forward; at inference on contiguous transposed
+             copies of that adapter's factors cached by the layer (one GEMM each, add fused).
 * stacked  - inference with few distinct adapters in the batch (U of them, U * r_max <= STACK_MAX_COLS):
              the U adapters' factors are concatenated once per layer and adapter set ([in, U*r] and
              [U*r, out], cached by the layer), and every token runs two dense GEMMs against them,
@@ -26,6 +27,7 @@ updates run only when no gradient is recorded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -129,6 +131,10 @@ def add_lora(
         if uniform < 0 or ranks[uniform + 1] == 0:
             return y
         r = ranks[uniform + 1]
+        if inplace and cache is not None:  # decode-time fast path: two GEMMs on cached contiguous factors
+            A_t, B_t = _cached(cache, ("uniform", uniform), x,
+                               lambda: (A[uniform + 1, :r].T.contiguous(), B[uniform + 1, :, :r].T.contiguous()))
+            return y.addmm_(x @ A_t, B_t)
         delta = (x @ A[uniform + 1, :r].T) @ B[uniform + 1, :, :r].T
         return y.add_(delta) if inplace else y + delta
     tok, sid, w = routing.pairs()
@@ -156,17 +162,25 @@ def add_lora(
 def _add_stacked(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, uniq: torch.Tensor,
                  key: tuple[int, ...], mask: torch.Tensor, cache: dict | None) -> torch.Tensor:
     """The stacked strategy (module docstring): y += ((x @ A_u) * mask) @ B_u, in place."""
+    r = A.shape[1]
+    A_u, B_u = _cached(cache, key, x, lambda: (
+        A.index_select(0, uniq).reshape(-1, A.shape[2]).T.contiguous(),  # [in, U*r]
+        B.index_select(0, uniq).transpose(1, 2).reshape(len(key) * r, -1).contiguous(),  # [U*r, out]
+    ))
+    h = x @ A_u
+    h.view(x.shape[0], len(key), -1).mul_(mask.to(h.dtype).unsqueeze(-1))
+    return y.addmm_(h, B_u)
+
+
+def _cached(cache: dict | None, key: tuple, x: torch.Tensor,
+            build: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors derived from the layer's stacks, built once per key and kept in the layer's cache
+    (which the layer clears whenever its stacks change), in `x`'s dtype and device."""
     factors = cache.get(key) if cache is not None else None
     if factors is None or factors[0].device != x.device or factors[0].dtype != x.dtype:
-        r = A.shape[1]
-        A_u = A.index_select(0, uniq).reshape(-1, A.shape[2]).T.contiguous()  # [in, U*r]
-        B_u = B.index_select(0, uniq).transpose(1, 2).reshape(len(key) * r, -1).contiguous()  # [U*r, out]
-        factors = (A_u.to(x.dtype), B_u.to(x.dtype))
+        factors = tuple(t.to(x.dtype) for t in build())
         if cache is not None:
             if len(cache) >= STACK_CACHE_MAX:
                 cache.clear()
             cache[key] = factors
-    A_u, B_u = factors
-    h = x @ A_u
-    h.view(x.shape[0], len(key), -1).mul_(mask.to(h.dtype).unsqueeze(-1))
-    return y.addmm_(h, B_u)
+    return factors  # type: ignore[return-value]
