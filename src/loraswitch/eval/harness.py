@@ -172,7 +172,8 @@ def _run_method(spec, ctx: EvalContext, items: list[Item], cfg: EvalConfig) -> t
     for it, a in zip(mine, answers):
         rec = score_item(it, a, method.routes)
         if it.is_composite:
-            rec["trace"] = [{"token": e.get("token", ""), "adapters": e.get("adapters", {})} for e in a.trace]
+            rec["trace"] = [{"token": e.get("token", ""), "adapters": e.get("adapters", {}),
+                             **({"separator": True} if e.get("separator") else {})} for e in a.trace]
         records.append(rec)
     n_tok = sum(a.n_tokens for a in answers)
     entry.update(wall_s=round(wall, 2), gen_tokens=n_tok, tokens_per_s=round(n_tok / wall, 1) if wall > 0 else None,

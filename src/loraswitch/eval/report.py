@@ -200,7 +200,8 @@ def plot_confusion(results: dict, path: Path) -> bool:
 
 
 def plot_heatmap(method: str, traces: list[dict], adapters: list[str], path: Path, max_tokens: int = 80) -> None:
-    """Tokens on the x axis, adapters (and "base": weight left to no adapter) on the y axis."""
+    """Tokens on the x axis, adapters (and "base": weight left to no adapter) on the y axis.
+    Part separators written by the assembly ("\\n2. "), not by any model, are grey columns."""
     names = sorted({a for t in traces for e in t["trace"] for a in e["adapters"]} | set(adapters)) + [BASE]
     fig, axes = plt.subplots(len(traces), 1, figsize=(min(24, 2 + 0.22 * max_tokens), (0.3 * len(names) + 1.6) * len(traces)),
                              squeeze=False)
@@ -208,10 +209,15 @@ def plot_heatmap(method: str, traces: list[dict], adapters: list[str], path: Pat
         steps = t["trace"][:max_tokens]
         mat = np.zeros((len(names), len(steps)))
         for j, e in enumerate(steps):
+            if e.get("separator"):
+                mat[:, j] = np.nan
+                continue
             for a, w in e["adapters"].items():
                 mat[names.index(a), j] = w
             mat[-1, j] = max(0.0, 1.0 - sum(e["adapters"].values()))
-        ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        cmap = plt.get_cmap("viridis").copy()
+        cmap.set_bad("lightgrey")
+        ax.imshow(np.ma.masked_invalid(mat), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
         ax.set_yticks(range(len(names)), names, fontsize=7)
         labels = [repr(e.get("token", ""))[1:-1][:8] for e in steps]
         ax.set_xticks(range(len(steps)), labels, rotation=90, fontsize=6)
