@@ -203,11 +203,18 @@ def demo(
     from loraswitch.tasks import TASK_NAMES, composites, examples, out_of_suite, parse_numbered, score
 
     switch = _switch(base, adapter_dir)
-    picks = [examples(t, "test", 1, seed=3)[0] for t in TASK_NAMES]
-    prompts = [e.prompt for e in picks] + [out_of_suite("test", 1)[0]]
+    # per task, the first of a few test prompts the base model gets wrong (the adapters' job)
+    candidates = {t: examples(t, "test", 4, seed=3) for t in TASK_NAMES}
+    flat = [e for t in TASK_NAMES for e in candidates[t]]
+    oos = out_of_suite("test", 1)[0]
     params = SamplingParams(max_new_tokens=max_new_tokens)
     with console.status("base model answering..."):
-        base_out = switch.chat(prompts, model="base", params=params)
+        answers = switch.chat([e.prompt for e in flat] + [oos], model="base", params=params)
+    by_prompt = dict(zip([e.prompt for e in flat] + [oos], answers))
+    picks = [next((e for e in candidates[t] if not score(t, by_prompt[e.prompt].text, e.answer)), candidates[t][0])
+             for t in TASK_NAMES]
+    prompts = [e.prompt for e in picks] + [oos]
+    base_out = [by_prompt[p] for p in prompts]
     with console.status("routing and answering..."):
         auto_out = switch.chat(prompts, model="auto", params=params)
     table = Table("prompt", "expected", "base model", "loraswitch (auto)", "routed to", title="loraswitch demo", show_lines=True)
