@@ -11,7 +11,7 @@ from pathlib import Path
 from loraswitch.base import Base, load_base
 from loraswitch.engine import Engine
 from loraswitch.generate import Generation, Policy, SamplingParams, explicit, generate
-from loraswitch.routing import Router, load_router
+from loraswitch.routing import ROUTER_NAMES, Router, load_router
 from loraswitch.routing.segments import FanOut
 from loraswitch.zoo.build import DEMO_ADAPTER_DIR
 
@@ -75,8 +75,12 @@ class Switch:
                 got = generate(self.engine, ids, self.policy(texts, model, route), replace(params, max_new_tokens=budget))
                 for r, g in zip(chunk, got):
                     gens[r] = g
-        if not any(plan.composite):
+        composite = plan.composite
+        if not any(composite):
             return gens  # type: ignore[return-value]
-        prompt_ids = [self.base.chat_ids(p, system=system) if c else [] for p, c in zip(prompts, plan.composite)]
+        prompt_ids = [self.base.chat_ids(p, system=system) if c else [] for p, c in zip(prompts, composite)]
         return plan.gather(self.base.tokenizer, gens,  # type: ignore[arg-type]
                            router.name if router else model, prompt_ids)
+
+
+__all__ = ["Switch", "ROUTER_NAMES"]

@@ -47,6 +47,11 @@ def separator(k: int) -> str:
     return f"{k}. " if k == 1 else f"\n{k}. "
 
 
+def separator_ids(tokenizer, k: int) -> list[int]:
+    """Token ids of `separator(k)`: what the assembled answer holds before part k's tokens."""
+    return tokenizer(separator(k), add_special_tokens=False)["input_ids"]
+
+
 @dataclass
 class PartAnswer:
     """One part's answer as its row produced it."""
@@ -69,8 +74,7 @@ def assemble(tokenizer, parts: list[PartAnswer], router: str, prompt_ids: list[i
     out = Generation(prompt_ids=list(prompt_ids or []), finish_reason="stop")
     texts: list[str] = []
     for k, part in enumerate(parts, 1):
-        sep = separator(k)
-        sep_ids = tokenizer(sep, add_special_tokens=False)["input_ids"]
+        sep, sep_ids = separator(k), separator_ids(tokenizer, k)
         d = part.routing
         out.events.append({"token_index": len(out.token_ids), "event": "switch", "part": k,
                            "adapter": d.get("adapter"), "confidence": round(float(d.get("confidence", 1.0)), 4),
@@ -95,35 +99,36 @@ class FanOut:
     """Prompts expanded into rows: a multi-part prompt becomes one row per part."""
 
     rows: list[str]  # the text each row answers
-    groups: list[list[int]]  # per prompt: its rows
-    composite: list[bool]  # per prompt: answered part by part
+    groups: list[list[int]]  # per prompt: its rows (several: it is answered part by part)
+
+    @property
+    def composite(self) -> list[bool]:
+        """Per prompt: answered part by part (a multi-part prompt has at least two parts)."""
+        return [len(g) > 1 for g in self.groups]
 
     def budgets(self, max_new_tokens: int) -> list[int]:
         """Each row's max new tokens: a part gets its share of its prompt's budget."""
         out = [max_new_tokens] * len(self.rows)
-        for rows, comp in zip(self.groups, self.composite):
+        for rows in self.groups:
             for r in rows:
-                out[r] = part_budget(max_new_tokens, len(rows)) if comp else max_new_tokens
+                out[r] = part_budget(max_new_tokens, len(rows)) if len(rows) > 1 else max_new_tokens
         return out
 
     @classmethod
     def of(cls, prompts: list[str], enabled: bool = True) -> FanOut:
         rows: list[str] = []
         groups: list[list[int]] = []
-        composite: list[bool] = []
         for p in prompts:
-            parts = split_parts(p) if enabled else None
-            todo = parts or [p]
+            todo = (split_parts(p) if enabled else None) or [p]
             groups.append(list(range(len(rows), len(rows) + len(todo))))
-            composite.append(parts is not None)
             rows += todo
-        return cls(rows, groups, composite)
+        return cls(rows, groups)
 
     def gather(self, tokenizer, gens: list[Generation], router: str, prompt_ids: list[list[int]]) -> list[Generation]:
         """The rows' generations folded back into one per prompt."""
         out = []
-        for rows, comp, ids in zip(self.groups, self.composite, prompt_ids):
-            if comp:
+        for rows, ids in zip(self.groups, prompt_ids):
+            if len(rows) > 1:
                 out.append(assemble(tokenizer, [PartAnswer.of(gens[r]) for r in rows], router, ids))
             else:
                 out.append(gens[rows[0]])

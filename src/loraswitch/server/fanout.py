@@ -12,10 +12,9 @@ parent once every part is done, with the answer, trace and switch events assembl
 from __future__ import annotations
 
 import threading
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from loraswitch.routing.segments import PartAnswer, assemble, part_budget, separator
+from loraswitch.routing.segments import PartAnswer, assemble, part_budget, separator, separator_ids
 
 if TYPE_CHECKING:
     from loraswitch.server.scheduler import Job, JobResult, Scheduler
@@ -41,6 +40,7 @@ class PartsRequest:
         ]
         for k, child in enumerate(self.children):
             child.sink = self._sink(k)
+        self.sep_ids = [separator_ids(self.tok, k) for k in range(1, n + 1)]  # as `assemble` writes them
         self.results: list[JobResult | None] = [None] * n
         self.pending: list[list[dict]] = [[] for _ in range(n)]  # deltas held back, per part
         self.opened = [False] * n  # the part's separator has been streamed
@@ -81,9 +81,6 @@ class PartsRequest:
                 self.parent.deliver("error", payload)
                 self.scheduler.metrics_call("job_failed", self.parent, payload)
 
-    def _sep_ids(self, k: int) -> list[int]:
-        return self.tok(separator(k + 1), add_special_tokens=False)["input_ids"]
-
     def _stream(self, k: int, delta: dict) -> None:
         if not self.parent.stream:
             return
@@ -91,7 +88,7 @@ class PartsRequest:
         self.opened[k] = True
         out: dict[str, Any] = {"text": (sep if first else "") + delta["text"]}
         if self.parent.trace:  # token pieces renumbered to the assembled answer
-            n_sep = len(self._sep_ids(k))
+            n_sep = len(self.sep_ids[k])
             pieces = [{**p, "index": self.offset + n_sep + p["index"], "part": k + 1} for p in delta.get("tokens", [])]
             if first:
                 pieces.insert(0, {"index": self.offset, "text": sep, "adapters": {}, "part": k + 1, "separator": True})
@@ -105,7 +102,7 @@ class PartsRequest:
         if self.parent.stream and not self.opened[k]:
             self._stream(k, {"text": ""})
         res = self.results[k]
-        self.offset += len(self._sep_ids(k)) + len(res.token_ids)
+        self.offset += len(self.sep_ids[k]) + len(res.token_ids)
         self.current += 1
         if self.current < len(self.children):
             for delta in self.pending[self.current]:
@@ -114,7 +111,7 @@ class PartsRequest:
 
     # ------------------------------------------------------------------ the answer
     def _answer(self) -> None:
-        from loraswitch.server.scheduler import JobResult, answered_adapters
+        from loraswitch.server.scheduler import JobResult, answered_adapters, token_trace, tokens_by_adapter
 
         parent = self.parent
         parts = [PartAnswer(r.text, r.token_ids, c.entries[: len(r.token_ids)], r.routing, r.finish_reason)
@@ -124,15 +121,12 @@ class PartsRequest:
         adapters = answered_adapters("auto", summary)
         routing: dict[str, Any] = {
             "requested": "auto", **summary, "adapters": adapters, "events": whole.events,
-            "tokens_by_adapter": dict(Counter(
-                (max(e["adapters"], key=e["adapters"].get) if e.get("adapters") else "base")
-                for e in whole.trace if not e.get("separator"))),
+            "tokens_by_adapter": tokens_by_adapter(whole.trace),
         }
         if parent.route:
             routing["route"] = parent.route
         if parent.trace:
-            routing["trace"] = [{"index": i, **e, "token": self.tok.decode([e["token_id"]])}
-                                for i, e in enumerate(whole.trace)]
+            routing["trace"] = token_trace(self.tok, whole.token_ids, whole.trace)
         first = self.results[0]
         batch = {**first.batch, "fan_out": len(parts), "batches": sorted({r.batch.get("id") for r in self.results})}
         result = JobResult(

@@ -137,6 +137,21 @@ def answered_adapters(model: str, summary: dict) -> list[str]:
     return out
 
 
+def tokens_by_adapter(entries: list[dict]) -> dict[str, int]:
+    """How many generated tokens each adapter (its top weight) wrote; "base" for none. Part
+    separators of a multi-part answer were written by nobody and are not counted."""
+    return dict(Counter((max(e["adapters"], key=e["adapters"].get) if e.get("adapters") else "base")
+                        for e in entries if not e.get("separator")))
+
+
+def token_trace(tok, token_ids: list[int], entries: list[dict]) -> list[dict]:
+    """The response's per-token trace: index, token id and text, and the token's routing entry."""
+    pieces = tok.convert_ids_to_tokens(token_ids)
+    return [{"index": i, "token_id": t, "token": tok.convert_tokens_to_string([p]) if p is not None else "",
+             **{k: v for k, v in e.items() if k not in ("token_id", "token")}}
+            for i, (t, p, e) in enumerate(zip(token_ids, pieces, entries))]
+
+
 class BatchPolicy(RowsPolicy):
     """`RowsPolicy` plus the per-request bookkeeping of one `generate` call: per-row token
     limits, stop strings, cancellation, streaming deltas, and answering each row as it ends."""
@@ -249,19 +264,12 @@ class BatchPolicy(RowsPolicy):
             **{k: v for k, v in summary.items() if k not in ("router", "adapter", "confidence")},
             "adapters": adapters,
             "events": events,
-            "tokens_by_adapter": dict(Counter(
-                (max(e["adapters"], key=e["adapters"].get) if e.get("adapters") else "base") for e in job.entries
-            )),
+            "tokens_by_adapter": tokens_by_adapter(job.entries),
         }
         if job.model == "auto" and job.route:
             routing["route"] = job.route
         if job.trace:
-            pieces = self.tok.convert_ids_to_tokens(job.token_ids)
-            routing["trace"] = [
-                {"index": i, "token_id": t, "token": self.tok.convert_tokens_to_string([p]) if p is not None else "",
-                 **{k: v for k, v in e.items() if k != "token_id"}}
-                for i, (t, p, e) in enumerate(zip(job.token_ids, pieces, job.entries))
-            ]
+            routing["trace"] = token_trace(self.tok, job.token_ids, job.entries)
         now = time.monotonic()
         batch = dict(job.batch)
         batch["queue_ms"] = round(1000 * ((job.started or now) - job.submitted), 2)
