@@ -99,7 +99,7 @@ class Server:
 def build_requests(n: int, models: list[str], seed: int) -> list[dict]:
     """Chat requests cycling over `models`; prompts from the demo tasks (an adapter named like a
     task gets that task's prompts, `auto` and `base` a mix), so answers can be scored."""
-    from loraswitch.tasks import TASK_NAMES, examples
+    from loraswitch.demo.tasks import TASK_NAMES, examples
 
     rng = random.Random(seed)
     pool = {t: examples(t, "test", max(8, n // max(1, len(TASK_NAMES)) + 2), seed=seed) for t in TASK_NAMES}
@@ -184,7 +184,7 @@ async def phase(url: str, reqs: list[dict], args: argparse.Namespace) -> dict:
 
 
 def summarize(records: list[dict], sent: int, wall: float) -> dict:
-    from loraswitch.tasks import score
+    from loraswitch.demo.tasks import score
 
     ok = [r for r in records if r.get("status") == 200]
     statuses: dict[str, int] = {}

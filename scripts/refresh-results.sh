@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate every number the README and docs/ show, in one go (about 45 minutes on 2 CPU cores).
 # Each step rewrites its own generated block; nothing in those blocks is typed by hand.
-#   zoo      the demo adapters on their test splits        -> README.md, demo_adapters/manifest.json
+#   zoo      the demo adapters on their test splits        -> README.md, libraries/demo/adapters/manifest.json
 #   eval     quality of every method on the demo suite      -> README.md, docs/evaluation.md, benchmarks/results/eval/
 #   bench    speed and memory vs merged weights and PEFT    -> README.md, docs/benchmarks.md, benchmarks/results/bench_cpu.*
 #            (--quick: SmolLM2, batch 16; `python benchmarks/bench.py` adds batch 1 and a random 280M Llama)

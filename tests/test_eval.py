@@ -9,10 +9,10 @@ import json
 import pytest
 
 from loraswitch.base import Base
+from loraswitch.demo.tasks import Example
 from loraswitch.eval import EvalConfig, build_items, run_eval
 from loraswitch.eval.data import Item
 from loraswitch.eval.scoring import Answer, aggregate, chosen_adapter, part_adapters, routing_targets, score_item
-from loraswitch.tasks import Example
 from tests.conftest import tiny_model, write_adapter
 
 TASKS = ["iso_date", "add", "sentiment"]

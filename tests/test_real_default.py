@@ -10,12 +10,12 @@ import torch
 from peft import PeftModel
 
 from loraswitch.base import Base
+from loraswitch.constants import DEMO_ADAPTER_DIR
+from loraswitch.demo.tasks import TASK_NAMES, composites, parse_numbered, score
 from loraswitch.engine import Engine
 from loraswitch.generate import SamplingParams, explicit, generate
 from loraswitch.kernels import Routing
 from loraswitch.switch import Switch
-from loraswitch.tasks import TASK_NAMES, composites, parse_numbered, score
-from loraswitch.zoo.build import DEMO_ADAPTER_DIR
 
 pytestmark = pytest.mark.real
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from loraswitch.tasks import TASK_NAMES, TASKS, composites, examples, out_of_suite, parse_numbered, score
-from loraswitch.tasks.spelling import english, french
+from loraswitch.demo.tasks import TASK_NAMES, TASKS, composites, examples, out_of_suite, parse_numbered, score
+from loraswitch.demo.tasks.spelling import english, french
 
 
 @pytest.mark.parametrize(

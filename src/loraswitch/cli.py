@@ -199,8 +199,8 @@ def demo(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 40,
 ) -> None:
     """The main job: base model vs automatically routed answers on prompts of every task."""
+    from loraswitch.demo.tasks import TASK_NAMES, composites, examples, out_of_suite, parse_numbered, score
     from loraswitch.generate import SamplingParams
-    from loraswitch.tasks import TASK_NAMES, composites, examples, out_of_suite, parse_numbered, score
 
     switch = _switch(base, adapter_dir)
     # per task, the first of a few test prompts the base model gets wrong (the adapters' job)
@@ -247,8 +247,8 @@ def zoo_build(
     """Train one LoRA per demo task on the default base (slow on CPU: about an hour for all eight)."""
     _quiet()
     from loraswitch.base import load_base
-    from loraswitch.tasks import TASK_NAMES
-    from loraswitch.zoo.build import DEMO_ADAPTER_DIR, train_zoo
+    from loraswitch.demo.tasks import TASK_NAMES
+    from loraswitch.demo.zoo.build import DEMO_ADAPTER_DIR, train_zoo
 
     names = tasks or list(TASK_NAMES)
     unknown = [t for t in names if t not in TASK_NAMES]
@@ -268,9 +268,9 @@ def zoo_eval(
     doc: Annotated[Path | None, typer.Option("--doc", help="Also write the results table into this markdown file, e.g. README.md.")] = None,
 ) -> None:
     """Each demo adapter and the base model on the adapter's held-out test split; updates the manifest."""
-    from loraswitch.tasks import TASK_NAMES
-    from loraswitch.zoo.build import DEMO_ADAPTER_DIR, read_manifest, write_manifest
-    from loraswitch.zoo.evaluate import evaluate_zoo, markdown_table
+    from loraswitch.demo.tasks import TASK_NAMES
+    from loraswitch.demo.zoo.build import DEMO_ADAPTER_DIR, read_manifest, write_manifest
+    from loraswitch.demo.zoo.evaluate import evaluate_zoo, markdown_table
 
     folder = adapter_dir or DEMO_ADAPTER_DIR
     switch = _switch(None, [folder])

@@ -9,11 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from loraswitch.base import Base, load_base
+from loraswitch.constants import DEMO_ADAPTER_DIR
 from loraswitch.engine import Engine
 from loraswitch.generate import Generation, Policy, SamplingParams, explicit, generate
 from loraswitch.routing import ROUTER_NAMES, Router, load_router
 from loraswitch.routing.segments import FanOut
-from loraswitch.zoo.build import DEMO_ADAPTER_DIR
 
 MAX_BATCH = 32
 

@@ -13,7 +13,7 @@ import random
 import zlib
 from dataclasses import dataclass, field
 
-from loraswitch.tasks import TASK_NAMES, Example, composite_prompt, composites, examples, out_of_suite
+from loraswitch.demo.tasks import TASK_NAMES, Example, composite_prompt, composites, examples, out_of_suite
 
 COMPOSITE_SIZES = (2, 3, 5)
 TASK_SET = "task"

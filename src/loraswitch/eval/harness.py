@@ -23,10 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from loraswitch.base import Base, load_base
+from loraswitch.demo.tasks import TASK_NAMES
 from loraswitch.eval.data import COMPOSITE_SIZES, OOS_SET, TASK_SET, Item, build_items
 from loraswitch.eval.methods import EvalContext, registry
 from loraswitch.eval.scoring import aggregate, routing_targets, score_item
-from loraswitch.tasks import TASK_NAMES
 
 DEFAULT_METHODS = (
     "base", "oracle", "auto", "seq", "arrow", "gate",
@@ -84,8 +84,8 @@ def _cap_items(items: list[Item], cap: int) -> list[Item]:
 def run_eval(cfg: EvalConfig, base_factory: Callable[[], Base] | None = None,
              on_method: Callable[[str, dict], None] | None = None) -> dict:
     """Run the evaluation and write its files to `cfg.out_dir`; returns the results dict."""
+    from loraswitch.constants import DEMO_ADAPTER_DIR
     from loraswitch.eval.report import write_report
-    from loraswitch.zoo.build import DEMO_ADAPTER_DIR
 
     reg = registry()
     unknown = [m for m in cfg.methods if m not in reg]

@@ -37,11 +37,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loraswitch.base import Base
+from loraswitch.demo.tasks import TASKS, examples
 from loraswitch.eval.data import Item
 from loraswitch.eval.methods import EvalContext, Method, merge_weights, register
 from loraswitch.eval.scoring import Answer
 from loraswitch.library import CONFIG_FILE, WEIGHTS_FILE, Adapter
-from loraswitch.tasks import TASKS, examples
 
 COMBINATIONS = {"linear": {}, "ties": {"density": 0.2}, "dare_ties": {"density": 0.5}, "cat": {}}
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from loraswitch.demo.tasks import parse_numbered, score
 from loraswitch.eval.data import OOS_SET, TASK_SET, Item
-from loraswitch.tasks import parse_numbered, score
 
 BASE = "base"
 

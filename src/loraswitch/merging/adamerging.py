@@ -105,7 +105,7 @@ def coefficient_groups(modules: list[str], granularity: str) -> tuple[list[str],
 def unlabeled_prompts(base: Base, adapter_names: list[str], params: dict[str, Any]) -> list[list[int]]:
     """Chat-formatted prompt ids: explicit `prompts`, else the demo tasks' validation prompts (the
     `tasks` given, else the tasks the adapters are named after, else every demo task)."""
-    from loraswitch.tasks import TASK_NAMES, examples
+    from loraswitch.demo.tasks import TASK_NAMES, examples
 
     texts = params.get("prompts")
     if not texts:

@@ -5,7 +5,7 @@ method: ties                      # linear | ties | dare_linear | dare_ties | pc
 adapters:                         # names found in adapter_dirs, or paths to adapter folders
   - {name: iso_date, weight: 1.0}
   - add                           # a bare name means weight 1.0
-adapter_dirs: [src/loraswitch/demo_adapters]   # optional; default: the demo library
+adapter_dirs: [src/loraswitch/libraries/demo/adapters]   # optional; default: the demo library
 base: null                        # optional; default: the embedded base (CLI --base overrides)
 parameters: {density: 0.2, lambda: 1.0, seed: 0}
 output: {rank: 16, format: adapter}            # adapter | model; rank: int or "full"
@@ -158,7 +158,7 @@ def _parse_params(method: str, raw: Any) -> dict[str, Any]:
         else:  # a registered method's own parameter: numbers only
             out[key] = _number(name, value)
     if out.get("tasks"):
-        from loraswitch.tasks import TASK_NAMES
+        from loraswitch.demo.tasks import TASK_NAMES
 
         bad = [t for t in out["tasks"] if t not in TASK_NAMES]
         if bad:
@@ -232,7 +232,7 @@ def parse_config(raw: Any, base_dir: Path | None = None) -> MergeConfig:
     adapters = _parse_adapters(raw.get("adapters"))
     dirs_raw = raw.get("adapter_dirs")
     if dirs_raw is None:
-        from loraswitch.zoo.build import DEMO_ADAPTER_DIR
+        from loraswitch.constants import DEMO_ADAPTER_DIR
 
         dirs = [DEMO_ADAPTER_DIR]
     else:

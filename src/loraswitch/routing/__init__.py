@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loraswitch.constants import DEMO_ROUTER_DIR
 from loraswitch.engine import Engine
 from loraswitch.routing.base import Decision, DecisionPolicy, Router
 
 ROUTER_NAMES = ("auto", "seq", "arrow", "gate")
-DEMO_ROUTER_DIR = Path(__file__).resolve().parent.parent / "demo_routers"
 
 
 def load_router(engine: Engine, name: str = "auto", router_dir: str | Path | None = None) -> Router:

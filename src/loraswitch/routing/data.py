@@ -14,8 +14,8 @@ import json
 import zlib
 from pathlib import Path
 
+from loraswitch.demo.tasks import TASK_NAMES, examples, out_of_suite
 from loraswitch.routing.seq import NONE_CLASS
-from loraswitch.tasks import TASK_NAMES, examples, out_of_suite
 
 Pairs = dict[str, list[tuple[str, str | None]]]  # adapter -> [(prompt, answer or None)]
 

@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from loraswitch.tasks.spelling import english, french
+from loraswitch.demo.tasks.spelling import english, french
 
 SPLITS = ("train", "val", "test")
 N_HELDOUT_TEMPLATES = 2

@@ -1,5 +1,5 @@
 """`loraswitch zoo build`: train the demo adapters and write them, with a manifest, where the
-package finds them (`loraswitch/demo_adapters/`).
+package finds them (`loraswitch/libraries/demo/adapters/`).
 
 Recipes differ per task on purpose: the easy classification task gets a rank-4 adapter on the
 attention projections only, addition and sorting (the hardest two) get rank 16 everywhere. That keeps the committed library
@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraswitch.base import Base
-from loraswitch.zoo.train import Recipe, train_adapter
+from loraswitch.constants import DEMO_ADAPTER_DIR
+from loraswitch.demo.zoo.train import Recipe, train_adapter
 
-DEMO_ADAPTER_DIR = Path(__file__).resolve().parent.parent / "demo_adapters"
 MANIFEST = "manifest.json"
 
 RECIPES: dict[str, Recipe] = {

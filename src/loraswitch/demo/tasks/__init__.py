@@ -1,6 +1,6 @@
 """The demo task suite (../shared/spec/demo-tasks.md): generators, splits, scorers, composites."""
 
-from loraswitch.tasks.suite import (
+from loraswitch.demo.tasks.suite import (
     TASK_NAMES,
     TASKS,
     Composite,

@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from loraswitch.base import Base
-from loraswitch.tasks import examples
+from loraswitch.demo.tasks import examples
 
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

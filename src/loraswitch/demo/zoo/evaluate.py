@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
+from loraswitch.demo.tasks import TASKS, Example, examples
 from loraswitch.generate import SamplingParams
 from loraswitch.switch import Switch
-from loraswitch.tasks import TASKS, Example, examples
 
 BAR_ACCURACY = 0.85
 BAR_MARGIN = 0.50
