@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ class Base:
     tokenizer: PreTrainedTokenizerBase
     name: str  # a stable identifier ("HuggingFaceTB/SmolLM2-135M-Instruct" for the default)
     source: str  # where it was loaded from
+    _eot: int | None = field(default=None, init=False, repr=False)
 
     @property
     def model_type(self) -> str:
@@ -48,6 +49,38 @@ class Base:
         if self.tokenizer.eos_token_id is not None:
             out.add(int(self.tokenizer.eos_token_id))
         return out
+
+    @property
+    def end_of_turn_id(self) -> int:
+        """The token that ends an assistant turn: read from the chat template (what it writes right
+        after an assistant message's text), else the tokenizer's eos token. Training targets end
+        with it and a row that must stop early is handed it; never a hard-coded literal."""
+        if self._eot is None:
+            self._eot = self._template_end_of_turn()
+        return self._eot
+
+    def _template_end_of_turn(self) -> int:
+        tok = self.tokenizer
+        if tok.chat_template:
+            marker = "Zq"
+            text = tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}],
+                                           tokenize=False)
+            after = text[text.rfind(marker) + len(marker):]
+            ids = tok(after, add_special_tokens=False)["input_ids"] if after.strip() else []
+            special = set(tok.all_special_ids)
+            for t in ids:
+                if t in special:
+                    return int(t)
+        if tok.eos_token_id is None:
+            raise BaseModelError("the tokenizer has neither a chat template end-of-turn token nor an eos token")
+        return int(tok.eos_token_id)
+
+    def encode_example(self, prompt: str, answer: str, system: str | None = None) -> tuple[list[int], int]:
+        """A training example: the chat-formatted prompt, then the answer and the end-of-turn
+        token. Returns the ids and how many trailing ones are the target (answer + end of turn).
+        The one encoding every trainer (adapters, gates, X-LoRA, AdaMerging) uses."""
+        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.end_of_turn_id]
+        return self.chat_ids(prompt, system=system) + answer_ids, len(answer_ids)
 
     def chat_ids(self, prompt: str, system: str | None = None) -> list[int]:
         """Token ids of `prompt` as one user turn in the model's chat template, ready to answer."""
