@@ -30,8 +30,9 @@ def task_adapters(tmp_path, tiny_base):
 @pytest.fixture
 def routers(tmp_path, tiny_base, task_adapters):
     """A sequence router and gates trained for seconds on the tiny model (quality irrelevant)."""
+    from loraswitch.demo.router_data import demo_pairs
     from loraswitch.engine import Engine
-    from loraswitch.routing.data import demo_pairs, prompts_only
+    from loraswitch.routing.data import prompts_only
     from loraswitch.routing.gate import train_gates
     from loraswitch.routing.seq import train_selector
 

@@ -392,3 +392,33 @@ def test_coefficient_router_gives_gradient_at_zero_and_at_one(tiny_base, adapter
         with engine.routed(dynamic=router):
             base.model(input_ids=_ids(2, 6)).logits.pow(2).sum().backward()
         assert coef.grad is not None and coef.grad.abs().min() > 0, (names, start)
+
+
+def test_adamerging_prompts_come_from_config_file_or_adapter_examples(tiny_base, adapter_dir, tmp_path):
+    """AdaMerging never reaches into a task suite: its prompts are the config's, a prompts file's,
+    or the adapters' own examples files, in that order; with none it refuses with a clear message."""
+    import shutil
+
+    from loraswitch.merging.adamerging import unlabeled_prompts
+    from loraswitch.merging.config import ADAMERGING_PARAMS
+
+    adapters = scan([adapter_dir], tiny_base.model).adapters
+    params = dict(ADAMERGING_PARAMS)
+    with pytest.raises(ValueError, match="needs unlabeled prompts"):
+        unlabeled_prompts(tiny_base, adapters, params)
+    assert unlabeled_prompts(tiny_base, adapters, {**params, "prompts": ["alpha"]}) == [tiny_base.chat_ids("alpha")]
+    listed = tmp_path / "prompts.jsonl"
+    listed.write_text('{"prompt": "from the file"}\n\n{"prompt": "second"}\n')
+    got = unlabeled_prompts(tiny_base, adapters, {**params, "prompts_file": str(listed)})
+    assert got == [tiny_base.chat_ids("from the file"), tiny_base.chat_ids("second")]
+    # examples shipped inside an adapter folder: the first n_prompts of each
+    folder = tmp_path / "with_examples"
+    shutil.copytree(adapters[0].path, folder)
+    (folder / "examples.txt").write_text("one\ntwo\nthree\n")
+    from loraswitch.library import read_adapter
+
+    shipped = read_adapter(folder, tiny_base.model)
+    got = unlabeled_prompts(tiny_base, [shipped, *adapters[1:]], {**params, "n_prompts": 2})
+    assert got == [tiny_base.chat_ids("one"), tiny_base.chat_ids("two")]
+    with pytest.raises(ConfigError, match="prompts_file"):
+        parse_config({"method": "adamerging", "adapters": ["a"], "parameters": {"prompts_file": str(tmp_path / "nope.txt")}})

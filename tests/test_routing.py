@@ -12,10 +12,10 @@ from loraswitch.engine import Engine
 from loraswitch.generate import SamplingParams, generate
 from loraswitch.routing import load_router
 from loraswitch.routing.arrow import ArrowRouter, top_right_singular_vector
-from loraswitch.routing.base import Decision, Router
+from loraswitch.routing.base import NONE_CLASS, Decision, Router, StaleRouterError
 from loraswitch.routing.gate import GateRouter, train_gates
 from loraswitch.routing.segments import FanOut, part_budget, split_parts
-from loraswitch.routing.seq import NONE_CLASS, SequenceRouter, StaleRouterError, train_selector
+from loraswitch.routing.seq import SequenceRouter, train_selector
 from tests.conftest import write_adapter
 
 DATES = ["Convert to ISO date: March {} 20{:02d}", "What is May {}, 19{:02d} as an ISO date?"]

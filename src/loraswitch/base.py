@@ -36,6 +36,7 @@ class Base:
     name: str  # a stable identifier ("HuggingFaceTB/SmolLM2-135M-Instruct" for the default)
     source: str  # where it was loaded from
     _eot: int | None = field(default=None, init=False, repr=False)
+    _user_start: int | None = field(default=None, init=False, repr=False)
 
     @property
     def model_type(self) -> str:
@@ -74,6 +75,16 @@ class Base:
         if tok.eos_token_id is None:
             raise BaseModelError("the tokenizer has neither a chat template end-of-turn token nor an eos token")
         return int(tok.eos_token_id)
+
+    @property
+    def user_start(self) -> int:
+        """How many tokens of a templated prompt come before the user's words (the chat preamble
+        every prompt shares): the common prefix of two prompts that differ from their first
+        character. Gate training labels those tokens "no adapter"."""
+        if self._user_start is None:
+            a, b = self.chat_ids("A"), self.chat_ids("z")
+            self._user_start = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return self._user_start
 
     def encode_example(self, prompt: str, answer: str, system: str | None = None) -> tuple[list[int], int]:
         """A training example: the chat-formatted prompt, then the answer and the end-of-turn

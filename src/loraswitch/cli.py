@@ -107,7 +107,7 @@ def generate(
     """Chat-templated generation, routed automatically unless --adapter is given."""
     from loraswitch.generate import SamplingParams
     from loraswitch.library import AdapterError
-    from loraswitch.routing.seq import StaleRouterError
+    from loraswitch.routing.base import StaleRouterError
 
     switch = _switch(base, adapter_dir, router_dir)
     model = adapter if adapter is not None else "auto"
@@ -141,7 +141,7 @@ def route(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Which adapter would answer PROMPT: {adapter (null = base model), confidence, scores}."""
-    from loraswitch.routing.seq import StaleRouterError
+    from loraswitch.routing.base import StaleRouterError
 
     switch = _switch(base, adapter_dir, router_dir)
     try:
@@ -166,13 +166,15 @@ def train_router(
     per_adapter: Annotated[int, typer.Option(help="Training prompts per adapter from the demo suite.")] = 200,
 ) -> None:
     """Train the sequence selector or the token-level gates for an adapter library."""
-    from loraswitch.routing import DEMO_ROUTER_DIR
-    from loraswitch.routing.data import demo_pairs, prompts_only, read_folder
+    from loraswitch.constants import DEMO_ROUTER_DIR
+    from loraswitch.routing.data import prompts_only, read_folder
     from loraswitch.routing.gate import train_gates
     from loraswitch.routing.seq import train_selector
 
     switch = _switch(base, adapter_dir)
-    if data is None:
+    if data is None:  # the demo library's routers, trained on its own task suite
+        from loraswitch.demo.router_data import demo_pairs
+
         train, val = demo_pairs("train", per_adapter), demo_pairs("val", max(20, per_adapter // 4))
     else:
         try:

@@ -262,3 +262,41 @@ def scan(roots: list[str | Path], base: nn.Module, base_name: str | None = None,
             except AdapterError as exc:
                 errors[f"{name} ({path})" if name in errors else name] = exc
     return ScanResult(adapters, errors)
+
+
+# ---------------------------------------------------------------- example prompts
+
+EXAMPLE_FILES = ("examples.jsonl", "examples.txt")
+
+
+def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
+    """(prompt, answer or None) pairs from an example file: `.jsonl` (one object per line with a
+    "prompt" and an optional "answer") or `.txt` (one prompt per line). Router training folders,
+    an adapter's own `examples.*` and AdaMerging's unlabeled prompts all use this one format."""
+    path = Path(path)
+    rows: list[tuple[str, str | None]] = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            rows.append((line.strip(), None))
+            continue
+        try:
+            obj = json.loads(line)
+            prompt, answer = obj["prompt"], obj.get("answer")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'prompt' field ({exc})") from exc
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{path}:{lineno}: 'prompt' must be a non-empty string")
+        rows.append((prompt, None if answer is None else str(answer)))
+    return rows
+
+
+def adapter_examples(adapter: Adapter) -> list[tuple[str, str | None]]:
+    """The example prompts shipped inside an adapter's folder (`examples.jsonl` / `.txt`), if any."""
+    if adapter.path is None:
+        return []
+    for name in EXAMPLE_FILES:
+        if (adapter.path / name).is_file():
+            return read_examples(adapter.path / name)
+    return []

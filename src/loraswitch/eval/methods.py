@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from loraswitch.base import Base
+from loraswitch.demo.tasks import examples  # TODO(suite): take validation prompts from the eval suite
 from loraswitch.eval.data import Item
 from loraswitch.eval.scoring import Answer
 from loraswitch.generate import SamplingParams
@@ -257,7 +258,10 @@ class MergeMethod(Method):
             from loraswitch.merging.config import AdapterSpec, MergeConfig
             from loraswitch.merging.merge import run_merge
 
-            params = {"steps": 10, "n_prompts": 4} if self.ctx.quick else {}
+            n = 4 if self.ctx.quick else 16
+            params = {"steps": 10} if self.ctx.quick else {}
+            # unlabeled prompts of the evaluated tasks (validation split): AdaMerging takes them as a parameter
+            params["prompts"] = [e.prompt for t in self.ctx.tasks for e in examples(t, "val", n)]
             cfg = MergeConfig("adamerging", [AdapterSpec(a.name, w) for a, w in zip(adapters, weights)], params)
             result = run_merge(cfg, base, adapters, progress=False)
             deltas = result.deltas

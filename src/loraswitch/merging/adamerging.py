@@ -34,9 +34,9 @@ from loraswitch.engine import Engine
 from loraswitch.generate import FixedPolicy, SamplingParams, generate
 from loraswitch.kernels import Routing
 from loraswitch.layers import MultiLoRALinear
-from loraswitch.library import Adapter
+from loraswitch.library import Adapter, adapter_examples, read_examples
 from loraswitch.merging.config import ADAMERGING_PARAMS
-from loraswitch.merging.merge import module_deltas, module_union
+from loraswitch.merging.deltas import module_deltas, module_union
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -102,15 +102,20 @@ def coefficient_groups(modules: list[str], granularity: str) -> tuple[list[str],
     return labels, {m: index[label(m)] for m in modules}
 
 
-def unlabeled_prompts(base: Base, adapter_names: list[str], params: dict[str, Any]) -> list[list[int]]:
-    """Chat-formatted prompt ids: explicit `prompts`, else the demo tasks' validation prompts (the
-    `tasks` given, else the tasks the adapters are named after, else every demo task)."""
-    from loraswitch.demo.tasks import TASK_NAMES, examples
-
-    texts = params.get("prompts")
+def unlabeled_prompts(base: Base, adapters: list[Adapter], params: dict[str, Any]) -> list[list[int]]:
+    """Chat-formatted prompt ids to take the entropy on: the config's `prompts`, else the lines of
+    its `prompts_file`, else the example prompts shipped in the adapters' folders (`examples.jsonl`
+    / `examples.txt`, the first `n_prompts` of each). AdaMerging needs no labels, but it does
+    need prompts of the adapters' tasks; without any it refuses rather than guess."""
+    texts = list(params.get("prompts") or [])
+    if not texts and params.get("prompts_file"):
+        texts = [p for p, _ in read_examples(params["prompts_file"])]
     if not texts:
-        tasks = params.get("tasks") or [n for n in adapter_names if n in TASK_NAMES] or list(TASK_NAMES)
-        texts = [ex.prompt for t in tasks for ex in examples(t, "val", int(params["n_prompts"]))]
+        n = int(params["n_prompts"])
+        texts = [p for a in adapters for p, _ in adapter_examples(a)[:n]]
+    if not texts:
+        raise ValueError("adamerging needs unlabeled prompts of the adapters' tasks: set parameters.prompts or "
+                         "parameters.prompts_file, or ship examples.jsonl / examples.txt in the adapter folders")
     return [base.chat_ids(t) for t in texts]
 
 
@@ -226,7 +231,7 @@ def adamerge(
             engine.add_adapter(a)
         slots = [engine.slot_of(n) for n in names]
         router = CoefficientRouter(coef, module_group, slots)
-        prompts = unlabeled_prompts(base, names, p)
+        prompts = unlabeled_prompts(base, adapters, p)
         gen_tokens = int(p["gen_tokens"])
         if gen_tokens > 0:  # answers under the initial coefficients, generated once
             choice = (slots, initial[0].tolist())

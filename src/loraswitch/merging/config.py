@@ -39,12 +39,12 @@ ADAMERGING_PARAMS: dict[str, Any] = {
     "steps": 100,
     "lr": 5e-3,
     "batch_size": 8,
-    "n_prompts": 16,  # unlabeled prompts per task (demo task suite, "val" split)
+    "n_prompts": 16,  # unlabeled prompts per adapter, from its folder's examples file
     "gen_tokens": 8,  # answer tokens generated once, whose predictions the entropy is taken on
     "init": None,  # initial coefficient for every adapter; None: the adapters' weights
     "max_coef": 1.0,  # coefficients are projected to [0, max_coef] after each step (as in the paper)
-    "tasks": None,  # demo tasks to draw prompts from; None: adapters named after tasks, else all
-    "prompts": None,  # or explicit unlabeled prompts (list of strings)
+    "prompts": None,  # explicit unlabeled prompts (list of strings)
+    "prompts_file": None,  # or a file of them (.txt one per line, .jsonl {"prompt": ...} per line)
 }
 TOP_KEYS = ("method", "adapters", "adapter_dirs", "base", "parameters", "output")
 
@@ -151,18 +151,16 @@ def _parse_params(method: str, raw: Any) -> dict[str, Any]:
             if value not in GRANULARITIES:
                 raise ConfigError(f"{name} must be one of {', '.join(GRANULARITIES)}, got {value!r}")
             out[key] = value
-        elif key in ("tasks", "prompts"):
+        elif key == "prompts_file":
+            if not isinstance(value, str) or not Path(value).is_file():
+                raise ConfigError(f"{name} must name an existing .txt or .jsonl file, got {value!r}")
+            out[key] = value
+        elif key == "prompts":
             if value is not None and (not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value)):
                 raise ConfigError(f"{name} must be a non-empty list of strings, got {value!r}")
             out[key] = value
         else:  # a registered method's own parameter: numbers only
             out[key] = _number(name, value)
-    if out.get("tasks"):
-        from loraswitch.demo.tasks import TASK_NAMES
-
-        bad = [t for t in out["tasks"] if t not in TASK_NAMES]
-        if bad:
-            raise ConfigError(f"parameters.tasks: unknown task(s) {bad} (known: {', '.join(TASK_NAMES)})")
     return out
 
 

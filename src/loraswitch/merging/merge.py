@@ -18,7 +18,9 @@ from tqdm.auto import tqdm
 
 from loraswitch.base import Base
 from loraswitch.library import Adapter, read_adapter
+from loraswitch.merging.adamerging import adamerge
 from loraswitch.merging.config import ADAMERGING, MergeConfig
+from loraswitch.merging.deltas import module_deltas, module_union
 from loraswitch.merging.methods import get_method
 
 
@@ -37,24 +39,6 @@ class MergeResult:
     @property
     def modules(self) -> list[str]:
         return list(self.deltas)
-
-
-def module_union(adapters: list[Adapter]) -> list[str]:
-    """Every module targeted by at least one adapter, sorted."""
-    return sorted({key for a in adapters for key in a.modules})
-
-
-def module_deltas(adapters: list[Adapter], module: str) -> list[Tensor]:
-    """Each adapter's exact update `s * B @ A` on `module` in float32, zeros where it has none."""
-    present = [a.modules[module] for a in adapters if module in a.modules]
-    if not present:
-        raise KeyError(f"no adapter targets {module!r}")
-    shape = (present[0].B.shape[0], present[0].A.shape[1])
-    out = []
-    for a in adapters:
-        m = a.modules.get(module)
-        out.append(m.delta().float() if m is not None else torch.zeros(shape))
-    return out
 
 
 def module_seed(seed: int, module: str) -> int:
@@ -108,8 +92,6 @@ def run_merge(cfg: MergeConfig, base: Base, adapters: list[Adapter] | None = Non
     params = dict(cfg.parameters)
     modules = module_union(adapters)
     if cfg.method == ADAMERGING:
-        from loraswitch.merging.adamerging import adamerge
-
         result = adamerge(base, adapters, cfg.weights, params, progress=progress)
         return MergeResult(
             deltas=result.merged_deltas(adapters),

@@ -16,8 +16,8 @@ from pathlib import Path
 from loraswitch.engine import Engine
 from loraswitch.generate import Policy
 from loraswitch.routing.arrow import ArrowRouter
-from loraswitch.routing.base import Decision, DecisionPolicy, Router
-from loraswitch.routing.seq import SequenceRouter, StaleRouterError
+from loraswitch.routing.base import Decision, DecisionPolicy, Router, StaleRouterError
+from loraswitch.routing.seq import SequenceRouter
 
 
 class AutoRouter(Router):

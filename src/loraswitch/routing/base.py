@@ -10,8 +10,14 @@ A router answers two questions:
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from loraswitch.engine import Engine
 from loraswitch.generate import NO_ADAPTER, Choice, FixedPolicy, Policy
@@ -65,3 +71,56 @@ class DecisionPolicy(FixedPolicy):
         d = self.decisions[row]
         return [{"token_index": 0, "event": "abstain" if d.adapter is None else "select", "adapter": d.adapter,
                  "confidence": round(d.confidence, 4), **({"reason": d.reason} if d.reason else {})}]
+
+
+# ---------------------------------------------------------------- trained routers on disk
+
+NONE_CLASS = "__none__"  # the class of prompts no adapter is for (a router abstains on them)
+
+
+class StaleRouterError(RuntimeError):
+    """A trained router does not match the adapters now loaded."""
+
+
+def library_signature(engine: Engine, names: list[str] | None = None) -> list[dict]:
+    """Name and weight fingerprint of each adapter: what a trained router was trained against."""
+    names = engine.names if names is None else names
+    return [{"name": n, "fingerprint": engine.adapters[n].fingerprint} for n in names]
+
+
+def check_library(engine: Engine, recorded: list[dict], what: str) -> None:
+    """Raise StaleRouterError unless every recorded adapter is loaded with the same weights."""
+    problems = []
+    for item in recorded:
+        adapter = engine.adapters.get(item["name"])
+        if adapter is None:
+            problems.append(f"{item['name']} is not loaded")
+        elif adapter.fingerprint != item["fingerprint"]:
+            problems.append(f"{item['name']} has different weights than it was trained with")
+    extra = sorted(set(engine.names) - {i["name"] for i in recorded})
+    if extra:
+        problems.append(f"new adapters it has never seen: {', '.join(extra)}")
+    if problems:
+        raise StaleRouterError(f"{what} does not match the loaded library ({'; '.join(problems)}); "
+                               "retrain it with `loraswitch train-router`")
+
+
+def save_router_file(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write a trained router: its tensors as safetensors, its settings as JSON metadata (never a
+    pickle, so a router file from anywhere is safe to load)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path, metadata={"loraswitch": json.dumps(meta)})
+    return path
+
+
+def load_router_file(path: Path, hint: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, settings) of a router file written by `save_router_file`; `hint` says how to
+    make one when it is missing."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained router at {path}; {hint}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if "loraswitch" not in meta:
+            raise ValueError(f"{path} is not a loraswitch router file (no 'loraswitch' metadata)")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    return tensors, json.loads(meta["loraswitch"])

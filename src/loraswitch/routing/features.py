@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from loraswitch.engine import Engine
+from loraswitch.padding import left_pad
 
 FEATURES = "chat-mean-last"  # recorded in a trained router; change it whenever the recipe changes
 MAX_TOKENS = 256  # longer prompts keep their first and last MAX_TOKENS // 2 tokens
@@ -65,18 +66,12 @@ def prompt_features(engine: Engine, prompts: list[str], layer: int, batch_size: 
         for i in tqdm(range(0, len(prompts), batch_size), desc="features", disable=not progress):
             chunk = prompts[i : i + batch_size]
             enc = [_clip(engine.base.chat_ids(p)) or [tok.eos_token_id] for p in chunk]
-            width = max(len(e) for e in enc)
-            ids = torch.full((len(enc), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(enc), width), dtype=torch.long)
-            for j, e in enumerate(enc):
-                ids[j, width - len(e) :] = torch.tensor(e)
-                mask[j, width - len(e) :] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            padded = left_pad(enc, tok.pad_token_id)
             captured.clear()
             with engine.routed(None), contextlib.suppress(_Stop):
-                engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+                engine.model(**padded.model_inputs(), use_cache=False)
             h = captured[0].float()
-            m = mask.unsqueeze(-1).to(h.dtype)
+            m = padded.attention_mask.unsqueeze(-1).to(h.dtype)
             mean = (h * m).sum(1) / m.sum(1)
             out.append(torch.cat([mean, h[:, -1]], dim=-1))
     finally:

@@ -14,18 +14,16 @@ fingerprints; loading them against any other library raises instead of misroutin
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from loraswitch.engine import Engine
 from loraswitch.kernels import Routing
-from loraswitch.routing.seq import NONE_CLASS, check_library, library_signature
+from loraswitch.padding import left_pad
+from loraswitch.routing.base import NONE_CLASS, check_library, library_signature, load_router_file, save_router_file
 from loraswitch.routing.token import TokenRouter
 
 FILE = "gate_router.safetensors"
@@ -47,21 +45,14 @@ class GateRouter(TokenRouter):
         return x.reshape(-1, x.shape[-1]) @ gate.T, self.slots
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"names": self.names, "top_k": self.top_k, "temperature": self.temperature,
                 "library": library_signature(self.engine)}
-        save_file({k: v.detach().contiguous() for k, v in self.gates.items()}, path, metadata={"loraswitch": json.dumps(meta)})
-        return path
+        return save_router_file(Path(directory) / FILE, self.gates, meta)
 
     @classmethod
     def load(cls, directory: str | Path, engine: Engine) -> GateRouter:
         path = Path(directory) / FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"no trained gates at {path}; train them with `loraswitch train-router --router gate`")
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["loraswitch"])
-            gates = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        gates, meta = load_router_file(path, "train them with `loraswitch train-router --router gate`")
         check_library(engine, meta["library"], "the gate router")
         if not set(meta["names"]) <= {i["name"] for i in meta["library"]}:
             raise ValueError(f"{path}: gate classes name adapters outside the recorded library")
@@ -72,15 +63,11 @@ class GateRouter(TokenRouter):
 
 
 def _encode(engine: Engine, prompt: str, answer: str | None) -> tuple[list[int], int, int]:
-    """Chat ids (+ answer), the index where the user's words start, and the answer length."""
-    tok = engine.base.tokenizer
-    ids = engine.base.chat_ids(prompt)
-    n_user = len(tok(prompt, add_special_tokens=False)["input_ids"]) + 5  # words + template tail
-    n_ans = 0
-    if answer is not None:
-        ans = tok(answer, add_special_tokens=False)["input_ids"] + [min(engine.base.eos_ids)]
-        ids, n_ans = ids + ans, len(ans)
-    return ids, max(0, len(ids) - n_ans - n_user), n_ans
+    """Chat ids (+ answer and end of turn), the index where the user's words start (tokens before
+    it are the shared chat preamble, labelled "no adapter"), and the answer length."""
+    base = engine.base
+    ids, n_ans = base.encode_example(prompt, answer) if answer is not None else (base.chat_ids(prompt), 0)
+    return ids, base.user_start, n_ans
 
 
 def train_gates(engine: Engine, data: dict[str, list[tuple[str, str | None]]], epochs: int = 3, lm_steps: int = 20,
@@ -103,26 +90,23 @@ def train_gates(engine: Engine, data: dict[str, list[tuple[str, str | None]]], e
             yield order[i : i + batch_size]
 
     def pack(batch):
-        width = max(len(r[0][0]) for r in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        labels = torch.zeros_like(ids)  # per-token gate label: 0 (no adapter) on padding and preamble
+        padded = left_pad([r[0][0] for r in batch], pad)
+        width = padded.width
+        labels = torch.zeros_like(padded.input_ids)  # per-token gate label: 0 (no adapter) on padding and preamble
         slots = torch.full((len(batch), width), -1, dtype=torch.long)
         for j, ((seq, user_start, _), label) in enumerate(batch):
             off = width - len(seq)
-            ids[j, off:] = torch.tensor(seq)
-            mask[j, off:] = 1
             labels[j, off + user_start :] = label
             slots[j, off:] = router.slots[label]  # teacher forcing: the correct adapter everywhere
-        return ids, mask, labels.reshape(-1), slots.reshape(-1)
+        return padded, labels.reshape(-1), slots.reshape(-1)
 
     # phase 1: per-token labels, teacher-forced inputs, one Adam step per batch on every gate
     n_batches = (len(rows) + batch_size - 1) // batch_size
     bar = tqdm(total=epochs * n_batches, desc="train gates (labels)", disable=not progress)
     for _ in range(epochs):
         for batch in batches():
-            ids, mask, labels, slots = pack(batch)
-            keep = mask.reshape(-1).bool()
+            padded, labels, slots = pack(batch)
+            keep = padded.attention_mask.reshape(-1).bool()
             losses: list[torch.Tensor] = []
             teacher = Routing(slots[:, None], torch.ones(len(slots), 1))
 
@@ -133,8 +117,7 @@ def train_gates(engine: Engine, data: dict[str, list[tuple[str, str | None]]], e
                 return _teacher
 
             with torch.no_grad(), engine.routed(None, record):
-                engine.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                             use_cache=False, logits_to_keep=1)
+                engine.model(**padded.model_inputs(), use_cache=False, logits_to_keep=1)
             loss = torch.stack(losses).mean()
             opt.zero_grad()
             loss.backward()
@@ -148,14 +131,13 @@ def train_gates(engine: Engine, data: dict[str, list[tuple[str, str | None]]], e
     opt = torch.optim.Adam(list(gates.values()), lr=lr / 5)
     for _ in tqdm(range(lm_steps if answered else 0), desc="train gates (LM loss)", disable=not progress):
         batch = rng.sample(answered, min(batch_size, len(answered)))
-        ids, mask, _, _ = pack(batch)
+        padded, _, _ = pack(batch)
         n_ans = max(r[0][2] for r in batch)
         target = torch.full((len(batch), n_ans), -100, dtype=torch.long)
         for j, ((seq, _, k), _) in enumerate(batch):
             target[j, n_ans - k :] = torch.tensor(seq[-k:])
         with torch.enable_grad(), engine.routed(None, router.select):
-            out = engine.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                               use_cache=False, logits_to_keep=n_ans + 1)
+            out = engine.model(**padded.model_inputs(), use_cache=False, logits_to_keep=n_ans + 1)
             logits = out.logits[:, :-1]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
             opt.zero_grad()

@@ -10,45 +10,26 @@ so a changed library is detected instead of silently misrouted.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from loraswitch.engine import Engine
-from loraswitch.routing.base import Decision, Router
+from loraswitch.routing.base import (
+    NONE_CLASS,
+    Decision,
+    Router,
+    StaleRouterError,
+    check_library,
+    library_signature,
+    load_router_file,
+    save_router_file,
+)
 from loraswitch.routing.features import FEATURES, default_layer, prompt_features
 
-NONE_CLASS = "__none__"
 FILE = "seq_router.safetensors"
-
-
-class StaleRouterError(RuntimeError):
-    """A trained router does not match the adapters now loaded."""
-
-
-def library_signature(engine: Engine, names: list[str] | None = None) -> list[dict]:
-    names = engine.names if names is None else names
-    return [{"name": n, "fingerprint": engine.adapters[n].fingerprint} for n in names]
-
-
-def check_library(engine: Engine, recorded: list[dict], what: str) -> None:
-    """Raise StaleRouterError unless every recorded adapter is loaded with the same weights."""
-    problems = []
-    for item in recorded:
-        adapter = engine.adapters.get(item["name"])
-        if adapter is None:
-            problems.append(f"{item['name']} is not loaded")
-        elif adapter.fingerprint != item["fingerprint"]:
-            problems.append(f"{item['name']} has different weights than it was trained with")
-    extra = sorted(set(engine.names) - {i["name"] for i in recorded})
-    if extra:
-        problems.append(f"new adapters it has never seen: {', '.join(extra)}")
-    if problems:
-        raise StaleRouterError(f"{what} does not match the loaded library ({'; '.join(problems)}); retrain it with `loraswitch train-router`")
 
 
 class SequenceRouter(Router):
@@ -89,28 +70,19 @@ class SequenceRouter(Router):
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"classes": self.classes, "layer": self.layer, "temperature": self.temperature,
                 "threshold": self.threshold, "library": self.library, "features": FEATURES}
-        save_file({"W": self.W.contiguous(), "b": self.b, "mean": self.mean, "std": self.std}, path,
-                  metadata={"loraswitch": json.dumps(meta)})
-        return path
+        tensors = {"W": self.W, "b": self.b, "mean": self.mean, "std": self.std}
+        return save_router_file(Path(directory) / FILE, tensors, meta)
 
     @classmethod
     def load(cls, directory: str | Path, engine: Engine | None = None) -> SequenceRouter:
         path = Path(directory) / FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"no trained sequence router at {path}; train one with `loraswitch train-router --router seq`")
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["loraswitch"])
+        t, meta = load_router_file(path, "train one with `loraswitch train-router --router seq`")
         if meta.get("features") != FEATURES:
             raise StaleRouterError(f"the sequence router at {path} was trained on prompt features "
                                    f"{meta.get('features', 'raw-mean-last')!r}, this version computes {FEATURES!r}; "
                                    "retrain it with `loraswitch train-router --router seq`")
-        t = load_file(path)
         router = cls(meta["classes"], t["W"], t["b"], t["mean"], t["std"], meta["layer"], meta["temperature"],
                      meta["threshold"], meta["library"])
         if engine is not None:

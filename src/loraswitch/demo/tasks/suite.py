@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from loraswitch.demo.tasks.spelling import english, french
+from loraswitch.routing.generic import generic_prompts
 
 SPLITS = ("train", "val", "test")
 N_HELDOUT_TEMPLATES = 2
@@ -376,41 +377,6 @@ def parse_numbered(output: str, n_parts: int) -> list[str]:
     return [found.get(i, "") for i in range(1, n_parts + 1)]
 
 
-_OOS_TEMPLATES = (
-    "Write a haiku about {t}.",
-    "Tell me a fun fact about {t}.",
-    "Explain {t} to a ten-year-old.",
-    "Give me three tips about {t}.",
-    "Write a short poem about {t}.",
-    "What are the pros and cons of {t}?",
-    "Suggest a name for a blog about {t}.",
-    "Describe {t} in one sentence.",
-    "Why do people like {t}?",
-    "Write a tweet about {t}.",
-    "Write a limerick about {t}.",
-    "What is the history of {t}?",
-    "Recommend a book about {t}.",
-    "Write a two-line story about {t}.",
-    "How would a pirate describe {t}?",
-    "Compose a short song chorus about {t}.",
-    "What questions would a child ask about {t}?",
-    "Give a motivational quote inspired by {t}.",
-    "Plan a weekend around {t}.",
-    "Summarize why {t} matters.",
-)
-_OOS_TOPICS = ["autumn", "the sea", "coffee", "gardening", "chess", "volcanoes", "penguins", "jazz music", "bicycles", "the moon", "rainy days", "mountains", "friendship", "baking bread", "old libraries", "trains", "winter mornings", "honeybees", "kites", "lighthouses", "desert nights", "tea ceremonies", "city parks", "thunderstorms", "origami", "space travel", "dinosaurs", "pottery", "ocean tides", "street food", "camping", "snowflakes", "owls", "classical music", "sunflowers", "hot air balloons", "rock climbing", "board games", "fireflies", "recycling"]
-
-
 def out_of_suite(split: str, n: int, seed: int = 0) -> list[str]:
-    """Prompts no adapter in the suite is for (the router should abstain to the base model)."""
-    rng = random.Random(zlib.crc32(f"oos|{split}|{seed}".encode()))
-    out: list[str] = []
-    for _ in range(50 * n):
-        if len(out) >= n:
-            break
-        template = rng.choice(_OOS_TEMPLATES)
-        topic = rng.choice(_OOS_TOPICS)
-        prompt = template.format(t=topic)
-        if bucket("oos", prompt) == split and prompt not in out:
-            out.append(prompt)
-    return out
+    """Prompts no adapter in the suite is for: the router's bundled generic prompts."""
+    return generic_prompts(split, n, seed)
