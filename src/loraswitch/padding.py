@@ -46,3 +46,15 @@ def left_pad(rows: list[list[int]], pad_id: int, width: int | None = None) -> Le
             mask[i, width - len(r):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return LeftPadded(ids, mask, positions)
+
+
+def tail_targets(rows: list[list[int]], n_targets: list[int]) -> torch.Tensor:
+    """Next-token targets for the last `n_targets[i]` tokens of each row, right-aligned in a
+    [len(rows), max(n_targets)] tensor, -100 (ignored by cross-entropy) elsewhere. With the rows
+    left-padded, these line up with the last positions' logits (`logits_to_keep`)."""
+    width = max(n_targets)
+    out = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (row, k) in enumerate(zip(rows, n_targets, strict=True)):
+        if k:
+            out[i, width - k:] = torch.as_tensor(row[-k:], dtype=torch.long)
+    return out

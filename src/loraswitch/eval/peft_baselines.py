@@ -42,6 +42,7 @@ from loraswitch.eval.data import Item
 from loraswitch.eval.methods import EvalContext, Method, merge_weights, register
 from loraswitch.eval.scoring import Answer
 from loraswitch.library import CONFIG_FILE, WEIGHTS_FILE, Adapter
+from loraswitch.padding import left_pad, tail_targets
 
 COMBINATIONS = {"linear": {}, "ties": {"density": 0.2}, "dare_ties": {"density": 0.5}, "cat": {}}
 
@@ -105,23 +106,14 @@ def load_peft(base: Base, paths: dict[str, Path]) -> PeftModel:
 
 
 # ---------------------------------------------------------------------------- generation
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
 @torch.inference_mode()
 def hf_generate(model: nn.Module, base: Base, prompts: list[str], max_new_tokens: int, use_cache: bool = True,
                 trace_fn=None) -> list[Answer]:
     """Greedy `model.generate` on chat-templated prompts, cut at the first stop token."""
     tok = base.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids, mask = _left_pad([base.chat_ids(p) for p in prompts], pad)
+    padded = left_pad([base.chat_ids(p) for p in prompts], pad)
+    ids, mask = padded.input_ids, padded.attention_mask
     device = next(model.parameters()).device
     stop = sorted(base.eos_ids)
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
@@ -261,13 +253,8 @@ def train_xlora(model: nn.Module, base: Base, names: list[str], per_adapter: int
     rng = random.Random(seed)
     torch.manual_seed(seed)
     tok = base.tokenizer
-    eot = min(base.eos_ids)
-    rows = []
-    for name in names:
-        if name in TASKS:
-            for e in examples(name, "train", per_adapter, seed=seed):
-                ans = tok(e.answer, add_special_tokens=False)["input_ids"] + [eot]
-                rows.append((base.chat_ids(e.prompt) + ans, len(ans)))
+    rows = [base.encode_example(e.prompt, e.answer) for name in names if name in TASKS
+            for e in examples(name, "train", per_adapter, seed=seed)]
     params = [p for p in model.parameters() if p.requires_grad]
     if not rows or not params:
         return {"steps": 0, "examples": 0}
@@ -280,12 +267,10 @@ def train_xlora(model: nn.Module, base: Base, names: list[str], per_adapter: int
         rng.shuffle(rows)
         for i in range(0, len(rows), batch_size):
             batch = rows[i : i + batch_size]
-            ids, mask = _left_pad([r[0] for r in batch], pad)
-            n_ans = max(r[1] for r in batch)
-            target = torch.full((len(batch), n_ans), -100, dtype=torch.long)
-            for j, (seq, k) in enumerate(batch):
-                target[j, n_ans - k :] = torch.tensor(seq[-k:])
-            out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+            padded = left_pad([r[0] for r in batch], pad)
+            target = tail_targets([r[0] for r in batch], [r[1] for r in batch])
+            n_ans = target.shape[1]
+            out = model(input_ids=padded.input_ids, attention_mask=padded.attention_mask, use_cache=False)
             logits = out.logits[:, -n_ans - 1 : -1]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
             opt.zero_grad()

@@ -37,6 +37,7 @@ from loraswitch.layers import MultiLoRALinear
 from loraswitch.library import Adapter, adapter_examples, read_examples
 from loraswitch.merging.config import ADAMERGING_PARAMS
 from loraswitch.merging.deltas import module_deltas, module_union
+from loraswitch.padding import left_pad
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -166,16 +167,12 @@ class _Batch:
 
 
 def _make_batch(seqs: list[list[int]], n_scored: list[int], pad_id: int) -> _Batch:
-    width = max(len(s) for s in seqs)
+    padded = left_pad(seqs, pad_id)
     keep = max(n_scored)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
     scored = torch.zeros((len(seqs), keep), dtype=torch.bool)
-    for i, (s, k) in enumerate(zip(seqs, n_scored, strict=True)):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
+    for i, k in enumerate(n_scored):
         scored[i, keep - k:] = True
-    return _Batch(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), scored, keep)
+    return _Batch(padded.input_ids, padded.attention_mask, padded.position_ids, scored, keep)
 
 
 def _entropy_sum(engine: Engine, router: CoefficientRouter, batch: _Batch) -> tuple[Tensor, int]:

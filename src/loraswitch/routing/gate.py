@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from loraswitch.engine import Engine
 from loraswitch.kernels import Routing
-from loraswitch.padding import left_pad
+from loraswitch.padding import left_pad, tail_targets
 from loraswitch.routing.base import NONE_CLASS, check_library, library_signature, load_router_file, save_router_file
 from loraswitch.routing.token import TokenRouter
 
@@ -132,10 +132,8 @@ def train_gates(engine: Engine, data: dict[str, list[tuple[str, str | None]]], e
     for _ in tqdm(range(lm_steps if answered else 0), desc="train gates (LM loss)", disable=not progress):
         batch = rng.sample(answered, min(batch_size, len(answered)))
         padded, _, _ = pack(batch)
-        n_ans = max(r[0][2] for r in batch)
-        target = torch.full((len(batch), n_ans), -100, dtype=torch.long)
-        for j, ((seq, _, k), _) in enumerate(batch):
-            target[j, n_ans - k :] = torch.tensor(seq[-k:])
+        target = tail_targets([r[0][0] for r in batch], [r[0][2] for r in batch])
+        n_ans = target.shape[1]
         with torch.enable_grad(), engine.routed(None, router.select):
             out = engine.model(**padded.model_inputs(), use_cache=False, logits_to_keep=n_ans + 1)
             logits = out.logits[:, :-1]
