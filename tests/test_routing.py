@@ -1,5 +1,5 @@
 """Routers on tiny random models: Arrow's math, training/saving/loading the learned routers,
-stale-library detection, and part-by-part switching on prompts that mix tasks."""
+stale-library detection. (Part-by-part answering of prompts that mix tasks: tests/test_switch.py.)"""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ from loraswitch.engine import Engine
 from loraswitch.generate import SamplingParams, generate
 from loraswitch.routing import load_router
 from loraswitch.routing.arrow import ArrowRouter, top_right_singular_vector
-from loraswitch.routing.base import NONE_CLASS, Decision, Router, StaleRouterError
+from loraswitch.routing.base import NONE_CLASS, StaleRouterError
 from loraswitch.routing.gate import GateRouter, train_gates
-from loraswitch.routing.segments import FanOut, part_budget, split_parts
 from loraswitch.routing.seq import SequenceRouter, train_selector
 from tests.conftest import write_adapter
 
@@ -121,65 +120,3 @@ def test_gates_train_save_and_refuse_a_reordered_library(tiny_base, adapter_dir,
     other.load_adapter(adapter_dir / "alpha")
     with pytest.raises(StaleRouterError):
         GateRouter.load(tmp_path, other)
-
-
-def test_split_parts():
-    assert split_parts("Answer each part.\n1. Add 1 and 2.\n2. Sort: 3, 1") == ["Add 1 and 2.", "Sort: 3, 1"]
-    assert split_parts("1. only one part") is None
-    assert split_parts("2. out of order\n1. x") is None
-
-
-class _KeywordRouter(Router):
-    """Routes by a keyword in the text, so a test knows every part's adapter in advance."""
-
-    name = "kw"
-    fans_out = True
-
-    def route(self, engine, prompts):
-        table = {"date": "alpha", "sum": "gamma"}
-        out = []
-        for p in prompts:
-            hit = next((a for k, a in table.items() if k in p), None)
-            out.append(Decision(hit, 0.9 if hit else 0.2, reason="" if hit else "no keyword"))
-        return out
-
-
-def test_auto_answers_each_part_as_its_own_row(tiny_base, adapter_dir):
-    """A multi-part prompt fans out: each part is answered exactly as if asked alone with its
-    routed adapter (same tokens as an explicit request), then assembled in order."""
-    from loraswitch.switch import Switch
-
-    switch = Switch(tiny_base, [adapter_dir])
-    switch._routers[("auto", switch.engine.version)] = _KeywordRouter()
-    parts = ["the date part", "a sum part", "something else"]
-    prompt = "Answer each part on its own line.\n" + "\n".join(f"{k}. {p}" for k, p in enumerate(parts, 1))
-    params = SamplingParams(max_new_tokens=30)
-    single = "a lone date question"
-    res, alone = switch.chat([prompt, single], model="auto", params=params)
-
-    per_part = part_budget(30, 3)
-    expected = [switch.chat([p], model=m, params=SamplingParams(max_new_tokens=per_part))[0]
-                for p, m in zip(parts, ["alpha", "gamma", "base"])]
-    assert res.text == "\n".join(f"{k}. {g.text}" for k, g in enumerate(expected, 1))
-    assert res.routing["adapter"] == ["alpha", "gamma", None] and res.routing["fan_out"] == 3
-    switches = [e for e in res.events if e["event"] == "switch"]
-    assert [(e["part"], e["adapter"]) for e in switches] == [(1, "alpha"), (2, "gamma"), (3, None)]
-    assert switches[2]["reason"] == "no keyword"
-    # the trace labels every token with its part; answer tokens carry their part's adapter
-    assert len(res.trace) == len(res.token_ids)
-    assert [e["token_index"] for e in switches] == [next(i for i, t in enumerate(res.trace) if t["part"] == k) for k in (1, 2, 3)]
-    answer_adapters = {t["part"]: set(t["adapters"]) for t in res.trace if not t.get("separator")}
-    assert answer_adapters.get(1, {"alpha"}) == {"alpha"} and answer_adapters.get(2, {"gamma"}) == {"gamma"}
-    assert switch.base.tokenizer.decode(res.token_ids).split() == res.text.split()
-    # a single-task prompt in the same call is untouched by the fan-out
-    assert alone.text == switch.chat([single], model="alpha", params=params)[0].text
-    assert "fan_out" not in alone.routing
-
-
-def test_part_budget_and_plan():
-    plan = FanOut.of(["1. a\n2. b", "plain"], enabled=True)
-    assert plan.rows == ["a", "b", "plain"] and plan.groups == [[0, 1], [2]] and plan.composite == [True, False]
-    assert plan.budgets(40) == [20, 20, 40]
-    assert part_budget(10, 5) == 8  # never starve a part
-    assert FanOut.of(["1. a\n2. b"], enabled=False).rows == ["1. a\n2. b"]
-

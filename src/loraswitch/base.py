@@ -93,17 +93,21 @@ class Base:
         answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.end_of_turn_id]
         return self.chat_ids(prompt, system=system) + answer_ids, len(answer_ids)
 
-    def chat_ids(self, prompt: str, system: str | None = None) -> list[int]:
-        """Token ids of `prompt` as one user turn in the model's chat template, ready to answer."""
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}
-        ]
-        if self.tokenizer.chat_template:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            return list(ids)
-        return self.tokenizer(prompt)["input_ids"]
+    def chat_ids(self, conversation: str | list[dict[str, str]], system: str | None = None) -> list[int]:
+        """Token ids of a conversation in the model's chat template, ready for the assistant's
+        turn. `conversation` is one user prompt or a list of OpenAI-style `{"role", "content"}`
+        messages; `system` prepends a system message. The one templating every path uses
+        (library, server, routers' features, trainers), so they all see identical prompts."""
+        messages = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else list(conversation)
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        tok = self.tokenizer
+        if tok.chat_template:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        # no template (a plain LM): role-labelled lines, then the assistant's cue
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return tok(text)["input_ids"]
 
 
 def default_gguf_path() -> Path:

@@ -4,11 +4,16 @@ A `Policy` (explicit choice or any router) says, per row, which adapters and wei
 each prompt token and then to each new token; the loop packs those into one `Routing` per
 forward pass, so rows of one batch can use different adapters, or switch adapters mid-answer,
 and still share every matmul. Finished rows leave the batch (the cache shrinks with them).
+`RowsPolicy` lets requests that asked for different things (explicit adapters, a router's
+decisions, parts of one prompt) share one forward. A `Listener` follows every row as it decodes
+(streaming, per-row limits, cancellation) and may end a row early. With `logprobs` / `echo` the
+result carries the log-probabilities of the generated (and prompt) tokens, as evaluation clients
+need them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +22,7 @@ from transformers import DynamicCache
 from loraswitch.engine import Engine
 from loraswitch.kernels import Routing
 from loraswitch.layers import DynamicRouter
+from loraswitch.padding import left_pad
 
 Choice = tuple[list[int], list[float]]  # adapter slots and their weights for one token; -1 = none
 NO_ADAPTER: Choice = ([-1], [1.0])
@@ -29,11 +35,24 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop_ids: set[int] | None = None  # default: the model's end-of-turn / eos tokens
+    logprobs: int | None = None  # None: none; k: each new token's log-probability and the k likeliest
+    echo: bool = False  # also the prompt tokens' log-probabilities (the prefill keeps every position's logits)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the distribution it was sampled from (the model's, before
+    temperature and top_p), and the `top` most likely tokens there as (token id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
 class Generation:
-    """One row's result. `trace` has one entry per generated token: which adapters produced it."""
+    """One answer: a row's result, or a multi-part answer assembled from several rows. `trace`
+    has one entry per generated token: which adapters produced it."""
 
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
@@ -42,6 +61,8 @@ class Generation:
     trace: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)  # routing decisions and switches
     routing: dict = field(default_factory=dict)  # the policy's summary (router, confidence...)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, with `params.logprobs`
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # with `params.echo`; None: first token
 
 
 class Policy:
@@ -101,6 +122,73 @@ def explicit(engine: Engine, names: list[str | None]) -> FixedPolicy:
     return FixedPolicy([NO_ADAPTER if n in (None, "base") else ([engine.slot_of(n)], [1.0]) for n in names])
 
 
+class RowsPolicy(Policy):
+    """One policy made of several, so requests that asked for different things (explicit
+    adapters, a sequence-level router's decisions, parts of one prompt) share one batched forward:
+    part i, at `parts[i] = (policy, offset)`, owns rows [offset_i, offset_{i+1}) and sees them as
+    rows 0, 1, ... Every per-row hook is delegated to the owner with the row renumbered.
+
+    A policy with per-layer routing (`dynamic`: Arrow, learned gates) is consulted by every layer
+    for *every* token of the forward, so it cannot share one: that combination is refused, and
+    such a policy gets a `generate` call of its own.
+    """
+
+    def __init__(self, parts: list[tuple[Policy, int]], n_rows: int):
+        if not parts:
+            raise ValueError("RowsPolicy needs at least one part")
+        offsets = [off for _, off in parts]
+        if offsets[0] != 0 or offsets != sorted(set(offsets)) or offsets[-1] >= n_rows:
+            raise ValueError(f"part offsets {offsets} must start at 0, increase, and stay below {n_rows} rows")
+        self.parts = [p for p, _ in parts]
+        self.offsets = offsets
+        self.ends = offsets[1:] + [n_rows]
+        self.n_rows = n_rows
+        dynamic = [p for p in self.parts if p.dynamic is not None]
+        if dynamic and len(self.parts) > 1:
+            raise ValueError("a policy with per-layer (dynamic) routing must have the forward to itself")
+        self.dynamic = dynamic[0].dynamic if dynamic else None
+
+    def locate(self, row: int) -> tuple[Policy, int]:
+        """(the policy owning `row`, the row's index inside that policy)."""
+        i = bisect_right(self.offsets, row) - 1
+        if i < 0 or row >= self.n_rows:
+            raise IndexError(f"row {row} outside the batch of {self.n_rows}")
+        return self.parts[i], row - self.offsets[i]
+
+    def start(self, engine: Engine, prompts: list[list[int]]) -> None:
+        for p, lo, hi in zip(self.parts, self.offsets, self.ends):
+            p.start(engine, prompts[lo:hi])
+
+    def prompt_choice(self, row: int, prompt: list[int]):
+        p, r = self.locate(row)
+        return p.prompt_choice(r, prompt)
+
+    def step_choice(self, row: int, generated: list[int]) -> Choice:
+        p, r = self.locate(row)
+        return p.step_choice(r, generated)
+
+    def override(self, row: int, generated: list[int], token: int) -> int:
+        p, r = self.locate(row)
+        return p.override(r, generated, token)
+
+    def on_forward(self, rows: list[int], tokens_per_row: int) -> None:
+        # a dynamic policy is the only part (offset 0), so it sees the batch order unchanged
+        for p, lo, hi in zip(self.parts, self.offsets, self.ends):
+            p.on_forward([r - lo for r in rows if lo <= r < hi], tokens_per_row)
+
+    def trace_entry(self, engine: Engine, row: int, choice: Choice) -> dict:
+        p, r = self.locate(row)
+        return p.trace_entry(engine, r, choice)
+
+    def summary(self, engine: Engine, row: int) -> dict:
+        p, r = self.locate(row)
+        return p.summary(engine, r)
+
+    def events(self, row: int) -> list[dict]:
+        p, r = self.locate(row)
+        return p.events(r)
+
+
 def _named(engine: Engine, choice: Choice) -> dict[str, float]:
     out: dict[str, float] = {}
     for slot, w in zip(*choice):
@@ -155,7 +243,44 @@ def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator |
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-TokenCallback = Callable[[int, int, dict], None]  # (row, token id, trace entry) as each token lands
+class Listener:
+    """Follows a generation as it happens: `token` after each token a row appends (return a finish
+    reason such as "stop" or "cancelled" to end that row now), `finished` once per row as it leaves
+    the batch, with its `Generation` complete. Rows end independently; the batch goes on."""
+
+    def token(self, row: int, gen: Generation) -> str | None:
+        return None
+
+    def finished(self, row: int, gen: Generation) -> None:
+        """Row `row` is done: `gen` has its text, finish_reason, trace, events and routing."""
+
+
+def _logprob(logp: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """`token`'s entry from one position's log-softmax, with the `k` likeliest tokens."""
+    top = ()
+    if k > 0:
+        values, ids = logp.topk(k)
+        top = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(int(token), float(logp[token]), top)
+
+
+def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> list[TokenLogprob | None]:
+    """Each prompt token's logprob given the tokens before it, from the prefill logits of one
+    left-padded row ([width, vocab]); the first token has no context (None, as in the OpenAI API)."""
+    n = len(prompt)
+    logp = torch.log_softmax(logits[logits.shape[0] - n : -1].float(), -1)
+    return [None] + [_logprob(logp[j], prompt[j + 1], k) for j in range(n - 1)]
+
+
+def _finish(engine: Engine, policy: Policy, row: int, res: Generation, reason: str) -> None:
+    res.finish_reason = reason
+    tok = engine.base.tokenizer
+    res.text = tok.decode(res.token_ids, skip_special_tokens=True)
+    pieces = tok.convert_ids_to_tokens([t["token_id"] for t in res.trace])
+    for entry, piece in zip(res.trace, pieces):
+        entry["token"] = tok.convert_tokens_to_string([piece]) if piece is not None else ""
+    res.events = policy.events(row)
+    res.routing = policy.summary(engine, row)
 
 
 @torch.inference_mode()
@@ -164,59 +289,63 @@ def generate(
     prompts: list[list[int]],
     policy: Policy | None = None,
     params: SamplingParams | None = None,
-    on_token: TokenCallback | None = None,
+    listener: Listener | None = None,
 ) -> list[Generation]:
     """Generate for a batch of token-id prompts under `policy` (default: base model only).
-    `on_token` is called for every generated (non-stop) token, for streaming."""
+    `listener` sees every token as it lands and each row as it ends."""
     policy = policy or Policy()
     params = params or SamplingParams()
+    listener = listener or Listener()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     stop = params.stop_ids if params.stop_ids is not None else engine.base.eos_ids
     gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     results = [Generation(prompt_ids=list(p)) for p in prompts]
-    pad_id = engine.base.tokenizer.pad_token_id or 0
     device = next(engine.model.parameters()).device
+    k = params.logprobs or 0
+
+    ended: set[int] = set()
+
+    def end(row: int, reason: str) -> None:
+        ended.add(row)
+        _finish(engine, policy, row, results[row], reason)
+        listener.finished(row, results[row])
 
     with engine.pin():
         policy.start(engine, prompts)
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch = left_pad(prompts, engine.base.tokenizer.pad_token_id or 0)
         cache = DynamicCache()
         live = list(range(len(prompts)))  # batch position -> row
-        routing = _prefill_routing(policy, prompts, width)
         last_choice = [policy.prompt_choice(i, p) for i, p in enumerate(prompts)]
-        policy.on_forward(list(live), width)
-        with engine.routed(routing, policy.dynamic):
-            out = engine.model(
-                input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
-            )
-        next_pos = positions[:, -1] + 1
+        policy.on_forward(list(live), batch.width)
+        with engine.routed(_prefill_routing(policy, prompts, batch.width), policy.dynamic):
+            out = engine.model(**batch.model_inputs(device), past_key_values=cache, use_cache=True,
+                               logits_to_keep=0 if params.echo else 1)
+        if params.echo:
+            for i, p in enumerate(prompts):
+                results[i].prompt_logprobs = _prompt_logprobs(out.logits[i], p, k)
+        logits, mask, next_pos = out.logits[:, -1], batch.attention_mask, batch.position_ids[:, -1] + 1
         for _ in range(params.max_new_tokens):
-            tokens = _sample(out.logits[:, -1], params, gen).tolist()
+            tokens = _sample(logits, params, gen).tolist()
+            logp = torch.log_softmax(logits.float(), -1) if params.logprobs is not None else None
             keep = []
             for b, row in enumerate(live):
                 res = results[row]
                 tok = tokens[b] = policy.override(row, res.token_ids, tokens[b])
-                choice = last_choice[row]
-                if isinstance(choice[0], torch.Tensor):  # per-token prompt routing: label by last token
-                    choice = (choice[0][-1].tolist(), choice[1][-1].tolist())
-                entry = {"token_id": tok, **policy.trace_entry(engine, row, choice)}
-                res.trace.append(entry)
+                res.trace.append({"token_id": tok, **policy.trace_entry(engine, row, _label(last_choice[row]))})
                 if tok in stop:
-                    res.finish_reason = "stop"
+                    end(row, "stop")
                     continue
                 res.token_ids.append(tok)
-                if on_token is not None:
-                    on_token(row, tok, entry)
-                if len(res.token_ids) < params.max_new_tokens:
+                if logp is not None:
+                    res.logprobs.append(_logprob(logp[b], tok, k))
+                reason = listener.token(row, res)
+                if reason is None and len(res.token_ids) >= params.max_new_tokens:
+                    reason = "length"
+                if reason is None:
                     keep.append(b)
+                else:
+                    end(row, reason)
             if not keep:
                 break
             if len(keep) < len(live):
@@ -235,14 +364,15 @@ def generate(
                     input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask.to(device),
                     position_ids=next_pos[:, None].to(device), past_key_values=cache, use_cache=True,
                 )
-            next_pos = next_pos + 1
-
-    tok = engine.base.tokenizer
-    for i, res in enumerate(results):
-        res.text = tok.decode(res.token_ids, skip_special_tokens=True)
-        pieces = tok.convert_ids_to_tokens([t["token_id"] for t in res.trace])
-        for entry, piece in zip(res.trace, pieces):
-            entry["token"] = tok.convert_tokens_to_string([piece]) if piece is not None else ""
-        res.events = policy.events(i)
-        res.routing = policy.summary(engine, i)
+            logits, next_pos = out.logits[:, -1], next_pos + 1
+        for row in live:  # max_new_tokens=0: nothing was generated
+            if row not in ended:
+                end(row, "length")
     return results
+
+
+def _label(choice):
+    """The choice a trace entry names: per-token prompt routing is labelled by its last token."""
+    if isinstance(choice[0], torch.Tensor):
+        return (choice[0][-1].tolist(), choice[1][-1].tolist())
+    return choice

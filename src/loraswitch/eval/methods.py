@@ -27,9 +27,9 @@ from loraswitch.base import Base
 from loraswitch.demo.tasks import examples  # TODO(suite): take validation prompts from the eval suite
 from loraswitch.eval.data import Item
 from loraswitch.eval.scoring import Answer
-from loraswitch.generate import SamplingParams
+from loraswitch.generate import Generation, SamplingParams
 from loraswitch.library import Adapter, scan
-from loraswitch.routing.segments import PartAnswer, assemble, part_budget
+from loraswitch.switch.parts import assemble, part_budget
 
 
 @dataclass
@@ -185,8 +185,9 @@ class OracleMethod(Method):
                 out.append(results[(i, -1)])
             else:
                 parts = [results[(i, j)] for j in range(len(it.parts))]
-                answers = [PartAnswer(a.text, [e["token_id"] for e in a.trace[: a.n_tokens]], a.trace[: a.n_tokens],
-                                      {"router": "oracle", "adapter": p.task, "confidence": 1.0})
+                answers = [Generation([], [e["token_id"] for e in a.trace[: a.n_tokens]], a.text, "stop",
+                                      a.trace[: a.n_tokens], routing={"router": "oracle", "adapter": p.task,
+                                                                      "confidence": 1.0})
                            for a, p in zip(parts, it.parts)]
                 out.append(Answer.from_generation(assemble(switch.base.tokenizer, answers, "oracle")))
             self.ctx.progress(1)

@@ -3,7 +3,7 @@
 Single-task prompts get the calibrated sequence-level selector (best routing accuracy, and the
 only router that abstains reliably on prompts no adapter is for). Prompts made of numbered parts
 are answered part by part (`fans_out`): each part is a row of the batch, routed by the selector on
-its own words (`segments`). When
+its own words (`switch.parts`). When
 the selector is missing or was trained for a different library (an adapter was added or
 changed since), auto falls back to Arrow, which needs no training, and says so in each decision.
 """

@@ -41,7 +41,7 @@ class Router(ABC):
 
     name: str = "router"
     # True: a prompt of numbered parts is answered part by part, one batch row per part
-    # (`routing.segments`); the router then only ever sees single-task text.
+    # (`switch.parts`); the router then only ever sees single-task text.
     fans_out: bool = False
 
     @abstractmethod

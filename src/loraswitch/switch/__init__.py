@@ -1,19 +1,28 @@
-"""The library's front door: one object that holds the engine and its routers and answers chat
-prompts with `model="auto"` (route), `"base"`, or an adapter name. The CLI, the evaluation
-harness and the server all go through `Switch.chat`, so they route and generate identically.
+"""The library's front door: one object that holds the engine and its routers and answers
+requests with `model="auto"` (route), `"base"`, or an adapter name.
+
+There is one answering path: `Switch.run` takes requests (`switch.request.Request`, each behind a
+`Handle` that receives its events) and decodes them in as few batched forwards as possible
+(`switch.run`). `Switch.stream` iterates over the events of a list of requests, `Switch.chat`
+collects their answers, and the server's worker calls `run` with whatever requests are waiting,
+so the CLI, the evaluation harness and the server route, split and generate identically.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import queue
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from loraswitch.base import Base, load_base
 from loraswitch.constants import DEMO_ADAPTER_DIR
 from loraswitch.engine import Engine
-from loraswitch.generate import Generation, Policy, SamplingParams, explicit, generate
+from loraswitch.generate import Generation, Policy, SamplingParams, explicit
+from loraswitch.library import AdapterError
 from loraswitch.routing import ROUTER_NAMES, Router, load_router
-from loraswitch.routing.segments import FanOut
+from loraswitch.switch.request import Done, Event, Failed, Handle, Request
+from loraswitch.switch.run import run
 
 MAX_BATCH = 32
 
@@ -42,6 +51,22 @@ class Switch:
             self._routers[key] = load_router(self.engine, name, self.router_dir)
         return self._routers[key]
 
+    def resolve(self, model: str, route: str | None = None) -> tuple[str, str | None]:
+        """(model, route) as a request means them: "auto:arrow" is model "auto" with router
+        "arrow"; a router only applies to "auto". Raises ValueError for a bad combination and
+        AdapterError for an unknown model."""
+        if model.startswith("auto:"):
+            model, route = "auto", route or model.split(":", 1)[1]
+        if model == "auto":
+            if route is not None and route not in ROUTER_NAMES:
+                raise ValueError(f"unknown router {route!r}; choose one of {', '.join(ROUTER_NAMES)}")
+            return model, route
+        if route not in (None, "none"):
+            raise ValueError(f"route={route!r} only applies to model 'auto' ({model!r} is explicit)")
+        if model != "base" and model not in self.engine.names:
+            raise AdapterError(model, f"unknown adapter {model!r}")
+        return model, None
+
     def policy(self, prompts: list[str], model: str = "auto", route: str | None = None) -> Policy:
         """`model`: "auto" routes (with router `route`, default "auto"), "base" or an adapter name."""
         if model == "auto":
@@ -49,6 +74,34 @@ class Switch:
         if route not in (None, "none"):
             raise ValueError(f"route={route!r} only applies to model='auto' (model={model!r} is explicit)")
         return explicit(self.engine, [model] * len(prompts))
+
+    def run(self, handles: list[Handle], max_rows: int | None = MAX_BATCH) -> list[dict]:
+        """Answer every handle's request; each gets its events (started, token, switched, then
+        done or failed) through `handle.emit` as they happen. Returns the batches formed."""
+        return run(self, handles, max_rows)
+
+    def stream(self, requests: list[Request]) -> Iterator[tuple[int, Event]]:
+        """(request index, event) as the answers are written; the generation runs in a thread and
+        stops early (its rows leave the batch) when the iterator is closed."""
+        events: queue.Queue = queue.Queue()
+        handles = [Handle(r, emit=lambda e, i=i: events.put((i, e))) for i, r in enumerate(requests)]
+        finished = object()
+
+        def work() -> None:
+            try:
+                self.run(handles)
+            finally:
+                events.put(finished)
+
+        thread = threading.Thread(target=work, name="loraswitch-stream", daemon=True)
+        thread.start()
+        try:
+            while (item := events.get()) is not finished:
+                yield item
+        finally:
+            for h in handles:
+                h.cancel()
+            thread.join()
 
     def chat(
         self,
@@ -58,29 +111,26 @@ class Switch:
         params: SamplingParams | None = None,
         system: str | None = None,
     ) -> list[Generation]:
-        """Answer each prompt as one chat turn; batches of up to MAX_BATCH rows. With a router
-        that fans out (`auto`), a prompt of numbered parts becomes one row per part and its
-        answer is assembled from theirs (`routing.segments`)."""
-        router = self.router(route or "auto") if model == "auto" else None
-        plan = FanOut.of(prompts, enabled=bool(router is not None and router.fans_out))
+        """Answer each prompt as one chat turn, in batches of up to MAX_BATCH rows. With a router
+        that fans out (`auto`), a prompt of numbered parts becomes one row per part and its answer
+        is assembled from theirs (`switch.parts`)."""
         params = params or SamplingParams()
-        budgets = plan.budgets(params.max_new_tokens)
-        gens: list[Generation | None] = [None] * len(plan.rows)
-        for budget in sorted(set(budgets)):  # one generate() per budget: it takes one max_new_tokens
-            todo = [r for r, b in enumerate(budgets) if b == budget]
-            for i in range(0, len(todo), MAX_BATCH):
-                chunk = todo[i : i + MAX_BATCH]
-                texts = [plan.rows[r] for r in chunk]
-                ids = [self.base.chat_ids(t, system=system) for t in texts]
-                got = generate(self.engine, ids, self.policy(texts, model, route), replace(params, max_new_tokens=budget))
-                for r, g in zip(chunk, got):
-                    gens[r] = g
-        composite = plan.composite
-        if not any(composite):
-            return gens  # type: ignore[return-value]
-        prompt_ids = [self.base.chat_ids(p, system=system) if c else [] for p, c in zip(prompts, composite)]
-        return plan.gather(self.base.tokenizer, gens,  # type: ignore[arg-type]
-                           router.name if router else model, prompt_ids)
+        requests = [Request.chat(p, system=system, model=model, route=route, max_tokens=params.max_new_tokens,
+                                 temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+                                 logprobs=params.logprobs) for p in prompts]
+        answers: list[Generation | None] = [None] * len(requests)
+        errors: list[Exception] = []
+
+        def collect(i: int, event: Event) -> None:
+            if isinstance(event, Failed):
+                errors.append(event.error)
+            elif isinstance(event, Done):
+                answers[i] = event.answer
+
+        self.run([Handle(r, emit=lambda e, i=i: collect(i, e)) for i, r in enumerate(requests)])
+        if errors:
+            raise errors[0]
+        return answers  # type: ignore[return-value]
 
 
-__all__ = ["Switch", "ROUTER_NAMES"]
+__all__ = ["Switch", "Request", "Handle", "ROUTER_NAMES"]

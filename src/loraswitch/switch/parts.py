@@ -1,0 +1,190 @@
+"""Answering a prompt that mixes tasks, part by part (`auto` on a numbered multi-part prompt).
+
+A chat request whose last user message numbers its parts ("1. ...", "2. ...", the grammar of
+`loraswitch.numbered`) is fanned out: each part becomes a row of the same batch, its own prompt
+(the conversation with that message replaced by the part), routed on the part's own words, with
+an equal share of the request's `max_tokens` (at least 8). All rows decode together in one
+batched forward; the answers are assembled in order into one numbered answer ("1. ...\\n2. ..."),
+with a trace that labels every token with its part and one switch event per part.
+
+Why rows and not one pass with one KV cache: a decision per part cannot flicker token by token
+(MeteoRA needs top-2 and a hand-set temperature of 15-30 to keep per-token gates from doing
+exactly that), and an adapter trained on single requests answers a part correctly only when the
+part is all it reads. In one pass every part's adapter reads the whole multi-part prompt and
+tends to answer another part; measured on the demo suite that cost most of the per-part accuracy.
+The oracle of `loraswitch eval` answers composites the same way (each part alone with its own
+adapter) and assembles them with `assemble` below, so the two are compared like for like.
+
+`PartsAnswer` is the streaming side: part 1 streams as it is written, later parts' text is held
+back until the parts before them are done, then follows behind its separator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from loraswitch.generate import Generation, TokenLogprob
+from loraswitch.numbered import separator, split_parts
+from loraswitch.switch.request import Done, Failed, Handle, Request, Started, Switched, Token
+
+_DECISION_KEYS = ("adapter", "confidence", "scores", "reason")
+
+
+def part_budget(max_new_tokens: int, n_parts: int) -> int:
+    """New tokens each part may write: the request's budget shared equally (at least 8)."""
+    return max(8, max_new_tokens // n_parts)
+
+
+def fan_out(request: Request, base) -> list[Request] | None:
+    """One request per part of a multi-part chat request, else None."""
+    if not request.is_chat:
+        return None
+    parts = split_parts(request.route_text(base))
+    if not parts:
+        return None
+    budget = part_budget(request.max_tokens, len(parts))
+    return [replace(request.with_route_text(p), max_tokens=budget) for p in parts]
+
+
+def separator_ids(tokenizer, k: int) -> list[int]:
+    """Token ids of `separator(k)`: what the assembled answer holds before part k's tokens."""
+    return tokenizer(separator(k), add_special_tokens=False)["input_ids"]
+
+
+def _forced(ids: list[int]) -> list[TokenLogprob]:
+    """Separator tokens are written by the assembly, not sampled: probability 1."""
+    return [TokenLogprob(t, 0.0) for t in ids]
+
+
+def assemble(tokenizer, parts: list[Generation], router: str, prompt_ids: list[int] | None = None,
+             logprobs: bool = False) -> Generation:
+    """One numbered answer from the parts' answers: text, token ids (separators included, so the
+    ids decode to the text), a per-token trace with `part`, a switch event per part and, with
+    `logprobs`, the parts' logprobs (separators: 0). Part texts are kept as written (not
+    stripped) so a stream of the parts adds up to the answer."""
+    out = Generation(prompt_ids=list(prompt_ids or []), finish_reason="stop")
+    texts: list[str] = []
+    for k, part in enumerate(parts, 1):
+        sep_ids = separator_ids(tokenizer, k)
+        d = part.routing
+        out.events.append({"token_index": len(out.token_ids), "event": "switch", "part": k,
+                           "adapter": d.get("adapter"), "confidence": round(float(d.get("confidence", 1.0)), 4),
+                           **({"reason": d["reason"]} if d.get("reason") else {})})
+        for t in sep_ids:
+            out.trace.append({"token_id": t, "token": tokenizer.decode([t]), "adapters": {}, "part": k, "separator": True})
+        out.trace += [{**e, "part": k} for e in part.trace[: len(part.token_ids)]]
+        out.token_ids += sep_ids + part.token_ids
+        if logprobs:
+            out.logprobs += _forced(sep_ids) + part.logprobs
+        texts.append(separator(k) + part.text)
+        if part.finish_reason != "stop":
+            out.finish_reason = part.finish_reason
+    out.text = "".join(texts)
+    decisions = [p.routing for p in parts]
+    out.routing = {"router": decisions[0].get("router", router) if decisions else router,
+                   "adapter": [d.get("adapter") for d in decisions],
+                   "confidence": round(min(float(d.get("confidence", 1.0)) for d in decisions), 4),
+                   "parts": [{k: d[k] for k in _DECISION_KEYS if k in d} for d in decisions], "fan_out": len(parts)}
+    return out
+
+
+class SingleAnswer:
+    """The events of a request answered by one row go to its handle as they are."""
+
+    def __init__(self, handle: Handle):
+        self.handle = handle
+        self.over = False
+
+    @property
+    def gone(self) -> bool:
+        return self.over or self.handle.cancelled
+
+    def started(self, part: int, batch: dict) -> None:
+        self.handle.emit(Started(batch))
+
+    def event(self, part: int, event: Token | Switched) -> None:
+        self.handle.emit(event)
+
+    def done(self, part: int, answer: Generation, batch: dict) -> None:
+        self.over = True
+        self.handle.emit(Done(answer, batch))
+
+    def failed(self, error: Exception) -> None:
+        if not self.over:
+            self.over = True
+            self.handle.emit(Failed(error))
+
+
+class PartsAnswer(SingleAnswer):
+    """The parent of a multi-part request's rows (see the module doc): streams the parts in order
+    behind their separators, renumbering token indices to the assembled answer, and answers once
+    every part is done, with `assemble`."""
+
+    def __init__(self, handle: Handle, n_parts: int, tokenizer, router: str):
+        super().__init__(handle)
+        self.tokenizer, self.router, self.n = tokenizer, router, n_parts
+        self.sep_ids = [separator_ids(tokenizer, k) for k in range(1, n_parts + 1)]  # as `assemble` writes them
+        self.results: list[tuple[Generation, dict] | None] = [None] * n_parts
+        self.pending: list[list[Token | Switched]] = [[] for _ in range(n_parts)]  # held back, per part
+        self.opened = [False] * n_parts  # the part's separator has been streamed
+        self.current = 0  # the part being streamed
+        self.offset = 0  # assembled token index where the current part's separator starts
+        self.began = False
+
+    def started(self, part: int, batch: dict) -> None:
+        if not self.began:
+            self.began = True
+            self.handle.emit(Started({**batch, "fan_out": self.n}))
+
+    def event(self, part: int, event: Token | Switched) -> None:
+        if self.over:
+            return
+        if part == self.current:
+            self._stream(part, event)
+        else:
+            self.pending[part].append(event)
+
+    def _stream(self, k: int, event: Token | Switched) -> None:
+        first = not self.opened[k]
+        self.opened[k] = True
+        base = self.offset + len(self.sep_ids[k])
+        if first:  # the separator, with its own token pieces and (forced) logprobs
+            sep = separator(k + 1)
+            logprobs = tuple(_forced(self.sep_ids[k])) if self.handle.request.logprobs is not None else ()
+            self.handle.emit(Token(sep, self.offset, ({"index": self.offset, "text": sep, "adapters": {}, "part": k + 1,
+                                                       "separator": True},), logprobs))
+        if isinstance(event, Switched):
+            self.handle.emit(Switched(base + event.token_index, event.adapter, k + 1))
+        elif event.text or event.logprobs:
+            pieces = tuple({**p, "index": base + p["index"], "part": k + 1} for p in event.pieces)
+            self.handle.emit(Token(event.text, base + event.start, pieces, event.logprobs))
+
+    def done(self, part: int, answer: Generation, batch: dict) -> None:
+        if self.over:
+            return
+        self.results[part] = (answer, batch)
+        while self.current < self.n and self.results[self.current] is not None:
+            self._close_current()
+        if self.current == self.n:
+            self._answer()
+
+    def _close_current(self) -> None:
+        """The streamed part is done: make sure its separator went out, move to the next part and
+        flush what that part already wrote."""
+        k = self.current
+        if not self.opened[k]:
+            self._stream(k, Token("", 0))
+        self.offset += len(self.sep_ids[k]) + len(self.results[k][0].token_ids)
+        self.current += 1
+        if self.current < self.n:
+            for event in self.pending[self.current]:
+                self._stream(self.current, event)
+            self.pending[self.current] = []
+
+    def _answer(self) -> None:
+        parts = [r[0] for r in self.results]
+        whole = assemble(self.tokenizer, parts, self.router, list(self.handle.request.prompt_ids or ()),
+                         logprobs=self.handle.request.logprobs is not None)
+        batches = [r[1] for r in self.results]
+        batch = {**batches[0], "fan_out": self.n, "batches": sorted({b.get("id") for b in batches})}
+        super().done(0, whole, batch)

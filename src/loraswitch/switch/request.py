@@ -1,0 +1,169 @@
+"""What a caller asks the library (`Request`, immutable), the handle it follows it by (`Handle`:
+cancellation and where its events go), and the events an answer is made of.
+
+A request's events, in order: `Started` (its first row entered a batched forward), `Token`s
+(new answer text), `Switched` when the adapter writing the answer changes (its first token
+included; a multi-part answer: each part), then exactly one of `Done` (the answer), `Failed`
+(the request cannot be served as asked) or nothing more after a cancellation. `Switch.chat`
+collects the `Done`s; the server streams the `Token`s.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from loraswitch.base import Base
+from loraswitch.generate import Generation, TokenLogprob
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
+
+
+class RouterUnavailable(RuntimeError):
+    """The router a request asked for cannot be built (missing, stale, or unknown)."""
+
+    def __init__(self, route: str | None, cause: Exception):
+        super().__init__(f"router {route or 'auto'!r} is unavailable: {cause}")
+        self.route = route
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt to answer: a conversation (`messages`, answered in the chat template) or a raw
+    completion (`prompt`: text or token ids, no template), and how to answer it.
+
+    `model`: "auto" (routed; `route` picks the router, default "auto"), "base" or an adapter
+    name. Only chat requests to a router that fans out (`auto`) are answered part by part when
+    their last user message numbers its parts.
+    """
+
+    messages: tuple[Message, ...] | None = None
+    prompt: str | tuple[int, ...] | None = None
+    model: str = "auto"
+    route: str | None = None
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None  # a seeded sampled request decodes alone, so its seed reproduces it
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
+    logprobs: int | None = None  # None: none; k: each answer token's logprob and the k likeliest
+    echo: bool = False  # also the prompt tokens' logprobs (completions)
+    prompt_ids: tuple[int, ...] | None = None  # filled by `tokenized`
+
+    def __post_init__(self):
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("a Request has either messages or a prompt")
+
+    @classmethod
+    def chat(cls, prompt: str | list[Message], system: str | None = None, **kw) -> Request:
+        """A chat request from one user prompt (or a list of messages) and an optional system prompt."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        return cls(messages=tuple(messages), **kw)
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+    def _route_index(self) -> int:
+        msgs = self.messages or ()
+        for i in range(len(msgs) - 1, -1, -1):
+            if msgs[i]["role"] == "user" and msgs[i]["content"].strip():
+                return i
+        return len(msgs) - 1
+
+    def route_text(self, base: Base) -> str:
+        """What a router reads: the last user message (routers are trained on single user turns;
+        a system prompt says nothing about the task), or the completion prompt."""
+        if self.messages is not None:
+            return self.messages[self._route_index()]["content"]
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return base.tokenizer.decode(list(self.prompt or ()), skip_special_tokens=True)
+
+    def with_route_text(self, text: str) -> Request:
+        """This chat request with the message `route_text` reads replaced by `text` (one part of a
+        multi-part request, answered on its own)."""
+        i, msgs = self._route_index(), list(self.messages or ())
+        msgs[i] = {**msgs[i], "content": text}
+        return replace(self, messages=tuple(msgs), prompt_ids=None)
+
+    def tokenized(self, base: Base) -> Request:
+        """This request with `prompt_ids` filled in: the conversation in the chat template, or the
+        raw prompt. The server tokenizes in its HTTP handlers (to refuse long prompts at once)."""
+        if self.prompt_ids is not None:
+            return self
+        if self.messages is not None:
+            ids = base.chat_ids(list(self.messages))
+        elif isinstance(self.prompt, str):
+            ids = base.tokenizer(self.prompt)["input_ids"]
+        else:
+            ids = list(self.prompt or ())
+        return replace(self, prompt_ids=tuple(ids))
+
+    @property
+    def sampling_key(self) -> tuple:
+        """Requests decode in one `generate` call only with equal keys: it samples a batch with one
+        setting, and echo keeps every prefill logit."""
+        key: tuple = ("greedy",) if self.temperature <= 0 else ("sample", float(self.temperature), float(self.top_p))
+        return (*key, "echo") if self.echo else key
+
+    @property
+    def decodes_alone(self) -> bool:
+        """A seeded sampled request gets a `generate` call (and random generator) of its own, so
+        its seed reproduces its answer whatever else is in flight."""
+        return self.temperature > 0 and self.seed is not None
+
+
+@dataclass(frozen=True)
+class Started:
+    batch: dict  # {"id", "size", "dynamic"} of the batched forward (a multi-part answer: "fan_out")
+
+
+@dataclass(frozen=True)
+class Token:
+    """New answer text. `start` is the index (in the answer's tokens) of the first token this text
+    belongs to; `logprobs` are those of the tokens whose text is now complete (with `logprobs`);
+    `pieces` cut `text` at token boundaries, each with its token's `index` and routing entry."""
+
+    text: str
+    start: int
+    pieces: tuple[dict, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Switched:
+    token_index: int
+    adapter: str | None  # None: the base model
+    part: int | None = None  # 1-based, for a multi-part answer
+
+
+@dataclass(frozen=True)
+class Done:
+    answer: Generation
+    batch: dict
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: Exception
+
+
+Event = Started | Token | Switched | Done | Failed
+
+
+@dataclass(eq=False)
+class Handle:
+    """A request in flight: where its events go, and a flag to cancel it (its rows leave the batch
+    at their next token). Owned by the caller; the library only reads `cancelled`."""
+
+    request: Request
+    emit: Callable[[Event], None] = lambda event: None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True

@@ -1,0 +1,219 @@
+"""Running a batch of requests: the one path every answer takes (`Switch.chat`, `Switch.stream`
+and the server's worker all call `run`).
+
+Requests become rows (a multi-part request: one row per part, `switch.parts`), and the rows are
+decoded with as few `generate` calls as possible:
+
+* rows must share sampling settings (`generate` samples a batch with one set): greedy rows all
+  batch together, sampled ones by (temperature, top_p); a *seeded* sampled request decodes alone
+  so its seed reproduces its answer whatever else is in flight; echo rows (prompt logprobs keep
+  every prefill logit) batch only with each other;
+* within those, one policy per (model, router) decides all of its rows at once; static policies
+  (explicit adapters, `base`, sequence-level routing) share one forward through `RowsPolicy`; a
+  per-layer router (Arrow, gates: `policy.dynamic`) gets a forward of its own.
+
+Each row keeps its own decoding state apart from its request (`Row`): its token limit, stop
+strings, incremental text, and what it has streamed. A row that reaches its `max_tokens`, hits a
+stop string or whose request was cancelled leaves the batch at once, and each request is answered
+the moment its last row ends, not when the whole batch does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from loraswitch.generate import Generation, Listener, Policy, RowsPolicy, SamplingParams, generate
+from loraswitch.library import AdapterError
+from loraswitch.routing.base import StaleRouterError
+from loraswitch.switch.parts import PartsAnswer, SingleAnswer, fan_out
+from loraswitch.switch.request import Handle, Request, RouterUnavailable, Switched, Token
+from loraswitch.switch.text import Detokenizer, StopStrings
+
+log = logging.getLogger("loraswitch.switch")
+_batch_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Row:
+    """One row of a batch (a request, or part `part` of one) and its decoding state."""
+
+    answer: SingleAnswer
+    part: int
+    request: Request  # the part's own request for a multi-part one (route text, max_tokens)
+    detok: Detokenizer
+    stops: StopStrings
+    batch: dict = field(default_factory=dict)
+    sent: int = 0  # characters already emitted
+    next_piece: int = 0  # first token whose text is not all emitted yet
+    released: int = 0  # tokens whose logprobs were emitted
+    cut: int | None = None  # where a stop string starts
+    top: str | None = None  # the adapter of the last token (for switch events)
+
+    def emit_text(self, text: str, upto: int, gen: Generation, final: bool = False) -> None:
+        """Emit `text[sent:upto]` with its token pieces and the logprobs of completed tokens."""
+        done = len(gen.token_ids) if final else self.detok.complete(upto)
+        if upto <= self.sent and done <= self.released:
+            return
+        start = self.next_piece
+        pieces, self.next_piece = self.detok.pieces(text, self.sent, upto, gen.trace, self.next_piece)
+        logprobs = tuple(gen.logprobs[self.released : done])
+        self.answer.event(self.part, Token(text[self.sent : upto], start, tuple(pieces), logprobs))
+        self.sent, self.released = max(self.sent, upto), max(self.released, done)
+
+
+def _top(entry: dict) -> str | None:
+    adapters = entry.get("adapters") or {}
+    return max(adapters, key=adapters.get) if adapters else None
+
+
+class BatchListener(Listener):
+    """Per-row limits, stop strings, cancellation and streaming for one `generate` call."""
+
+    def __init__(self, rows: list[Row]):
+        self.rows = rows
+
+    def token(self, r: int, gen: Generation) -> str | None:
+        row = self.rows[r]
+        if row.answer.gone:
+            return "cancelled"
+        index = len(gen.token_ids) - 1
+        top = _top(gen.trace[index])
+        if index == 0 or top != row.top:
+            row.top = top
+            row.answer.event(row.part, Switched(index, top))
+        row.detok.add(gen.token_ids[-1])
+        text = row.detok.text
+        if row.stops:
+            row.cut = row.stops.find(text)
+            if row.cut is not None:
+                return "stop"
+        row.emit_text(text, len(text) - row.stops.holdback(text), gen)
+        return "length" if len(gen.token_ids) >= row.request.max_tokens else None
+
+    def finished(self, r: int, gen: Generation) -> None:
+        row = self.rows[r]
+        if gen.finish_reason == "cancelled" or row.answer.gone:
+            return
+        if row.cut is not None:
+            gen.text = row.detok.text[: row.cut]
+        row.emit_text(gen.text, len(gen.text), gen, final=True)
+        row.answer.done(row.part, gen, row.batch)
+
+
+def _rows(switch, handle: Handle) -> list[Row]:
+    """The rows of one request: one, or one per part of a multi-part request."""
+    base = switch.base
+    request = handle.request.tokenized(base)
+    handle.request = request
+    fans = request.model == "auto" and request.is_chat and _fans_out(switch, request.route)
+    parts = fan_out(request, base) if fans else None
+    if parts is None:
+        answer, parts = SingleAnswer(handle), [request]
+    else:
+        answer = PartsAnswer(handle, len(parts), base.tokenizer, request.route or "auto")
+    return [Row(answer, k, p.tokenized(base), Detokenizer(base.tokenizer), StopStrings(p.stop))
+            for k, p in enumerate(parts)]
+
+
+def _fans_out(switch, route: str | None) -> bool:
+    try:
+        return switch.router(route or "auto").fans_out
+    except Exception:  # the router is unavailable: building the policy reports why
+        return False
+
+
+def _policy(switch, rows: list[Row]) -> Policy:
+    req = rows[0].request
+    texts = [r.request.route_text(switch.base) for r in rows]
+    try:
+        return switch.policy(texts, req.model, req.route)
+    except AdapterError:
+        raise
+    except (StaleRouterError, FileNotFoundError, ValueError) as exc:
+        raise RouterUnavailable(req.route, exc) from exc
+
+
+def _chunks(items: list, size: int | None) -> list[list]:
+    size = size or max(1, len(items))
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _calls(switch, rows: list[Row], max_rows: int | None) -> list[list[tuple[Policy, list[Row]]]]:
+    """The `generate` calls for rows of one sampling setting: one policy per (model, router) and
+    chunk; static policies packed together up to `max_rows` rows, each dynamic one alone."""
+    by_policy: dict[tuple, list[Row]] = {}
+    for row in rows:
+        req = row.request
+        by_policy.setdefault((req.model, req.route if req.model == "auto" else None), []).append(row)
+    static: list[list[tuple[Policy, list[Row]]]] = [[]]
+    dynamic: list[list[tuple[Policy, list[Row]]]] = []
+    for members in by_policy.values():
+        for chunk in _chunks(members, max_rows):
+            try:
+                policy = _policy(switch, chunk)
+            except Exception as exc:
+                for row in chunk:
+                    row.answer.failed(exc)
+                continue
+            if policy.dynamic is not None:
+                dynamic.append([(policy, chunk)])
+                continue
+            if max_rows and sum(len(m) for _, m in static[-1]) + len(chunk) > max_rows:
+                static.append([])
+            static[-1].append((policy, chunk))
+    return [c for c in static if c] + dynamic
+
+
+def _generate(switch, call: list[tuple[Policy, list[Row]]]) -> dict | None:
+    """One `generate` call for `call`'s rows (the policies were built over all of them)."""
+    rows = [r for _, members in call for r in members]
+    if all(r.answer.gone for r in rows):
+        return None
+    parts, offset = [], 0
+    for policy, members in call:
+        parts.append((policy, offset))
+        offset += len(members)
+    policy = RowsPolicy(parts, len(rows))
+    lead = rows[0].request
+    wanted = [r.request.logprobs for r in rows if r.request.logprobs is not None]
+    params = SamplingParams(max_new_tokens=max(r.request.max_tokens for r in rows),
+                            temperature=max(lead.temperature, 0.0), top_p=lead.top_p, seed=lead.seed,
+                            logprobs=max(wanted) if wanted else None, echo=lead.echo)
+    info = {"id": next(_batch_ids), "size": len(rows), "dynamic": policy.dynamic is not None}
+    for row in rows:
+        row.batch = dict(info)
+        row.answer.started(row.part, dict(info))
+    began = time.monotonic()
+    try:
+        generate(switch.engine, [list(r.request.prompt_ids) for r in rows], policy, params, BatchListener(rows))
+    except Exception as exc:
+        log.exception("batch %d failed", info["id"])
+        for row in rows:
+            row.answer.failed(exc)
+    return {**info, "models": sorted({r.request.model for r in rows}), "seconds": round(time.monotonic() - began, 4)}
+
+
+def run(switch, handles: list[Handle], max_rows: int | None = None) -> list[dict]:
+    """Answer `handles` (see the module doc); every request gets its events through its handle.
+    Returns what each `generate` call was: id, size, dynamic, models, seconds."""
+    rows: list[Row] = []
+    for handle in handles:
+        try:
+            rows += _rows(switch, handle)
+        except Exception as exc:  # e.g. a conversation the chat template refuses
+            SingleAnswer(handle).failed(exc)
+    by_sampling: dict[tuple, list[Row]] = {}
+    for row in rows:
+        key = (id(row),) if row.request.decodes_alone else row.request.sampling_key
+        by_sampling.setdefault(key, []).append(row)
+    batches = []
+    with switch.engine.pin():  # adapters removed from now on stay valid for these rows
+        for group in by_sampling.values():
+            for call in _calls(switch, group, max_rows):
+                info = _generate(switch, call)
+                if info is not None:
+                    batches.append(info)
+    return batches

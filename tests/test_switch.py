@@ -1,0 +1,211 @@
+"""The library's one answering path (`loraswitch.switch`): the numbered-parts grammar, the
+streaming events (token / switch / done) that `Switch.chat` collects and the server streams,
+incremental text and stop strings, part-by-part answers of prompts that mix tasks, and logprobs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraswitch.generate import SamplingParams, TokenLogprob
+from loraswitch.numbered import numbered, parse_numbered, split_parts
+from loraswitch.routing.base import Decision, Router
+from loraswitch.switch import Switch
+from loraswitch.switch.parts import fan_out, part_budget
+from loraswitch.switch.request import Done, Failed, Handle, Request, Started, Switched, Token
+from loraswitch.switch.text import Detokenizer, StopStrings
+
+
+@pytest.fixture
+def switch(tiny_base, adapter_dir, tmp_path):
+    return Switch(tiny_base, [adapter_dir], router_dir=tmp_path / "no_routers")  # auto = arrow here
+
+
+class _KeywordRouter(Router):
+    """Routes by a keyword in the text, so a test knows every part's adapter in advance."""
+
+    name = "kw"
+    fans_out = True
+
+    def route(self, engine, prompts):
+        table = {"date": "alpha", "sum": "gamma"}
+        out = []
+        for p in prompts:
+            hit = next((a for k, a in table.items() if k in p), None)
+            out.append(Decision(hit, 0.9 if hit else 0.2, reason="" if hit else "no keyword"))
+        return out
+
+
+PARTS = ["the date part", "a sum part", "something else"]
+COMPOSITE = numbered(PARTS, header="Answer each part on its own line.")
+
+
+# ---------------------------------------------------------------------------- the grammar
+def test_numbered_parts_grammar():
+    assert split_parts("Answer each part.\n1. Add 1 and 2.\n2. Sort: 3, 1") == ["Add 1 and 2.", "Sort: 3, 1"]
+    assert split_parts("1. only one part") is None
+    assert split_parts("2. out of order\n1. x") is None
+    assert split_parts("1.5 is a number\n2. no") is None  # "1.5" is not a numbered line
+    assert split_parts(COMPOSITE) == PARTS
+    assert numbered(["a", "b"]) == "1. a\n2. b"
+    assert parse_numbered("1. x\n2) y\n2. z", 3) == ["x", "y", ""]  # the first line numbered k wins
+    assert parse_numbered(numbered(["3, 7", "dix"]), 2) == ["3, 7", "dix"]
+
+
+def test_part_budget_and_fan_out(tiny_base):
+    parts = fan_out(Request.chat(COMPOSITE, max_tokens=40, system="be brief"), tiny_base)
+    assert [p.route_text(tiny_base) for p in parts] == PARTS and {p.max_tokens for p in parts} == {13}
+    assert parts[0].messages[0] == {"role": "system", "content": "be brief"}  # the conversation is kept
+    assert fan_out(Request.chat("plain"), tiny_base) is None
+    assert fan_out(Request(prompt=COMPOSITE), tiny_base) is None  # raw completions are not split
+    assert part_budget(10, 5) == 8  # never starve a part
+
+
+# ---------------------------------------------------------------------------- text
+def test_detokenizer_matches_full_decode_and_holds_unfinished_characters(tokenizer):
+    text = "Grüße, naïve café — 東京 🎉 done."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    detok = Detokenizer(tokenizer)
+    deltas = [detok.add(t) for t in ids]
+    assert "".join(deltas) == detok.text == tokenizer.decode(ids)
+    assert all("\ufffd" not in d for d in deltas)
+    assert detok.ends == sorted(detok.ends) and detok.ends[-1] == len(text)
+    assert detok.complete(len(text)) == len(ids) and detok.complete(0) == 0
+    pieces, nxt = detok.pieces(detok.text, 0, len(text), [{"adapters": {"a": 1.0}}] * len(ids))
+    assert "".join(p["text"] for p in pieces) == text and nxt == len(ids)
+
+
+def test_stop_strings_find_incrementally_and_hold_back():
+    stops = StopStrings(["END", "xyz"])
+    assert stops.find("abc E") is None and stops.holdback("abc E") == 1
+    assert stops.find("abc EN") is None and stops.holdback("abc EN") == 2
+    assert stops.find("abc END and xyz") == 4
+    assert StopStrings(["cdx", "bcdy"]).holdback("abcd") == 3
+    assert StopStrings(["xyz"]).holdback("abc") == 0
+    assert not StopStrings([])
+
+
+# ---------------------------------------------------------------------------- streaming
+def _stream(switch, requests):
+    events: dict[int, list] = {}
+    for i, ev in switch.stream(requests):
+        events.setdefault(i, []).append(ev)
+    return events
+
+
+def test_stream_events_add_up_to_chat_answers(switch):
+    switch._routers[("auto", switch.engine.version)] = _KeywordRouter()
+    params = SamplingParams(max_new_tokens=12)
+    prompts = ["a lone date question", COMPOSITE, "hello"]
+    models = ["auto", "auto", "beta"]
+    expected = [switch.chat([p], model=m, params=params)[0] for p, m in zip(prompts, models)]
+    events = _stream(switch, [Request.chat(p, model=m, max_tokens=12) for p, m in zip(prompts, models)])
+    for i, exp in enumerate(expected):
+        evs = events[i]
+        assert isinstance(evs[0], Started) and isinstance(evs[-1], Done)
+        assert [type(e) for e in evs[1:-1]] and all(isinstance(e, Token | Switched) for e in evs[1:-1])
+        done = evs[-1].answer
+        assert done.text == exp.text and done.token_ids == exp.token_ids and done.routing == exp.routing
+        tokens = [e for e in evs if isinstance(e, Token)]
+        assert "".join(t.text for t in tokens) == exp.text
+        pieces = [p for t in tokens for p in t.pieces]
+        assert "".join(p["text"] for p in pieces) == exp.text
+    # a multi-part answer: one switch per part, at the part's first answer token, in order
+    switches = [e for e in events[1] if isinstance(e, Switched)]
+    assert [(s.part, s.adapter) for s in switches] == [(1, "alpha"), (2, "gamma"), (3, None)]
+    first_of = {k: next(i for i, t in enumerate(expected[1].trace) if t["part"] == k and not t.get("separator"))
+                for k in (1, 2, 3)}
+    assert [s.token_index for s in switches] == [first_of[k] for k in (1, 2, 3)]
+    assert events[1][0].batch["fan_out"] == 3
+
+
+def test_stop_strings_and_per_request_limits_in_one_batch(switch):
+    full = switch.chat(["hello"], model="alpha", params=SamplingParams(max_new_tokens=16))[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    handles = {}
+    got = {}
+    for key, req in {"stop": Request.chat("hello", model="alpha", max_tokens=16, stop=(stop,)),
+                     "short": Request.chat("hello", model="alpha", max_tokens=3),
+                     "long": Request.chat("hello", model="beta", max_tokens=16)}.items():
+        handles[key] = Handle(req, emit=lambda e, k=key: got.setdefault(k, []).append(e))
+    batches = switch.run(list(handles.values()))
+    assert len(batches) == 1 and batches[0]["size"] == 3  # explicit models share one forward
+    stopped = got["stop"][-1].answer
+    assert stopped.text == full[: full.find(stop)] and stopped.finish_reason == "stop"
+    assert "".join(e.text for e in got["stop"] if isinstance(e, Token)) == stopped.text  # never streamed past it
+    assert len(got["short"][-1].answer.token_ids) == 3 and got["short"][-1].answer.finish_reason == "length"
+
+
+def test_closing_the_stream_cancels_and_errors_are_events(switch):
+    stream = switch.stream([Request.chat("hello", model="alpha", max_tokens=30)])
+    seen = [next(stream) for _ in range(3)]
+    stream.close()  # the row leaves the batch; the thread ends
+    assert isinstance(seen[0], tuple) and not any(isinstance(e, Done) for _, e in seen)
+    events = _stream(switch, [Request.chat("x", model="nope"), Request.chat("x", model="auto", route="seq")])
+    assert isinstance(events[0][-1], Failed) and "nope" in str(events[0][-1].error)
+    assert isinstance(events[1][-1], Failed) and "unavailable" in str(events[1][-1].error)
+    with pytest.raises(Exception, match="nope"):
+        switch.chat(["x"], model="nope")
+
+
+# ---------------------------------------------------------------------------- part by part
+def test_auto_answers_each_part_as_its_own_row(switch):
+    """A multi-part prompt fans out: each part is answered exactly as if asked alone with its
+    routed adapter (same tokens as an explicit request), then assembled in order."""
+    switch._routers[("auto", switch.engine.version)] = _KeywordRouter()
+    params = SamplingParams(max_new_tokens=30)
+    single = "a lone date question"
+    res, alone = switch.chat([COMPOSITE, single], model="auto", params=params)
+
+    per_part = part_budget(30, 3)
+    expected = [switch.chat([p], model=m, params=SamplingParams(max_new_tokens=per_part))[0]
+                for p, m in zip(PARTS, ["alpha", "gamma", "base"])]
+    assert res.text == "\n".join(f"{k}. {g.text}" for k, g in enumerate(expected, 1))
+    assert parse_numbered(res.text, 3) == [g.text.strip() for g in expected]
+    assert res.routing["adapter"] == ["alpha", "gamma", None] and res.routing["fan_out"] == 3
+    switches = [e for e in res.events if e["event"] == "switch"]
+    assert [(e["part"], e["adapter"]) for e in switches] == [(1, "alpha"), (2, "gamma"), (3, None)]
+    assert switches[2]["reason"] == "no keyword"
+    # the trace labels every token with its part; answer tokens carry their part's adapter
+    assert len(res.trace) == len(res.token_ids)
+    assert [e["token_index"] for e in switches] == [next(i for i, t in enumerate(res.trace) if t["part"] == k) for k in (1, 2, 3)]
+    answer_adapters = {t["part"]: set(t["adapters"]) for t in res.trace if not t.get("separator")}
+    assert answer_adapters.get(1, {"alpha"}) == {"alpha"} and answer_adapters.get(2, {"gamma"}) == {"gamma"}
+    assert switch.base.tokenizer.decode(res.token_ids).split() == res.text.split()
+    # a single-task prompt in the same call is untouched by the fan-out
+    assert alone.text == switch.chat([single], model="alpha", params=params)[0].text
+    assert "fan_out" not in alone.routing
+
+
+# ---------------------------------------------------------------------------- logprobs
+def _reference_logprobs(switch, adapter, ids):
+    """log_softmax of the engine's own logits for `ids` under one adapter (no generate involved)."""
+    from loraswitch.kernels import Routing
+
+    routing = Routing.single(len(ids), switch.engine.slot_of(adapter))
+    return torch.log_softmax(switch.engine.logits(torch.tensor([ids]), routing=routing)[0].float(), -1)
+
+
+def test_logprobs_and_echo_are_the_models(switch):
+    prompt = "Once upon a time"
+    req = Request(prompt=prompt, model="gamma", max_tokens=4, logprobs=2, echo=True)
+    done = [e for _, e in switch.stream([req]) if isinstance(e, Done)][0].answer
+    ids = done.prompt_ids + done.token_ids
+    ref = _reference_logprobs(switch, "gamma", ids)
+    assert done.prompt_logprobs[0] is None and len(done.prompt_logprobs) == len(done.prompt_ids)
+    for j, lp in enumerate(done.prompt_logprobs[1:] + done.logprobs, 1):
+        assert isinstance(lp, TokenLogprob) and lp.token_id == ids[j] and len(lp.top) == 2
+        assert lp.logprob == pytest.approx(float(ref[j - 1, ids[j]]), abs=1e-4)
+        assert lp.top[0][1] == pytest.approx(float(ref[j - 1].max()), abs=1e-4) and lp.top[0][1] >= lp.top[1][1]
+    assert all(lp.logprob == lp.top[0][1] for lp in done.logprobs)  # greedy: the likeliest token
+
+
+def test_multi_part_logprobs_cover_every_token(switch):
+    switch._routers[("auto", switch.engine.version)] = _KeywordRouter()
+    events = _stream(switch, [Request.chat(COMPOSITE, model="auto", max_tokens=24, logprobs=1)])[0]
+    done = events[-1].answer
+    assert [lp.token_id for lp in done.logprobs] == done.token_ids
+    seps = [lp for lp, t in zip(done.logprobs, done.trace) if t.get("separator")]
+    assert seps and all(lp.logprob == 0.0 for lp in seps)  # written by the assembly: probability 1
+    streamed = [lp for e in events if isinstance(e, Token) for lp in e.logprobs]
+    assert streamed == done.logprobs
