@@ -4,6 +4,8 @@
 `loraswitch serve` / `python -m loraswitch.server` runs it with uvicorn. See docs/server.md.
 """
 
-from loraswitch.server.app import ServerSettings, create_app
+from __future__ import annotations
 
-__all__ = ["ServerSettings", "create_app"]
+from loraswitch.lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {"ServerSettings": "app", "create_app": "app"})

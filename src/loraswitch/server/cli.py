@@ -6,17 +6,19 @@ Register in the main CLI with `app.command("serve")(serve)`; also runnable on it
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from loraswitch.console import LibraryOpt, open_switch
 
 
 def serve(
     base: Annotated[str | None, typer.Option("--base", help="Model directory or .gguf file (default: embedded SmolLM2-135M-Instruct).")] = None,
     adapter_dirs: Annotated[list[Path] | None, typer.Option("--adapter-dir", help="Folder of PEFT LoRA adapters (repeatable; default: the demo adapters).")] = None,
     router_dir: Annotated[Path | None, typer.Option("--router-dir", help="Folder of trained routers (default: the demo routers).")] = None,
+    library: LibraryOpt = "demo",
     host: Annotated[str, typer.Option(help="Interface to listen on (127.0.0.1 = this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="LORASWITCH_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/*.")] = None,
@@ -38,7 +40,7 @@ def serve(
 
     from loraswitch.server.app import ServerSettings, create_app
 
-    switch = _load(base, adapter_dirs, router_dir)
+    switch = open_switch(base, adapter_dirs, router_dir, library)
     settings = ServerSettings(
         max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
         default_max_tokens=min(default_max_tokens, max_new_tokens), default_temperature=default_temperature,
@@ -50,22 +52,6 @@ def serve(
     typer.echo(f"loraswitch serving {switch.base.name} with {len(switch.engine.names)} adapters "
                f"({', '.join(switch.engine.names) or 'none'}) on {where}  (trace page: {where}/ui)", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=10)
-
-
-def _load(base: str | None, adapter_dirs: list[Path] | None, router_dir: Path | None):
-    """The Switch, with the same quiet set-up and error reporting as the other commands."""
-    try:
-        from loraswitch.cli import _switch  # the main CLI's loader: quiet logs, thread count, refusals
-    except ImportError:  # pragma: no cover
-        _switch = None
-    if _switch is not None:
-        return _switch(base, adapter_dirs, router_dir)
-    import torch
-
-    from loraswitch.switch import Switch
-
-    torch.set_num_threads(int(os.environ.get("LORASWITCH_THREADS", os.cpu_count() or 1)))
-    return Switch(base, adapter_dirs, router_dir)
 
 
 def main() -> None:  # pragma: no cover

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from loraswitch.library import AdapterError
+from loraswitch.switch.request import RouterUnavailable
+
+log = logging.getLogger("loraswitch.server")
 
 
 class APIError(Exception):
@@ -56,3 +67,61 @@ STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
 
 def for_status(status: int, message: str) -> APIError:
     return APIError(status, message, STATUS_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"))
+
+
+def from_library(exc: Exception, model: str, known: list[str]) -> APIError:
+    """The answer to a request the library could not serve (its `Failed` event)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, AdapterError):
+        if exc.name == model:  # unloaded while the request waited
+            return model_not_found(model, known)
+        return bad_request(str(exc), "model", "invalid_adapter")
+    if isinstance(exc, RouterUnavailable):
+        return bad_request(str(exc), "route", "router_unavailable")
+    return server_error(f"generation failed: {type(exc).__name__}: {exc}")
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    """A FastAPI `RequestValidationError` as the OpenAI error the client expects."""
+    problems, param = [], None
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            detail = (err.get("ctx") or {}).get("error") or err.get("msg", "")
+            where = f" at position {loc[0]}" if loc else ""
+            return bad_request(f"We could not parse the JSON body of your request: {detail}{where}", None, "invalid_json")
+        field = ".".join(loc)
+        if not loc and err.get("type") in ("model_attributes_type", "dict_type", "missing"):
+            return bad_request("The request body must be a JSON object (send Content-Type: application/json).", None,
+                               "invalid_json")
+        param = param or field or None
+        problems.append(f"{field}: {err.get('msg')}" if field else str(err.get("msg")))
+    return bad_request("Invalid request: " + "; ".join(problems), param, "invalid_request")
+
+
+def install(app) -> None:
+    """Every failure answers with the OpenAI error object: ours, validation, HTTP and crashes."""
+
+    def reply(err: APIError, headers=None) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=headers or err.headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return reply(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        return reply(validation_error(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, exc: HTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404:
+            message = f"Unknown endpoint {request.method} {request.url.path}"
+        return reply(for_status(exc.status_code, message), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _crash(request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return reply(server_error(f"internal error: {type(exc).__name__}"))

@@ -7,6 +7,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from loraswitch.server.routing_info import answered_adapters, tokens_by_adapter
+
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 ENDPOINTS = {
@@ -72,29 +74,35 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    # ------------------------------------------------------------------ scheduler hooks
-    def batch_started(self, jobs) -> None:
-        self.batch_size.observe(len(jobs))
-        for job in jobs:
-            self.queue_wait.observe(max(0.0, (job.started or time.monotonic()) - job.submitted))
+    # ------------------------------------------------------------------ what the server reports
+    def batch(self, size: int) -> None:
+        """A batched forward (one `generate` call) of `size` rows ran."""
+        self.batch_size.observe(size)
 
-    def job_done(self, job, result) -> None:
-        self.generations.labels(outcome=result.finish_reason).inc()
-        self.prompt_tokens.inc(result.prompt_tokens)
-        self.completion_tokens.inc(result.completion_tokens)
-        requested = job.model if job.model in ("auto", "base") else "explicit"
-        for name in result.routing.get("adapters") or ["base"]:
+    def queued(self, seconds: float) -> None:
+        """A request waited `seconds` from queueing to the start of its batch."""
+        self.queue_wait.observe(max(0.0, seconds))
+
+    def answered(self, job, done) -> None:
+        """A request was answered (`done`: the library's Done event)."""
+        answer, request = done.answer, job.request
+        self.generations.labels(outcome=answer.finish_reason).inc()
+        self.prompt_tokens.inc(len(answer.prompt_ids))
+        self.completion_tokens.inc(len(answer.token_ids))
+        requested = request.model if request.model in ("auto", "base") else "explicit"
+        for name in answered_adapters(request.model, answer.routing or {}) or ["base"]:
             self.routed.labels(adapter=name, requested=requested).inc()
-        for name, n in result.routing.get("tokens_by_adapter", {}).items():
+        for name, n in tokens_by_adapter(answer.trace[: len(answer.token_ids)]).items():
             self.adapter_tokens.labels(adapter=name).inc(n)
-        for event in result.routing.get("events", []):
+        for event in answer.events:
             self.switches.labels(event=str(event.get("event", "other"))).inc()
         if job.first_token is not None:
             self.first_token.observe(job.first_token - job.submitted)
         self.generation_time.observe(time.monotonic() - job.submitted)
 
-    def job_failed(self, job, error) -> None:
+    def failed(self) -> None:
         self.generations.labels(outcome="error").inc()
 
-    def job_cancelled(self, job) -> None:
+    def cancelled(self) -> None:
+        """A request was dropped before its answer: timeout, or the client went away."""
         self.generations.labels(outcome="cancelled").inc()

@@ -1,8 +1,9 @@
-"""Request bodies of the OpenAI-compatible endpoints, and turning them into prompt token ids.
+"""Request bodies of the OpenAI-compatible endpoints (parsing and validation only: templating,
+splitting and routing are the library's).
 
 Fields we do not implement but that are harmless at their defaults are accepted and ignored
-(`extra="allow"`); asking for a feature we lack (n > 1, logprobs, tools, penalties...) is a 400
-that names the field, never a silent difference.
+(`extra="allow"`); asking for a feature we lack (n > 1, tools, penalties...) is a 400 that names
+the field, never a silent difference.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from loraswitch.server.errors import bad_request
+
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (the OpenAI limit)
 
 
 class LoraswitchOptions(BaseModel):
@@ -101,7 +104,7 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -109,8 +112,8 @@ class ChatCompletionRequest(_Common):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs or self.top_logprobs:
-            raise bad_request("logprobs are not supported", "logprobs", "unsupported_parameter")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
         if self.tools or self.functions:
             raise bad_request("tools / function calling are not supported", "tools", "unsupported_parameter")
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -119,6 +122,10 @@ class ChatCompletionRequest(_Common):
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logprob_count(self) -> int | None:
+        """None: no logprobs; k: each token's logprob and its k likeliest alternatives."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def conversation(self) -> list[dict[str, str]]:
         """Messages as the chat template takes them ("developer" is the newer name of "system")."""
@@ -132,16 +139,12 @@ class ChatCompletionRequest(_Common):
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise bad_request("echo is not supported", "echo", "unsupported_parameter")
-        if self.logprobs:
-            raise bad_request("logprobs are not supported", "logprobs", "unsupported_parameter")
         if (self.best_of or 1) > 1:
             raise bad_request("only best_of=1 is supported", "best_of", "unsupported_value")
         if self.suffix:
@@ -149,6 +152,9 @@ class CompletionRequest(_Common):
 
     def limit(self) -> int | None:
         return self.max_tokens
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     def prompt_input(self) -> str | list[int]:
         """The one prompt, as text or token ids (a batch of several prompts is refused)."""
@@ -169,35 +175,3 @@ class AdapterLoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(min_length=1)
     name: str | None = None
-
-
-def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a whole conversation in the model's chat template, ready for the assistant's
-    turn (the multi-turn counterpart of `Base.chat_ids`)."""
-    if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return tokenizer(text)["input_ids"]
-
-
-def _route_index(messages: list[dict[str, str]]) -> int:
-    for i in range(len(messages) - 1, -1, -1):
-        if messages[i]["role"] == "user" and messages[i]["content"].strip():
-            return i
-    return len(messages) - 1
-
-
-def route_text(messages: list[dict[str, str]]) -> str:
-    """What a router reads for a conversation: the last user message (routers are trained on
-    single user turns; a system prompt says nothing about the task)."""
-    return messages[_route_index(messages)]["content"]
-
-
-def with_route_text(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
-    """The conversation with the message `route_text` reads replaced by `text` (one part of a
-    multi-part request, answered on its own)."""
-    i = _route_index(messages)
-    return [*messages[:i], {**messages[i], "content": text}, *messages[i + 1 :]]

@@ -1,0 +1,40 @@
+"""Operations: GET /healthz, GET /metrics (Prometheus) and the routing trace page /ui."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+
+from loraswitch.server.metrics import CONTENT_TYPE
+from loraswitch.server.state import ServerState, state
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz(st: ServerState = Depends(state)):
+    sched = st.scheduler
+    ok = sched.alive
+    body = {"status": "ok" if ok else "worker stopped", "model": st.switch.base.name, "adapters": st.engine.names,
+            "queue_depth": sched.queue_depth, "running": sched.running,
+            "scheduler": {**sched.stats, "max_batch": sched.max_batch, "max_queue": sched.max_queue,
+                          "recent": list(sched.recent)[-8:]}}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+async def prometheus_metrics(st: ServerState = Depends(state)):
+    return Response(st.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/", include_in_schema=False)
+async def root():
+    return RedirectResponse("/ui")
+
+
+@router.get("/ui", include_in_schema=False)
+async def ui():
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")

@@ -1,0 +1,204 @@
+"""What the two completion endpoints share (after vLLM's `OpenAIServing`): turning a validated
+body into the library's `Request`, queueing it, and answering with one JSON object or an SSE
+stream of the library's events. Each endpoint (`serving_chat`, `serving_completion`) says how its
+request is built and how its responses and chunks look.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import replace
+from typing import Any
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from loraswitch.generate import Generation, TokenLogprob
+from loraswitch.library import AdapterError
+from loraswitch.server import errors
+from loraswitch.server.errors import APIError, bad_request
+from loraswitch.server.protocol import _Common
+from loraswitch.server.routing_info import answered_adapters, routing_info
+from loraswitch.server.scheduler import Job
+from loraswitch.server.state import ServerState
+from loraswitch.switch.request import Done, Failed, Handle, Request, Token
+
+
+def sse(obj: Any) -> str:
+    """One server-sent event: compact JSON on one line."""
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class OpenAIServing:
+    """One endpoint's serving: subclasses set the names and build requests, responses, chunks."""
+
+    kind = ""  # "chat" | "completion"
+    id_prefix = ""
+    param = ""  # the body field that holds the prompt (for errors)
+
+    def __init__(self, st: ServerState, body: _Common):
+        self.st, self.body = st, body
+        self.created = int(time.time())
+        self.tok = st.base.tokenizer
+
+    # ------------------------------------------------------------------ to implement
+    def build(self) -> Request:
+        """The library request for this body (messages or prompt), not yet validated."""
+        raise NotImplementedError
+
+    def choice(self, job: Job, answer: Generation) -> dict:
+        raise NotImplementedError
+
+    def chunk_choice(self, text: str | None, finish: str | None, logprobs: list[TokenLogprob] | None) -> dict:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ requests
+    def request(self) -> Request:
+        """The validated, tokenized library request (400 / 404 before anything is queued)."""
+        body, settings = self.body, self.st.settings
+        body.check_supported()
+        try:
+            model, route = self.st.switch.resolve(body.model, body.router())
+        except AdapterError:
+            raise errors.model_not_found(body.model, self.known_models()) from None
+        except ValueError as exc:
+            raise bad_request(str(exc), "route", "invalid_route") from None
+        temperature = body.temperature if body.temperature is not None else settings.default_temperature
+        req = self.build()
+        try:
+            req = req.tokenized(self.st.base)
+        except Exception as exc:  # a template that refuses the roles or their order
+            raise bad_request(f"the model's chat template refused these messages: {exc}", self.param) from None
+        return replace(req, model=model, route=route, max_tokens=self._max_tokens(len(req.prompt_ids or ())),
+                       temperature=temperature,
+                       top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed, stop=tuple(body.stops()),
+                       logprobs=body.logprob_count())
+
+    def _max_tokens(self, n: int) -> int:
+        """The request's max_tokens, after checking the prompt's `n` tokens against the limits."""
+        settings, context, param = self.st.settings, self.st.context, self.param
+        if not n:
+            raise bad_request("the prompt is empty", param)
+        if n > settings.max_prompt_tokens:
+            raise bad_request(f"the prompt has {n} tokens; this server accepts at most {settings.max_prompt_tokens}",
+                              param, "context_length_exceeded")
+        room = context - n if context else settings.max_new_tokens
+        if room < 1:
+            raise bad_request(f"the prompt has {n} tokens and fills the model's context of {context}", param,
+                              "context_length_exceeded")
+        limit = self.body.limit()
+        if limit is not None and limit > settings.max_new_tokens:
+            raise bad_request(f"max_tokens={limit} exceeds this server's limit of {settings.max_new_tokens}",
+                              "max_tokens", "max_tokens_exceeded")
+        if limit is not None and limit > room:
+            raise bad_request(f"the prompt ({n} tokens) plus max_tokens={limit} exceeds the model's context of "
+                              f"{context} tokens", "max_tokens", "context_length_exceeded")
+        return limit if limit is not None else min(settings.default_max_tokens, settings.max_new_tokens, room)
+
+    def known_models(self) -> list[str]:
+        return ["auto", "base", *self.st.engine.names]
+
+    # ------------------------------------------------------------------ answering
+    async def serve(self):
+        job = Job(Handle(self.request()), loop=asyncio.get_running_loop(), queue=asyncio.Queue(),
+                  metrics=self.st.metrics)
+        self.deadline = job.loop.time() + self.st.settings.timeout
+        self.st.scheduler.submit(job)  # 429 / 503 before any byte of a stream is sent
+        if self.body.stream:
+            return StreamingResponse(self.stream(job), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            while True:
+                event = await self.next_event(job)
+                if isinstance(event, Done):
+                    return JSONResponse(self.response(job, event))
+                if isinstance(event, Failed):
+                    raise errors.from_library(event.error, job.request.model, self.known_models())
+        except (asyncio.CancelledError, APIError):
+            self.st.scheduler.cancel(job)  # the client went away, or timed out: free its rows
+            raise
+
+    async def next_event(self, job: Job):
+        remaining = self.deadline - job.loop.time()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            return await asyncio.wait_for(job.queue.get(), remaining)
+        except TimeoutError:
+            raise errors.timeout(self.st.settings.timeout) from None
+
+    def head(self, job: Job, model: str, chunk: bool = False) -> dict:
+        obj = {"chat": "chat.completion", "completion": "text_completion"}[self.kind]
+        return {"id": self.id_prefix + job.id, "object": obj + (".chunk" if chunk and self.kind == "chat" else ""),
+                "created": self.created, "model": model, "system_fingerprint": None}
+
+    def response(self, job: Job, done: Done) -> dict:
+        answer = done.answer
+        return {**self.head(job, model_name(job.request, answer)), "choices": [self.choice(job, answer)],
+                "usage": usage(answer), "routing": self.routing(job, answer), "batch": {**done.batch, **job.timings()}}
+
+    def routing(self, job: Job, answer: Generation) -> dict:
+        return routing_info(job.request, answer, self.tok if self.body.want_trace() else None)
+
+    async def stream(self, job: Job):
+        try:
+            for first in self.stream_start(job):
+                yield sse(first)
+            while True:
+                try:
+                    event = await self.next_event(job)
+                except APIError as err:  # timed out
+                    self.st.scheduler.cancel(job)
+                    yield sse(err.body())
+                    yield SSE_DONE
+                    return
+                if isinstance(event, Token):
+                    yield sse(self.token_chunk(job, event))
+                elif isinstance(event, Done):
+                    for chunk in self.final_chunks(job, event):
+                        yield sse(chunk)
+                    yield SSE_DONE
+                    return
+                elif isinstance(event, Failed):
+                    yield sse(errors.from_library(event.error, job.request.model, self.known_models()).body())
+                    yield SSE_DONE
+                    return
+        finally:
+            if not job.finished:  # client gone or timed out: free the rows
+                self.st.scheduler.cancel(job)
+
+    def stream_start(self, job: Job) -> list[dict]:
+        return []
+
+    def token_chunk(self, job: Job, event: Token) -> dict:
+        logprobs = list(event.logprobs) if job.request.logprobs is not None else None
+        extra = {"routing": {"tokens": list(event.pieces)}} if self.body.want_trace() and event.pieces else {}
+        return {**self.head(job, self.body.model, chunk=True), "choices": [self.chunk_choice(event.text, None, logprobs)],
+                **extra}
+
+    def final_chunks(self, job: Job, done: Done) -> list[dict]:
+        answer = done.answer
+        model = model_name(job.request, answer)
+        out = [{**self.head(job, model, chunk=True), "choices": [self.chunk_choice(None, answer.finish_reason, None)],
+                "routing": self.routing(job, answer), "batch": {**done.batch, **job.timings()}}]
+        if self.body.include_usage():
+            out.append({**self.head(job, model, chunk=True), "choices": [], "usage": usage(answer)})
+        return out
+
+    def token_text(self, token_id: int) -> str:
+        piece = self.tok.convert_ids_to_tokens(int(token_id))
+        return self.tok.convert_tokens_to_string([piece]) if piece is not None else ""
+
+
+def model_name(request: Request, answer: Generation) -> str:
+    """The response's `model`: the adapter(s) that answered, "+"-joined, or "base"."""
+    return "+".join(answered_adapters(request.model, answer.routing or {})) or "base"
+
+
+def usage(answer: Generation) -> dict:
+    p, c = len(answer.prompt_ids), len(answer.token_ids)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}

@@ -1,0 +1,138 @@
+"""The OpenAI API over HTTP: models, chat and completions equal the library's answers, routing
+reports, and OpenAI-shaped errors for everything that cannot be served."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from loraswitch.generate import SamplingParams
+from loraswitch.switch.request import Request
+from tests.server.conftest import PROMPT, chat, library_answer
+
+
+def test_models_list_auto_base_and_adapters(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids[:2] == ["auto", "base"]
+    assert {"alpha", "beta", "gamma"} <= set(ids)
+    assert client.models.retrieve("alpha").id == "alpha"
+
+
+def test_chat_explicit_adapter_matches_library(client, lib):
+    switch, _ = lib
+    resp = chat(client, "alpha", max_tokens=8)
+    ref = switch.chat([PROMPT], model="alpha", params=SamplingParams(max_new_tokens=8))[0]
+    assert resp.choices[0].message.content == ref.text
+    assert resp.choices[0].finish_reason == ref.finish_reason
+    assert resp.choices[0].logprobs is None
+    assert resp.model == "alpha"
+    assert resp.usage.prompt_tokens == len(ref.prompt_ids)
+    assert resp.usage.completion_tokens == len(ref.token_ids)
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    routing = resp.routing
+    assert routing["adapter"] == "alpha" and routing["adapters"] == ["alpha"] and "trace" not in routing
+    assert resp.batch["size"] >= 1 and resp.batch["queue_ms"] >= 0
+
+
+def test_base_with_trace_and_multi_turn(client, lib):
+    switch, _ = lib
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": PROMPT}]
+    resp = client.chat.completions.create(model="base", messages=messages, max_tokens=6, temperature=0,
+                                          extra_body={"loraswitch": {"trace": True}})
+    assert resp.usage.prompt_tokens == len(switch.base.chat_ids(messages))  # the library's one template
+    ref = library_answer(switch, Request(messages=tuple(messages), model="base", max_tokens=6))
+    assert resp.choices[0].message.content == ref.text
+    assert resp.model == "base"
+    trace = resp.routing["trace"]
+    assert len(trace) == resp.usage.completion_tokens
+    assert all(t["adapters"] == {} for t in trace)
+    assert "".join(t["token"] for t in trace) == resp.choices[0].message.content
+
+
+def test_completions_endpoint(client, lib):
+    switch, _ = lib
+    resp = client.completions.create(model="beta", prompt="Once upon a time", max_tokens=5, temperature=0)
+    ref = library_answer(switch, Request(prompt="Once upon a time", model="beta", max_tokens=5))
+    assert resp.object == "text_completion"
+    assert resp.choices[0].text == ref.text
+    assert resp.usage.prompt_tokens == len(ref.prompt_ids) and resp.model == "beta"
+    # token ids as the prompt give the same answer
+    again = client.completions.create(model="beta", prompt=ref.prompt_ids, max_tokens=5, temperature=0)
+    assert again.choices[0].text == ref.text
+
+
+def test_auto_routes_and_reports(client, lib):
+    switch, _ = lib
+    resp = chat(client, "auto", max_tokens=6, extra_body={"loraswitch": {"trace": True}})
+    routing = resp.routing
+    assert routing["requested"] == "auto" and routing["router"] == "arrow"  # no trained selector here
+    assert resp.model in ("base", *switch.engine.names) and resp.model == ("+".join(routing["adapters"]) or "base")
+    assert len(routing["trace"]) == resp.usage.completion_tokens
+    assert routing["events"] and routing["events"][0]["token_index"] == 0
+    assert resp.batch["dynamic"] is True
+    assert resp.choices[0].message.content == switch.chat([PROMPT], model="auto", params=SamplingParams(max_new_tokens=6))[0].text
+    # a named router, and "auto:<router>" as the model
+    assert chat(client, "auto", max_tokens=3, extra_body={"route": "arrow"}).routing["router"] == "arrow"
+    assert chat(client, "auto:arrow", max_tokens=3).routing["router"] == "arrow"
+    with pytest.raises(openai.BadRequestError) as err:  # no trained selector in this router folder
+        chat(client, "auto", max_tokens=3, extra_body={"loraswitch": {"route": "seq"}})
+    assert err.value.code == "router_unavailable"
+
+
+def test_errors_are_openai_shaped(client, http, live):
+    with pytest.raises(openai.NotFoundError) as err:
+        chat(client, "no-such-adapter")
+    assert err.value.code == "model_not_found" and err.value.param == "model"
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, "alpha", prompt="word " * 200)
+    assert err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, "alpha", max_tokens=41)
+    assert err.value.code == "max_tokens_exceeded"
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, "alpha", n=2)
+    assert err.value.param == "n"
+    with pytest.raises(openai.BadRequestError):
+        chat(client, "alpha", extra_body={"route": "arrow"})  # a router only applies to auto
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, "auto", extra_body={"route": "nonsense"})
+    assert err.value.code == "invalid_route"
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, "alpha", top_logprobs=2)  # top_logprobs needs logprobs=true
+    assert err.value.param == "top_logprobs"
+
+    def check(resp, status, code=None):
+        assert resp.status_code == status, resp.text
+        body = resp.json()
+        assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
+        if code:
+            assert body["error"]["code"] == code
+
+    check(http.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}), 400,
+          "invalid_json")
+    check(http.post("/v1/chat/completions", content=b"[1, 2]", headers={"Content-Type": "application/json"}), 400)
+    check(http.post("/v1/chat/completions", json={"model": "alpha"}), 400)  # no messages
+    check(http.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "tool", "content": "x"}]}), 400)
+    check(http.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": "x"}],
+                                                  "temperature": 5}), 400)
+    check(http.post("/v1/completions", json={"model": "alpha", "prompt": ["a", "b"]}), 400)
+    check(http.post("/v1/completions", json={"model": "alpha", "prompt": "a", "echo": True, "stream": True}), 400,
+          "unsupported_parameter")
+    check(http.get("/v1/nowhere"), 404)
+    check(httpx.post(live.url + "/v1/chat/completions", json={"model": "alpha", "messages": []}), 401, "invalid_api_key")
+    check(httpx.get(live.url + "/v1/models", headers={"Authorization": "Bearer wrong"}), 401, "invalid_api_key")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=live.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(live.url + "/healthz").status_code == 200  # operations need no key
+
+
+def test_sse_lines_are_compact_json():
+    import json
+
+    from loraswitch.server.serving import sse
+
+    line = sse({"a": "x\ny"})
+    assert line.startswith("data: ") and line.endswith("\n\n") and "\n" not in line[:-2]
+    assert json.loads(line[6:]) == {"a": "x\ny"}

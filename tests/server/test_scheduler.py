@@ -1,0 +1,189 @@
+"""The bounded queue and its worker: 429 when full, 504 on timeout, dynamic batching of waiting
+requests into one forward, per-request limits and cancellation, adapter hot-load/unload with
+requests in flight, and what /healthz and /metrics report about it."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from loraswitch.server.scheduler import Job, Scheduler
+from loraswitch.switch.request import Done, Handle, Request, Token
+from tests.server.conftest import PROMPT, chat, wait_for
+
+
+def _job(model, max_tokens, sink, prompt=PROMPT):
+    job = Job(Handle(Request.chat(prompt, model=model, max_tokens=max_tokens)))
+    job.deliver = sink  # the test reads the events in the worker thread
+    return job
+
+
+def test_queue_full_is_429_and_waiting_requests_finish(client, live):
+    sched = live.scheduler
+    sched.pause()
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(chat, client, "alpha", max_tokens=3) for _ in range(6)]
+            wait_for(lambda: sched.queue_depth == 6)
+            with pytest.raises(openai.RateLimitError) as err:
+                chat(client, "beta", max_tokens=3)
+            assert err.value.status_code == 429 and err.value.code == "queue_full"
+            assert err.value.response.headers["Retry-After"] == "1"
+            sched.resume()
+            assert all(f.result().choices[0].message.content is not None for f in futures)
+    finally:
+        sched.resume()
+
+
+def test_healthz_and_metrics(client, live):
+    """Runs after the 429 above (same server): every kind of outcome is counted."""
+    chat(client, "beta", max_tokens=3)
+    httpx.get(live.url + "/v1/models", headers={"Authorization": "Bearer wrong"})
+    health = httpx.get(live.url + "/healthz").json()
+    assert health["status"] == "ok" and health["queue_depth"] == 0 and "alpha" in health["adapters"]
+    assert health["scheduler"]["recent"] and health["scheduler"]["batches"] >= 1
+    text = httpx.get(live.url + "/metrics").text
+    for needle in ('loraswitch_requests_total{endpoint="chat",status="200"}',
+                   'loraswitch_requests_total{endpoint="chat",status="429"}',
+                   'loraswitch_requests_total{endpoint="models",status="401"}',
+                   "loraswitch_prompt_tokens_total ", "loraswitch_completion_tokens_total ",
+                   "loraswitch_queue_depth 0.0", "loraswitch_batch_size_bucket{le=\"8.0\"}",
+                   'loraswitch_routed_requests_total{adapter="beta",requested="explicit"}',
+                   'loraswitch_adapter_tokens_total{adapter="beta"}',
+                   'loraswitch_generations_total{outcome="length"}',
+                   'loraswitch_request_latency_seconds_bucket{endpoint="chat",le="0.5"}',
+                   "loraswitch_queue_wait_seconds_bucket", "loraswitch_time_to_first_token_seconds_bucket",
+                   "loraswitch_adapters_loaded 3.0"):
+        assert needle in text, needle
+    assert "_created" not in text
+
+
+def test_timeout_is_504_and_unqueues(client, live):
+    sched = live.scheduler
+    settings = live.app.state.settings
+    sched.pause()
+    settings.timeout = 0.3
+    try:
+        with pytest.raises(openai.APIStatusError) as err:
+            chat(client, "alpha", max_tokens=3)
+        assert err.value.status_code == 504 and err.value.code == "request_timeout"
+        assert sched.queue_depth == 0
+    finally:
+        settings.timeout = 30.0
+        sched.resume()
+    assert chat(client, "alpha", max_tokens=2).choices[0].finish_reason in ("stop", "length")
+    assert 'loraswitch_generations_total{outcome="cancelled"}' in httpx.get(live.url + "/metrics").text
+
+
+def test_concurrent_requests_share_one_batched_forward(client, live):
+    models = ["alpha", "beta", "gamma", "base", "alpha"]
+    solo = [chat(client, m, max_tokens=6 + i).choices[0].message.content for i, m in enumerate(models)]
+    sched = live.scheduler
+    before = sched.stats["batches"]
+    sched.pause()
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(chat, client, m, max_tokens=6 + i) for i, m in enumerate(models)]
+            futures.append(pool.submit(chat, client, "auto", max_tokens=4))
+            wait_for(lambda: sched.queue_depth == 6)
+            sched.resume()
+            results = [f.result() for f in futures]
+    finally:
+        sched.resume()
+    static, routed = results[:5], results[5]
+    assert len({r.batch["id"] for r in static}) == 1, [r.batch for r in static]
+    assert all(r.batch["size"] == 5 and r.batch["dynamic"] is False for r in static)
+    # per-layer routing (arrow) cannot share a forward: its own batch, right after
+    assert routed.batch["dynamic"] is True and routed.batch["id"] != static[0].batch["id"]
+    assert sched.stats["batches"] == before + 2
+    for i, (m, r) in enumerate(zip(models, static)):
+        assert r.model == m
+        assert r.choices[0].message.content == solo[i]  # batched (left-padded) greedy == alone
+        assert r.usage.completion_tokens <= 6 + i  # each row kept its own max_tokens
+    health = httpx.get(live.url + "/healthz").json()
+    assert health["scheduler"]["max_batch_size"] >= 5
+
+
+def test_scheduler_per_row_limits_and_cancel(lib):
+    switch, _ = lib
+    sched = Scheduler(switch, max_batch=8, max_queue=8)
+    events: dict[str, list] = {"a": [], "b": [], "c": []}
+    jobs = {}
+
+    def sink_for(key):
+        def sink(event):
+            events[key].append(event)
+            if key == "c" and len([e for e in events["c"] if isinstance(e, Token)]) == 2:
+                jobs["c"].handle.cancel()
+        return sink
+
+    for key, n in (("a", 3), ("b", 20), ("c", 20)):
+        jobs[key] = _job("alpha", n, sink_for(key))
+    sched.pause()
+    sched.start()
+    try:
+        for job in jobs.values():
+            sched.submit(job)
+        sched.resume()
+        wait_for(lambda: all(j.finished for j in jobs.values() if j is not jobs["c"]) and sched.running == 0)
+    finally:
+        sched.stop()
+    done = {k: [e.answer for e in ev if isinstance(e, Done)] for k, ev in events.items()}
+    assert len(done["a"][0].token_ids) == 3 and done["a"][0].finish_reason == "length"
+    assert len(done["b"][0].token_ids) <= 20
+    assert done["c"] == [] and not jobs["c"].finished
+    assert len([e for e in events["c"] if isinstance(e, Token)]) <= 3
+    assert sched.stats["batches"] == 1 and sched.stats["max_batch_size"] == 3
+    # the streamed deltas add up to the final text
+    assert "".join(e.text for e in events["b"] if isinstance(e, Token)) == done["b"][0].text
+
+
+def test_hot_load_unload_and_bad_adapters(client, http, lib, live):
+    switch, spare = lib
+    r = http.post("/v1/adapters", json={"path": str(spare / "delta")})
+    assert r.status_code == 201, r.text
+    assert r.json()["id"] == "delta" and r.json()["ranks"] == [4]
+    assert "delta" in [m.id for m in client.models.list().data]
+    assert http.post("/v1/adapters", json={"path": str(spare / "delta")}).status_code == 409
+    bad = http.post("/v1/adapters", json={"path": str(spare / "broken")})
+    assert bad.status_code == 400 and "corrupt adapter_config.json" in bad.json()["error"]["message"]
+    assert bad.json()["error"]["code"] == "invalid_adapter"
+    missing = http.post("/v1/adapters", json={"path": str(spare / "nope"), "name": "nope"})
+    assert missing.status_code == 400 and "not a directory" in missing.json()["error"]["message"]
+    assert http.post("/v1/adapters", json={"path": str(spare / "delta"), "name": "auto"}).status_code == 400
+    assert http.delete("/v1/adapters/nope").status_code == 404
+    assert chat(client, "alpha", max_tokens=2).model == "alpha"  # still serving
+
+    # in flight: the worker is held inside the generation while the adapter is removed over HTTP
+    ref = chat(client, "delta", max_tokens=10).choices[0].message.content
+    started, proceed, finished = threading.Event(), threading.Event(), threading.Event()
+    got = []
+
+    def sink(event):
+        if isinstance(event, Token) and not started.is_set():
+            started.set()
+            proceed.wait(10)
+        if isinstance(event, Done):
+            got.append(event.answer)
+            finished.set()
+
+    live.scheduler.submit(_job("delta", 10, sink))
+    assert started.wait(10)
+    try:
+        assert http.delete("/v1/adapters/delta").status_code == 200
+        assert "delta" not in [m.id for m in client.models.list().data]
+    finally:
+        proceed.set()
+    assert finished.wait(10)
+    assert got[0].text == ref and got[0].routing == {}  # explicit: answered by delta all along
+    with pytest.raises(openai.NotFoundError):
+        chat(client, "delta", max_tokens=2)
+    # and back again, under a new name
+    assert http.post("/v1/adapters", json={"path": str(spare / "delta"), "name": "delta2"}).status_code == 201
+    assert chat(client, "delta2", max_tokens=10).choices[0].message.content == ref
+    assert http.delete("/v1/adapters/delta2").status_code == 200
+    assert len(http.get("/v1/adapters").json()["data"]) == 3
