@@ -1,0 +1,65 @@
+"""Logprobs as the OpenAI API has them, for every kind of `model`: the `openai` client's
+`completions.create(logprobs=2, echo=True)` and `chat.completions.create(logprobs=True,
+top_logprobs=2)` return well-formed logprobs equal to the library's."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from loraswitch.switch.request import Request
+from tests.server.conftest import COMPOSITE, PROMPT, chat, library_answer
+
+
+@pytest.mark.parametrize("model", ["auto", "base", "beta"])
+def test_completion_logprobs_with_echo(client, lib, model):
+    switch, _ = lib
+    resp = client.completions.create(model=model, prompt="Once upon a time", max_tokens=3, temperature=0,
+                                     logprobs=2, echo=True)
+    ref = library_answer(switch, Request(prompt="Once upon a time", model=model, max_tokens=3, logprobs=2, echo=True))
+    choice = resp.choices[0]
+    assert choice.text == "Once upon a time" + ref.text
+    lp = choice.logprobs
+    n = len(ref.prompt_ids) + len(ref.token_ids)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # the first token has no context
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    expected = [x.logprob for x in ref.prompt_logprobs[1:] + ref.logprobs]
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-5)
+    for value, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert 1 <= len(top) <= 2 and all(v <= 0 for v in top.values()) and max(top.values()) >= value - 1e-6
+    generated = lp.token_logprobs[len(ref.prompt_ids):]
+    assert all(math.isclose(v, max(t.values()), abs_tol=1e-6) for v, t in zip(generated, lp.top_logprobs[-3:]))
+
+
+def test_completion_without_logprobs_has_none(client):
+    assert client.completions.create(model="alpha", prompt="x", max_tokens=2, temperature=0).choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("model", ["auto", "gamma"])
+def test_chat_logprobs_streamed_and_not(client, lib, model):
+    switch, _ = lib
+    resp = chat(client, model, max_tokens=6, logprobs=True, top_logprobs=2)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens
+    assert "".join(c.token for c in content) == resp.choices[0].message.content
+    for c in content:
+        assert c.bytes == list(c.token.encode()) and len(c.top_logprobs) == 2
+        assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob and c.logprob == pytest.approx(c.top_logprobs[0].logprob)
+    ref = library_answer(switch, Request.chat(PROMPT, model=model, max_tokens=6, logprobs=2))
+    assert [c.logprob for c in content] == pytest.approx([x.logprob for x in ref.logprobs], abs=1e-5)
+    chunks = list(chat(client, model, max_tokens=6, logprobs=True, top_logprobs=2, stream=True))
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [c.token for c in streamed] == [c.token for c in content]
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-6)
+    assert chat(client, model, max_tokens=2, logprobs=True).choices[0].logprobs.content[0].top_logprobs == []
+
+
+def test_multi_part_chat_logprobs(client):
+    resp = chat(client, "auto", prompt=COMPOSITE, max_tokens=12, logprobs=True, top_logprobs=1)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens
+    assert "".join(c.token for c in content) == resp.choices[0].message.content
+    assert content[0].token == "1" and content[0].logprob == 0.0  # separators: written by the assembly
