@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from loraswitch.demo.tasks.spelling import english, french
+from loraswitch.numbered import numbered
+from loraswitch.numbered import parse_numbered as parse_numbered  # the one numbered-parts grammar
 from loraswitch.routing.generic import generic_prompts
 
 SPLITS = ("train", "val", "test")
@@ -345,12 +347,11 @@ class Composite:
 
     @property
     def answer(self) -> str:
-        return "\n".join(f"{i}. {p.answer}" for i, p in enumerate(self.parts, 1))
+        return numbered([p.answer for p in self.parts])
 
 
 def composite_prompt(parts: list[str]) -> str:
-    lines = [COMPOSITE_HEADER] + [f"{i}. {p}" for i, p in enumerate(parts, 1)]
-    return "\n".join(lines)
+    return numbered(parts, header=COMPOSITE_HEADER)
 
 
 def composites(n_parts: int, count: int, split: str = "test", seed: int = 0) -> list[Composite]:
@@ -365,16 +366,6 @@ def composites(n_parts: int, count: int, split: str = "test", seed: int = 0) -> 
         parts = tuple(pools[t][(i + j) % len(pools[t])] for j, t in enumerate(tasks))
         out.append(Composite(composite_prompt([p.prompt for p in parts]), parts))
     return out
-
-
-def parse_numbered(output: str, n_parts: int) -> list[str]:
-    """Split a numbered answer ("1. ...\\n2. ...") into its parts; missing parts are ""."""
-    found: dict[int, str] = {}
-    for line in output.splitlines():
-        head, sep, rest = line.strip().partition(".")
-        if sep and head.isdigit() and int(head) not in found:
-            found[int(head)] = rest.strip()
-    return [found.get(i, "") for i in range(1, n_parts + 1)]
 
 
 def out_of_suite(split: str, n: int, seed: int = 0) -> list[str]:
