@@ -6,13 +6,13 @@
     python benchmarks/bench.py --device cuda        # the same on a GPU
     python benchmarks/bench.py --profile            # + torch-profiler breakdown of the decode paths
 
-Same as `loraswitch bench`; the logic lives in `loraswitch.eval.bench`. Results go to
+Same as `loraswitch bench`; the logic lives in `loraswitch.bench`. Results go to
 benchmarks/results/bench_<device>.json, .md and _scaling.png.
 """
 
 import typer
 
-from loraswitch.eval.bench import bench_command
+from loraswitch.bench import bench_command
 
 if __name__ == "__main__":
     typer.run(bench_command)

@@ -202,29 +202,3 @@ def test_build_items_respects_task_subset_and_limits():
             assert len({p.task for p in it.parts}) == len(it.parts)
     with pytest.raises(ValueError, match="unknown task"):
         build_items(["nope"], 1)
-
-
-# ---------------------------------------------------------------------------- benchmark smoke test
-def test_bench_smoke(tmp_path, tokenizer, monkeypatch):
-    """The benchmark runs end to end on a tiny random Llama and writes JSON, markdown and plot."""
-    import loraswitch.eval.bench as bench
-    import loraswitch.eval.bench.fixtures as fixtures
-
-    monkeypatch.setattr(fixtures, "_TOKENIZER", tokenizer)
-    cfg = bench.BenchConfig(models=["llama-tiny"], batch_sizes=[2], new_tokens=3, prompt_len=4, repeats=1,
-                            scaling=[1, 8, 10], xlora_new_tokens=2, out_dir=tmp_path,
-                            configs=["base", "merged", "ls_mixed", "ls_dense", "ls_token_top2", "peft_mixed", "peft_xlora"])
-    res = bench.run_bench(cfg)
-    m = res["models"][0]
-    assert "error" not in m, m.get("error")
-    rows = m["batches"]["2"]
-    assert set(rows) == {"base", "merged", "ls_mixed", "ls_dense", "ls_token_top2", "peft_mixed", "peft_xlora"}
-    assert all("error" not in r and r["decode_tok_s"] > 0 for r in rows.values()), rows
-    assert set(m["scaling"]) == {"1", "8", "10"}
-    assert m["scaling"]["10"]["adapter_stack_mb"] > m["scaling"]["8"]["adapter_stack_mb"]
-    names = [t["target"] for t in m["targets"]]
-    assert any("3x PEFT" in n for n in names) and any("128" in n for n in names) is False
-    assert any("X-LoRA" in n for n in names)
-    for f in ["bench_cpu.json", "bench_cpu.md", "bench_cpu_scaling.png"]:
-        assert (tmp_path / f).is_file()
-    assert "NOT MET" in (tmp_path / "bench_cpu.md").read_text() or "| met |" in (tmp_path / "bench_cpu.md").read_text()

@@ -5,24 +5,23 @@
 `bench` measures tokens/s and memory of loraswitch against merged weights and PEFT.
 """
 
-from loraswitch.eval.data import Item, build_items
-from loraswitch.eval.harness import DEFAULT_METHODS, EvalConfig, run_eval
-from loraswitch.eval.methods import EvalContext, Method, register, registry
-from loraswitch.eval.scoring import Answer, aggregate, chosen_adapter, part_adapters, score_item
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_METHODS",
-    "Answer",
-    "EvalConfig",
-    "EvalContext",
-    "Item",
-    "Method",
-    "aggregate",
-    "build_items",
-    "chosen_adapter",
-    "part_adapters",
-    "register",
-    "registry",
-    "run_eval",
-    "score_item",
-]
+from loraswitch.lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {
+    "Item": "data",
+    "build_items": "data",
+    "DEFAULT_METHODS": "harness",
+    "EvalConfig": "harness",
+    "run_eval": "harness",
+    "EvalContext": "methods",
+    "Method": "methods",
+    "register": "methods",
+    "registry": "methods",
+    "Answer": "scoring",
+    "aggregate": "scoring",
+    "chosen_adapter": "scoring",
+    "part_adapters": "scoring",
+    "score_item": "scoring",
+})

@@ -1,4 +1,4 @@
-"""`loraswitch eval` and `loraswitch bench`: typer-ready command functions (registered in
+"""`loraswitch eval`: a typer-ready command function (registered in
 `loraswitch.cli`). Progress and tables go to stderr through rich; the last stdout line is the
 path of the main result file."""
 
@@ -11,8 +11,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
-
-from loraswitch.eval.bench import bench_command
 
 console = Console(stderr=True)
 
@@ -112,4 +110,4 @@ def eval_command(
     print(Path(out) / "results.json")
 
 
-__all__ = ["bench_command", "eval_command"]
+__all__ = ["eval_command"]

@@ -10,17 +10,16 @@ torch, peft and transformers.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from loraswitch.lazy import lazy_exports
 
-_EXPORTS = {
+__getattr__, __all__ = lazy_exports(__name__, {
     "ConfigError": "config",
     "MergeConfig": "config",
     "load_config": "config",
     "parse_config": "config",
     "MergeResult": "merge",
     "merge_deltas": "merge",
-    "module_union": "merge",
+    "module_union": "deltas",
     "run_merge": "merge",
     "METHODS": "methods",
     "get_method": "methods",
@@ -28,11 +27,4 @@ _EXPORTS = {
     "export_adapter": "export",
     "export_model": "export",
     "adamerge": "adamerging",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'loraswitch.merging' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"loraswitch.merging.{_EXPORTS[name]}"), name)
+})

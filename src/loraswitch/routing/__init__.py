@@ -11,36 +11,14 @@ takes. One router per module, one interface (`base.Router`); `load_router` build
 
 from __future__ import annotations
 
-from pathlib import Path
+from loraswitch.lazy import lazy_exports
 
-from loraswitch.constants import DEMO_ROUTER_DIR
-from loraswitch.engine import Engine
-from loraswitch.routing.base import Decision, DecisionPolicy, Router
+ROUTER_NAMES = ("auto", "seq", "arrow", "gate")  # also in `registry`, which builds them
 
-ROUTER_NAMES = ("auto", "seq", "arrow", "gate")
-
-
-def load_router(engine: Engine, name: str = "auto", router_dir: str | Path | None = None) -> Router:
-    """Build router `name` for `engine`'s library; trained routers load from `router_dir`
-    (default: the committed demo routers)."""
-    directory = Path(router_dir) if router_dir else DEMO_ROUTER_DIR
-    if name == "seq":
-        from loraswitch.routing.seq import SequenceRouter
-
-        return SequenceRouter.load(directory, engine)
-    if name == "arrow":
-        from loraswitch.routing.arrow import ArrowRouter
-
-        return ArrowRouter(engine)
-    if name == "gate":
-        from loraswitch.routing.gate import GateRouter
-
-        return GateRouter.load(directory, engine)
-    if name == "auto":
-        from loraswitch.routing.auto import AutoRouter
-
-        return AutoRouter.build(engine, directory)
-    raise ValueError(f"unknown router {name!r}; choose one of {', '.join(ROUTER_NAMES)}")
-
-
-__all__ = ["ROUTER_NAMES", "DEMO_ROUTER_DIR", "Decision", "DecisionPolicy", "Router", "load_router"]
+__getattr__, __all__ = lazy_exports(__name__, {
+    "Decision": "base",
+    "DecisionPolicy": "base",
+    "Router": "base",
+    "load_router": "registry",
+})
+__all__ += ["ROUTER_NAMES"]

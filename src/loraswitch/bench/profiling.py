@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from loraswitch.bench.config import BenchConfig
+from loraswitch.bench.fixtures import RandomTokenPolicy
+from loraswitch.bench.measure import ls_generate
 from loraswitch.engine import Engine
-from loraswitch.eval.bench.config import BenchConfig
-from loraswitch.eval.bench.fixtures import RandomTokenPolicy
-from loraswitch.eval.bench.measure import ls_generate
 from loraswitch.generate import FixedPolicy
 
 

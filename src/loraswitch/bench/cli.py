@@ -6,12 +6,10 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.table import Table
 
-from loraswitch.eval.bench.config import CONFIGS, LLAMA_SHAPES, BenchConfig, console
-from loraswitch.eval.bench.run import run_bench
+from loraswitch.bench.config import CONFIGS, LLAMA_SHAPES, BenchConfig, console
 
 
 def bench_command(
@@ -37,6 +35,10 @@ def bench_command(
     import warnings
 
     warnings.filterwarnings("ignore")
+    import torch
+
+    from loraswitch.bench.run import run_bench
+
     torch.set_num_threads(int(os.environ.get("LORASWITCH_THREADS", os.cpu_count() or 1)))
 
     def split(values):
@@ -73,7 +75,7 @@ def bench_command(
         update_doc(doc, f"bench-{stem}", body, images_from=Path(out))
         console.print(f"updated {doc}")
     if readme is not None:
-        from loraswitch.eval.bench.report import readme_summary
+        from loraswitch.bench.report import readme_summary
         from loraswitch.eval.report import update_doc
 
         update_doc(readme, f"bench-{stem}", readme_summary(res, str(doc or Path(out) / f"{stem}.md")))

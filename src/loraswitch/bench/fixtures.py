@@ -8,8 +8,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loraswitch.base import Base, load_base
+from loraswitch.bench.config import ALL_PROJ, LLAMA_SHAPES
 from loraswitch.engine import Engine
-from loraswitch.eval.bench.config import ALL_PROJ, LLAMA_SHAPES
 from loraswitch.generate import FixedPolicy, Policy
 from loraswitch.library import Adapter, LoraModule
 

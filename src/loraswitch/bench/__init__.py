@@ -34,8 +34,15 @@ adapters, policies), `run` (one model, one benchmark), `report` (targets, markdo
 `profiling` (torch profiler), `cli`.
 """
 
-from loraswitch.eval.bench.cli import bench_command
-from loraswitch.eval.bench.config import CONFIGS, LLAMA_SHAPES, BenchConfig
-from loraswitch.eval.bench.run import bench_model, run_bench
+from __future__ import annotations
 
-__all__ = ["CONFIGS", "LLAMA_SHAPES", "BenchConfig", "bench_command", "bench_model", "run_bench"]
+from loraswitch.lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {
+    "bench_command": "cli",
+    "CONFIGS": "config",
+    "LLAMA_SHAPES": "config",
+    "BenchConfig": "config",
+    "bench_model": "run",
+    "run_bench": "run",
+})

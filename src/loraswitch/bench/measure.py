@@ -18,7 +18,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from loraswitch.engine import Engine
-from loraswitch.generate import Policy, SamplingParams, generate
+from loraswitch.generate import Listener, Policy, SamplingParams, generate
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -133,17 +133,18 @@ def lean_generate(model: nn.Module, ids: torch.Tensor, n_new: int, device: torch
 
 def ls_generate(engine: Engine, ids: torch.Tensor, n_new: int, policy_fn: Callable[[], Policy],
                 device: torch.device) -> Timing:
-    """loraswitch's own `generate`; prefill ends when the first token lands (`on_token`)."""
+    """loraswitch's own `generate`; prefill ends when the first token lands (its listener sees it)."""
     prompts = ids.tolist()
     marks: list[float] = []
 
-    def on_token(row, tok, entry):
-        marks.append(time.perf_counter())
+    class Marks(Listener):
+        def token(self, row, gen):
+            marks.append(time.perf_counter())
 
     policy = policy_fn()
     _sync(device)
     t0 = time.perf_counter()
-    gens = generate(engine, prompts, policy, SamplingParams(max_new_tokens=n_new, stop_ids=set()), on_token)
+    gens = generate(engine, prompts, policy, SamplingParams(max_new_tokens=n_new, stop_ids=set()), Marks())
     _sync(device)
     t_end = time.perf_counter()
     b = len(prompts)

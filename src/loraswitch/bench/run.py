@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from loraswitch.base import Base
-from loraswitch.engine import Engine
-from loraswitch.eval.bench.config import CONFIGS, BenchConfig
-from loraswitch.eval.bench.fixtures import (
+from loraswitch.bench.config import CONFIGS, BenchConfig
+from loraswitch.bench.fixtures import (
     RandomTokenPolicy,
     SeqRouterPolicy,
     engine_adapter_bytes,
@@ -28,9 +27,10 @@ from loraswitch.eval.bench.fixtures import (
     random_adapters,
     random_seq_router,
 )
-from loraswitch.eval.bench.measure import Timing, hf_timing, lean_generate, limit_malloc_caching, ls_generate, measure
-from loraswitch.eval.bench.profiling import profile_kernels
-from loraswitch.eval.bench.report import markdown, plot_scaling, targets
+from loraswitch.bench.measure import Timing, hf_timing, lean_generate, limit_malloc_caching, ls_generate, measure
+from loraswitch.bench.profiling import profile_kernels
+from loraswitch.bench.report import markdown, plot_scaling, targets
+from loraswitch.engine import Engine
 from loraswitch.generate import FixedPolicy, Policy
 from loraswitch.library import Adapter
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loraswitch.eval.bench.config import BenchConfig
+from loraswitch.bench.config import BenchConfig
 
 
 # ---------------------------------------------------------------------------- targets & report
@@ -107,7 +107,7 @@ def markdown(res: dict) -> str:
                 lines.append(f"- `{name}`: {p['total_s']} s, {100 * p['add_lora_share']:.0f}% inside `add_lora`; top ops: " +
                              ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in p["top_ops"][:6]))
             lines.append("")
-    lines += ["Configurations: see `loraswitch.eval.bench` (module docstring). `merged` = one adapter folded into "
+    lines += ["Configurations: see `loraswitch.bench` (module docstring). `merged` = one adapter folded into "
               "the weights (the limit for one adapter); `base` = no adapter (the ceiling for any batch). "
               "Peak memory growth: resident-set growth during a warm-up run (CPU) or CUDA peak allocation above "
               "the model's, i.e. activations, KV cache and kernel temporaries, not weights.", ""]
