@@ -6,4 +6,5 @@ bash scripts/setup.sh
 [ -f scripts/install-browser.sh ] && { bash scripts/install-browser.sh || echo "browser install failed: the /ui browser test will skip"; }
 . .venv/bin/activate
 ruff check src tests benchmarks
+lint-imports --no-cache  # the layering contract in pyproject.toml
 python -m pytest -q -p no:cacheprovider "$@"
