@@ -74,11 +74,7 @@ def bench_model(name: str, cfg: BenchConfig, log: Callable[[str], None] = lambda
         for b, ids in prompts.items():
             record(b, "base", partial(lean_generate, base.model, ids, cfg.new_tokens, device))
         if "merged" in want:
-            merged = copy.deepcopy(base.model)
-            with torch.no_grad():
-                for key, m in adapters[0].modules.items():
-                    w = merged.get_submodule(key).weight
-                    w.add_(m.delta().to(w.dtype).to(w.device))
+            merged = _merged_copy(base.model, adapters[0])
             for b, ids in prompts.items():
                 record(b, "merged", partial(lean_generate, merged, ids, cfg.new_tokens, device))
             del merged
@@ -117,33 +113,50 @@ def bench_model(name: str, cfg: BenchConfig, log: Callable[[str], None] = lambda
                     record(b, config, partial(ls_generate, engine, ids, cfg.new_tokens, factories[config], device))
         out["adapter_stack_mb_8"] = round(engine_adapter_bytes(engine) / 2**20, 1)
 
-        # --- scaling with the number of adapters loaded (same engine, adapters added)
-        if cfg.scaling:
-            for a in list(engine.adapters):
-                engine.remove_adapter(a)
-            pool = list(adapters)
-            loaded = 0
-            for n in sorted(cfg.scaling):
-                if n > len(pool):
-                    pool += random_adapters(base.model, n - len(pool), cfg.rank, cfg.seed, start=len(pool))
-                for a in pool[loaded:n]:
-                    engine.add_adapter(a)
-                loaded = max(loaded, n)
-                use = [engine.slot_of(a.name) for a in pool[: min(cfg.n_mixed, n)]]
-                entry: dict = {"adapter_stack_mb": round(engine_adapter_bytes(engine) / 2**20, 1)}
-                for b, ids in prompts.items():
-                    log(f"{name} b={b} scaling n={n}")
-                    factory = partial(FixedPolicy, [([use[i % len(use)]], [1.0]) for i in range(b)])
-                    try:
-                        entry[str(b)] = measure(partial(ls_generate, engine, ids, cfg.new_tokens, factory, device),
-                                                 cfg.repeats, device)
-                    except Exception as exc:
-                        entry[str(b)] = {"error": f"{type(exc).__name__}: {exc}"}
-                out["scaling"][str(n)] = entry
-            del pool
+        if cfg.scaling:  # with the number of adapters loaded (same engine, adapters added)
+            out["scaling"] = _bench_scaling(engine, base, adapters, prompts, cfg, device, lambda s: log(f"{name} {s}"))
         if cfg.profile:
             out["profile"] = profile_kernels(engine, prompts[max(prompts)], slots, cfg, device)
     out["batches"] = {str(b): r for b, r in results.items()}
+    return out
+
+
+def _merged_copy(model: nn.Module, adapter: Adapter) -> nn.Module:
+    """A copy of `model` with `adapter` folded into its weights: the speed limit for one adapter."""
+    merged = copy.deepcopy(model)
+    with torch.no_grad():
+        for key, m in adapter.modules.items():
+            w = merged.get_submodule(key).weight
+            w.add_(m.delta().to(w.dtype).to(w.device))
+    return merged
+
+
+def _bench_scaling(engine: Engine, base: Base, adapters: list[Adapter], prompts: dict[int, torch.Tensor], cfg: BenchConfig,
+                   device: torch.device, log: Callable[[str], None]) -> dict[str, dict]:
+    """`ls_mixed` decode with 1 ... N adapters loaded in `engine` (emptied first), requests spread
+    over min(n_mixed, loaded) adapters: what a larger library costs per token."""
+    out: dict[str, dict] = {}
+    for a in list(engine.adapters):
+        engine.remove_adapter(a)
+    pool = list(adapters)
+    loaded = 0
+    for n in sorted(cfg.scaling):
+        if n > len(pool):
+            pool += random_adapters(base.model, n - len(pool), cfg.rank, cfg.seed, start=len(pool))
+        for a in pool[loaded:n]:
+            engine.add_adapter(a)
+        loaded = max(loaded, n)
+        use = [engine.slot_of(a.name) for a in pool[: min(cfg.n_mixed, n)]]
+        entry: dict = {"adapter_stack_mb": round(engine_adapter_bytes(engine) / 2**20, 1)}
+        for b, ids in prompts.items():
+            log(f"b={b} scaling n={n}")
+            factory = partial(FixedPolicy, [([use[i % len(use)]], [1.0]) for i in range(b)])
+            try:
+                entry[str(b)] = measure(partial(ls_generate, engine, ids, cfg.new_tokens, factory, device),
+                                         cfg.repeats, device)
+            except Exception as exc:
+                entry[str(b)] = {"error": f"{type(exc).__name__}: {exc}"}
+        out[str(n)] = entry
     return out
 
 

@@ -194,6 +194,18 @@ def _unwrap(engine: Engine) -> None:
         setattr(parent, child, layer.base)
 
 
+def _scored_sequences(engine: Engine, prompts: list[list[int]], slots: list[int], weights: list[float],
+                      gen_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """Each prompt followed by `gen_tokens` answer tokens generated once, greedily, under the
+    initial coefficients, and how many predictions per sequence the entropy is taken on (the
+    answer tokens' and the one after the prompt)."""
+    answers: list[list[int]] = [[] for _ in prompts]
+    if gen_tokens > 0:
+        gens = generate(engine, prompts, FixedPolicy([(slots, weights)] * len(prompts)), SamplingParams(max_new_tokens=gen_tokens))
+        answers = [g.token_ids for g in gens]
+    return [q + a for q, a in zip(prompts, answers, strict=True)], [len(a) + 1 for a in answers]
+
+
 def adamerge(
     base: Base,
     adapters: list[Adapter],
@@ -229,15 +241,7 @@ def adamerge(
         slots = [engine.slot_of(n) for n in names]
         router = CoefficientRouter(coef, module_group, slots)
         prompts = unlabeled_prompts(base, adapters, p)
-        gen_tokens = int(p["gen_tokens"])
-        if gen_tokens > 0:  # answers under the initial coefficients, generated once
-            choice = (slots, initial[0].tolist())
-            gens = generate(engine, prompts, FixedPolicy([choice] * len(prompts)), SamplingParams(max_new_tokens=gen_tokens))
-            answers = [g.token_ids for g in gens]
-        else:
-            answers = [[] for _ in prompts]
-        seqs = [q + a for q, a in zip(prompts, answers, strict=True)]
-        n_scored = [len(a) + 1 for a in answers]
+        seqs, n_scored = _scored_sequences(engine, prompts, slots, initial[0].tolist(), int(p["gen_tokens"]))
         pad_id = base.tokenizer.pad_token_id or 0
         bs = int(p["batch_size"])
 
