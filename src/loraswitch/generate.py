@@ -85,11 +85,6 @@ class Policy:
         """Routing for the forward pass that consumes `generated[-1]` and predicts the next token."""
         return NO_ADAPTER
 
-    def override(self, row: int, generated: list[int], token: int) -> int:
-        """The token row `row` actually emits given the sampled `token`: structured policies
-        (answering a multi-part prompt part by part) force separators and part numbers here."""
-        return token
-
     def on_forward(self, rows: list[int], tokens_per_row: int) -> None:
         """Called before each forward pass with the rows in batch order (token-level routers
         use it to map their per-token records back to rows)."""
@@ -166,10 +161,6 @@ class RowsPolicy(Policy):
     def step_choice(self, row: int, generated: list[int]) -> Choice:
         p, r = self.locate(row)
         return p.step_choice(r, generated)
-
-    def override(self, row: int, generated: list[int], token: int) -> int:
-        p, r = self.locate(row)
-        return p.override(r, generated, token)
 
     def on_forward(self, rows: list[int], tokens_per_row: int) -> None:
         # a dynamic policy is the only part (offset 0), so it sees the batch order unchanged
@@ -272,6 +263,22 @@ def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> list[To
     return [None] + [_logprob(logp[j], prompt[j + 1], k) for j in range(n - 1)]
 
 
+def _prefill(engine: Engine, policy: Policy, prompts: list[list[int]], cache: DynamicCache, params: SamplingParams,
+             results: list[Generation]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prompts' forward (left-padded): the last position's logits, the attention mask and
+    each row's next position. With `echo`, every position's logits give the prompt logprobs."""
+    batch = left_pad(prompts, engine.base.tokenizer.pad_token_id or 0)
+    device = next(engine.model.parameters()).device
+    policy.on_forward(list(range(len(prompts))), batch.width)
+    with engine.routed(_prefill_routing(policy, prompts, batch.width), policy.dynamic):
+        out = engine.model(**batch.model_inputs(device), past_key_values=cache, use_cache=True,
+                           logits_to_keep=0 if params.echo else 1)
+    if params.echo:
+        for i, p in enumerate(prompts):
+            results[i].prompt_logprobs = _prompt_logprobs(out.logits[i], p, params.logprobs or 0)
+    return out.logits[:, -1], batch.attention_mask, batch.position_ids[:, -1] + 1
+
+
 def _finish(engine: Engine, policy: Policy, row: int, res: Generation, reason: str) -> None:
     res.finish_reason = reason
     tok = engine.base.tokenizer
@@ -303,7 +310,6 @@ def generate(
     results = [Generation(prompt_ids=list(p)) for p in prompts]
     device = next(engine.model.parameters()).device
     k = params.logprobs or 0
-
     ended: set[int] = set()
 
     def end(row: int, reason: str) -> None:
@@ -313,25 +319,17 @@ def generate(
 
     with engine.pin():
         policy.start(engine, prompts)
-        batch = left_pad(prompts, engine.base.tokenizer.pad_token_id or 0)
         cache = DynamicCache()
         live = list(range(len(prompts)))  # batch position -> row
         last_choice = [policy.prompt_choice(i, p) for i, p in enumerate(prompts)]
-        policy.on_forward(list(live), batch.width)
-        with engine.routed(_prefill_routing(policy, prompts, batch.width), policy.dynamic):
-            out = engine.model(**batch.model_inputs(device), past_key_values=cache, use_cache=True,
-                               logits_to_keep=0 if params.echo else 1)
-        if params.echo:
-            for i, p in enumerate(prompts):
-                results[i].prompt_logprobs = _prompt_logprobs(out.logits[i], p, k)
-        logits, mask, next_pos = out.logits[:, -1], batch.attention_mask, batch.position_ids[:, -1] + 1
+        logits, mask, next_pos = _prefill(engine, policy, prompts, cache, params, results)
         for _ in range(params.max_new_tokens):
             tokens = _sample(logits, params, gen).tolist()
             logp = torch.log_softmax(logits.float(), -1) if params.logprobs is not None else None
             keep = []
             for b, row in enumerate(live):
                 res = results[row]
-                tok = tokens[b] = policy.override(row, res.token_ids, tokens[b])
+                tok = tokens[b]
                 res.trace.append({"token_id": tok, **policy.trace_entry(engine, row, _label(last_choice[row]))})
                 if tok in stop:
                     end(row, "stop")
