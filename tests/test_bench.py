@@ -9,7 +9,7 @@ def test_bench_smoke(tmp_path, tokenizer, monkeypatch):
     import loraswitch.bench.fixtures as fixtures
 
     monkeypatch.setattr(fixtures, "_TOKENIZER", tokenizer)
-    cfg = bench.BenchConfig(models=["llama-tiny"], batch_sizes=[2], new_tokens=3, prompt_len=4, repeats=1,
+    cfg = bench.BenchConfig(models=["llama-tiny"], batch_sizes=[2], new_tokens=3, prompt_len=4, repeats=2,
                             scaling=[1, 8, 10], xlora_new_tokens=2, out_dir=tmp_path,
                             configs=["base", "merged", "ls_mixed", "ls_dense", "ls_token_top2", "peft_mixed", "peft_xlora"])
     res = bench.run_bench(cfg)
@@ -26,10 +26,47 @@ def test_bench_smoke(tmp_path, tokenizer, monkeypatch):
     for f in ["bench_cpu.json", "bench_cpu.md", "bench_cpu_scaling.png"]:
         assert (tmp_path / f).is_file()
     md = (tmp_path / "bench_cpu.md").read_text()
-    for t in m["targets"]:  # each verdict follows from its ratio, and the report prints that verdict
-        if t["ratio"] is not None:
+    noisy = not all(c["ok"] for c in m["sanity"])
+    assert [c["batch"] for c in m["sanity"]] == [2]
+    for t in m["targets"]:  # each verdict follows from its ratio (or the run says it is too noisy)
+        if noisy:
+            assert t["met"] is None, t
+        elif t["ratio"] is not None:
             hit = t["ratio"] <= t["goal"] if t.get("lower_is_better") else t["ratio"] >= t["goal"]
             assert t["met"] == hit, t
         assert f"| {t['target']} | {t['ratio']}x |" in md
         row = next(line for line in md.splitlines() if line.startswith(f"| {t['target']} |"))
         assert row.rstrip().endswith("| met |") == bool(t["met"]), row
+        assert row.rstrip().endswith("| too noisy to judge |") == (t["met"] is None), row
+    assert ("TOO NOISY" in md) == noisy
+    for r in rows.values():  # medians of the round-robin runs, with their spread
+        if r.get("new_tokens") is None:  # X-LoRA runs once
+            assert len(r["runs_decode_tok_s"]) == 2
+            assert sorted(r["runs_decode_tok_s"])[0] <= r["decode_tok_s"] <= sorted(r["runs_decode_tok_s"])[-1]
+
+
+def test_interleaved_runs_round_robin_and_reports_medians():
+    """Configurations are timed in rotating rounds after one warm-up each; a failing one gets an
+    error and the others still report medians of their runs."""
+    import torch
+
+    from loraswitch.bench.measure import Runner, Timing, interleaved
+
+    calls: list[str] = []
+    speeds = {"a": iter([1.0, 4.0, 2.0, 3.0]), "b": iter([5.0, 5.0, 6.0, 7.0])}
+
+    def make(name):
+        def run():
+            calls.append(name)
+            return Timing(0.1, 1.0 / next(speeds[name]), 10, 1)
+        return run
+
+    def broken():
+        calls.append("c")
+        raise RuntimeError("boom")
+
+    out = interleaved({"a": Runner(make("a")), "b": Runner(make("b")), "c": Runner(broken)}, 3, torch.device("cpu"))
+    assert calls == ["a", "b", "c", "a", "b", "b", "a", "a", "b"]  # warm-ups, then rounds rotated by one
+    assert out["c"] == {"error": "RuntimeError: boom"}
+    assert out["a"]["runs_decode_tok_s"] == [4.0, 2.0, 3.0] and out["a"]["decode_tok_s"] == 3.0
+    assert out["b"]["decode_tok_s"] == 6.0 and out["b"]["decode_spread"] == round(2 / 6, 3)

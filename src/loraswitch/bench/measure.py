@@ -168,19 +168,71 @@ def hf_timing(model: nn.Module, ids: torch.Tensor, n_new: int, device: torch.dev
 
 
 
-def measure(run: Callable[[], Timing], repeats: int, device: torch.device, warmup: bool = True) -> dict:
-    if warmup:
-        with PeakMemory(device) as mem:  # warm-up run, measured for memory only
-            run()
-        runs = [run() for _ in range(repeats)]
-    else:  # slow configurations (X-LoRA): one run, timed and measured
-        with PeakMemory(device) as mem:
-            runs = [run()]
-    best_prefill = max(runs, key=lambda t: t.prefill_tps)
-    best_decode = max(runs, key=lambda t: t.decode_tps)
-    return {"prefill_tok_s": round(best_prefill.prefill_tps, 1), "decode_tok_s": round(best_decode.decode_tps, 2),
-            "prefill_s": round(best_prefill.prefill_s, 4), "decode_s": round(best_decode.decode_s, 4),
-            "total_s": round(min(r.total_s for r in runs), 4), "peak_mem_mb": round(mem.peak / 2**20, 1),
-            "runs_decode_tok_s": [round(r.decode_tps, 2) for r in runs]}
+@dataclass
+class Runner:
+    """One configuration to time: a run, whether it gets a warm-up (X-LoRA, with no KV cache, is
+    run once), and extra fields for its report row."""
+
+    run: Callable[[], Timing]
+    warmup: bool = True
+    extra: dict | None = None
 
 
+def _median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    n = len(ys)
+    return ys[n // 2] if n % 2 else (ys[n // 2 - 1] + ys[n // 2]) / 2
+
+
+def summarize(runs: list[Timing], peak_bytes: int) -> dict:
+    """Median tokens/s of the timed runs and their spread ((max - min) / median), so a reader sees
+    how far one run can be trusted."""
+    dec = [r.decode_tps for r in runs]
+    pre = [r.prefill_tps for r in runs]
+    med_dec, med_pre = _median(dec), _median(pre)
+    return {"prefill_tok_s": round(med_pre, 1), "decode_tok_s": round(med_dec, 2),
+            "decode_spread": round((max(dec) - min(dec)) / med_dec, 3) if med_dec else None,
+            "prefill_s": round(_median([r.prefill_s for r in runs]), 4),
+            "decode_s": round(_median([r.decode_s for r in runs]), 4), "total_s": round(_median([r.total_s for r in runs]), 4),
+            "peak_mem_mb": round(peak_bytes / 2**20, 1), "runs_decode_tok_s": [round(x, 2) for x in dec]}
+
+
+def interleaved(runners: dict[str, Runner], repeats: int, device: torch.device,
+                log: Callable[[str], None] = lambda s: None) -> dict[str, dict]:
+    """Time every configuration `repeats` times round-robin (round k starts k places further on),
+    after one warm-up each that also measures peak memory: a slow minute on a shared machine then
+    hits every configuration alike instead of the one that happened to run then, and the ratios
+    between configurations hold still. Reports medians and spread; a failing configuration gets
+    an error entry and never loses the others."""
+    names = list(runners)
+    peaks: dict[str, int] = {}
+    runs: dict[str, list[Timing]] = {n: [] for n in names}
+    errors: dict[str, str] = {}
+
+    def attempt(name: str, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except Exception as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+
+    for name in names:
+        r = runners[name]
+        log(f"warm-up {name}")
+
+        def warm(r=r, name=name):
+            with PeakMemory(device) as mem:
+                t = r.run()
+            peaks[name] = mem.peak
+            if not r.warmup:  # run once: the measured run is the only one
+                runs[name].append(t)
+
+        attempt(name, warm)
+    for k in range(repeats):
+        order = names[k % len(names):] + names[: k % len(names)]
+        for name in order:
+            if name in errors or not runners[name].warmup:
+                continue
+            log(f"round {k + 1}/{repeats} {name}")
+            attempt(name, lambda name=name: runs[name].append(runners[name].run()))
+    return {n: ({"error": errors[n]} if n in errors else {**summarize(runs[n], peaks[n]), **(runners[n].extra or {})})
+            for n in names}

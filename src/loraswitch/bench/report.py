@@ -17,8 +17,32 @@ def _ratio(a, b) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
+SANITY_TOLERANCE = 0.05  # base and merged do the same arithmetic: a run where they differ more is noise
+
+
+def sanity(model_result: dict, cfg: BenchConfig) -> list[dict]:
+    """`base` vs `merged` decode per batch size: the same arithmetic, so their ratio measures the
+    run's own noise. Within +-5% the run may judge targets; beyond, it says it is too noisy."""
+    out = []
+    for b in cfg.batch_sizes:
+        ratio = _ratio(_get(model_result, b, "base"), _get(model_result, b, "merged"))
+        if ratio is not None:
+            out.append({"batch": b, "base_vs_merged": ratio, "ok": abs(ratio - 1.0) <= SANITY_TOLERANCE})
+    return out
+
+
 def targets(model_result: dict, cfg: BenchConfig) -> list[dict]:
-    """The project's speed targets, each with the measured ratio and met / NOT MET."""
+    """The project's speed targets, each with the measured ratio (of medians) and met / NOT MET;
+    `met` is None for every target when the sanity pair says the run is too noisy to judge."""
+    out = _targets(model_result, cfg)
+    checks = sanity(model_result, cfg)
+    if checks and not all(c["ok"] for c in checks):
+        for t in out:
+            t["met"] = None
+    return out
+
+
+def _targets(model_result: dict, cfg: BenchConfig) -> list[dict]:
     r = model_result
     out = []
     big = max(cfg.batch_sizes)
@@ -58,9 +82,9 @@ def targets(model_result: dict, cfg: BenchConfig) -> list[dict]:
 def markdown(res: dict) -> str:
     cfg = res["config"]
     lines = [f"# loraswitch benchmark ({res['device']})", "",
-             f"{res['started']} on {res['platform']}, {res['torch_threads']} torch threads, torch {res['torch']}, "
+             f"{res['started']} on {res['platform']}, {res['torch_threads']} torch threads pinned to cores {res.get('cores')}, torch {res['torch']}, "
              f"{cfg['dtype']}. Prompts of {cfg['prompt_len']} random tokens, greedy decoding of {cfg['new_tokens']} new tokens "
-             f"(X-LoRA: {cfg['xlora_new_tokens']}), best of {cfg['repeats']} runs after a warm-up; random adapters of rank "
+             f"(X-LoRA: {cfg['xlora_new_tokens']}), median of {cfg['repeats']} runs per configuration, timed round-robin after one warm-up each (spread = (max - min) / median); random adapters of rank "
              f"{cfg['rank']} on q,k,v,o,gate,up,down; mixed batches spread over {cfg['n_mixed']} adapters. Tokens/s are "
              "batch totals. Ratios are within this one run.", ""]
     for m in res["models"]:
@@ -70,22 +94,28 @@ def markdown(res: dict) -> str:
         s = m["shape"]
         lines += [f"## {m['model']} (hidden {s['hidden']}, {s['layers']} layers, {s['params_m']}M parameters; "
                   f"one adapter {m['adapter_mb']} MB)", ""]
+        checks = m.get("sanity", [])
+        if checks:
+            lines += ["Sanity pair (same arithmetic, must be within +-5%): " + ", ".join(
+                f"base / merged = {c['base_vs_merged']}x at batch {c['batch']} ({'ok' if c['ok'] else 'TOO NOISY'})"
+                for c in checks), ""]
         lines += ["### Targets", "", "| target | measured | goal | status |", "|---|---|---|---|"]
         for t in m.get("targets", []):
-            status = "met" if t["met"] else "**NOT MET**"
+            status = "met" if t["met"] else ("too noisy to judge" if t["met"] is None else "**NOT MET**")
             lines.append(f"| {t['target']} | {t['ratio']}x | {'<=' if t.get('lower_is_better') else '>='} {t['goal']}x | {status} |")
         lines.append("")
         for b, rows in m["batches"].items():
-            lines += [f"### batch {b}", "", "| configuration | prefill tok/s | decode tok/s | decode vs merged | decode vs base | "
-                      "peak memory growth (MB) |", "|---|---|---|---|---|---|"]
+            lines += [f"### batch {b}", "", "| configuration | prefill tok/s | decode tok/s | spread | decode vs merged | "
+                      "decode vs base | peak memory growth (MB) |", "|---|---|---|---|---|---|---|"]
             merged = rows.get("merged", {}).get("decode_tok_s")
             basev = rows.get("base", {}).get("decode_tok_s")
             for name, r in rows.items():
                 if "error" in r:
-                    lines.append(f"| `{name}` | error: {r['error'][:80]} | | | | |")
+                    lines.append(f"| `{name}` | error: {r['error'][:80]} | | | | | |")
                     continue
                 pre = f"{r['prefill_tok_s']:.0f}" if r.get("prefill_tok_s") else "–"
-                lines.append(f"| `{name}` | {pre} | {r['decode_tok_s']:.1f} | {_fmt(_ratio(r['decode_tok_s'], merged))} | "
+                spread = f"{100 * r['decode_spread']:.0f}%" if r.get("decode_spread") is not None else "–"
+                lines.append(f"| `{name}` | {pre} | {r['decode_tok_s']:.1f} | {spread} | {_fmt(_ratio(r['decode_tok_s'], merged))} | "
                              f"{_fmt(_ratio(r['decode_tok_s'], basev))} | {r['peak_mem_mb']:.0f} |")
             lines.append("")
         if m.get("scaling"):
