@@ -193,6 +193,7 @@ def _generate(switch, call: list[tuple[Policy, list[Row]]]) -> dict | None:
         log.exception("batch %d failed", info["id"])
         for row in rows:
             row.answer.failed(exc)
+        info["failed"] = True
     return {**info, "models": sorted({r.request.model for r in rows}), "seconds": round(time.monotonic() - began, 4)}
 
 
