@@ -9,13 +9,15 @@ import json
 import pytest
 
 from loraswitch.base import Base
-from loraswitch.demo.tasks import Example
+from loraswitch.demo.suites import DemoSuite
 from loraswitch.eval import EvalConfig, build_items, run_eval
 from loraswitch.eval.data import Item
+from loraswitch.eval.suite import Case
 from loraswitch.eval.scoring import Answer, aggregate, chosen_adapter, part_adapters, routing_targets, score_item
 from tests.conftest import tiny_model, write_adapter
 
 TASKS = ["iso_date", "add", "sentiment"]
+SUITE = DemoSuite()
 
 
 @pytest.fixture
@@ -52,7 +54,7 @@ def test_harness_end_to_end(tmp_path, tiny_base, task_adapters, routers):
 
     methods = ["base", "oracle", "auto", "seq", "arrow", "gate", "merge_linear", "merge_ties",
                "peft_linear", "peft_ties", "peft_dare_ties", "peft_cat", "peft_arrow", "peft_xlora"]
-    cfg = EvalConfig(methods=methods, tasks=TASKS, limit=1, composite_sizes=(2, 3), oos_limit=2, xlora_limit=1,
+    cfg = EvalConfig(suite=SUITE, methods=methods, tasks=TASKS, limit=1, composite_sizes=(2, 3), oos_limit=2, xlora_limit=1,
                      max_new_tokens=3, part_tokens=3, out_dir=tmp_path / "out", adapter_dirs=[task_adapters],
                      router_dir=routers, progress=False, xlora_train_per_adapter=2, xlora_epochs=1)
     results = run_eval(cfg, base_factory=factory)
@@ -65,7 +67,9 @@ def test_harness_end_to_end(tmp_path, tiny_base, task_adapters, routers):
     bad = {m: r.get("error") for m, r in saved["methods"].items() if r["status"] != "ok"}
     assert not bad, bad
     for m, r in results["methods"].items():
-        assert r["accuracy"]["n"] == (len(TASKS) if m != "peft_xlora" else len(TASKS)), m
+        # one test prompt per task (limit=1; X-LoRA's cap of xlora_limit=1 per task keeps all three)
+        assert r["accuracy"]["n"] == len(TASKS), m
+        assert set(r["accuracy"]["per_task"]) == set(TASKS), m
         assert set(r["composite"]) == {"composite-2", "composite-3"}, m
         assert r["wall_s"] >= 0
     for m in ["auto", "seq", "arrow", "gate"]:
@@ -93,17 +97,18 @@ def test_routing_targets_compare_with_the_oracle():
     t = routing_targets({"oracle": oracle, "good": good, "bad": bad})
     assert set(t) == {"good", "bad"}
     assert t["good"]["min_task_accuracy_vs_oracle"]["value"] == pytest.approx(0.975)
-    assert all(v["met"] for k, v in t["good"].items() if k != "composite-5_vs_oracle")
+    unmeasured = {"composite-5_vs_oracle", "composite-10_vs_oracle"}
+    assert all(v["met"] for k, v in t["good"].items() if k not in unmeasured)
     assert t["good"]["composite-3_vs_oracle"]["value"] == pytest.approx(0.85 / 0.9, abs=1e-4)
     assert t["good"]["composite-5_vs_oracle"] == {"value": None, "goal": 0.9, "met": None}
-    assert not any(v["met"] for k, v in t["bad"].items() if k != "composite-5_vs_oracle")
+    assert not any(v["met"] for k, v in t["bad"].items() if k not in unmeasured)
 
 
 def test_unavailable_method_is_reported_not_fatal(tmp_path, tiny_base, task_adapters):
     def factory():
         return Base(tiny_model(), tiny_base.tokenizer, "tiny-llama", "random")
 
-    cfg = EvalConfig(methods=["base", "seq"], tasks=["add"], limit=1, composite_sizes=(), oos_limit=0,
+    cfg = EvalConfig(suite=SUITE, methods=["base", "seq"], tasks=["add"], limit=1, composite_sizes=(), oos_limit=0,
                      max_new_tokens=2, out_dir=tmp_path / "out", adapter_dirs=[task_adapters],
                      router_dir=tmp_path / "no_routers", progress=False)
     results = run_eval(cfg, base_factory=factory)
@@ -115,7 +120,7 @@ def test_unavailable_method_is_reported_not_fatal(tmp_path, tiny_base, task_adap
 
 # ---------------------------------------------------------------------------- scoring by hand
 def _ex(task, answer, heldout=False, seen=False):
-    return Example(task, f"prompt for {task}", answer, answer, 0, heldout, seen)
+    return Case(task, f"prompt for {task}", answer, (answer,), heldout, seen)
 
 
 def test_chosen_adapter_majority_and_abstain():
@@ -166,7 +171,7 @@ def test_score_and_aggregate_by_hand():
         a("Tea leaves...", None),  # abstained: good
         a("Owls...", "sentiment"),  # answered out-of-suite with an adapter
     ]
-    records = [score_item(i, ans, routes=True) for i, ans in zip(items, answers)]
+    records = [score_item(i, ans, routes=True, suite=SUITE) for i, ans in zip(items, answers)]
     assert [r.get("correct") for r in records[:4]] == [True, False, True, False]
     assert [p["correct"] for p in records[4]["parts"]] == [True, False]
     assert [p["chosen"] for p in records[4]["parts"]] == ["add", "add"]
@@ -185,12 +190,12 @@ def test_score_and_aggregate_by_hand():
     assert agg["confusion"]["add"] == {"add": 1, "iso_date": 1}
     assert agg["confusion"]["num_to_french"] == {"num_to_french": 1, "base": 1}
     assert agg["confusion"]["out-of-suite"] == {"base": 1, "sentiment": 1}
-    plain = aggregate([score_item(i, ans, routes=False) for i, ans in zip(items[:5], answers[:5])], ["add"], routes=False)
+    plain = aggregate([score_item(i, ans, routes=False, suite=SUITE) for i, ans in zip(items[:5], answers[:5])], ["add"], routes=False)
     assert "routing_accuracy" not in plain and "part_routing_accuracy" not in plain["composite"]["composite-2"]
 
 
 def test_build_items_respects_task_subset_and_limits():
-    items = build_items(["add", "sentiment", "iso_date"], limit=2, composite_sizes=(2, 3, 5), oos_limit=3)
+    items = build_items(SUITE, ["add", "sentiment", "iso_date"], limit=2, composite_sizes=(2, 3, 5), oos_limit=3)
     sets = [i.set for i in items]
     assert sets.count("task") == 6 and sets.count("composite-2") == 2 and sets.count("composite-3") == 2
     assert "composite-5" not in sets  # needs five tasks
@@ -201,4 +206,4 @@ def test_build_items_respects_task_subset_and_limits():
         if it.parts:
             assert len({p.task for p in it.parts}) == len(it.parts)
     with pytest.raises(ValueError, match="unknown task"):
-        build_items(["nope"], 1)
+        build_items(SUITE, ["nope"], 1)

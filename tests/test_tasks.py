@@ -61,4 +61,5 @@ def test_composites_draw_distinct_tasks_and_parse():
 def test_out_of_suite_splits():
     test = out_of_suite("test", 40)
     assert len(test) == 40 and not set(test) & set(out_of_suite("train", 400))
-    assert json.dumps(test)
+    assert json.loads(json.dumps(test)) == test  # plain strings, round-trip as JSON
+    assert all(isinstance(p, str) and p.strip() for p in test)

@@ -15,8 +15,9 @@ from rich.table import Table
 
 from loraswitch.bench.cli import bench_command
 from loraswitch.console import BaseOpt, DirsOpt, LibraryOpt, RouterDirOpt, console, fail, open_switch
-from loraswitch.demo.commands import demo, zoo_app
-from loraswitch.eval.cli import eval_command
+from loraswitch.demo.commands import data_app, demo, zoo_app
+from loraswitch.demo.suites import suite_for
+from loraswitch.eval.cli import make_eval_command
 from loraswitch.merging.cli import merge_command
 from loraswitch.server.cli import serve
 
@@ -27,7 +28,8 @@ app.add_typer(zoo_app, name="zoo")
 app.command("demo")(demo)
 app.command("merge")(merge_command)
 app.command("serve")(serve)
-app.command("eval")(eval_command)
+app.command("eval")(make_eval_command(suite_for))
+app.add_typer(data_app, name="data")
 app.command("bench")(bench_command)
 
 

@@ -12,9 +12,33 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from loraswitch.console import BaseOpt, DirsOpt, LibraryOpt, console, fail, open_switch, quiet
+from loraswitch.console import BaseOpt, DirsOpt, LibraryOpt, console, fail, library_paths, open_switch, quiet
 
 zoo_app = typer.Typer(help="Train and measure the embedded libraries' adapters.", no_args_is_help=True)
+data_app = typer.Typer(help="Fetch the data a task suite needs (never committed).", no_args_is_help=True)
+
+
+# ---------------------------------------------------------------------------- data
+@data_app.command("bigbench")
+def data_bigbench(
+    sdist: Annotated[Path | None, typer.Option(help="Use this already downloaded bigbench-1.0.0.tar.gz instead of pip download.")] = None,
+) -> None:
+    """Download bigbench==1.0.0 with pip (once), extract the ten tasks' files into the cache, verify
+    them, and report each task's splits and prompt lengths."""
+    from loraswitch.demo.bigbench.fetch import BigBenchDataError, ensure
+    from loraswitch.demo.bigbench.tasks import TASK_NAMES, rendered, splits
+
+    try:
+        with console.status("fetching BIG-bench (pip download of a 360 MB sdist, once)..."):
+            root = ensure(sdist)
+    except BigBenchDataError as exc:
+        raise fail(str(exc)) from None
+    table = Table("task", "usable", "train", "val", "test", "dropped: duplicate", "dropped: over-long", title=f"BIG-bench tasks in {root}")
+    for task in TASK_NAMES:
+        exs, dupes, too_long = rendered(task, root)
+        sp = splits(task, root)
+        table.add_row(task, str(len(exs)), *(str(len(sp[s])) for s in ("train", "val", "test")), str(dupes), str(too_long))
+    Console().print(table)
 
 
 # ---------------------------------------------------------------------------- demo
@@ -69,23 +93,43 @@ def demo(
 def zoo_build(
     tasks: Annotated[list[str] | None, typer.Option("--task", help="Only these tasks (repeatable).")] = None,
     steps_scale: Annotated[float, typer.Option(help="Multiply every recipe's steps (e.g. 0.1 for a smoke run).")] = 1.0,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: the package's demo_adapters).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: the --library's adapters).")] = None,
+    library: LibraryOpt = "demo",
     evaluate: Annotated[bool, typer.Option(help="Measure the new adapters afterwards (zoo eval).")] = True,
 ) -> None:
-    """Train one LoRA per demo task on the default base (slow on CPU: about an hour for all eight)."""
+    """Train one LoRA per task of a library on the default base (CPU: about an hour for either library)."""
     quiet()
     from loraswitch.base import load_base
-    from loraswitch.demo.tasks import TASK_NAMES
-    from loraswitch.demo.zoo.build import DEMO_ADAPTER_DIR, train_zoo
+    from loraswitch.demo.zoo.build import train_zoo
 
-    names = tasks or list(TASK_NAMES)
-    unknown = [t for t in names if t not in TASK_NAMES]
-    if unknown:
-        raise fail(f"unknown task(s) {unknown}; tasks: {', '.join(TASK_NAMES)}")
-    target = out or DEMO_ADAPTER_DIR
-    train_zoo(load_base(), names, target, steps_scale)
+    names = _library_tasks(library, tasks)
+    target = out or library_paths(library, None, None)[0][0]
+    train_zoo(load_base(), names, target, steps_scale, library=library)
     if evaluate:
-        zoo_eval(tasks=names, adapter_dir=target)
+        zoo_eval(tasks=names, adapter_dir=target, library=library)
+
+
+def _library_tasks(library: str, tasks: list[str] | None) -> list[str]:
+    """`tasks` checked against the library's tasks (all of them when None); a clean error when the
+    library is unknown, a task is not in it, or its data is missing."""
+    from loraswitch.demo.zoo.recipes import zoo_tasks
+
+    try:
+        known = zoo_tasks(library)
+        if library == "bigbench":
+            from loraswitch.demo.bigbench.fetch import BigBenchDataError, require
+
+            try:
+                require()
+            except BigBenchDataError as exc:
+                raise fail(str(exc)) from None
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    names = list(tasks or known)
+    unknown = [t for t in names if t not in known]
+    if unknown:
+        raise fail(f"unknown task(s) {unknown}; tasks of {library}: {', '.join(known)}")
+    return names
 
 
 @zoo_app.command("eval")

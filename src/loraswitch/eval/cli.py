@@ -1,16 +1,20 @@
-"""`loraswitch eval`: a typer-ready command function (registered in
-`loraswitch.cli`). Progress and tables go to stderr through rich; the last stdout line is the
-path of the main result file."""
+"""`loraswitch eval`: a typer-ready command function, made by `make_eval_command(suite_for)` and
+registered in `loraswitch.cli`, which passes the function that maps `--library` to its task suite
+(the suites live in `loraswitch.demo`, which eval never imports). Progress and tables go to
+stderr through rich; the last stdout line is the path of the main result file."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from loraswitch.console import LibraryOpt, library_paths
 
 console = Console(stderr=True)
 
@@ -19,74 +23,97 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
 
-def eval_command(
-    methods: Annotated[list[str] | None, typer.Option("--methods", "-m", help="Methods to run (repeatable or comma-separated; see --list).")] = None,
-    tasks: Annotated[list[str] | None, typer.Option("--tasks", "-t", help="Demo tasks (repeatable or comma-separated; default: all eight).")] = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="Test prompts per task (and per composite size; 2x for out-of-suite).")] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="A small subset that runs in about a minute on a 2-core CPU.")] = False,
-    out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("eval_results"),
-    composite: Annotated[list[int] | None, typer.Option("--composite", help="Composite sizes (default 2, 3, 5).")] = None,
-    xlora_limit: Annotated[int, typer.Option(min=1, help="At most this many prompts per task / set for peft_xlora (no KV cache).")] = 4,
-    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="New tokens per single-task answer.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    base: Annotated[str | None, typer.Option("--base", help="Model directory or .gguf file (default: embedded SmolLM2-135M-Instruct).")] = None,
-    adapter_dir: Annotated[list[Path] | None, typer.Option("--adapter-dir", help="Adapter folder (repeatable; default: the demo adapters).")] = None,
-    router_dir: Annotated[Path | None, typer.Option("--router-dir", help="Trained routers (default: the demo routers).")] = None,
-    list_methods: Annotated[bool, typer.Option("--list", help="List the methods and exit.")] = False,
-    doc: Annotated[Path | None, typer.Option("--doc", help="Also write the result tables into this markdown file (between generated markers), e.g. docs/evaluation.md.")] = None,
-    readme: Annotated[Path | None, typer.Option("--readme", help="Also write the short summary into this markdown file, e.g. README.md.")] = None,
-) -> None:
-    """Quality: base, oracle, routers, merges and PEFT baselines on the demo task suite."""
+def make_eval_command(suite_for: Callable[[str], object]) -> Callable[..., None]:
+    """The `eval` command, evaluating on `suite_for(--library)`, an `eval.suite.Suite`."""
+
+    def eval_command(
+        methods: Annotated[list[str] | None, typer.Option("--methods", "-m", help="Methods to run (repeatable or comma-separated; see --list).")] = None,
+        tasks: Annotated[list[str] | None, typer.Option("--tasks", "-t", help="Tasks of the suite (repeatable or comma-separated; default: all).")] = None,
+        limit: Annotated[int | None, typer.Option(min=1, help="Test prompts per task (and per composite size; 2x for out-of-suite).")] = None,
+        quick: Annotated[bool, typer.Option("--quick", help="A small subset that runs in about a minute on a 2-core CPU.")] = False,
+        out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("eval_results"),
+        composite: Annotated[list[int] | None, typer.Option("--composite", help="Composite sizes (default: the suite's; demo 2, 3, 5; bigbench 3, 5, 10).")] = None,
+        xlora_limit: Annotated[int, typer.Option(min=1, help="At most this many prompts per task / set for peft_xlora (no KV cache).")] = 4,
+        max_new_tokens: Annotated[int | None, typer.Option(min=1, help="New tokens per single-task answer.")] = None,
+        batch_size: Annotated[int, typer.Option(min=1)] = 16,
+        base: Annotated[str | None, typer.Option("--base", help="Model directory or .gguf file (default: embedded SmolLM2-135M-Instruct).")] = None,
+        adapter_dir: Annotated[list[Path] | None, typer.Option("--adapter-dir", help="Adapter folder (repeatable; default: the --library's adapters).")] = None,
+        router_dir: Annotated[Path | None, typer.Option("--router-dir", help="Trained routers (default: the --library's routers).")] = None,
+        library: LibraryOpt = "demo",
+        list_methods: Annotated[bool, typer.Option("--list", help="List the methods and exit.")] = False,
+        doc: Annotated[Path | None, typer.Option("--doc", help="Also write the result tables into this markdown file (between generated markers), e.g. docs/evaluation.md.")] = None,
+        readme: Annotated[Path | None, typer.Option("--readme", help="Also write the short summary into this markdown file, e.g. README.md.")] = None,
+    ) -> None:
+        """Quality: base, oracle, routers, merges and PEFT baselines on a library's task suite."""
+        from loraswitch.eval.harness import EvalConfig, run_eval
+        from loraswitch.eval.methods import registry
+
+        reg = registry()
+        if list_methods:
+            table = Table("method", "family", "what")
+            for name, spec in reg.items():
+                table.add_row(name, spec.family, spec.description)
+            Console().print(table)
+            return
+        _quiet()
+        dirs, routers = library_paths(library, adapter_dir, router_dir)
+        try:
+            suite = suite_for(library)
+        except (ValueError, RuntimeError) as exc:  # unknown library, data not fetched
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+        overrides = {"methods": _split(methods), "tasks": _split(tasks), "limit": limit, "out_dir": out,
+                     "composite_sizes": tuple(composite) if composite else None, "xlora_limit": xlora_limit,
+                     "max_new_tokens": max_new_tokens, "batch_size": batch_size, "base": base,
+                     "adapter_dirs": dirs, "router_dir": routers, "suite": suite}
+        if quick:
+            cfg = EvalConfig.quick_config(**overrides)
+        else:
+            cfg = EvalConfig(**{k: v for k, v in overrides.items() if v is not None})
+        unknown = [m for m in cfg.methods if m not in reg]
+        if unknown:
+            console.print(f"[red]error:[/red] unknown method(s) {unknown}; known: {', '.join(reg)}")
+            raise typer.Exit(2)
+        try:
+            results = run_eval(cfg, on_method=_on_method)
+        except ValueError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+        _print_table(results)
+        console.print(f"wrote {out}/results.json, results.md and plots")
+        _write_docs(results, out, doc, readme)
+        print(Path(out) / "results.json")
+
+    return eval_command
+
+
+def _quiet() -> None:
     import torch
     import transformers
 
-    from loraswitch.eval.harness import EvalConfig, run_eval
-    from loraswitch.eval.methods import registry
-
-    reg = registry()
-    if list_methods:
-        table = Table("method", "family", "what")
-        for name, spec in reg.items():
-            table.add_row(name, spec.family, spec.description)
-        Console().print(table)
-        return
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(int(os.environ.get("LORASWITCH_THREADS", os.cpu_count() or 1)))
 
-    def split(values):
-        return [v.strip() for s in values for v in s.split(",") if v.strip()] if values else None
 
-    overrides = {"methods": split(methods), "tasks": split(tasks), "limit": limit, "out_dir": out,
-                 "composite_sizes": tuple(composite) if composite else None, "xlora_limit": xlora_limit,
-                 "max_new_tokens": max_new_tokens, "batch_size": batch_size, "base": base,
-                 "adapter_dirs": adapter_dir, "router_dir": router_dir}
-    if quick:
-        cfg = EvalConfig.quick_config(**overrides)
-    else:
-        cfg = EvalConfig(**{k: v for k, v in overrides.items() if v is not None})
-    unknown = [m for m in cfg.methods if m not in reg]
-    if unknown:
-        console.print(f"[red]error:[/red] unknown method(s) {unknown}; known: {', '.join(reg)}")
-        raise typer.Exit(2)
+def _split(values):
+    return [v.strip() for s in values for v in s.split(",") if v.strip()] if values else None
 
-    def on_method(name: str, entry: dict) -> None:
-        if entry["status"] != "ok":
-            console.print(f"[yellow]{name}[/yellow]: {entry['status']} ({entry.get('error')})")
-            return
-        extra = ""
-        if entry.get("routes"):
-            extra = f", routing {_pct(entry['routing_accuracy']['overall'])}, abstain {_pct(entry.get('abstain_rate'))}"
-        console.print(f"[green]{name}[/green]: accuracy {_pct(entry['accuracy']['overall'])}{extra} "
-                      f"({entry['wall_s']:.1f} s answering, {entry.get('setup_s', 0):.1f} s setup)")
 
-    try:
-        results = run_eval(cfg, on_method=on_method)
-    except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    table = Table("method", "accuracy", "held-out wording", "routing", "abstain", *[f"{k}" for k in ("composite parts",)], "time (s)",
-                  title="loraswitch eval")
+def _on_method(name: str, entry: dict) -> None:
+    if entry["status"] != "ok":
+        console.print(f"[yellow]{name}[/yellow]: {entry['status']} ({entry.get('error')})")
+        return
+    extra = ""
+    if entry.get("routes"):
+        extra = f", routing {_pct(entry['routing_accuracy']['overall'])}, abstain {_pct(entry.get('abstain_rate'))}"
+    console.print(f"[green]{name}[/green]: accuracy {_pct(entry['accuracy']['overall'])}{extra} "
+                  f"({entry['wall_s']:.1f} s answering, {entry.get('setup_s', 0):.1f} s setup)")
+
+
+def _print_table(results: dict) -> None:
+    table = Table("method", "accuracy", "held-out wording", "routing", "abstain", "composite parts", "time (s)",
+                  title=f"loraswitch eval ({results['meta'].get('suite')})")
     for name, r in results["methods"].items():
         if r["status"] != "ok":
             table.add_row(name, f"[yellow]{r['status']}[/yellow]", "", "", "", "", "")
@@ -96,7 +123,9 @@ def eval_command(
                       _pct(r.get("routing_accuracy", {}).get("overall")), _pct(r.get("abstain_rate")),
                       _pct(sum(parts) / len(parts)) if parts else "–", f"{r['wall_s']:.1f}")
     console.print(table)
-    console.print(f"wrote {out}/results.json, results.md and plots")
+
+
+def _write_docs(results: dict, out: Path, doc: Path | None, readme: Path | None) -> None:
     if doc is not None:
         from loraswitch.eval.report import update_doc
 
@@ -107,7 +136,6 @@ def eval_command(
 
         update_doc(readme, "eval", readme_summary(results, str(doc or Path(out) / "results.md")))
         console.print(f"updated {readme}")
-    print(Path(out) / "results.json")
 
 
-__all__ = ["eval_command"]
+__all__ = ["make_eval_command"]

@@ -1,21 +1,17 @@
-"""What the evaluation asks: single-task prompts from the demo suite's test split, composite
-prompts of 2, 3 and 5 parts, and out-of-suite prompts (for the abstain rate).
+"""What the evaluation asks: single-task prompts from a suite's test split, composite prompts
+of the sizes the suite defines (demo: 2, 3, 5 parts; BIG-bench: MeteoRA's composite-3, -5, -10),
+and out-of-suite prompts (for the abstain rate).
 
-Every prompt is an `Item`; methods answer items, scoring reads them. Composites come from
-`tasks.composites` when every task is evaluated (so the sets are the suite's own); with a task
-subset they are drawn the same way from the chosen tasks only, so no part needs an adapter that
-is not being evaluated.
+Every prompt is an `Item`; methods answer items, scoring reads them. The suite (`eval.suite`)
+supplies the examples and composites, so nothing here knows any task.
 """
 
 from __future__ import annotations
 
-import random
-import zlib
 from dataclasses import dataclass, field
 
-from loraswitch.demo.tasks import TASK_NAMES, Example, composite_prompt, composites, examples, out_of_suite
+from loraswitch.eval.suite import Case, Suite
 
-COMPOSITE_SIZES = (2, 3, 5)
 TASK_SET = "task"
 OOS_SET = "oos"
 
@@ -35,9 +31,15 @@ class Item:
     max_new_tokens: int
     task: str | None = None
     answer: str | None = None
-    parts: list[Example] = field(default_factory=list)
+    parts: list[Case] = field(default_factory=list)
+    targets: tuple[str, ...] = ()
     heldout_template: bool | None = None
     seen_payload: bool | None = None
+
+    @property
+    def case(self) -> Case:
+        """The single-task item as the suite's `Case` (what `Suite.score` reads)."""
+        return Case(self.task or "", self.prompt, self.answer or "", self.targets, self.heldout_template, self.seen_payload)
 
     @property
     def is_composite(self) -> bool:
@@ -53,22 +55,11 @@ class Item:
         return d
 
 
-def _composites(tasks: list[str], n_parts: int, count: int, seed: int) -> list[list[Example]]:
-    if sorted(tasks) == sorted(TASK_NAMES):
-        return [list(c.parts) for c in composites(n_parts, count, "test", seed)]
-    pools = {t: examples(t, "test", count * n_parts, seed=seed + 7) for t in tasks}
-    rng = random.Random(zlib.crc32(f"composite|{n_parts}|test|{seed}|{','.join(sorted(tasks))}".encode()))
-    out = []
-    for i in range(count):
-        chosen = rng.sample(sorted(tasks), n_parts)
-        out.append([pools[t][(i + j) % len(pools[t])] for j, t in enumerate(chosen)])
-    return out
-
-
 def build_items(
+    suite: Suite,
     tasks: list[str],
     limit: int,
-    composite_sizes: tuple[int, ...] = COMPOSITE_SIZES,
+    composite_sizes: tuple[int, ...] | None = None,
     composite_limit: int | None = None,
     oos_limit: int | None = None,
     max_new_tokens: int = 40,
@@ -76,25 +67,24 @@ def build_items(
     seed: int = 0,
 ) -> list[Item]:
     """`limit` test prompts per task, `composite_limit` (default `limit`) prompts per composite
-    size that the task list allows, and `oos_limit` (default `limit`) out-of-suite prompts."""
-    unknown = [t for t in tasks if t not in TASK_NAMES]
+    size (default: the suite's) that the task list allows, and `oos_limit` (default `limit`)
+    out-of-suite prompts."""
+    unknown = [t for t in tasks if t not in suite.task_names]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; tasks: {', '.join(TASK_NAMES)}")
+        raise ValueError(f"unknown task(s) {unknown}; tasks of {suite.name}: {', '.join(suite.task_names)}")
     items: list[Item] = []
     for task in tasks:
-        for i, ex in enumerate(examples(task, "test", limit, seed=seed)):
-            items.append(Item(f"{task}/{i}", TASK_SET, ex.prompt, max_new_tokens, task, ex.answer,
+        for i, ex in enumerate(suite.examples(task, "test", limit, seed=seed)):
+            items.append(Item(f"{task}/{i}", TASK_SET, ex.prompt, max_new_tokens, task, ex.answer, targets=ex.targets,
                               heldout_template=ex.heldout_template, seen_payload=ex.seen_payload))
     n_comp = limit if composite_limit is None else composite_limit
-    for n in composite_sizes:
+    for n in suite.composite_sizes if composite_sizes is None else composite_sizes:
         if n > len(tasks) or n_comp <= 0:
             continue
-        for i, parts in enumerate(_composites(tasks, n, n_comp, seed)):
-            prompt = composite_prompt([p.prompt for p in parts])
-            answer = "\n".join(f"{j}. {p.answer}" for j, p in enumerate(parts, 1))
-            items.append(Item(f"{composite_set(n)}/{i}", composite_set(n), prompt, part_tokens * n + 8,
-                              answer=answer, parts=parts))
+        for i, comp in enumerate(suite.composites(tasks, n, n_comp, seed)):
+            items.append(Item(f"{composite_set(n)}/{i}", composite_set(n), comp.prompt, part_tokens * n + 8,
+                              answer=comp.answer, parts=list(comp.parts)))
     n_oos = limit if oos_limit is None else oos_limit
-    for i, prompt in enumerate(out_of_suite("test", n_oos, seed=seed) if n_oos > 0 else []):
+    for i, prompt in enumerate(suite.out_of_suite("test", n_oos, seed=seed) if n_oos > 0 else []):
         items.append(Item(f"oos/{i}", OOS_SET, prompt, max_new_tokens))
     return items

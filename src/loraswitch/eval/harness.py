@@ -16,17 +16,17 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from loraswitch.base import Base, load_base
-from loraswitch.demo.tasks import TASK_NAMES
-from loraswitch.eval.data import COMPOSITE_SIZES, OOS_SET, TASK_SET, Item, build_items
+from loraswitch.eval.data import OOS_SET, TASK_SET, Item, build_items
 from loraswitch.eval.methods import EvalContext, registry
 from loraswitch.eval.scoring import aggregate, routing_targets, score_item
+from loraswitch.eval.suite import Suite
 
 DEFAULT_METHODS = (
     "base", "oracle", "auto", "seq", "arrow", "gate",
@@ -40,12 +40,13 @@ QUICK = {"methods": ("base", "oracle", "auto", "arrow", "merge_linear"), "limit"
 
 @dataclass
 class EvalConfig:
+    suite: Suite | None = None  # the task suite (required; the CLI passes the --library's)
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    tasks: list[str] = field(default_factory=lambda: list(TASK_NAMES))
+    tasks: list[str] | None = None  # default: every task of the suite
     limit: int = 20  # test prompts per task
     composite_limit: int | None = None  # prompts per composite size (default: limit)
     oos_limit: int | None = None  # out-of-suite prompts (default: 2 * limit)
-    composite_sizes: tuple[int, ...] = COMPOSITE_SIZES
+    composite_sizes: tuple[int, ...] | None = None  # default: the suite's
     xlora_limit: int = 4  # X-LoRA has no KV cache: at most this many prompts per task / per set
     max_new_tokens: int = 40
     part_tokens: int = 32  # composite budget: part_tokens per part + 8
@@ -87,6 +88,10 @@ def run_eval(cfg: EvalConfig, base_factory: Callable[[], Base] | None = None,
     from loraswitch.constants import DEMO_ADAPTER_DIR
     from loraswitch.eval.report import write_report
 
+    if cfg.suite is None:
+        raise ValueError("EvalConfig.suite is required: the task suite to evaluate on")
+    suite = cfg.suite
+    tasks = list(cfg.tasks or suite.task_names)
     reg = registry()
     unknown = [m for m in cfg.methods if m not in reg]
     if unknown:
@@ -94,13 +99,14 @@ def run_eval(cfg: EvalConfig, base_factory: Callable[[], Base] | None = None,
     factory = base_factory or (lambda: load_base(cfg.base))
     adapter_dirs = [Path(d) for d in (cfg.adapter_dirs or [DEMO_ADAPTER_DIR])]
     oos_limit = cfg.oos_limit if cfg.oos_limit is not None else 2 * cfg.limit
-    items = build_items(cfg.tasks, cfg.limit, cfg.composite_sizes, cfg.composite_limit, oos_limit,
+    items = build_items(suite, tasks, cfg.limit, cfg.composite_sizes, cfg.composite_limit, oos_limit,
                         cfg.max_new_tokens, cfg.part_tokens, cfg.seed)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {
         "meta": {
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": _jsonable(asdict(cfg)),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "suite": suite.name, "tasks": tasks,
+            "config": _jsonable({f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "suite"}),
             "adapter_dirs": [str(d) for d in adapter_dirs], "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(), "n_items": {s: sum(1 for i in items if i.set == s) for s in sorted({i.set for i in items})},
         },
@@ -110,9 +116,9 @@ def run_eval(cfg: EvalConfig, base_factory: Callable[[], Base] | None = None,
     order = sorted(cfg.methods, key=lambda m: ("reference", "router", "merge", "peft").index(reg[m].family))
     shared_last = max((i for i, m in enumerate(order) if reg[m].family in ("reference", "router")), default=-1)
     with tempfile.TemporaryDirectory(prefix="loraswitch-eval-") as scratch:
-        ctx = EvalContext(factory, adapter_dirs, list(cfg.tasks), cfg.router_dir, cfg.batch_size, cfg.quick,
+        ctx = EvalContext(factory, adapter_dirs, tasks, cfg.router_dir, cfg.batch_size, cfg.quick,
                           scratch=Path(scratch), xlora_train_per_adapter=cfg.xlora_train_per_adapter,
-                          xlora_epochs=cfg.xlora_epochs)
+                          xlora_epochs=cfg.xlora_epochs, suite=suite)
         for pos, name in enumerate(order):
             spec = reg[name]
             entry, records = _run_method(spec, ctx, items, cfg)
@@ -170,7 +176,7 @@ def _run_method(spec, ctx: EvalContext, items: list[Item], cfg: EvalConfig) -> t
         method.close()
     records = []
     for it, a in zip(mine, answers):
-        rec = score_item(it, a, method.routes)
+        rec = score_item(it, a, method.routes, ctx.suite)
         if it.is_composite:
             rec["trace"] = [{"token": e.get("token", ""), "adapters": e.get("adapters", {}),
                              **({"separator": True} if e.get("separator") else {})} for e in a.trace]

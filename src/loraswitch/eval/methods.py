@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from loraswitch.base import Base
-from loraswitch.demo.tasks import examples  # TODO(suite): take validation prompts from the eval suite
 from loraswitch.eval.data import Item
 from loraswitch.eval.scoring import Answer
+from loraswitch.eval.suite import Suite
 from loraswitch.generate import Generation, SamplingParams
 from loraswitch.library import Adapter, scan
 from loraswitch.switch.parts import assemble, part_budget
@@ -47,6 +47,7 @@ class EvalContext:
     scratch: Path | None = None  # a temporary folder (harmonised adapters for PEFT)
     xlora_train_per_adapter: int = 40  # the gate router's budget (train-router: per_adapter // 5)
     xlora_epochs: int = 3
+    suite: Suite | None = None  # the evaluated suite (validation and training prompts for merges, X-LoRA)
     _switch: object | None = field(default=None, repr=False)
 
     def switch(self):
@@ -262,7 +263,7 @@ class MergeMethod(Method):
             n = 4 if self.ctx.quick else 16
             params = {"steps": 10} if self.ctx.quick else {}
             # unlabeled prompts of the evaluated tasks (validation split): AdaMerging takes them as a parameter
-            params["prompts"] = [e.prompt for t in self.ctx.tasks for e in examples(t, "val", n)]
+            params["prompts"] = [e.prompt for t in self.ctx.tasks for e in self.ctx.suite.examples(t, "val", n)]
             cfg = MergeConfig("adamerging", [AdapterSpec(a.name, w) for a, w in zip(adapters, weights)], params)
             result = run_merge(cfg, base, adapters, progress=False)
             deltas = result.deltas

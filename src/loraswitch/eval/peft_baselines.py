@@ -37,7 +37,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loraswitch.base import Base
-from loraswitch.demo.tasks import TASKS, examples
 from loraswitch.eval.data import Item
 from loraswitch.eval.methods import EvalContext, Method, merge_weights, register
 from loraswitch.eval.scoring import Answer
@@ -219,7 +218,8 @@ class PeftXLora(PeftMethod):
                           adapters={str(i): str(p) for i, p in enumerate(paths.values())}, layerwise_scalings=False)
         model = get_peft_model(base.model, cfg)
         t0 = time.perf_counter()
-        self.info["training"] = train_xlora(model, base, self.names, self.ctx.xlora_train_per_adapter, self.ctx.xlora_epochs)
+        self.info["training"] = train_xlora(model, base, self.names, self.ctx.suite, self.ctx.xlora_train_per_adapter,
+                                             self.ctx.xlora_epochs)
         self.info["train_s"] = round(time.perf_counter() - t0, 2)
         return model.eval()
 
@@ -246,15 +246,15 @@ class PeftXLora(PeftMethod):
         return trace
 
 
-def train_xlora(model: nn.Module, base: Base, names: list[str], per_adapter: int, epochs: int,
+def train_xlora(model: nn.Module, base: Base, names: list[str], suite, per_adapter: int, epochs: int,
                 batch_size: int = 8, lr: float = 5e-3, seed: int = 0) -> dict:
-    """Train X-LoRA's classifier (only) with next-token loss on the answers of the demo suite's
-    training prompts of every adapter named after a task."""
+    """Train X-LoRA's classifier (only) with next-token loss on the answers of `suite`'s training
+    prompts of every adapter named after one of its tasks."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     tok = base.tokenizer
-    rows = [base.encode_example(e.prompt, e.answer) for name in names if name in TASKS
-            for e in examples(name, "train", per_adapter, seed=seed)]
+    rows = [base.encode_example(e.prompt, e.answer) for name in names if name in suite.task_names
+            for e in suite.examples(name, "train", per_adapter, seed=seed)]
     params = [p for p in model.parameters() if p.requires_grad]
     if not rows or not params:
         return {"steps": 0, "examples": 0}

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from loraswitch.demo.tasks import parse_numbered, score
 from loraswitch.eval.data import OOS_SET, TASK_SET, Item
+from loraswitch.eval.suite import Suite
 
 BASE = "base"
 
@@ -76,16 +76,17 @@ def part_adapters(answer: Answer, n_parts: int) -> list[str]:
     return out
 
 
-def score_item(item: Item, answer: Answer, routes: bool) -> dict:
-    """One flat, JSON-ready record. `routes`: whether the method routes (router metrics apply)."""
+def score_item(item: Item, answer: Answer, routes: bool, suite: Suite) -> dict:
+    """One flat, JSON-ready record, scored by `suite`'s metric. `routes`: whether the method
+    routes (router metrics apply)."""
     rec: dict = {"id": item.id, "set": item.set, "task": item.task, "output": answer.text, "n_tokens": answer.n_tokens}
     if item.set == TASK_SET:
-        rec["correct"] = bool(score(item.task, answer.text, item.answer))
+        rec["correct"] = bool(suite.score(item.case, answer.text))
         rec["heldout_template"] = item.heldout_template
         rec["seen_payload"] = item.seen_payload
     elif item.is_composite:
-        got = parse_numbered(answer.text, len(item.parts))
-        rec["parts"] = [{"task": p.task, "output": g, "correct": bool(score(p.task, g, p.answer))} for p, g in zip(item.parts, got)]
+        got = suite.parse_parts(answer.text, len(item.parts))
+        rec["parts"] = [{"task": p.task, "output": g, "correct": bool(suite.score(p, g))} for p, g in zip(item.parts, got)]
         rec["correct"] = all(p["correct"] for p in rec["parts"])
     if routes:
         chosen = chosen_adapter(answer)
@@ -159,6 +160,7 @@ ROUTING_GOALS = {
     "min_task_accuracy_vs_oracle": ("worst task's accuracy / the oracle's", 0.97),
     "composite-3_vs_oracle": ("composite-3 per-part accuracy / the oracle's", 0.90),
     "composite-5_vs_oracle": ("composite-5 per-part accuracy / the oracle's", 0.90),
+    "composite-10_vs_oracle": ("composite-10 per-part accuracy / the oracle's", 0.90),
     "abstain_rate": ("out-of-suite prompts answered by the base model", 0.90),
 }
 
@@ -186,7 +188,7 @@ def routing_targets(methods: dict[str, dict]) -> dict[str, dict]:
             "min_task_accuracy_vs_oracle": min(ratios) if ratios else None,
             "abstain_rate": r.get("abstain_rate"),
         }
-        for size in ("composite-3", "composite-5"):
+        for size in ("composite-3", "composite-5", "composite-10"):
             ours = r.get("composite", {}).get(size, {}).get("part_accuracy")
             ref = oracle.get("composite", {}).get(size, {}).get("part_accuracy")
             values[f"{size}_vs_oracle"] = _over(ours, ref)

@@ -354,15 +354,19 @@ def composite_prompt(parts: list[str]) -> str:
     return numbered(parts, header=COMPOSITE_HEADER)
 
 
-def composites(n_parts: int, count: int, split: str = "test", seed: int = 0) -> list[Composite]:
-    """`count` composite prompts, each drawing `n_parts` parts from `n_parts` different tasks."""
-    if not 1 <= n_parts <= len(TASKS):
-        raise ValueError(f"n_parts must be 1..{len(TASKS)}")
-    pools = {t: examples(t, split, count * n_parts, seed=seed + 7) for t in TASKS}
-    rng = random.Random(zlib.crc32(f"composite|{n_parts}|{split}|{seed}".encode()))
+def composites(n_parts: int, count: int, split: str = "test", seed: int = 0,
+               tasks: tuple[str, ...] | list[str] | None = None) -> list[Composite]:
+    """`count` composite prompts, each drawing `n_parts` parts from `n_parts` different tasks
+    (of `tasks` only, when given: then no part needs an adapter outside them)."""
+    names = TASK_NAMES if tasks is None or sorted(tasks) == sorted(TASK_NAMES) else tuple(sorted(tasks))
+    if not 1 <= n_parts <= len(names):
+        raise ValueError(f"n_parts must be 1..{len(names)}")
+    pools = {t: examples(t, split, count * n_parts, seed=seed + 7) for t in names}
+    key = "" if names is TASK_NAMES else "|" + ",".join(names)
+    rng = random.Random(zlib.crc32(f"composite|{n_parts}|{split}|{seed}{key}".encode()))
     out = []
     for i in range(count):
-        tasks = rng.sample(TASK_NAMES, n_parts)
+        tasks = rng.sample(names, n_parts)
         parts = tuple(pools[t][(i + j) % len(pools[t])] for j, t in enumerate(tasks))
         out.append(Composite(composite_prompt([p.prompt for p in parts]), parts))
     return out

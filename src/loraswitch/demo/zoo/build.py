@@ -1,5 +1,5 @@
-"""`loraswitch zoo build`: train the demo adapters and write them, with a manifest, where the
-package finds them (`loraswitch/libraries/demo/adapters/`).
+"""`loraswitch zoo build`: train a library's adapters (`demo` or `bigbench`) and write them, with
+a manifest, where the package finds them (`loraswitch/libraries/<library>/adapters/`).
 
 Recipes differ per task on purpose: the easy classification task gets a rank-4 adapter on the
 attention projections only, addition and sorting (the hardest two) get rank 16 everywhere. That keeps the committed library
@@ -17,20 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from loraswitch.base import Base
 from loraswitch.constants import DEMO_ADAPTER_DIR
+from loraswitch.demo.zoo.recipes import training_pairs, zoo_recipes
 from loraswitch.demo.zoo.train import Recipe, train_adapter
 
 MANIFEST = "manifest.json"
-
-RECIPES: dict[str, Recipe] = {
-    "iso_date": Recipe(steps=100),
-    "to_json": Recipe(steps=90),
-    "reverse_words": Recipe(steps=130),
-    "sort_numbers": Recipe(rank=16, alpha=32, steps=320),
-    "num_to_english": Recipe(steps=160),
-    "num_to_french": Recipe(steps=160),
-    "add": Recipe(rank=16, alpha=32, steps=250),
-    "sentiment": Recipe(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], steps=60),
-}
 
 
 def shrink_to_bf16(adapter_dir: Path) -> None:
@@ -50,15 +40,18 @@ def write_manifest(manifest: dict, out_dir: Path = DEMO_ADAPTER_DIR) -> None:
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def train_zoo(base: Base, tasks: list[str], out_dir: Path = DEMO_ADAPTER_DIR, steps_scale: float = 1.0) -> dict:
+def train_zoo(base: Base, tasks: list[str], out_dir: Path = DEMO_ADAPTER_DIR, steps_scale: float = 1.0,
+              library: str = "demo") -> dict:
     """Train each task's adapter into `out_dir/<task>/` and record its recipe in the manifest."""
     manifest = read_manifest(out_dir)
     manifest["base"] = base.name
+    recipes = zoo_recipes(library)
     for task in tasks:
-        recipe = RECIPES[task]
+        recipe = recipes[task]
         if steps_scale != 1.0:
             recipe = Recipe(**{**recipe.to_dict(), "steps": max(1, round(recipe.steps * steps_scale))})
-        stats = train_adapter(base, task, recipe, out_dir / task)
+        pairs = training_pairs(library, task, recipe)
+        stats = train_adapter(base, pairs, recipe, out_dir / task, name=task)
         shrink_to_bf16(out_dir / task)
         entry = manifest["adapters"].setdefault(task, {})
         entry.update({"task": task, "recipe": recipe.to_dict(), "training": stats, "trained_at": time.strftime("%Y-%m-%d")})

@@ -1,4 +1,4 @@
-"""Training one LoRA adapter per demo task with PEFT, on the base model, on CPU.
+"""Training one LoRA adapter from (prompt, answer) examples with PEFT, on the base model, on CPU.
 
 Only the answer tokens carry loss, and the language-model head is evaluated only at those
 positions: with prompts left-padded, every row's answer sits at the end of the window, so
@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from loraswitch.base import Base
-from loraswitch.demo.tasks import examples
+from loraswitch.padding import left_pad
 
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -36,38 +36,39 @@ class Recipe:
     warmup: int = 10
     seed: int = 0
     n_train: int = 4000
+    max_tokens: int = 512  # longer training rows (prompt + answer) are skipped, not truncated
+    # 0: every layer; N: only the last N layers carry LoRA, so backward stops there (on CPU that
+    # roughly halves a step for N = a third of the layers)
+    top_layers: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def encode_example(base: Base, prompt: str, answer: str) -> tuple[list[int], int]:
-    """Token ids of the chat-formatted prompt plus answer and end-of-turn; returns the ids and
-    how many trailing tokens are the target."""
-    prompt_ids = base.chat_ids(prompt)
-    eot = base.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    eot = eot if isinstance(eot, int) and eot >= 0 else base.tokenizer.eos_token_id
-    answer_ids = base.tokenizer(answer, add_special_tokens=False)["input_ids"] + [eot]
-    return prompt_ids + answer_ids, len(answer_ids)
-
-
-def _batch(rows: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad a batch; labels cover only the last `n_target` tokens of each row."""
-    width = max(len(ids) for ids, _ in rows)
+def _batch(rows: list[tuple[list[int], int]], pad_id: int) -> dict:
+    """Left-pad a batch; labels cover only the last `n_target` tokens of each row, and `keep`
+    (the logits the head computes) spans the longest target plus the position before it."""
+    padded = left_pad([ids for ids, _ in rows], pad_id)
     keep = max(n for _, n in rows) + 1
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), keep - 1), -100, dtype=torch.long)
     for i, (row, n_target) in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
         labels[i, keep - 1 - n_target :] = torch.tensor(row[-n_target:])
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels, "keep": keep}
+    return {**padded.model_inputs(), "labels": labels, "keep": keep}
 
 
-def lora_config(recipe: Recipe, base_name: str) -> LoraConfig:
+def encode_all(base: Base, pairs: list[tuple[str, str]], max_tokens: int) -> tuple[list[tuple[list[int], int]], int]:
+    """Encoded training rows, and how many were skipped as longer than `max_tokens`."""
+    rows = [base.encode_example(p, a) for p, a in pairs]
+    kept = [r for r in rows if len(r[0]) <= max_tokens]
+    return kept, len(rows) - len(kept)
+
+
+def lora_config(recipe: Recipe, base_name: str, n_layers: int | None = None) -> LoraConfig:
+    layers = None
+    if recipe.top_layers and n_layers:
+        layers = list(range(max(0, n_layers - recipe.top_layers), n_layers))
     return LoraConfig(
+        layers_to_transform=layers,
         r=recipe.rank,
         lora_alpha=recipe.alpha,
         target_modules=recipe.target_modules,
@@ -78,15 +79,18 @@ def lora_config(recipe: Recipe, base_name: str) -> LoraConfig:
     )
 
 
-def train_adapter(base: Base, task: str, recipe: Recipe, out_dir: Path, progress: bool = True) -> dict:
-    """Train `task`'s adapter and save it in PEFT format to `out_dir`. Returns training stats.
-
-    The base model is left untouched: PEFT's wrapper is unloaded after saving.
+def train_adapter(base: Base, pairs: list[tuple[str, str]], recipe: Recipe, out_dir: Path, name: str = "adapter",
+                  progress: bool = True) -> dict:
+    """Train an adapter on (prompt, answer) `pairs` and save it in PEFT format to `out_dir`.
+    Returns training stats. The base model is left untouched: PEFT's wrapper is unloaded after
+    saving.
     """
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
-    data = [encode_example(base, e.prompt, e.answer) for e in examples(task, "train", recipe.n_train, recipe.seed)]
-    model = get_peft_model(base.model, lora_config(recipe, base.name))
+    data, skipped = encode_all(base, pairs, recipe.max_tokens)
+    if len(data) < recipe.batch_size:
+        raise ValueError(f"{name}: {len(data)} training rows fit in {recipe.max_tokens} tokens, fewer than a batch")
+    model = get_peft_model(base.model, lora_config(recipe, base.name, base.model.config.num_hidden_layers))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
@@ -101,13 +105,11 @@ def train_adapter(base: Base, task: str, recipe: Recipe, out_dir: Path, progress
     losses: list[float] = []
     tokens = 0
     start = time.time()
-    bar = tqdm(range(recipe.steps), desc=f"train {task}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(recipe.steps), desc=f"train {name}", disable=not progress, dynamic_ncols=True)
     for _step in bar:
         batch = _batch(rng.sample(data, recipe.batch_size), base.tokenizer.pad_token_id)
         out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")},
             logits_to_keep=batch["keep"],
             use_cache=False,
         )
@@ -129,4 +131,6 @@ def train_adapter(base: Base, task: str, recipe: Recipe, out_dir: Path, progress
         "final_loss": sum(losses[-10:]) / len(losses[-10:]),
         "train_tokens": tokens,
         "train_seconds": round(time.time() - start, 1),
+        "train_rows": len(data),
+        "skipped_too_long": skipped,
     }
