@@ -24,7 +24,7 @@ def data_bigbench(
     sdist: Annotated[Path | None, typer.Option(help="Use this already downloaded bigbench-1.0.0.tar.gz instead of pip download.")] = None,
 ) -> None:
     """Download bigbench==1.0.0 with pip (once), extract the ten tasks' files into the cache, verify
-    them, and report each task's splits and prompt lengths."""
+    them, and report each task's splits and what was dropped (duplicates, over-long prompts)."""
     from loraswitch.demo.bigbench.fetch import BigBenchDataError, ensure
     from loraswitch.demo.bigbench.tasks import TASK_NAMES, rendered, splits
 
@@ -49,43 +49,67 @@ def demo(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 40,
 ) -> None:
     """The main job: base model vs automatically routed answers on prompts of every task."""
-    from loraswitch.demo.tasks import TASK_NAMES, composites, examples, out_of_suite, parse_numbered, score
+    from loraswitch.demo.suites import suite_for
     from loraswitch.generate import SamplingParams
 
-    if library != "demo":
-        raise fail(f"the demo for library {library!r} is not built yet")
+    try:
+        suite = suite_for(library)
+    except (ValueError, RuntimeError) as exc:
+        raise fail(str(exc)) from None
     switch = open_switch(base, adapter_dir, library=library)
+    tasks = [t for t in suite.task_names if t in switch.engine.adapters]
     # per task, the first of a few test prompts the base model gets wrong (the adapters' job)
-    candidates = {t: examples(t, "test", 4, seed=3) for t in TASK_NAMES}
-    flat = [e for t in TASK_NAMES for e in candidates[t]]
-    oos = out_of_suite("test", 1)[0]
+    candidates = {t: suite.examples(t, "test", 4, seed=3) for t in tasks}
+    flat = [c for t in tasks for c in candidates[t]]
+    oos = suite.out_of_suite("test", 1)[0]
     params = SamplingParams(max_new_tokens=max_new_tokens)
     with console.status("base model answering..."):
-        answers = switch.chat([e.prompt for e in flat] + [oos], model="base", params=params)
-    by_prompt = dict(zip([e.prompt for e in flat] + [oos], answers))
-    picks = [next((e for e in candidates[t] if not score(t, by_prompt[e.prompt].text, e.answer)), candidates[t][0])
-             for t in TASK_NAMES]
-    prompts = [e.prompt for e in picks] + [oos]
-    base_out = [by_prompt[p] for p in prompts]
+        answers = switch.chat([c.prompt for c in flat] + [oos], model="base", params=params)
+    by_prompt = dict(zip([c.prompt for c in flat] + [oos], answers))
+    picks = [next((c for c in candidates[t] if not suite.score(c, by_prompt[c.prompt].text)), candidates[t][0])
+             for t in tasks]
+    prompts = [c.prompt for c in picks] + [oos]
     with console.status("routing and answering..."):
         auto_out = switch.chat(prompts, model="auto", params=params)
-    table = Table("prompt", "expected", "base model", "loraswitch (auto)", "routed to", title="loraswitch demo", show_lines=True)
+    wins = _demo_table(suite, picks, [by_prompt[p] for p in prompts], auto_out, prompts)
+    _demo_composite(switch, suite, tasks)
+    Console().print(f"\n{wins} of {len(picks)} task prompts answered correctly by routing where the base model failed.")
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _demo_table(suite, picks, base_out, auto_out, prompts) -> int:
+    """Print prompt / expected / base / routed rows; returns how many the routing alone got right."""
+    table = Table("prompt", "expected", "base model", "loraswitch (auto)", "routed to", title=f"loraswitch demo ({suite.name})",
+                  show_lines=True)
     wins = 0
     for i, prompt in enumerate(prompts):
-        ex = picks[i] if i < len(picks) else None
-        ok_b = ex is not None and score(ex.task, base_out[i].text, ex.answer)
-        ok_a = ex is not None and score(ex.task, auto_out[i].text, ex.answer)
+        case = picks[i] if i < len(picks) else None
+        ok_b = case is not None and suite.score(case, base_out[i].text)
+        ok_a = case is not None and suite.score(case, auto_out[i].text)
         wins += ok_a and not ok_b
-        marks = [("[green]✓[/green] " if ok else "[red]✗[/red] ") if ex is not None else "" for ok in (ok_b, ok_a)]
-        table.add_row(prompt, ex.answer if ex else "(open question)", marks[0] + base_out[i].text[:60],
-                      marks[1] + auto_out[i].text[:60], str(auto_out[i].routing.get("adapter") or "base (abstained)"))
+        marks = [("[green]✓[/green] " if ok else "[red]✗[/red] ") if case is not None else "" for ok in (ok_b, ok_a)]
+        table.add_row(_short(prompt, 300), case.answer if case else "(open question)", marks[0] + _short(base_out[i].text, 60),
+                      marks[1] + _short(auto_out[i].text, 60), str(auto_out[i].routing.get("adapter") or "base (abstained)"))
     Console().print(table)
-    comp = composites(3, 1, seed=5)[0]
-    res = switch.chat([comp.prompt], model="auto", params=SamplingParams(max_new_tokens=96))[0]
-    parts = parse_numbered(res.text, len(comp.parts))
-    Console().print(f"\n[bold]A prompt that mixes tasks[/bold]\n{comp.prompt}\n\n[bold]answer[/bold] (adapter per part: {res.routing.get('adapter')})\n{res.text}")
-    Console().print("part scores: " + " ".join("✓" if score(p.task, got, p.answer) else "✗" for p, got in zip(comp.parts, parts)))
-    Console().print(f"\n{wins} of {len(picks)} task prompts answered correctly by routing where the base model failed.")
+    return wins
+
+
+def _demo_composite(switch, suite, tasks: list[str]) -> None:
+    """One prompt that mixes tasks (the suite's smallest composite), answered routed, scored per part."""
+    from loraswitch.generate import SamplingParams
+
+    comps = suite.composites(tasks, suite.composite_sizes[0], 1, seed=5)
+    if not comps:
+        return
+    comp = comps[0]
+    res = switch.chat([comp.prompt], model="auto", params=SamplingParams(max_new_tokens=32 * len(comp.parts) + 8))[0]
+    parts = suite.parse_parts(res.text, len(comp.parts))
+    Console().print(f"\n[bold]A prompt that mixes tasks[/bold]\n{_short(comp.prompt, 3000)}\n\n[bold]answer[/bold] "
+                    f"(adapter per part: {res.routing.get('adapter')})\n{res.text}")
+    Console().print("part scores: " + " ".join("✓" if suite.score(p, got) else "✗" for p, got in zip(comp.parts, parts)))
 
 
 # ---------------------------------------------------------------------------- zoo
@@ -136,18 +160,20 @@ def _library_tasks(library: str, tasks: list[str] | None) -> list[str]:
 def zoo_eval(
     tasks: Annotated[list[str] | None, typer.Option("--task")] = None,
     adapter_dir: Annotated[Path | None, typer.Option()] = None,
+    library: LibraryOpt = "demo",
     n: Annotated[int, typer.Option(help="Test prompts per task.")] = 200,
     doc: Annotated[Path | None, typer.Option("--doc", help="Also write the results table into this markdown file, e.g. README.md.")] = None,
 ) -> None:
-    """Each demo adapter and the base model on the adapter's held-out test split; updates the manifest."""
-    from loraswitch.demo.tasks import TASK_NAMES
-    from loraswitch.demo.zoo.build import DEMO_ADAPTER_DIR, read_manifest, write_manifest
+    """Each adapter of a library and the base model on the adapter's held-out test split; updates the manifest."""
+    from loraswitch.demo.suites import suite_for
+    from loraswitch.demo.zoo.build import read_manifest, write_manifest
     from loraswitch.demo.zoo.evaluate import evaluate_zoo, markdown_table
 
-    folder = adapter_dir or DEMO_ADAPTER_DIR
+    names = _library_tasks(library, tasks)
+    folder = adapter_dir or library_paths(library, None, None)[0][0]
     switch = open_switch(None, [folder])
-    names = [t for t in (tasks or TASK_NAMES) if t in switch.engine.adapters]
-    results = evaluate_zoo(switch, names, n)
+    names = [t for t in names if t in switch.engine.adapters]
+    results = evaluate_zoo(switch, suite_for(library), names, n)
     manifest = read_manifest(folder)
     for task, res in results.items():
         manifest["adapters"].setdefault(task, {})["eval"] = res
@@ -155,12 +181,12 @@ def zoo_eval(
     if doc is not None:
         from loraswitch.eval.report import update_doc
 
-        update_doc(doc, "zoo", markdown_table(manifest))
+        update_doc(doc, "zoo" if library == "demo" else f"zoo-{library}", markdown_table(manifest, library))
         console.print(f"updated {doc}")
-    table = Table("adapter", "n", "adapter acc", "base acc", "held-out wording", "meets bar")
+    table = Table("adapter", "n", "adapter acc", "base acc", "meets bar")
     for task, r in results.items():
         table.add_row(task, str(r["n_test"]), f"{r['adapter_accuracy']:.1%}", f"{r['base_accuracy']:.1%}",
-                      f"{r['adapter_accuracy_heldout_wording']:.1%}", "[green]yes[/green]" if r["meets_bar"] else "[red]NO[/red]")
+                      "[green]yes[/green]" if r["meets_bar"] else "[red]NO[/red]")
     Console().print(table)
     if not all(r["meets_bar"] for r in results.values()):
         sys.exit(1)
