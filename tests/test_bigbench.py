@@ -188,3 +188,16 @@ def test_real_data_shapes():
         sp = tasks.splits(task)
         assert len(sp["test"]) == tasks.TEST_N and len(sp["train"]) >= 600, task
     assert {e.answer for e in tasks.examples("strategyqa", "train")} == {"Yes", "No"}
+
+
+def test_router_data_folder_from_train_splits(root, tmp_path):
+    from loraswitch.demo.router_data import write_bigbench_router_data
+    from loraswitch.routing.data import read_folder
+
+    paths = write_bigbench_router_data(tmp_path / "rd", per_task=20)
+    assert sorted(p.stem for p in paths) == sorted(tasks.TASK_NAMES)
+    train, val = read_folder(tmp_path / "rd")
+    test_prompts = {e.prompt for t in tasks.TASK_NAMES for e in tasks.splits(t)["test"]}
+    for task in tasks.TASK_NAMES:
+        rows = train.get(task, []) + val.get(task, [])
+        assert len(rows) == 20 and not {p for p, _ in rows} & test_prompts

@@ -22,6 +22,8 @@ data_app = typer.Typer(help="Fetch the data a task suite needs (never committed)
 @data_app.command("bigbench")
 def data_bigbench(
     sdist: Annotated[Path | None, typer.Option(help="Use this already downloaded bigbench-1.0.0.tar.gz instead of pip download.")] = None,
+    router_data: Annotated[Path | None, typer.Option(help="Also write <task>.jsonl router training files (train split) here, for `train-router --data`.")] = None,
+    per_task: Annotated[int, typer.Option(min=1, help="Prompts per task in --router-data.")] = 200,
 ) -> None:
     """Download bigbench==1.0.0 with pip (once), extract the ten tasks' files into the cache, verify
     them, and report each task's splits and what was dropped (duplicates, over-long prompts)."""
@@ -39,6 +41,11 @@ def data_bigbench(
         sp = splits(task, root)
         table.add_row(task, str(len(exs)), *(str(len(sp[s])) for s in ("train", "val", "test")), str(dupes), str(too_long))
     Console().print(table)
+    if router_data is not None:
+        from loraswitch.demo.router_data import write_bigbench_router_data
+
+        paths = write_bigbench_router_data(router_data, per_task)
+        console.print(f"wrote {len(paths)} router example files to {router_data}")
 
 
 # ---------------------------------------------------------------------------- demo

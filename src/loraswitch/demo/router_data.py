@@ -1,7 +1,11 @@
-"""Router training data from the demo suite, in the structure `loraswitch.routing.data` reads
-from a user's example folder: {adapter or "__none__": [(prompt, answer)]}."""
+"""Router training data from the task suites: the demo suite's in the structure
+`loraswitch.routing.data` reads from a user's example folder ({adapter or "__none__": [(prompt,
+answer)]}); BIG-bench's written as such a folder, for `loraswitch train-router --data`."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from loraswitch.demo.tasks import TASK_NAMES, examples, out_of_suite
 from loraswitch.routing.base import NONE_CLASS
@@ -16,3 +20,19 @@ def demo_pairs(split: str, n_per_task: int, seed: int = 0) -> Pairs:
                    for t in TASK_NAMES}
     data[NONE_CLASS] = [(p, None) for p in out_of_suite(split, n_per_task, seed)]
     return data
+
+
+def write_bigbench_router_data(out: Path, per_task: int = 200, seed: int = 0) -> list[Path]:
+    """`<task>.jsonl` files of BIG-bench training prompts and answers (train split only: test
+    prompts stay unseen by routers) in the folder format `loraswitch train-router --data` reads."""
+    from loraswitch.demo.bigbench.tasks import TASK_NAMES as BB_TASKS
+    from loraswitch.demo.bigbench.tasks import examples as bb_examples
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for task in BB_TASKS:
+        path = out / f"{task}.jsonl"
+        rows = [json.dumps({"prompt": e.prompt, "answer": e.answer}) for e in bb_examples(task, "train", per_task, seed=seed + 1)]
+        path.write_text("\n".join(rows) + "\n")
+        paths.append(path)
+    return paths
