@@ -46,7 +46,7 @@ def make_eval_command(suite_for: Callable[[str], object]) -> Callable[..., None]
     ) -> None:
         """Quality: base, oracle, routers, merges and PEFT baselines on a library's task suite."""
         from loraswitch.eval.harness import EvalConfig, run_eval
-        from loraswitch.eval.methods import registry
+        from loraswitch.eval.registry import registry
 
         reg = registry()
         if list_methods:

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from loraswitch.base import Base, load_base
 from loraswitch.eval.data import OOS_SET, TASK_SET, Item, build_items
-from loraswitch.eval.methods import EvalContext, registry
+from loraswitch.eval.methods import EvalContext
+from loraswitch.eval.registry import registry
 from loraswitch.eval.scoring import aggregate, routing_targets, score_item
 from loraswitch.eval.suite import Suite
 

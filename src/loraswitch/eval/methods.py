@@ -109,42 +109,7 @@ class MethodSpec:
     description: str = ""
 
 
-_STATIC: dict[str, MethodSpec] = {}
-
-
-def register(name: str, family: str, description: str = "") -> Callable:
-    def deco(factory: Callable[[EvalContext], Method]) -> Callable[[EvalContext], Method]:
-        _STATIC[name] = MethodSpec(name, family, factory, description)
-        return factory
-
-    return deco
-
-
-def merge_method_names() -> list[str]:
-    """Methods offered by `loraswitch.merging` (the hook: empty when that package is missing)."""
-    try:
-        from loraswitch.merging.config import known_methods
-    except ImportError:
-        return []
-    return list(known_methods())
-
-
-def registry() -> dict[str, MethodSpec]:
-    """Every method by name: the static ones, `merge_<m>` per merging method, PEFT baselines."""
-    from loraswitch.eval import peft_baselines  # noqa: F401  (registers the peft_* methods)
-
-    out = dict(_STATIC)
-    for m in merge_method_names():
-        out[f"merge_{m}"] = MethodSpec(f"merge_{m}", "merge", lambda ctx, _m=m: MergeMethod(ctx, _m),
-                                       f"loraswitch.merging {m} of all adapters (equal weights)")
-    return dict(sorted(out.items(), key=lambda kv: (FAMILY_ORDER.index(kv[1].family), kv[0])))
-
-
-FAMILY_ORDER = ("reference", "router", "merge", "peft")
-
-
 # ---------------------------------------------------------------------------- reference
-@register("base", "reference", "the base model, no adapter")
 class BaseMethod(Method):
     name, family = "base", "reference"
 
@@ -152,7 +117,6 @@ class BaseMethod(Method):
         return chat_items(self.ctx, self.ctx.switch(), items, "base")
 
 
-@register("oracle", "reference", "the true task's adapter; composites: each part alone with its own adapter")
 class OracleMethod(Method):
     name, family = "oracle", "reference"
 
@@ -213,11 +177,17 @@ class RouterMethod(Method):
         return chat_items(self.ctx, self.ctx.switch(), items, "auto", self.name)
 
 
-for _name, _desc in [("auto", "loraswitch auto: seq per prompt, part by part on composites (arrow if seq is missing)"),
-                     ("seq", "sequence-level selector (one adapter per prompt, abstains)"),
-                     ("arrow", "Arrow: zero-shot per-token, per-layer routing from adapter weights"),
-                     ("gate", "learned per-token, per-layer gates")]:
-    register(_name, "router", _desc)(type(f"{_name.title()}Router", (RouterMethod,), {"name": _name}))
+ROUTER_METHODS = [
+    MethodSpec(name, "router", type(f"{name.title()}Router", (RouterMethod,), {"name": name}), desc)
+    for name, desc in [("auto", "loraswitch auto: seq per prompt, part by part on composites (arrow if seq is missing)"),
+                       ("seq", "sequence-level selector (one adapter per prompt, abstains)"),
+                       ("arrow", "Arrow: zero-shot per-token, per-layer routing from adapter weights"),
+                       ("gate", "learned per-token, per-layer gates")]
+]
+REFERENCE_METHODS = [
+    MethodSpec("base", "reference", BaseMethod, "the base model, no adapter"),
+    MethodSpec("oracle", "reference", OracleMethod, "the true task's adapter; composites: each part alone with its own adapter"),
+]
 
 
 # ---------------------------------------------------------------------------- merges

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from loraswitch.base import Base
 from loraswitch.eval.data import Item
-from loraswitch.eval.methods import EvalContext, Method, merge_weights, register
+from loraswitch.eval.methods import EvalContext, Method, MethodSpec, merge_weights
 from loraswitch.eval.scoring import Answer
 from loraswitch.library import CONFIG_FILE, WEIGHTS_FILE, Adapter
 from loraswitch.padding import left_pad, tail_targets
@@ -184,12 +184,6 @@ class PeftCombination(PeftMethod):
         return model
 
 
-for _ct in COMBINATIONS:
-    register(f"peft_{_ct}", "peft", f"PEFT add_weighted_adapter combination_type={_ct}, equal weights")(
-        type(f"Peft{_ct.title()}", (PeftCombination,), {"name": f"peft_{_ct}", "combination": _ct}))
-
-
-@register("peft_arrow", "peft", "PEFT Arrow (create_arrow_model, top_k=3), zero-shot")
 class PeftArrow(PeftMethod):
     name = "peft_arrow"
     top_k = 3
@@ -203,7 +197,6 @@ class PeftArrow(PeftMethod):
         return create_arrow_model(base.model, [str(p) for p in paths.values()], cfg).eval()
 
 
-@register("peft_xlora", "peft", "PEFT X-LoRA, classifier trained with the gate router's budget; no KV cache")
 class PeftXLora(PeftMethod):
     name = "peft_xlora"
     routes = True  # its per-token scalings say which adapter dominates (never abstains)
@@ -284,3 +277,11 @@ def train_xlora(model: nn.Module, base: Base, names: list[str], suite, per_adapt
     model.eval()
     return {"steps": steps, "examples": len(rows), "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "final_loss": round(sum(losses[-5:]) / len(losses[-5:]), 4)}
+
+
+PEFT_METHODS = [
+    *(MethodSpec(f"peft_{ct}", "peft", type(f"Peft{ct.title()}", (PeftCombination,), {"name": f"peft_{ct}", "combination": ct}),
+                 f"PEFT add_weighted_adapter combination_type={ct}, equal weights") for ct in COMBINATIONS),
+    MethodSpec("peft_arrow", "peft", PeftArrow, "PEFT Arrow (create_arrow_model, top_k=3), zero-shot"),
+    MethodSpec("peft_xlora", "peft", PeftXLora, "PEFT X-LoRA, classifier trained with the gate router's budget; no KV cache"),
+]
