@@ -12,8 +12,8 @@ from loraswitch.base import Base
 from loraswitch.demo.suites import DemoSuite
 from loraswitch.eval import EvalConfig, build_items, run_eval
 from loraswitch.eval.data import Item
-from loraswitch.eval.suite import Case
 from loraswitch.eval.scoring import Answer, aggregate, chosen_adapter, part_adapters, routing_targets, score_item
+from loraswitch.eval.suite import Case
 from tests.conftest import tiny_model, write_adapter
 
 TASKS = ["iso_date", "add", "sentiment"]
