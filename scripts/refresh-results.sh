@@ -6,6 +6,9 @@
 #   bench    speed and memory vs merged weights and PEFT    -> README.md, docs/benchmarks.md, benchmarks/results/bench_cpu.*
 #            (--quick: SmolLM2, batch 16; `python benchmarks/bench.py` adds batch 1 and a random 280M Llama)
 #   load     the server under 200 concurrent requests       -> docs/server.md, benchmarks/results/server_load.*
+#   bigbench the BIG-bench library (needs `loraswitch data bigbench`; not in the default set, ~1 h):
+#            adapters on their test splits, its routers, a small eval -> docs/real-tasks.md,
+#            libraries/bigbench/{adapters/manifest.json,routers/}, benchmarks/results/eval_bigbench/
 # Run a subset by naming steps: `bash scripts/refresh-results.sh eval bench`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +22,12 @@ for step in "${steps[@]}"; do
     eval) loraswitch eval --limit 10 --out benchmarks/results/eval --doc docs/evaluation.md --readme README.md ;;
     bench) python benchmarks/bench.py --quick --doc docs/benchmarks.md --readme README.md ;;
     load) python benchmarks/load_server.py --requests 200 --compare-requests 24 --max-tokens 16 --doc docs/server.md ;;
-    *) echo "unknown step $step (zoo, eval, bench, load)" >&2; exit 2 ;;
+    bigbench)
+      loraswitch data bigbench --router-data "${TMPDIR:-/tmp}/bigbench_router_data" --per-task 200
+      loraswitch zoo eval --library bigbench --doc docs/real-tasks.md || true   # exit 1 = an adapter under the bar
+      loraswitch train-router --library bigbench --router seq --data "${TMPDIR:-/tmp}/bigbench_router_data"
+      loraswitch train-router --library bigbench --router gate --data "${TMPDIR:-/tmp}/bigbench_router_data"
+      loraswitch eval --library bigbench --limit 10 --composite-limit 3 --out benchmarks/results/eval_bigbench --doc docs/real-tasks.md ;;
+    *) echo "unknown step $step (zoo, eval, bench, load, bigbench)" >&2; exit 2 ;;
   esac
 done

@@ -44,7 +44,6 @@ def train_zoo(base: Base, tasks: list[str], out_dir: Path = DEMO_ADAPTER_DIR, st
               library: str = "demo") -> dict:
     """Train each task's adapter into `out_dir/<task>/` and record its recipe in the manifest."""
     manifest = read_manifest(out_dir)
-    manifest["base"] = base.name
     recipes = zoo_recipes(library)
     for task in tasks:
         recipe = recipes[task]
@@ -53,6 +52,7 @@ def train_zoo(base: Base, tasks: list[str], out_dir: Path = DEMO_ADAPTER_DIR, st
         pairs = training_pairs(library, task, recipe)
         stats = train_adapter(base, pairs, recipe, out_dir / task, name=task)
         shrink_to_bf16(out_dir / task)
+        manifest = {**read_manifest(out_dir), "base": base.name}  # re-read: a `zoo eval` may have written meanwhile
         entry = manifest["adapters"].setdefault(task, {})
         entry.update({"task": task, "recipe": recipe.to_dict(), "training": stats, "trained_at": time.strftime("%Y-%m-%d")})
         entry.pop("eval", None)  # stale until `zoo eval` measures the new weights
