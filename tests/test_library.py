@@ -143,3 +143,84 @@ def test_removal_waits_for_in_flight_work(tiny_base, adapter_dir):
         assert layer.ranks[slot + 1] == 8  # still computable by the pinned request
         assert "beta" not in engine.names  # but no new request can pick it
     assert layer.ranks[slot + 1] == 0
+
+
+# ---------------------------------------------------------------------------- hardening (issue 11)
+def _with_config(path, **changes):
+    cfg_file = path / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.update(changes)
+    cfg_file.write_text(json.dumps(cfg))  # NaN / Infinity are written as JSON's extensions, as PEFT would
+    return path
+
+
+def _rank0(tensors):
+    out = {}
+    for k, v in tensors.items():
+        out[k] = torch.zeros(0, v.shape[1]) if ".lora_A." in k else torch.zeros(v.shape[0], 0)
+    return out
+
+
+# every config or tensor the issue's probe got a 500 for (TypeError, ZeroDivisionError) or an
+# accepted-but-poisonous adapter: each is now an AdapterError whose reason names the field
+BAD_CONFIGS = {
+    "alpha_string": ({"lora_alpha": "x"}, "lora_alpha must be a finite number"),
+    "alpha_null": ({"lora_alpha": None}, "lora_alpha must be a finite number"),
+    "alpha_nan": ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
+    "alpha_inf": ({"lora_alpha": float("inf")}, "lora_alpha must be a finite number"),
+    "alpha_huge": ({"lora_alpha": 1e30}, "outside the sane range"),
+    "alpha_pattern_string": ({"alpha_pattern": {"q_proj": "y"}}, "alpha_pattern['q_proj'] must be a finite number"),
+    "rank_huge": ({"r": 100000}, "r must be an integer from 1 to 1024"),
+    "rank_zero": ({"r": 0}, "r must be an integer from 1 to 1024"),
+    "rslora_string": ({"use_rslora": "yes"}, "use_rslora must be true or false"),
+    "targets_missing": ({"target_modules": ["q_proj", "not_a_layer"]}, "does not have: not_a_layer"),
+    "targets_type": ({"target_modules": 7}, "target_modules must be a list"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_fields_are_refused_with_the_field(tiny_base, tmp_path, case):
+    changes, reason = BAD_CONFIGS[case]
+    path = _with_config(write_adapter(tiny_base.model, tmp_path / case), **changes)
+    with pytest.raises(AdapterError, match=reason.replace("[", r"\[").replace("]", r"\]")):
+        read_adapter(path, tiny_base.model)
+
+
+@pytest.mark.parametrize("case", ["rank0", "int32", "huge_rank_tensors"])
+def test_bad_tensors_are_refused(tiny_base, tmp_path, case):
+    path = write_adapter(tiny_base.model, tmp_path / case)
+    if case == "rank0":  # lora_A [0, in] / lora_B [out, 0] was a ZeroDivisionError (500)
+        _corrupt_weights(path, _rank0)
+        reason = "rank 0"
+    elif case == "int32":
+        _corrupt_weights(path, lambda t: {k: (v * 100).to(torch.int32) for k, v in t.items()})
+        reason = "must be floating point"
+    else:
+        _corrupt_weights(path, lambda t: {k: (torch.randn(2000, v.shape[1]) if ".lora_A." in k
+                                              else torch.randn(v.shape[0], 2000)) for k, v in t.items()})
+        reason = "rank 2000"
+    with pytest.raises(AdapterError, match=reason):
+        read_adapter(path, tiny_base.model)
+
+
+def test_refusals_are_listed_with_their_reason_and_missing_paths_say_so(tiny_base, tmp_path):
+    root = tmp_path / "lib"
+    write_adapter(tiny_base.model, root / "good")
+    _with_config(write_adapter(tiny_base.model, root / "nan_alpha"), lora_alpha=float("nan"))
+    result = scan([root], tiny_base.model)
+    assert [a.name for a in result.adapters] == ["good"]
+    assert "lora_alpha must be a finite number" in result.errors["nan_alpha"].reason  # what `adapters list` shows
+    with pytest.raises(AdapterError) as exc:
+        read_adapter(tmp_path / "nowhere", tiny_base.model)
+    assert exc.value.missing  # the server answers these with one generic message
+    with pytest.raises(AdapterError) as exc:
+        read_adapter(root / "nan_alpha", tiny_base.model)
+    assert not exc.value.missing
+
+
+def test_a_scale_at_the_bound_loads_and_rslora_alpha_pattern_still_work(tiny_base, tmp_path):
+    path = _with_config(write_adapter(tiny_base.model, tmp_path / "edge", r=4), lora_alpha=1024,
+                        alpha_pattern={"v_proj": 2})
+    a = read_adapter(path, tiny_base.model)
+    scales = {k.rsplit(".", 1)[-1]: m.scale for k, m in a.modules.items()}
+    assert scales == {"q_proj": 256.0, "v_proj": 0.5}

@@ -11,7 +11,7 @@ from loraswitch.generate import SamplingParams, TokenLogprob
 from loraswitch.numbered import numbered, parse_numbered, split_parts
 from loraswitch.routing.base import Decision, Router
 from loraswitch.switch import Switch
-from loraswitch.switch.parts import fan_out, part_budget
+from loraswitch.switch.parts import PartsError, fan_out, part_budget, separator_ids
 from loraswitch.switch.request import Done, Failed, Handle, Request, Started, Switched, Token
 from loraswitch.switch.text import Detokenizer, StopStrings
 
@@ -54,11 +54,19 @@ def test_numbered_parts_grammar():
 
 def test_part_budget_and_fan_out(tiny_base):
     parts = fan_out(Request.chat(COMPOSITE, max_tokens=40, system="be brief"), tiny_base)
-    assert [p.route_text(tiny_base) for p in parts] == PARTS and {p.max_tokens for p in parts} == {13}
+    overhead = sum(len(separator_ids(tiny_base.tokenizer, k)) for k in (1, 2, 3))
+    assert [p.route_text(tiny_base) for p in parts] == PARTS
+    assert {p.max_tokens for p in parts} == {(40 - overhead) // 3}  # the whole answer stays within max_tokens
     assert parts[0].messages[0] == {"role": "system", "content": "be brief"}  # the conversation is kept
     assert fan_out(Request.chat("plain"), tiny_base) is None
     assert fan_out(Request(prompt=COMPOSITE), tiny_base) is None  # raw completions are not split
-    assert part_budget(10, 5) == 8  # never starve a part
+    assert part_budget(40, 3, 10) == 10
+    with pytest.raises(PartsError, match="too small for 3 parts") as exc:  # no part left without a token
+        fan_out(Request.chat(COMPOSITE, max_tokens=overhead + 2), tiny_base)
+    assert exc.value.code == "max_tokens_too_small"
+    with pytest.raises(PartsError, match="at most 2") as exc:
+        fan_out(Request.chat(COMPOSITE, max_tokens=40), tiny_base, max_parts=2)
+    assert exc.value.code == "too_many_parts"
 
 
 # ---------------------------------------------------------------------------- text
@@ -95,11 +103,11 @@ def _stream(switch, requests):
 
 def test_stream_events_add_up_to_chat_answers(switch):
     switch._routers[("auto", switch.engine.version)] = _KeywordRouter()
-    params = SamplingParams(max_new_tokens=12)
+    params = SamplingParams(max_new_tokens=30)
     prompts = ["a lone date question", COMPOSITE, "hello"]
     models = ["auto", "auto", "beta"]
     expected = [switch.chat([p], model=m, params=params)[0] for p, m in zip(prompts, models)]
-    events = _stream(switch, [Request.chat(p, model=m, max_tokens=12) for p, m in zip(prompts, models)])
+    events = _stream(switch, [Request.chat(p, model=m, max_tokens=30) for p, m in zip(prompts, models)])
     for i, exp in enumerate(expected):
         evs = events[i]
         assert isinstance(evs[0], Started) and isinstance(evs[-1], Done)
@@ -157,7 +165,7 @@ def test_auto_answers_each_part_as_its_own_row(switch):
     single = "a lone date question"
     res, alone = switch.chat([COMPOSITE, single], model="auto", params=params)
 
-    per_part = part_budget(30, 3)
+    per_part = fan_out(Request.chat(COMPOSITE, max_tokens=30), switch.base)[0].max_tokens
     expected = [switch.chat([p], model=m, params=SamplingParams(max_new_tokens=per_part))[0]
                 for p, m in zip(PARTS, ["alpha", "gamma", "base"])]
     assert res.text == "\n".join(f"{k}. {g.text}" for k, g in enumerate(expected, 1))

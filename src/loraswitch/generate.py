@@ -57,7 +57,7 @@ class Generation:
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = "length"  # "stop" when a stop token ended it
+    finish_reason: str = "length"  # "stop" when a stop token ended it; "error": its logits were not finite
     trace: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)  # routing decisions and switches
     routing: dict = field(default_factory=dict)  # the policy's summary (router, confidence...)
@@ -222,8 +222,13 @@ def _prefill_routing(policy: Policy, prompts: list[list[int]], width: int) -> Ro
     return Routing(torch.cat(ids), torch.cat(ws))
 
 
+# Below this temperature sampling is greedy: dividing logits by it overflows to inf (1e-40 did),
+# and the distribution is already a point mass on the argmax.
+MIN_TEMPERATURE = 1e-5
+
+
 def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
-    if params.temperature <= 0:
+    if params.temperature < MIN_TEMPERATURE:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / params.temperature, -1)
     if params.top_p < 1.0:
@@ -324,11 +329,15 @@ def generate(
         last_choice = [policy.prompt_choice(i, p) for i, p in enumerate(prompts)]
         logits, mask, next_pos = _prefill(engine, policy, prompts, cache, params, results)
         for _ in range(params.max_new_tokens):
+            logits, broken = _finite_rows(logits)
             tokens = _sample(logits, params, gen).tolist()
             logp = torch.log_softmax(logits.float(), -1) if params.logprobs is not None else None
             keep = []
             for b, row in enumerate(live):
                 res = results[row]
+                if b in broken:  # this row's logits are NaN / inf: it fails alone, the others go on
+                    end(row, "error")
+                    continue
                 tok = tokens[b]
                 res.trace.append({"token_id": tok, **policy.trace_entry(engine, row, _label(last_choice[row]))})
                 if tok in stop:
@@ -367,6 +376,17 @@ def generate(
             if row not in ended:
                 end(row, "length")
     return results
+
+
+def _finite_rows(logits: torch.Tensor) -> tuple[torch.Tensor, set[int]]:
+    """(logits safe to sample from, batch positions whose logits were not all finite). A broken
+    row (an adapter that overflows) must fail alone: sampling the batch with its NaNs would raise
+    for every row, so its logits are zeroed and the caller ends it with finish_reason "error"."""
+    ok = torch.isfinite(logits).all(-1)
+    if bool(ok.all()):
+        return logits, set()
+    broken = set((~ok).nonzero().flatten().tolist())
+    return torch.where(ok[:, None], logits, torch.zeros((), dtype=logits.dtype)), broken
 
 
 def _label(choice):

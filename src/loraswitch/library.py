@@ -26,6 +26,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 RESERVED_NAMES = ("auto", "base")
+MAX_RANK = 1024  # r (config or tensors) above this is refused: an r of 100000 is a typo or an attack
+MAX_SCALE = 256.0  # |lora_alpha / r| (rsLoRA: / sqrt r) above this is refused; PEFT adapters use ~0.5-32
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 # base_model.model.<module>.lora_A[.<peft adapter name>].weight
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -34,10 +36,13 @@ _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB
 class AdapterError(ValueError):
     """An adapter was refused; `str()` says which one and exactly why."""
 
-    def __init__(self, name: str, reason: str):
+    def __init__(self, name: str, reason: str, missing: bool = False):
         super().__init__(f"adapter {name!r}: {reason}")
         self.name = name
         self.reason = reason
+        # no adapter folder there at all (no such directory, no config, no weights): a server
+        # says only "cannot load", so callers cannot probe which paths exist on its disk
+        self.missing = missing
 
 
 @dataclass
@@ -111,9 +116,9 @@ def validate_name(name: str) -> None:
 def _read_config(name: str, path: Path) -> dict:
     cfg_path = path / CONFIG_FILE
     if not path.is_dir():
-        raise AdapterError(name, f"{path} is not a directory")
+        raise AdapterError(name, f"{path} is not a directory", missing=True)
     if not cfg_path.is_file():
-        raise AdapterError(name, f"missing {CONFIG_FILE} in {path}")
+        raise AdapterError(name, f"missing {CONFIG_FILE} in {path}", missing=True)
     try:
         cfg = json.loads(cfg_path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -123,13 +128,66 @@ def _read_config(name: str, path: Path) -> dict:
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise AdapterError(name, f"peft_type {cfg.get('peft_type')!r} is not LoRA; only LoRA adapters are supported")
+    _check_config(name, cfg)
     if cfg.get("use_dora"):
         raise AdapterError(name, "DoRA adapters (use_dora=true) are not supported yet")
     if cfg.get("lora_bias"):
         raise AdapterError(name, "LoRA with a bias on B (lora_bias=true) is not supported")
-    if not isinstance(cfg.get("r"), int) or cfg["r"] <= 0:
-        raise AdapterError(name, f"adapter_config.json has no valid rank r (got {cfg.get('r')!r})")
     return cfg
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_rank(name: str, what: str, r) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_RANK:
+        raise AdapterError(name, f"{what} must be an integer from 1 to {MAX_RANK} (got {r!r})")
+
+
+def _check_config(name: str, cfg: dict) -> None:
+    """Every config field we read has the type PEFT writes: a string where a number belongs
+    used to crash at load (500), and a NaN / inf / 1e30 alpha loaded and poisoned the batch."""
+    _check_rank(name, "r", cfg.get("r"))
+    alpha = cfg.get("lora_alpha", cfg["r"])
+    if not _is_number(alpha):
+        raise AdapterError(name, f"lora_alpha must be a finite number (got {alpha!r})")
+    for field_name, check in (("alpha_pattern", _is_number), ("rank_pattern", None)):
+        patterns = cfg.get(field_name) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterError(name, f"{field_name} must be an object of module pattern -> value (got {patterns!r})")
+        for key, value in patterns.items():
+            if check is not None and not check(value):
+                raise AdapterError(name, f"{field_name}[{key!r}] must be a finite number (got {value!r})")
+            if check is None:
+                _check_rank(name, f"rank_pattern[{key!r}]", value)
+    for flag in ("use_rslora", "use_dora", "lora_bias"):
+        if cfg.get(flag) is not None and not isinstance(cfg[flag], bool):
+            raise AdapterError(name, f"{flag} must be true or false (got {cfg[flag]!r})")
+    targets = cfg.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise AdapterError(name, f"target_modules must be a list of module names or a regex (got {targets!r})")
+
+
+def _check_targets(name: str, cfg: dict, base: nn.Module, hint: str) -> None:
+    """Target modules the base model lacks mean an adapter made for another architecture: PEFT
+    matches a listed name against the end of each module's path, a string as a full regex."""
+    targets = cfg.get("target_modules")
+    if targets is None or targets == "all-linear":
+        return
+    names = [n for n, _ in base.named_modules()]
+    if isinstance(targets, str):
+        try:
+            found = any(re.fullmatch(targets, n) for n in names)
+        except re.error as exc:
+            raise AdapterError(name, f"target_modules {targets!r} is not a valid regex: {exc}") from None
+        if not found:
+            raise AdapterError(name, f"target_modules {targets!r} matches no module of the base model{hint}")
+        return
+    lacking = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if lacking:
+        raise AdapterError(name, f"targets modules the base model does not have: {', '.join(lacking)}{hint}")
 
 
 def _scale(cfg: dict, module: str, rank: int) -> float:
@@ -153,7 +211,7 @@ def _read_tensors(name: str, path: Path) -> dict[str, torch.Tensor]:
                 f"weights are in {pickles[0]}, a pickle (loading it can run arbitrary code); "
                 "only safetensors are accepted: convert it with safetensors.torch.save_file",
             )
-        raise AdapterError(name, f"missing {WEIGHTS_FILE} in {path}")
+        raise AdapterError(name, f"missing {WEIGHTS_FILE} in {path}", missing=True)
     try:
         with safe_open(str(weights), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
@@ -170,6 +228,7 @@ def read_adapter(path: str | Path, base: nn.Module, name: str | None = None, bas
     tensors = _read_tensors(name, path)
     declared = cfg.get("base_model_name_or_path")
     wrong_base_hint = f" (the adapter was trained for {declared!r}: wrong base model?)" if declared else ""
+    _check_targets(name, cfg, base, wrong_base_hint)
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -198,6 +257,9 @@ def read_adapter(path: str | Path, base: nn.Module, name: str | None = None, bas
         if not isinstance(target, nn.Linear):
             raise AdapterError(name, f"targets {module_name!r}, a {type(target).__name__}; only nn.Linear layers are supported")
         A, B = ab["A"], ab["B"]
+        if not (A.is_floating_point() and B.is_floating_point()):
+            raise AdapterError(name, f"module {module_name!r}: LoRA weights must be floating point "
+                                     f"(got {A.dtype} / {B.dtype})")
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise AdapterError(name, f"module {module_name!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form a low-rank pair")
         if A.shape[1] != target.in_features or B.shape[0] != target.out_features:
@@ -206,14 +268,28 @@ def read_adapter(path: str | Path, base: nn.Module, name: str | None = None, bas
                 f"module {module_name!r}: update is {B.shape[0]}x{A.shape[1]} but the base layer is "
                 f"{target.out_features}x{target.in_features}{wrong_base_hint}",
             )
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise AdapterError(name, f"module {module_name!r} has NaN or Inf weights")
-        modules[module_name] = LoraModule(A.to(dtype), B.to(dtype), _scale(cfg, module_name, A.shape[0]))
+        if not 1 <= A.shape[0] <= MAX_RANK:
+            raise AdapterError(name, f"module {module_name!r}: rank {A.shape[0]} (must be 1 to {MAX_RANK})")
+        modules[module_name] = _module(name, module_name, A, B, _scale(cfg, module_name, A.shape[0]), dtype)
 
     adapter = Adapter(name=name, modules=modules, config=cfg, path=path)
     if declared and base_name and _family(declared) != _family(base_name):
         adapter.warnings.append(f"trained for {declared!r}, running on {base_name!r} (shapes match)")
     return adapter
+
+
+def _module(name: str, key: str, A: torch.Tensor, B: torch.Tensor, scale: float, dtype: torch.dtype) -> LoraModule:
+    """One module's factors, refused unless finite and sane in the dtype they will run in: a
+    NaN anywhere in a batch's stacked factors (0 * NaN) reached every row batched with it."""
+    if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
+        raise AdapterError(name, f"module {key!r}: scale {scale:g} (lora_alpha / r) is outside the sane range "
+                                 f"|scale| <= {MAX_SCALE:g}")
+    A, B = A.to(dtype), B.to(dtype)
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise AdapterError(name, f"module {key!r} has NaN or Inf weights")
+    if not torch.isfinite(B * scale).all():
+        raise AdapterError(name, f"module {key!r}: its weights times scale {scale:g} overflow {dtype}")
+    return LoraModule(A, B, scale)
 
 
 def _family(model_name: str) -> str:

@@ -58,7 +58,7 @@ def test_chat_logprobs_streamed_and_not(client, lib, model):
 
 
 def test_multi_part_chat_logprobs(client):
-    resp = chat(client, "auto", prompt=COMPOSITE, max_tokens=12, logprobs=True, top_logprobs=1)
+    resp = chat(client, "auto", prompt=COMPOSITE, max_tokens=30, logprobs=True, top_logprobs=1)
     content = resp.choices[0].logprobs.content
     assert len(content) == resp.usage.completion_tokens
     assert "".join(c.token for c in content) == resp.choices[0].message.content

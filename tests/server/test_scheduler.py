@@ -153,7 +153,7 @@ def test_hot_load_unload_and_bad_adapters(client, http, lib, live):
     assert bad.status_code == 400 and "corrupt adapter_config.json" in bad.json()["error"]["message"]
     assert bad.json()["error"]["code"] == "invalid_adapter"
     missing = http.post("/v1/adapters", json={"path": str(spare / "nope"), "name": "nope"})
-    assert missing.status_code == 400 and "not a directory" in missing.json()["error"]["message"]
+    assert missing.status_code == 400 and "not a readable adapter folder" in missing.json()["error"]["message"]
     assert http.post("/v1/adapters", json={"path": str(spare / "delta"), "name": "auto"}).status_code == 400
     assert http.delete("/v1/adapters/nope").status_code == 404
     assert chat(client, "alpha", max_tokens=2).model == "alpha"  # still serving
@@ -174,12 +174,15 @@ def test_hot_load_unload_and_bad_adapters(client, http, lib, live):
     live.scheduler.submit(_job("delta", 10, sink))
     assert started.wait(10)
     try:
-        assert http.delete("/v1/adapters/delta").status_code == 200
-        assert "delta" not in [m.id for m in client.models.list().data]
+        gone = http.delete("/v1/adapters/delta")  # prompt: the batch decoding with it is held
+        assert gone.status_code == 202 and gone.json()["status"] == "removing", gone.text
+        assert "delta" not in [m.id for m in client.models.list().data]  # new requests: 404 at once
+        assert http.delete("/v1/adapters/delta").status_code == 404
     finally:
         proceed.set()
     assert finished.wait(10)
     assert got[0].text == ref and got[0].routing == {}  # explicit: answered by delta all along
+    wait_for(lambda: "delta" not in [a["id"] for a in http.get("/v1/adapters").json()["data"]])
     with pytest.raises(openai.NotFoundError):
         chat(client, "delta", max_tokens=2)
     # and back again, under a new name

@@ -44,8 +44,8 @@ def test_auto_answers_a_multi_part_prompt_part_by_part(client, lib):
     """Each numbered part is its own row (its own prompt and routing); the answer, trace and
     switch events are the library's (`Switch.chat`), streamed or not."""
     switch, _ = lib
-    ref = switch.chat([COMPOSITE], model="auto", params=SamplingParams(max_new_tokens=12))[0]
-    resp = chat(client, "auto", prompt=COMPOSITE, max_tokens=12, extra_body={"loraswitch": {"trace": True}})
+    ref = switch.chat([COMPOSITE], model="auto", params=SamplingParams(max_new_tokens=30))[0]
+    resp = chat(client, "auto", prompt=COMPOSITE, max_tokens=30, extra_body={"loraswitch": {"trace": True}})
     text = resp.choices[0].message.content
     assert text == ref.text and text.startswith("1. ") and "\n2. " in text and "\n3. " in text
     routing = resp.routing
@@ -56,7 +56,7 @@ def test_auto_answers_a_multi_part_prompt_part_by_part(client, lib):
     assert resp.model == ("+".join(routing["adapters"]) or "base")
     assert resp.batch["fan_out"] == 3
 
-    chunks = list(chat(client, "auto", prompt=COMPOSITE, max_tokens=12, stream=True,
+    chunks = list(chat(client, "auto", prompt=COMPOSITE, max_tokens=30, stream=True,
                        extra_body={"loraswitch": {"trace": True}}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     pieces = _pieces(chunks)

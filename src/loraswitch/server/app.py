@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from loraswitch.server import errors, ops, serving_chat, serving_completion, serving_models
 from loraswitch.server.metrics import Metrics
-from loraswitch.server.middleware import Gate
+from loraswitch.server.middleware import Gate, default_hosts
 from loraswitch.server.scheduler import Scheduler
 from loraswitch.server.state import ServerSettings, ServerState
 
@@ -28,7 +28,8 @@ def create_app(switch, settings: ServerSettings | None = None) -> FastAPI:
     """The app for `switch` (a `loraswitch.switch.Switch`); the worker starts with the app."""
     settings = settings or ServerSettings()
     metrics = Metrics()
-    scheduler = Scheduler(switch, settings.max_batch, settings.max_queue, metrics)
+    scheduler = Scheduler(switch, settings.max_batch, settings.max_queue, metrics,
+                          max_parts=min(settings.max_parts, settings.max_batch))
     metrics.bind(scheduler)
     st = ServerState(switch, settings, metrics, scheduler)
 
@@ -39,12 +40,16 @@ def create_app(switch, settings: ServerSettings | None = None) -> FastAPI:
             yield
         finally:
             await anyio.to_thread.run_sync(scheduler.stop)
+            st.prep.shutdown(wait=False, cancel_futures=True)
 
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="loraswitch", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible multi-LoRA server with automatic routing.")
+                  description="OpenAI-compatible multi-LoRA server with automatic routing.", **docs)
     app.state.server = st
     app.state.switch, app.state.scheduler, app.state.settings, app.state.metrics = switch, scheduler, settings, metrics
-    app.add_middleware(Gate, api_key=settings.api_key, metrics=metrics)
+    hosts = settings.allowed_hosts if settings.allowed_hosts is not None else default_hosts("127.0.0.1")
+    app.add_middleware(Gate, api_key=settings.api_key, metrics=metrics, allowed_hosts=hosts,
+                       max_body_bytes=settings.max_body_bytes)
     errors.install(app)
     for module in (serving_chat, serving_completion, serving_models, ops):
         app.include_router(module.router)

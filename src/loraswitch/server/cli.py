@@ -30,6 +30,10 @@ def serve(
     default_temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="temperature when a request does not say (OpenAI: 1).")] = 1.0,
     timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a request may take from arrival to last token (504 after).")] = 300.0,
     adapter_admin: Annotated[bool, typer.Option(help="Allow POST/DELETE /v1/adapters (loading folders from this machine's disk).")] = True,
+    max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body in bytes (413 above).")] = 4 * 1024 * 1024,
+    max_parts: Annotated[int, typer.Option(min=1, help="Most numbered parts 'auto' answers part by part (400 above; capped by --max-batch).")] = 16,
+    allowed_hosts: Annotated[list[str] | None, typer.Option("--allowed-hosts", help="Host header served when no API key is set (repeatable or comma-separated; default: the --host address and localhost; '*': any).")] = None,
+    docs: Annotated[bool, typer.Option(help="Serve /docs, /redoc and /openapi.json (behind --api-key when one is set).")] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), adapter
@@ -39,12 +43,16 @@ def serve(
     import uvicorn
 
     from loraswitch.server.app import ServerSettings, create_app
+    from loraswitch.server.middleware import default_hosts
 
     switch = open_switch(base, adapter_dirs, router_dir, library)
     settings = ServerSettings(
         max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
         default_max_tokens=min(default_max_tokens, max_new_tokens), default_temperature=default_temperature,
-        timeout=timeout, api_key=api_key or None, allow_adapter_admin=adapter_admin,
+        timeout=timeout, api_key=api_key or None, allow_adapter_admin=adapter_admin, max_body_bytes=max_body_bytes,
+        max_parts=max_parts, docs=docs,
+        allowed_hosts=[h.strip() for item in allowed_hosts for h in item.split(",") if h.strip()] if allowed_hosts
+        else default_hosts(host),
     )
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(levelname)s %(name)s: %(message)s")
     app = create_app(switch, settings)

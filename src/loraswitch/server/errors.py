@@ -11,7 +11,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from loraswitch.library import AdapterError
-from loraswitch.switch.request import RouterUnavailable
+from loraswitch.switch.parts import PartsError
+from loraswitch.switch.request import InvalidOutput, RouterUnavailable
 
 log = logging.getLogger("loraswitch.server")
 
@@ -79,6 +80,10 @@ def from_library(exc: Exception, model: str, known: list[str]) -> APIError:
         return bad_request(str(exc), "model", "invalid_adapter")
     if isinstance(exc, RouterUnavailable):
         return bad_request(str(exc), "route", "router_unavailable")
+    if isinstance(exc, PartsError):
+        return bad_request(str(exc), "messages", exc.code)
+    if isinstance(exc, InvalidOutput):  # the adapter's fault, not a crash (422: retrying gives the same NaN)
+        return APIError(422, str(exc), "invalid_request_error", "model", "invalid_model_output")
     return server_error(f"generation failed: {type(exc).__name__}: {exc}")
 
 
@@ -119,7 +124,10 @@ def install(app) -> None:
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404:
             message = f"Unknown endpoint {request.method} {request.url.path}"
-        return reply(for_status(exc.status_code, message), getattr(exc, "headers", None))
+        err = for_status(exc.status_code, message)
+        if exc.status_code == 413:
+            err.code = "request_too_large"
+        return reply(err, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _crash(request, exc: Exception):

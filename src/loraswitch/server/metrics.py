@@ -20,6 +20,7 @@ ENDPOINTS = {
     "/metrics": "metrics",
 }
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+MAX_ADAPTER_LABELS = 256  # distinct adapter label values; more are counted as "other"
 
 
 def endpoint_label(path: str) -> str:
@@ -64,6 +65,16 @@ class Metrics:
         self.queue_depth = Gauge("loraswitch_queue_depth", "Requests waiting for the worker.", registry=r)
         self.running = Gauge("loraswitch_running_requests", "Requests in the batch being decoded.", registry=r)
         self.adapters_loaded = Gauge("loraswitch_adapters_loaded", "Adapters loaded now.", registry=r)
+        self.adapter_labels: set[str] = set()
+
+    def adapter_label(self, name: str) -> str:
+        """`name`, or "other" once MAX_ADAPTER_LABELS names were seen: adapters loaded at run time
+        under ever new names must not grow the label sets (each is a series kept forever)."""
+        if name not in self.adapter_labels:
+            if len(self.adapter_labels) >= MAX_ADAPTER_LABELS:
+                return "other"
+            self.adapter_labels.add(name)
+        return name
 
     def bind(self, scheduler) -> None:
         """Gauges read live from the scheduler and engine at scrape time."""
@@ -91,9 +102,9 @@ class Metrics:
         self.completion_tokens.inc(len(answer.token_ids))
         requested = request.model if request.model in ("auto", "base") else "explicit"
         for name in answered_adapters(request.model, answer.routing or {}) or ["base"]:
-            self.routed.labels(adapter=name, requested=requested).inc()
+            self.routed.labels(adapter=self.adapter_label(name), requested=requested).inc()
         for name, n in tokens_by_adapter(answer.trace[: len(answer.token_ids)]).items():
-            self.adapter_tokens.labels(adapter=name).inc(n)
+            self.adapter_tokens.labels(adapter=self.adapter_label(name)).inc(n)
         for event in answer.events:
             self.switches.labels(event=str(event.get("event", "other"))).inc()
         if job.first_token is not None:

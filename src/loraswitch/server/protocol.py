@@ -15,24 +15,44 @@ from pydantic import BaseModel, ConfigDict, Field
 from loraswitch.server.errors import bad_request
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (the OpenAI limit)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+# every body: no NaN / Infinity (JSON extensions Python's parser accepts) in any number field
+STRICT = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+def bad_text(value: Any, where: str = "") -> str | None:
+    """The path of the first string in `value` that is not valid Unicode (a lone surrogate such
+    as "\\ud800", which JSON escapes can carry but no tokenizer or UTF-8 encoder takes), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    for key, item in items:
+        found = bad_text(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
 
 
 class LoraswitchOptions(BaseModel):
     """The `"loraswitch": {...}` extension object (also accepted as top-level fields)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     trace: bool = False  # include the per-token routing trace
     route: str | None = None  # router for model="auto": auto | seq | arrow | gate
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -52,7 +72,7 @@ class ChatMessage(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -61,7 +81,7 @@ class _Common(BaseModel):
     stream: bool | None = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -89,6 +109,10 @@ class _Common(BaseModel):
         return bool(self.stream_options and self.stream_options.get("include_usage"))
 
     def check_supported(self) -> None:
+        where = bad_text(self.model_dump(exclude_none=True))
+        if where:
+            raise bad_request(f"{where} is not valid Unicode text (it holds a lone surrogate such as \\ud800)",
+                              where, "invalid_text")
         if (self.n or 1) > 1:
             raise bad_request("only n=1 is supported", "n", "unsupported_value")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -172,6 +196,6 @@ class CompletionRequest(_Common):
 
 
 class AdapterLoadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     path: str = Field(min_length=1)
     name: str | None = None

@@ -15,6 +15,8 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from loraswitch.server import errors
@@ -32,6 +34,7 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     queue: asyncio.Queue | None = None
     metrics: object | None = None  # server.metrics.Metrics
+    rows: int = 1  # batch rows it takes (a multi-part request: one per part)
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
     first_token: float | None = None
@@ -87,14 +90,16 @@ class Job:
 class Scheduler:
     """The bounded queue and the worker thread (see the module doc)."""
 
-    def __init__(self, switch, max_batch: int = 32, max_queue: int = 256, metrics=None):
+    def __init__(self, switch, max_batch: int = 32, max_queue: int = 256, metrics=None, max_parts: int | None = None):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be at least 1")
         self.switch = switch
         self.engine = switch.engine
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.max_parts = max_parts
         self.metrics = metrics
+        self._ops: list[tuple[Callable[[], object], Future]] = []  # run between rounds
         self._queue: deque[Job] = deque()
         self._cv = threading.Condition()
         self._paused = False
@@ -125,6 +130,10 @@ class Scheduler:
             job.on_event(Failed(errors.unavailable("the server is shutting down")))
         if self._thread is not None:
             self._thread.join(timeout)
+        with self._cv:
+            ops, self._ops = self._ops, []
+        for fn, future in ops:  # library changes still owed: the worker is gone, run them here
+            _settle(future, fn)
 
     @property
     def alive(self) -> bool:
@@ -167,19 +176,38 @@ class Scheduler:
             self._queue.remove(job)
 
     # ------------------------------------------------------------------ the worker
+    def call_between_rounds(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` in the worker thread when no batch is decoding (library changes: an adapter
+        removed mid-batch changed the answers of `auto` rows already routed to it). The future
+        completes when it has run; a stopped scheduler runs it at once."""
+        future: Future = Future()
+        with self._cv:
+            if self.alive and not self._stopping:
+                self._ops.append((fn, future))
+                self._cv.notify_all()
+                return future
+        _settle(future, fn)
+        return future
+
     def _take(self) -> list[Job] | None:
         with self._cv:
-            while not self._stopping and (self._paused or not self._queue):
+            while not self._stopping and not self._ops and (self._paused or not self._queue):
                 self._cv.wait()
             if self._stopping:
                 return None
+            ops, self._ops = self._ops, []
             jobs: list[Job] = []
-            while self._queue and len(jobs) < self.max_batch:
+            rows = 0
+            while not ops and self._queue and (not jobs or rows + self._queue[0].rows <= self.max_batch) \
+                    and not self._paused:
                 job = self._queue.popleft()
                 if not job.handle.cancelled:
                     jobs.append(job)
+                    rows += job.rows
             self._running = jobs
-            return jobs
+        for fn, future in ops:
+            _settle(future, fn)
+        return jobs
 
     def _run(self) -> None:
         while (jobs := self._take()) is not None:
@@ -197,7 +225,7 @@ class Scheduler:
 
     def _round(self, jobs: list[Job]) -> None:
         self.stats["rounds"] += 1
-        batches = self.switch.run([j.handle for j in jobs], max_rows=None)
+        batches = self.switch.run([j.handle for j in jobs], max_rows=self.max_batch, max_parts=self.max_parts)
         for info in batches:
             self.stats["batches"] += 1
             self.stats["rows"] += info["size"]
@@ -209,3 +237,10 @@ class Scheduler:
         if self.metrics is not None:
             for job in jobs:
                 self.metrics.queued((job.started or time.monotonic()) - job.submitted)
+
+
+def _settle(future: Future, fn: Callable[[], object]) -> None:
+    try:
+        future.set_result(fn())
+    except Exception as exc:  # the caller reads it from the future
+        future.set_exception(exc)

@@ -12,16 +12,18 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loraswitch.generate import Generation, TokenLogprob
 from loraswitch.library import AdapterError
+from loraswitch.numbered import split_parts
 from loraswitch.server import errors
 from loraswitch.server.errors import APIError, bad_request
 from loraswitch.server.protocol import _Common
 from loraswitch.server.routing_info import answered_adapters, routing_info
 from loraswitch.server.scheduler import Job
 from loraswitch.server.state import ServerState
+from loraswitch.switch.parts import PartsError, fan_out
 from loraswitch.switch.request import Done, Failed, Handle, Request, Token
 
 
@@ -31,6 +33,7 @@ def sse(obj: Any) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
 
 
 class OpenAIServing:
@@ -57,8 +60,10 @@ class OpenAIServing:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ requests
-    def request(self) -> Request:
-        """The validated, tokenized library request (400 / 404 before anything is queued)."""
+    async def request(self) -> Request:
+        """The validated, tokenized library request (400 / 404 before anything is queued). All
+        validation happens here; tokenizing runs in the `prep` thread, after a character count
+        has refused prompts that cannot fit, so a huge prompt never stalls other requests."""
         body, settings = self.body, self.st.settings
         body.check_supported()
         try:
@@ -67,16 +72,46 @@ class OpenAIServing:
             raise errors.model_not_found(body.model, self.known_models()) from None
         except ValueError as exc:
             raise bad_request(str(exc), "route", "invalid_route") from None
+        if model in self.st.removing:
+            raise errors.model_not_found(body.model, self.known_models())
         temperature = body.temperature if body.temperature is not None else settings.default_temperature
         req = self.build()
+        chars = len(req.prompt) if isinstance(req.prompt, str) else sum(len(m["content"]) for m in req.messages or ())
+        if chars > 2 * settings.max_prompt_tokens * self.st.max_token_chars:  # 2x: slack for normalizers
+            raise bad_request(f"the prompt has {chars} characters, more than {settings.max_prompt_tokens} tokens can "
+                              f"hold; this server accepts at most {settings.max_prompt_tokens} tokens", self.param,
+                              "context_length_exceeded")
+        self.fans_out = model == "auto" and req.is_chat and (route or "auto") == "auto"  # auto answers parts
+        parts = split_parts(req.route_text(self.st.base)) if self.fans_out else None
+        if parts and len(parts) > self.max_parts:  # before tokenizing: a hundred parts cost nothing to refuse
+            raise bad_request(f"the message has {len(parts)} numbered parts; at most {self.max_parts} are answered "
+                              "part by part (send fewer parts, or several requests)", self.param, "too_many_parts")
+        req = replace(req, model=model, route=route, temperature=temperature,
+                      top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed, stop=tuple(body.stops()),
+                      logprobs=body.logprob_count())
+        return await asyncio.get_running_loop().run_in_executor(self.st.prep, self._prepare, req)
+
+    def _prepare(self, req: Request) -> Request:
+        """In the `prep` thread: tokenize, check the length and max_tokens, and count the rows a
+        multi-part request will take (within --max-parts, and max_tokens for the whole answer)."""
+        base = self.st.prep_base
         try:
-            req = req.tokenized(self.st.base)
+            req = req.tokenized(base)
         except Exception as exc:  # a template that refuses the roles or their order
             raise bad_request(f"the model's chat template refused these messages: {exc}", self.param) from None
-        return replace(req, model=model, route=route, max_tokens=self._max_tokens(len(req.prompt_ids or ())),
-                       temperature=temperature,
-                       top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed, stop=tuple(body.stops()),
-                       logprobs=body.logprob_count())
+        req = replace(req, max_tokens=self._max_tokens(len(req.prompt_ids or ())))
+        self.rows = 1
+        if self.fans_out:
+            try:
+                parts = fan_out(req, base, self.max_parts)
+            except PartsError as exc:
+                raise bad_request(str(exc), self.param, exc.code) from None
+            self.rows = len(parts) if parts else 1
+        return req
+
+    @property
+    def max_parts(self) -> int:
+        return min(self.st.settings.max_parts, self.st.settings.max_batch)
 
     def _max_tokens(self, n: int) -> int:
         """The request's max_tokens, after checking the prompt's `n` tokens against the limits."""
@@ -100,12 +135,15 @@ class OpenAIServing:
         return limit if limit is not None else min(settings.default_max_tokens, settings.max_new_tokens, room)
 
     def known_models(self) -> list[str]:
-        return ["auto", "base", *self.st.engine.names]
+        return ["auto", "base", *self.st.served_adapters]
 
     # ------------------------------------------------------------------ answering
-    async def serve(self):
-        job = Job(Handle(self.request()), loop=asyncio.get_running_loop(), queue=asyncio.Queue(),
-                  metrics=self.st.metrics)
+    async def serve(self, raw=None):
+        """Queue the request and answer it. `raw` (the Starlette request) is polled while a
+        non-streaming answer is awaited, so a client that went away frees its rows."""
+        request = await self.request()
+        job = Job(Handle(request), loop=asyncio.get_running_loop(), queue=asyncio.Queue(), metrics=self.st.metrics,
+                  rows=self.rows)
         self.deadline = job.loop.time() + self.st.settings.timeout
         self.st.scheduler.submit(job)  # 429 / 503 before any byte of a stream is sent
         if self.body.stream:
@@ -113,7 +151,10 @@ class OpenAIServing:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             while True:
-                event = await self.next_event(job)
+                event = await self.next_event(job, raw)
+                if event is None:  # the client went away: nobody reads the answer
+                    self.st.scheduler.cancel(job)
+                    return Response(status_code=499)
                 if isinstance(event, Done):
                     return JSONResponse(self.response(job, event))
                 if isinstance(event, Failed):
@@ -122,14 +163,17 @@ class OpenAIServing:
             self.st.scheduler.cancel(job)  # the client went away, or timed out: free its rows
             raise
 
-    async def next_event(self, job: Job):
-        remaining = self.deadline - job.loop.time()
-        try:
+    async def next_event(self, job: Job, raw=None):
+        """The job's next event; None when `raw`'s client disconnected; 504 past the deadline."""
+        while True:
+            remaining = self.deadline - job.loop.time()
             if remaining <= 0:
-                raise TimeoutError
-            return await asyncio.wait_for(job.queue.get(), remaining)
-        except TimeoutError:
-            raise errors.timeout(self.st.settings.timeout) from None
+                raise errors.timeout(self.st.settings.timeout)
+            try:
+                return await asyncio.wait_for(job.queue.get(), min(remaining, DISCONNECT_POLL_S) if raw else remaining)
+            except TimeoutError:
+                if raw is not None and await raw.is_disconnected():
+                    return None
 
     def head(self, job: Job, model: str, chunk: bool = False) -> dict:
         obj = {"chat": "chat.completion", "completion": "text_completion"}[self.kind]

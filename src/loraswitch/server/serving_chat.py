@@ -7,6 +7,7 @@ library's fan-out); `logprobs` / `top_logprobs` are reported as in the OpenAI AP
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
+from fastapi import Request as HTTPRequest
 
 from loraswitch.generate import Generation, TokenLogprob
 from loraswitch.server.protocol import ChatCompletionRequest
@@ -51,5 +52,5 @@ class ChatServing(OpenAIServing):
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, st: ServerState = Depends(state)):
-    return await ChatServing(st, body).serve()
+async def chat_completions(body: ChatCompletionRequest, raw: HTTPRequest, st: ServerState = Depends(state)):
+    return await ChatServing(st, body).serve(raw)

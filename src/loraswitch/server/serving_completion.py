@@ -8,6 +8,7 @@ evaluation harnesses use to score multiple-choice answers.
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
+from fastapi import Request as HTTPRequest
 
 from loraswitch.generate import Generation, TokenLogprob
 from loraswitch.server.errors import bad_request
@@ -62,5 +63,5 @@ class CompletionServing(OpenAIServing):
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, st: ServerState = Depends(state)):
-    return await CompletionServing(st, body).serve()
+async def completions(body: CompletionRequest, raw: HTTPRequest, st: ServerState = Depends(state)):
+    return await CompletionServing(st, body).serve(raw)

@@ -1,16 +1,19 @@
 """GET /v1/models, and the adapter library: GET/POST /v1/adapters, DELETE /v1/adapters/{name}.
 
-Loading and unloading run off the event loop; an adapter unloaded while requests decode with it
-keeps its weights until they finish (the worker pins the library for each batch).
+Loading and unloading happen in the worker thread between batches (`Scheduler.call_between_rounds`),
+so no answer in flight sees the library change: an adapter DELETEd while requests decode with it
+(named, or chosen by `auto`) stays until they finish, and the DELETE answers at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
-import anyio
 from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
 
 from loraswitch.library import AdapterError
 from loraswitch.server import errors
@@ -20,6 +23,7 @@ from loraswitch.server.state import ServerState, state
 
 log = logging.getLogger("loraswitch.server")
 router = APIRouter(prefix="/v1")
+DELETE_WAIT_S = 1.0  # a DELETE waits this long for the removal, then answers 202
 
 
 def model_cards(st: ServerState) -> list[dict]:
@@ -27,7 +31,7 @@ def model_cards(st: ServerState) -> list[dict]:
         return {"id": name, "object": "model", "created": st.started_at, "owned_by": "loraswitch", "kind": kind,
                 "root": st.switch.base.name}
 
-    return [card("auto", "router"), card("base", "base")] + [card(n, "adapter") for n in st.engine.names]
+    return [card("auto", "router"), card("base", "base")] + [card(n, "adapter") for n in st.served_adapters]
 
 
 @router.get("/models")
@@ -53,7 +57,8 @@ def adapter_card(adapter) -> dict:
 @router.get("/adapters")
 async def list_adapters(st: ServerState = Depends(state)):
     engine = st.engine
-    return {"object": "list", "data": [adapter_card(a) for a in list(engine.adapters.values())],
+    return {"object": "list", "data": [{**adapter_card(a), **({"status": "removing"} if a.name in st.removing else {})}
+                                       for a in list(engine.adapters.values())],
             "refused": [{"id": name, "reason": err.reason} for name, err in list(engine.errors.items())]}
 
 
@@ -68,28 +73,70 @@ async def load_adapter(body: AdapterLoadRequest, st: ServerState = Depends(state
     _admin_allowed(st)
     name = body.name or Path(body.path).name
     if name in st.engine.adapters:
-        raise APIError(409, f"adapter {name!r}: an adapter of that name is already loaded (DELETE it first)",
-                       "conflict_error", "name", "adapter_exists")
+        pending = " is being removed; retry when it has left GET /v1/adapters" if name in st.removing else \
+            " is already loaded (DELETE it first)"
+        raise APIError(409, f"adapter {name!r}: an adapter of that name{pending}", "conflict_error", "name",
+                       "adapter_exists")
+
+    def install():  # in the worker, between batches: no answer in flight sees the library change
+        adapter = st.engine.load_adapter(body.path, body.name)
+        return adapter, auto_routing(st, adapter.name)
+
     try:
-        adapter = await anyio.to_thread.run_sync(st.engine.load_adapter, body.path, body.name)
+        adapter, routing = await asyncio.wrap_future(st.scheduler.call_between_rounds(install))
     except AdapterError as exc:
+        if exc.missing:  # say nothing about which paths exist on this machine
+            raise bad_request(f"cannot load adapter {name!r} from {body.path!r}: not a readable adapter folder",
+                              "path", "invalid_adapter") from None
         raise bad_request(str(exc), "path", "invalid_adapter") from None
-    except OSError as exc:
-        raise bad_request(f"adapter {name!r}: cannot read {body.path!r}: {exc}", "path", "invalid_adapter") from None
+    except OSError:
+        raise bad_request(f"cannot load adapter {name!r} from {body.path!r}: not a readable adapter folder", "path",
+                          "invalid_adapter") from None
     log.info("loaded adapter %s from %s", adapter.name, body.path)
-    return adapter_card(adapter)
+    card = adapter_card(adapter)
+    card["routing"] = routing
+    if routing.get("note"):
+        card["warnings"].append(f"model 'auto': {routing['note']}")
+    return card
+
+
+def auto_routing(st: ServerState, name: str) -> dict:
+    """How `auto` routes the new adapter, so a 201 says so when auto fell back to Arrow (which
+    loading an adapter the trained selector never saw used to cause silently)."""
+    try:
+        router = st.switch.router("auto")
+        described = router.describe(st.engine).get(name, {}) if hasattr(router, "describe") else {}
+        note = getattr(router, "note", "")
+        return {**described, **({"note": note} if note else {})}
+    except Exception as exc:  # the router cannot be built: requests to auto will say why
+        return {"note": f"router 'auto' is unavailable: {exc}"}
 
 
 @router.delete("/adapters/{name}")
 async def remove_adapter(name: str, st: ServerState = Depends(state)):
+    """New requests for `name` get 404 at once; it leaves the library between batches, so the
+    requests decoding with it now (explicit or routed to it) finish with it. Answers 200 when
+    that happened within a moment, else 202 with status "removing"."""
     _admin_allowed(st)
     engine = st.engine
-    if name not in engine.adapters:
-        raise APIError(404, f"adapter {name!r} is not loaded (loaded: {', '.join(engine.names) or 'none'})",
+    if name not in engine.adapters or name in st.removing:
+        raise APIError(404, f"adapter {name!r} is not loaded (loaded: {', '.join(st.served_adapters) or 'none'})",
                        "invalid_request_error", "name", "adapter_not_found")
-    try:
-        await anyio.to_thread.run_sync(engine.remove_adapter, name)
-    except AdapterError as exc:  # removed by a concurrent request meanwhile
-        raise APIError(404, str(exc), "invalid_request_error", "name", "adapter_not_found") from None
-    log.info("removed adapter %s", name)
-    return {"id": name, "object": "adapter", "deleted": True}
+    st.removing.add(name)
+
+    def remove():
+        try:
+            engine.remove_adapter(name)
+        finally:
+            st.removing.discard(name)
+        log.info("removed adapter %s", name)
+
+    future = asyncio.wrap_future(st.scheduler.call_between_rounds(remove))
+    done, _ = await asyncio.wait({future}, timeout=DELETE_WAIT_S)
+    if done:
+        with contextlib.suppress(AdapterError):  # removed by a concurrent request meanwhile: gone all the same
+            future.result()
+        return {"id": name, "object": "adapter", "deleted": True, "status": "removed"}
+    return JSONResponse({"id": name, "object": "adapter", "deleted": True, "status": "removing",
+                         "detail": "new requests for it get 404 now; it leaves the library when the batch decoding "
+                                   "now ends (its requests finish with it)"}, status_code=202)

@@ -46,10 +46,17 @@ class Switch:
 
     def router(self, name: str = "auto") -> Router:
         """A router by name ("auto", "seq", "arrow", "gate"), loaded once per library version."""
-        key = (name, self.engine.version)
-        if key not in self._routers:
-            self._routers[key] = load_router(self.engine, name, self.router_dir)
-        return self._routers[key]
+        version = self.engine.version
+        key = (name, version)
+        router = self._routers.get(key)
+        if router is None:
+            router = load_router(self.engine, name, self.router_dir)
+            # routers of earlier library versions are never asked for again: keeping them grew
+            # memory with every adapter load / unload
+            for old in [k for k in list(self._routers) if k[1] != version]:
+                self._routers.pop(old, None)
+            self._routers[key] = router
+        return router
 
     def resolve(self, model: str, route: str | None = None) -> tuple[str, str | None]:
         """(model, route) as a request means them: "auto:arrow" is model "auto" with router
@@ -75,10 +82,12 @@ class Switch:
             raise ValueError(f"route={route!r} only applies to model='auto' (model={model!r} is explicit)")
         return explicit(self.engine, [model] * len(prompts))
 
-    def run(self, handles: list[Handle], max_rows: int | None = MAX_BATCH) -> list[dict]:
+    def run(self, handles: list[Handle], max_rows: int | None = MAX_BATCH, max_parts: int | None = None) -> list[dict]:
         """Answer every handle's request; each gets its events (started, token, switched, then
-        done or failed) through `handle.emit` as they happen. Returns the batches formed."""
-        return run(self, handles, max_rows)
+        done or failed) through `handle.emit` as they happen. At most `max_rows` rows per batched
+        forward; a request of more than `max_parts` numbered parts fails (`parts.PartsError`).
+        Returns the batches formed."""
+        return run(self, handles, max_rows, max_parts)
 
     def stream(self, requests: list[Request]) -> Iterator[tuple[int, Event]]:
         """(request index, event) as the answers are written; the generation runs in a thread and

@@ -3,8 +3,10 @@
 A chat request whose last user message numbers its parts ("1. ...", "2. ...", the grammar of
 `loraswitch.numbered`) is fanned out: each part becomes a row of the same batch, its own prompt
 (the conversation with that message replaced by the part), routed on the part's own words, with
-an equal share of the request's `max_tokens` (at least 8). All rows decode together in one
-batched forward; the answers are assembled in order into one numbered answer ("1. ...\\n2. ..."),
+an equal share of the request's `max_tokens` (what is left after the separators the assembly
+writes, so the whole answer stays within `max_tokens`). At most `max_parts` parts (the server's
+`--max-parts`): a prompt of a hundred numbered lines must not become a hundred rows. All rows
+decode together in one batched forward (several, beyond the batch limit); the answers are assembled in order into one numbered answer ("1. ...\\n2. ..."),
 with a trace that labels every token with its part and one switch event per part.
 
 Why rows and not one pass with one KV cache: a decision per part cannot flicker token by token
@@ -30,19 +32,39 @@ from loraswitch.switch.request import Done, Failed, Handle, Request, Started, Sw
 _DECISION_KEYS = ("adapter", "confidence", "scores", "reason")
 
 
-def part_budget(max_new_tokens: int, n_parts: int) -> int:
-    """New tokens each part may write: the request's budget shared equally (at least 8)."""
-    return max(8, max_new_tokens // n_parts)
+class PartsError(ValueError):
+    """A multi-part request that cannot be answered as asked: too many parts, or a `max_tokens`
+    too small to give every part a token after the separators (`code` says which)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
 
 
-def fan_out(request: Request, base) -> list[Request] | None:
-    """One request per part of a multi-part chat request, else None."""
+def part_budget(max_new_tokens: int, n_parts: int, overhead: int = 0) -> int:
+    """New tokens each part may write: what is left of the request's budget after `overhead`
+    (the separators' tokens), shared equally, so the assembled answer never exceeds it."""
+    return (max_new_tokens - overhead) // n_parts
+
+
+def fan_out(request: Request, base, max_parts: int | None = None) -> list[Request] | None:
+    """One request per part of a multi-part chat request, else None. Raises PartsError beyond
+    `max_parts` parts or when `max_tokens` leaves a part no token."""
     if not request.is_chat:
         return None
     parts = split_parts(request.route_text(base))
     if not parts:
         return None
-    budget = part_budget(request.max_tokens, len(parts))
+    n = len(parts)
+    if max_parts is not None and n > max_parts:
+        raise PartsError(f"the message has {n} numbered parts; at most {max_parts} are answered part by part "
+                         "(send fewer parts, or several requests)", "too_many_parts")
+    overhead = sum(len(separator_ids(base.tokenizer, k)) for k in range(1, n + 1))
+    budget = part_budget(request.max_tokens, n, overhead)
+    if budget < 1:
+        raise PartsError(f"max_tokens={request.max_tokens} is too small for {n} parts: the separators take "
+                         f"{overhead} tokens and each part needs at least one (ask for at least {overhead + n})",
+                         "max_tokens_too_small")
     return [replace(request.with_route_text(p), max_tokens=budget) for p in parts]
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from loraswitch.base import Base
-from loraswitch.generate import Generation, TokenLogprob
+from loraswitch.generate import MIN_TEMPERATURE, Generation, TokenLogprob
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
 
@@ -26,6 +26,11 @@ class RouterUnavailable(RuntimeError):
     def __init__(self, route: str | None, cause: Exception):
         super().__init__(f"router {route or 'auto'!r} is unavailable: {cause}")
         self.route = route
+
+
+class InvalidOutput(RuntimeError):
+    """The model produced NaN / inf logits for a row (an adapter that overflows): that request
+    fails alone, with this error, and the rows batched with it go on."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class Request:
     model: str = "auto"
     route: str | None = None
     max_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below generate.MIN_TEMPERATURE) = greedy
     top_p: float = 1.0
     seed: int | None = None  # a seeded sampled request decodes alone, so its seed reproduces it
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
@@ -107,14 +112,19 @@ class Request:
     def sampling_key(self) -> tuple:
         """Requests decode in one `generate` call only with equal keys: it samples a batch with one
         setting, and echo keeps every prefill logit."""
-        key: tuple = ("greedy",) if self.temperature <= 0 else ("sample", float(self.temperature), float(self.top_p))
+        key: tuple = ("greedy",) if self.greedy else ("sample", float(self.temperature), float(self.top_p))
         return (*key, "echo") if self.echo else key
 
     @property
     def decodes_alone(self) -> bool:
         """A seeded sampled request gets a `generate` call (and random generator) of its own, so
         its seed reproduces its answer whatever else is in flight."""
-        return self.temperature > 0 and self.seed is not None
+        return not self.greedy and self.seed is not None
+
+    @property
+    def greedy(self) -> bool:
+        """Temperatures too small to divide logits by are greedy (generate samples them so)."""
+        return self.temperature < MIN_TEMPERATURE
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from loraswitch.generate import Generation, Listener, Policy, RowsPolicy, Sampli
 from loraswitch.library import AdapterError
 from loraswitch.routing.base import StaleRouterError
 from loraswitch.switch.parts import PartsAnswer, SingleAnswer, fan_out
-from loraswitch.switch.request import Handle, Request, RouterUnavailable, Switched, Token
+from loraswitch.switch.request import Handle, InvalidOutput, Request, RouterUnavailable, Switched, Token
 from loraswitch.switch.text import Detokenizer, StopStrings
 
 log = logging.getLogger("loraswitch.switch")
@@ -97,19 +97,24 @@ class BatchListener(Listener):
         row = self.rows[r]
         if gen.finish_reason == "cancelled" or row.answer.gone:
             return
+        if gen.finish_reason == "error":
+            who = gen.routing.get("adapter", row.request.model) or "base"
+            row.answer.failed(InvalidOutput(f"the model produced non-finite logits (NaN or inf) answering with "
+                                            f"{who!r}; the requests batched with it were not affected"))
+            return
         if row.cut is not None:
             gen.text = row.detok.text[: row.cut]
         row.emit_text(gen.text, len(gen.text), gen, final=True)
         row.answer.done(row.part, gen, row.batch)
 
 
-def _rows(switch, handle: Handle) -> list[Row]:
+def _rows(switch, handle: Handle, max_parts: int | None = None) -> list[Row]:
     """The rows of one request: one, or one per part of a multi-part request."""
     base = switch.base
     request = handle.request.tokenized(base)
     handle.request = request
     fans = request.model == "auto" and request.is_chat and _fans_out(switch, request.route)
-    parts = fan_out(request, base) if fans else None
+    parts = fan_out(request, base, max_parts) if fans else None
     if parts is None:
         answer, parts = SingleAnswer(handle), [request]
     else:
@@ -197,13 +202,13 @@ def _generate(switch, call: list[tuple[Policy, list[Row]]]) -> dict | None:
     return {**info, "models": sorted({r.request.model for r in rows}), "seconds": round(time.monotonic() - began, 4)}
 
 
-def run(switch, handles: list[Handle], max_rows: int | None = None) -> list[dict]:
+def run(switch, handles: list[Handle], max_rows: int | None = None, max_parts: int | None = None) -> list[dict]:
     """Answer `handles` (see the module doc); every request gets its events through its handle.
     Returns what each `generate` call was: id, size, dynamic, models, seconds."""
     rows: list[Row] = []
     for handle in handles:
         try:
-            rows += _rows(switch, handle)
+            rows += _rows(switch, handle, max_parts)
         except Exception as exc:  # e.g. a conversation the chat template refuses
             SingleAnswer(handle).failed(exc)
     by_sampling: dict[tuple, list[Row]] = {}
