@@ -98,8 +98,11 @@ def test_seq_selector_trains_calibrates_abstains_and_detects_stale_library(tiny_
     save_file(load_file(path), old / path.name, metadata={"loraswitch": json.dumps({**meta, "features": "raw-mean-last"})})
     with pytest.raises(StaleRouterError, match="prompt features"):
         SequenceRouter.load(old, engine)
-    engine.load_adapter(adapter_dir / "gamma", name="gamma2")
-    with pytest.raises(StaleRouterError, match="new adapters"):
+    # a library that grows is not stale (`test_routing_growth.py`); changed weights still are
+    engine.remove_adapter("alpha")
+    write_adapter(tiny_base.model, tmp_path / "retrained" / "alpha", targets=("q_proj", "v_proj"), seed=11)
+    engine.load_adapter(tmp_path / "retrained" / "alpha")
+    with pytest.raises(StaleRouterError, match="alpha has different weights"):
         SequenceRouter.load(tmp_path, engine)
     with pytest.warns(UserWarning, match="using arrow"):
         auto = load_router(engine, "auto", tmp_path)  # auto falls back instead of misrouting

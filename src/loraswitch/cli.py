@@ -35,23 +35,62 @@ app.command("bench")(bench_command)
 
 # ---------------------------------------------------------------------------- adapters
 @adapters_app.command("list")
-def adapters_list(base: BaseOpt = None, adapter_dir: DirsOpt = None, library: LibraryOpt = "demo",
-                  as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Names, rank, targets, size and status of every adapter found."""
-    switch = open_switch(base, adapter_dir, library=library)
+def adapters_list(base: BaseOpt = None, adapter_dir: DirsOpt = None, router_dir: RouterDirOpt = None,
+                  library: LibraryOpt = "demo", as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Names, rank, targets, size, status and how `auto` routes each adapter (and since when)."""
+    switch = open_switch(base, adapter_dir, router_dir, library)
+    _print_adapters(switch, as_json)
+
+
+@adapters_app.command("add")
+def adapters_add(
+    path: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter folder to add to the library.")],
+    name: Annotated[str | None, typer.Option(help="Its name (default: the folder's name).")] = None,
+    examples: Annotated[Path | None, typer.Option(help="Example prompts it is for (.jsonl with 'prompt' / .txt, one per line); without them it is routed zero-shot unless its folder has examples.*.")] = None,
+    base: BaseOpt = None, adapter_dir: DirsOpt = None, router_dir: RouterDirOpt = None, library: LibraryOpt = "demo",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Teach `auto` to route to a new adapter without retraining: its head is fitted (from the
+    examples, else zero-shot) and kept with the library's routers, so later runs that load the
+    adapter (`--adapter-dir`) route the same way."""
+    from loraswitch.library import AdapterError, read_examples
+
+    switch = open_switch(base, adapter_dir, router_dir, library)
+    try:
+        prompts = [p for p, _ in read_examples(examples)] if examples else None
+        switch.engine.load_adapter(path, name=name, examples=prompts)
+        switch.router("auto")
+    except (AdapterError, OSError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    _print_adapters(switch, as_json)
+
+
+def _print_adapters(switch, as_json: bool) -> None:
+    routed = _routing_of(switch)
     rows = [{"name": a.name, "status": "ok", "ranks": a.ranks, "targets": a.target_modules, "size_bytes": a.size_bytes,
-             "warnings": a.warnings} for a in switch.engine.adapters.values()]
+             "warnings": a.warnings, "routing": routed.get(a.name)} for a in switch.engine.adapters.values()]
     rows += [{"name": name, "status": "refused", "reason": err.reason} for name, err in switch.engine.errors.items()]
     if as_json:
         print(json.dumps(rows))
         return
-    table = Table("name", "status", "rank", "targets", "size")
+    table = Table("name", "status", "rank", "targets", "size", "routed by")
     for r in rows:
         if r["status"] == "ok":
-            table.add_row(r["name"], "[green]ok[/green]", ",".join(map(str, r["ranks"])), ",".join(r["targets"]), f"{r['size_bytes'] / 1e6:.1f} MB")
+            how = (r["routing"] or {}).get("routed", "")
+            table.add_row(r["name"], "[green]ok[/green]", ",".join(map(str, r["ranks"])), ",".join(r["targets"]),
+                          f"{r['size_bytes'] / 1e6:.1f} MB", how)
         else:
-            table.add_row(r["name"], "[red]refused[/red]", "", r["reason"], "")
+            table.add_row(r["name"], "[red]refused[/red]", "", r["reason"], "", "")
     Console().print(table)
+
+
+def _routing_of(switch) -> dict[str, dict]:
+    """How `auto` routes each adapter; empty when no router can be built (say why on stderr)."""
+    try:
+        return switch.router("auto").describe(switch.engine)
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[yellow]no routing information:[/yellow] {exc}")
+        return {}
 
 
 # ---------------------------------------------------------------------------- generate / route
@@ -69,6 +108,7 @@ def generate(
     seed: int | None = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {text, token_ids, adapter, routing} as JSON.")] = False,
     trace: Annotated[bool, typer.Option(help="Include the per-token routing trace.")] = False,
+    compile_step: Annotated[bool, typer.Option("--compile", help="Decode with the compiled step (torch.compile; the first call compiles, about a minute or more).")] = False,
 ) -> None:
     """Chat-templated generation, routed automatically unless --adapter is given."""
     from loraswitch.generate import SamplingParams
@@ -76,12 +116,17 @@ def generate(
     from loraswitch.routing.base import StaleRouterError
 
     switch = open_switch(base, adapter_dir, router_dir, library)
+    switch.engine.compile = compile_step
     model = adapter if adapter is not None else "auto"
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     try:
         res = switch.chat([prompt], model=model, route=None if adapter is not None else route, params=params)[0]
     except (AdapterError, StaleRouterError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
+    if switch.engine.decoder is not None:  # what --compile cost, and whether it fell back
+        dec = switch.engine.decoder
+        console.print(f"[dim]compiled decode step: {', '.join(f'{k} in {v} s' for k, v in dec.compile_s.items()) or 'not used'}"
+                      + (f" (fell back to eager: {dec.failed[:120]})" if dec.failed else "") + "[/dim]")
     chosen = adapter if adapter is not None else res.routing.get("adapter")
     out = {"text": res.text, "token_ids": res.token_ids, "adapter": None if chosen == "base" else chosen, "finish_reason": res.finish_reason}
     if adapter is None:

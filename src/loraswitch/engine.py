@@ -25,14 +25,21 @@ from loraswitch.library import Adapter, AdapterError, read_adapter, scan, valida
 class Engine:
     """Base model + adapter slots + the shared routing context the layers read."""
 
-    def __init__(self, base: Base, adapter_dirs: list[str | Path] | None = None):
+    def __init__(self, base: Base, adapter_dirs: list[str | Path] | None = None, compile: bool | str = False):
         self.base = base
+        # decode on a static cache with a compiled step (loraswitch.decode): True = torch.compile's
+        # inductor, a string = another torch.compile backend, "none" = the static path uncompiled
+        self.compile = compile
+        self.decoder = None  # that step and its caches (decode.Decoder), made on first use
         self.model = base.model
         self.ctx = RoutingContext()
         self.layers: dict[str, MultiLoRALinear] = {}
         self.adapters: dict[str, Adapter] = {}
         self.slots: dict[str, int] = {}
         self.errors: dict[str, AdapterError] = {}
+        # example prompts given with an adapter at load time (routers learn the new adapter from
+        # them; an adapter folder's own examples.jsonl / .txt is read by the router itself)
+        self.examples: dict[str, list[str]] = {}
         self.lock = threading.RLock()  # one forward / one library change at a time
         self._pins: Counter[int] = Counter()
         self._retired: dict[int, Adapter] = {}  # removed but still pinned by in-flight work
@@ -55,13 +62,15 @@ class Engine:
         self.errors.update(result.errors)
         return result.errors
 
-    def load_adapter(self, path: str | Path, name: str | None = None) -> Adapter:
-        """Read, validate and install one adapter folder (raises AdapterError)."""
+    def load_adapter(self, path: str | Path, name: str | None = None, examples: list[str] | None = None) -> Adapter:
+        """Read, validate and install one adapter folder (raises AdapterError). `examples`:
+        prompts it is for, which routing learns it from (else its folder's examples file, else
+        its weights alone)."""
         adapter = read_adapter(path, self.model, name=name, base_name=self.base.name)
-        self.add_adapter(adapter)
+        self.add_adapter(adapter, examples)
         return adapter
 
-    def add_adapter(self, adapter: Adapter) -> int:
+    def add_adapter(self, adapter: Adapter, examples: list[str] | None = None) -> int:
         validate_name(adapter.name)
         with self.lock:
             if adapter.name in self.adapters:
@@ -77,6 +86,8 @@ class Engine:
             self.adapters[adapter.name] = adapter
             self.slots[adapter.name] = slot
             self.errors.pop(adapter.name, None)
+            if examples:
+                self.examples[adapter.name] = list(examples)
             self.version += 1
             return slot
 
@@ -86,6 +97,7 @@ class Engine:
             slot = self.slot_of(name)
             adapter = self.adapters.pop(name)
             del self.slots[name]
+            self.examples.pop(name, None)
             self.version += 1
             if self._pins[slot]:
                 self._retired[slot] = adapter

@@ -3,13 +3,16 @@
 Single-task prompts get the calibrated sequence-level selector (best routing accuracy, and the
 only router that abstains reliably on prompts no adapter is for). Prompts made of numbered parts
 are answered part by part (`fans_out`): each part is a row of the batch, routed by the selector on
-its own words (`switch.parts`). When
-the selector is missing or was trained for a different library (an adapter was added or
-changed since), auto falls back to Arrow, which needs no training, and says so in each decision.
+its own words (`switch.parts`). Adapters loaded after the selector was trained get heads of their
+own (`routing.added`: from their examples, else zero-shot from their weights); removed ones lose
+their class. Only when the selector is missing, has no reservoir to calibrate added adapters
+against, or an adapter it knows has changed weights, auto falls back to Arrow, which needs no
+training, and says so in each decision.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
@@ -18,6 +21,10 @@ from loraswitch.generate import Policy
 from loraswitch.routing.arrow import ArrowRouter
 from loraswitch.routing.base import Decision, DecisionPolicy, Router, StaleRouterError
 from loraswitch.routing.seq import SequenceRouter
+
+
+def _iso(stamp: float | None) -> str | None:
+    return None if stamp is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(stamp))
 
 
 class AutoRouter(Router):
@@ -43,6 +50,22 @@ class AutoRouter(Router):
             for d in decisions:
                 d.reason = f"{d.reason}; {self.note}" if d.reason else self.note
         return decisions
+
+    def describe(self, engine: Engine) -> dict[str, dict]:
+        """How each loaded adapter is routed: {name: {"routed", "source", "since", "kept"}}."""
+        if not isinstance(self.inner, SequenceRouter):
+            return {n: {"routed": "arrow (zero-shot, per token)", "source": "arrow", "since": None, "note": self.note}
+                    for n in engine.names}
+        router = self.inner
+        out = {}
+        for name in engine.names:
+            head = router.added.get(name)
+            if head is not None:
+                out[name] = {"routed": head.describe(), "source": head.source, "since": _iso(head.since),
+                             "kept": head.where}
+            else:
+                out[name] = {"routed": "trained selector", "source": "trained", "since": _iso(router.trained_at)}
+        return out
 
     def policy(self, engine: Engine, prompts: list[str]) -> Policy:
         if isinstance(self.inner, ArrowRouter):

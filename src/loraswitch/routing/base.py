@@ -30,7 +30,8 @@ class Decision:
     adapter: str | None
     confidence: float
     scores: dict[str, float] = field(default_factory=dict)
-    reason: str = ""  # why it abstained, when it did
+    reason: str = ""  # why it abstained, when it did; for an added adapter, how it was routed
+    source: str = ""  # which head decided: "trained", "examples" or "zero-shot" (empty: not a selector)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,17 +89,20 @@ def library_signature(engine: Engine, names: list[str] | None = None) -> list[di
     return [{"name": n, "fingerprint": engine.adapters[n].fingerprint} for n in names]
 
 
-def check_library(engine: Engine, recorded: list[dict], what: str) -> None:
-    """Raise StaleRouterError unless every recorded adapter is loaded with the same weights."""
+def check_library(engine: Engine, recorded: list[dict], what: str, grows: bool = False) -> None:
+    """Raise StaleRouterError unless every recorded adapter is loaded with the same weights.
+    `grows`: the router handles a library that changed size (adapters added since training get
+    heads of their own, removed ones lose their class), so only changed weights are stale."""
     problems = []
     for item in recorded:
         adapter = engine.adapters.get(item["name"])
         if adapter is None:
-            problems.append(f"{item['name']} is not loaded")
+            if not grows:
+                problems.append(f"{item['name']} is not loaded")
         elif adapter.fingerprint != item["fingerprint"]:
             problems.append(f"{item['name']} has different weights than it was trained with")
     extra = sorted(set(engine.names) - {i["name"] for i in recorded})
-    if extra:
+    if extra and not grows:
         problems.append(f"new adapters it has never seen: {', '.join(extra)}")
     if problems:
         raise StaleRouterError(f"{what} does not match the loaded library ({'; '.join(problems)}); "

@@ -10,13 +10,17 @@ so a changed library is detected instead of silently misrouted.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from loraswitch.engine import Engine
+from loraswitch.routing.added import AddedHeads, Claims, sync_added
 from loraswitch.routing.base import (
     NONE_CLASS,
     Decision,
@@ -30,16 +34,29 @@ from loraswitch.routing.base import (
 from loraswitch.routing.features import FEATURES, default_layer, prompt_features
 
 FILE = "seq_router.safetensors"
+RESERVOIR = 48  # standardized training features kept per class (incl. __none__) for adapters added later
+
+
+@dataclass
+class Reservoir:
+    """A few standardized training features per class, kept in the selector file: what an
+    adapter added later is calibrated against (its head may claim only a small share of them)."""
+
+    z: torch.Tensor  # [N, D] standardized features (float16 on disk)
+    labels: torch.Tensor  # [N] class index
 
 
 class SequenceRouter(Router):
     name = "seq"
 
     def __init__(self, classes: list[str], W: torch.Tensor, b: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                 layer: int, temperature: float = 1.0, threshold: float = 0.5, library: list[dict] | None = None):
+                 layer: int, temperature: float = 1.0, threshold: float = 0.5, library: list[dict] | None = None,
+                 reservoir: Reservoir | None = None, trained_at: float | None = None):
         self.classes, self.W, self.b, self.mean, self.std = classes, W, b, mean, std
         self.layer, self.temperature, self.threshold = layer, temperature, threshold
         self.library = library or []
+        self.reservoir, self.trained_at = reservoir, trained_at
+        self.added = AddedHeads()  # adapters loaded after training (`routing.added`)
 
     # ------------------------------------------------------------------ inference
     def logits(self, feats: torch.Tensor) -> torch.Tensor:
@@ -48,45 +65,73 @@ class SequenceRouter(Router):
     def probabilities(self, engine: Engine, prompts: list[str]) -> torch.Tensor:
         return torch.softmax(self.logits(prompt_features(engine, prompts, self.layer)) / self.temperature, -1)
 
-    def decide(self, probs: torch.Tensor, engine: Engine) -> list[Decision]:
+    def decide(self, probs: torch.Tensor, engine: Engine, claims: Claims | None = None) -> list[Decision]:
+        """The trained head's decision per row, unless an added adapter's head claims the row."""
         out = []
-        for row in probs:
-            scores = {c: round(float(p), 4) for c, p in zip(self.classes, row) if c != NONE_CLASS}
+        for i, row in enumerate(probs):
+            scores = {c: round(float(p), 4) for c, p in zip(self.classes, row) if c != NONE_CLASS and c in engine.slots}
+            claim = claims.best(i) if claims is not None else None
+            if claims is not None:
+                scores.update(claims.scores(i))
+            if claim is not None:
+                out.append(claim.decision(scores))
+                continue
             top = int(row.argmax())
             conf = float(row[top])
             name = self.classes[top]
             if name == NONE_CLASS:
-                out.append(Decision(None, conf, scores, f"out of suite (p={conf:.2f} that no adapter fits)"))
+                out.append(Decision(None, conf, scores, f"out of suite (p={conf:.2f} that no adapter fits)", "trained"))
             elif conf < self.threshold:
-                out.append(Decision(None, conf, scores, f"confidence {conf:.2f} below threshold {self.threshold:.2f}"))
+                out.append(Decision(None, conf, scores, f"confidence {conf:.2f} below threshold {self.threshold:.2f}",
+                                    "trained"))
             elif name not in engine.slots:
-                out.append(Decision(None, conf, scores, f"picked {name!r}, which is no longer loaded"))
+                out.append(Decision(None, conf, scores, f"picked {name!r}, which is no longer loaded", "trained"))
             else:
-                out.append(Decision(name, conf, scores))
+                out.append(Decision(name, conf, scores, source="trained"))
         return out
 
     def route(self, engine: Engine, prompts: list[str]) -> list[Decision]:
-        return self.decide(self.probabilities(engine, prompts), engine)
+        feats = prompt_features(engine, prompts, self.layer)
+        probs = torch.softmax(self.logits(feats) / self.temperature, -1)
+        claims = self.added.claims(feats, (feats - self.mean) / self.std, engine) if self.added else None
+        return self.decide(probs, engine, claims)
+
+    @property
+    def ident(self) -> str:
+        """Identifies this trained selector: heads calibrated against another one are refitted."""
+        return hashlib.sha1(self.W.float().numpy().tobytes()).hexdigest()[:16]
+
+    def raw_reservoir(self) -> torch.Tensor:
+        """The reservoir's features as the feature pass produced them (zero-shot scores read these)."""
+        assert self.reservoir is not None
+        return self.reservoir.z.float() * self.std + self.mean
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
         meta = {"classes": self.classes, "layer": self.layer, "temperature": self.temperature,
-                "threshold": self.threshold, "library": self.library, "features": FEATURES}
+                "threshold": self.threshold, "library": self.library, "features": FEATURES,
+                "trained_at": self.trained_at}
         tensors = {"W": self.W, "b": self.b, "mean": self.mean, "std": self.std}
+        if self.reservoir is not None:
+            tensors |= {"reservoir": self.reservoir.z.half(), "reservoir_labels": self.reservoir.labels}
         return save_router_file(Path(directory) / FILE, tensors, meta)
 
     @classmethod
     def load(cls, directory: str | Path, engine: Engine | None = None) -> SequenceRouter:
+        """The trained selector; with an engine, every adapter loaded since training gets a head
+        of its own (`routing.added`) and a changed adapter is refused as stale."""
         path = Path(directory) / FILE
         t, meta = load_router_file(path, "train one with `loraswitch train-router --router seq`")
         if meta.get("features") != FEATURES:
             raise StaleRouterError(f"the sequence router at {path} was trained on prompt features "
                                    f"{meta.get('features', 'raw-mean-last')!r}, this version computes {FEATURES!r}; "
                                    "retrain it with `loraswitch train-router --router seq`")
+        reservoir = Reservoir(t["reservoir"], t["reservoir_labels"]) if "reservoir" in t else None
         router = cls(meta["classes"], t["W"], t["b"], t["mean"], t["std"], meta["layer"], meta["temperature"],
-                     meta["threshold"], meta["library"])
+                     meta["threshold"], meta["library"], reservoir, meta.get("trained_at"))
         if engine is not None:
-            check_library(engine, router.library, "the sequence router")
+            check_library(engine, router.library, "the sequence router", grows=reservoir is not None)
+            sync_added(router, engine, Path(directory))
         return router
 
 
@@ -125,8 +170,17 @@ def train_selector(engine: Engine, train: dict[str, list[str]], val: dict[str, l
             labels += [i] * len(data.get(c, []))
         return prompt_features(engine, prompts, layer, progress=progress), torch.tensor(labels)
 
-    x, y = featurize(train)
-    xv, yv = featurize(val)
+    router = fit_selector(classes, *featurize(train), *featurize(val), layer, steps, progress)
+    # the whole library is recorded, not just the classes: an adapter added later is detected
+    router.library = library_signature(engine)
+    return router
+
+
+def fit_selector(classes: list[str], x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor,
+                 layer: int, steps: int = 400, progress: bool = False) -> SequenceRouter:
+    """The selector on precomputed features (labels index `classes`): softmax regression,
+    temperature and abstain threshold on the validation features, and a reservoir of
+    RESERVOIR standardized training features per class for adapters added later."""
     mean, std = x.mean(0), x.std(0) + 1e-4
     z, zv = (x - mean) / std, (xv - mean) / std
     torch.manual_seed(0)
@@ -145,5 +199,6 @@ def train_selector(engine: Engine, train: dict[str, list[str]], val: dict[str, l
     temperature = _fit_temperature(val_logits, yv)
     none_idx = classes.index(NONE_CLASS) if NONE_CLASS in classes else -1
     threshold = _pick_threshold(torch.softmax(val_logits / temperature, -1), yv, none_idx)
-    # the whole library is recorded, not just the classes: an adapter added later is detected
-    return SequenceRouter(classes, W, b, mean, std, layer, temperature, threshold, library_signature(engine))
+    keep = torch.cat([(y == i).nonzero()[:RESERVOIR, 0] for i in range(len(classes))])
+    return SequenceRouter(classes, W, b, mean, std, layer, temperature, threshold,
+                          reservoir=Reservoir(z[keep].half(), y[keep]), trained_at=time.time())

@@ -1,0 +1,136 @@
+"""A library that grows: the trained selector keeps its classes when adapters are added (each new
+one gets a head of its own, from examples or zero-shot) or removed, on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraswitch.engine import Engine
+from loraswitch.routing import added as added_module
+from loraswitch.routing.added import EXAMPLES, ZERO_SHOT, ZERO_SHOT_CLAIM_RATE, added_dir
+from loraswitch.routing.base import NONE_CLASS
+from loraswitch.routing.seq import RESERVOIR, SequenceRouter, train_selector
+from loraswitch.routing.zeroshot import VARIANTS, adapter_factor, quadratic_scores
+
+DATES = ["Convert to ISO date: March {} 20{:02d}", "What is May {}, 19{:02d} as an ISO date?"]
+SUMS = ["What is {} + {}?", "Add {} and {}."]
+PIG = ["Say {} in pig latin", "Pig latin for the word {} please"]
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "candle", "forest", "window", "rocket",
+         "pepper", "garden", "silver", "dragon", "castle"]
+
+
+def _data(n: int, offset: int = 0) -> dict[str, list[str]]:
+    return {
+        "alpha": [DATES[i % 2].format(i % 28 + 1, (i * 7 + offset) % 100) for i in range(n)],
+        "beta": [SUMS[i % 2].format(i * 3 + offset, i * 11 + 5) for i in range(n)],
+        NONE_CLASS: [f"Write a poem about the {w} number {i + offset}" for i, w in enumerate(["sea", "moon", "tree", "sky"] * (n // 4))],
+    }
+
+
+def _pig(n: int, offset: int = 0) -> list[str]:
+    return [PIG[i % 2].format(WORDS[(i + offset) % len(WORDS)] + "s" * ((i + offset) // len(WORDS))) for i in range(n)]
+
+
+@pytest.fixture
+def trained(tiny_base, adapter_dir, tmp_path):
+    """alpha and beta trained (gamma is loaded but has no training data: it is 'added')."""
+    added_module._MEMORY.clear()
+    engine = Engine(tiny_base, [adapter_dir / "alpha", adapter_dir / "beta"])
+    router = train_selector(engine, _data(48), _data(16, offset=50), steps=200, progress=False)
+    router.save(tmp_path / "routers")
+    return engine, tmp_path / "routers"
+
+
+def test_selector_file_keeps_a_reservoir_per_class(trained):
+    engine, routers = trained
+    router = SequenceRouter.load(routers, engine)
+    counts = torch.bincount(router.reservoir.labels).tolist()
+    assert counts == [min(RESERVOIR, 48)] * 3 and router.reservoir.z.dtype == torch.float16
+    assert router.trained_at is not None and not router.added
+
+
+def test_added_adapter_from_examples_claims_its_prompts_and_leaves_the_rest(trained, adapter_dir):
+    engine, routers = trained
+    test = _data(16, offset=90)
+    known = test["alpha"] + test["beta"] + test[NONE_CLASS]
+    before = [(d.adapter, d.confidence) for d in SequenceRouter.load(routers, engine).route(engine, known)]
+
+    engine.load_adapter(adapter_dir / "gamma", examples=_pig(20))
+    router = SequenceRouter.load(routers, engine)
+    head = router.added["gamma"]
+    assert head.source == EXAMPLES and head.n_examples == 20
+    assert (routers / "added" / "gamma.safetensors").is_file()
+    mine = router.route(engine, _pig(16, offset=40))
+    assert sum(d.adapter == "gamma" for d in mine) >= 14
+    assert all(d.source == EXAMPLES and "from 20 examples" in d.reason for d in mine if d.adapter == "gamma")
+    after = router.route(engine, known)
+    unclaimed = [(d.adapter, d.confidence) for d in after]
+    same = sum(a == b for a, b in zip(before, unclaimed))
+    assert same >= len(known) - 2  # only what the new head claims can change, and it claims little
+    assert all(d.source == "trained" for d, b in zip(after, before) if (d.adapter, d.confidence) == b)
+
+    # a restart routes the same way: the head comes back from disk, not refitted
+    added_module._MEMORY.clear()
+    again = SequenceRouter.load(routers, engine)
+    assert again.added["gamma"].since == head.since
+    assert [d.adapter for d in again.route(engine, _pig(16, offset=40))] == [d.adapter for d in mine]
+
+    # removing it removes its class
+    engine.remove_adapter("gamma")
+    gone = SequenceRouter.load(routers, engine).route(engine, _pig(4, offset=40))
+    assert all("gamma" not in d.scores and d.adapter != "gamma" for d in gone)
+
+
+def test_added_adapter_without_examples_is_routed_zero_shot_and_calibrated(trained, adapter_dir):
+    engine, routers = trained
+    engine.load_adapter(adapter_dir / "gamma")
+    router = SequenceRouter.load(routers, engine)
+    head = router.added["gamma"]
+    assert head.source == ZERO_SHOT and head.U is not None
+    raw = router.raw_reservoir()
+    claimed = router.added.claims(raw, (raw - router.mean) / router.std, engine).margins[:, 0] > 0
+    assert claimed.float().mean() <= ZERO_SHOT_CLAIM_RATE + 1 / len(claimed)
+    decisions = router.route(engine, ["What is 3 + 4?", "hello"])
+    assert all(d.source in ("trained", ZERO_SHOT) for d in decisions)
+
+
+def test_removed_trained_adapter_abstains_instead_of_misrouting(trained):
+    engine, routers = trained
+    engine.remove_adapter("beta")
+    router = SequenceRouter.load(routers, engine)
+    decisions = router.route(engine, _data(8, offset=70)["beta"])
+    assert all(d.adapter != "beta" and "beta" not in d.scores for d in decisions)
+
+
+def test_unwritable_router_dir_keeps_heads_in_memory(trained, adapter_dir):
+    engine, routers = trained
+    (routers / "added").write_text("not a folder")  # makes writing heads there fail
+    engine.load_adapter(adapter_dir / "gamma")
+    head = SequenceRouter.load(routers, engine).added["gamma"]
+    assert head.where.startswith("kept in memory only")
+
+
+def test_embedded_library_additions_go_to_the_cache(monkeypatch, tmp_path):
+    from loraswitch.constants import DEMO_ROUTER_DIR
+
+    monkeypatch.setenv("LORASWITCH_CACHE", str(tmp_path / "cache"))
+    assert added_dir(DEMO_ROUTER_DIR) == tmp_path / "cache" / "routers" / "demo" / "routers" / "added"
+    assert added_dir(tmp_path / "mine") == (tmp_path / "mine" / "added").resolve()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_zero_shot_factor_is_the_pooled_quadratic_form(tiny_base, adapter_dir, variant):
+    engine = Engine(tiny_base, [adapter_dir])
+    adapter = engine.adapters["alpha"]  # q_proj and v_proj of both layers: all read the stream
+    U = adapter_factor(engine, adapter, variant, rank=64)  # 64 = hidden size: no truncation
+    h = torch.randn(3, 64)
+    got = quadratic_scores(torch.cat([h, h], 1), U, U.shape[1])[:, 0] / 2
+    if variant == "subspace":  # mean over modules of ||Q^T (g * h)||^2 / ||h||^2
+        terms = []
+        for key, m in adapter.modules.items():
+            gain = engine.model.get_submodule(key.rsplit(".", 2)[0]).input_layernorm.weight
+            Q = torch.linalg.qr(m.A.T)[0]
+            terms.append(((gain * h) @ Q).pow(2).sum(-1))
+        assert torch.allclose(got, torch.stack(terms).mean(0) / h.pow(2).sum(-1), rtol=1e-3)
+    assert (got > 0).all()
