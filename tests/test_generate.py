@@ -50,3 +50,60 @@ def test_listener_ends_rows_early_and_sees_each_end(engine):
     assert ended[0][0] == "cancelled" and ended[1][0] == "length"
     assert ended[1][1] == out[1].text and len(seen) == 8
     assert [g.finish_reason for g in generate(engine, prompts, None, SamplingParams(max_new_tokens=0))] == ["length"] * 2
+
+
+def _answers(engine, prompts, policies, params, listener=None):
+    out = {}
+    for name, make in policies.items():
+        gens = generate(engine, prompts, make(engine), params, listener() if listener else None)
+        out[name] = [(g.token_ids, g.finish_reason, [round(lp.logprob, 3) for lp in g.logprobs]) for g in gens]
+    return out
+
+
+POLICIES = {
+    "mixed": lambda e: explicit(e, ["alpha", None, "gamma"]),
+    "one": lambda e: explicit(e, ["beta"] * 3),
+    "top2": lambda e: FixedPolicy([([0, 1], [0.3, 0.7]), ([2], [1.0]), ([1, 2], [0.5, 0.5])]),
+}
+
+
+class _EndRowOne(Listener):
+    def token(self, row, gen):
+        return "cancelled" if row == 1 and len(gen.token_ids) == 3 else None
+
+
+@pytest.mark.parametrize("backend", ["none", "eager"])
+def test_static_decode_gives_the_eager_tokens(tiny_base, adapter_dir, backend):
+    """The static-cache step with fixed-shape slot routing (uncompiled, and traced by dynamo with
+    fullgraph=True on the "eager" backend, so a graph break fails here) yields the eager loop's
+    tokens and logprobs: explicit, mixed and weighted top-2 rows, a row that ends early."""
+    import copy
+
+    prompts = [tiny_base.chat_ids(p) for p in ("one", "two two", "three three three")]
+    params = SamplingParams(max_new_tokens=6, stop_ids=set(), logprobs=0)
+    want = _answers(Engine(copy.deepcopy(tiny_base), [adapter_dir]), prompts, POLICIES, params, _EndRowOne)
+    static = Engine(tiny_base, [adapter_dir], compile=backend)
+    assert _answers(static, prompts, POLICIES, params, _EndRowOne) == want
+    assert static.decoder.failed is None
+    if backend != "none":
+        assert set(static.decoder.compile_s) == {(3, 256, 1), (3, 256, 2)}  # one trace per shape, reused
+
+
+def test_compiled_decode_inductor(tiny_base, adapter_dir):
+    """torch.compile with inductor (the real thing; slow, so the only test that compiles): the
+    same greedy tokens as eager for a mixed batch and for batch 1; a second generation reuses the
+    compiled step."""
+    import copy
+
+    prompts = [tiny_base.chat_ids(p) for p in ("one", "two two", "three three three")]
+    params = SamplingParams(max_new_tokens=5, stop_ids=set())
+    eager = Engine(copy.deepcopy(tiny_base), [adapter_dir])
+    compiled = Engine(tiny_base, [adapter_dir], compile=True)
+    for engine_rows in (prompts, prompts[:1]):
+        policy = {3: ["alpha", None, "gamma"], 1: ["beta"]}[len(engine_rows)]
+        want = [g.token_ids for g in generate(eager, engine_rows, explicit(eager, policy), params)]
+        for _ in range(2):
+            got = [g.token_ids for g in generate(compiled, engine_rows, explicit(compiled, policy), params)]
+            assert got == want
+    assert compiled.decoder.failed is None, compiled.decoder.failed
+    assert set(compiled.decoder.compile_s) == {(3, 256, 1), (1, 256, 1)}

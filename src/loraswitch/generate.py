@@ -17,8 +17,8 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
+from loraswitch.decode import EagerStepper, StaticStepper, stepper_for
 from loraswitch.engine import Engine
 from loraswitch.kernels import Routing
 from loraswitch.layers import DynamicRouter
@@ -189,17 +189,6 @@ def _named(engine: Engine, choice: Choice) -> dict[str, float]:
     return out
 
 
-def _pack(choices: list[Choice], lengths: list[int]) -> Routing:
-    """Rows' choices -> one Routing over the flattened [rows, length] tokens."""
-    k = max(len(c[0]) for c in choices)
-    ids, ws = [], []
-    for (slots, weights), n in zip(choices, lengths):
-        pad = k - len(slots)
-        ids.append(torch.tensor(slots + [-1] * pad, dtype=torch.long).expand(n, k))
-        ws.append(torch.tensor(weights + [0.0] * pad).expand(n, k))
-    return Routing(torch.cat(ids), torch.cat(ws))
-
-
 def _prefill_routing(policy: Policy, prompts: list[list[int]], width: int) -> Routing:
     ids, ws = [], []
     per_token = []
@@ -268,20 +257,16 @@ def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> list[To
     return [None] + [_logprob(logp[j], prompt[j + 1], k) for j in range(n - 1)]
 
 
-def _prefill(engine: Engine, policy: Policy, prompts: list[list[int]], cache: DynamicCache, params: SamplingParams,
-             results: list[Generation]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The prompts' forward (left-padded): the last position's logits, the attention mask and
-    each row's next position. With `echo`, every position's logits give the prompt logprobs."""
-    batch = left_pad(prompts, engine.base.tokenizer.pad_token_id or 0)
-    device = next(engine.model.parameters()).device
-    policy.on_forward(list(range(len(prompts))), batch.width)
-    with engine.routed(_prefill_routing(policy, prompts, batch.width), policy.dynamic):
-        out = engine.model(**batch.model_inputs(device), past_key_values=cache, use_cache=True,
-                           logits_to_keep=0 if params.echo else 1)
+def _prefill(policy: Policy, prompts: list[list[int]], stepper: EagerStepper | StaticStepper, params: SamplingParams,
+             results: list[Generation]) -> torch.Tensor:
+    """The prompts' forward (left-padded): the last position's logits. With `echo`, every
+    position's logits give the prompt logprobs."""
+    policy.on_forward(list(range(len(prompts))), stepper.width)
+    out = stepper.prefill(_prefill_routing(policy, prompts, stepper.width), policy.dynamic, 0 if params.echo else 1)
     if params.echo:
         for i, p in enumerate(prompts):
             results[i].prompt_logprobs = _prompt_logprobs(out.logits[i], p, params.logprobs or 0)
-    return out.logits[:, -1], batch.attention_mask, batch.position_ids[:, -1] + 1
+    return out.logits[:, -1]
 
 
 def _finish(engine: Engine, policy: Policy, row: int, res: Generation, reason: str) -> None:
@@ -313,7 +298,6 @@ def generate(
     stop = params.stop_ids if params.stop_ids is not None else engine.base.eos_ids
     gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     results = [Generation(prompt_ids=list(p)) for p in prompts]
-    device = next(engine.model.parameters()).device
     k = params.logprobs or 0
     ended: set[int] = set()
 
@@ -324,10 +308,11 @@ def generate(
 
     with engine.pin():
         policy.start(engine, prompts)
-        cache = DynamicCache()
+        batch = left_pad(prompts, engine.base.tokenizer.pad_token_id or 0)
+        stepper = stepper_for(engine, batch, params.max_new_tokens, policy.dynamic)
         live = list(range(len(prompts)))  # batch position -> row
         last_choice = [policy.prompt_choice(i, p) for i, p in enumerate(prompts)]
-        logits, mask, next_pos = _prefill(engine, policy, prompts, cache, params, results)
+        logits = _prefill(policy, prompts, stepper, params, results)
         for _ in range(params.max_new_tokens):
             logits, broken = _finite_rows(logits)
             tokens = _sample(logits, params, gen).tolist()
@@ -356,22 +341,14 @@ def generate(
             if not keep:
                 break
             if len(keep) < len(live):
-                idx = torch.tensor(keep)
-                cache.batch_select_indices(idx.to(device))
-                mask, next_pos = mask[idx], next_pos[idx]
+                stepper.select(keep)
                 live = [live[b] for b in keep]
                 tokens = [tokens[b] for b in keep]
             choices = [policy.step_choice(row, results[row].token_ids) for row in live]
             for row, c in zip(live, choices):
                 last_choice[row] = c
-            mask = torch.cat([mask, torch.ones(len(live), 1, dtype=torch.long)], dim=1)
             policy.on_forward(list(live), 1)
-            with engine.routed(_pack(choices, [1] * len(live)), policy.dynamic):
-                out = engine.model(
-                    input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask.to(device),
-                    position_ids=next_pos[:, None].to(device), past_key_values=cache, use_cache=True,
-                )
-            logits, next_pos = out.logits[:, -1], next_pos + 1
+            logits = stepper.step(tokens, choices, policy.dynamic)
         for row in live:  # max_new_tokens=0: nothing was generated
             if row not in ended:
                 end(row, "length")

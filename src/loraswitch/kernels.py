@@ -14,7 +14,10 @@ adapter", so a token routed nowhere costs nothing special. Four strategies, pick
              its own adapters' weights applied as a [T, U] mask between the two:
                  h = x @ A_u  ->  h *= mask  ->  y += h @ B_u
              Three ops per layer, no per-token copies of the factors, and a cost that depends on U,
-             not on how many adapters are loaded. Mixed batches, token routing and dense mixing all
+             not on how many adapters are loaded. While the whole stack fits (every loaded slot,
+             S * r_max <= STACK_MAX_COLS) U is the whole stack: one cached copy for every step,
+             however per-token routing moves between steps (per-set copies were rebuilt most steps
+             under random top-1 routing: 0.73x merged). Mixed batches, token routing and dense mixing all
              take this path; it is what makes a mixed batch cost about what one adapter costs.
 * gather   - few (token, expert) pairs over many distinct adapters, or with autograd: gather each
              pair's factors and run two batched matmuls.
@@ -23,6 +26,13 @@ adapter", so a token routed nowhere costs nothing special. Four strategies, pick
 
 The learned-weights paths (gate training, AdaMerging) keep autograd: `stacked` and the in-place
 updates run only when no gradient is recorded.
+
+A fifth strategy serves fixed-shape steps: a `SlotRouting` (per-token slot ids and weights as
+tensors, never read back into Python) takes
+
+* gathered - each token's factors gathered by slot id and applied with two batched contractions
+             (punica's BGMV idea): no data-dependent control flow, so `torch.compile` traces it into
+             the decode step and a CUDA graph can replay it; the "no adapter" slot is all zeros.
 """
 
 from __future__ import annotations
@@ -92,6 +102,16 @@ class Routing:
             self._cache["stacked"] = (uniq, tuple(uniq.tolist()), mask)
         return self._cache["stacked"]
 
+    def full_mask(self, n_stack: int) -> torch.Tensor:
+        """The [T, n_stack] mixing weights over every stack entry (the whole-stack variant of the
+        stacked strategy), computed once per routing and shared by every layer."""
+        key = ("full", n_stack)
+        if key not in self._cache:
+            tok, sid, w = self.pairs()
+            mask = torch.zeros(self.n_tokens, n_stack, dtype=w.dtype, device=w.device)
+            self._cache[key] = mask.index_put_((tok, sid), w, accumulate=True)
+        return self._cache[key]
+
     def groups(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """Pairs grouped by expert: (stack index, token indices, weights), computed once per
         routing and shared by every layer that uses it."""
@@ -106,6 +126,20 @@ class Routing:
                 start += c
             self._cache["groups"] = out
         return self._cache["groups"]
+
+
+@dataclass
+class SlotRouting:
+    """Per-token routing as fixed-shape tensors that are never inspected on the host: token t
+    uses slots `ids[t, :]` (-1: none) with `weights[t, :]`. This is what a compiled decode step
+    carries: its values change every step, its shapes and the code path do not."""
+
+    ids: torch.Tensor  # [T, k] long
+    weights: torch.Tensor  # [T, k] float
+
+    @property
+    def n_tokens(self) -> int:
+        return self.ids.shape[0]
 
 
 def add_lora(
@@ -126,6 +160,8 @@ def add_lora(
     whenever its stacks change.
     """
     inplace = not torch.is_grad_enabled()
+    if isinstance(routing, SlotRouting):
+        return _add_gathered(y, x, A, B, routing, inplace)
     uniform = routing.uniform_slot()
     if uniform is not None:
         if uniform < 0 or ranks[uniform + 1] == 0:
@@ -141,6 +177,8 @@ def add_lora(
     if tok.numel() == 0:
         return y
     if inplace and not w.requires_grad:
+        if A.shape[0] * A.shape[1] <= STACK_MAX_COLS:  # every loaded slot fits: one stack, built once
+            return _add_stacked(y, x, A, B, None, ("all",), routing.full_mask(A.shape[0]), cache)
         uniq, key, mask = routing.stacked()
         if len(key) * A.shape[1] <= STACK_MAX_COLS:
             return _add_stacked(y, x, A, B, uniq, key, mask, cache)
@@ -159,16 +197,30 @@ def add_lora(
     return y
 
 
-def _add_stacked(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, uniq: torch.Tensor,
-                 key: tuple[int, ...], mask: torch.Tensor, cache: dict | None) -> torch.Tensor:
-    """The stacked strategy (module docstring): y += ((x @ A_u) * mask) @ B_u, in place."""
-    r = A.shape[1]
-    A_u, B_u = _cached(cache, key, x, lambda: (
-        A.index_select(0, uniq).reshape(-1, A.shape[2]).T.contiguous(),  # [in, U*r]
-        B.index_select(0, uniq).transpose(1, 2).reshape(len(key) * r, -1).contiguous(),  # [U*r, out]
-    ))
+def _add_gathered(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: SlotRouting,
+                  inplace: bool) -> torch.Tensor:
+    """The gathered strategy (module docstring): every token's k slots' factors gathered by id,
+    `y[t] += sum_j w[t,j] * B[id] (A[id] x[t])`; slot -1 maps to the all-zero stack entry 0."""
+    idx = routing.ids + 1  # [T, k]
+    h = torch.einsum("tkri,ti->tkr", A[idx], x) * routing.weights.to(x.dtype).unsqueeze(-1)
+    delta = torch.einsum("tkor,tkr->to", B[idx], h)
+    return y.add_(delta) if inplace else y + delta
+
+
+def _add_stacked(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, uniq: torch.Tensor | None,
+                 key: tuple, mask: torch.Tensor, cache: dict | None) -> torch.Tensor:
+    """The stacked strategy (module docstring): y += ((x @ A_u) * mask) @ B_u, in place. With
+    `uniq` None, U is the whole stack: its factors do not depend on which adapters this batch
+    uses, so one cached copy serves every step however per-token routing changes between them
+    (a per-set key made random top-1 routing rebuild factors for most steps)."""
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        A_s, B_s = (A, B) if uniq is None else (A.index_select(0, uniq), B.index_select(0, uniq))
+        return (A_s.reshape(-1, A.shape[2]).T.contiguous(),  # [in, U*r]
+                B_s.transpose(1, 2).reshape(-1, B.shape[1]).contiguous())  # [U*r, out]
+
+    A_u, B_u = _cached(cache, key, x, build)
     h = x @ A_u
-    h.view(x.shape[0], len(key), -1).mul_(mask.to(h.dtype).unsqueeze(-1))
+    h.view(x.shape[0], mask.shape[1], -1).mul_(mask.to(h.dtype).unsqueeze(-1))
     return y.addmm_(h, B_u)
 
 

@@ -8,10 +8,13 @@ from pathlib import Path
 from rich.console import Console
 
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CONFIGS = ("base", "merged", "ls_explicit", "ls_mixed", "ls_seq", "ls_token_top1", "ls_token_top2", "ls_arrow",
+CONFIGS = ("base", "merged", "hf_generate", "ls_explicit", "ls_compiled", "ls_mixed", "ls_seq", "ls_token_top1", "ls_token_top2", "ls_arrow",
            "ls_dense", "peft_single", "peft_mixed", "peft_arrow", "peft_xlora")
-# random-weight Llama shapes: name -> (hidden, layers, intermediate, heads, kv heads)
-LLAMA_SHAPES = {"llama-tiny": (64, 2, 96, 4, 2), "llama-1024x16": (1024, 16, 2816, 16, 4), "llama-2048x16": (2048, 16, 5632, 16, 4),
+# the single-stream table (batch 1) of a quick run: the limit, the baseline and the compiled step
+SINGLE_CONFIGS = ("base", "merged", "hf_generate", "ls_explicit", "ls_compiled")
+# random-weight Llama shapes: name -> (hidden, layers, intermediate, heads, kv heads); smollm2-shape
+# is SmolLM2-135M's architecture with random weights (the same speed, no model files needed: GPU runs)
+LLAMA_SHAPES = {"llama-tiny": (64, 2, 96, 4, 2), "smollm2-shape": (576, 30, 1536, 9, 3), "llama-1024x16": (1024, 16, 2816, 16, 4), "llama-2048x16": (2048, 16, 5632, 16, 4),
                 "llama-4096x32": (4096, 32, 11008, 32, 8)}
 console = Console(stderr=True)
 
@@ -33,11 +36,14 @@ class BenchConfig:
     dtype: str = "float32"
     profile: bool = False
     seed: int = 0
+    batch1_configs: list[str] | None = None  # None: every configuration at batch 1 too
+    compile_backend: str = "inductor"  # torch.compile backend of `ls_compiled` ("eager" in the smoke test)
+    limit: bool = True  # the matvec sweep (bench.limit): the batch-1 bandwidth ceiling
 
     @classmethod
     def quick_config(cls, **overrides) -> BenchConfig:
-        cfg = {"models": ["smollm2"], "batch_sizes": [16], "new_tokens": 16, "prompt_len": 32, "repeats": 2,
-               "scaling": [8, 128], "xlora_new_tokens": 4}
+        cfg = {"models": ["smollm2"], "batch_sizes": [1, 16], "new_tokens": 16, "prompt_len": 32, "repeats": 3,
+               "scaling": [8, 128], "xlora_new_tokens": 4, "batch1_configs": list(SINGLE_CONFIGS)}
         cfg.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**cfg)
 

@@ -3,9 +3,11 @@ adapters, and the routing policies of the token-level and sequence-routed config
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from loraswitch.base import Base, load_base
 from loraswitch.bench.config import ALL_PROJ, LLAMA_SHAPES
@@ -39,8 +41,9 @@ _TOKENIZER = None
 
 def _tokenizer():
     global _TOKENIZER
-    if _TOKENIZER is None:
-        _TOKENIZER = load_base().tokenizer
+    if _TOKENIZER is None:  # LORASWITCH_TOKENIZER: a saved tokenizer, where the embedded model is not installed (GPU)
+        path = os.environ.get("LORASWITCH_TOKENIZER")
+        _TOKENIZER = AutoTokenizer.from_pretrained(path) if path else load_base().tokenizer
     return _TOKENIZER
 
 

@@ -153,6 +153,49 @@ def ls_generate(engine: Engine, ids: torch.Tensor, n_new: int, policy_fn: Callab
     return Timing(first - t0, last - first, ids.numel(), b * (n_new - 1), t_end - t0)
 
 
+class _Marks:
+    """A transformers streamer that only notes when each `put` happens (the prompt, then every
+    new token)."""
+
+    def __init__(self) -> None:
+        self.t: list[float] = []
+
+    def put(self, value) -> None:
+        self.t.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def hf_generate(model: nn.Module, ids: torch.Tensor, n_new: int, device: torch.device) -> Timing:
+    """transformers' own eager `generate` (greedy, its default cache), batch 1: what a user of the
+    base model gets without loraswitch. Prefill ends when the streamer sees the first new token."""
+    if ids.shape[0] != 1:
+        raise ValueError("hf_generate times batch 1 (transformers' streamer takes one row)")
+    ids = ids.to(device)
+    marks = _Marks()
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
+                             do_sample=False, eos_token_id=None, pad_token_id=0, streamer=marks)
+    _sync(device)
+    t_end = time.perf_counter()
+    assert out.shape[1] == ids.shape[1] + n_new and len(marks.t) == n_new + 1
+    first, last = marks.t[1], marks.t[-1]
+    return Timing(first - t0, last - first, ids.numel(), n_new - 1, t_end - t0)
+
+
+def ls_compiled(engine: Engine, backend: str, *args) -> Timing:
+    """`ls_generate` with the engine's compiled decode step (`Engine.compile`) switched on for
+    the call; the first call compiles (the warm-up), later ones reuse the step."""
+    engine.compile = True if backend == "inductor" else backend
+    try:
+        return ls_generate(engine, *args)
+    finally:
+        engine.compile = False
+
+
 def hf_timing(model: nn.Module, ids: torch.Tensor, n_new: int, device: torch.device) -> Timing:
     """X-LoRA: `generate` without a KV cache; only the total is meaningful (reported as decode)."""
     ids = ids.to(device)

@@ -44,7 +44,7 @@ def targets(model_result: dict, cfg: BenchConfig) -> list[dict]:
 
 def _targets(model_result: dict, cfg: BenchConfig) -> list[dict]:
     r = model_result
-    out = []
+    out = _single_stream_targets(r)
     big = max(cfg.batch_sizes)
     for b in cfg.batch_sizes:
         for config, label in (("ls_seq", "sequence-routed"), ("ls_mixed", "one adapter per request"),
@@ -79,6 +79,42 @@ def _targets(model_result: dict, cfg: BenchConfig) -> list[dict]:
     return out
 
 
+def _single_stream_targets(r: dict) -> list[dict]:
+    """Batch 1 with an adapter on the compiled step: >= 3x transformers' eager `generate` of the
+    base model, and >= 50% of the matvec ceiling (`bench.limit`), both measured in this run."""
+    out = []
+    comp = _get(r, 1, "ls_compiled")
+    vs_hf = _ratio(comp, _get(r, 1, "hf_generate"))
+    if vs_hf is not None:
+        out.append({"target": "batch-1 decode with an adapter (compiled step) >= 3x transformers' eager generate of the base model",
+                    "ratio": vs_hf, "goal": 3.0, "met": vs_hf >= 3.0})
+    frac = _ratio(comp, r.get("limit", {}).get("tokens_per_s"))
+    if frac is not None:
+        out.append({"target": "batch-1 decode with an adapter (compiled step) >= 50% of the matvec limit",
+                    "ratio": frac, "goal": 0.5, "met": frac >= 0.5})
+    return out
+
+
+def _limit_lines(m: dict) -> list[str]:
+    """The single-stream section: the matvec ceiling per weight shape, and the compile cost."""
+    lines = []
+    lim = m.get("limit")
+    if lim:
+        lines += ["### The batch-1 limit (matvec sweep over the model's weights)", "",
+                  f"Every weight once as a one-row matvec: {lim['weights_mb']} MB in {lim['sweep_ms']} ms "
+                  f"(median, spread {100 * lim['spread']:.0f}%) = {lim['gb_s']} GB/s, a ceiling of "
+                  f"**{lim['tokens_per_s']} tokens/s** for a decode step that did nothing else.", "",
+                  "| weight shape | count | MB | GB/s |", "|---|---|---|---|"]
+        lines += [f"| {s['shape'][0]}x{s['shape'][1]} | {s['count']} | {s['mb']} | {s['gb_s']} |" for s in lim["shapes"]]
+        lines.append("")
+    comp = m.get("compile")
+    if comp:
+        calls = ", ".join(f"{k}: {v} s" for k, v in comp["first_call_s"].items()) or "none"
+        lines += [f"Compiled decode step ({comp['backend']}): first call per (batch x cache length x choices) {calls}"
+                  + (f"; fell back to eager: `{comp['failed'][:160]}`" if comp.get("failed") else "") + ".", ""]
+    return lines
+
+
 def markdown(res: dict) -> str:
     cfg = res["config"]
     lines = [f"# loraswitch benchmark ({res['device']})", "",
@@ -104,6 +140,7 @@ def markdown(res: dict) -> str:
             status = "met" if t["met"] else ("too noisy to judge" if t["met"] is None else "**NOT MET**")
             lines.append(f"| {t['target']} | {t['ratio']}x | {'<=' if t.get('lower_is_better') else '>='} {t['goal']}x | {status} |")
         lines.append("")
+        lines += _limit_lines(m)
         for b, rows in m["batches"].items():
             lines += [f"### batch {b}", "", "| configuration | prefill tok/s | decode tok/s | spread | decode vs merged | "
                       "decode vs base | peak memory growth (MB) |", "|---|---|---|---|---|---|---|"]

@@ -28,13 +28,16 @@ from loraswitch.bench.fixtures import (
     random_adapters,
     random_seq_router,
 )
+from loraswitch.bench.limit import matvec_limit
 from loraswitch.bench.measure import (
     Runner,
     Timing,
+    hf_generate,
     hf_timing,
     interleaved,
     lean_generate,
     limit_malloc_caching,
+    ls_compiled,
     ls_generate,
 )
 from loraswitch.bench.profiling import profile_kernels
@@ -67,7 +70,7 @@ def bench_model(name: str, cfg: BenchConfig, log: Callable[[str], None] = lambda
     runners: dict[int, dict[str, Runner]] = {b: {} for b in cfg.batch_sizes}
 
     def add(b: int, config: str, fn: Callable[[], Timing], warmup: bool = True, **extra) -> None:
-        if config in want:
+        if config in want and (b != 1 or cfg.batch1_configs is None or config in cfg.batch1_configs):
             runners[b][config] = Runner(fn, warmup, extra or None)
 
     with tempfile.TemporaryDirectory(prefix="loraswitch-bench-") as tmp:
@@ -79,6 +82,8 @@ def bench_model(name: str, cfg: BenchConfig, log: Callable[[str], None] = lambda
         for b, ids in prompts.items():
             add(b, "base", partial(lean_generate, keep[0], ids, cfg.new_tokens, device))
             add(b, "merged", partial(lean_generate, keep[1], ids, cfg.new_tokens, device))
+            if b == 1:
+                add(b, "hf_generate", partial(hf_generate, keep[0], ids, cfg.new_tokens, device))
         if peft_paths:  # each PEFT model on a copy of its own
             keep += _peft_runners(base, peft_paths, prompts, cfg, device, add)
         engine = Engine(base)
@@ -88,9 +93,15 @@ def bench_model(name: str, cfg: BenchConfig, log: Callable[[str], None] = lambda
         for b, ids in prompts.items():
             for config, factory in _ls_policies(engine, slots, [a.name for a in adapters[: cfg.n_mixed]], b, cfg).items():
                 add(b, config, partial(ls_generate, engine, ids, cfg.new_tokens, factory, device))
+            one = partial(FixedPolicy, [([slots[0]], [1.0])] * b)
+            add(b, "ls_compiled", partial(ls_compiled, engine, cfg.compile_backend, ids, cfg.new_tokens, one, device))
         for b in cfg.batch_sizes:
             ordered = {c: runners[b][c] for c in CONFIGS if c in runners[b]}  # the documented order
             out["batches"][str(b)] = interleaved(ordered, cfg.repeats, device, lambda s, b=b: log(f"{name} b={b} {s}"))
+        if cfg.limit:  # after the timed runs, in the same conditions
+            log(f"{name} matvec limit")
+            out["limit"] = matvec_limit(keep[0], device=device)
+        out["compile"] = _compile_info(engine, cfg)
         del keep
         gc.collect()
         out["adapter_stack_mb_8"] = round(engine_adapter_bytes(engine) / 2**20, 1)
@@ -99,6 +110,16 @@ def bench_model(name: str, cfg: BenchConfig, log: Callable[[str], None] = lambda
         if cfg.profile:
             out["profile"] = profile_kernels(engine, prompts[max(prompts)], slots, cfg, device)
     return out
+
+
+def _compile_info(engine: Engine, cfg: BenchConfig) -> dict | None:
+    """What compiling the decode step cost: seconds of the first (compiling) call per
+    (batch, cache length, choices per token), or why it fell back to eager."""
+    dec = engine.decoder
+    if dec is None:
+        return None
+    return {"backend": cfg.compile_backend, "failed": dec.failed,
+            "first_call_s": {"x".join(map(str, k)): v for k, v in dec.compile_s.items()}}
 
 
 def _ls_policies(engine: Engine, slots: list[int], names: list[str], b: int, cfg: BenchConfig) -> dict[str, Callable[[], Policy]]:
@@ -150,6 +171,8 @@ def _bench_scaling(engine: Engine, base: Base, adapters: list[Adapter], prompts:
         use = [engine.slot_of(a.name) for a in pool[: min(cfg.n_mixed, n)]]
         entry: dict = {"adapter_stack_mb": round(engine_adapter_bytes(engine) / 2**20, 1)}
         for b, ids in prompts.items():
+            if b == 1 and cfg.batch1_configs is not None:
+                continue  # a quick run's batch 1 is the single-stream table only
             log(f"b={b} scaling n={n}")
             factory = partial(FixedPolicy, [([use[i % len(use)]], [1.0]) for i in range(b)])
             runner = Runner(partial(ls_generate, engine, ids, cfg.new_tokens, factory, device))

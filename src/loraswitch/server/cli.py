@@ -35,6 +35,7 @@ def serve(
     allowed_hosts: Annotated[list[str] | None, typer.Option("--allowed-hosts", help="Host header served when no API key is set (repeatable or comma-separated; default: the --host address and localhost; '*': any).")] = None,
     docs: Annotated[bool, typer.Option(help="Serve /docs, /redoc and /openapi.json (behind --api-key when one is set).")] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    compile_step: Annotated[bool, typer.Option("--compile", help="Decode with the compiled step (torch.compile): faster per token; each new batch size compiles once on first use (a minute or more).")] = False,
 ) -> None:
     """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), adapter
     management, /healthz, /metrics and the routing trace page /ui."""
@@ -46,6 +47,7 @@ def serve(
     from loraswitch.server.middleware import default_hosts
 
     switch = open_switch(base, adapter_dirs, router_dir, library)
+    switch.engine.compile = compile_step
     settings = ServerSettings(
         max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
         default_max_tokens=min(default_max_tokens, max_new_tokens), default_temperature=default_temperature,

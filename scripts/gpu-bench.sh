@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# GPU run of issue 17 in one go (device time is short: prepare here, run there once).
+#
+#   here:   scripts/gpu-bench.sh prepare      # saves the tokenizer into .gpu/ (git-ignored, a few MB)
+#   there:  run(command="bash scripts/gpu-bench.sh run", carry=[".gpu"], timeout_s=580)
+#           (the device image has torch, transformers, peft, typer, rich, matplotlib; nothing to install)
+#
+# "run" does, writing everything under $OUT (or benchmarks/results/gpu):
+#   1. the card (nvidia-smi);
+#   2. correctness on CUDA: the compiled decode step (inductor + CUDA graph) gives the eager loop's
+#      greedy tokens for a mixed batch and batch 1 on a random SmolLM2-shaped model with adapters;
+#   3. the benchmark on CUDA: SmolLM2's shape (random weights) at batch 1 and 16, the compiled step,
+#      mixed batches vs PEFT adapter_names; compile times are in the JSON/markdown.
+# Then copy bench_cuda.md's tables into docs/benchmarks.md with the card named.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-run}" in
+prepare)
+  grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
+  . .venv/bin/activate
+  python -c "from loraswitch.base import load_base; load_base().tokenizer.save_pretrained('.gpu/tokenizer')"
+  ls -la .gpu/tokenizer
+  ;;
+run)
+  export PYTHONPATH=src PYTHONUNBUFFERED=1 LORASWITCH_TOKENIZER=.gpu/tokenizer
+  out="${OUT:-benchmarks/results/gpu}"
+  mkdir -p "$out"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+  timeout 240 python3 - <<'PY' 2>&1 | tee "$out/correctness.txt"
+import copy, time, torch
+from loraswitch.bench.fixtures import make_base, random_adapters
+from loraswitch.engine import Engine
+from loraswitch.generate import SamplingParams, explicit, generate
+
+dev = torch.device("cuda")
+base = make_base("smollm2-shape", dev, torch.float32)
+ads = random_adapters(base.model, 3, 8, 0)
+eager, comp = Engine(copy.deepcopy(base)), Engine(base, compile=True)
+for e in (eager, comp):
+    for a in ads:
+        e.add_adapter(copy.deepcopy(a))
+g = torch.Generator().manual_seed(0)
+prompts = [torch.randint(3, 30000, (n,), generator=g).tolist() for n in (12, 20, 7)]
+params = SamplingParams(max_new_tokens=24, stop_ids=set())
+for rows, names in ((prompts, ["a000", None, "a002"]), (prompts[:1], ["a001"])):
+    want = [x.token_ids for x in generate(eager, rows, explicit(eager, names), params)]
+    for i in range(3):
+        t0 = time.perf_counter()
+        got = [x.token_ids for x in generate(comp, rows, explicit(comp, names), params)]
+        torch.cuda.synchronize()
+        print(f"batch {len(rows)} run {i}: {time.perf_counter() - t0:.2f} s, same tokens as eager: {got == want}")
+print("compile (first call per shape, s):", comp.decoder.compile_s, "fell back:", comp.decoder.failed)
+PY
+  timeout 330 python3 benchmarks/bench.py --device cuda --models smollm2-shape --batch 1 --batch 16 \
+    --new-tokens 32 --prompt-len 64 --repeats 3 --scaling 8 --scaling 128 \
+    --configs base,merged,hf_generate,ls_explicit,ls_compiled,ls_mixed,ls_seq,ls_token_top1,ls_dense,peft_mixed \
+    --out "$out" 2>&1 | tail -40
+  ;;
+*)
+  echo "usage: $0 prepare|run" >&2
+  exit 2
+  ;;
+esac
