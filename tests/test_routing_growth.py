@@ -134,3 +134,25 @@ def test_zero_shot_factor_is_the_pooled_quadratic_form(tiny_base, adapter_dir, v
             terms.append(((gain * h) @ Q).pow(2).sum(-1))
         assert torch.allclose(got, torch.stack(terms).mean(0) / h.pow(2).sum(-1), rtol=1e-3)
     assert (got > 0).all()
+
+
+def test_server_learns_an_adapter_from_posted_examples_and_lists_how_each_is_routed(trained, adapter_dir):
+    import httpx
+
+    from loraswitch.server import ServerSettings, create_app
+    from loraswitch.switch import Switch
+    from tests.server.conftest import LiveServer
+
+    engine, routers = trained
+    switch = Switch(engine.base, [adapter_dir / "alpha", adapter_dir / "beta"], router_dir=routers)
+    server = LiveServer(create_app(switch, ServerSettings(max_new_tokens=8, default_max_tokens=4)))
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            card = http.post("/v1/adapters", json={"path": str(adapter_dir / "gamma"), "examples": _pig(20)}).json()
+            assert card["routing"]["source"] == EXAMPLES and "from 20 examples" in card["routing"]["routed"]
+            listed = {a["id"]: a["routing"] for a in http.get("/v1/adapters").json()["data"]}
+            assert listed["alpha"]["source"] == "trained" and listed["gamma"]["source"] == EXAMPLES
+            bad = http.post("/v1/adapters", json={"path": str(adapter_dir / "gamma"), "name": "g2", "examples": [""]})
+            assert bad.status_code == 400
+    finally:
+        server.stop()

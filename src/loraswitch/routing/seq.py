@@ -91,7 +91,11 @@ class SequenceRouter(Router):
         return out
 
     def route(self, engine: Engine, prompts: list[str]) -> list[Decision]:
-        feats = prompt_features(engine, prompts, self.layer)
+        return self.route_features(engine, prompt_features(engine, prompts, self.layer))
+
+    def route_features(self, engine: Engine, feats: torch.Tensor) -> list[Decision]:
+        """Decisions from features already computed (`features.prompt_features` at `self.layer`):
+        the trained head's, and the added heads' claims over them."""
         probs = torch.softmax(self.logits(feats) / self.temperature, -1)
         claims = self.added.claims(feats, (feats - self.mean) / self.std, engine) if self.added else None
         return self.decide(probs, engine, claims)
