@@ -8,7 +8,7 @@ the field, never a silent difference.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -199,3 +199,5 @@ class AdapterLoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     path: str = Field(min_length=1)
     name: str | None = None
+    # prompts the adapter is for: `auto` learns to route to it from them (else zero-shot)
+    examples: list[Annotated[str, Field(min_length=1, max_length=4096)]] | None = Field(default=None, max_length=1000)

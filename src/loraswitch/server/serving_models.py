@@ -57,7 +57,9 @@ def adapter_card(adapter) -> dict:
 @router.get("/adapters")
 async def list_adapters(st: ServerState = Depends(state)):
     engine = st.engine
-    return {"object": "list", "data": [{**adapter_card(a), **({"status": "removing"} if a.name in st.removing else {})}
+    routed = _routing_all(st)
+    return {"object": "list", "data": [{**adapter_card(a), **({"status": "removing"} if a.name in st.removing else {}),
+                                        **({"routing": routed[a.name]} if a.name in routed else {})}
                                        for a in list(engine.adapters.values())],
             "refused": [{"id": name, "reason": err.reason} for name, err in list(engine.errors.items())]}
 
@@ -79,7 +81,7 @@ async def load_adapter(body: AdapterLoadRequest, st: ServerState = Depends(state
                        "adapter_exists")
 
     def install():  # in the worker, between batches: no answer in flight sees the library change
-        adapter = st.engine.load_adapter(body.path, body.name)
+        adapter = st.engine.load_adapter(body.path, body.name, examples=body.examples)
         return adapter, auto_routing(st, adapter.name)
 
     try:
@@ -98,6 +100,14 @@ async def load_adapter(body: AdapterLoadRequest, st: ServerState = Depends(state
     if routing.get("note"):
         card["warnings"].append(f"model 'auto': {routing['note']}")
     return card
+
+
+def _routing_all(st: ServerState) -> dict[str, dict]:
+    """How `auto` routes each adapter (trained / from N examples / zero-shot, since when)."""
+    try:
+        return st.switch.router("auto").describe(st.engine)
+    except Exception:  # the router cannot be built: requests to auto will say why
+        return {}
 
 
 def auto_routing(st: ServerState, name: str) -> dict:
