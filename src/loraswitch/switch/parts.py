@@ -47,16 +47,36 @@ def part_budget(max_new_tokens: int, n_parts: int, overhead: int = 0) -> int:
     return (max_new_tokens - overhead) // n_parts
 
 
-def fan_out(request: Request, base, max_parts: int | None = None) -> list[Request] | None:
-    """One request per part of a multi-part chat request, else None. Raises PartsError beyond
-    `max_parts` parts or when `max_tokens` leaves a part no token."""
+def separators_tokens(tokenizer, n_parts: int) -> int:
+    """Tokens the assembly writes between `n_parts` answers ("1. ", "\\n2. ", ...)."""
+    return sum(len(separator_ids(tokenizer, k)) for k in range(1, n_parts + 1))
+
+
+def parts_budget(tokenizer, max_new_tokens: int, n_parts: int) -> int:
+    """What each of `n_parts` rows may write so the assembled answer, separators included, stays
+    within `max_new_tokens` (what the oracle of `loraswitch eval` should give its parts too)."""
+    return part_budget(max_new_tokens, n_parts, separators_tokens(tokenizer, n_parts))
+
+
+def fan_out(request: Request, base, max_parts: int | None = None, found=None) -> list[Request] | None:
+    """One request per part of a multi-part chat request, else None. `found`: the parts
+    `switch.segment` detected (a `Segmentation`; fewer than two parts: answer whole); without
+    it, the numbered-parts grammar alone. Raises PartsError beyond `max_parts` numbered parts
+    (detected free-form parts beyond it are answered whole: nobody asked for them one by one)
+    or when `max_tokens` leaves a part no token."""
     if not request.is_chat:
         return None
-    parts = split_parts(request.route_text(base))
+    if found is not None:
+        parts = found.texts if len(found.parts) >= 2 else None
+        explicit = found.numbered
+    else:
+        parts, explicit = split_parts(request.route_text(base)), True
     if not parts:
         return None
     n = len(parts)
     if max_parts is not None and n > max_parts:
+        if not explicit:
+            return None
         raise PartsError(f"the message has {n} numbered parts; at most {max_parts} are answered part by part "
                          "(send fewer parts, or several requests)", "too_many_parts")
     overhead = sum(len(separator_ids(base.tokenizer, k)) for k in range(1, n + 1))
@@ -79,11 +99,13 @@ def _forced(ids: list[int]) -> list[TokenLogprob]:
 
 
 def assemble(tokenizer, parts: list[Generation], router: str, prompt_ids: list[int] | None = None,
-             logprobs: bool = False) -> Generation:
+             logprobs: bool = False, found=None) -> Generation:
     """One numbered answer from the parts' answers: text, token ids (separators included, so the
     ids decode to the text), a per-token trace with `part`, a switch event per part and, with
     `logprobs`, the parts' logprobs (separators: 0). Part texts are kept as written (not
-    stripped) so a stream of the parts adds up to the answer."""
+    stripped) so a stream of the parts adds up to the answer. `found` (the `Segmentation` the
+    parts came from) adds each part's cut points (`span`, characters of the user message), the
+    text its row read, and the spans that joined no part (`routing["context"]`)."""
     out = Generation(prompt_ids=list(prompt_ids or []), finish_reason="stop")
     texts: list[str] = []
     for k, part in enumerate(parts, 1):
@@ -107,6 +129,10 @@ def assemble(tokenizer, parts: list[Generation], router: str, prompt_ids: list[i
                    "adapter": [d.get("adapter") for d in decisions],
                    "confidence": round(min(float(d.get("confidence", 1.0)) for d in decisions), 4),
                    "parts": [{k: d[k] for k in _DECISION_KEYS if k in d} for d in decisions], "fan_out": len(parts)}
+    if found is not None and len(found.parts) == len(parts):
+        for entry, part in zip(out.routing["parts"], found.parts):
+            entry.update(part.to_dict())
+        out.routing["context"] = [list(span) for span in found.dropped]
     return out
 
 
@@ -142,9 +168,9 @@ class PartsAnswer(SingleAnswer):
     behind their separators, renumbering token indices to the assembled answer, and answers once
     every part is done, with `assemble`."""
 
-    def __init__(self, handle: Handle, n_parts: int, tokenizer, router: str):
+    def __init__(self, handle: Handle, n_parts: int, tokenizer, router: str, found=None):
         super().__init__(handle)
-        self.tokenizer, self.router, self.n = tokenizer, router, n_parts
+        self.tokenizer, self.router, self.n, self.found = tokenizer, router, n_parts, found
         self.sep_ids = [separator_ids(tokenizer, k) for k in range(1, n_parts + 1)]  # as `assemble` writes them
         self.results: list[tuple[Generation, dict] | None] = [None] * n_parts
         self.pending: list[list[Token | Switched]] = [[] for _ in range(n_parts)]  # held back, per part
@@ -206,7 +232,7 @@ class PartsAnswer(SingleAnswer):
     def _answer(self) -> None:
         parts = [r[0] for r in self.results]
         whole = assemble(self.tokenizer, parts, self.router, list(self.handle.request.prompt_ids or ()),
-                         logprobs=self.handle.request.logprobs is not None)
+                         logprobs=self.handle.request.logprobs is not None, found=self.found)
         batches = [r[1] for r in self.results]
         batch = {**batches[0], "fan_out": self.n, "batches": sorted({b.get("id") for b in batches})}
         super().done(0, whole, batch)

@@ -30,6 +30,7 @@ from loraswitch.library import AdapterError
 from loraswitch.routing.base import StaleRouterError
 from loraswitch.switch.parts import PartsAnswer, SingleAnswer, fan_out
 from loraswitch.switch.request import Handle, InvalidOutput, Request, RouterUnavailable, Switched, Token
+from loraswitch.switch.segment import segment_requests
 from loraswitch.switch.text import Detokenizer, StopStrings
 
 log = logging.getLogger("loraswitch.switch")
@@ -108,17 +109,18 @@ class BatchListener(Listener):
         row.answer.done(row.part, gen, row.batch)
 
 
-def _rows(switch, handle: Handle, max_parts: int | None = None) -> list[Row]:
-    """The rows of one request: one, or one per part of a multi-part request."""
+def _rows(switch, handle: Handle, max_parts: int | None = None, found=None) -> list[Row]:
+    """The rows of one request: one, or one per part of a multi-part request (`found`: the
+    parts `switch.segment` detected in it, if it looked)."""
     base = switch.base
     request = handle.request.tokenized(base)
     handle.request = request
     fans = request.model == "auto" and request.is_chat and _fans_out(switch, request.route)
-    parts = fan_out(request, base, max_parts) if fans else None
+    parts = fan_out(request, base, max_parts, found) if fans else None
     if parts is None:
         answer, parts = SingleAnswer(handle), [request]
     else:
-        answer = PartsAnswer(handle, len(parts), base.tokenizer, request.route or "auto")
+        answer = PartsAnswer(handle, len(parts), base.tokenizer, request.route or "auto", found)
     return [Row(answer, k, p.tokenized(base), Detokenizer(base.tokenizer), StopStrings(p.stop))
             for k, p in enumerate(parts)]
 
@@ -206,9 +208,14 @@ def run(switch, handles: list[Handle], max_rows: int | None = None, max_parts: i
     """Answer `handles` (see the module doc); every request gets its events through its handle.
     Returns what each `generate` call was: id, size, dynamic, models, seconds."""
     rows: list[Row] = []
+    try:  # where each prompt changes task: every prompt of the batch in one feature pass
+        found = segment_requests(switch, handles)
+    except Exception:  # segmentation is an improvement, never a reason to fail a request
+        log.exception("segmenting the prompts failed; numbered parts only")
+        found = {}
     for handle in handles:
         try:
-            rows += _rows(switch, handle, max_parts)
+            rows += _rows(switch, handle, max_parts, found.get(id(handle)))
         except Exception as exc:  # e.g. a conversation the chat template refuses
             SingleAnswer(handle).failed(exc)
     by_sampling: dict[tuple, list[Row]] = {}

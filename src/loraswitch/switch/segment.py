@@ -1,0 +1,317 @@
+"""Where one task ends and the next begins inside a prompt, found without a format crutch.
+
+TAME's observation applied to text: the onset of a new task shows as a jump in what the router
+sees. A prompt is split into candidate units by its own structure (`switch.units`: blocks, list
+items, lines, sentences, clauses), every unit of every prompt of a batch is scored by the
+sequence selector in one feature pass, and the prompt is cut where the decision changes:
+
+* a unit the selector routes to an adapter with calibrated confidence >= `min_confidence` is a
+  *question*; anything else (greetings, "answer each part", `__none__`, low confidence) is
+  *context* and joins a neighbour: the part before it, or the part after it when it leads the
+  same line; context on lines of its own before the first question is an instruction to the
+  whole prompt and joins no part (the row of a part reads its own request only);
+* worked examples (`Unit.example`) are context and join no part;
+* adjacent prose units of one task stay one part; an enumeration (tagged blocks, list items,
+  "a) b)") whose items are questions - at least two of them confident, or numbered 1..n as
+  `loraswitch.numbered` writes them - is answered item by item, each its own part;
+* a cut between two prose parts of different tasks is kept only if the text is *less* like one
+  request when read whole than in pieces: the selector's energy (logsumexp of its logits, an
+  out-of-distribution score) of the two parts read together must not exceed the larger of their
+  own by more than `max_merge_gain`. A request spread over two sentences ("I have a date: March
+  5, 2021. Please write it in ISO format.") reads as *more* of a request whole (its second
+  sentence alone is an incomplete fragment the selector misroutes); two tasks in one sentence
+  read as less of either. This is the guard that keeps single-task prompts whole.
+
+A prompt that yields fewer than two parts is answered exactly as before, untouched. The
+settings were tuned on the training layouts of `loraswitch.demo.tasks.freeform` and the demo's
+validation prompts only; its held-out layouts are reported apart (docs/routing.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from loraswitch.numbered import split_parts
+from loraswitch.switch.units import Unit, split_units
+
+
+@dataclass(frozen=True)
+class Settings:
+    min_confidence: float = 0.9  # a unit is a question above this calibrated confidence
+    max_merge_gain: float = 4.0  # energy(L+R) - max(energy(L), energy(R)) above this: one request
+
+
+@dataclass
+class Part:
+    """One part to answer: its text (the units' words, markers and connectives dropped), its
+    characters in the prompt (`start`, `end`), how it was found (`kind`), and the unit-level
+    decision (adapter, confidence) the cut was made on."""
+
+    units: list[int]
+    firm: bool  # an enumeration item: never merged with a neighbour
+    adapter: str | None
+    confidence: float
+    context: list[int] = field(default_factory=list)
+    start: int = 0
+    end: int = 0
+    text: str = ""
+    kind: str = ""
+
+    def to_dict(self) -> dict:
+        return {"span": [self.start, self.end], "kind": self.kind, "unit_adapter": self.adapter,
+                "unit_confidence": round(self.confidence, 4)}
+
+
+@dataclass
+class Segmentation:
+    """A prompt's parts (two or more), and the spans that joined no part (instructions, examples)."""
+
+    parts: list[Part]  # fewer than two: the prompt is answered whole
+    dropped: list[tuple[int, int]]
+
+    @property
+    def numbered(self) -> bool:
+        """The parts are a list the user numbered (its size limit is an error, not a fallback)."""
+        return bool(self.parts) and all(p.kind == "numbered" for p in self.parts)
+
+    @property
+    def texts(self) -> list[str]:
+        return [p.text for p in self.parts]
+
+
+@dataclass
+class Scores:
+    """Per text: the selector's decision (adapter or None), its uncalibrated confidence (softmax
+    of the raw logits: the calibrated one is fitted on whole in-suite prompts and reads 1.0 on
+    almost any fragment) and its energy (logsumexp of the logits)."""
+
+    adapter: list[str | None]
+    confidence: list[float]
+    energy: list[float]
+
+
+def score_texts(router, engine, texts: list[str]) -> Scores | None:
+    """The selector's scores for each text, in one feature pass; None when the router has no
+    selector (auto fell back to Arrow): then only numbered parts are split."""
+    inner = getattr(router, "inner", router)
+    if not all(hasattr(inner, a) for a in ("logits", "decide", "layer", "temperature", "classes")):
+        return None
+    from loraswitch.routing.features import prompt_features
+
+    if not texts:
+        return Scores([], [], [])
+    with torch.inference_mode():
+        feats = prompt_features(engine, texts, inner.layer)
+        logits = inner.logits(feats).float()
+        claims = None
+        if getattr(inner, "added", None):
+            claims = inner.added.claims(feats, (feats - inner.mean) / inner.std, engine)
+        decisions = inner.decide(torch.softmax(logits / inner.temperature, -1), engine, claims)
+        raw = torch.softmax(logits, -1)
+    index = {c: i for i, c in enumerate(inner.classes)}
+    conf = [float(raw[i, index[d.adapter]]) if d.adapter in index else float(d.confidence) if d.adapter else 0.0
+            for i, d in enumerate(decisions)]
+    return Scores([d.adapter for d in decisions], conf, torch.logsumexp(logits, -1).tolist())
+
+
+def _join(prompt: str, units: list[Unit]) -> str:
+    """The words of `units` as one text: a newline where the prompt had one between them."""
+    out = ""
+    for prev, u in zip([None, *units], units):
+        if prev is not None:
+            out += "\n" if "\n" in prompt[prev.end : u.start] else " "
+        out += u.text
+    return out.strip()
+
+
+def _firm_lists(units: list[Unit], question: list[bool]) -> set[int]:
+    """Enumerations answered item by item: numbered 1..n, or two or more confident items."""
+    firm = set()
+    for list_id in {u.list_id for u in units if u.list_id >= 0}:
+        idx = [i for i, u in enumerate(units) if u.list_id == list_id and not u.example]
+        if len(idx) < 2:
+            continue
+        if all(units[i].numbered for i in idx) or sum(question[i] for i in idx) >= 2:
+            firm.add(list_id)
+    return firm
+
+
+def plan(units: list[Unit], adapter: list[str | None], confidence: list[float],
+         settings: Settings = Settings()) -> tuple[list[Part], list[int]]:
+    """Parts from scored units (see the module doc), before the cut check; and the units that
+    joined no part."""
+    question = [a is not None and c >= settings.min_confidence for a, c in zip(adapter, confidence)]
+    firm = _firm_lists(units, question)
+    parts: list[Part] = []
+    pending: list[int] = []
+    dropped: list[int] = []
+    for i, u in enumerate(units):
+        if u.example:
+            dropped.append(i)
+            continue
+        is_firm = u.list_id in firm
+        if not is_firm and not question[i]:
+            if parts and not (parts[-1].firm and units[parts[-1].units[-1]].para != u.para):
+                parts[-1].context.append(i)
+            else:
+                pending.append(i)
+            continue
+        last = parts[-1] if parts else None
+        if (not is_firm and last is not None and not last.firm and last.adapter == adapter[i]
+                and not pending):
+            last.units += last.context + [i]
+            last.context = []
+            last.confidence = min(last.confidence, confidence[i])
+            continue
+        part = Part([i], is_firm, adapter[i], confidence[i])
+        for j in pending:  # leading context: kept when it shares the line, else an instruction
+            (part.context if units[j].line == u.line else dropped).append(j)
+        pending = []
+        parts.append(part)
+    dropped += pending
+    return parts, dropped
+
+
+def finish(prompt: str, units: list[Unit], parts: list[Part], dropped: list[int]) -> Segmentation:
+    """Texts and spans of the parts (none when fewer than two: the prompt is answered whole)."""
+    if len(parts) < 2:
+        return Segmentation([], [])
+    for p in parts:
+        members = sorted(p.units + p.context)
+        p.start, p.end = units[members[0]].start, units[members[-1]].end
+        p.text = _join(prompt, [units[i] for i in members])
+        first = units[p.units[0]]
+        p.kind = "numbered" if first.numbered else first.kind
+    return Segmentation(parts, [(units[i].start, units[i].end) for i in sorted(dropped)])
+
+
+def _merge(a: Part, b: Part, adapter: str | None) -> Part:
+    return Part(sorted(a.units + a.context + b.units), False, adapter, min(a.confidence, b.confidence),
+                context=b.context)
+
+
+@dataclass
+class _Doc:
+    """One prompt being segmented: its units and their scores (None: not scored)."""
+
+    prompt: str
+    units: list[Unit]
+    adapter: list[str | None] = field(default_factory=list)
+    confidence: list[float] = field(default_factory=list)
+    energy: list[float] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
+
+    def plan(self, settings: Settings) -> None:
+        self.parts, self.dropped = plan(self.units, self.adapter, self.confidence, settings)
+
+    def runs(self) -> list[list[int]]:
+        """Runs of two or more adjacent context units of prose on one paragraph: a request whose
+        instruction and input sit in separate sentences ("Positive or negative? The kettle
+        broke.") is a question only read together."""
+        inside = {i for p in self.parts for i in p.units}
+        out, run = [], []
+        for i, u in enumerate(self.units):
+            free = i not in inside and not u.example and u.kind != "block" and u.kind != "item"
+            if free and run and self.units[run[-1]].para == u.para:
+                run.append(i)
+                continue
+            if len(run) > 1:
+                out.append(run)
+            run = [i] if free else []
+        return out + ([run] if len(run) > 1 else [])
+
+    def fuse(self, run: list[int], adapter: str | None, confidence: float, energy: float) -> None:
+        """Make the units of `run` one unit with the given scores."""
+        a, b = self.units[run[0]], self.units[run[-1]]
+        fused = Unit(a.start, b.end, _join(self.prompt, [self.units[i] for i in run]), "sentence", line=a.line,
+                     para=a.para)
+        lo, hi = run[0], run[-1] + 1
+        self.units[lo:hi] = [fused]
+        self.adapter[lo:hi], self.confidence[lo:hi], self.energy[lo:hi] = [adapter], [confidence], [energy]
+
+
+def segment(router, engine, prompts: list[str], settings: Settings = Settings()) -> list[Segmentation]:
+    """The parts of each prompt (fewer than two: answer it whole). Units of every prompt are scored in one
+    feature pass; runs of context units that may be one request together, and the prose cuts
+    that pass the decision test, are scored in one more pass each (only where there are any)."""
+    docs = [_Doc(p, split_units(p)) for p in prompts]
+    todo = [(d, i) for d in docs if len(d.units) > 1 for i, u in enumerate(d.units) if not u.example]
+    scores = score_texts(router, engine, [d.units[i].text for d, i in todo])
+    if scores is None:
+        return [_numbered(p) for p in prompts]
+    for d in docs:
+        n = len(d.units)
+        d.adapter, d.confidence, d.energy = [None] * n, [0.0] * n, [0.0] * n
+    for (d, i), a, c, e in zip(todo, scores.adapter, scores.confidence, scores.energy):
+        d.adapter[i], d.confidence[i], d.energy[i] = a, c, e
+    for d in docs:
+        if len(d.units) > 1:
+            d.plan(settings)
+    _rescue(router, engine, docs, settings)
+    _check_cuts(router, engine, docs, settings)
+    return [finish(d.prompt, d.units, d.parts, d.dropped) for d in docs]
+
+
+def _rescue(router, engine, docs: list[_Doc], settings: Settings) -> None:
+    """Score each run of context units read together; a confident one becomes one unit."""
+    runs = [(d, r) for d in docs if len(d.units) > 1 for r in d.runs()]
+    if not runs:
+        return
+    s = score_texts(router, engine, [_join(d.prompt, [d.units[i] for i in r]) for d, r in runs])
+    touched = []
+    for (d, r), a, c, e in sorted(zip(runs, s.adapter, s.confidence, s.energy), key=lambda x: -x[0][1][0]):
+        if a is not None and c >= settings.min_confidence:
+            d.fuse(r, a, c, e)
+            touched.append(d)
+    for d in {id(d): d for d in touched}.values():
+        d.plan(settings)
+
+
+def _check_cuts(router, engine, docs: list[_Doc], settings: Settings) -> None:
+    """Merge adjacent prose parts whose text reads more like one request whole than apart."""
+    pairs = []
+    for d in docs:
+        for j in range(len(d.parts) - 1):
+            a, b = d.parts[j], d.parts[j + 1]
+            if not a.firm and not b.firm and a.adapter != b.adapter:
+                pairs.append((d, j, _join(d.prompt, [d.units[i] for i in sorted(a.units + a.context + b.units)])))
+    if not pairs:
+        return
+    merged = score_texts(router, engine, [t for _, _, t in pairs])
+    for (d, j, _), e, name in sorted(zip(pairs, merged.energy, merged.adapter), key=lambda x: -x[0][1]):
+        a, b = d.parts[j], d.parts[j + 1]
+        gain = e - max(max(d.energy[i] for i in a.units), max(d.energy[i] for i in b.units))
+        if gain > settings.max_merge_gain:
+            d.parts[j : j + 2] = [_merge(a, b, name)]
+
+
+def _numbered(prompt: str) -> Segmentation:
+    """Without a selector: the numbered-parts grammar alone, as before (no spans)."""
+    found = split_parts(prompt) or []
+    return Segmentation([Part([], True, None, 1.0, text=t, kind="numbered") for t in found], [])
+
+
+def segment_requests(switch, handles) -> dict[int, Segmentation]:
+    """The segmentation of every request `auto` answers part by part (chat, model "auto", a
+    router that fans out), keyed by `id(handle)`: all prompts of the batch in one pass per
+    router. A request whose router cannot be built is left out (building its policy reports
+    why; the numbered grammar still applies)."""
+    groups: dict[str | None, tuple[object, list]] = {}
+    for h in handles:
+        req = h.request
+        if req.model != "auto" or not req.is_chat:
+            continue
+        try:
+            router = switch.router(req.route or "auto")
+        except Exception:
+            continue
+        if getattr(router, "fans_out", False):
+            groups.setdefault(req.route, (router, []))[1].append(h)
+    out: dict[int, Segmentation] = {}
+    for router, members in groups.values():
+        found = segment(router, switch.engine, [h.request.route_text(switch.base) for h in members])
+        out.update({id(h): f for h, f in zip(members, found)})
+    return out

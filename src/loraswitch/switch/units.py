@@ -1,0 +1,240 @@
+"""A prompt split into candidate units by its own structure: the pieces `switch.segment` scores
+with the router to find where one task ends and the next begins. Plain text, no model.
+
+Why structure first: the router can only say which task a piece of text is; where a piece ends
+has to come from the text. Every layout people use to list several requests marks its pieces
+somehow: tagged or bracketed blocks (`[INST] ... [/INST]`, `<q>...</q>`), list items (numbers,
+letters, bullets, "Question 2:"), lines and paragraphs, sentences, and clauses joined by "and
+then", "also", "after that" or ";". Nothing here decides that two units are two tasks; a unit is
+only a place where a cut *may* go. `Unit.text` is the unit without its marker, tag or leading
+connective, so a part is answered from the words of its request alone.
+
+Worked examples (a question followed by its answer: `[INST]` blocks followed by a numbered list
+of answers, "Q: ... A: ...", "x -> y") are marked `example`: they are context, never questions.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass, replace
+
+_TAG = re.compile(r"\[(?P<b>[A-Za-z_]{1,12})\](?P<bc>.*?)\[/(?P=b)\]"
+                  r"|<(?P<x>[A-Za-z][\w-]{0,15})(?:\s[^<>]*)?>(?P<xc>.*?)</(?P=x)>", re.S)
+_NUMBER = re.compile(r"\s*\(?(\d{1,2})[.)]\s+(?=\S)")
+_LETTER = re.compile(r"\s*\(?([a-hA-H])[).]\s+(?=\S)")
+_BULLET = re.compile(r"\s*([-*\u2022\u25e6\u2023\u2013+])\s+(?=\S)")
+_LABEL = re.compile(r"\s*(?:Q|Question|Task|Part|Request|Step)\s*#?\d{0,2}\s*[:.)]\s+(?=\S)", re.I)
+_ANSWER = re.compile(r"\s*(?:A|Answer|Output|Result)\s*\d{0,2}\s*:", re.I)
+_ARROW = re.compile(r"\s(?:->|=>|\u2192)\s")
+# inline enumeration inside a line: "a) ... b) ...", "(1) ... (2) ..."
+_INLINE = re.compile(r"(?:(?<=\s)|^)\(?([a-h]|\d{1,2})\)\s+(?=\S)")
+_PARA = re.compile(r"\n[ \t]*\n")
+_SENTENCE = re.compile(r"(?<=[.?!])\s+(?=[\"'(\[]?[A-Z0-9])")
+_CLAUSE = re.compile(r"\s*;\s*|,\s*(?:and\s+)?(?:then|after that|afterwards|also|next|finally)\b,?\s*"
+                     r"|\s+and\s+(?:then|also|after that|afterwards|finally|next)\b,?\s*", re.I)
+_LEAD = re.compile(r"(?:and\s+)?(?:also|then|after that|afterwards|next|finally|lastly|additionally|besides|"
+                   r"first(?:ly)?|second(?:ly)?|third(?:ly)?|and)\b[,:]?\s+", re.I)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One candidate piece of a prompt. `start`/`end`: its characters in the prompt (marker
+    excluded); `kind`: block, item, line, sentence or clause; `list_id`: the enumeration (block
+    group or list) it is an item of, -1 for prose; `numbered`: an item of a list numbered 1..n;
+    `line`/`para`: where it sits; `example`: part of a worked example (context, not a question)."""
+
+    start: int
+    end: int
+    text: str
+    kind: str
+    list_id: int = -1
+    numbered: bool = False
+    line: int = 0
+    para: int = 0
+    answer: bool = False
+    example: bool = False
+
+
+def clean(text: str) -> str:
+    """A unit's words without a leading connective ("Also, sort ..." -> "Sort ...")."""
+    text = text.strip()
+    m = _LEAD.match(text)
+    if m and m.end() < len(text):
+        rest = text[m.end():]
+        text = rest[0].upper() + rest[1:]
+    return text
+
+
+def _pieces(text: str, start: int, pattern: re.Pattern) -> list[tuple[int, int]]:
+    """Spans of `text` (at offset `start`) between the matches of `pattern`, blanks dropped."""
+    out, pos = [], 0
+    for m in pattern.finditer(text):
+        out.append((pos, m.start()))
+        pos = m.end()
+    out.append((pos, len(text)))
+    return [(start + a, start + b) for a, b in out if text[a:b].strip()]
+
+
+def _prose(prompt: str, start: int, end: int, **kw) -> list[Unit]:
+    """Sentences of a line, and the clauses of each sentence (`_CLAUSE`)."""
+    units = []
+    for s0, s1 in _pieces(prompt[start:end], start, _SENTENCE):
+        clauses = _pieces(prompt[s0:s1], s0, _CLAUSE)
+        kind = "clause" if len(clauses) > 1 else "sentence"
+        for c0, c1 in clauses:
+            units.append(Unit(c0, c1, clean(prompt[c0:c1]), kind, **kw))
+    return units
+
+
+def _inline(prompt: str, start: int, end: int) -> list[tuple[int, int]] | None:
+    """An inline enumeration ("a) x b) y", "(1) x (2) y") as item spans, or None."""
+    line = prompt[start:end]
+    found, want = [], None
+    for m in _INLINE.finditer(line):
+        key = m.group(1)
+        first = key in ("a", "1")
+        if first and not found:
+            want = key
+        if want is not None and key == want:
+            found.append(m)
+            want = chr(ord(key) + 1) if key.isalpha() else str(int(key) + 1)
+    if len(found) < 2 or line[: found[0].start()].strip():
+        return None
+    return [(start + m.end(), start + (found[i + 1].start() if i + 1 < len(found) else len(line)))
+            for i, m in enumerate(found)]
+
+
+class _Lists:
+    """Which enumeration a marked line continues (numbers and letters in sequence, the same
+    bullet, labels), or a new one."""
+
+    def __init__(self):
+        self.next_id = 0
+        self.open: dict[str, tuple[int, str]] = {}  # marker kind -> (list id, expected next key)
+
+    def item(self, kind: str, key: str) -> tuple[int, bool]:
+        """(list id, whether it continues an open list) for a line marked `kind` with `key`."""
+        expected = self.open.get(kind)
+        if expected is not None and (expected[1] == key or kind in ("bullet", "label")):
+            list_id, cont = expected[0], True
+        elif key in ("1", "a", "A") or kind in ("bullet", "label"):
+            list_id, cont = self.next_id, False
+            self.next_id += 1
+        else:
+            return -1, False
+        nxt = str(int(key) + 1) if key.isdigit() else (chr(ord(key) + 1) if len(key) == 1 else key)
+        self.open = {kind: (list_id, nxt)}
+        return list_id, cont
+
+    def close(self) -> None:
+        self.open = {}
+
+    def new(self) -> int:
+        self.next_id += 1
+        return self.next_id - 1
+
+
+def _marker(line: str) -> tuple[str, str, int] | None:
+    """(kind, key, length) of a list marker at the start of `line`."""
+    for kind, pattern in (("number", _NUMBER), ("letter", _LETTER), ("label", _LABEL), ("bullet", _BULLET)):
+        m = pattern.match(line)
+        if m:
+            return kind, (m.group(1) if m.groups() else ""), m.end()
+    return None
+
+
+def _line_units(prompt: str, start: int, end: int, lists: _Lists, line: int, para: int) -> list[Unit]:
+    """The units of one line outside tagged blocks."""
+    text = prompt[start:end]
+    if _ANSWER.match(text):
+        lists.close()
+        return [Unit(start, end, text.strip(), "line", line=line, para=para, answer=True)]
+    inline = _inline(prompt, start, end)
+    if inline is not None:
+        list_id = lists.new()
+        lists.close()
+        return [Unit(a, b, clean(prompt[a:b]), "item", list_id, False, line, para) for a, b in inline]
+    mark = _marker(text)
+    if mark is not None:
+        kind, key, length = mark
+        list_id, _ = lists.item(kind, key)
+        if list_id >= 0:
+            s = start + length
+            return [Unit(s, end, clean(prompt[s:end]), "item", list_id, kind == "number", line, para)]
+    lists.close()
+    return _prose(prompt, start, end, line=line, para=para)
+
+
+def split_units(prompt: str) -> list[Unit]:
+    """`prompt`'s candidate units in order (see the module doc), worked examples marked."""
+    units: list[Unit] = []
+    lists = _Lists()
+    breaks = [m.start() for m in _PARA.finditer(prompt)]
+    pos = 0
+    block_list = -1
+    for m in [*_TAG.finditer(prompt), None]:
+        outside_end = m.start() if m is not None else len(prompt)
+        chunk = prompt[pos:outside_end]
+        if chunk.strip():
+            block_list = -1
+        for a, b, blank in _lines(chunk, pos):
+            if blank:
+                lists.close()
+                continue
+            units += _line_units(prompt, a, b, lists, prompt.count("\n", 0, a), bisect.bisect(breaks, a))
+        if m is None:
+            break
+        if block_list < 0:
+            block_list = lists.new()
+        group = "bc" if m.group("bc") is not None else "xc"
+        s, e = m.span(group)
+        inner = prompt[s:e]
+        lead = len(inner) - len(inner.lstrip())
+        s, e = s + lead, s + len(inner.rstrip())
+        if e > s:
+            units.append(Unit(s, e, clean(prompt[s:e]), "block", block_list, False, prompt.count("\n", 0, s),
+                              bisect.bisect(breaks, s)))
+        pos = m.end()
+        lists.close()
+    return mark_examples(units)
+
+
+def _lines(chunk: str, offset: int):
+    """(start, end, blank) per line of `chunk`; a blank line ends a paragraph."""
+    pos = 0
+    for raw in chunk.split("\n"):
+        a, b = offset + pos, offset + pos + len(raw)
+        yield a, b, not raw.strip()
+        pos += len(raw) + 1
+
+
+def mark_examples(units: list[Unit]) -> list[Unit]:
+    """Mark worked examples: a group of blocks followed by answers (a numbered list or answer
+    lines) before the next group of blocks; a unit followed by an answer line ("A: ..."); a
+    unit that shows its own answer ("x -> y")."""
+    out = list(units)
+    for i, u in enumerate(out):
+        if u.answer:
+            out[i] = replace(u, example=True)
+            if i > 0 and not out[i - 1].answer:
+                out[i - 1] = replace(out[i - 1], example=True)
+        elif _ARROW.search(u.text):
+            out[i] = replace(u, example=True)
+    i = 0
+    while i < len(out):
+        if out[i].kind != "block":
+            i += 1
+            continue
+        j = i
+        while j < len(out) and out[j].kind == "block" and out[j].list_id == out[i].list_id:
+            j += 1
+        k = j
+        while k < len(out) and out[k].kind != "block":
+            k += 1
+        if any(u.numbered or u.answer for u in out[j:k]):  # the group's answers follow it
+            for t in range(i, k):
+                if out[t].kind == "block" or out[t].numbered or out[t].answer:
+                    out[t] = replace(out[t], example=True)
+        i = k
+    return out
