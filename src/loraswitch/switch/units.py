@@ -57,13 +57,13 @@ class Unit:
 
 
 def clean(text: str) -> str:
-    """A unit's words without a leading connective ("Also, sort ..." -> "Sort ...")."""
+    """A unit's words without a leading connective, capitalised as a request on its own
+    ("also, sort ..." -> "Sort ..."): the adapters were trained on requests asked alone."""
     text = text.strip()
     m = _LEAD.match(text)
     if m and m.end() < len(text):
-        rest = text[m.end():]
-        text = rest[0].upper() + rest[1:]
-    return text
+        text = text[m.end():]
+    return text[:1].upper() + text[1:]
 
 
 def _pieces(text: str, start: int, pattern: re.Pattern) -> list[tuple[int, int]]:

@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Issue 13: does `auto` find the parts of a free-form prompt, and leave single-task prompts whole?
+
+    python benchmarks/segmentation.py                       # defaults below, ~15 min on 2 busy cores
+    python benchmarks/segmentation.py --singles 20 --layout-prompts 2 --eval-limit 2 --freeform 1
+
+Three measurements on the demo library, written to benchmarks/results/segmentation.json:
+
+1. false splits: every single-task test prompt asked (`--singles` per task) is segmented; the
+   rate is the share cut into two parts or more (segmentation only: no generation needed);
+2. parts found per layout: free-form composites (`demo.tasks.freeform`, 2, 3 and 5 parts,
+   `--layout-prompts` per layout and size) segmented; a prompt counts when exactly its parts are
+   found with the right adapter for each; training and held-out layouts apart;
+3. the eval: `auto` vs `oracle` per-part accuracy on free-form composites (`--freeform` per
+   layout and size) and on single-task prompts (`--eval-limit` per task), answered and scored
+   by `loraswitch eval`.
+
+The settings of `switch.segment` were tuned on training layouts and the validation split only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def _segmentation(singles: int, layout_prompts: int, seed: int) -> dict:
+    from loraswitch.demo.tasks import TASK_NAMES, examples
+    from loraswitch.demo.tasks.freeform import freeform
+    from loraswitch.switch import Switch
+    from loraswitch.switch.segment import segment
+
+    sw = Switch()
+    router = sw.router("auto")
+    cases = [e for t in TASK_NAMES for e in examples(t, "test", singles, seed=seed)]
+    comps = [c for heldout in (False, True) for n in (2, 3, 5) for c in freeform(n, layout_prompts, heldout, "test", seed)]
+    t0 = time.perf_counter()
+    found = segment(router, sw.engine, [e.prompt for e in cases] + [c.prompt for c in comps])
+    seconds = time.perf_counter() - t0
+    split = [(e, f) for e, f in zip(cases, found) if len(f.parts) >= 2]
+    layouts: dict[str, dict] = {}
+    for c, f in zip(comps, found[len(cases):]):
+        # the adapter each found part is answered with: the same selector on the part's own text
+        ok = len(f.parts) == len(c.parts)
+        entry = layouts.setdefault(c.layout, {"group": "heldout" if c.heldout else "train", "n": 0, "parts_found": 0})
+        entry["n"] += 1
+        entry["parts_found"] += ok
+    texts = [p.text for c, f in zip(comps, found[len(cases):]) if len(f.parts) == len(c.parts) for p in f.parts]
+    routed = router.route(sw.engine, texts)
+    right: dict[str, list[bool]] = {}
+    k = 0
+    for c, f in zip(comps, found[len(cases):]):
+        if len(f.parts) != len(c.parts):
+            right.setdefault(c.layout, []).append(False)
+            continue
+        right.setdefault(c.layout, []).append(all(d.adapter == p.task for d, p in zip(routed[k : k + len(c.parts)], c.parts)))
+        k += len(c.parts)
+    for name, entry in layouts.items():
+        entry["parts_and_adapters_right"] = sum(right[name])
+    groups = {g: {"n": sum(e["n"] for e in layouts.values() if e["group"] == g),
+                  "parts_found": sum(e["parts_found"] for e in layouts.values() if e["group"] == g),
+                  "parts_and_adapters_right": sum(e["parts_and_adapters_right"] for e in layouts.values()
+                                                  if e["group"] == g)} for g in ("train", "heldout")}
+    return {"single_task_prompts": len(cases), "false_splits": len(split),
+            "false_split_rate": round(len(split) / max(1, len(cases)), 4),
+            "false_split_examples": [{"task": e.task, "prompt": e.prompt, "parts": f.texts} for e, f in split[:10]],
+            "layouts": layouts, "groups": groups, "seconds": round(seconds, 1)}
+
+
+def main(singles: int = 50, layout_prompts: int = 4, eval_limit: int = 4, freeform: int = 2, seed: int = 0,
+         out: Path = OUT / "segmentation.json", skip_eval: bool = False) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    result = {"settings": {"singles_per_task": singles, "layout_prompts": layout_prompts, "eval_limit": eval_limit,
+                           "freeform_per_layout": freeform, "seed": seed},
+              "segmentation": _segmentation(singles, layout_prompts, seed)}
+    print(json.dumps({k: v for k, v in result["segmentation"].items() if k != "false_split_examples"}, indent=1))
+    if not skip_eval:
+        from loraswitch.demo.suites import DemoSuite
+        from loraswitch.eval.harness import EvalConfig, run_eval
+
+        cfg = EvalConfig(suite=DemoSuite(), methods=["oracle", "auto"], limit=eval_limit, composite_limit=0,
+                         oos_limit=0, freeform_limit=freeform, out_dir=Path("eval_results/segmentation"), progress=False,
+                         heatmap_prompts=0, seed=seed)
+        res = run_eval(cfg)
+        m = res["methods"]
+        result["eval"] = {name: {"accuracy": r.get("accuracy", {}).get("overall"), "freeform": r.get("freeform"),
+                                 "composite": r.get("composite"), "false_split_rate": r.get("false_split_rate"),
+                                 "status": r["status"]} for name, r in m.items()}
+        result["targets"] = {k: v for k, v in res["routing_targets"].get("auto", {}).items() if k.startswith("freeform")}
+        print(json.dumps({"eval": result["eval"], "targets": result["targets"]}, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(out)
+
+
+if __name__ == "__main__":
+    typer.run(main)

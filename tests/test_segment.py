@@ -1,0 +1,154 @@
+"""Issue 13: the parts of a prompt found from its own structure (`switch.units`) and the router's
+decisions (`switch.segment`), without a numbered list. Pure-text and keyword-scored tests run on
+the tiny model; the headline prompts of the issue run on the real default (`real`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraswitch.switch import Switch
+from loraswitch.switch import segment as seg
+from loraswitch.switch.segment import Scores, Settings, finish, plan
+from loraswitch.switch.units import split_units
+
+KEYWORDS = {"date": "alpha", "sum": "gamma", "french": "beta"}
+
+
+def _keyword_scores(router, engine, texts):
+    """A stand-in selector: the adapter of the first keyword in the text, confident when found;
+    energy grows with length so merged text never reads as one request (no merge)."""
+    adapter = [next((a for k, a in KEYWORDS.items() if k in t.lower()), None) for t in texts]
+    return Scores(adapter, [0.99 if a else 0.3 for a in adapter], [0.0 for _ in texts])
+
+
+def _parts(prompt: str) -> list[str]:
+    units = split_units(prompt)
+    s = _keyword_scores(None, None, [u.text for u in units])
+    found = finish(prompt, units, *plan(units, s.adapter, s.confidence, Settings()))
+    return found.texts
+
+
+# ---------------------------------------------------------------------------- units
+def test_units_follow_the_prompts_own_structure():
+    texts = lambda p: [u.text for u in split_units(p)]  # noqa: E731
+    assert texts("Convert the date, and then spell 17 in French.") == ["Convert the date", "Spell 17 in French."]
+    assert texts("What is 2 + 3? Also, sort 3, 1") == ["What is 2 + 3?", "Sort 3, 1"]
+    assert texts("Do x; do y") == ["Do x", "Do y"]
+    assert texts("[INST] A date [/INST]\n[INST] A sum [/INST]") == ["A date", "A sum"]
+    assert texts("<q>A date</q> <task>A sum</task>") == ["A date", "A sum"]
+    assert texts("a) A date b) A sum") == ["A date", "A sum"]
+    assert texts("- A date\n- A sum") == ["A date", "A sum"]
+    assert texts("Hi.\n\nA date.\n\nA sum.") == ["Hi.", "A date.", "A sum."]
+    assert texts("Add 45 and 38.") == ["Add 45 and 38."]  # "and" alone joins no clauses
+    units = split_units("Go:\n1. A date\n2. A sum")
+    assert [u.numbered for u in units] == [False, True, True]
+    prompt = "x [INST] A date [/INST] y"
+    u = split_units(prompt)[1]
+    assert prompt[u.start : u.end] == "A date" and u.kind == "block"  # spans point into the prompt
+
+
+def test_worked_examples_are_marked_as_context():
+    prompt = ("Answer in order.\n\nExample:\n[INST] A date [/INST]\n[INST] A sum [/INST]\n1. 2020-01-01\n2. 5\n\n"
+              "Now answer these.\n[INST] the date? [/INST]\n[INST] the sum? [/INST]")
+    units = split_units(prompt)
+    assert [u.text for u in units if u.example] == ["A date", "A sum", "2020-01-01", "5"]
+    assert _parts(prompt) == ["The date?", "The sum?"]
+    qa = split_units("Q: A date\nA: 2020-01-01\nQ: A sum")
+    assert [u.example for u in qa] == [True, True, False]
+    assert split_units("a sum: 2 + 3 -> 5")[0].example
+
+
+# ---------------------------------------------------------------------------- cutting
+def test_cuts_where_the_task_changes_and_context_joins_a_neighbour():
+    assert _parts("Convert the date, and then spell 17 in French.") == ["Convert the date", "Spell 17 in French."]
+    # context after a question stays with it; adjacent units of one task stay one part
+    assert _parts("Give the date. It is for a form. Then tell me the sum. The sum of 2 and 3.") == [
+        "Give the date. It is for a form.", "Tell me the sum. The sum of 2 and 3."]
+    # an instruction on its own line joins no part; a greeting on the question's line joins it
+    assert _parts("Answer each part.\n- the date\n- the sum") == ["The date", "The sum"]
+    assert _parts("Hi! The date please. Then the sum.") == ["Hi! The date please.", "The sum."]
+
+
+def test_one_task_is_never_split():
+    assert _parts("Add 45 and 38.") == []
+    assert _parts("The date is March 5. Write the date in ISO. The date matters.") == []
+    assert _parts("Nice weather. Hello there.") == []  # no task at all
+
+
+def test_enumerations_are_answered_item_by_item():
+    # two confident items make a list of questions: every item is a part, even one of no task
+    assert _parts("- the date\n- the sum\n- a haiku") == ["The date", "The sum", "A haiku"]
+    # numbered 1..n is always a list of questions (as before), even of one task
+    assert _parts("1. the sum of 1, 2\n2. the sum of 3, 4") == ["The sum of 1, 2", "The sum of 3, 4"]
+    # a bulleted input of one request is not
+    assert _parts("Sort these:\n- 42\n- 7") == []
+
+
+def test_a_cut_that_reads_as_one_request_is_merged(monkeypatch):
+    """The energy check: when the two parts read together score much higher than either alone
+    (a request spread over two sentences), the cut is undone."""
+    calls = []
+
+    def scores(router, engine, texts):
+        calls.append(texts)
+        base = _keyword_scores(router, engine, texts)
+        whole = [10.0 if ("date" in t.lower() and "french" in t.lower()) else 1.0 for t in texts]
+        return Scores(base.adapter, base.confidence, whole)
+
+    monkeypatch.setattr(seg, "score_texts", scores)
+    found = seg.segment(object(), None, ["I have a date. Write it in french style.", "Add 45 and 38."])
+    assert [f.texts for f in found] == [[], []]
+    assert len(calls) == 2  # units of both prompts in one pass, then the one candidate cut
+    monkeypatch.setattr(seg, "Settings", Settings)
+    found = seg.segment(object(), None, ["I have a date. Write it in french style."], Settings(max_merge_gain=20.0))
+    assert found[0].texts == ["I have a date.", "Write it in french style."]
+
+
+def test_without_a_selector_only_numbered_parts_are_split(switch_tiny):
+    router = switch_tiny.router("auto")  # arrow: no selector to score units with
+    found = seg.segment(router, switch_tiny.engine, ["1. a\n2. b", "a, and then b"])
+    assert [f.texts for f in found] == [["a", "b"], []]  # the grammar keeps the words as written
+
+
+# ---------------------------------------------------------------------------- end to end
+@pytest.fixture
+def switch_tiny(tiny_base, adapter_dir, tmp_path):
+    return Switch(tiny_base, [adapter_dir], router_dir=tmp_path / "no_routers")
+
+
+def test_chat_answers_detected_parts_with_spans(switch_tiny, monkeypatch):
+    monkeypatch.setattr(seg, "score_texts", _keyword_scores)
+    prompt = "Tell me the date, and then the sum."
+    out = switch_tiny.chat([prompt, "just one thing"], model="auto", params=None)
+    routing = out[0].routing
+    assert routing["fan_out"] == 2
+    spans = [p["span"] for p in routing["parts"]]
+    assert [prompt[a:b] for a, b in spans] == ["Tell me the date", "the sum."]
+    assert [p["kind"] for p in routing["parts"]] == ["clause", "clause"]
+    assert out[0].text.startswith("1. ") and "\n2. " in out[0].text
+    assert "fan_out" not in out[1].routing
+
+
+@pytest.mark.real
+def test_the_issues_prompts_are_answered_in_two_parts():
+    sw = Switch()
+    prompts = {
+        "Convert March 5, 2021 to ISO format, and then spell out 17 in French.": ["iso_date", "num_to_french"],
+        "What is 25 + 17? Also, sort these ascending: 9, 4, 12": ["add", "sort_numbers"],
+        "Reverse the word order: cold blue water. After that, is this review positive or negative: "
+        "The phone broke within a week. Avoid it.": ["reverse_words", "sentiment"],
+        "[INST] Convert to ISO date: July 4, 1999 [/INST]\n[INST] Spell out in English: 58 [/INST]":
+            ["iso_date", "num_to_english"],
+        "Add 45 and 38.": "add",
+        "I have a date: March 5, 2021. Please write it in ISO format.": "iso_date",
+    }
+    found = seg.segment(sw.router("auto"), sw.engine, list(prompts))
+    got = [f.texts for f in found]
+    routed = sw.router("auto").route(sw.engine, [t for texts in got for t in texts])
+    k = 0
+    for (prompt, want), texts in zip(prompts.items(), got):
+        if isinstance(want, str):
+            assert texts == [], prompt
+            continue
+        assert [d.adapter for d in routed[k : k + len(texts)]] == want, prompt
+        k += len(texts)
