@@ -44,6 +44,17 @@ class DemoSuite:
     def parse_parts(self, output: str, n_parts: int) -> list[str]:
         return parse_numbered(output, n_parts)
 
+    def freeform(self, tasks: list[str], n_parts: int, count: int, seed: int = 0) -> list[tuple[str, CompositeCase]]:
+        """Free-form composites (`demo.tasks.freeform`, issue 13): `count` per layout, as
+        (layout group "train" or "heldout", case); the group says whether the segmenter was
+        tuned on the layout."""
+        from loraswitch.demo.tasks.freeform import freeform
+
+        if n_parts > len(tasks):
+            return []
+        return [("heldout" if c.heldout else "train", CompositeCase(c.prompt, tuple(_case(p) for p in c.parts)))
+                for heldout in (False, True) for c in freeform(n_parts, count, heldout, "test", seed, tasks=tasks)]
+
     def out_of_suite(self, split: str, n: int, seed: int = 0) -> list[str]:
         from loraswitch.demo.tasks import out_of_suite
 

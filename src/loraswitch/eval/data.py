@@ -20,6 +20,12 @@ def composite_set(n: int) -> str:
     return f"composite-{n}"
 
 
+def freeform_set(n: int, group: str) -> str:
+    """Free-form composites of n parts, in layouts the segmenter was tuned on ("train") or not
+    ("heldout"): suites with a `freeform` method (the demo's, issue 13)."""
+    return f"freeform-{n}-{group}"
+
+
 @dataclass
 class Item:
     """One prompt to answer. `task`/`answer` for single-task items; `parts` for composites;
@@ -65,9 +71,11 @@ def build_items(
     max_new_tokens: int = 40,
     part_tokens: int = 32,
     seed: int = 0,
+    freeform_limit: int = 0,
 ) -> list[Item]:
     """`limit` test prompts per task, `composite_limit` (default `limit`) prompts per composite
-    size (default: the suite's) that the task list allows, and `oos_limit` (default `limit`)
+    size (default: the suite's) that the task list allows, `freeform_limit` free-form
+    composites per layout and size (suites that have them), and `oos_limit` (default `limit`)
     out-of-suite prompts."""
     unknown = [t for t in tasks if t not in suite.task_names]
     if unknown:
@@ -84,6 +92,10 @@ def build_items(
         for i, comp in enumerate(suite.composites(tasks, n, n_comp, seed)):
             items.append(Item(f"{composite_set(n)}/{i}", composite_set(n), comp.prompt, part_tokens * n + 8,
                               answer=comp.answer, parts=list(comp.parts)))
+        if freeform_limit > 0 and hasattr(suite, "freeform"):
+            for i, (group, comp) in enumerate(suite.freeform(tasks, n, freeform_limit, seed)):
+                items.append(Item(f"{freeform_set(n, group)}/{i}", freeform_set(n, group), comp.prompt,
+                                  part_tokens * n + 8, answer=comp.answer, parts=list(comp.parts)))
     n_oos = limit if oos_limit is None else oos_limit
     for i, prompt in enumerate(suite.out_of_suite("test", n_oos, seed=seed) if n_oos > 0 else []):
         items.append(Item(f"oos/{i}", OOS_SET, prompt, max_new_tokens))

@@ -48,6 +48,7 @@ class EvalConfig:
     composite_limit: int | None = None  # prompts per composite size (default: limit)
     oos_limit: int | None = None  # out-of-suite prompts (default: 2 * limit)
     composite_sizes: tuple[int, ...] | None = None  # default: the suite's
+    freeform_limit: int = 0  # free-form composites per layout and size (issue 13; demo suite)
     xlora_limit: int = 4  # X-LoRA has no KV cache: at most this many prompts per task / per set
     max_new_tokens: int = 40
     part_tokens: int = 32  # composite budget: part_tokens per part + 8
@@ -101,7 +102,7 @@ def run_eval(cfg: EvalConfig, base_factory: Callable[[], Base] | None = None,
     adapter_dirs = [Path(d) for d in (cfg.adapter_dirs or [DEMO_ADAPTER_DIR])]
     oos_limit = cfg.oos_limit if cfg.oos_limit is not None else 2 * cfg.limit
     items = build_items(suite, tasks, cfg.limit, cfg.composite_sizes, cfg.composite_limit, oos_limit,
-                        cfg.max_new_tokens, cfg.part_tokens, cfg.seed)
+                        cfg.max_new_tokens, cfg.part_tokens, cfg.seed, cfg.freeform_limit)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {

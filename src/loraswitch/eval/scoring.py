@@ -82,6 +82,7 @@ def score_item(item: Item, answer: Answer, routes: bool, suite: Suite) -> dict:
     rec: dict = {"id": item.id, "set": item.set, "task": item.task, "output": answer.text, "n_tokens": answer.n_tokens}
     if item.set == TASK_SET:
         rec["correct"] = bool(suite.score(item.case, answer.text))
+        rec["split"] = int(answer.routing.get("fan_out", 1)) > 1  # a single-task prompt answered in parts
         rec["heldout_template"] = item.heldout_template
         rec["seen_payload"] = item.seen_payload
     elif item.is_composite:
@@ -127,7 +128,7 @@ def aggregate(records: list[dict], tasks: list[str], routes: bool) -> dict:
         if "parts" in r:
             comp.setdefault(r["set"], []).append(r)
     out["composite"] = {}
-    for name in sorted(comp, key=lambda s: int(s.split("-")[1])):
+    for name in sorted(comp, key=lambda s: (s.split("-")[0], int(s.split("-")[1]), s)):
         rs = comp[name]
         parts = [p for r in rs for p in r["parts"]]
         entry = {"n_prompts": len(rs), "part_accuracy": _rate([p["correct"] for p in parts]),
@@ -135,6 +136,12 @@ def aggregate(records: list[dict], tasks: list[str], routes: bool) -> dict:
         if routes:
             entry["part_routing_accuracy"] = _rate([p.get("chosen") == p["task"] for p in parts])
         out["composite"][name] = entry
+    for group in ("train", "heldout"):  # free-form composites (issue 13), all sizes together
+        parts = [p for name, rs in comp.items() if name.startswith("freeform-") and name.endswith(group)
+                 for r in rs for p in r["parts"]]
+        if parts:
+            out.setdefault("freeform", {})[group] = {"n_parts": len(parts),
+                                                     "part_accuracy": _rate([p["correct"] for p in parts])}
     if routes:
         out["routing_accuracy"] = {
             "overall": _rate([r["chosen"] == r["task"] for r in single]),
@@ -142,6 +149,7 @@ def aggregate(records: list[dict], tasks: list[str], routes: bool) -> dict:
             "per_task": {t: _rate([r["chosen"] == r["task"] for r in single if r["task"] == t]) for t in tasks},
         }
         out["false_abstain_rate"] = _rate([r["abstained"] for r in single])
+        out["false_split_rate"] = _rate([r.get("split", False) for r in single])
         oos = [r for r in records if r["set"] == OOS_SET]
         out["abstain_rate"] = _rate([r["abstained"] for r in oos])
         out["n_oos"] = len(oos)
@@ -162,6 +170,8 @@ ROUTING_GOALS = {
     "composite-5_vs_oracle": ("composite-5 per-part accuracy / the oracle's", 0.90),
     "composite-10_vs_oracle": ("composite-10 per-part accuracy / the oracle's", 0.90),
     "abstain_rate": ("out-of-suite prompts answered by the base model", 0.90),
+    "freeform-train_vs_oracle": ("free-form composites, tuned-on layouts: per-part accuracy / the oracle's", 0.90),
+    "freeform-heldout_vs_oracle": ("free-form composites, held-out layouts: per-part accuracy / the oracle's", 0.90),
 }
 
 
@@ -192,6 +202,10 @@ def routing_targets(methods: dict[str, dict]) -> dict[str, dict]:
             ours = r.get("composite", {}).get(size, {}).get("part_accuracy")
             ref = oracle.get("composite", {}).get(size, {}).get("part_accuracy")
             values[f"{size}_vs_oracle"] = _over(ours, ref)
+        for group in ("train", "heldout"):
+            ours = r.get("freeform", {}).get(group, {}).get("part_accuracy")
+            ref = oracle.get("freeform", {}).get(group, {}).get("part_accuracy")
+            values[f"freeform-{group}_vs_oracle"] = _over(ours, ref)
         out[name] = {k: {"value": v, "goal": ROUTING_GOALS[k][1], "met": None if v is None else v >= ROUTING_GOALS[k][1]}
                      for k, v in values.items()}
     return out
