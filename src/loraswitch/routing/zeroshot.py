@@ -48,19 +48,18 @@ def _gain(engine: Engine, key: str) -> torch.Tensor | None:
     return None if weight is None else weight.detach().double()
 
 
-def _module_factor(variant: str, module, weight: torch.Tensor) -> torch.Tensor:
-    """K [in, c] with M_module = K K^T for one module (before the norm gain)."""
-    A, B = module.A.double(), module.B.double()
-    Q, R = torch.linalg.qr(A.T)  # A^T = Q R
+def _factors(variant: str, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, weight_sq: torch.Tensor) -> torch.Tensor:
+    """K [n, in, c] with M = K K^T for n modules of one shape at once (A [n, r, in], B [n, out, r];
+    before the norm gain). Batched: one LAPACK call per shape instead of one per module."""
+    Q, R = torch.linalg.qr(A.transpose(1, 2))  # A^T = Q R
     if variant == "subspace":
         return Q
+    _, S, Vh = torch.linalg.svd(B @ R.transpose(1, 2), full_matrices=False)  # B A = (B R^T) Q^T
+    V = Q @ Vh.transpose(1, 2)
     if variant == "arrow":
-        _, _, Vh = torch.linalg.svd(B @ R.T, full_matrices=False)
-        return (Q @ Vh[0])[:, None]
-    # energy: ||s B A x||^2 = ||s (B R^T) Q^T x||^2, over the module's average gain
-    _, S, Vh = torch.linalg.svd(B @ R.T, full_matrices=False)
-    avg_gain = weight.double().pow(2).sum() / weight.shape[1]
-    return (Q @ Vh.T) * (module.scale * S / avg_gain.sqrt())
+        return V[:, :, :1]
+    # energy: ||s B A x||^2 = sum_i (s S_i v_i^T x)^2, over the module's average gain ||W||_F^2 / in
+    return V * (scale[:, None, None] * S[:, None, :] / weight_sq.sqrt()[:, None, None])
 
 
 @torch.no_grad()
@@ -69,16 +68,24 @@ def adapter_factor(engine: Engine, adapter: Adapter, variant: str = DEFAULT_VARI
     reads the residual stream (it cannot be scored zero-shot from the routing feature)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown zero-shot variant {variant!r}; choose one of {VARIANTS}")
-    parts = []
+    groups: dict[tuple, list[tuple[torch.Tensor, object, torch.Tensor]]] = {}
     for key, module in adapter.modules.items():
         gain = _gain(engine, key)
-        if gain is None:
-            continue
-        K = _module_factor(variant, module, engine.layers[key].base.weight if key in engine.layers else None)
-        parts.append(gain[:, None] * K)
-    if not parts:
+        if gain is not None:
+            weight = engine.layers[key].base.weight
+            groups.setdefault((tuple(module.A.shape), tuple(module.B.shape)), []).append((gain, module, weight))
+    if not groups:
         return None
-    K = torch.cat(parts, 1) / len(parts) ** 0.5  # the mean over modules
+    parts = []
+    for items in groups.values():
+        A = torch.stack([m.A for _, m, _ in items]).double()
+        B = torch.stack([m.B for _, m, _ in items]).double()
+        scale = torch.tensor([m.scale for _, m, _ in items], dtype=torch.float64)
+        weight_sq = torch.stack([w.double().pow(2).sum() / w.shape[1] for _, _, w in items])
+        K = _factors(variant, A, B, scale, weight_sq) * torch.stack([g for g, _, _ in items])[:, :, None]
+        parts.append(K.transpose(0, 1).reshape(K.shape[1], -1))  # [in, n c]
+    n_modules = sum(len(items) for items in groups.values())
+    K = torch.cat(parts, 1) / n_modules ** 0.5  # the mean over modules
     U, S, _ = torch.linalg.svd(K, full_matrices=False)
     k = min(rank, S.shape[0])
     return (U[:, :k] * S[:k]).float()
