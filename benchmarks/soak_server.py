@@ -299,7 +299,7 @@ def markdown(report: dict) -> str:
         f"{s['bad_inputs']['answered_4xx']}/{s['bad_inputs']['sent']} | {s['abandoned']} | "
         f"{max(delete_s) if delete_s else '-'} s | {rss['after_warmup']} -> {rss['last']} GB ({rss['max']}) | "
         f"{s['wall_s']} s |", "",
-        "![resident memory over the soak](../benchmarks/results/soak_server.png)", "",
+        "![resident memory over the soak](soak_server.png)", "",
         "Reproduce: `python benchmarks/soak_server.py " + " ".join(report["argv"]) + "`", ""])
 
 
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.doc:
         from loraswitch.eval.report import update_doc
 
-        update_doc(Path(args.doc), "server-soak", markdown(report))
+        update_doc(Path(args.doc), "server-soak", markdown(report), images_from=RESULTS)
     s = report["summary"]
     return 1 if s["errors_5xx"] or s["lost"] else 0
 

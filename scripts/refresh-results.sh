@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Regenerate every number the README and docs/ show, in one go (about 45 minutes on 2 CPU cores).
+# Regenerate every number the README and docs/ show, in one go (about an hour on 2 CPU cores).
 # Each step rewrites its own generated block; nothing in those blocks is typed by hand.
 #   zoo      the demo adapters on their test splits        -> README.md, libraries/demo/adapters/manifest.json
 #   eval     quality of every method on the demo suite      -> README.md, docs/evaluation.md, benchmarks/results/eval/
 #   bench    speed and memory vs merged weights and PEFT    -> README.md, docs/benchmarks.md, benchmarks/results/bench_cpu.*
 #            (--quick: SmolLM2, batch 16; `python benchmarks/bench.py` adds batch 1 and a random 280M Llama)
 #   load     the server under 200 concurrent requests       -> docs/server.md, benchmarks/results/server_load.*
+#   soak     the server over 3000 requests with adapters unloaded and reloaded under load (about 15 minutes)
+#                                                           -> docs/server.md, benchmarks/results/soak_server.*
 #   bigbench the BIG-bench library (needs `loraswitch data bigbench`; not in the default set, ~1 h):
 #            adapters on their test splits, its routers, a small eval -> docs/real-tasks.md,
 #            libraries/bigbench/{adapters/manifest.json,routers/}, benchmarks/results/eval_bigbench/
@@ -15,19 +17,20 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
 . .venv/bin/activate
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(zoo eval bench load)
+[ ${#steps[@]} -gt 0 ] || steps=(zoo eval bench load soak)
 for step in "${steps[@]}"; do
   case "$step" in
     zoo) loraswitch zoo eval --doc README.md ;;
     eval) loraswitch eval --limit 10 --out benchmarks/results/eval --doc docs/evaluation.md --readme README.md ;;
     bench) python benchmarks/bench.py --quick --doc docs/benchmarks.md --readme README.md ;;
     load) python benchmarks/load_server.py --requests 200 --compare-requests 24 --max-tokens 16 --doc docs/server.md ;;
+    soak) python benchmarks/soak_server.py --requests 3000 --cycle-every 250 --max-tokens 8 --doc docs/server.md ;;
     bigbench)
       loraswitch data bigbench --router-data "${TMPDIR:-/tmp}/bigbench_router_data" --per-task 200
       loraswitch zoo eval --library bigbench --doc docs/real-tasks.md || true   # exit 1 = an adapter under the bar
       loraswitch train-router --library bigbench --router seq --data "${TMPDIR:-/tmp}/bigbench_router_data"
       loraswitch train-router --library bigbench --router gate --data "${TMPDIR:-/tmp}/bigbench_router_data"
       loraswitch eval --library bigbench --limit 10 --composite-limit 3 --out benchmarks/results/eval_bigbench --doc docs/real-tasks.md ;;
-    *) echo "unknown step $step (zoo, eval, bench, load, bigbench)" >&2; exit 2 ;;
+    *) echo "unknown step $step (zoo, eval, bench, load, soak, bigbench)" >&2; exit 2 ;;
   esac
 done
