@@ -87,9 +87,9 @@ def build_items(
                               heldout_template=ex.heldout_template, seen_payload=ex.seen_payload))
     n_comp = limit if composite_limit is None else composite_limit
     for n in suite.composite_sizes if composite_sizes is None else composite_sizes:
-        if n > len(tasks) or n_comp <= 0:
+        if n > len(tasks):
             continue
-        for i, comp in enumerate(suite.composites(tasks, n, n_comp, seed)):
+        for i, comp in enumerate(suite.composites(tasks, n, n_comp, seed) if n_comp > 0 else []):
             items.append(Item(f"{composite_set(n)}/{i}", composite_set(n), comp.prompt, part_tokens * n + 8,
                               answer=comp.answer, parts=list(comp.parts)))
         if freeform_limit > 0 and hasattr(suite, "freeform"):
