@@ -76,7 +76,8 @@ def _print_adapters(switch, as_json: bool) -> None:
     table = Table("name", "status", "rank", "targets", "size", "routed by")
     for r in rows:
         if r["status"] == "ok":
-            how = (r["routing"] or {}).get("routed", "")
+            routing = r["routing"] or {}
+            how = routing.get("routed", "") + (" [memory only]" if routing.get("kept", "").startswith("kept in memory") else "")
             table.add_row(r["name"], "[green]ok[/green]", ",".join(map(str, r["ranks"])), ",".join(r["targets"]),
                           f"{r['size_bytes'] / 1e6:.1f} MB", how)
         else:

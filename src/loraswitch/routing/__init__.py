@@ -6,7 +6,8 @@ takes. One router per module, one interface (`base.Router`); `load_router` build
 | seq   | one adapter per prompt           | yes (minutes)  | yes      |
 | arrow | per token and layer, zero-shot   | no             | no       |
 | gate  | per token and layer, learned     | yes            | yes      |
-| auto  | seq per prompt, and per part of a prompt that mixes tasks; arrow if seq is stale |
+| auto  | seq per prompt, and per part of a prompt that mixes tasks; adapters added after training |
+|       | get heads of their own (`added`: from examples, or zero-shot); arrow if seq is stale |
 """
 
 from __future__ import annotations

@@ -192,12 +192,15 @@ def _calibrate(neg_scores: torch.Tensor, rate: float) -> tuple[float, float]:
 
 def fit_examples_head(name: str, fingerprint: str, z_pos: torch.Tensor, space: Space, reservoir_z: torch.Tensor,
                       key: str) -> Head:
-    """The examples' centroid in `space`; the threshold claims CLAIM_RATE of the reservoir's odd
-    rows, which the known centroids were not computed from."""
+    """The examples' centroid in `space`; the threshold claims EXAMPLES_CLAIM_RATE of the
+    reservoir's odd rows (which the known centroids were not computed from), and is at least 0."""
     centroid = space.embed(z_pos).mean(0)
     centroid = centroid / centroid.norm()
     cal = space.scores(reservoir_z[1::2], centroid[:, None])[:, 0]
     threshold, scale = _calibrate(cal, EXAMPLES_CLAIM_RATE)
+    # and never claim a prompt nearer to a known class's centroid than to the examples': a task
+    # close to a known one (German next to French) must not take that one's borderline prompts
+    threshold = max(threshold, 0.0)
     return Head(name, fingerprint, EXAMPLES, key, threshold, scale, time.time(), len(z_pos), w=centroid)
 
 

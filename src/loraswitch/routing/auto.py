@@ -64,7 +64,9 @@ class AutoRouter(Router):
                 out[name] = {"routed": head.describe(), "source": head.source, "since": _iso(head.since),
                              "kept": head.where}
             else:
-                out[name] = {"routed": "trained selector", "source": "trained", "since": _iso(router.trained_at)}
+                since = _iso(router.trained_at)
+                out[name] = {"routed": "trained" + (f", since {since.replace('T', ' ')}" if since else ""),
+                             "source": "trained", "since": since}
         return out
 
     def policy(self, engine: Engine, prompts: list[str]) -> Policy:
