@@ -16,5 +16,17 @@ def test_serve_command_line():
     command = typer.main.get_command(app).commands["serve"]
     flags = {opt for param in command.params for opt in param.opts}
     for flag in ("--base", "--adapter-dir", "--host", "--port", "--api-key", "--max-batch", "--max-queue",
-                 "--max-prompt-tokens", "--max-new-tokens", "--timeout"):
+                 "--max-prompt-tokens", "--max-new-tokens", "--timeout", "--max-body-bytes", "--max-parts",
+                 "--allowed-hosts", "--docs"):
         assert flag in flags, flag
+    assert "--no-docs" in {opt for param in command.params for opt in param.secondary_opts}
+
+
+def test_default_allowed_hosts_follow_the_bound_address():
+    from loraswitch.server.middleware import default_hosts, host_name
+
+    assert default_hosts("127.0.0.1") == ["127.0.0.1", "::1", "localhost"]
+    assert "10.0.0.5" in default_hosts("10.0.0.5") and "localhost" in default_hosts("10.0.0.5")
+    assert default_hosts("0.0.0.0") == ["*"]  # a wildcard bind cannot know its public names
+    assert [host_name(h) for h in ("LocalHost:8000", "[::1]:80", "::1", "example.org")] == \
+        ["localhost", "::1", "::1", "example.org"]

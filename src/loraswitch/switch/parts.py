@@ -63,7 +63,7 @@ def fan_out(request: Request, base, max_parts: int | None = None, found=None) ->
     `switch.segment` detected (a `Segmentation`; fewer than two parts: answer whole); without
     it, the numbered-parts grammar alone. Raises PartsError beyond `max_parts` numbered parts
     (detected free-form parts beyond it are answered whole: nobody asked for them one by one)
-    or when `max_tokens` leaves a part no token."""
+    or when `max_tokens` leaves a numbered part no token (free-form parts: answered whole)."""
     if not request.is_chat:
         return None
     if found is not None:
@@ -79,9 +79,11 @@ def fan_out(request: Request, base, max_parts: int | None = None, found=None) ->
             return None
         raise PartsError(f"the message has {n} numbered parts; at most {max_parts} are answered part by part "
                          "(send fewer parts, or several requests)", "too_many_parts")
-    overhead = sum(len(separator_ids(base.tokenizer, k)) for k in range(1, n + 1))
-    budget = part_budget(request.max_tokens, n, overhead)
+    budget = parts_budget(base.tokenizer, request.max_tokens, n)
     if budget < 1:
+        if not explicit:  # parts nobody numbered: answer whole rather than refuse a small max_tokens
+            return None
+        overhead = separators_tokens(base.tokenizer, n)
         raise PartsError(f"max_tokens={request.max_tokens} is too small for {n} parts: the separators take "
                          f"{overhead} tokens and each part needs at least one (ask for at least {overhead + n})",
                          "max_tokens_too_small")
