@@ -84,7 +84,10 @@ def demo(
 
 
 def _short(text: str, n: int) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
+    """`text` cut to `n` characters, escaped for rich (prompts hold brackets: MeteoRA's [INST])."""
+    from rich.markup import escape
+
+    return escape(text if len(text) <= n else text[: n - 1] + "…")
 
 
 def _demo_table(suite, picks, base_out, auto_out, prompts) -> int:
@@ -98,7 +101,7 @@ def _demo_table(suite, picks, base_out, auto_out, prompts) -> int:
         ok_a = case is not None and suite.score(case, auto_out[i].text)
         wins += ok_a and not ok_b
         marks = [("[green]✓[/green] " if ok else "[red]✗[/red] ") if case is not None else "" for ok in (ok_b, ok_a)]
-        table.add_row(_short(prompt, 300), case.answer if case else "(open question)", marks[0] + _short(base_out[i].text, 60),
+        table.add_row(_short(prompt, 300), _short(case.answer, 80) if case else "(open question)", marks[0] + _short(base_out[i].text, 60),
                       marks[1] + _short(auto_out[i].text, 60), str(auto_out[i].routing.get("adapter") or "base (abstained)"))
     Console().print(table)
     return wins
@@ -115,7 +118,7 @@ def _demo_composite(switch, suite, tasks: list[str]) -> None:
     res = switch.chat([comp.prompt], model="auto", params=SamplingParams(max_new_tokens=32 * len(comp.parts) + 8))[0]
     parts = suite.parse_parts(res.text, len(comp.parts))
     Console().print(f"\n[bold]A prompt that mixes tasks[/bold]\n{_short(comp.prompt, 3000)}\n\n[bold]answer[/bold] "
-                    f"(adapter per part: {res.routing.get('adapter')})\n{res.text}")
+                    f"(adapter per part: {_short(str(res.routing.get('adapter')), 400)})\n{_short(res.text, 2000)}")
     Console().print("part scores: " + " ".join("✓" if suite.score(p, got) else "✗" for p, got in zip(comp.parts, parts)))
 
 
