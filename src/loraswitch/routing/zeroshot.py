@@ -48,6 +48,16 @@ def _gain(engine: Engine, key: str) -> torch.Tensor | None:
     return None if weight is None else weight.detach().double()
 
 
+_GAINS: dict[int, torch.Tensor] = {}  # id(base weight) -> ||W||_F^2 / in (base weights never change)
+
+
+def _mean_gain(weight: torch.Tensor) -> torch.Tensor:
+    """||W||_F^2 / in: the module's average energy gain (for `energy`), once per base weight."""
+    if id(weight) not in _GAINS:
+        _GAINS[id(weight)] = (torch.linalg.vector_norm(weight.float()).double() ** 2) / weight.shape[1]
+    return _GAINS[id(weight)]
+
+
 def _factors(variant: str, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, weight_sq: torch.Tensor) -> torch.Tensor:
     """K [n, in, c] with M = K K^T for n modules of one shape at once (A [n, r, in], B [n, out, r];
     before the norm gain). Batched: one LAPACK call per shape instead of one per module."""
@@ -81,7 +91,8 @@ def adapter_factor(engine: Engine, adapter: Adapter, variant: str = DEFAULT_VARI
         A = torch.stack([m.A for _, m, _ in items]).double()
         B = torch.stack([m.B for _, m, _ in items]).double()
         scale = torch.tensor([m.scale for _, m, _ in items], dtype=torch.float64)
-        weight_sq = torch.stack([w.double().pow(2).sum() / w.shape[1] for _, _, w in items])
+        weight_sq = (torch.stack([_mean_gain(w) for _, _, w in items]) if variant == "energy"
+                     else torch.ones(len(items), dtype=torch.float64))
         K = _factors(variant, A, B, scale, weight_sq) * torch.stack([g for g, _, _ in items])[:, :, None]
         parts.append(K.transpose(0, 1).reshape(K.shape[1], -1))  # [in, n c]
     n_modules = sum(len(items) for items in groups.values())
