@@ -20,6 +20,7 @@ from loraswitch.base import Base
 from loraswitch.kernels import Routing
 from loraswitch.layers import DynamicRouter, MultiLoRALinear, RoutingContext, wrap_linear
 from loraswitch.library import Adapter, AdapterError, read_adapter, scan, validate_name
+from loraswitch.padding import positions_of
 
 
 class Engine:
@@ -155,7 +156,7 @@ class Engine:
         """Full-sequence logits [B, S, V] for a (left-padded) batch under `routing`."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = positions_of(attention_mask)
         with self.routed(routing):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         return out.logits

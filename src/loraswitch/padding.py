@@ -44,8 +44,12 @@ def left_pad(rows: list[list[int]], pad_id: int, width: int | None = None) -> Le
         if r:
             ids[i, width - len(r):] = torch.as_tensor(r, dtype=torch.long)
             mask[i, width - len(r):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return LeftPadded(ids, mask, positions)
+    return LeftPadded(ids, mask, positions_of(mask))
+
+
+def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Rotary positions of a left-padded batch: real tokens count from 0, padding sits at 0."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def tail_targets(rows: list[list[int]], n_targets: list[int]) -> torch.Tensor:
