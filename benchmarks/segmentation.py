@@ -85,7 +85,8 @@ def main(singles: int = 50, layout_prompts: int = 4, eval_limit: int = 4, freefo
         from loraswitch.demo.suites import DemoSuite
         from loraswitch.eval.harness import EvalConfig, run_eval
 
-        cfg = EvalConfig(suite=DemoSuite(), methods=["oracle", "auto"], limit=eval_limit, composite_limit=0,
+        suite = DemoSuite()
+        cfg = EvalConfig(suite=suite, methods=["oracle", "auto"], tasks=list(suite.task_names), limit=eval_limit, composite_limit=0,
                          oos_limit=0, freeform_limit=freeform, out_dir=Path("eval_results/segmentation"), progress=False,
                          heatmap_prompts=0, seed=seed)
         res = run_eval(cfg)
