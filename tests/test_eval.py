@@ -12,9 +12,15 @@ from loraswitch.base import Base
 from loraswitch.demo.suites import DemoSuite
 from loraswitch.eval import EvalConfig, build_items, run_eval
 from loraswitch.eval.data import Item
-from loraswitch.eval.scoring import Answer, aggregate, chosen_adapter, part_adapters, routing_targets, score_item
+from loraswitch.eval.scoring import aggregate, chosen_adapter, part_adapters, routing_targets, score_item
 from loraswitch.eval.suite import Case
+from loraswitch.generate import Generation
 from tests.conftest import tiny_model, write_adapter
+
+
+def Answer(text: str, n_tokens: int, trace: list | None = None, routing: dict | None = None) -> Generation:
+    """A hand-made answer: `n_tokens` generated tokens (ids do not matter to scoring)."""
+    return Generation([], [0] * n_tokens, text, "stop", list(trace or []), routing=dict(routing or {}))
 
 TASKS = ["iso_date", "add", "sentiment"]
 SUITE = DemoSuite()

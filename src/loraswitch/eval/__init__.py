@@ -18,7 +18,6 @@ __getattr__, __all__ = lazy_exports(__name__, {
     "EvalContext": "methods",
     "Method": "methods",
     "registry": "registry",
-    "Answer": "scoring",
     "aggregate": "scoring",
     "chosen_adapter": "scoring",
     "part_adapters": "scoring",

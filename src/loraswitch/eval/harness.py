@@ -183,7 +183,7 @@ def _run_method(spec, ctx: EvalContext, items: list[Item], cfg: EvalConfig) -> t
             rec["trace"] = [{"token": e.get("token", ""), "adapters": e.get("adapters", {}),
                              **({"separator": True} if e.get("separator") else {})} for e in a.trace]
         records.append(rec)
-    n_tok = sum(a.n_tokens for a in answers)
+    n_tok = sum(len(a.token_ids) for a in answers)
     entry.update(wall_s=round(wall, 2), gen_tokens=n_tok, tokens_per_s=round(n_tok / wall, 1) if wall > 0 else None,
                  info=method.info, routes=method.routes, **aggregate(records, ctx.tasks, method.routes))
     return entry, records

@@ -8,7 +8,7 @@
 | peft      | `peft_linear/ties/dare_ties/cat/xlora/arrow`    | PEFT on a fresh copy of the base (peft_baselines)|
 
 A method gets the shared `EvalContext` (base factory, adapter folders, routers, batching) and
-answers a list of `Item`s with one `Answer` each. `setup` may build models (not timed with the
+answers a list of `Item`s with one `Generation` each. `setup` may build models (not timed with the
 answers); `close` frees them. Merge methods are discovered from `loraswitch.merging` at call
 time, so a method registered there is evaluated here without further changes.
 """
@@ -18,18 +18,17 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from loraswitch.base import Base
 from loraswitch.eval.data import Item
-from loraswitch.eval.scoring import Answer
 from loraswitch.eval.suite import Suite
 from loraswitch.generate import Generation, SamplingParams
 from loraswitch.library import Adapter, scan
-from loraswitch.switch.parts import assemble, part_budget
+from loraswitch.switch.parts import assemble, parts_budget
 
 
 @dataclass
@@ -76,16 +75,16 @@ class Method:
     def setup(self) -> None:
         pass
 
-    def answer(self, items: list[Item]) -> list[Answer]:
+    def answer(self, items: list[Item]) -> list[Generation]:
         raise NotImplementedError
 
     def close(self) -> None:
         pass
 
 
-def chat_items(ctx: EvalContext, switch, items: list[Item], model: str, route: str | None = None) -> list[Answer]:
+def chat_items(ctx: EvalContext, switch, items: list[Item], model: str, route: str | None = None) -> list[Generation]:
     """Answer items through `Switch.chat` in batches of equal max_new_tokens; keeps item order."""
-    out: list[Answer | None] = [None] * len(items)
+    out: list[Generation | None] = [None] * len(items)
     by_len: dict[int, list[int]] = {}
     for i, item in enumerate(items):
         by_len.setdefault(item.max_new_tokens, []).append(i)
@@ -95,7 +94,7 @@ def chat_items(ctx: EvalContext, switch, items: list[Item], model: str, route: s
             chunk = idx[j : j + ctx.batch_size]
             gens = switch.chat([items[i].prompt for i in chunk], model=model, route=route, params=params)
             for i, g in zip(chunk, gens):
-                out[i] = Answer.from_generation(g)
+                out[i] = g
             ctx.progress(len(chunk))
     return out  # type: ignore[return-value]
 
@@ -113,14 +112,14 @@ class MethodSpec:
 class BaseMethod(Method):
     name, family = "base", "reference"
 
-    def answer(self, items: list[Item]) -> list[Answer]:
+    def answer(self, items: list[Item]) -> list[Generation]:
         return chat_items(self.ctx, self.ctx.switch(), items, "base")
 
 
 class OracleMethod(Method):
     name, family = "oracle", "reference"
 
-    def answer(self, items: list[Item]) -> list[Answer]:
+    def answer(self, items: list[Item]) -> list[Generation]:
         switch = self.ctx.switch()
         missing = sorted({t for it in items for t in ([it.task] if it.task else [p.task for p in it.parts])} - set(switch.engine.names))
         if missing:
@@ -129,11 +128,11 @@ class OracleMethod(Method):
         jobs: list[tuple[int, int, str, str, int]] = []  # (item index, part index or -1, task, prompt, max tokens)
         for i, it in enumerate(items):
             if it.parts:
-                per_part = part_budget(it.max_new_tokens, len(it.parts))  # what `auto`'s part rows get
+                per_part = parts_budget(switch.base.tokenizer, it.max_new_tokens, len(it.parts))  # what `auto`'s part rows get
                 jobs += [(i, j, p.task, p.prompt, per_part) for j, p in enumerate(it.parts)]
             else:
                 jobs.append((i, -1, it.task, it.prompt, it.max_new_tokens))
-        results: dict[tuple[int, int], Answer] = {}
+        results: dict[tuple[int, int], Generation] = {}
         for task in sorted({j[2] for j in jobs}):
             mine = [j for j in jobs if j[2] == task]
             sub = [Item(f"{j[0]}/{j[1]}", "task", j[3], j[4], task) for j in mine]
@@ -150,11 +149,10 @@ class OracleMethod(Method):
                 out.append(results[(i, -1)])
             else:
                 parts = [results[(i, j)] for j in range(len(it.parts))]
-                answers = [Generation([], [e["token_id"] for e in a.trace[: a.n_tokens]], a.text, "stop",
-                                      a.trace[: a.n_tokens], routing={"router": "oracle", "adapter": p.task,
-                                                                      "confidence": 1.0})
+                answers = [replace(a, trace=a.trace[: len(a.token_ids)],
+                                   routing={"router": "oracle", "adapter": p.task, "confidence": 1.0})
                            for a, p in zip(parts, it.parts)]
-                out.append(Answer.from_generation(assemble(switch.base.tokenizer, answers, "oracle")))
+                out.append(assemble(switch.base.tokenizer, answers, "oracle"))
             self.ctx.progress(1)
         return out
 
@@ -173,7 +171,7 @@ class RouterMethod(Method):
         if note:
             self.info["note"] = note
 
-    def answer(self, items: list[Item]) -> list[Answer]:
+    def answer(self, items: list[Item]) -> list[Generation]:
         return chat_items(self.ctx, self.ctx.switch(), items, "auto", self.name)
 
 
@@ -245,7 +243,7 @@ class MergeMethod(Method):
                           "merge_s": round(time.perf_counter() - t0, 2)})
         self.switch = Switch(base, adapter_dirs=[])
 
-    def answer(self, items: list[Item]) -> list[Answer]:
+    def answer(self, items: list[Item]) -> list[Generation]:
         return chat_items(self.ctx, self.switch, items, "base")
 
     def close(self) -> None:

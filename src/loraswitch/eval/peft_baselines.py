@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from loraswitch.base import Base
 from loraswitch.eval.data import Item
 from loraswitch.eval.methods import EvalContext, Method, MethodSpec, merge_weights
-from loraswitch.eval.scoring import Answer
+from loraswitch.generate import Generation
 from loraswitch.library import CONFIG_FILE, WEIGHTS_FILE, Adapter
 from loraswitch.padding import left_pad, tail_targets
 
@@ -107,7 +107,7 @@ def load_peft(base: Base, paths: dict[str, Path]) -> PeftModel:
 # ---------------------------------------------------------------------------- generation
 @torch.inference_mode()
 def hf_generate(model: nn.Module, base: Base, prompts: list[str], max_new_tokens: int, use_cache: bool = True,
-                trace_fn=None) -> list[Answer]:
+                trace_fn=None) -> list[Generation]:
     """Greedy `model.generate` on chat-templated prompts, cut at the first stop token."""
     tok = base.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -123,7 +123,8 @@ def hf_generate(model: nn.Module, base: Base, prompts: list[str], max_new_tokens
     answers = []
     for row, trace in zip(new, traces):
         n = next((i for i, t in enumerate(row) if t in stop), len(row))
-        answers.append(Answer(tok.decode(row[:n], skip_special_tokens=True), n, trace[: n + 1], {}))
+        answers.append(Generation([], row[:n], tok.decode(row[:n], skip_special_tokens=True),
+                                  "stop" if n < len(row) else "length", trace[: n + 1]))
     return answers
 
 
@@ -148,8 +149,8 @@ class PeftMethod(Method):
     def _trace_fn(self):
         return None
 
-    def answer(self, items: list[Item]) -> list[Answer]:
-        out: list[Answer | None] = [None] * len(items)
+    def answer(self, items: list[Item]) -> list[Generation]:
+        out: list[Generation | None] = [None] * len(items)
         by_len: dict[int, list[int]] = {}
         for i, it in enumerate(items):
             by_len.setdefault(it.max_new_tokens, []).append(i)

@@ -1,7 +1,7 @@
 """Scoring and aggregation, kept free of models so they can be checked on hand-made answers.
 
-What a method returns per item is an `Answer` (text, per-token trace, routing summary; a
-`generate.Generation` has all three). `score_item` turns (item, answer) into a flat record;
+What a method returns per item is the library's one answer type, a `generate.Generation`
+(text, token ids, per-token trace, routing summary). `score_item` turns (item, answer) into a flat record;
 `aggregate` turns one method's records into the numbers of the report.
 
 Which adapter "answered": the majority, over generated tokens, of each token's top adapter in the
@@ -14,24 +14,12 @@ when the trace has no part labels (token-level routers), to the tokens of the an
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
 
 from loraswitch.eval.data import OOS_SET, TASK_SET, Item
 from loraswitch.eval.suite import Suite
+from loraswitch.generate import Generation
 
 BASE = "base"
-
-
-@dataclass
-class Answer:
-    text: str
-    n_tokens: int = 0
-    trace: list[dict] = field(default_factory=list)  # per token: {"token", "adapters": {name: w}, "part"?}
-    routing: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_generation(cls, gen) -> Answer:
-        return cls(gen.text, len(gen.token_ids), list(gen.trace), dict(gen.routing))
 
 
 def top_adapter(entry: dict) -> str:
@@ -52,14 +40,14 @@ def _summary_adapter(routing: dict, part: int | None = None) -> str:
     return chosen or BASE
 
 
-def chosen_adapter(answer: Answer) -> str:
+def chosen_adapter(answer: Generation) -> str:
     """The adapter that answered (majority over tokens), "base" when the method abstained."""
     if answer.trace:
         return _majority([top_adapter(e) for e in answer.trace])
     return _summary_adapter(answer.routing)
 
 
-def part_adapters(answer: Answer, n_parts: int) -> list[str]:
+def part_adapters(answer: Generation, n_parts: int) -> list[str]:
     """The adapter that answered each part of a composite prompt."""
     groups: dict[int, list[str]] = {}
     if any("part" in e for e in answer.trace):
@@ -76,10 +64,10 @@ def part_adapters(answer: Answer, n_parts: int) -> list[str]:
     return out
 
 
-def score_item(item: Item, answer: Answer, routes: bool, suite: Suite) -> dict:
+def score_item(item: Item, answer: Generation, routes: bool, suite: Suite) -> dict:
     """One flat, JSON-ready record, scored by `suite`'s metric. `routes`: whether the method
     routes (router metrics apply)."""
-    rec: dict = {"id": item.id, "set": item.set, "task": item.task, "output": answer.text, "n_tokens": answer.n_tokens}
+    rec: dict = {"id": item.id, "set": item.set, "task": item.task, "output": answer.text, "n_tokens": len(answer.token_ids)}
     if item.set == TASK_SET:
         rec["correct"] = bool(suite.score(item.case, answer.text))
         rec["split"] = int(answer.routing.get("fan_out", 1)) > 1  # a single-task prompt answered in parts
