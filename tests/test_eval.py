@@ -72,6 +72,11 @@ def test_harness_end_to_end(tmp_path, tiny_base, task_adapters, routers):
     assert set(saved["methods"]) == set(methods)
     bad = {m: r.get("error") for m, r in saved["methods"].items() if r["status"] != "ok"}
     assert not bad, bad
+    # the report reads the tasks the run resolved: a run that named none (all of the suite's) too
+    from loraswitch.eval.report import markdown
+
+    unnamed = {**saved, "meta": {**saved["meta"], "config": {**saved["meta"]["config"], "tasks": None}}}
+    assert markdown(unnamed) == markdown(saved)
     for m, r in results["methods"].items():
         # one test prompt per task (limit=1; X-LoRA's cap of xlora_limit=1 per task keeps all three)
         assert r["accuracy"]["n"] == len(TASKS), m

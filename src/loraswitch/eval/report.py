@@ -27,10 +27,16 @@ def _ok(results: dict) -> dict[str, dict]:
     return {m: r for m, r in results["methods"].items() if r.get("status") == "ok"}
 
 
+def _tasks(results: dict) -> list[str]:
+    """The tasks evaluated: as resolved by the run (all of the suite's when none were named)."""
+    meta = results["meta"]
+    return list(meta.get("tasks") or meta["config"]["tasks"] or [])
+
+
 def markdown(results: dict) -> str:
     ok = _ok(results)
     cfg = results["meta"]["config"]
-    tasks = cfg["tasks"]
+    tasks = _tasks(results)
     sizes = sorted({s for r in ok.values() for s in r.get("composite", {})}, key=lambda s: int(s.split("-")[1]))
     lines = ["# loraswitch evaluation", ""]
     n_items = results["meta"].get("n_items", {})
@@ -147,7 +153,7 @@ def _targets_table(results: dict) -> list[str]:
 
 def plot_accuracy(results: dict, path: Path) -> None:
     ok = _ok(results)
-    tasks = results["meta"]["config"]["tasks"] + ["overall"]
+    tasks = _tasks(results) + ["overall"]
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(tasks) + 0.15 * len(tasks) * len(ok)), 4.5))
     width = 0.8 / max(1, len(ok))
     x = np.arange(len(tasks))
@@ -169,7 +175,7 @@ def plot_confusion(results: dict, path: Path) -> bool:
     routers = {m: r for m, r in _ok(results).items() if r.get("confusion")}
     if not routers:
         return False
-    tasks = results["meta"]["config"]["tasks"]
+    tasks = _tasks(results)
     rows = tasks + ["out-of-suite"]
     chosen = sorted({c for r in routers.values() for row in r["confusion"].values() for c in row} - {BASE} - set(tasks))
     cols = tasks + chosen + [BASE]
