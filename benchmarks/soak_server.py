@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 import httpx
+from load_server import Server as ServerProcess
+from load_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -45,14 +46,9 @@ BAD_BODIES = [  # each answered 5xx or never before the hardening (issue 11); ea
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m loraswitch.server` in a subprocess on a free loopback port, its RSS sampled."""
+class Server(ServerProcess):
+    """`python -m loraswitch.server` in a subprocess on a free loopback port (started and stopped
+    as the load test does), its RSS sampled."""
 
     def __init__(self, args: argparse.Namespace):
         self.url = f"http://{HOST}:{free_port()}"
@@ -64,20 +60,6 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.samples: list[tuple[float, float]] = []  # (seconds since start, RSS in GB)
         self._stop = threading.Event()
-
-    def wait_ready(self, timeout: float = 600) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                r = httpx.get(self.url + "/healthz", timeout=2)
-                if r.status_code == 200:
-                    return r.json()
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("server did not become ready")
 
     def sample_memory(self, every: float) -> None:
         """Sample the server's resident memory every `every` seconds (in a thread) until stop."""
@@ -96,14 +78,7 @@ class Server:
 
     def stop(self) -> None:
         self._stop.set()
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
+        super().stop()
 
 
 def build_requests(n: int, adapters: list[str], seed: int) -> list[dict]:
