@@ -217,3 +217,17 @@ def test_multi_part_logprobs_cover_every_token(switch):
     assert seps and all(lp.logprob == 0.0 for lp in seps)  # written by the assembly: probability 1
     streamed = [lp for e in events if isinstance(e, Token) for lp in e.logprobs]
     assert streamed == done.logprobs
+
+
+def test_assembled_parts_keep_each_decisions_source(tokenizer):
+    """routing.parts says, per part, where its decision came from (the trained selector, a head
+    learned from examples, or a zero-shot head), as a single-part answer's routing does."""
+    from loraswitch.generate import Generation
+    from loraswitch.switch.parts import assemble
+
+    parts = [Generation([], [5], "x", "stop", routing={"adapter": "a", "confidence": 0.9, "source": "trained"}),
+             Generation([], [6], "y", "stop", routing={"adapter": "b", "confidence": 0.8, "source": "examples",
+                                                       "reason": "head from 20 examples"})]
+    out = assemble(tokenizer, parts, "auto")
+    assert [p.get("source") for p in out.routing["parts"]] == ["trained", "examples"]
+    assert out.routing["adapter"] == ["a", "b"]
