@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from loraswitch.numbered import numbered
+
 
 @dataclass(frozen=True)
 class Case:
@@ -35,7 +37,7 @@ class CompositeCase:
 
     @property
     def answer(self) -> str:
-        return "\n".join(f"{i}. {p.answer}" for i, p in enumerate(self.parts, 1))
+        return numbered([p.answer for p in self.parts])
 
 
 class Suite(Protocol):

@@ -97,7 +97,7 @@ def few_shot(parts, rng):
     tasks from train, then their numbered answers), then the questions."""
     shots = [rng.choice(examples(p.task, "train", 20, seed=3)) for p in parts]
     blocks = "\n".join(f"[INST] {s.prompt} [/INST]" for s in shots)
-    answers = "\n".join(f"{k}. {s.answer}" for k, s in enumerate(shots, 1))
+    answers = numbered([s.answer for s in shots])
     asked = "\n".join(f"[INST] {p.prompt} [/INST]" for p in parts)
     return ("Each bracketed block is a separate question. Answer them in order as a numbered list.\n\n"
             f"Example:\n{blocks}\n{answers}\n\nNow answer the following questions in the same way.\n{asked}")
