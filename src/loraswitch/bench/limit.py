@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from statistics import median
 
 import torch
 from torch import nn
@@ -59,9 +60,9 @@ def matvec_limit(model: nn.Module, repeats: int = 7, device: torch.device | None
     for shape, ts in per_shape.items():
         nbytes = count[shape] * shape[0] * shape[1] * elem
         shapes.append({"shape": list(shape), "count": count[shape], "mb": round(nbytes / 2**20, 1),
-                       "gb_s": round(nbytes / _median(ts) / 1e9, 1)})
+                       "gb_s": round(nbytes / median(ts) / 1e9, 1)})
     total_bytes = sum(w.numel() * elem for w in weights)
-    sweep = _median(sweeps)
+    sweep = median(sweeps)
     return {"weights_mb": round(total_bytes / 2**20, 1), "sweep_ms": round(1e3 * sweep, 2),
             "gb_s": round(total_bytes / sweep / 1e9, 1), "tokens_per_s": round(1 / sweep, 1),
             "spread": round((max(sweeps) - min(sweeps)) / sweep, 3), "shapes": shapes}
@@ -70,9 +71,3 @@ def matvec_limit(model: nn.Module, repeats: int = 7, device: torch.device | None
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _median(xs: list[float]) -> float:
-    ys = sorted(xs)
-    n = len(ys)
-    return ys[n // 2] if n % 2 else (ys[n // 2 - 1] + ys[n // 2]) / 2

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from statistics import median
 
 import torch
 from torch import nn
@@ -221,22 +222,16 @@ class Runner:
     extra: dict | None = None
 
 
-def _median(xs: list[float]) -> float:
-    ys = sorted(xs)
-    n = len(ys)
-    return ys[n // 2] if n % 2 else (ys[n // 2 - 1] + ys[n // 2]) / 2
-
-
 def summarize(runs: list[Timing], peak_bytes: int) -> dict:
     """Median tokens/s of the timed runs and their spread ((max - min) / median), so a reader sees
     how far one run can be trusted."""
     dec = [r.decode_tps for r in runs]
     pre = [r.prefill_tps for r in runs]
-    med_dec, med_pre = _median(dec), _median(pre)
+    med_dec, med_pre = median(dec), median(pre)
     return {"prefill_tok_s": round(med_pre, 1), "decode_tok_s": round(med_dec, 2),
             "decode_spread": round((max(dec) - min(dec)) / med_dec, 3) if med_dec else None,
-            "prefill_s": round(_median([r.prefill_s for r in runs]), 4),
-            "decode_s": round(_median([r.decode_s for r in runs]), 4), "total_s": round(_median([r.total_s for r in runs]), 4),
+            "prefill_s": round(median([r.prefill_s for r in runs]), 4),
+            "decode_s": round(median([r.decode_s for r in runs]), 4), "total_s": round(median([r.total_s for r in runs]), 4),
             "peak_mem_mb": round(peak_bytes / 2**20, 1), "runs_decode_tok_s": [round(x, 2) for x in dec]}
 
 
