@@ -158,8 +158,12 @@ def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     return model.to(dtype), tok
 
 
-def load_base(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> Base:
-    """Load a base model from a model directory, a `.gguf` file, or (None) the embedded default."""
+def load_base(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+              device: str | torch.device | None = None) -> Base:
+    """Load a base model from a model directory, a `.gguf` file, or (None) the embedded default,
+    onto `device` (default: $LORASWITCH_DEVICE, else the CPU). One seam for the device: the
+    engine, routers and trainer all follow the model's parameters, so every command runs on a
+    GPU with LORASWITCH_DEVICE=cuda."""
     if spec is None:
         path, name = default_gguf_path(), DEFAULT_BASE_ID
     else:
@@ -186,6 +190,11 @@ def load_base(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.
         )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    device = device or os.environ.get("LORASWITCH_DEVICE") or "cpu"
+    try:
+        model.to(device)
+    except (RuntimeError, AssertionError) as exc:  # no such device, or torch built without it
+        raise BaseModelError(f"cannot put the base model on device {str(device)!r}: {exc}") from exc
     model.eval()
     model.requires_grad_(False)
     return Base(model=model, tokenizer=tok, name=name, source=str(path))

@@ -31,6 +31,21 @@ def shrink_to_bf16(adapter_dir: Path) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
+def stamp_base(adapter_dir: Path, base_name: str) -> None:
+    """Name the base model in the adapter's config (and PEFT's model card) as the library knows it
+    (`HuggingFaceTB/SmolLM2-135M-Instruct`), not the cache folder or machine path PEFT records."""
+    for file in ("adapter_config.json", "README.md"):
+        path = adapter_dir / file
+        if not path.is_file():
+            continue
+        if file.endswith(".json"):
+            cfg = json.loads(path.read_text())
+            old, cfg["base_model_name_or_path"] = cfg.get("base_model_name_or_path"), base_name
+            path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        elif old:
+            path.write_text(path.read_text().replace(old, base_name))
+
+
 def read_manifest(out_dir: Path = DEMO_ADAPTER_DIR) -> dict:
     path = out_dir / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else {"adapters": {}}
@@ -50,8 +65,10 @@ def train_zoo(base: Base, tasks: list[str], out_dir: Path = DEMO_ADAPTER_DIR, st
         if steps_scale != 1.0:
             recipe = Recipe(**{**recipe.to_dict(), "steps": max(1, round(recipe.steps * steps_scale))})
         pairs = training_pairs(library, task, recipe)
-        stats = train_adapter(base, pairs, recipe, out_dir / task, name=task)
+        val = training_pairs(library, task, recipe, "val") if recipe.checks else None
+        stats = train_adapter(base, pairs, recipe, out_dir / task, name=task, val_pairs=val)
         shrink_to_bf16(out_dir / task)
+        stamp_base(out_dir / task, base.name)
         manifest = {**read_manifest(out_dir), "base": base.name}  # re-read: a `zoo eval` may have written meanwhile
         entry = manifest["adapters"].setdefault(task, {})
         entry.update({"task": task, "recipe": recipe.to_dict(), "training": stats, "trained_at": time.strftime("%Y-%m-%d")})
