@@ -15,7 +15,14 @@ Three measurements on the demo library, written to benchmarks/results/segmentati
    layout and size) and on single-task prompts (`--eval-limit` per task), answered and scored
    by `loraswitch eval`.
 
-The settings of `switch.segment` were tuned on training layouts and the validation split only.
+With `--library bigbench` (needs `loraswitch data bigbench`), the same on data nobody here wrote,
+written to benchmarks/results/segmentation_bigbench.json: false splits over the BIG-bench test
+prompts (`--singles` per task), and parts found in MeteoRA-format composite-3 / -5 / -10 prompts
+(`--layout-prompts` per size; worked examples must be read as context, not as questions).
+Segmentation only (no generation): the answers are scored by `loraswitch eval --library bigbench`.
+
+The settings of `switch.segment` were tuned on training layouts and the validation split only;
+no BIG-bench prompt was looked at while tuning them.
 """
 
 from __future__ import annotations
@@ -72,11 +79,56 @@ def _segmentation(singles: int, layout_prompts: int, seed: int) -> dict:
             "layouts": layouts, "groups": groups, "seconds": round(seconds, 1)}
 
 
+def _segmentation_bigbench(singles: int, per_size: int, seed: int) -> dict:
+    from loraswitch.console import library_paths
+    from loraswitch.demo.bigbench.composites import composite_parts
+    from loraswitch.demo.bigbench.tasks import TASK_NAMES, examples
+    from loraswitch.switch import Switch
+    from loraswitch.switch.segment import segment
+
+    adapters, routers = library_paths("bigbench", None, None)
+    sw = Switch(None, adapters, routers)
+    router = sw.router("auto")
+    cases = [e for t in TASK_NAMES for e in examples(t, "test", singles, seed=seed)]
+    comps = [(n, prompt, parts) for n in (3, 5, 10) for prompt, parts in composite_parts(n, per_size, seed)]
+    t0 = time.perf_counter()
+    found = segment(router, sw.engine, [e.prompt for e in cases] + [c[1] for c in comps])
+    seconds = time.perf_counter() - t0
+    split = [(e, f) for e, f in zip(cases, found) if len(f.parts) >= 2]
+    per_task = {t: round(sum(1 for e, _ in split if e.task == t) / max(1, sum(e.task == t for e in cases)), 4)
+                for t in TASK_NAMES}
+    sizes: dict[str, dict] = {}
+    for (n, _, parts), f in zip(comps, found[len(cases):]):
+        entry = sizes.setdefault(f"composite-{n}", {"n": 0, "parts_found": 0, "parts_and_adapters_right": 0,
+                                                    "found_part_counts": []})
+        entry["n"] += 1
+        entry["found_part_counts"].append(len(f.parts))
+        if len(f.parts) == n:
+            entry["parts_found"] += 1
+            routed = router.route(sw.engine, f.texts)
+            entry["parts_and_adapters_right"] += all(d.adapter == p.task for d, p in zip(routed, parts))
+    return {"single_task_prompts": len(cases), "false_splits": len(split),
+            "false_split_rate": round(len(split) / max(1, len(cases)), 4), "false_split_rate_per_task": per_task,
+            "false_split_examples": [{"task": e.task, "prompt": e.prompt[:600], "parts": [t[:200] for t in f.texts]}
+                                     for e, f in split[:10]],
+            "composites": sizes, "seconds": round(seconds, 1)}
+
+
 def main(singles: int = 50, layout_prompts: int = 4, eval_limit: int = 4, freeform: int = 2, seed: int = 0,
-         out: Path = OUT / "segmentation.json", skip_eval: bool = False) -> None:
+         out: Path | None = None, skip_eval: bool = False, library: str = "demo") -> None:
     import torch
 
     torch.manual_seed(0)
+    if library == "bigbench":
+        result = {"settings": {"library": library, "singles_per_task": singles, "composites_per_size": layout_prompts,
+                               "seed": seed},
+                  "segmentation": _segmentation_bigbench(singles, layout_prompts, seed)}
+        print(json.dumps({k: v for k, v in result["segmentation"].items() if k != "false_split_examples"}, indent=1))
+        out = out or OUT / "segmentation_bigbench.json"
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(out)
+        return
+    out = out or OUT / "segmentation.json"
     result = {"settings": {"singles_per_task": singles, "layout_prompts": layout_prompts, "eval_limit": eval_limit,
                            "freeform_per_layout": freeform, "seed": seed},
               "segmentation": _segmentation(singles, layout_prompts, seed)}

@@ -55,8 +55,8 @@ def _pct(x: float | None) -> str:
 def markdown_table(manifest: dict, library: str = "demo") -> str:
     """The manifest's measured adapters as the docs' results table."""
     min_acc, margin = BARS.get(library, (None, 0.10))
-    lines = ["| adapter | rank | targets | steps | test prompts | adapter accuracy | base accuracy | held-out wording | "
-             "unseen inputs | meets bar |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| adapter | rank | targets | steps (kept) | val exact | test prompts | adapter accuracy | base accuracy | "
+             "held-out wording | unseen inputs | meets bar |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in sorted(manifest["adapters"].items()):
         r, recipe = entry.get("eval"), entry.get("recipe", {})
         if r is None:
@@ -64,7 +64,11 @@ def markdown_table(manifest: dict, library: str = "demo") -> str:
         targets = ",".join(m.replace("_proj", "") for m in recipe.get("target_modules", []))
         if recipe.get("top_layers"):
             targets += f" (last {recipe['top_layers']} layers)"
-        lines.append(f"| `{name}` | {recipe.get('rank', '?')} | {targets} | {recipe.get('steps', '?')} | {r['n_test']} | "
+        training = entry.get("training", {})
+        steps = f"{recipe.get('steps', '?')}" + (f" ({training['kept_step']})" if "kept_step" in training else "")
+        kept = [c["val_exact"] for c in training.get("val_checks", []) if c["step"] == training.get("kept_step")]
+        lines.append(f"| `{name}` | {recipe.get('rank', '?')} | {targets} | {steps} | {_pct(kept[0] if kept else None)} | "
+                     f"{r['n_test']} | "
                      f"{_pct(r['adapter_accuracy'])} | {_pct(r['base_accuracy'])} | "
                      f"{_pct(r.get('adapter_accuracy_heldout_wording'))} | {_pct(r.get('adapter_accuracy_unseen_inputs'))} | "
                      f"{'yes' if r['meets_bar'] else '**no**'} |")
