@@ -130,6 +130,33 @@ def test_unavailable_method_is_reported_not_fatal(tmp_path, tiny_base, task_adap
     assert "Not evaluated" in (tmp_path / "out" / "results.md").read_text()
 
 
+def test_resume_reuses_finished_methods_on_the_same_prompts(tmp_path, tiny_base, task_adapters):
+    """An interrupted long run is picked up: methods already in --out (same prompts) are not run
+    again, new ones are; a different prompt set reruns everything."""
+    calls = []
+
+    def factory():
+        calls.append(1)
+        return Base(tiny_model(), tiny_base.tokenizer, "tiny-llama", "random")
+
+    def cfg(methods, limit=1, resume=True):
+        return EvalConfig(suite=SUITE, methods=methods, tasks=["add"], limit=limit, composite_sizes=(), oos_limit=0,
+                          max_new_tokens=2, out_dir=tmp_path / "out", adapter_dirs=[task_adapters], progress=False,
+                          resume=resume)
+
+    first = run_eval(cfg(["base"], resume=False), base_factory=factory)
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["methods"]["base"]["status"] == "ok"
+    n_loads = len(calls)
+    again = run_eval(cfg(["base"]), base_factory=factory)
+    assert len(calls) == n_loads  # nothing ran: the model was never loaded
+    assert again["methods"]["base"]["accuracy"] == first["methods"]["base"]["accuracy"]
+    both = run_eval(cfg(["base", "oracle"]), base_factory=factory)
+    assert len(calls) > n_loads and set(both["methods"]) == {"base", "oracle"}
+    assert both["methods"]["base"]["wall_s"] == first["methods"]["base"]["wall_s"]  # reused, not rerun
+    other = run_eval(cfg(["base"], limit=2), base_factory=factory)  # other prompts: rerun
+    assert other["methods"]["base"]["accuracy"]["n"] == 2
+
+
 # ---------------------------------------------------------------------------- scoring by hand
 def _ex(task, answer, heldout=False, seen=False):
     return Case(task, f"prompt for {task}", answer, (answer,), heldout, seen)

@@ -43,6 +43,7 @@ def make_eval_command(suite_for: Callable[[str], object]) -> Callable[..., None]
         router_dir: Annotated[Path | None, typer.Option("--router-dir", help="Trained routers (default: the --library's routers).")] = None,
         library: LibraryOpt = "demo",
         list_methods: Annotated[bool, typer.Option("--list", help="List the methods and exit.")] = False,
+        resume: Annotated[bool, typer.Option("--resume", help="Reuse the methods an earlier run into --out finished on the same prompts (files are rewritten after every method).")] = False,
         doc: Annotated[Path | None, typer.Option("--doc", help="Also write the result tables into this markdown file (between generated markers), e.g. docs/evaluation.md.")] = None,
         readme: Annotated[Path | None, typer.Option("--readme", help="Also write the short summary into this markdown file, e.g. README.md.")] = None,
     ) -> None:
@@ -68,7 +69,7 @@ def make_eval_command(suite_for: Callable[[str], object]) -> Callable[..., None]
                      "composite_sizes": tuple(composite) if composite else None, "xlora_limit": xlora_limit,
                      "composite_limit": composite_limit, "freeform_limit": freeform,
                      "max_new_tokens": max_new_tokens, "batch_size": batch_size, "base": base,
-                     "adapter_dirs": dirs, "router_dir": routers, "suite": suite}
+                     "adapter_dirs": dirs, "router_dir": routers, "suite": suite, "resume": resume or None}
         if quick:
             cfg = EvalConfig.quick_config(**overrides)
         else:

@@ -61,6 +61,9 @@ class EvalConfig:
     heatmap_prompts: int = 3
     seed: int = 0
     progress: bool = True
+    # reuse the methods a run into the same out_dir already finished on the same prompts (its
+    # files are rewritten after every method, so an interrupted run loses one method at most)
+    resume: bool = False
     xlora_train_per_adapter: int = 40
     xlora_epochs: int = 3
 
@@ -115,6 +118,7 @@ def run_eval(cfg: EvalConfig, base_factory: Callable[[], Base] | None = None,
         "methods": {},
     }
     all_records: dict[str, list[dict]] = {}
+    done = _finished_methods(out_dir, items) if cfg.resume else {}
     order = sorted(cfg.methods, key=lambda m: ("reference", "router", "merge", "peft").index(reg[m].family))
     shared_last = max((i for i, m in enumerate(order) if reg[m].family in ("reference", "router")), default=-1)
     with tempfile.TemporaryDirectory(prefix="loraswitch-eval-") as scratch:
@@ -123,9 +127,10 @@ def run_eval(cfg: EvalConfig, base_factory: Callable[[], Base] | None = None,
                           xlora_epochs=cfg.xlora_epochs, suite=suite)
         for pos, name in enumerate(order):
             spec = reg[name]
-            entry, records = _run_method(spec, ctx, items, cfg)
+            entry, records = done[name] if name in done else _run_method(spec, ctx, items, cfg)
             results["methods"][name] = entry
             all_records[name] = records
+            _write_files(out_dir, results, items, all_records)
             if on_method is not None:
                 on_method(name, entry)
             if ctx._switch is not None:
@@ -136,12 +141,30 @@ def run_eval(cfg: EvalConfig, base_factory: Callable[[], Base] | None = None,
     results["meta"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results["heatmaps"] = _heatmap_traces(all_records, items, cfg.heatmap_prompts)
     results["routing_targets"] = routing_targets(results["methods"])
+    _write_files(out_dir, results, items, all_records)
+    write_report(results, out_dir)
+    return results
+
+
+def _write_files(out_dir: Path, results: dict, items: list[Item], all_records: dict[str, list[dict]]) -> None:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "records.json").write_text(json.dumps(
         {"items": [i.to_dict() for i in items], "records": {m: [{k: v for k, v in r.items() if k != "trace"} for r in rs]
                                                            for m, rs in all_records.items()}}, indent=1) + "\n")
-    write_report(results, out_dir)
-    return results
+
+
+def _finished_methods(out_dir: Path, items: list[Item]) -> dict[str, tuple[dict, list[dict]]]:
+    """(entry, records) of each method an earlier run into `out_dir` finished without error, if
+    it asked exactly these prompts; nothing otherwise (a changed suite, limit or seed reruns all)."""
+    try:
+        results = json.loads((out_dir / "results.json").read_text())
+        saved = json.loads((out_dir / "records.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if [i.get("prompt") for i in saved.get("items", [])] != [i.prompt for i in items]:
+        return {}
+    return {m: (entry, saved["records"][m]) for m, entry in results.get("methods", {}).items()
+            if entry.get("status") == "ok" and m in saved.get("records", {})}
 
 
 def _run_method(spec, ctx: EvalContext, items: list[Item], cfg: EvalConfig) -> tuple[dict, list[dict]]:
