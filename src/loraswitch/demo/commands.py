@@ -173,8 +173,9 @@ def zoo_eval(
     library: LibraryOpt = "demo",
     n: Annotated[int, typer.Option(help="Test prompts per task.")] = 200,
     doc: Annotated[Path | None, typer.Option("--doc", help="Also write the results table into this markdown file, e.g. README.md.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip adapters the manifest already has measured on --n prompts.")] = False,
 ) -> None:
-    """Each adapter of a library and the base model on the adapter's held-out test split; updates the manifest."""
+    """Each adapter of a library and the base model on the adapter's held-out test split; updates the manifest after each."""
     from loraswitch.demo.suites import suite_for
     from loraswitch.demo.zoo.build import read_manifest, write_manifest
     from loraswitch.demo.zoo.evaluate import evaluate_zoo, markdown_table
@@ -183,11 +184,18 @@ def zoo_eval(
     folder = adapter_dir or library_paths(library, None, None)[0][0]
     switch = open_switch(None, [folder])
     names = [t for t in names if t in switch.engine.adapters]
-    results = evaluate_zoo(switch, suite_for(library), names, n)
     manifest = read_manifest(folder)
-    for task, res in results.items():
-        manifest["adapters"].setdefault(task, {})["eval"] = res
-    write_manifest(manifest, folder)
+    if resume:  # an eval in the manifest is of the current weights: `zoo build` drops it on retraining
+        names = [t for t in names if manifest["adapters"].get(t, {}).get("eval", {}).get("n_test") != n]
+
+    def record(task: str, res: dict) -> None:
+        current = read_manifest(folder)
+        current["adapters"].setdefault(task, {})["eval"] = res
+        write_manifest(current, folder)
+
+    evaluate_zoo(switch, suite_for(library), names, n, on_task=record)
+    manifest = read_manifest(folder)
+    results = {t: e["eval"] for t, e in manifest["adapters"].items() if "eval" in e and t in (tasks or manifest["adapters"])}
     if doc is not None:
         from loraswitch.eval.report import update_doc
 

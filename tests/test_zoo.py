@@ -89,3 +89,25 @@ def test_load_base_device(tmp_path, tiny_base, monkeypatch):
     monkeypatch.setenv("LORASWITCH_DEVICE", "no-such-device")
     with pytest.raises(BaseModelError, match="no-such-device"):
         load_base(tmp_path / "m")
+
+
+def test_zoo_eval_reports_each_task_as_it_finishes():
+    """`evaluate_zoo` hands each task's result over as soon as it is measured (the command writes
+    it into the manifest then), scoring adapter and base on the same test prompts."""
+    from types import SimpleNamespace
+
+    from loraswitch.demo.suites import DemoSuite
+    from loraswitch.demo.zoo.evaluate import evaluate_zoo
+
+    suite = DemoSuite()
+    answers = {c.prompt: c.answer for t in ("add", "iso_date") for c in suite.examples(t, "test", 4)}
+
+    class Oracle:  # the adapter answers right, the base model answers nothing
+        def chat(self, prompts, model, params):
+            return [SimpleNamespace(text=answers[p] if model != "base" else "") for p in prompts]
+
+    seen = []
+    results = evaluate_zoo(Oracle(), suite, ["add", "iso_date"], n=4, progress=False,
+                           on_task=lambda t, r: seen.append((t, r["adapter_accuracy"], r["base_accuracy"])))
+    assert seen == [("add", 1.0, 0.0), ("iso_date", 1.0, 0.0)]
+    assert all(r["meets_bar"] and r["n_test"] == 4 for r in results.values())
