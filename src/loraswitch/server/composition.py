@@ -28,10 +28,11 @@ def resolve_body(st, body: _Common, known: list[str]) -> tuple[str, str | None, 
     model, param = body.model, "model"
     try:
         if adapters is not None:
+            param = "loraswitch.adapters"
             if body.model != MIXTURE_MODEL:
                 raise MixtureError(f"with loraswitch.adapters, set model to {MIXTURE_MODEL!r} (got {body.model!r})",
                                    "conflicting_model")
-            model, param = mixture_of(adapters).spec, "loraswitch.adapters"
+            model = mixture_of(adapters).spec
         elif parse_model(body.model) is None and body.model == MIXTURE_MODEL:
             raise MixtureError(f"model {MIXTURE_MODEL!r} needs loraswitch.adapters ({{name: weight}})")
         if (allow is not None or deny) and param == "model" and body.model.split(":", 1)[0] == "auto":
