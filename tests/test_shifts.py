@@ -48,7 +48,8 @@ def test_memory_is_bounded_and_prompts_are_not_kept_by_default():
         det.record_unrouted(torch.randn(D, generator=g), "secret")
     assert len(det.clusters) <= 8 and det.forgotten > 0
     report = det.report()
-    assert [c["size"] for c in report["data"]] == [20]  # the real cluster survives the churn
+    sizes = [c["size"] for c in report["data"]]
+    assert len(sizes) == 1 and 20 <= sizes[0] <= 22, sizes  # the real cluster survives the churn
     assert report["data"][0]["examples"] == [] and det.prompts(report["data"][0]["id"]) == []
     assert "secret" not in repr(report)
     kept = ShiftDetector(min_size=1, keep_prompts=True, max_prompts=3)

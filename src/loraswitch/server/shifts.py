@@ -8,9 +8,8 @@ together whatever their wording, while the unrelated odds and ends that abstain 
 
 The clustering is leader clustering on cosine similarity, one pass, no stored points: a prompt
 joins the cluster whose mean direction is nearest when the cosine is at least `similarity`, else
-it starts a cluster of its own; two clusters whose mean directions come closer than
-`MERGE_SIMILARITY` merge (a task's first prompts may seed two clusters before their means
-settle). Memory is bounded: at most `max_clusters` clusters, each a summed feature vector, counts
+it starts a cluster of its own; two clusters whose members are about as alike across as within
+merge (`_same_task`: a task's first prompts may seed two clusters before their means settle). Memory is bounded: at most `max_clusters` clusters, each a summed feature vector, counts
 and times; when full, the smallest cluster (then the longest unseen) is forgotten.
 
 Privacy: prompt texts are kept only with `keep_prompts` (`loraswitch serve --keep-prompts`): five
@@ -31,7 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-MERGE_SIMILARITY = 0.8  # mean directions this close are one task
+MERGE_SIMILARITY = 0.75  # a single prompt's direction this close to a cluster's: one task
+MERGE_RATIO = 0.6  # across two clusters' members, this share of the within-cluster similarity: one task
+MERGE_FLOOR = 0.2  # ... and at least this mean cosine across
 EXAMPLES = 5  # example prompts a report shows per cluster
 
 
@@ -58,6 +59,25 @@ class Cluster:
         self.prompts.extend(other.prompts)
 
 
+def _cohesion(c: Cluster) -> float:
+    """Mean pairwise cosine of a cluster's members, from its sum alone: |sum|^2 = n + n(n-1) rho."""
+    n = c.size
+    return float((c.total @ c.total - n) / (n * (n - 1)))
+
+
+def _same_task(a: Cluster, b: Cluster) -> bool:
+    """Two clusters are one task when their members are about as alike across the two as within
+    each (cross cosine >= MERGE_RATIO of the within ones, and at least MERGE_FLOOR): a task's
+    first prompts can seed two clusters before its mean settles, while two different tasks stay
+    apart however close they are (number spelling in English and in French: 0.31 across, 0.46
+    within). A cluster of one has no cohesion yet: its direction must be MERGE_SIMILARITY close."""
+    if a.size < 2 or b.size < 2:
+        return float(a.direction @ b.direction) >= MERGE_SIMILARITY
+    cross = float(a.total @ b.total) / (a.size * b.size)
+    within = max(_cohesion(a), 1e-6) * max(_cohesion(b), 1e-6)
+    return cross >= MERGE_FLOOR and cross >= MERGE_RATIO * within**0.5
+
+
 def _iso(stamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
 
@@ -66,7 +86,7 @@ class ShiftDetector:
     """Online clusters of unrouted prompts' router features; thread-safe (the worker records, the
     HTTP handlers read)."""
 
-    def __init__(self, similarity: float = 0.45, min_size: int = 16, max_clusters: int = 128,
+    def __init__(self, similarity: float = 0.4, min_size: int = 16, max_clusters: int = 128,
                  keep_prompts: bool = False, max_prompts: int = 256, clock=time.time):
         if not 0.0 < similarity < 1.0:
             raise ValueError(f"similarity must be in (0, 1), got {similarity}")
@@ -116,10 +136,9 @@ class ShiftDetector:
         return clusters[j] if float(sims[j]) >= self.similarity else None
 
     def _merge(self, cluster: Cluster) -> Cluster:
-        """Fold clusters whose mean direction is within MERGE_SIMILARITY of `cluster`'s into the
-        oldest of them; returns the survivor."""
-        close = [c for c in self.clusters.values()
-                 if c is not cluster and float(c.direction @ cluster.direction) >= MERGE_SIMILARITY]
+        """Fold the clusters that are the same task as `cluster` into the oldest of them; returns
+        the survivor (`_same_task`)."""
+        close = [c for c in self.clusters.values() if c is not cluster and _same_task(c, cluster)]
         if not close:
             return cluster
         group = sorted([cluster, *close], key=lambda c: c.id)

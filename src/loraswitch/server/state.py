@@ -34,7 +34,7 @@ class ServerSettings:
     # task-shift detection (`server.shifts`): prompt texts are kept only with keep_prompts
     keep_prompts: bool = False
     shift_min_size: int = 16  # unrouted prompts in one cluster before it is reported
-    shift_similarity: float = 0.45  # cosine to a cluster's mean direction to join it
+    shift_similarity: float = 0.4  # cosine to a cluster's mean direction to join it
 
 
 @dataclass
