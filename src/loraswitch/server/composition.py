@@ -35,10 +35,10 @@ def resolve_body(st, body: _Common, known: list[str]) -> tuple[str, str | None, 
             model = mixture_of(adapters).spec
         elif parse_model(body.model) is None and body.model == MIXTURE_MODEL:
             raise MixtureError(f"model {MIXTURE_MODEL!r} needs loraswitch.adapters ({{name: weight}})")
-        if (allow is not None or deny) and param == "model" and body.model.split(":", 1)[0] == "auto":
-            param = "loraswitch.allow" if allow is not None else "loraswitch.deny"
         model, route = st.switch.resolve(model, body.router(), allow, deny)
     except MixtureError as exc:
+        if exc.code == "invalid_allow":
+            param = "loraswitch.allow" if allow is not None else "loraswitch.deny"
         raise bad_request(str(exc), param, exc.code) from None
     except AdapterError as exc:
         raise _unknown(exc, body.model, known, allow, deny, param) from None
