@@ -6,6 +6,7 @@ writes the cluster as an examples file, and allow / deny steer the real selector
 
 from __future__ import annotations
 
+import copy
 import random
 import shutil
 import time
@@ -15,6 +16,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from loraswitch.base import Base
 from loraswitch.cli import app as cli_app
 from loraswitch.constants import DEMO_ADAPTER_DIR, DEMO_ROUTER_DIR
 from loraswitch.demo.tasks import TASK_NAMES, examples
@@ -36,7 +38,10 @@ def seven(real_base, tmp_path_factory):
         if task != NEW:
             shutil.copytree(DEMO_ADAPTER_DIR / task, root / "adapters" / task)
     shutil.copytree(DEMO_ROUTER_DIR, root / "routers")
-    switch = Switch(real_base, [root / "adapters"], router_dir=root / "routers")
+    # a copy: an engine wraps its model's linears in place, and other tests share `real_base`
+    base = Base(model=copy.deepcopy(real_base.model), tokenizer=real_base.tokenizer, name=real_base.name,
+                source=real_base.source)
+    switch = Switch(base, [root / "adapters"], router_dir=root / "routers")
     settings = ServerSettings(max_batch=16, max_new_tokens=8, default_max_tokens=1, default_temperature=0.0,
                               keep_prompts=True, shift_min_size=MIN_SIZE)
     server = LiveServer(create_app(switch, settings))
