@@ -27,7 +27,7 @@ class _KeywordRouter(Router):
     name = "kw"
     fans_out = True
 
-    def route(self, engine, prompts):
+    def route(self, engine, prompts, allowed=None):
         table = {"date": "alpha", "sum": "gamma"}
         out = []
         for p in prompts:

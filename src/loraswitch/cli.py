@@ -20,6 +20,7 @@ from loraswitch.demo.suites import suite_for
 from loraswitch.eval.cli import make_eval_command
 from loraswitch.merging.cli import merge_command
 from loraswitch.server.cli import serve
+from loraswitch.server.shifts_cli import shifts_app
 
 app = typer.Typer(help="One LLM, many LoRA skills, no task label needed.", no_args_is_help=True, add_completion=False)
 adapters_app = typer.Typer(help="The adapter library.", no_args_is_help=True)
@@ -31,6 +32,7 @@ app.command("serve")(serve)
 app.command("eval")(make_eval_command(suite_for))
 app.add_typer(data_app, name="data")
 app.command("bench")(bench_command)
+app.add_typer(shifts_app, name="shifts")
 
 
 # ---------------------------------------------------------------------------- adapters

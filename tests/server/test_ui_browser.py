@@ -4,6 +4,7 @@ cleanly without /usr/bin/chromium (scripts/install-browser.sh)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tempfile
@@ -38,6 +39,7 @@ def test_ui_page_loads_models(live):
     for name in ("auto", "base", "alpha", "beta", "gamma"):
         assert f'<option value="{name}"' in out.stdout, name
     assert '<li data-adapter="gamma">' in out.stdout  # the legend knows every adapter up front
+    assert re.search(r"\d+ prompts no adapter took, in \d+ clusters", out.stdout)  # the task-shift panel read its report
 
 
 @needs_chromium

@@ -44,8 +44,10 @@ class AutoRouter(Router):
             warnings.warn(note, stacklevel=2)
             return cls(ArrowRouter(engine), note)
 
-    def route(self, engine: Engine, prompts: list[str]) -> list[Decision]:
-        decisions = self.inner.route(engine, prompts)
+    def route(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None) -> list[Decision]:
+        return self._noted(self.inner.route(engine, prompts, allowed))
+
+    def _noted(self, decisions: list[Decision]) -> list[Decision]:
         if self.note:
             for d in decisions:
                 d.reason = f"{d.reason}; {self.note}" if d.reason else self.note
@@ -69,7 +71,9 @@ class AutoRouter(Router):
                              "source": "trained", "since": since}
         return out
 
-    def policy(self, engine: Engine, prompts: list[str]) -> Policy:
-        if isinstance(self.inner, ArrowRouter):
-            return self.inner.policy(engine, prompts)
-        return DecisionPolicy(engine, self.route(engine, prompts), f"auto ({self.inner.name})")
+    def policy(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None) -> Policy:
+        policy = self.inner.policy(engine, prompts, allowed)
+        if isinstance(policy, DecisionPolicy):
+            self._noted(policy.decisions)
+            policy.router = f"auto ({self.inner.name})"
+        return policy

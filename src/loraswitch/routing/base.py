@@ -46,20 +46,21 @@ class Router(ABC):
     fans_out: bool = False
 
     @abstractmethod
-    def route(self, engine: Engine, prompts: list[str]) -> list[Decision]:
-        """Decide an adapter per prompt."""
+    def route(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None) -> list[Decision]:
+        """Decide an adapter per prompt, choosing only among `allowed` (None: every loaded one)."""
 
-    def policy(self, engine: Engine, prompts: list[str]) -> Policy:
+    def policy(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None) -> Policy:
         """Generation policy; default: the sequence-level decision for every token."""
-        return DecisionPolicy(engine, self.route(engine, prompts), self.name)
+        return DecisionPolicy(engine, self.route(engine, prompts, allowed), self.name)
 
 
 class DecisionPolicy(FixedPolicy):
     """Sequence-level routing: each row keeps its decided adapter for every token."""
 
-    def __init__(self, engine: Engine, decisions: list[Decision], router: str):
+    def __init__(self, engine: Engine, decisions: list[Decision], router: str, features: torch.Tensor | None = None):
         self.decisions = decisions
         self.router = router
+        self.features = features  # [N, D] what the router decided on, when it has them (shift detection)
         choices: list[Choice] = [
             ([engine.slot_of(d.adapter)], [1.0]) if d.adapter is not None else NO_ADAPTER for d in decisions
         ]

@@ -24,6 +24,7 @@ from loraswitch.routing.added import AddedHeads, Claims, sync_added
 from loraswitch.routing.base import (
     NONE_CLASS,
     Decision,
+    DecisionPolicy,
     Router,
     StaleRouterError,
     check_library,
@@ -90,14 +91,31 @@ class SequenceRouter(Router):
                 out.append(Decision(name, conf, scores, source="trained"))
         return out
 
-    def route(self, engine: Engine, prompts: list[str]) -> list[Decision]:
-        return self.route_features(engine, prompt_features(engine, prompts, self.layer))
+    def route(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None) -> list[Decision]:
+        return self.route_features(engine, prompt_features(engine, prompts, self.layer), allowed)
 
-    def route_features(self, engine: Engine, feats: torch.Tensor) -> list[Decision]:
+    def policy(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None) -> DecisionPolicy:
+        """The decisions for every token, keeping the standardized features they were made on."""
+        feats = prompt_features(engine, prompts, self.layer)
+        return DecisionPolicy(engine, self.route_features(engine, feats, allowed), self.name,
+                              (feats - self.mean) / self.std)
+
+    def route_features(self, engine: Engine, feats: torch.Tensor,
+                       allowed: frozenset[str] | None = None) -> list[Decision]:
         """Decisions from features already computed (`features.prompt_features` at `self.layer`):
-        the trained head's, and the added heads' claims over them."""
+        the trained head's, and the added heads' claims over them. With `allowed`, the others
+        are out of the running as if they were not loaded: their probability mass is removed and
+        the rest renormalized (so a prompt for a denied adapter mostly abstains rather than
+        going to the runner-up), and their added heads claim nothing."""
         probs = torch.softmax(self.logits(feats) / self.temperature, -1)
         claims = self.added.claims(feats, (feats - self.mean) / self.std, engine) if self.added else None
+        if allowed is not None:
+            keep = torch.tensor([c == NONE_CLASS or c in allowed for c in self.classes])
+            probs = probs * keep
+            probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-12)
+            if claims is not None:
+                off = torch.tensor([h.name not in allowed for h in claims.heads], dtype=torch.bool)
+                claims.margins = claims.margins.masked_fill(off, float("-inf"))
         return self.decide(probs, engine, claims)
 
     @property

@@ -31,24 +31,30 @@ class TokenRouter(Router):
     def scores(self, key: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(scores [T, n], slot ids [n]) over the candidates for layer `key`; slot -1 = no adapter."""
 
-    def select(self, key: str, x: torch.Tensor) -> Routing | None:
+    def select(self, key: str, x: torch.Tensor, allowed: torch.Tensor | None = None) -> Routing | None:
+        """Top-k of the layer's scores; `allowed` (slot ids) keeps the others out of the running."""
         scored = self.scores(key, x)
         if scored is None:
             return None
         s, slots = scored
+        if allowed is not None:
+            ok = torch.isin(slots, allowed) | (slots < 0)
+            if not bool(ok.any()):
+                return None
+            s, slots = s[:, ok], slots[ok]
         k = min(self.top_k, s.shape[1])
         top, idx = s.topk(k, dim=-1)
         weights = torch.softmax(top / self.temperature, dim=-1)
         return Routing(slots[idx], weights)
 
-    def policy(self, engine: Engine, prompts: list[str]) -> TokenPolicy:
-        return TokenPolicy(self, engine)
+    def policy(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None) -> TokenPolicy:
+        return TokenPolicy(self, engine, allowed)
 
-    def route(self, engine: Engine, prompts: list[str]) -> list[Decision]:
+    def route(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None) -> list[Decision]:
         """Sequence-level view: average the per-token, per-layer weights over the prompt."""
         out = []
         for prompt in prompts:
-            policy = self.policy(engine, [prompt])
+            policy = self.policy(engine, [prompt], allowed)
             ids = torch.tensor([engine.base.chat_ids(prompt)])
             policy.on_forward([0], ids.shape[1])
             with torch.inference_mode(), engine.routed(None, policy.dynamic):
@@ -75,9 +81,11 @@ class TokenPolicy(Policy):
     """Generation policy of a token-level router: the layers decide (`dynamic`); this object
     accumulates each token's routing mass over layers for the trace and switch events."""
 
-    def __init__(self, router: TokenRouter, engine: Engine):
+    def __init__(self, router: TokenRouter, engine: Engine, allowed: frozenset[str] | None = None):
         self.router = router
         self.engine = engine
+        self.allowed = None if allowed is None else torch.tensor([engine.slots[n] for n in sorted(allowed)],
+                                                                 dtype=torch.long)
         self.n_slots = max(engine.slots.values(), default=-1) + 2  # index 0 = no adapter
         self.rows: list[int] = []
         self.width = 1
@@ -89,7 +97,7 @@ class TokenPolicy(Policy):
         self.rows, self.width, self.mass = rows, tokens_per_row, None
 
     def _route(self, key: str, x: torch.Tensor) -> Routing | None:
-        routing = self.router.select(key, x)
+        routing = self.router.select(key, x, self.allowed)
         if routing is None:
             return None
         if self.mass is None:

@@ -15,7 +15,7 @@ import anyio
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from loraswitch.server import errors, ops, serving_chat, serving_completion, serving_models
+from loraswitch.server import errors, ops, serving_chat, serving_completion, serving_models, serving_shifts
 from loraswitch.server.metrics import Metrics
 from loraswitch.server.middleware import Gate, default_hosts
 from loraswitch.server.scheduler import Scheduler
@@ -32,6 +32,7 @@ def create_app(switch, settings: ServerSettings | None = None) -> FastAPI:
                           max_parts=min(settings.max_parts, settings.max_batch))
     metrics.bind(scheduler)
     st = ServerState(switch, settings, metrics, scheduler)
+    serving_shifts.install(st)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -51,7 +52,7 @@ def create_app(switch, settings: ServerSettings | None = None) -> FastAPI:
     app.add_middleware(Gate, api_key=settings.api_key, metrics=metrics, allowed_hosts=hosts,
                        max_body_bytes=settings.max_body_bytes)
     errors.install(app)
-    for module in (serving_chat, serving_completion, serving_models, ops):
+    for module in (serving_chat, serving_completion, serving_models, serving_shifts, ops):
         app.include_router(module.router)
     app.mount("/ui/static", StaticFiles(directory=ops.STATIC_DIR), name="ui-static")
     return app

@@ -35,6 +35,8 @@ def serve(
     allowed_hosts: Annotated[list[str] | None, typer.Option("--allowed-hosts", help="Host header served when no API key is set (repeatable or comma-separated; default: the --host address and localhost; '*': any).")] = None,
     docs: Annotated[bool, typer.Option(help="Serve /docs, /redoc and /openapi.json (behind --api-key when one is set).")] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    keep_prompts: Annotated[bool, typer.Option("--keep-prompts", help="Keep the texts of prompts no adapter took, for /v1/routing/shifts examples and 'loraswitch shifts export' (default: counts and router features only).")] = False,
+    shift_min_size: Annotated[int, typer.Option(min=1, help="Unrouted prompts in one cluster before it is reported as a task shift.")] = 16,
     compile_step: Annotated[bool, typer.Option("--compile", help="Decode with the compiled step (torch.compile): faster per token; each new batch size compiles once on first use (a minute or more).")] = False,
 ) -> None:
     """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), adapter
@@ -52,7 +54,7 @@ def serve(
         max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
         default_max_tokens=min(default_max_tokens, max_new_tokens), default_temperature=default_temperature,
         timeout=timeout, api_key=api_key or None, allow_adapter_admin=adapter_admin, max_body_bytes=max_body_bytes,
-        max_parts=max_parts, docs=docs,
+        max_parts=max_parts, docs=docs, keep_prompts=keep_prompts, shift_min_size=shift_min_size,
         allowed_hosts=[h.strip() for item in allowed_hosts for h in item.split(",") if h.strip()] if allowed_hosts
         else default_hosts(host),
     )

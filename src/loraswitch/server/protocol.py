@@ -43,6 +43,9 @@ class LoraswitchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     trace: bool = False  # include the per-token routing trace
     route: str | None = None  # router for model="auto": auto | seq | arrow | gate
+    adapters: dict[str, float] | None = None  # a weighted mixture, with model="mixture" (server.composition)
+    allow: list[str] | None = None  # model="auto" chooses only among these adapters
+    deny: list[str] | None = None  # ... and never these
 
 
 class TextPart(BaseModel):

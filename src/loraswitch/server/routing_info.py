@@ -52,6 +52,10 @@ def routing_info(request: Request, answer: Generation, tokenizer=None) -> dict[s
     }
     if model == "auto" and request.route:
         out["route"] = request.route
+    if request.allow is not None:
+        out["allow"] = list(request.allow)
+    if request.deny:
+        out["deny"] = list(request.deny)
     if tokenizer is not None:
         out["trace"] = token_trace(tokenizer, answer.token_ids, entries)
     return out

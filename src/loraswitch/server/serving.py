@@ -15,9 +15,9 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loraswitch.generate import Generation, TokenLogprob
-from loraswitch.library import AdapterError
 from loraswitch.numbered import split_parts
 from loraswitch.server import errors
+from loraswitch.server.composition import resolve_body
 from loraswitch.server.errors import APIError, bad_request
 from loraswitch.server.protocol import _Common
 from loraswitch.server.routing_info import answered_adapters, routing_info
@@ -66,14 +66,7 @@ class OpenAIServing:
         has refused prompts that cannot fit, so a huge prompt never stalls other requests."""
         body, settings = self.body, self.st.settings
         body.check_supported()
-        try:
-            model, route = self.st.switch.resolve(body.model, body.router())
-        except AdapterError:
-            raise errors.model_not_found(body.model, self.known_models()) from None
-        except ValueError as exc:
-            raise bad_request(str(exc), "route", "invalid_route") from None
-        if model in self.st.removing:
-            raise errors.model_not_found(body.model, self.known_models())
+        model, route, allow, deny = resolve_body(self.st, body, self.known_models())
         temperature = body.temperature if body.temperature is not None else settings.default_temperature
         req = self.build()
         chars = len(req.prompt) if isinstance(req.prompt, str) else sum(len(m["content"]) for m in req.messages or ())
@@ -86,7 +79,7 @@ class OpenAIServing:
         if parts and len(parts) > self.max_parts:  # before tokenizing: a hundred parts cost nothing to refuse
             raise bad_request(f"the message has {len(parts)} numbered parts; at most {self.max_parts} are answered "
                               "part by part (send fewer parts, or several requests)", self.param, "too_many_parts")
-        req = replace(req, model=model, route=route, temperature=temperature,
+        req = replace(req, model=model, route=route, allow=allow, deny=deny, temperature=temperature,
                       top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed, stop=tuple(body.stops()),
                       logprobs=body.logprob_count())
         return await asyncio.get_running_loop().run_in_executor(self.st.prep, self._prepare, req)

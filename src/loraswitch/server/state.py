@@ -31,6 +31,10 @@ class ServerSettings:
     # localhost; "*" allows any
     allowed_hosts: list[str] | None = None
     docs: bool = True  # /docs, /redoc, /openapi.json (behind the API key when there is one)
+    # task-shift detection (`server.shifts`): prompt texts are kept only with keep_prompts
+    keep_prompts: bool = False
+    shift_min_size: int = 16  # unrouted prompts in one cluster before it is reported
+    shift_similarity: float = 0.4  # cosine to a cluster's mean direction to join it
 
 
 @dataclass
@@ -52,6 +56,7 @@ class ServerState:
     # max_prompt_tokens * this many characters is refused before tokenizing
     removing: set[str] = field(default_factory=set)  # DELETEd, leaving once in-flight work ends
     started_at: int = field(default_factory=lambda: int(time.time()))
+    shifts: object = None  # server.shifts.ShiftDetector, set by serving_shifts.install
 
     def __post_init__(self):
         base = self.switch.base

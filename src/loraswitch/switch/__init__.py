@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loraswitch.base import Base, load_base
 from loraswitch.constants import DEMO_ADAPTER_DIR
@@ -21,8 +22,12 @@ from loraswitch.engine import Engine
 from loraswitch.generate import Generation, Policy, SamplingParams, explicit
 from loraswitch.library import AdapterError
 from loraswitch.routing import ROUTER_NAMES, Router, load_router
+from loraswitch.switch.mixture import MixtureError, MixturePolicy, allowed_set, check_names, mixture_of, parse_model
 from loraswitch.switch.request import Done, Event, Failed, Handle, Request
 from loraswitch.switch.run import run
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_BATCH = 32
 
@@ -43,6 +48,9 @@ class Switch:
         self.engine = Engine(base, dirs)
         self.router_dir = Path(router_dir) if router_dir else None
         self._routers: dict[tuple[str, int], Router] = {}
+        # called with (features, prompt) for every prompt `auto` sent to no adapter (the server's
+        # shift detector, `server.shifts`); None: nobody listens
+        self.on_unrouted: Callable[[torch.Tensor, str], None] | None = None
 
     def router(self, name: str = "auto") -> Router:
         """A router by name ("auto", "seq", "arrow", "gate"), loaded once per library version."""
@@ -58,10 +66,21 @@ class Switch:
             self._routers[key] = router
         return router
 
-    def resolve(self, model: str, route: str | None = None) -> tuple[str, str | None]:
+    def resolve(self, model: str, route: str | None = None, allow=None, deny=()) -> tuple[str, str | None]:
         """(model, route) as a request means them: "auto:arrow" is model "auto" with router
-        "arrow"; a router only applies to "auto". Raises ValueError for a bad combination and
-        AdapterError for an unknown model."""
+        "arrow"; a router only applies to "auto"; a mixture ("a:0.7+b:0.3") comes back in its
+        canonical spelling (`switch.mixture`), and `allow` / `deny` only apply to "auto". Raises
+        ValueError (MixtureError) for a bad combination and AdapterError for an unknown name."""
+        if allow is not None or deny:
+            if model.split(":", 1)[0] != "auto":
+                raise MixtureError(f"allow / deny only apply to model 'auto' ({model!r} is explicit)", "invalid_allow")
+            check_names([*(allow or ()), *deny], self.engine.names, "allow / deny")
+        mix = parse_model(model)
+        if mix is not None:
+            if route not in (None, "none"):
+                raise ValueError(f"route={route!r} only applies to model 'auto' ({model!r} is a mixture)")
+            check_names(mix.names, self.engine.names, "the mixture")
+            return mix.spec, None
         if model.startswith("auto:"):
             model, route = "auto", route or model.split(":", 1)[1]
         if model == "auto":
@@ -74,12 +93,18 @@ class Switch:
             raise AdapterError(model, f"unknown adapter {model!r}")
         return model, None
 
-    def policy(self, prompts: list[str], model: str = "auto", route: str | None = None) -> Policy:
-        """`model`: "auto" routes (with router `route`, default "auto"), "base" or an adapter name."""
+    def policy(self, prompts: list[str], model: str = "auto", route: str | None = None, allow=None,
+               deny=()) -> Policy:
+        """`model`: "auto" routes (with router `route`, default "auto", choosing only among
+        `allow` minus `deny`), "base", an adapter name or a mixture."""
         if model == "auto":
-            return self.router(route or "auto").policy(self.engine, prompts)
+            allowed = allowed_set(self.engine.names, allow, deny)
+            return self.router(route or "auto").policy(self.engine, prompts, allowed)
         if route not in (None, "none"):
             raise ValueError(f"route={route!r} only applies to model='auto' (model={model!r} is explicit)")
+        mix = parse_model(model)
+        if mix is not None:
+            return MixturePolicy(self.engine, mix, len(prompts))
         return explicit(self.engine, [model] * len(prompts))
 
     def run(self, handles: list[Handle], max_rows: int | None = MAX_BATCH, max_parts: int | None = None) -> list[dict]:
@@ -115,16 +140,23 @@ class Switch:
     def chat(
         self,
         prompts: list[str],
-        model: str = "auto",
+        model: str | dict[str, float] = "auto",
         route: str | None = None,
         params: SamplingParams | None = None,
         system: str | None = None,
+        allow: list[str] | None = None,
+        deny: list[str] = (),
     ) -> list[Generation]:
         """Answer each prompt as one chat turn, in batches of up to MAX_BATCH rows. With a router
         that fans out (`auto`), a prompt of numbered parts becomes one row per part and its answer
-        is assembled from theirs (`switch.parts`)."""
+        is assembled from theirs (`switch.parts`). `model` may be a mixture, as a string
+        ("a:0.7+b:0.3") or {name: weight}; `allow` / `deny` restrict what `auto` chooses."""
         params = params or SamplingParams()
-        requests = [Request.chat(p, system=system, model=model, route=route, max_tokens=params.max_new_tokens,
+        model = mixture_of(model).spec if isinstance(model, dict) else model
+        model, route = self.resolve(model, route, allow, deny)
+        allow = tuple(allow) if allow is not None else None
+        requests = [Request.chat(p, system=system, model=model, route=route, allow=allow, deny=tuple(deny),
+                                 max_tokens=params.max_new_tokens,
                                  temperature=params.temperature, top_p=params.top_p, seed=params.seed,
                                  logprobs=params.logprobs) for p in prompts]
         answers: list[Generation | None] = [None] * len(requests)

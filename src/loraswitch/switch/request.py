@@ -38,8 +38,9 @@ class Request:
     """One prompt to answer: a conversation (`messages`, answered in the chat template) or a raw
     completion (`prompt`: text or token ids, no template), and how to answer it.
 
-    `model`: "auto" (routed; `route` picks the router, default "auto"), "base" or an adapter
-    name. Only chat requests to a router that fans out (`auto`) are answered part by part when
+    `model`: "auto" (routed; `route` picks the router, default "auto"), "base", an adapter
+    name or a weighted mixture ("a:0.7+b:0.3", `switch.mixture`). `allow` / `deny` restrict
+    which adapters `auto` may choose (None: all). Only chat requests to a router that fans out (`auto`) are answered part by part when
     their last user message numbers its parts.
     """
 
@@ -47,6 +48,8 @@ class Request:
     prompt: str | tuple[int, ...] | None = None
     model: str = "auto"
     route: str | None = None
+    allow: tuple[str, ...] | None = None  # auto chooses only among these (None: every adapter)
+    deny: tuple[str, ...] = ()  # ... and never these
     max_tokens: int = 64
     temperature: float = 0.0  # 0 (or below generate.MIN_TEMPERATURE) = greedy
     top_p: float = 1.0

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from loraswitch.generate import Generation, Listener, Policy, RowsPolicy, SamplingParams, generate
 from loraswitch.library import AdapterError
 from loraswitch.routing.base import StaleRouterError
+from loraswitch.switch.mixture import MixtureError
 from loraswitch.switch.parts import PartsAnswer, SingleAnswer, fan_out
 from loraswitch.switch.request import Handle, InvalidOutput, Request, RouterUnavailable, Switched, Token
 from loraswitch.switch.segment import segment_requests
@@ -136,11 +137,28 @@ def _policy(switch, rows: list[Row]) -> Policy:
     req = rows[0].request
     texts = [r.request.route_text(switch.base) for r in rows]
     try:
-        return switch.policy(texts, req.model, req.route)
-    except AdapterError:
+        policy = switch.policy(texts, req.model, req.route, req.allow, req.deny)
+    except (AdapterError, MixtureError):
         raise
     except (StaleRouterError, FileNotFoundError, ValueError) as exc:
         raise RouterUnavailable(req.route, exc) from exc
+    _note_unrouted(switch, req, texts, policy)
+    return policy
+
+
+def _note_unrouted(switch, req: Request, texts: list[str], policy: Policy) -> None:
+    """Hand `switch.on_unrouted` each prompt `auto` sent to no adapter, with the features its
+    selector decided on (the shift detector's input). Requests with allow / deny are left out:
+    they abstained because they were told to, not because the library lacks their task."""
+    hook, feats = switch.on_unrouted, getattr(policy, "features", None)
+    if hook is None or feats is None or req.allow is not None or req.deny:
+        return
+    try:
+        for i, decision in enumerate(policy.decisions):
+            if decision.adapter is None:
+                hook(feats[i], texts[i])
+    except Exception:  # noticing new tasks must never cost an answer
+        log.exception("recording unrouted prompts failed")
 
 
 def _chunks(items: list, size: int | None) -> list[list]:
@@ -154,7 +172,8 @@ def _calls(switch, rows: list[Row], max_rows: int | None) -> list[list[tuple[Pol
     by_policy: dict[tuple, list[Row]] = {}
     for row in rows:
         req = row.request
-        by_policy.setdefault((req.model, req.route if req.model == "auto" else None), []).append(row)
+        key = (req.model, req.route, req.allow, req.deny) if req.model == "auto" else (req.model, None)
+        by_policy.setdefault(key, []).append(row)
     static: list[list[tuple[Policy, list[Row]]]] = [[]]
     dynamic: list[list[tuple[Policy, list[Row]]]] = []
     for members in by_policy.values():

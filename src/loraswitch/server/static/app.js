@@ -245,6 +245,29 @@ async function run(event) {
   }
 }
 
+// The task-shift panel: GET /v1/routing/shifts (clusters of unrouted prompts, largest first).
+async function loadShifts() {
+  const body = $("shifts").tBodies[0];
+  try {
+    const resp = await fetch("/v1/routing/shifts", { headers: headers() });
+    const report = await resp.json();
+    if (!resp.ok) throw new Error(report.error ? report.error.message : resp.statusText);
+    $("shifts-summary").textContent = `${report.unrouted} prompts no adapter took, in ${report.clusters} clusters; ` +
+      `${report.data.length} reach ${report.min_size} prompts` + (report.keep_prompts ? "." : " (prompt texts are not kept: --keep-prompts).");
+    body.replaceChildren();
+    for (const c of report.data) {
+      const tr = el("tr");
+      tr.dataset.cluster = c.id;
+      const examples = el("td");
+      for (const p of c.examples) examples.append(el("div", { className: "example" }, p));
+      tr.append(el("td", {}, c.id), el("td", {}, String(c.size)), el("td", {}, c.first_seen), el("td", {}, c.last_seen), examples);
+      body.append(tr);
+    }
+  } catch (err) {
+    $("shifts-summary").textContent = "could not load task shifts: " + err.message;
+  }
+}
+
 function syncRoute() {
   $("route-label").style.visibility = $("model").value === "auto" ? "visible" : "hidden";
 }
@@ -262,6 +285,8 @@ async function init() {
   $("api-key").addEventListener("change", loadModels); // a new key: remember it, list what it may use
   $("form").addEventListener("submit", run);
   $("stop").addEventListener("click", () => controller && controller.abort());
+  $("shifts-refresh").addEventListener("click", loadShifts);
+  await loadShifts();
   if (params.get("run") === "1" && $("prompt").value) await run();
 }
 

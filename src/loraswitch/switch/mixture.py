@@ -1,0 +1,136 @@
+"""Adapters composed on request: `model="iso_date:0.7+to_json:0.3"` (or, on the server, the
+`loraswitch.adapters` object) answers with a fixed weighted mixture of adapters, and `auto` may be
+told which adapters it may choose (`allow`) or must not (`deny`).
+
+A mixture is no new mechanism: every token of the request uses the same slots with the same
+weights, the per-token weighted routing the kernels already compute exactly
+(`y = W x + sum_e w_e s_e B_e A_e x`), so it costs one forward and equals the base with the
+weighted deltas merged in. Weights are used as given (not normalized: `a:0.5` is half of `a`),
+must be finite and not negative; a name may appear once.
+
+The model string is parsed here and only here: `Switch.resolve` (the library) and the server both
+call `parse_model`, so the two accept and refuse exactly the same strings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from loraswitch.generate import Choice, FixedPolicy
+from loraswitch.library import AdapterError
+
+RESERVED = ("auto", "base")
+
+
+class MixtureError(ValueError):
+    """A mixture or an allow / deny list that cannot be served as written (`code` says why)."""
+
+    def __init__(self, message: str, code: str = "invalid_mixture"):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Adapters and their weights, in the order written."""
+
+    weights: tuple[tuple[str, float], ...]
+
+    @property
+    def spec(self) -> str:
+        """The canonical model string ("a:0.7+b:0.3"): what a request carries as its `model`."""
+        return "+".join(f"{name}:{weight:g}" for name, weight in self.weights)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.weights]
+
+    def choice(self, engine) -> Choice:
+        return [engine.slot_of(n) for n in self.names], [w for _, w in self.weights]
+
+
+def _weight(text: str, term: str) -> float:
+    try:
+        weight = float(text)
+    except ValueError:
+        raise MixtureError(f"the weight of {term!r} is not a number (write name:weight, e.g. iso_date:0.7)") from None
+    return weight
+
+
+def mixture_of(adapters: Mapping[str, float] | Iterable[tuple[str, float]]) -> Mixture:
+    """A validated mixture from {name: weight} (the server's `loraswitch.adapters`) or pairs."""
+    pairs = list(adapters.items() if isinstance(adapters, Mapping) else adapters)
+    if not pairs:
+        raise MixtureError("a mixture needs at least one adapter")
+    seen: set[str] = set()
+    for name, weight in pairs:
+        if not isinstance(name, str) or not name:
+            raise MixtureError("adapter names in a mixture must be non-empty strings")
+        if name in RESERVED:
+            raise MixtureError(f"{name!r} cannot be part of a mixture (mix adapters; 'base' is weight 0)")
+        if name in seen:
+            raise MixtureError(f"{name!r} appears twice in the mixture")
+        seen.add(name)
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise MixtureError(f"the weight of {name!r} must be a number")
+        if not math.isfinite(weight):
+            raise MixtureError(f"the weight of {name!r} is {weight}; weights must be finite")
+        if weight < 0:
+            raise MixtureError(f"the weight of {name!r} is {weight:g}; weights must not be negative")
+    return Mixture(tuple((n, float(w)) for n, w in pairs))
+
+
+def parse_model(model: str) -> Mixture | None:
+    """The mixture a model string names, or None when it names no mixture ("auto", "auto:arrow",
+    "base", one adapter). "a:0.7+b:0.3" and "a:0.5" are mixtures; a term without a weight
+    inside a "+" mixture has weight 1. Raises MixtureError for a malformed or invalid one."""
+    terms = model.split("+")
+    if len(terms) == 1:
+        name, sep, weight = model.rpartition(":")
+        if not sep or name == "auto":  # "auto:arrow" names a router, not a weight
+            return None
+        try:
+            float(weight)
+        except ValueError:
+            return None
+        terms = [model]
+    pairs = []
+    for term in terms:
+        name, sep, weight = term.strip().rpartition(":")
+        if not sep:
+            name, weight = term.strip(), "1"
+        pairs.append((name.strip(), _weight(weight.strip(), term)))
+    return mixture_of(pairs)
+
+
+def check_names(names: Iterable[str], known: Iterable[str], what: str) -> None:
+    """Raise AdapterError naming the first of `names` that is not loaded (`what`: where it was)."""
+    known = set(known)
+    for name in names:
+        if name not in known:
+            raise AdapterError(name, f"unknown adapter {name!r} in {what}; loaded: {', '.join(sorted(known))}")
+
+
+def allowed_set(names: list[str], allow: Iterable[str] | None, deny: Iterable[str]) -> frozenset[str] | None:
+    """The adapters a router may choose: `allow` (default every loaded one) minus `deny`; None
+    when neither restricts anything."""
+    if allow is None and not deny:
+        return None
+    return frozenset(names if allow is None else allow) - frozenset(deny)
+
+
+class MixturePolicy(FixedPolicy):
+    """Every token of every row uses the mixture's slots and weights; the summary lists it."""
+
+    def __init__(self, engine, mixture: Mixture, rows: int):
+        super().__init__([mixture.choice(engine)] * rows)
+        self.mixture = mixture
+
+    def summary(self, engine, row: int) -> dict:
+        return {"router": None, "adapter": self.mixture.names, "confidence": 1.0,
+                "mixture": dict(self.mixture.weights)}
+
+    def events(self, row: int) -> list[dict]:
+        return [{"token_index": 0, "event": "mixture", "adapters": dict(self.mixture.weights)}]
