@@ -8,7 +8,7 @@
 #   load     the server under 200 concurrent requests       -> docs/server.md, benchmarks/results/server_load.*
 #   soak     the server over 3000 requests with adapters unloaded and reloaded under load (about 15 minutes)
 #                                                           -> docs/server.md, benchmarks/results/soak_server.*
-#   bigbench the BIG-bench library (needs `loraswitch data bigbench`; not in the default set, ~1 h):
+#   bigbench the BIG-bench library (needs `loraswitch data bigbench`; not in the default set, hours on 2 cores):
 #            adapters on their test splits, its routers, a small eval -> docs/real-tasks.md,
 #            libraries/bigbench/{adapters/manifest.json,routers/}, benchmarks/results/eval_bigbench/
 # Run a subset by naming steps: `bash scripts/refresh-results.sh eval bench`.
@@ -27,10 +27,13 @@ for step in "${steps[@]}"; do
     soak) python benchmarks/soak_server.py --requests 3000 --cycle-every 250 --max-tokens 8 --doc docs/server.md ;;
     bigbench)
       loraswitch data bigbench --router-data "${TMPDIR:-/tmp}/bigbench_router_data" --per-task 200
-      loraswitch zoo eval --library bigbench --doc docs/real-tasks.md || true   # exit 1 = an adapter under the bar
+      # each step resumes: rerun the command after an interruption and only what is missing runs
+      loraswitch zoo eval --library bigbench --n 50 --resume --doc docs/real-tasks.md || true   # exit 1 = an adapter under the bar
       loraswitch train-router --library bigbench --router seq --data "${TMPDIR:-/tmp}/bigbench_router_data"
       loraswitch train-router --library bigbench --router gate --data "${TMPDIR:-/tmp}/bigbench_router_data"
-      loraswitch eval --library bigbench --limit 10 --composite-limit 3 --out benchmarks/results/eval_bigbench --doc docs/real-tasks.md ;;
+      python benchmarks/segmentation.py --library bigbench --singles 20 --layout-prompts 3
+      loraswitch eval --library bigbench --limit 10 --composite-limit 3 --resume --out benchmarks/results/eval_bigbench \
+        --doc docs/real-tasks.md ;;
     *) echo "unknown step $step (zoo, eval, bench, load, soak, bigbench)" >&2; exit 2 ;;
   esac
 done
