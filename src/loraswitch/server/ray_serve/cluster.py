@@ -36,9 +36,6 @@ class Library:
     def report(self, replica: str, version: int, metrics: bytes = b"", health: dict | None = None) -> None:
         self.reports[replica] = {"at": time.time(), "version": version, "metrics": metrics, "health": health or {}}
 
-    def forget(self, replica: str) -> None:
-        self.reports.pop(replica, None)
-
     def live(self) -> dict[str, dict]:
         now = time.time()
         return {r: rep for r, rep in self.reports.items() if now - rep["at"] < LIVE_S}

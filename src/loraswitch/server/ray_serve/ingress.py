@@ -45,6 +45,7 @@ class Ingress:
     def __init__(self, replicas, library, gate: dict):
         self.replicas, self.library, self.gate = replicas, library, gate
         self.metrics = Metrics()
+        self.retries = 0  # requests sent again because their replica failed before answering
 
     def __serve_build_asgi_app__(self):
         http = FastAPI(title="loraswitch (Ray Serve)", docs_url=None, redoc_url=None, openapi_url=None)
@@ -86,6 +87,7 @@ class Ingress:
                 first = await anext(gen, b"")
             except Exception as exc:  # the replica died or went away: nothing was sent yet
                 failure = exc
+                self.retries += 1
                 log.warning("replica failed before answering (try %d of %d): %s", attempt + 1, ATTEMPTS, exc)
                 gen.cancel()
                 await asyncio.sleep(RETRY_PAUSE_S)
@@ -131,7 +133,7 @@ class Ingress:
     async def healthz(self):
         live = await self.library.live.remote()
         ok = any(rep["health"].get("alive") for rep in live.values())
-        return JSONResponse({"status": "ok" if ok else "no live replica", "replicas": {
+        return JSONResponse({"status": "ok" if ok else "no live replica", "retries": self.retries, "replicas": {
             r: rep["health"] for r, rep in sorted(live.items())}}, status_code=200 if ok else 503)
 
 

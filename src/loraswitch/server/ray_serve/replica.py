@@ -38,6 +38,7 @@ class Replica:
         torch.set_num_threads(int(os.environ.get("LORASWITCH_THREADS", os.cpu_count() or 1)))
         switch = await asyncio.to_thread(open_switch, config.get("base"), config.get("adapter_dirs"),
                                          config.get("router_dir"), config.get("library", "demo"))
+        switch.engine.compile = bool(config.get("compile"))
         self.settings = ServerSettings(**config["settings"])
         self.app = create_app(switch, self.settings)
         self.engine = switch.engine
