@@ -1,0 +1,140 @@
+"""Scale-out benchmark: the same load against `loraswitch serve` (one engine, no Ray) and
+`loraswitch serve --ray` with 1 and 2 replicas, each a subprocess this script starts and stops on
+127.0.0.1 (the Ray runs start their own local Ray instance and shut it down).
+
+Every engine gets --threads torch threads (default 1), so on a 2-core machine 2 replicas use
+both cores where one engine uses one. Reports throughput, p50/p99 latency, lost requests and 5xx
+per setup (the load generator is benchmarks/load_server.py's), and writes JSON and markdown into
+benchmarks/results/ (and, with --doc, the table into a doc's generated block).
+
+    python benchmarks/ray_serve.py --doc docs/scale-out.md    # 48 requests per setup, ~4 minutes
+    python benchmarks/ray_serve.py --requests 8 --max-tokens 4 --replicas 2   # a smoke run
+
+Bounded: at most --requests requests and --time-limit seconds per setup; loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_server import HOST, RESULTS, ROOT, Server, build_requests, free_port, phase  # noqa: E402
+
+
+class RayServer(Server):
+    """`python -m loraswitch.server --ray --replicas N` in a subprocess on a free loopback port."""
+
+    def __init__(self, args: argparse.Namespace, replicas: int):
+        self.port, self.replicas = free_port(), replicas
+        self.url = f"http://{HOST}:{self.port}"
+        cmd = [sys.executable, "-m", "loraswitch.server", "--ray", "--replicas", str(replicas), "--host", HOST,
+               "--port", str(self.port), "--max-batch", str(args.max_batch), "--max-queue", str(args.requests + 16),
+               "--timeout", str(args.time_limit), "--max-new-tokens", str(max(args.max_tokens, 1)),
+               "--default-temperature", "0", "--log-level", "warning"]
+        env = {**os.environ, "LORASWITCH_THREADS": str(args.threads)}
+        self.log = open(RESULTS / f".ray-server-{self.port}.log", "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+    def wait_ready(self, timeout: float = 600) -> dict:
+        """/healthz once every replica reports, as the single server's health (its adapters)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            health = super().wait_ready(deadline - time.monotonic())
+            live = health.get("replicas", {})
+            if len(live) >= self.replicas:
+                return {"adapters": next(iter(live.values()))["adapters"], "replicas": len(live)}
+            time.sleep(0.5)
+        raise TimeoutError("the replicas did not all start")
+
+    def stop(self) -> None:
+        self.proc.terminate()  # serve --ray stops Serve and its Ray instance on SIGTERM
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+def measure(server: Server, args: argparse.Namespace, models: list[str]) -> dict:
+    try:
+        health = server.wait_ready()
+        reqs = build_requests(args.requests, models or [*health["adapters"], "auto"], args.seed)
+        result = asyncio.run(phase(server.url, reqs, args))
+        result["ingress_retries"] = httpx.get(server.url + "/healthz", timeout=10).json().get("retries")
+        return result
+    finally:
+        server.stop()
+
+
+def markdown(report: dict) -> str:
+    cfg = report["config"]
+    lines = [f"Measured {report['finished_at']} on {report['machine']}: {cfg['requests']} chat requests per setup, "
+             f"at most {cfg['concurrency']} in flight, max_tokens {cfg['max_tokens']}, greedy, "
+             f"{int(cfg['stream_fraction'] * 100)}% streamed, models cycled over every adapter and `auto`; "
+             f"{cfg['threads']} torch thread(s) per engine, max batch {cfg['max_batch']}; client and servers on "
+             "this machine, loopback only.", "",
+             "| setup | engines | ok | lost | 5xx | req/s | tokens/s | p50 s | p99 s | mean batch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, res in report["setups"].items():
+        lines.append(f"| {name} | {res['engines']} | {res['ok']}/{res['sent']} | {res['lost']} | {res['errors_5xx']} | "
+                     f"{res['requests_per_s']} | {res['tokens_per_s']} | {res['latency_s']['p50']} | "
+                     f"{res['latency_s']['p99']} | {res['batch_size']['mean']} |")
+    lines += ["", "Reproduce: `python benchmarks/ray_serve.py " + " ".join(report["argv"]) + "`", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--replicas", default="1,2", help="comma-separated replica counts to measure on Ray")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain server (no Ray)")
+    p.add_argument("--models", default="", help="comma-separated; default: every adapter plus auto")
+    p.add_argument("--stream-fraction", type=float, default=0.25)
+    p.add_argument("--time-limit", type=float, default=300, help="seconds per setup; unfinished requests count as lost")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per engine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--doc", help="also write the table into this markdown file's generated block")
+    args = p.parse_args(argv)
+    if not 1 <= args.requests <= 1000 or args.concurrency < 1:
+        p.error("--requests must be 1..1000 and --concurrency at least 1")
+    args.base = args.adapter_dir = args.router_dir = None  # load_server.Server: the default library
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    setups: dict[str, dict] = {}
+    if not args.no_plain:
+        setups["plain server (no Ray)"] = {**measure(Server(args, args.max_batch), args, models), "engines": 1}
+    for n in [int(x) for x in args.replicas.split(",") if x.strip()]:
+        setups[f"Ray Serve, {n} replica{'s' if n > 1 else ''}"] = {**measure(RayServer(args, n), args, models),
+                                                                   "engines": n}
+    report = {"finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+              "config": {k: getattr(args, k) for k in ("requests", "concurrency", "max_tokens", "max_batch",
+                                                        "stream_fraction", "threads")},
+              "argv": sys.argv[1:] if argv is None else argv, "setups": setups}
+    (RESULTS / "ray_serve.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / "ray_serve.md").write_text(markdown(report))
+    print(markdown(report))
+    if args.doc:
+        from loraswitch.eval.report import update_doc
+
+        update_doc(Path(args.doc), "scale-out", markdown(report))
+    return 1 if any(s["errors_5xx"] + s["lost"] for s in setups.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
