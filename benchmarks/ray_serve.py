@@ -70,9 +70,11 @@ class RayServer(Server):
 def measure(server: Server, args: argparse.Namespace, models: list[str]) -> dict:
     try:
         health = server.wait_ready()
+        load = os.getloadavg()[0]  # the machine is shared: how busy it was when this setup ran
         reqs = build_requests(args.requests, models or [*health["adapters"], "auto"], args.seed)
         result = asyncio.run(phase(server.url, reqs, args))
         result["ingress_retries"] = httpx.get(server.url + "/healthz", timeout=10).json().get("retries")
+        result["load_avg_1m"] = round((load + os.getloadavg()[0]) / 2, 2)
         return result
     finally:
         server.stop()
@@ -84,13 +86,14 @@ def markdown(report: dict) -> str:
              f"at most {cfg['concurrency']} in flight, max_tokens {cfg['max_tokens']}, greedy, "
              f"{int(cfg['stream_fraction'] * 100)}% streamed, models cycled over every adapter and `auto`; "
              f"{cfg['threads']} torch thread(s) per engine, max batch {cfg['max_batch']}; client and servers on "
-             "this machine, loopback only.", "",
-             "| setup | engines | ok | lost | 5xx | req/s | tokens/s | p50 s | p99 s | mean batch |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "this machine, loopback only; load avg: the machine's 1-minute load average during the setup (it is "
+             "shared with other work).", "",
+             "| setup | engines | ok | lost | 5xx | req/s | tokens/s | p50 s | p99 s | mean batch | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, res in report["setups"].items():
         lines.append(f"| {name} | {res['engines']} | {res['ok']}/{res['sent']} | {res['lost']} | {res['errors_5xx']} | "
                      f"{res['requests_per_s']} | {res['tokens_per_s']} | {res['latency_s']['p50']} | "
-                     f"{res['latency_s']['p99']} | {res['batch_size']['mean']} |")
+                     f"{res['latency_s']['p99']} | {res['batch_size']['mean']} | {res['load_avg_1m']} |")
     lines += ["", "Reproduce: `python benchmarks/ray_serve.py " + " ".join(report["argv"]) + "`", ""]
     return "\n".join(lines)
 
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-limit", type=float, default=300, help="seconds per setup; unfinished requests count as lost")
     p.add_argument("--threads", type=int, default=1, help="torch threads per engine")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default="", help="suffix of the result files and of the doc's generated block")
     p.add_argument("--doc", help="also write the table into this markdown file's generated block")
     args = p.parse_args(argv)
     if not 1 <= args.requests <= 1000 or args.concurrency < 1:
@@ -126,13 +130,14 @@ def main(argv: list[str] | None = None) -> int:
               "config": {k: getattr(args, k) for k in ("requests", "concurrency", "max_tokens", "max_batch",
                                                         "stream_fraction", "threads")},
               "argv": sys.argv[1:] if argv is None else argv, "setups": setups}
-    (RESULTS / "ray_serve.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / "ray_serve.md").write_text(markdown(report))
+    stem = "ray_serve" + (f"_{args.tag}" if args.tag else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
     if args.doc:
         from loraswitch.eval.report import update_doc
 
-        update_doc(Path(args.doc), "scale-out", markdown(report))
+        update_doc(Path(args.doc), "scale-out" + (f"-{args.tag}" if args.tag else ""), markdown(report))
     return 1 if any(s["errors_5xx"] + s["lost"] for s in setups.values()) else 0
 
 
