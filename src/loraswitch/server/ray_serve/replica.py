@@ -54,7 +54,7 @@ class Replica:
     async def forward(self, req: Forwarded):
         """The response to `req` as the app sends it: the head, then the body chunks."""
         model = serve.get_multiplexed_model_id()
-        if model:
+        if model in self.engine.adapters:  # an unknown name gets the app's 404, and no placement
             await self.adapter(model)
         async for item in call(self.app, req):
             yield item
