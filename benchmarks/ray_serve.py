@@ -80,6 +80,42 @@ def measure(server: Server, args: argparse.Namespace, models: list[str]) -> dict
         server.stop()
 
 
+def route_cost(threads: int, rounds: int = 3) -> str:
+    """What routing `auto` costs next to answering: the router's decision alone vs a whole
+    routed answer (16 tokens) on demo prompts, one engine on `threads` threads (the numbers behind
+    routing on the replica instead of the ingress; docs/scale-out.md)."""
+    import statistics
+
+    import torch
+
+    from loraswitch.generate import SamplingParams
+    from loraswitch.switch import Switch
+
+    torch.set_num_threads(threads)
+    sw = Switch()
+    prompts = ["Spell out in French: 21", "Sort ascending: 42, 7, 19, 3", "What is 347 + 85?",
+               "Convert to ISO date: March 5, 2021"]
+    texts = [sw.base.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                   add_generation_prompt=True) for p in prompts]
+    params = SamplingParams(max_new_tokens=16, temperature=0)
+    router = sw.router("auto")
+    router.policy(sw.engine, texts[:1]), sw.chat(prompts[:1], model="auto", params=params)  # warm-up
+    decide, answer = [], []
+    for _ in range(rounds):
+        for text, prompt in zip(texts, prompts):
+            t0 = time.perf_counter()
+            router.policy(sw.engine, [text])
+            decide.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            sw.chat([prompt], model="auto", params=params)
+            answer.append(time.perf_counter() - t0)
+    d, a = 1000 * statistics.median(decide), 1000 * statistics.median(answer)
+    return (f"Routing cost ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {threads} thread(s), load avg "
+            f"{os.getloadavg()[0]:.1f}): the `auto` router's decision alone takes a median {d:.0f} ms per prompt; a "
+            f"whole routed answer of 16 tokens (that decision included) {a:.0f} ms, so routing is {d / a:.0%} of it. "
+            f"Reproduce: `python benchmarks/ray_serve.py --route-cost`.\n")
+
+
 def markdown(report: dict) -> str:
     cfg = report["config"]
     lines = [f"Measured {report['finished_at']} on {report['machine']}: {cfg['requests']} chat requests per setup, "
@@ -113,7 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the result files and of the doc's generated block")
     p.add_argument("--doc", help="also write the table into this markdown file's generated block")
+    p.add_argument("--route-cost", action="store_true", help="only measure what routing costs next to answering")
     args = p.parse_args(argv)
+    if args.route_cost:
+        text = route_cost(args.threads)
+        print(text)
+        if args.doc:
+            from loraswitch.eval.report import update_doc
+
+            update_doc(Path(args.doc), "scale-out-route", text)
+        return 0
     if not 1 <= args.requests <= 1000 or args.concurrency < 1:
         p.error("--requests must be 1..1000 and --concurrency at least 1")
     args.base = args.adapter_dir = args.router_dir = None  # load_server.Server: the default library
