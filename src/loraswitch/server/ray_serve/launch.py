@@ -52,11 +52,13 @@ class Cluster:
         import ray
         from ray import serve
 
+        if not self.started_ray:  # a cluster we joined: take down our application only
+            serve.delete(APP_NAME)
+            return
         try:
             serve.shutdown()
         finally:
-            if self.started_ray:
-                ray.shutdown()
+            ray.shutdown()
 
 
 def start(switch_config: dict, settings, scale: Scale, host: str = "127.0.0.1", port: int = 8000,
@@ -93,8 +95,8 @@ def start(switch_config: dict, settings, scale: Scale, host: str = "127.0.0.1", 
                 "max_body_bytes": settings.max_body_bytes}
         serve.run(ingress.bind(replicas.bind(config, library), library, gate), name=APP_NAME, route_prefix="/")
     except BaseException:
-        serve.shutdown()
         if address is None:
+            serve.shutdown()
             ray.shutdown()
         raise
     shown = host if host not in ("0.0.0.0", "::") else "127.0.0.1"
