@@ -114,9 +114,9 @@ def test_killing_a_replica_under_load_loses_no_request(cluster, client, tmp_path
     shutil.copytree(DEMO_ADAPTER_DIR / "sort_numbers", tmp_path / "ordering")  # hot-loaded before the crash
     assert httpx.post(cluster.url + "/v1/adapters", json={"path": str(tmp_path / "ordering")}, headers=AUTH,
                       timeout=120).status_code == 201
-    before = wait_for_replicas(cluster.url, 2)
-    victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
-                  if "SERVE_REPLICA" in a["name"] and "#Replica#" in a["name"])
+    wait_for_replicas(cluster.url, 2)
+    actors = {a["name"].rsplit("#", 1)[1]: a for a in ray.util.list_named_actors(all_namespaces=True)
+              if "SERVE_REPLICA" in a["name"] and "#Replica#" in a["name"]}
 
     def one(i: int):
         try:
@@ -127,13 +127,17 @@ def test_killing_a_replica_under_load_loses_no_request(cluster, client, tmp_path
 
     with ThreadPoolExecutor(12) as pool:
         futures = [pool.submit(one, i) for i in range(24)]
-        time.sleep(2.0)  # requests are decoding on both replicas now
-        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+        deadline = time.monotonic() + 60
+        while not (busy := [r for r, h in replicas(cluster.url).items() if h["running"] and r in actors]):
+            assert time.monotonic() < deadline, "no replica started decoding"
+            time.sleep(0.1)
+        victim = busy[0]  # a replica with requests decoding right now
+        ray.kill(ray.get_actor(actors[victim]["name"], namespace=actors[victim]["namespace"]), no_restart=True)
         answers = [f.result(timeout=180) for f in futures]
     assert all(answers), f"{answers.count(None)} of {len(answers)} requests failed with 503"
     assert httpx.get(cluster.url + "/healthz", timeout=10).json()["retries"] >= 1  # the kill hit requests in flight
-    after = wait_for_replicas(cluster.url, 2, gone=victim["name"].rsplit("#", 1)[1])  # Serve started a new one
-    new = set(after) - set(before)
+    after = wait_for_replicas(cluster.url, 2, gone=victim)  # Serve started a new one
+    new = set(after) - set(actors)
     assert new, after
     for rid in new:  # the new replica replayed the library log: it serves the hot-loaded adapter
         assert "ordering" in after[rid]["adapters"], after[rid]
