@@ -107,3 +107,19 @@ def test_compiled_decode_inductor(tiny_base, adapter_dir):
             assert got == want
     assert compiled.decoder.failed is None, compiled.decoder.failed
     assert set(compiled.decoder.compile_s) == {(3, 256, 1), (1, 256, 1)}
+
+
+def test_answers_end_at_any_chat_structure_token(tiny_base):
+    """The stop set is the eos ids plus every special token the chat template writes (a model
+    that opens a new turn has finished its answer), and generation stops on any of them."""
+    tok = tiny_base.tokenizer
+    im_start, im_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    assert {im_start, im_end} | tiny_base.eos_ids <= tiny_base.stop_ids
+    engine = Engine(tiny_base)
+    prompt = [tiny_base.chat_ids("hello")]
+    free = generate(engine, prompt, explicit(engine, [None]), SamplingParams(max_new_tokens=6, stop_ids=set()))[0]
+    assert len(free.token_ids) == 6
+    tiny_base._stops = {free.token_ids[2]}  # pretend the third token opens a new turn
+    cut = generate(engine, prompt, explicit(engine, [None]), SamplingParams(max_new_tokens=6))[0]
+    first = free.token_ids.index(free.token_ids[2])
+    assert cut.token_ids == free.token_ids[:first] and cut.finish_reason == "stop"  # the stop token is not kept

@@ -37,6 +37,7 @@ class Base:
     source: str  # where it was loaded from
     _eot: int | None = field(default=None, init=False, repr=False)
     _user_start: int | None = field(default=None, init=False, repr=False)
+    _stops: set[int] | None = field(default=None, init=False, repr=False)
 
     @property
     def model_type(self) -> str:
@@ -50,6 +51,21 @@ class Base:
         if self.tokenizer.eos_token_id is not None:
             out.add(int(self.tokenizer.eos_token_id))
         return out
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """Where an answer ends: the eos ids, the end-of-turn token, and every other special token
+        the chat template writes to structure a conversation. A model that writes `<|im_start|>`
+        has begun a new turn, so its answer is over; stopping there keeps its role names and
+        turn markers out of the text. (The BIG-bench adapters were trained where the tokenizer
+        named `<|im_start|>` as the end of a turn: docs/real-tasks.md.)"""
+        if self._stops is None:
+            ids = set(self.eos_ids)
+            if self.tokenizer.chat_template:
+                special = set(self.tokenizer.all_special_ids)
+                ids |= {t for t in self.chat_ids("x") if t in special} | {self.end_of_turn_id}
+            self._stops = ids
+        return self._stops
 
     @property
     def end_of_turn_id(self) -> int:

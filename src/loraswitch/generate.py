@@ -295,7 +295,7 @@ def generate(
     listener = listener or Listener()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    stop = params.stop_ids if params.stop_ids is not None else engine.base.eos_ids
+    stop = params.stop_ids if params.stop_ids is not None else engine.base.stop_ids
     gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     results = [Generation(prompt_ids=list(p)) for p in prompts]
     k = params.logprobs or 0

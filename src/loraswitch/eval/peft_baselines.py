@@ -114,7 +114,7 @@ def hf_generate(model: nn.Module, base: Base, prompts: list[str], max_new_tokens
     padded = left_pad([base.chat_ids(p) for p in prompts], pad)
     ids, mask = padded.input_ids, padded.attention_mask
     device = next(model.parameters()).device
-    stop = sorted(base.eos_ids)
+    stop = sorted(base.stop_ids)
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                          do_sample=False, eos_token_id=stop, pad_token_id=pad, use_cache=use_cache,
                          temperature=None, top_p=None, top_k=None)

@@ -185,6 +185,9 @@ def train_adapter(base: Base, pairs: list[tuple[str, str]], recipe: Recipe, out_
         "skipped_too_long": skipped,
         "device": str(device),
         "nonfinite_steps_skipped": nonfinite,
+        # the token every target ends with: what the adapter learns to stop on (the BIG-bench
+        # library's GPU run read another one than this machine does; docs/real-tasks.md)
+        "end_of_turn": base.tokenizer.convert_ids_to_tokens(base.end_of_turn_id),
     }
     if checks:
         stats.update(val_checks=checks, kept_step=max((c for c in checks if c["val_exact"] == best[0]),
