@@ -35,6 +35,13 @@ def serve(
     allowed_hosts: Annotated[list[str] | None, typer.Option("--allowed-hosts", help="Host header served when no API key is set (repeatable or comma-separated; default: the --host address and localhost; '*': any).")] = None,
     docs: Annotated[bool, typer.Option(help="Serve /docs, /redoc and /openapi.json (behind --api-key when one is set).")] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    upstream: Annotated[str | None, typer.Option("--upstream", help="OpenAI-compatible server (base URL) that routed requests the local model would answer poorly are escalated to.")] = None,
+    upstream_model: Annotated[str | None, typer.Option("--upstream-model", help="The model name sent upstream (needed with --upstream).")] = None,
+    upstream_api_key_env: Annotated[str | None, typer.Option("--upstream-api-key-env", help="Environment variable holding the upstream's API key.")] = None,
+    upstream_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to connect to the upstream and between bytes of its answer; beyond, the request is answered locally.")] = 30.0,
+    escalate_threshold: Annotated[float | None, typer.Option("--escalate-threshold", min=0.0, help="Escalate when the estimated risk that the local answer is poor is at least this (default 0.5).")] = None,
+    escalate_rate: Annotated[float | None, typer.Option("--escalate-rate", min=0.0, max=1.0, help="Calibrate the threshold so this share of the --calibration prompts escalates (RouteLLM-style).")] = None,
+    calibration: Annotated[Path | None, typer.Option("--calibration", help="Held-out prompts for --escalate-rate: .txt (one per line) or .jsonl ({\"prompt\": ...}).")] = None,
     compile_step: Annotated[bool, typer.Option("--compile", help="Decode with the compiled step (torch.compile): faster per token; each new batch size compiles once on first use (a minute or more).")] = False,
 ) -> None:
     """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), adapter
@@ -47,6 +54,11 @@ def serve(
     from loraswitch.server.middleware import default_hosts
 
     switch = open_switch(base, adapter_dirs, router_dir, library)
+    if upstream:
+        switch.upstream = escalator(switch, upstream, upstream_model, upstream_api_key_env, upstream_timeout,
+                                    escalate_threshold, escalate_rate, calibration)
+    elif upstream_model or escalate_rate is not None or escalate_threshold is not None:
+        raise typer.BadParameter("--upstream-model, --escalate-rate and --escalate-threshold need --upstream URL")
     switch.engine.compile = compile_step
     settings = ServerSettings(
         max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
@@ -62,6 +74,33 @@ def serve(
     typer.echo(f"loraswitch serving {switch.base.name} with {len(switch.engine.names)} adapters "
                f"({', '.join(switch.engine.names) or 'none'}) on {where}  (trace page: {where}/ui)", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=10)
+
+
+def escalator(switch, url: str, model: str | None, key_env: str | None, timeout: float, threshold: float | None,
+              rate: float | None, calibration: Path | None):
+    """The `Escalator` the --upstream options describe (its threshold calibrated for --escalate-rate)."""
+    from loraswitch.library import read_examples
+    from loraswitch.switch.escalate import Escalator
+    from loraswitch.switch.escalation import DEFAULT_THRESHOLD
+    from loraswitch.switch.upstream import Upstream
+
+    if not model:
+        raise typer.BadParameter("--upstream needs --upstream-model NAME (the model the upstream serves)")
+    if rate is not None and threshold is not None:
+        raise typer.BadParameter("give --escalate-rate or --escalate-threshold, not both")
+    if (rate is None) != (calibration is None):
+        raise typer.BadParameter("--escalate-rate and --calibration FILE go together (the rate is calibrated on it)")
+    try:
+        up = Upstream.from_env(url, model, key_env, timeout=timeout)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    esc = Escalator(up, DEFAULT_THRESHOLD if threshold is None else threshold)
+    if rate is not None and calibration is not None:
+        prompts = [p for p, _ in read_examples(calibration)]
+        esc.calibrate(switch, prompts, rate)
+        typer.echo(f"escalation threshold {esc.threshold:.4f}: {rate:.0%} of {len(prompts)} calibration prompts",
+                   err=True)
+    return esc
 
 
 def main() -> None:  # pragma: no cover

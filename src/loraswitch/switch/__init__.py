@@ -21,6 +21,7 @@ from loraswitch.engine import Engine
 from loraswitch.generate import Generation, Policy, SamplingParams, explicit
 from loraswitch.library import AdapterError
 from loraswitch.routing import ROUTER_NAMES, Router, load_router
+from loraswitch.switch.escalate import Escalator
 from loraswitch.switch.request import Done, Event, Failed, Handle, Request
 from loraswitch.switch.run import run
 
@@ -35,6 +36,7 @@ class Switch:
         base: Base | str | None = None,
         adapter_dirs: list[str | Path] | None = None,
         router_dir: str | Path | None = None,
+        upstream: Escalator | None = None,
     ):
         if not isinstance(base, Base):
             base = load_base(base)
@@ -43,6 +45,7 @@ class Switch:
         self.engine = Engine(base, dirs)
         self.router_dir = Path(router_dir) if router_dir else None
         self._routers: dict[tuple[str, int], Router] = {}
+        self.upstream = upstream  # where routed requests the local model would answer poorly go (`switch.escalate`)
 
     def router(self, name: str = "auto") -> Router:
         """A router by name ("auto", "seq", "arrow", "gate"), loaded once per library version."""
