@@ -6,6 +6,8 @@ knows what must happen; the calibration maths is tested on its own."""
 from __future__ import annotations
 
 import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -20,7 +22,7 @@ from loraswitch.switch.escalation import NEVER, risks, threshold_for_rate
 from loraswitch.switch.request import Request
 from loraswitch.switch.upstream import Upstream
 from tests.conftest import tiny_model, write_adapter
-from tests.server.conftest import LiveServer
+from tests.server.conftest import LiveServer, wait_for
 
 CENTRAL_MODEL = "beta"  # what the edge asks the central server for
 PROMPT = "Tell me something about rivers."
@@ -146,6 +148,23 @@ def test_upstream_timeout_falls_back(central, edge, escalate_to):
         central.scheduler.resume()
     assert r.status_code == 200
     assert "ReadTimeout" in r.json()["routing"]["escalation"]["fallback"]
+
+
+def test_worker_does_not_wait_for_the_upstream(central, edge, escalate_to):
+    escalate_to(central.url, threshold=0.0, timeout=20)
+    central.scheduler.pause()  # the escalated request waits upstream...
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            escalated = pool.submit(ask, edge.url)
+            wait_for(lambda: central.scheduler.queue_depth == 1)
+            began = time.monotonic()
+            local = ask(edge.url, "alpha")  # ...while the edge keeps answering its own requests
+            assert local.status_code == 200 and time.monotonic() - began < 10
+            assert not escalated.done()
+            central.scheduler.resume()
+            assert escalated.result(timeout=30).json()["routing"]["target"] == "upstream"
+    finally:
+        central.scheduler.resume()
 
 
 def test_streaming_passes_through(central, edge, escalate_to):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from loraswitch.switch.request import Done, Event, Handle
 from loraswitch.switch.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("loraswitch.escalate")
+Requeue = Callable[[Handle], None]
 
 
 @dataclass(eq=False)
@@ -57,11 +59,15 @@ class Escalator:
             return self._pool
 
     # ------------------------------------------------------------------ inside Switch.run
-    def split(self, switch, handles: list[Handle]) -> tuple[list[Handle], list[tuple[Handle, Future]]]:
+    def split(self, switch, handles: list[Handle], requeue: Requeue | None = None
+              ) -> tuple[list[Handle], list[tuple[Handle, Future]]]:
         """(handles to decode here, (handle, future) of those sent upstream). Every routed handle
-        decoded here reports its verdict in its answer's routing."""
+        decoded here reports its verdict in its answer's routing. `requeue` (a server's): where a
+        handle whose upstream failed goes, the moment it fails, to be decoded in a later round."""
         by_route: dict[str | None, list[Handle]] = {}
         for h in handles:
+            if isinstance(h.emit, _Annotated) and h.emit.fallback:  # back from a failed upstream
+                continue
             if h.request.model == "auto" and not h.cancelled:
                 by_route.setdefault(h.request.route, []).append(h)
         sent: list[tuple[Handle, Future]] = []
@@ -81,7 +87,10 @@ class Escalator:
                     verdict.reason += f"; kept local: {refused}"
                 h.emit = _Annotated(h.emit, verdict)
                 if verdict.target == "upstream":
-                    sent.append((h, self.pool.submit(self._ask, h, verdict)))
+                    future = self.pool.submit(self._ask, h, verdict)
+                    if requeue is not None:
+                        future.add_done_callback(lambda f, h=h: _hand_back(h, f, requeue))
+                    sent.append((h, future))
         gone = {id(h) for h, _ in sent}
         return [h for h in handles if id(h) not in gone], sent
 
@@ -100,20 +109,27 @@ class Escalator:
     def settle(self, sent: list[tuple[Handle, Future]]) -> list[Handle]:
         """Wait for the upstream answers; the handles whose upstream failed before passing on any
         text, annotated with why, to be answered locally."""
-        fallback = []
-        for handle, future in sent:
-            try:
-                future.result()
-                continue
-            except UpstreamError as exc:
-                why = f"upstream failed, answered locally: {exc}"
-            except Exception as exc:  # a bug here must not cost the request its answer either
-                log.exception("escalating a request failed")
-                why = f"escalation failed, answered locally: {type(exc).__name__}: {exc}"
-            if isinstance(handle.emit, _Annotated):
-                handle.emit.fallback = why
-            fallback.append(handle)
-        return fallback
+        return [h for h, future in sent if _failed(h, future)]
+
+
+def _hand_back(handle: Handle, future: Future, requeue: Requeue) -> None:
+    if _failed(handle, future) and not handle.cancelled:
+        requeue(handle)
+
+
+def _failed(handle: Handle, future: Future) -> bool:
+    """Whether `future` (an upstream answer) failed; if so, `handle`'s emit notes why."""
+    try:
+        future.result()
+        return False
+    except UpstreamError as exc:
+        why = f"upstream failed, answered locally: {exc}"
+    except Exception as exc:  # a bug here must not cost the request its answer either
+        log.exception("escalating a request failed")
+        why = f"escalation failed, answered locally: {type(exc).__name__}: {exc}"
+    if isinstance(handle.emit, _Annotated):
+        handle.emit.fallback = why
+    return True
 
 
 @dataclass(eq=False)
