@@ -44,6 +44,7 @@ from loraswitch.demo.suites import suite_for
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_EDGE = {"demo": ["add", "iso_date", "sentiment", "sort_numbers"]}
 MARK = "edge-central"
+RATES = (0, .1, .2, .3, .4, .5, .55, .6, .8, 1)
 
 
 def free_port() -> int:
@@ -119,7 +120,7 @@ def apgr(points: list[dict], low: float, high: float) -> float:
     return sum((p["accuracy"] - low) / gap for p in points) / len(points) if gap > 0 else float("nan")
 
 
-def plot(points: list[dict], summary: dict, path: Path) -> None:
+def plot(points: list[dict], summary: dict, path: Path, blind: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,6 +128,8 @@ def plot(points: list[dict], summary: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot([100 * p["rate"] for p in points], [100 * p["accuracy"] for p in points], label="escalation by risk")
+    ax.plot([100 * p["rate"] for p in blind], [100 * p["accuracy"] for p in blind], ls="--",
+            label=f"without p_missing (APGR {summary['apgr_without_p_missing']:.3f})")
     lo, hi = 100 * summary["edge_alone"], 100 * summary["all_central"]
     ax.plot([0, 100], [lo, hi], ls=":", color="grey", label="random escalation")
     ax.axhline(hi, color="green", ls="--", lw=0.8, label="all central")
@@ -185,9 +188,15 @@ def measure(args) -> dict:
     text = lambda out: out["choices"][0]["message"]["content"]  # noqa: E731
     ok = lambda outs: [suite.score(c, text(o)) for c, o in zip(test, outs)]  # noqa: E731
     c_ok, l_ok, e_ok = ok(central_out), ok(local_out), ok(edge_out)
-    risks = [o["routing"]["escalation"]["risk"] for o in local_out]
+    verdicts = [o["routing"]["escalation"] for o in local_out]
+    risks = [v["risk"] for v in verdicts]
     up_flags = [o["routing"]["target"] == "upstream" for o in edge_out]
     points = curve(risks, l_ok, c_ok)
+    # ablation: the same decision without p_missing (a router that knows only the edge's tasks
+    # can still be unsure of them, but cannot say "this is a task I lack"): 1 - confidence for an
+    # adapter, the base's uncertainty alone for an abstention
+    blind = curve([1 - v["confidence"] if v["local"] == "adapter" else v["base_uncertainty"] for v in verdicts],
+                  l_ok, c_ok)
     same = [text(e) == text(c if u else lo) for e, c, lo, u in zip(edge_out, central_out, local_out, up_flags)]
     absent = [c.task not in held for c in test]
     summary = {
@@ -204,6 +213,7 @@ def measure(args) -> dict:
                                                        if o["routing"]["target"] == "upstream"]),
                      "fallbacks": sum("fallback" in (o["routing"].get("escalation") or {}) for o in edge_out)},
         "apgr": apgr(points, accuracy(l_ok), accuracy(c_ok)),
+        "apgr_without_p_missing": apgr(blind, accuracy(l_ok), accuracy(c_ok)),
         "tasks": {t: {"held_by_edge": t in held,
                          **{k: accuracy([f for c, f in zip(test, flags) if c.task == t])
                             for k, flags in (("central", c_ok), ("edge_alone", l_ok), ("edge_escalating", e_ok),
@@ -213,7 +223,10 @@ def measure(args) -> dict:
                                                                                   "loraswitch_upstream_latency_seconds_sum"))],
         "seconds": round(time.monotonic() - began, 1),
     }
-    return {"summary": summary, "curve": points}
+    records = [{"task": c.task, "central_ok": co, "edge_alone_ok": lo, "edge_ok": eo, "escalated": u,
+                **{k: v[k] for k in ("risk", "local", "adapter", "confidence", "p_missing", "base_uncertainty")}}
+               for c, co, lo, eo, u, v in zip(test, c_ok, l_ok, e_ok, up_flags, verdicts)]
+    return {"summary": summary, "curve": points, "curve_without_p_missing": blind, "prompts": records}
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -238,14 +251,17 @@ def markdown(result: dict, command: str) -> str:
              f"| **edge with escalation** (measured) | **{pct(m['escalation_rate'])}** | **{pct(m['accuracy'])}** | "
              f"**{pct(m['share_of_central'])}** |", "",
              f"APGR (mean performance gap recovered over escalation rates 0-100%): **{s['apgr']:.3f}** (random "
-             f"escalation: 0.5). Escalated: {pct(m['escalated_absent_tasks'])} of prompts of the tasks the edge lacks, "
+             f"escalation: 0.5); without `p_missing` (router confidence and base uncertainty alone): "
+             f"{s['apgr_without_p_missing']:.3f}. Escalated: {pct(m['escalated_absent_tasks'])} of prompts of the tasks the edge lacks, "
              f"{pct(m['escalated_held_tasks'])} of those it holds. Answers identical to what the sweep predicts "
              f"(central's for escalated prompts, the local edge's for the rest): {pct(m['answers_as_predicted'])}; "
              f"fallbacks: {m['fallbacks']}; mean upstream latency {m['upstream_latency_s_mean']} s (loaded, "
              "2 shared CPU cores).", "",
              "| escalation rate | 0% | 10% | 20% | 30% | 40% | 50% | 55% | 60% | 80% | 100% |",
              "|---|" + "---|" * 10,
-             "| exact match | " + " | ".join(pct(at_rate(pts, r)) for r in (0, .1, .2, .3, .4, .5, .55, .6, .8, 1)) + " |",
+             "| exact match | " + " | ".join(pct(at_rate(pts, r)) for r in RATES) + " |",
+             "| exact match without p_missing | " + " | ".join(pct(at_rate(result["curve_without_p_missing"], r))
+                                                          for r in RATES) + " |",
              "", "| task | on edge | central | edge alone | edge escalating | escalated |", "|---|---|---|---|---|---|"]
     for t, row in s["tasks"].items():
         lines.append(f"| `{t}` | {'yes' if row['held_by_edge'] else 'no'} | {pct(row['central'])} | "
@@ -276,7 +292,7 @@ def main() -> None:
     stem = RESULTS / f"edge_central_{args.library}"
     RESULTS.mkdir(exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(result["curve"], result["summary"], stem.with_suffix(".png"))
+    plot(result["curve"], result["summary"], stem.with_suffix(".png"), result["curve_without_p_missing"])
     command = "python benchmarks/edge_central.py" + ("" if args.library == "demo" else f" --library {args.library}") + \
         ("" if args.per_task == 40 else f" --per-task {args.per_task}") + ("" if args.rate == 0.5 else f" --rate {args.rate}") + \
         ("" if args.calibration_per_task == 20 else f" --calibration-per-task {args.calibration_per_task}") + \

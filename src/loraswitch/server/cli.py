@@ -53,12 +53,11 @@ def serve(
     from loraswitch.server.app import ServerSettings, create_app
     from loraswitch.server.middleware import default_hosts
 
+    check_upstream(upstream, upstream_model, escalate_threshold, escalate_rate, calibration)
     switch = open_switch(base, adapter_dirs, router_dir, library)
     if upstream:
         switch.upstream = escalator(switch, upstream, upstream_model, upstream_api_key_env, upstream_timeout,
                                     escalate_threshold, escalate_rate, calibration)
-    elif upstream_model or escalate_rate is not None or escalate_threshold is not None:
-        raise typer.BadParameter("--upstream-model, --escalate-rate and --escalate-threshold need --upstream URL")
     switch.engine.compile = compile_step
     settings = ServerSettings(
         max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
@@ -76,6 +75,20 @@ def serve(
     uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=10)
 
 
+def check_upstream(url: str | None, model: str | None, threshold: float | None, rate: float | None,
+                   calibration: Path | None) -> None:
+    """Refuse inconsistent --upstream options before the model loads."""
+    if not url and (model or threshold is not None or rate is not None or calibration):
+        raise typer.BadParameter("--upstream-model, --escalate-threshold, --escalate-rate and --calibration need "
+                                 "--upstream URL")
+    if url and not model:
+        raise typer.BadParameter("--upstream needs --upstream-model NAME (the model the upstream serves)")
+    if rate is not None and threshold is not None:
+        raise typer.BadParameter("give --escalate-rate or --escalate-threshold, not both")
+    if (rate is None) != (calibration is None):
+        raise typer.BadParameter("--escalate-rate and --calibration FILE go together (the rate is calibrated on it)")
+
+
 def escalator(switch, url: str, model: str | None, key_env: str | None, timeout: float, threshold: float | None,
               rate: float | None, calibration: Path | None):
     """The `Escalator` the --upstream options describe (its threshold calibrated for --escalate-rate)."""
@@ -84,14 +97,8 @@ def escalator(switch, url: str, model: str | None, key_env: str | None, timeout:
     from loraswitch.switch.escalation import DEFAULT_THRESHOLD
     from loraswitch.switch.upstream import Upstream
 
-    if not model:
-        raise typer.BadParameter("--upstream needs --upstream-model NAME (the model the upstream serves)")
-    if rate is not None and threshold is not None:
-        raise typer.BadParameter("give --escalate-rate or --escalate-threshold, not both")
-    if (rate is None) != (calibration is None):
-        raise typer.BadParameter("--escalate-rate and --calibration FILE go together (the rate is calibrated on it)")
     try:
-        up = Upstream.from_env(url, model, key_env, timeout=timeout)
+        up = Upstream.from_env(url, model or "", key_env, timeout=timeout)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     esc = Escalator(up, DEFAULT_THRESHOLD if threshold is None else threshold)
