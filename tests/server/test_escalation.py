@@ -110,6 +110,10 @@ def test_escalated_answer_is_the_upstreams(central, edge, escalate_to):
     assert metric(edge.url, 'loraswitch_escalation_targets_total{target="upstream"}') == before + 1
     assert metric(edge.url, "loraswitch_upstream_latency_seconds_count") >= 1
     assert httpx.get(edge.url + "/healthz").json()["upstream"]["model"] == CENTRAL_MODEL
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}  # completions go to /v1/completions
+    done = httpx.post(edge.url + "/v1/completions", json={**body, "model": "auto"}, timeout=30).json()
+    want = httpx.post(central.url + "/v1/completions", json={**body, "model": CENTRAL_MODEL}, timeout=30).json()
+    assert done["routing"]["target"] == "upstream" and done["choices"][0]["text"] == want["choices"][0]["text"]
 
 
 def test_below_threshold_and_explicit_models_stay_local(central, edge, escalate_to):
