@@ -120,16 +120,16 @@ def apgr(points: list[dict], low: float, high: float) -> float:
     return sum((p["accuracy"] - low) / gap for p in points) / len(points) if gap > 0 else float("nan")
 
 
-def plot(points: list[dict], summary: dict, path: Path, blind: list[dict]) -> None:
+def plot(curves: dict[str, list[dict]], summary: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot([100 * p["rate"] for p in points], [100 * p["accuracy"] for p in points], label="escalation by risk")
-    ax.plot([100 * p["rate"] for p in blind], [100 * p["accuracy"] for p in blind], ls="--",
-            label=f"without p_missing (APGR {summary['apgr_without_p_missing']:.3f})")
+    for (name, points), style in zip(curves.items(), ("-", "--", "-.")):
+        ax.plot([100 * p["rate"] for p in points], [100 * p["accuracy"] for p in points], ls=style,
+                label=f"risk {name} (APGR {summary['apgr_variants'][name]:.3f})")
     lo, hi = 100 * summary["edge_alone"], 100 * summary["all_central"]
     ax.plot([0, 100], [lo, hi], ls=":", color="grey", label="random escalation")
     ax.axhline(hi, color="green", ls="--", lw=0.8, label="all central")
@@ -189,14 +189,7 @@ def measure(args) -> dict:
     ok = lambda outs: [suite.score(c, text(o)) for c, o in zip(test, outs)]  # noqa: E731
     c_ok, l_ok, e_ok = ok(central_out), ok(local_out), ok(edge_out)
     verdicts = [o["routing"]["escalation"] for o in local_out]
-    risks = [v["risk"] for v in verdicts]
     up_flags = [o["routing"]["target"] == "upstream" for o in edge_out]
-    points = curve(risks, l_ok, c_ok)
-    # ablation: the same decision without p_missing (a router that knows only the edge's tasks
-    # can still be unsure of them, but cannot say "this is a task I lack"): 1 - confidence for an
-    # adapter, the base's uncertainty alone for an abstention
-    blind = curve([1 - v["confidence"] if v["local"] == "adapter" else v["base_uncertainty"] for v in verdicts],
-                  l_ok, c_ok)
     same = [text(e) == text(c if u else lo) for e, c, lo, u in zip(edge_out, central_out, local_out, up_flags)]
     absent = [c.task not in held for c in test]
     summary = {
@@ -212,8 +205,6 @@ def measure(args) -> dict:
                      "upstream_latency_s_mean": _mean([o["routing"]["upstream"]["latency_s"] for o in edge_out
                                                        if o["routing"]["target"] == "upstream"]),
                      "fallbacks": sum("fallback" in (o["routing"].get("escalation") or {}) for o in edge_out)},
-        "apgr": apgr(points, accuracy(l_ok), accuracy(c_ok)),
-        "apgr_without_p_missing": apgr(blind, accuracy(l_ok), accuracy(c_ok)),
         "tasks": {t: {"held_by_edge": t in held,
                          **{k: accuracy([f for c, f in zip(test, flags) if c.task == t])
                             for k, flags in (("central", c_ok), ("edge_alone", l_ok), ("edge_escalating", e_ok),
@@ -226,7 +217,30 @@ def measure(args) -> dict:
     records = [{"task": c.task, "central_ok": co, "edge_alone_ok": lo, "edge_ok": eo, "escalated": u,
                 **{k: v[k] for k in ("risk", "local", "adapter", "confidence", "p_missing", "base_uncertainty")}}
                for c, co, lo, eo, u, v in zip(test, c_ok, l_ok, e_ok, up_flags, verdicts)]
-    return {"summary": summary, "curve": points, "curve_without_p_missing": blind, "prompts": records}
+    return {"summary": summary, "prompts": records}
+
+
+VARIANTS = {  # the risk of a prompt's local answer, from its recorded verdict
+    "as served": lambda r: r["risk"],
+    # a router that knows only the edge's tasks can be unsure of them but cannot say "this is a
+    # task I lack": 1 - confidence for an adapter, the base's uncertainty alone for an abstention
+    "without p_missing": lambda r: 1 - r["confidence"] if r["local"] == "adapter" else r["base_uncertainty"],
+    # p_missing and u averaged instead of combined by noisy-OR (which saturates at p_missing = 1
+    # and so cannot order the absent tasks' prompts by how unsure the base is)
+    "mean of p_missing and u": lambda r: (1 - r["confidence"] if r["local"] == "adapter"
+                                          else (r["p_missing"] + r["base_uncertainty"]) / 2),
+}
+
+
+def analyse(result: dict) -> dict:
+    """The curves and APGRs of every risk variant, from the per-prompt records."""
+    recs, s = result["prompts"], result["summary"]
+    local, central = [r["edge_alone_ok"] for r in recs], [r["central_ok"] for r in recs]
+    result["curves"] = {name: curve([f(r) for r in recs], local, central) for name, f in VARIANTS.items()}
+    s["apgr_variants"] = {name: apgr(c, s["edge_alone"], s["all_central"]) for name, c in result["curves"].items()}
+    s["apgr"] = s["apgr_variants"]["as served"]
+    result["curve"] = result["curves"]["as served"]
+    return result
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -238,7 +252,7 @@ def at_rate(points: list[dict], rate: float) -> float:
 
 
 def markdown(result: dict, command: str) -> str:
-    s, pts = result["summary"], result["curve"]
+    s = result["summary"]
     m = s["measured"]
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
     lines = [f"`{command}` — {s['library']} library, {s['test_prompts']} test prompts ({s['per_task']} per task), "
@@ -251,17 +265,17 @@ def markdown(result: dict, command: str) -> str:
              f"| **edge with escalation** (measured) | **{pct(m['escalation_rate'])}** | **{pct(m['accuracy'])}** | "
              f"**{pct(m['share_of_central'])}** |", "",
              f"APGR (mean performance gap recovered over escalation rates 0-100%): **{s['apgr']:.3f}** (random "
-             f"escalation: 0.5); without `p_missing` (router confidence and base uncertainty alone): "
-             f"{s['apgr_without_p_missing']:.3f}. Escalated: {pct(m['escalated_absent_tasks'])} of prompts of the tasks the edge lacks, "
+             f"escalation: 0.5). The same sweep with other risks (from the recorded verdicts): "
+             + "; ".join(f"{name}: {a:.3f}" for name, a in s["apgr_variants"].items() if name != "as served")
+             + f". Escalated: {pct(m['escalated_absent_tasks'])} of prompts of the tasks the edge lacks, "
              f"{pct(m['escalated_held_tasks'])} of those it holds. Answers identical to what the sweep predicts "
              f"(central's for escalated prompts, the local edge's for the rest): {pct(m['answers_as_predicted'])}; "
              f"fallbacks: {m['fallbacks']}; mean upstream latency {m['upstream_latency_s_mean']} s (loaded, "
              "2 shared CPU cores).", "",
-             "| escalation rate | 0% | 10% | 20% | 30% | 40% | 50% | 55% | 60% | 80% | 100% |",
+             "| escalation rate | " + " | ".join(f"{100 * r:.0f}%" for r in RATES) + " |",
              "|---|" + "---|" * 10,
-             "| exact match | " + " | ".join(pct(at_rate(pts, r)) for r in RATES) + " |",
-             "| exact match without p_missing | " + " | ".join(pct(at_rate(result["curve_without_p_missing"], r))
-                                                          for r in RATES) + " |",
+             *[f"| exact match, risk {name} | " + " | ".join(pct(at_rate(c, r)) for r in RATES) + " |"
+               for name, c in result["curves"].items()],
              "", "| task | on edge | central | edge alone | edge escalating | escalated |", "|---|---|---|---|---|---|"]
     for t, row in s["tasks"].items():
         lines.append(f"| `{t}` | {'yes' if row['held_by_edge'] else 'no'} | {pct(row['central'])} | "
@@ -287,12 +301,13 @@ def main() -> None:
     ap.add_argument("--edge-adapters", nargs="*", help="adapters the edge holds (default: half the library)")
     ap.add_argument("--max-tokens", type=int, default=40)
     ap.add_argument("--doc", type=Path, help="also rewrite this doc's generated block")
+    ap.add_argument("--render", action="store_true", help="only redo the analysis and outputs from the saved JSON")
     args = ap.parse_args()
-    result = measure(args)
     stem = RESULTS / f"edge_central_{args.library}"
+    result = analyse(json.loads(stem.with_suffix(".json").read_text()) if args.render else measure(args))
     RESULTS.mkdir(exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(result["curve"], result["summary"], stem.with_suffix(".png"), result["curve_without_p_missing"])
+    plot(result["curves"], result["summary"], stem.with_suffix(".png"))
     command = "python benchmarks/edge_central.py" + ("" if args.library == "demo" else f" --library {args.library}") + \
         ("" if args.per_task == 40 else f" --per-task {args.per_task}") + ("" if args.rate == 0.5 else f" --rate {args.rate}") + \
         ("" if args.calibration_per_task == 20 else f" --calibration-per-task {args.calibration_per_task}") + \
