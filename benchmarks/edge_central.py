@@ -260,7 +260,7 @@ def markdown(result: dict, command: str) -> str:
              f"threshold {s['threshold']:.4f} calibrated on {s['calibration_prompts']} validation prompts for "
              f"{pct(s['target_rate'])} escalation; greedy, max_tokens {s['max_tokens']}.", "",
              "| setup | escalated | exact match | share of all-central |", "|---|---|---|---|",
-             f"| all central (8 adapters) | 100% | {pct(s['all_central'])} | 100% |",
+             f"| all central ({s['library_adapters']} adapters) | 100% | {pct(s['all_central'])} | 100% |",
              f"| edge alone (no upstream) | 0% | {pct(s['edge_alone'])} | {pct(s['edge_alone'] / s['all_central'])} |",
              f"| **edge with escalation** (measured) | **{pct(m['escalation_rate'])}** | **{pct(m['accuracy'])}** | "
              f"**{pct(m['share_of_central'])}** |", "",
