@@ -17,9 +17,16 @@ def test_serve_command_line():
     flags = {opt for param in command.params for opt in param.opts}
     for flag in ("--base", "--adapter-dir", "--host", "--port", "--api-key", "--max-batch", "--max-queue",
                  "--max-prompt-tokens", "--max-new-tokens", "--timeout", "--max-body-bytes", "--max-parts",
-                 "--allowed-hosts", "--docs"):
+                 "--allowed-hosts", "--docs", "--upstream", "--upstream-model", "--upstream-api-key-env",
+                 "--upstream-timeout", "--escalate-threshold", "--escalate-rate", "--calibration"):
         assert flag in flags, flag
     assert "--no-docs" in {opt for param in command.params for opt in param.secondary_opts}
+    for bad in (["--upstream-model", "m"], ["--upstream", "http://127.0.0.1:1"],  # refused before any model loads
+                ["--upstream", "http://127.0.0.1:1", "--upstream-model", "m", "--escalate-rate", "0.2"],
+                ["--upstream", "http://127.0.0.1:1", "--upstream-model", "m", "--escalate-threshold", "0.5",
+                 "--escalate-rate", "0.2", "--calibration", "x.txt"]):
+        result = CliRunner().invoke(app, ["serve", *bad])
+        assert result.exit_code == 2, (bad, result.output)
 
 
 def test_default_allowed_hosts_follow_the_bound_address():

@@ -83,6 +83,7 @@ def test_concurrent_requests_share_one_batched_forward(client, live):
     models = ["alpha", "beta", "gamma", "base", "alpha"]
     solo = [chat(client, m, max_tokens=6 + i).choices[0].message.content for i, m in enumerate(models)]
     sched = live.scheduler
+    wait_for(lambda: sched.running == 0)  # the worker counts a batch after its answers are sent
     before = sched.stats["batches"]
     sched.pause()
     try:
@@ -99,7 +100,8 @@ def test_concurrent_requests_share_one_batched_forward(client, live):
     assert all(r.batch["size"] == 5 and r.batch["dynamic"] is False for r in static)
     # per-layer routing (arrow) cannot share a forward: its own batch, right after
     assert routed.batch["dynamic"] is True and routed.batch["id"] != static[0].batch["id"]
-    assert sched.stats["batches"] == before + 2
+    wait_for(lambda: sched.running == 0)  # the answers were sent before the worker counted their batches
+    assert sched.stats["batches"] == before + 2, (before, [(b["id"], b["size"], b["models"]) for b in sched.recent][4:])
     for i, (m, r) in enumerate(zip(models, static)):
         assert r.model == m
         assert r.choices[0].message.content == solo[i]  # batched (left-padded) greedy == alone

@@ -37,6 +37,13 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     keep_prompts: Annotated[bool, typer.Option("--keep-prompts", help="Keep the texts of prompts no adapter took, for /v1/routing/shifts examples and 'loraswitch shifts export' (default: counts and router features only).")] = False,
     shift_min_size: Annotated[int, typer.Option(min=1, help="Unrouted prompts in one cluster before it is reported as a task shift.")] = 16,
+    upstream: Annotated[str | None, typer.Option("--upstream", help="OpenAI-compatible server (base URL) that routed requests the local model would answer poorly are escalated to.")] = None,
+    upstream_model: Annotated[str | None, typer.Option("--upstream-model", help="The model name sent upstream (needed with --upstream).")] = None,
+    upstream_api_key_env: Annotated[str | None, typer.Option("--upstream-api-key-env", help="Environment variable holding the upstream's API key.")] = None,
+    upstream_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to connect to the upstream and between bytes of its answer; beyond, the request is answered locally.")] = 30.0,
+    escalate_threshold: Annotated[float | None, typer.Option("--escalate-threshold", min=0.0, help="Escalate when the estimated risk that the local answer is poor is at least this (default 0.5).")] = None,
+    escalate_rate: Annotated[float | None, typer.Option("--escalate-rate", min=0.0, max=1.0, help="Calibrate the threshold so this share of the --calibration prompts escalates (RouteLLM-style).")] = None,
+    calibration: Annotated[Path | None, typer.Option("--calibration", help="Held-out prompts for --escalate-rate: .txt (one per line) or .jsonl ({\"prompt\": ...}).")] = None,
     compile_step: Annotated[bool, typer.Option("--compile", help="Decode with the compiled step (torch.compile): faster per token; each new batch size compiles once on first use (a minute or more).")] = False,
     ray: Annotated[bool, typer.Option("--ray", help="Serve on Ray Serve: several replicas behind one API (needs pip install 'loraswitch[ray]'; see docs/scale-out.md).")] = False,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --ray: join this Ray cluster (default: start a local Ray on 127.0.0.1, stopped on exit).")] = None,
@@ -54,6 +61,9 @@ def serve(
         raise typer.BadParameter("--ray-address, --replicas and --autoscale apply only with --ray")
     if autoscale and replicas != 1:
         raise typer.BadParameter("give --replicas or --autoscale, not both")
+    check_upstream(upstream, upstream_model, escalate_threshold, escalate_rate, calibration)
+    if ray and upstream:
+        raise typer.BadParameter("--upstream is not available with --ray yet (escalate from a plain server)")
     settings = ServerSettings(
         max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
         default_max_tokens=min(default_max_tokens, max_new_tokens), default_temperature=default_temperature,
@@ -72,6 +82,9 @@ def serve(
     from loraswitch.server.app import create_app
 
     switch = open_switch(base, adapter_dirs, router_dir, library)
+    if upstream:
+        switch.upstream = escalator(switch, upstream, upstream_model, upstream_api_key_env, upstream_timeout,
+                                    escalate_threshold, escalate_rate, calibration)
     switch.engine.compile = compile_step
     app = create_app(switch, settings)
     where = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
@@ -100,6 +113,41 @@ def serve_on_ray(switch_config: dict, settings, host: str, port: int, address: s
     shown = f"{scaling[0]}..{scaling[1]} (autoscaled)" if scaling else str(replicas)
     typer.echo(f"loraswitch serving on Ray Serve with {shown} replicas on {cluster.url}  (Ctrl-C stops)", err=True)
     run_until_stopped(cluster)
+
+
+def check_upstream(url: str | None, model: str | None, threshold: float | None, rate: float | None,
+                   calibration: Path | None) -> None:
+    """Refuse inconsistent --upstream options before the model loads."""
+    if not url and (model or threshold is not None or rate is not None or calibration):
+        raise typer.BadParameter("--upstream-model, --escalate-threshold, --escalate-rate and --calibration need "
+                                 "--upstream URL")
+    if url and not model:
+        raise typer.BadParameter("--upstream needs --upstream-model NAME (the model the upstream serves)")
+    if rate is not None and threshold is not None:
+        raise typer.BadParameter("give --escalate-rate or --escalate-threshold, not both")
+    if (rate is None) != (calibration is None):
+        raise typer.BadParameter("--escalate-rate and --calibration FILE go together (the rate is calibrated on it)")
+
+
+def escalator(switch, url: str, model: str | None, key_env: str | None, timeout: float, threshold: float | None,
+              rate: float | None, calibration: Path | None):
+    """The `Escalator` the --upstream options describe (its threshold calibrated for --escalate-rate)."""
+    from loraswitch.library import read_examples
+    from loraswitch.switch.escalate import Escalator
+    from loraswitch.switch.escalation import DEFAULT_THRESHOLD
+    from loraswitch.switch.upstream import Upstream
+
+    try:
+        up = Upstream.from_env(url, model or "", key_env, timeout=timeout)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    esc = Escalator(up, DEFAULT_THRESHOLD if threshold is None else threshold)
+    if rate is not None and calibration is not None:
+        prompts = [p for p, _ in read_examples(calibration)]
+        esc.calibrate(switch, prompts, rate)
+        typer.echo(f"escalation threshold {esc.threshold:.4f}: {rate:.0%} of {len(prompts)} calibration prompts",
+                   err=True)
+    return esc
 
 
 def main() -> None:  # pragma: no cover

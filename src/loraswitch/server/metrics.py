@@ -65,6 +65,12 @@ class Metrics:
         self.queue_depth = Gauge("loraswitch_queue_depth", "Requests waiting for the worker.", registry=r)
         self.running = Gauge("loraswitch_running_requests", "Requests in the batch being decoded.", registry=r)
         self.adapters_loaded = Gauge("loraswitch_adapters_loaded", "Adapters loaded now.", registry=r)
+        self.targets = Counter("loraswitch_escalation_targets", "Routed answers by who answered (adapter, base, "
+                               "upstream) when an upstream is configured.", ["target"], registry=r)
+        self.fallbacks = Counter("loraswitch_escalation_fallbacks", "Escalated requests the upstream failed, answered "
+                                 "locally.", registry=r)
+        self.upstream_latency = Histogram("loraswitch_upstream_latency_seconds", "Time the upstream took to answer an "
+                                          "escalated request.", buckets=LATENCY_BUCKETS, registry=r)
         self.adapter_labels: set[str] = set()
 
     def adapter_label(self, name: str) -> str:
@@ -101,15 +107,29 @@ class Metrics:
         self.prompt_tokens.inc(len(answer.prompt_ids))
         self.completion_tokens.inc(len(answer.token_ids))
         requested = request.model if request.model in ("auto", "base") else "explicit"
-        for name in answered_adapters(request.model, answer.routing or {}) or ["base"]:
+        who = "upstream" if (answer.routing or {}).get("target") == "upstream" else "base"
+        for name in answered_adapters(request.model, answer.routing or {}) or [who]:
             self.routed.labels(adapter=self.adapter_label(name), requested=requested).inc()
         for name, n in tokens_by_adapter(answer.trace[: len(answer.token_ids)]).items():
             self.adapter_tokens.labels(adapter=self.adapter_label(name)).inc(n)
         for event in answer.events:
             self.switches.labels(event=str(event.get("event", "other"))).inc()
+        self.escalation(answer.routing or {})
         if job.first_token is not None:
             self.first_token.observe(job.first_token - job.submitted)
         self.generation_time.observe(time.monotonic() - job.submitted)
+
+    def escalation(self, routing: dict) -> None:
+        """Who answered a routed request of a server with an upstream, and how long it took upstream."""
+        target = routing.get("target")
+        if target is None:
+            return
+        self.targets.labels(target=target).inc()
+        if "fallback" in (routing.get("escalation") or {}):
+            self.fallbacks.inc()
+        latency = (routing.get("upstream") or {}).get("latency_s")
+        if latency is not None:
+            self.upstream_latency.observe(latency)
 
     def failed(self) -> None:
         self.generations.labels(outcome="error").inc()

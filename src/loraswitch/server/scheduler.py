@@ -105,6 +105,7 @@ class Scheduler:
         self._paused = False
         self._stopping = False
         self._running: list[Job] = []
+        self._unanswered: dict[int, Job] = {}  # id(handle) -> job taken and not yet answered (escalated)
         self._thread: threading.Thread | None = None
         self.stats = {"rounds": 0, "batches": 0, "rows": 0, "max_batch_size": 0, "failed_batches": 0}
         self.recent: deque[dict] = deque(maxlen=64)  # the last batches: id, size, models, seconds
@@ -169,6 +170,18 @@ class Scheduler:
             self._queue.append(job)
             self._cv.notify()
 
+    def requeue(self, handle) -> None:
+        """Put back, first in line, a request whose upstream failed (`Switch.run`'s `requeue`):
+        it is answered locally in the next round, while the worker never waited for the upstream."""
+        with self._cv:
+            job = self._unanswered.get(id(handle))
+            if job is not None and not self._stopping:
+                self._queue.appendleft(job)
+                self._cv.notify()
+                return
+        if job is not None:
+            job.on_event(Failed(errors.unavailable("the server is shutting down")))
+
     def cancel(self, job: Job) -> None:
         """Drop `job`: unqueue it, or make its rows leave the batch at their next token."""
         job.cancel()
@@ -205,6 +218,8 @@ class Scheduler:
                     jobs.append(job)
                     rows += job.rows
             self._running = jobs
+            self._unanswered = {k: j for k, j in self._unanswered.items() if not (j.finished or j.handle.cancelled)}
+            self._unanswered.update((id(j.handle), j) for j in jobs)
         for fn, future in ops:
             _settle(future, fn)
         return jobs
@@ -225,7 +240,8 @@ class Scheduler:
 
     def _round(self, jobs: list[Job]) -> None:
         self.stats["rounds"] += 1
-        batches = self.switch.run([j.handle for j in jobs], max_rows=self.max_batch, max_parts=self.max_parts)
+        batches = self.switch.run([j.handle for j in jobs], max_rows=self.max_batch, max_parts=self.max_parts,
+                                  requeue=self.requeue)
         for info in batches:
             self.stats["batches"] += 1
             self.stats["rows"] += info["size"]

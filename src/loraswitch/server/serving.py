@@ -232,10 +232,22 @@ class OpenAIServing:
 
 
 def model_name(request: Request, answer: Generation) -> str:
-    """The response's `model`: the adapter(s) that answered, "+"-joined, or "base"."""
+    """The response's `model`: the adapter(s) that answered, "+"-joined, "base", or
+    "upstream:<model>" for an escalated answer."""
+    up = (answer.routing or {}).get("upstream")
+    if up is not None:
+        return f"upstream:{up.get('answered_by') or up['model']}"
     return "+".join(answered_adapters(request.model, answer.routing or {})) or "base"
 
 
 def usage(answer: Generation) -> dict:
+    """Tokens this server read and wrote; an escalated answer adds the upstream's (its prompt
+    was read here too, to decide), with both parts under "local" and "upstream"."""
     p, c = len(answer.prompt_ids), len(answer.token_ids)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    up = ((answer.routing or {}).get("upstream") or {}).get("usage")
+    if not up:
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    up_p, up_c = int(up.get("prompt_tokens") or 0), int(up.get("completion_tokens") or 0)
+    return {"prompt_tokens": p + up_p, "completion_tokens": c + up_c, "total_tokens": p + c + up_p + up_c,
+            "local": {"prompt_tokens": p, "completion_tokens": c},
+            "upstream": {"prompt_tokens": up_p, "completion_tokens": up_c}}

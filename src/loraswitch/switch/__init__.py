@@ -22,6 +22,7 @@ from loraswitch.engine import Engine
 from loraswitch.generate import Generation, Policy, SamplingParams, explicit
 from loraswitch.library import AdapterError
 from loraswitch.routing import ROUTER_NAMES, Router, load_router
+from loraswitch.switch.escalate import Escalator
 from loraswitch.switch.mixture import MixtureError, MixturePolicy, allowed_set, check_names, mixture_of, parse_model
 from loraswitch.switch.request import Done, Event, Failed, Handle, Request
 from loraswitch.switch.run import run
@@ -40,6 +41,7 @@ class Switch:
         base: Base | str | None = None,
         adapter_dirs: list[str | Path] | None = None,
         router_dir: str | Path | None = None,
+        upstream: Escalator | None = None,
     ):
         if not isinstance(base, Base):
             base = load_base(base)
@@ -51,6 +53,7 @@ class Switch:
         # called with (features, prompt) for every prompt `auto` sent to no adapter (the server's
         # shift detector, `server.shifts`); None: nobody listens
         self.on_unrouted: Callable[[torch.Tensor, str], None] | None = None
+        self.upstream = upstream  # where routed requests the local model would answer poorly go (`switch.escalate`)
 
     def router(self, name: str = "auto") -> Router:
         """A router by name ("auto", "seq", "arrow", "gate"), loaded once per library version."""
@@ -107,12 +110,14 @@ class Switch:
             return MixturePolicy(self.engine, mix, len(prompts))
         return explicit(self.engine, [model] * len(prompts))
 
-    def run(self, handles: list[Handle], max_rows: int | None = MAX_BATCH, max_parts: int | None = None) -> list[dict]:
+    def run(self, handles: list[Handle], max_rows: int | None = MAX_BATCH, max_parts: int | None = None,
+            requeue=None) -> list[dict]:
         """Answer every handle's request; each gets its events (started, token, switched, then
         done or failed) through `handle.emit` as they happen. At most `max_rows` rows per batched
         forward; a request of more than `max_parts` numbered parts fails (`parts.PartsError`).
-        Returns the batches formed."""
-        return run(self, handles, max_rows, max_parts)
+        With an upstream, `requeue(handle)` (a server's queue) takes the requests the upstream
+        failed, so this returns without waiting for the upstream. Returns the batches formed."""
+        return run(self, handles, max_rows, max_parts, requeue)
 
     def stream(self, requests: list[Request]) -> Iterator[tuple[int, Event]]:
         """(request index, event) as the answers are written; the generation runs in a thread and

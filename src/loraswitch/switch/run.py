@@ -223,9 +223,23 @@ def _generate(switch, call: list[tuple[Policy, list[Row]]]) -> dict | None:
     return {**info, "models": sorted({r.request.model for r in rows}), "seconds": round(time.monotonic() - began, 4)}
 
 
-def run(switch, handles: list[Handle], max_rows: int | None = None, max_parts: int | None = None) -> list[dict]:
+def run(switch, handles: list[Handle], max_rows: int | None = None, max_parts: int | None = None,
+        requeue=None) -> list[dict]:
     """Answer `handles` (see the module doc); every request gets its events through its handle.
-    Returns what each `generate` call was: id, size, dynamic, models, seconds."""
+    With an upstream (`switch.escalate`), the requests it should answer go there while the rest
+    decode, and those it failed are decoded after (or, with `requeue`, handed to it as they fail,
+    without waiting). Returns what each `generate` call was: id, size, dynamic, models, seconds."""
+    escalator = getattr(switch, "upstream", None)
+    if escalator is None:
+        return run_local(switch, handles, max_rows, max_parts)
+    local, sent = escalator.split(switch, handles, requeue)
+    batches = run_local(switch, local, max_rows, max_parts) if local else []
+    fallback = escalator.settle(sent) if requeue is None else []
+    return batches + (run_local(switch, fallback, max_rows, max_parts) if fallback else [])
+
+
+def run_local(switch, handles: list[Handle], max_rows: int | None = None, max_parts: int | None = None) -> list[dict]:
+    """`run` on this model alone."""
     rows: list[Row] = []
     try:  # where each prompt changes task: every prompt of the batch in one feature pass
         found = segment_requests(switch, handles)

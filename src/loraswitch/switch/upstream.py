@@ -1,0 +1,157 @@
+"""The upstream model a request is escalated to: any OpenAI-compatible server (vLLM, a hosted
+API, another loraswitch), spoken to with httpx.
+
+The request always goes upstream as a *stream* (`stream: true`, usage included), whether or not
+our own client streams: every delta is passed on as a `Token` event the moment it arrives, so a
+streaming client sees the upstream's tokens with one hop of latency, and a non-streaming one gets
+the same text in its `Done`. Failures are split by whether anything was passed on yet:
+
+* before the first token (connection refused, a timeout, an HTTP error status, a body that is not
+  an OpenAI stream) -> `UpstreamError`: the caller answers locally instead, nothing was sent;
+* after it (the stream breaks or stalls mid-answer) -> the answer ends with what arrived,
+  `finish_reason` "error" and the reason in its routing: text a client has already read cannot be
+  taken back, and a local answer appended to half an upstream answer would be worse than either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from loraswitch.generate import Generation
+from loraswitch.switch.request import Event, Request, Started, Token
+
+
+class UpstreamError(RuntimeError):
+    """The upstream gave no answer (nothing was passed on): answer locally instead."""
+
+
+@dataclass
+class Upstream:
+    """Where escalated requests go. `timeout`: seconds to connect and then between any two bytes
+    of the answer (a stalled upstream is a failed one); `deadline`: seconds for the whole answer."""
+
+    url: str  # the server's base URL, with or without /v1
+    model: str  # the `model` sent upstream
+    api_key: str | None = None
+    timeout: float = 30.0
+    deadline: float = 300.0
+
+    @classmethod
+    def from_env(cls, url: str, model: str, api_key_env: str | None = None, **kw) -> Upstream:
+        """An upstream whose API key is read from the environment variable `api_key_env` (never
+        from the command line: it would show in `ps` and shell history)."""
+        key = os.environ.get(api_key_env) if api_key_env else None
+        if api_key_env and not key:
+            raise ValueError(f"--upstream-api-key-env {api_key_env}: that environment variable is not set")
+        return cls(url, model, key, **kw)
+
+    @property
+    def base_url(self) -> str:
+        url = self.url.rstrip("/")
+        return url if url.endswith("/v1") else url + "/v1"
+
+    def describe(self) -> dict:
+        return {"url": self.base_url, "model": self.model}
+
+    def accepts(self, request: Request) -> str | None:
+        """Why `request` cannot go upstream (None: it can). Logprobs and echo are of the local
+        model's tokens; a prompt of token ids means nothing to another tokenizer."""
+        if request.logprobs is not None or request.echo:
+            return "logprobs / echo are answered by the local model's tokens"
+        if not request.is_chat and not isinstance(request.prompt, str):
+            return "a prompt of token ids is only meaningful to the local tokenizer"
+        return None
+
+    def body(self, request: Request) -> tuple[str, dict]:
+        """(endpoint path, JSON body) of `request` in the OpenAI API."""
+        body: dict = {"model": self.model, "max_tokens": request.max_tokens, "temperature": request.temperature,
+                      "top_p": request.top_p, "stream": True, "stream_options": {"include_usage": True}}
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.stop:
+            body["stop"] = list(request.stop)
+        if request.is_chat:
+            return "/chat/completions", {**body, "messages": [dict(m) for m in request.messages or ()]}
+        return "/completions", {**body, "prompt": request.prompt}
+
+    def answer(self, request: Request, emit: Callable[[Event], None], cancelled: Callable[[], bool]) -> Generation:
+        """Ask the upstream; pass its text on as `Token`s through `emit`; return the answer (its
+        `routing["upstream"]`: url, model, latency, usage, error). Raises UpstreamError when
+        nothing was passed on."""
+        path, body = self.body(request)
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        began = time.monotonic()
+        stream = _Stream(began)
+        try:
+            with httpx.Client(timeout=httpx.Timeout(self.timeout), headers=headers) as client, \
+                    client.stream("POST", self.base_url + path, json=body) as response:
+                if response.status_code != 200:
+                    raise UpstreamError(f"HTTP {response.status_code}: {response.read()[:300].decode(errors='replace')}")
+                for line in response.iter_lines():
+                    if cancelled():
+                        stream.finish = "cancelled"
+                        break
+                    if time.monotonic() - began > self.deadline:
+                        raise httpx.ReadTimeout(f"no complete answer within {self.deadline:g} s")
+                    stream.line(line, emit)
+                    if stream.ended:
+                        break
+        except (httpx.HTTPError, ValueError, UpstreamError) as exc:
+            why = exc if isinstance(exc, UpstreamError) else UpstreamError(f"{type(exc).__name__}: {exc}")
+            if not stream.text:
+                raise why from exc
+            stream.error, stream.finish = f"the upstream stream broke after {len(stream.text)} characters: {why}", "error"
+        if not stream.text and not stream.ended:
+            raise UpstreamError("the upstream closed the stream without an answer")
+        return stream.generation(request, self.describe())
+
+
+class _Stream:
+    """What one upstream SSE stream said so far (chat or completion chunks)."""
+
+    def __init__(self, began: float):
+        self.began, self.text, self.finish, self.usage = began, "", "stop", None
+        self.first_token_s: float | None = None
+        self.model: str | None = None
+        self.error: str | None = None
+        self.ended = False
+        self.pieces = 0
+
+    def line(self, line: str, emit: Callable[[Event], None]) -> None:
+        if not line.startswith("data:"):
+            return
+        data = line[5:].strip()
+        if data == "[DONE]":
+            self.ended = True
+            return
+        chunk = json.loads(data)  # ValueError: not an OpenAI stream
+        if "error" in chunk and not chunk.get("choices"):
+            raise UpstreamError(f"the upstream answered an error: {json.dumps(chunk['error'])[:300]}")
+        self.model = chunk.get("model", self.model)
+        self.usage = chunk.get("usage") or self.usage
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta", {}).get("content") if "delta" in choice else choice.get("text")
+            if delta:
+                if not self.text:
+                    self.first_token_s = time.monotonic() - self.began
+                    emit(Started({"id": None, "size": 1, "dynamic": False, "upstream": True}))
+                emit(Token(delta, self.pieces))
+                self.text += delta
+                self.pieces += 1
+            if choice.get("finish_reason"):
+                self.finish = choice["finish_reason"]
+
+    def generation(self, request: Request, where: dict) -> Generation:
+        info = {**where, "answered_by": self.model, "latency_s": round(time.monotonic() - self.began, 4),
+                "first_token_s": None if self.first_token_s is None else round(self.first_token_s, 4),
+                "usage": self.usage}
+        if self.error:
+            info["error"] = self.error
+        return Generation(prompt_ids=list(request.prompt_ids or ()), text=self.text, finish_reason=self.finish,
+                          routing={"upstream": info})
