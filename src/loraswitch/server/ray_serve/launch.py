@@ -61,6 +61,22 @@ class Cluster:
             ray.shutdown()
 
 
+def _start_serve(serve, host: str, port: int, tries: int = 3) -> None:
+    """`serve.start`, tried again when its HTTP proxy is not up within Ray's fixed 60 s: on a loaded
+    two-core machine (a CI run beside other jobs) the proxy's first start can take longer, and
+    Ray then kills it (a fresh-clone CI run here hit exactly that)."""
+    from ray.exceptions import ActorDiedError, GetTimeoutError
+
+    for attempt in range(tries):
+        try:
+            serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+            return
+        except (ActorDiedError, GetTimeoutError):
+            if attempt == tries - 1:
+                raise
+            serve.shutdown()
+
+
 def start(switch_config: dict, settings, scale: Scale, host: str = "127.0.0.1", port: int = 8000,
           address: str | None = None) -> Cluster:
     """Serve `settings` (a `ServerSettings`) on a base model and library (`switch_config`:
@@ -81,7 +97,7 @@ def start(switch_config: dict, settings, scale: Scale, host: str = "127.0.0.1", 
     else:
         ray.init(address=address, runtime_env={"env_vars": env}, logging_level="warning")
     try:
-        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        _start_serve(serve, host, port)
         library = ray.remote(Library).options(name=LIBRARY_ACTOR, num_cpus=0, get_if_exists=True,
                                               max_restarts=-1).remote()
         config = {**switch_config, "settings": {**asdict(settings), "allowed_hosts": ["*"]}}
