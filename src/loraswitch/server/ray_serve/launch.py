@@ -89,6 +89,12 @@ def start(switch_config: dict, settings, scale: Scale, host: str = "127.0.0.1", 
     from loraswitch.server.ray_serve.replica import Replica
 
     env = {"LORASWITCH_THREADS": str(scale.threads), "OMP_NUM_THREADS": str(scale.threads)}
+    # Serve marks its HTTP proxy unhealthy after three 5 s readiness checks and restarts it; on a
+    # loaded two-core machine a Python worker can take longer than that just to start, so the
+    # proxy never came up (seen in a fresh-clone CI run). The raylet started below inherits these.
+    for var, seconds in (("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30"), ("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")):
+        os.environ.setdefault(var, seconds)
+        env[var] = os.environ[var]
     if address is None:  # this machine: the workers import this very loraswitch
         src = str(Path(__file__).resolve().parents[3])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
