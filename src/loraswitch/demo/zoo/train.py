@@ -47,7 +47,7 @@ class Recipe:
         return asdict(self)
 
 
-def _batch(rows: list[tuple[list[int], int]], pad_id: int) -> dict:
+def _batch(rows: list[tuple[list[int], int]], pad_id: int, device: torch.device | None = None) -> dict:
     """Left-pad a batch; labels cover only the last `n_target` tokens of each row, and `keep`
     (the logits the head computes) spans the longest target plus the position before it."""
     padded = left_pad([ids for ids, _ in rows], pad_id)
@@ -55,7 +55,7 @@ def _batch(rows: list[tuple[list[int], int]], pad_id: int) -> dict:
     labels = torch.full((len(rows), keep - 1), -100, dtype=torch.long)
     for i, (row, n_target) in enumerate(rows):
         labels[i, keep - 1 - n_target :] = torch.tensor(row[-n_target:])
-    return {**padded.model_inputs(), "labels": labels, "keep": keep}
+    return {**padded.model_inputs(device), "labels": labels.to(device), "keep": keep}
 
 
 def _lr_factor(recipe: Recipe, step: int) -> float:
@@ -89,11 +89,6 @@ def lora_config(recipe: Recipe, base_name: str, n_layers: int | None = None) -> 
     )
 
 
-def _device_batch(rows: list[tuple[list[int], int]], pad_id: int, device: torch.device) -> dict:
-    batch = _batch(rows, pad_id)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def _answer_logits(model, batch: dict) -> torch.Tensor:
     # fp32 everywhere: under bf16 autocast on a GPU, a short-row task (strategyqa) hit NaN losses
     # within ten steps; the step there is bound by launch overhead, not arithmetic, anyway
@@ -110,7 +105,7 @@ def answer_exact_rate(model, rows: list[tuple[list[int], int]], pad_id: int, bat
     device = next(model.parameters()).device
     hits = 0
     for i in range(0, len(rows), batch_size):
-        batch = _device_batch(rows[i:i + batch_size], pad_id, device)
+        batch = _batch(rows[i:i + batch_size], pad_id, device)
         pred = _answer_logits(model, batch).argmax(-1)
         labels = batch["labels"]
         hits += int(((pred == labels) | (labels == -100)).all(-1).sum())
@@ -145,12 +140,12 @@ def train_adapter(base: Base, pairs: list[tuple[str, str]], recipe: Recipe, out_
     check_at = {round(recipe.steps * (i + 1) / recipe.checks) for i in range(recipe.checks)} if val else set()
     losses: list[float] = []
     checks: list[dict] = []
-    best: tuple[float, dict] | None = None
+    best: tuple[float, int, dict] | None = None  # (val exact, step, LoRA weights)
     tokens, nonfinite, start = 0, 0, time.time()
     bar = tqdm(range(recipe.steps), desc=f"train {name}", disable=not progress, dynamic_ncols=True)
     for step in bar:
         model.train()
-        batch = _device_batch(rng.sample(data, recipe.batch_size), pad_id, device)
+        batch = _batch(rng.sample(data, recipe.batch_size), pad_id, device)
         logits = _answer_logits(model, batch)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
         if not torch.isfinite(loss):  # never step on a NaN / inf loss: it would poison every weight
@@ -170,9 +165,9 @@ def train_adapter(base: Base, pairs: list[tuple[str, str]], recipe: Recipe, out_
             rate = answer_exact_rate(model, val, pad_id)
             checks.append({"step": step + 1, "val_exact": round(rate, 4)})
             if best is None or rate >= best[0]:
-                best = (rate, _lora_state(model))
+                best = (rate, step + 1, _lora_state(model))
     if best is not None:
-        model.load_state_dict(best[1], strict=False)
+        model.load_state_dict(best[2], strict=False)
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -190,6 +185,5 @@ def train_adapter(base: Base, pairs: list[tuple[str, str]], recipe: Recipe, out_
         "end_of_turn": base.tokenizer.convert_ids_to_tokens(base.end_of_turn_id),
     }
     if checks:
-        stats.update(val_checks=checks, kept_step=max((c for c in checks if c["val_exact"] == best[0]),
-                                                      key=lambda c: c["step"])["step"])
+        stats.update(val_checks=checks, kept_step=best[1])
     return stats
