@@ -88,3 +88,14 @@ def test_stacked_per_set_path_when_the_whole_stack_is_too_wide(monkeypatch):
             got = add_lora(y.clone(), x, A, B, ranks, Routing(ids, w), cache)
         torch.testing.assert_close(got, _reference(y, x, A, B, ids, w), rtol=1e-4, atol=1e-4)
     assert len(cache) == 2 and ("all",) not in cache
+
+
+def test_routing_moves_to_the_models_device_and_stays_put_when_there():
+    """Policies build routing on the CPU; `Engine.routed` moves it to the weights' device (a GPU
+    stack indexed with CPU tensors fails). Same device: the same object, with its cached pairs."""
+    r = Routing(torch.tensor([[0], [1]]), torch.tensor([[1.0], [0.5]]))
+    r.pairs()
+    assert r.to(torch.device("cpu")) is r
+    moved = r.to(torch.device("meta"))
+    assert moved.ids.device.type == moved.weights.device.type == "meta"
+    assert moved.ids.shape == r.ids.shape and "pairs" not in moved._cache

@@ -55,6 +55,11 @@ class Engine:
     def names(self) -> list[str]:
         return list(self.adapters)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live: inputs and routing built on the CPU are moved here."""
+        return next(self.base.model.parameters()).device
+
     def load_dirs(self, dirs: list[str | Path]) -> dict[str, AdapterError]:
         """Load every adapter under `dirs`; returns (and remembers) the refusals."""
         result = scan(dirs, self.model, self.base.name, taken=set(self.adapters))
@@ -143,6 +148,8 @@ class Engine:
     @contextmanager
     def routed(self, routing: Routing | None = None, dynamic: DynamicRouter | None = None) -> Iterator[None]:
         """Run forwards inside this block with `routing` (static) or `dynamic` (per layer)."""
+        if isinstance(routing, Routing):  # SlotRouting buffers are made on the device already
+            routing = routing.to(self.device)
         with self.lock:
             saved = (self.ctx.static, self.ctx.dynamic)
             self.ctx.static, self.ctx.dynamic = routing, dynamic

@@ -71,6 +71,13 @@ class Routing:
     def n_tokens(self) -> int:
         return self.ids.shape[0]
 
+    def to(self, device: torch.device) -> Routing:
+        """This routing on `device` (itself when already there): policies build routing on the CPU,
+        and every layer would otherwise index a GPU stack with CPU tensors."""
+        if self.ids.device == device:
+            return self
+        return Routing(self.ids.to(device), self.weights.to(device))
+
     def uniform_slot(self) -> int | None:
         """The slot every token uses with weight 1, or None when tokens differ."""
         if "uniform" not in self._cache:
@@ -140,6 +147,13 @@ class SlotRouting:
     @property
     def n_tokens(self) -> int:
         return self.ids.shape[0]
+
+    def to(self, device: torch.device) -> Routing:
+        """This routing on `device` (itself when already there): policies build routing on the CPU,
+        and every layer would otherwise index a GPU stack with CPU tensors."""
+        if self.ids.device == device:
+            return self
+        return Routing(self.ids.to(device), self.weights.to(device))
 
 
 def add_lora(

@@ -21,6 +21,7 @@ def bench_command(
     repeats: Annotated[int | None, typer.Option(min=1, help="Timed runs per configuration (best is kept).")] = None,
     scaling: Annotated[list[int] | None, typer.Option("--scaling", help="Adapters loaded for the scaling study (default 1 8 32 128).")] = None,
     configs: Annotated[list[str] | None, typer.Option("--configs", help="Only these configurations: " + ", ".join(CONFIGS))] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="float32 (default), bfloat16 or float16: weights and adapters.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="SmolLM2 only, batch 16, 16 new tokens, 8 vs 128 adapters.")] = False,
     profile: Annotated[bool, typer.Option("--profile", help="Also profile the loraswitch decode paths (torch profiler).")] = False,
     out: Annotated[Path, typer.Option("--out")] = Path("benchmarks/results"),
@@ -46,8 +47,11 @@ def bench_command(
 
     overrides = {"models": split(models), "device": device, "batch_sizes": batch_sizes, "new_tokens": new_tokens,
                  "prompt_len": prompt_len, "repeats": repeats, "scaling": scaling, "configs": split(configs),
-                 "out_dir": out, "profile": profile}
+                 "out_dir": out, "profile": profile, "dtype": dtype}
     cfg = BenchConfig.quick_config(**overrides) if quick else BenchConfig(**{k: v for k, v in overrides.items() if v is not None})
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        console.print(f"[red]error:[/red] --dtype must be float32, bfloat16 or float16, not {cfg.dtype!r}")
+        raise typer.Exit(2)
     bad = [c for c in cfg.configs if c not in CONFIGS]
     if bad:
         console.print(f"[red]error:[/red] unknown configuration(s) {bad}; known: {', '.join(CONFIGS)}")
@@ -66,6 +70,10 @@ def bench_command(
         for t in m["targets"]:
             table.add_row(t["target"], f"{t['ratio']}x", "[green]met[/green]" if t["met"] else "[red]NOT MET[/red]")
         console.print(table)
+        for b, rows in m.get("batches", {}).items():
+            for config, r in rows.items():
+                if "error" in r:
+                    console.print(f"[red]{m['model']} batch {b} {config} failed:[/red] {r['error']}")
     stem = f"bench_{cfg.device.split(':')[0]}"
     console.print(f"wrote {out}/{stem}.json, {stem}.md, {stem}_scaling.png")
     if doc is not None:

@@ -27,7 +27,8 @@ def make_base(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0
         cfg = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                           num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
                           tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
+        with torch.device(device):  # initialised where it runs: a 7B model's random init on CPU takes minutes
+            model = LlamaForCausalLM(cfg).to(dtype).eval()
         model.requires_grad_(False)
         base = Base(model, _tokenizer(), name, "random")
     else:

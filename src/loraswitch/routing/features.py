@@ -69,8 +69,8 @@ def prompt_features(engine: Engine, prompts: list[str], layer: int, batch_size: 
             padded = left_pad(enc, tok.pad_token_id)
             captured.clear()
             with engine.routed(None), contextlib.suppress(_Stop):
-                engine.model(**padded.model_inputs(), use_cache=False)
-            h = captured[0].float()
+                engine.model(**padded.model_inputs(engine.device), use_cache=False)
+            h = captured[0].float().cpu()  # the heads that read features are small and live on the CPU
             m = padded.attention_mask.unsqueeze(-1).to(h.dtype)
             mean = (h * m).sum(1) / m.sum(1)
             out.append(torch.cat([mean, h[:, -1]], dim=-1))

@@ -55,7 +55,7 @@ class TokenRouter(Router):
         out = []
         for prompt in prompts:
             policy = self.policy(engine, [prompt], allowed)
-            ids = torch.tensor([engine.base.chat_ids(prompt)])
+            ids = torch.tensor([engine.base.chat_ids(prompt)], device=engine.device)
             policy.on_forward([0], ids.shape[1])
             with torch.inference_mode(), engine.routed(None, policy.dynamic):
                 engine.model(input_ids=ids, use_cache=False, logits_to_keep=1)
