@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,8 +35,11 @@ from pathlib import Path
 
 import httpx
 
-from loraswitch.constants import library_dir
-from loraswitch.demo.suites import suite_for
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_server import ServerProcess  # noqa: E402
+
+from loraswitch.constants import library_dir  # noqa: E402
+from loraswitch.demo.suites import suite_for  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_EDGE = {"demo": ["add", "iso_date", "sentiment", "sort_numbers"]}
@@ -47,34 +47,19 @@ MARK = "edge-central"
 RATES = (0, .1, .2, .3, .4, .5, .55, .6, .8, 1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`loraswitch serve ARGS` in a subprocess on a free loopback port, until `stop`."""
+class Server(ServerProcess):
+    """`loraswitch serve ARGS` (batch 32, long timeouts), started and ready, its log kept in
+    `log_dir/<name>.log`."""
 
     def __init__(self, name: str, args: list[str], log_dir: Path):
-        self.name, self.port = name, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed in stop)
-        cmd = [sys.executable, "-m", "loraswitch.server", "--port", str(self.port), "--log-level", "warning",
-               "--max-batch", "32", "--max-queue", "4096", "--timeout", "3600", *args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
-        deadline = time.monotonic() + 600
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{name} exited: see {self.log.name}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start")
-            time.sleep(0.5)
+        self.name = name
+        super().__init__(["--log-level", "warning", "--max-batch", "32", "--max-queue", "4096", "--timeout", "3600", *args],
+                         log=log_dir / f"{name}.log")
+        try:
+            self.wait_ready()
+        except (RuntimeError, TimeoutError):
+            self.stop()
+            raise
 
     def ask_all(self, prompts: list[str], max_tokens: int, model: str = "auto") -> list[dict]:
         """Every prompt at once (the server batches them), answers in order."""
@@ -89,14 +74,6 @@ class Server:
 
     def metrics(self) -> str:
         return httpx.get(self.url + "/metrics").text
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 def accuracy(flags: list[bool]) -> float:

@@ -50,25 +50,20 @@ def percentile(values: list[float], q: float) -> float | None:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-class Server:
-    """`python -m loraswitch.server` in a subprocess on a free loopback port."""
+class ServerProcess:
+    """`python -m loraswitch.server ARGS` in a subprocess on a free loopback port: the one way the
+    benchmarks start a server (load, soak, Ray Serve, edge/central). Ready when /healthz answers;
+    `stop` sends SIGTERM, then kills. The log goes to `log`, or to a scratch file removed on stop."""
 
-    def __init__(self, args: argparse.Namespace, max_batch: int):
+    stop_wait = 20.0  # seconds between SIGTERM and kill
+
+    def __init__(self, args: list[str], threads: int | None = None, log: Path | None = None):
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        cmd = [sys.executable, "-m", "loraswitch.server", "--host", HOST, "--port", str(self.port),
-               "--max-batch", str(max_batch), "--max-queue", str(args.requests + 16), "--timeout", str(args.time_limit),
-               "--max-new-tokens", str(max(args.max_tokens, 1)), "--default-temperature", "0", "--log-level", "warning"]
-        if args.base:
-            cmd += ["--base", args.base]
-        for d in args.adapter_dir or []:
-            cmd += ["--adapter-dir", d]
-        if args.router_dir:
-            cmd += ["--router-dir", args.router_dir]
-        env = dict(os.environ)
-        if args.threads:
-            env["LORASWITCH_THREADS"] = str(args.threads)
-        self.log = open(RESULTS / f".server-{self.port}.log", "w")  # noqa: SIM115 (closed in stop)
+        cmd = [sys.executable, "-m", "loraswitch.server", "--host", HOST, "--port", str(self.port), *args]
+        env = dict(os.environ, **({"LORASWITCH_THREADS": str(threads)} if threads else {}))
+        self.keep_log = log is not None
+        self.log = open(log or RESULTS / f".server-{self.port}.log", "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
     def wait_ready(self, timeout: float = 600) -> dict:
@@ -88,12 +83,33 @@ class Server:
     def stop(self) -> None:
         self.proc.terminate()
         try:
-            self.proc.wait(20)
+            self.proc.wait(self.stop_wait)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
         self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
+        if not self.keep_log:
+            Path(self.log.name).unlink(missing_ok=True)
+
+
+def serve_args(args: argparse.Namespace, max_batch: int) -> list[str]:
+    """The load test's server flags: batch, queue and time limits, greedy, the chosen library."""
+    out = ["--max-batch", str(max_batch), "--max-queue", str(args.requests + 16), "--timeout", str(args.time_limit),
+           "--max-new-tokens", str(max(args.max_tokens, 1)), "--default-temperature", "0", "--log-level", "warning"]
+    if getattr(args, "base", None):
+        out += ["--base", args.base]
+    for d in getattr(args, "adapter_dir", None) or []:
+        out += ["--adapter-dir", d]
+    if getattr(args, "router_dir", None):
+        out += ["--router-dir", args.router_dir]
+    return out
+
+
+class Server(ServerProcess):
+    """The load test's server: `serve_args` of the run's options."""
+
+    def __init__(self, args: argparse.Namespace, max_batch: int):
+        super().__init__(serve_args(args, max_batch), args.threads)
 
 
 def build_requests(n: int, models: list[str], seed: int) -> list[dict]:

@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,22 +27,17 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_server import HOST, RESULTS, ROOT, Server, build_requests, free_port, phase  # noqa: E402
+from load_server import RESULTS, Server, ServerProcess, build_requests, phase, serve_args  # noqa: E402
 
 
-class RayServer(Server):
-    """`python -m loraswitch.server --ray --replicas N` in a subprocess on a free loopback port."""
+class RayServer(ServerProcess):
+    """`python -m loraswitch.server --ray --replicas N` with the load test's flags."""
+
+    stop_wait = 60.0  # serve --ray stops Serve and its Ray instance on SIGTERM
 
     def __init__(self, args: argparse.Namespace, replicas: int):
-        self.port, self.replicas = free_port(), replicas
-        self.url = f"http://{HOST}:{self.port}"
-        cmd = [sys.executable, "-m", "loraswitch.server", "--ray", "--replicas", str(replicas), "--host", HOST,
-               "--port", str(self.port), "--max-batch", str(args.max_batch), "--max-queue", str(args.requests + 16),
-               "--timeout", str(args.time_limit), "--max-new-tokens", str(max(args.max_tokens, 1)),
-               "--default-temperature", "0", "--log-level", "warning"]
-        env = {**os.environ, "LORASWITCH_THREADS": str(args.threads)}
-        self.log = open(RESULTS / f".ray-server-{self.port}.log", "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.replicas = replicas
+        super().__init__(["--ray", "--replicas", str(replicas), *serve_args(args, args.max_batch)], args.threads)
 
     def wait_ready(self, timeout: float = 600) -> dict:
         """/healthz once every replica reports, as the single server's health (its adapters)."""
@@ -56,18 +50,8 @@ class RayServer(Server):
             time.sleep(0.5)
         raise TimeoutError("the replicas did not all start")
 
-    def stop(self) -> None:
-        self.proc.terminate()  # serve --ray stops Serve and its Ray instance on SIGTERM
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
 
-
-def measure(server: Server, args: argparse.Namespace, models: list[str]) -> dict:
+def measure(server: ServerProcess, args: argparse.Namespace, models: list[str]) -> dict:
     try:
         health = server.wait_ready()
         load = os.getloadavg()[0]  # the machine is shared: how busy it was when this setup ran

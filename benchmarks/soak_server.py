@@ -22,16 +22,13 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
-from load_server import Server as ServerProcess
-from load_server import free_port
+from load_server import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -51,13 +48,8 @@ class Server(ServerProcess):
     as the load test does), its RSS sampled."""
 
     def __init__(self, args: argparse.Namespace):
-        self.url = f"http://{HOST}:{free_port()}"
-        cmd = [sys.executable, "-m", "loraswitch.server", "--host", HOST, "--port", self.url.rsplit(":", 1)[1],
-               "--max-batch", str(args.max_batch), "--max-queue", "512", "--timeout", "600",
-               "--max-new-tokens", "64", "--default-temperature", "0", "--log-level", "warning"]
-        env = dict(os.environ, **({"LORASWITCH_THREADS": str(args.threads)} if args.threads else {}))
-        self.log = tempfile.NamedTemporaryFile("w", prefix="soak-server-", suffix=".log", delete=False)  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        super().__init__(["--max-batch", str(args.max_batch), "--max-queue", "512", "--timeout", "600",
+                          "--max-new-tokens", "64", "--default-temperature", "0", "--log-level", "warning"], args.threads)
         self.samples: list[tuple[float, float]] = []  # (seconds since start, RSS in GB)
         self._stop = threading.Event()
 
