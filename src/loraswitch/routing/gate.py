@@ -62,6 +62,9 @@ class GateRouter(TokenRouter):
         return cls(engine, gates, meta["names"], meta["top_k"], meta["temperature"])
 
 
+LM_MICRO_BATCH = 2  # rows per forward/backward in the LM-loss phase (gradients accumulated over the batch)
+
+
 def _encode(engine: Engine, prompt: str, answer: str | None) -> tuple[list[int], int, int]:
     """Chat ids (+ answer and end of turn), the index where the user's words start (tokens before
     it are the shared chat preamble, labelled "no adapter"), and the answer length."""
@@ -131,16 +134,21 @@ def train_gates(engine: Engine, data: dict[str, list[tuple[str, str | None]]], e
     opt = torch.optim.Adam(list(gates.values()), lr=lr / 5)
     for _ in tqdm(range(lm_steps if answered else 0), desc="train gates (LM loss)", disable=not progress):
         batch = rng.sample(answered, min(batch_size, len(answered)))
-        padded, _, _ = pack(batch)
-        target = tail_targets([r[0][0] for r in batch], [r[0][2] for r in batch])
-        n_ans = target.shape[1]
-        with torch.enable_grad(), engine.routed(None, router.select):
-            out = engine.model(**padded.model_inputs(), use_cache=False, logits_to_keep=n_ans + 1)
-            logits = out.logits[:, :-1]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        total = sum(r[0][2] for r in batch)  # answer tokens of the whole batch: the loss is their mean
+        opt.zero_grad()
+        # micro-batches, gradients accumulated: backward through the whole model keeps every
+        # layer's activations, and 8 long BIG-bench prompts at once took 24 GB (killed)
+        for k in range(0, len(batch), LM_MICRO_BATCH):
+            chunk = batch[k : k + LM_MICRO_BATCH]
+            padded, _, _ = pack(chunk)
+            target = tail_targets([r[0][0] for r in chunk], [r[0][2] for r in chunk])
+            with torch.enable_grad(), engine.routed(None, router.select):
+                out = engine.model(**padded.model_inputs(), use_cache=False, logits_to_keep=target.shape[1] + 1)
+                logits = out.logits[:, :-1]
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                         reduction="sum") / total
+                loss.backward()
+        opt.step()
     for g in gates.values():
         g.requires_grad_(False)
     return router
