@@ -18,7 +18,9 @@ Three measurements on the demo library, written to benchmarks/results/segmentati
 With `--library bigbench` (needs `loraswitch data bigbench`), the same on data nobody here wrote,
 written to benchmarks/results/segmentation_bigbench.json: false splits over the BIG-bench test
 prompts (`--singles` per task), and parts found in MeteoRA-format composite-3 / -5 / -10 prompts
-(`--layout-prompts` per size; worked examples must be read as context, not as questions).
+(`--layout-prompts` per size; worked examples must be read as context, not as questions), and
+false splits over ten more BIG-bench tasks nothing here was trained or tuned on
+(`--heldout-singles` per task, fetched from the same sdist into the cache on first use).
 Segmentation only (no generation): the answers are scored by `loraswitch eval --library bigbench`.
 
 The settings of `switch.segment` were tuned on training layouts and the validation split only;
@@ -79,10 +81,10 @@ def _segmentation(singles: int, layout_prompts: int, seed: int) -> dict:
             "layouts": layouts, "groups": groups, "seconds": round(seconds, 1)}
 
 
-def _segmentation_bigbench(singles: int, per_size: int, seed: int) -> dict:
+def _segmentation_bigbench(singles: int, per_size: int, seed: int, heldout: int) -> dict:
     from loraswitch.console import library_paths
     from loraswitch.demo.bigbench.composites import composite_parts
-    from loraswitch.demo.bigbench.tasks import TASK_NAMES, examples
+    from loraswitch.demo.bigbench.tasks import TASK_NAMES, examples, heldout_examples
     from loraswitch.switch import Switch
     from loraswitch.switch.segment import segment
 
@@ -91,9 +93,12 @@ def _segmentation_bigbench(singles: int, per_size: int, seed: int) -> dict:
     router = sw.router("auto")
     cases = [e for t in TASK_NAMES for e in examples(t, "test", singles, seed=seed)]
     comps = [(n, prompt, parts) for n in (3, 5, 10) for prompt, parts in composite_parts(n, per_size, seed)]
+    others = heldout_examples(heldout) if heldout else []
     t0 = time.perf_counter()
-    found = segment(router, sw.engine, [e.prompt for e in cases] + [c[1] for c in comps])
+    found = segment(router, sw.engine, [e.prompt for e in cases] + [c[1] for c in comps] + [e.prompt for e in others])
     seconds = time.perf_counter() - t0
+    found, found_others = found[: len(cases) + len(comps)], found[len(cases) + len(comps):]
+    other_split = [(e, f) for e, f in zip(others, found_others) if len(f.parts) >= 2]
     split = [(e, f) for e, f in zip(cases, found) if len(f.parts) >= 2]
     per_task = {t: round(sum(1 for e, _ in split if e.task == t) / max(1, sum(e.task == t for e in cases)), 4)
                 for t in TASK_NAMES}
@@ -111,18 +116,23 @@ def _segmentation_bigbench(singles: int, per_size: int, seed: int) -> dict:
             "false_split_rate": round(len(split) / max(1, len(cases)), 4), "false_split_rate_per_task": per_task,
             "false_split_examples": [{"task": e.task, "prompt": e.prompt[:600], "parts": [t[:200] for t in f.texts]}
                                      for e, f in split[:10]],
-            "composites": sizes, "seconds": round(seconds, 1)}
+            "composites": sizes, "seconds": round(seconds, 1),
+            "heldout_tasks": {"prompts": len(others), "false_splits": len(other_split),
+                              "false_split_rate": round(len(other_split) / max(1, len(others)), 4),
+                              "per_task": {t: sum(e.task == t for e, _ in other_split) for t in dict.fromkeys(e.task for e in others)},
+                              "examples": [{"task": e.task, "prompt": e.prompt[:600], "parts": [t[:200] for t in f.texts]}
+                                           for e, f in other_split[:10]]}}
 
 
 def main(singles: int = 50, layout_prompts: int = 4, eval_limit: int = 4, freeform: int = 2, seed: int = 0,
-         out: Path | None = None, skip_eval: bool = False, library: str = "demo") -> None:
+         out: Path | None = None, skip_eval: bool = False, library: str = "demo", heldout_singles: int = 20) -> None:
     import torch
 
     torch.manual_seed(0)
     if library == "bigbench":
         result = {"settings": {"library": library, "singles_per_task": singles, "composites_per_size": layout_prompts,
-                               "seed": seed},
-                  "segmentation": _segmentation_bigbench(singles, layout_prompts, seed)}
+                               "seed": seed, "heldout_singles_per_task": heldout_singles},
+                  "segmentation": _segmentation_bigbench(singles, layout_prompts, seed, heldout_singles)}
         print(json.dumps({k: v for k, v in result["segmentation"].items() if k != "false_split_examples"}, indent=1))
         out = out or OUT / "segmentation_bigbench.json"
         out.write_text(json.dumps(result, indent=1) + "\n")

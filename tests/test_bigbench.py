@@ -201,3 +201,28 @@ def test_router_data_folder_from_train_splits(root, tmp_path):
         rows = train.get(task, []) + val.get(task, [])
         train_split = {e.prompt for e in tasks.splits(task)["train"]}
         assert len(rows) == 20 and {p for p, _ in rows} <= train_split
+
+
+def test_heldout_tasks_come_from_the_same_sdist_into_their_own_folder(tmp_path, monkeypatch):
+    """The segmentation benchmark's held-out single-task prompts: ten other BIG-bench tasks,
+    extracted and verified in `heldout/` (the library's verified files untouched), rendered
+    like the library's (options as `choice:` lines where the task has target_scores)."""
+    path = tmp_path / fetch.SDIST_NAME
+    counts = dict.fromkeys(fetch.HELDOUT_FILES, 30)
+    with tarfile.open(path, "w:gz") as tar:
+        for k, rel in enumerate(fetch.HELDOUT_FILES):
+            exs = ([_mc(i, ["yes", "no"], i % 2) for i in range(30)] if k % 2 else
+                   [{"input": f"Sort made-up words {i}.", "target": f"a{i} b{i}"} for i in range(30)])
+            data = json.dumps({"name": rel, "examples": exs}).encode()
+            info = tarfile.TarInfo(fetch.TASKS_PREFIX + rel)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(fetch, "HELDOUT_FILES", counts)
+    monkeypatch.setattr(tasks, "HELDOUT_FILES", counts)
+    monkeypatch.setattr(tasks, "heldout_dir", lambda: tmp_path / "cache" / "heldout")
+    exs = tasks.heldout_examples(4, path)
+    assert len(exs) == 4 * len(counts) and len({e.task for e in exs}) == len(counts)
+    assert not fetch.verify(tmp_path / "cache" / "heldout", counts)
+    mc = [e for e in exs if "choice: yes" in e.prompt]
+    assert mc and all(e.answer in ("yes", "no") for e in mc)
+    assert tasks.heldout_examples(4, path) == exs  # seeded: the same prompts every time

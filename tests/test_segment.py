@@ -9,7 +9,7 @@ import pytest
 from loraswitch.switch import Switch
 from loraswitch.switch import segment as seg
 from loraswitch.switch.segment import Scores, Settings, finish, plan
-from loraswitch.switch.units import split_units
+from loraswitch.switch.units import is_statement, split_units
 
 KEYWORDS = {"date": "alpha", "sum": "gamma", "french": "beta"}
 
@@ -75,6 +75,33 @@ def test_one_task_is_never_split():
     assert _parts("Nice weather. Hello there.") == []  # no task at all
 
 
+def test_answer_options_belong_to_their_question():
+    """Multiple choice is one question: `choice:` lines (a label repeated line after line) and
+    capital-letter options after a question close their paragraph, which becomes one unit."""
+    units = split_units("Hi.\n\nFive fruits are sold.\nWhich is cheapest?\nchoice: kiwis\nchoice: plums")
+    assert [u.text for u in units] == ["Hi.", "Five fruits are sold.\nWhich is cheapest?\nchoice: kiwis\nchoice: plums"]
+    assert [u.text for u in split_units("Which planet is largest?\n(A) Mars\n(B) Jupiter")] == [
+        "Which planet is largest?\n(A) Mars\n(B) Jupiter"]
+    # capital letters after an instruction (not a question) are still parts; so is a single label
+    assert [u.text for u in split_units("Do these:\nA. the date\nB. the sum")] == ["Do these:", "The date", "The sum"]
+    assert len(split_units("Note: the date.\nTip: the sum.")) == 2
+    assert _parts("Which sum is the date?\nchoice: the date\nchoice: the sum\nchoice: the date in french") == []
+
+
+def test_a_statement_sets_up_a_question_and_is_never_a_part():
+    """A declarative sentence ("A stand sells ...", "In a show, there are ...") is context however
+    confidently it is routed: BIG-bench puzzles open with one that reads like another task."""
+    assert is_statement("In a golf tournament, there were seven golfers: Eli, Ada.")
+    assert is_statement("A fruit stand sells five fruits: kiwis and plums.")
+    assert not is_statement("The date please.") and not is_statement("The sum of 2 and 3.")
+    assert not is_statement("Is the date right?") and not is_statement("In French, spell out 17.")
+    # the statement routes to "sum" but sets up the date question after it: one part, no split
+    assert _parts("A stand sells the sum of fruits. Kiwis cost less.\nWhich date is it?\nchoice: May\nchoice: June") == []
+    # a statement of the next question's task goes forward with it, not back to the part before
+    assert _parts("Convert the date. The sum was large. Tell me the sum.") == [
+        "Convert the date.", "The sum was large. Tell me the sum."]
+
+
 def test_enumerations_are_answered_item_by_item():
     # two confident items make a list of questions: every item is a part, even one of no task
     assert _parts("- the date\n- the sum\n- a haiku") == ["The date", "The sum", "A haiku"]
@@ -96,12 +123,12 @@ def test_a_cut_that_reads_as_one_request_is_merged(monkeypatch):
         return Scores(base.adapter, base.confidence, whole)
 
     monkeypatch.setattr(seg, "score_texts", scores)
-    found = seg.segment(object(), None, ["I have a date. Write it in french style.", "Add 45 and 38."])
+    found = seg.segment(object(), None, ["Take a date. Write it in french style.", "Add 45 and 38."])
     assert [f.texts for f in found] == [[], []]
     assert len(calls) == 2  # units of both prompts in one pass, then the one candidate cut
     monkeypatch.setattr(seg, "Settings", Settings)
-    found = seg.segment(object(), None, ["I have a date. Write it in french style."], Settings(max_merge_gain=20.0))
-    assert found[0].texts == ["I have a date.", "Write it in french style."]
+    found = seg.segment(object(), None, ["Take a date. Write it in french style."], Settings(max_merge_gain=20.0))
+    assert found[0].texts == ["Take a date.", "Write it in french style."]
 
 
 def test_without_a_selector_only_numbered_parts_are_split(switch_tiny):

@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 import torch
 
 from loraswitch.numbered import split_parts
-from loraswitch.switch.units import Unit, split_units
+from loraswitch.switch.units import Unit, is_statement, split_units
+
+PROSE = ("sentence", "clause", "line")  # units a statement can be (not items, blocks)
 
 
 @dataclass(frozen=True)
@@ -138,12 +140,34 @@ def _firm_lists(units: list[Unit], question: list[bool]) -> set[int]:
     return firm
 
 
+def _questions(units: list[Unit], adapter: list[str | None], confidence: list[float],
+               settings: Settings) -> list[bool]:
+    """Units that ask something: confidently routed and not a statement (`units.is_statement`)."""
+    return [a is not None and c >= settings.min_confidence and not (u.kind in PROSE and is_statement(u.text))
+            for u, a, c in zip(units, adapter, confidence)]
+
+
+def _forward(units: list[Unit], adapter: list[str | None], question: list[bool]) -> set[int]:
+    """Statements that set up the question after them: routed to the task of the next question
+    in their paragraph ("Convert the date. The kettle broke. Was the buyer happy?": the review
+    belongs to the sentiment question, not to the date)."""
+    out, nxt = set(), None
+    for i in range(len(units) - 1, -1, -1):
+        if question[i]:
+            nxt = i
+        elif (nxt is not None and units[nxt].para == units[i].para and adapter[i] is not None
+              and adapter[i] == adapter[nxt] and units[i].kind in PROSE and is_statement(units[i].text)):
+            out.add(i)
+    return out
+
+
 def plan(units: list[Unit], adapter: list[str | None], confidence: list[float],
          settings: Settings = Settings()) -> tuple[list[Part], list[int]]:
     """Parts from scored units (see the module doc), before the cut check; and the units that
     joined no part."""
-    question = [a is not None and c >= settings.min_confidence for a, c in zip(adapter, confidence)]
+    question = _questions(units, adapter, confidence, settings)
     firm = _firm_lists(units, question)
+    forward = _forward(units, adapter, question)
     parts: list[Part] = []
     pending: list[int] = []
     dropped: list[int] = []
@@ -153,21 +177,25 @@ def plan(units: list[Unit], adapter: list[str | None], confidence: list[float],
             continue
         is_firm = u.list_id in firm
         if not is_firm and not question[i]:
-            if parts and not (parts[-1].firm and units[parts[-1].units[-1]].para != u.para):
-                parts[-1].context.append(i)
-            else:
-                pending.append(i)
+            # context joins the part before it, unless it sets up the next question (then it and
+            # whatever follows it up to that question wait), or the part before is a list item
+            # of another paragraph
+            backward = (parts and not pending and i not in forward
+                        and not (parts[-1].firm and units[parts[-1].units[-1]].para != u.para))
+            (parts[-1].context if backward else pending).append(i)
             continue
         last = parts[-1] if parts else None
+        setup = any(j in forward for j in pending)
         if (not is_firm and last is not None and not last.firm and last.adapter == adapter[i]
-                and not pending):
-            last.units += last.context + [i]
-            last.context = []
+                and (not pending or setup)):
+            last.units += last.context + pending + [i]
+            last.context, pending = [], []
             last.confidence = min(last.confidence, confidence[i])
             continue
         part = Part([i], is_firm, adapter[i], confidence[i])
-        for j in pending:  # leading context: kept when it shares the line, else an instruction
-            (part.context if units[j].line == u.line else dropped).append(j)
+        for j in pending:  # leading context: kept when it shares the line or sets up the question, else an instruction
+            joins = units[j].line == u.line or (setup and units[j].para == u.para)
+            (part.context if joins else dropped).append(j)
         pending = []
         parts.append(part)
     dropped += pending

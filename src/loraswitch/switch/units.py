@@ -9,6 +9,10 @@ then", "also", "after that" or ";". Nothing here decides that two units are two 
 only a place where a cut *may* go. `Unit.text` is the unit without its marker, tag or leading
 connective, so a part is answered from the words of its request alone.
 
+Answer options (`choice: ...` lines, a label repeated line after line, or capital-letter options
+"A. ..." after a question or "Options:") close a multiple-choice question: they and the prose of
+their paragraph before them are one unit, never a list of parts.
+
 Worked examples (a question followed by its answer: `[INST]` blocks followed by a numbered list
 of answers, "Q: ... A: ...", "x -> y") are marked `example`: they are context, never questions.
 """
@@ -30,11 +34,34 @@ _ARROW = re.compile(r"\s(?:->|=>|\u2192)\s")
 # inline enumeration inside a line: "a) ... b) ...", "(1) ... (2) ..."
 _INLINE = re.compile(r"(?:(?<=\s)|^)\(?([a-h]|\d{1,2})\)\s+(?=\S)")
 _PARA = re.compile(r"\n[ \t]*\n")
+# an answer option of the question above it: "choice: ..." / "Option: ..." (a label repeated on
+# consecutive lines) or "A. ..." / "(B) ..." (capital letters after a question, or after "Options:",
+# "Choose one:" ...; after "Do these:" they are parts)
+_OPTION_LABEL = re.compile(r"\s*([A-Za-z][A-Za-z ]{0,15}?)\s*:\s+\S")
+_OPTION_LETTER = re.compile(r"\s*\(?([A-H])[.)]\s+\S")
+_OPTION_LEAD = re.compile(r".*(?:\?|\b(?:options?|choices?|answers?|choose|select|pick)\b[^:]*:)\s*$", re.I)
 _SENTENCE = re.compile(r"(?<=[.?!])\s+(?=[\"'(\[]?[A-Z0-9])")
 _CLAUSE = re.compile(r"\s*;\s*|,\s*(?:and\s+)?(?:then|after that|afterwards|also|next|finally)\b,?\s*"
                      r"|\s+and\s+(?:then|also|after that|afterwards|finally|next)\b,?\s*", re.I)
 _LEAD = re.compile(r"(?:and\s+)?(?:also|then|after that|afterwards|next|finally|lastly|additionally|besides|"
                    r"first(?:ly)?|second(?:ly)?|third(?:ly)?|and)\b[,:]?\s+", re.I)
+
+
+# a declarative sentence: a subject first ("The ...", "There are ...", "I have ..."), or a scene
+# set before one ("In a golf tournament, there were ..."), ending without a question mark
+_SUBJECT = r"(?:a|an|the|this|that|these|those|there|it|i|we|they|he|she|my|our|their|his|her|its)\b"
+_STATEMENT = re.compile(rf"(?:{_SUBJECT}|(?:in|on|at|during|after|before)\b[^,?]{{0,60}},\s*{_SUBJECT})[^?]*$", re.I | re.S)
+# ... with a finite verb: "The date please." and "The sum of 2 and 3." are requests, not statements
+_VERB = re.compile(r"\b(?:is|are|was|were|am|has|have|had|will|would|can|could|does|did)\b"
+                   r"|^(?:\S+\s+){1,4}?\w{2,}(?:ed|s)\b", re.I)
+
+
+def is_statement(text: str) -> bool:
+    """A declarative sentence, not a request: it can set up the question next to it ("A fruit
+    stand sells five fruits: ..."), but is never a part to answer on its own, however
+    confidently the selector routes it. Questions, imperatives and units with options are not."""
+    text = text.strip()
+    return "\n" not in text and _STATEMENT.match(text) is not None and _VERB.search(text) is not None
 
 
 @dataclass(frozen=True)
@@ -197,7 +224,50 @@ def split_units(prompt: str) -> list[Unit]:
                               bisect.bisect(breaks, s)))
         pos = m.end()
         lists.close()
-    return mark_examples(units)
+    return mark_examples(attach_options(prompt, units))
+
+
+def _option_lines(lines: list[str]) -> set[int]:
+    """Indices of the lines that are answer options (see `_OPTION_LABEL` / `_OPTION_LETTER`)."""
+    out: set[int] = set()
+    labels = [m.group(1).lower() if (m := _OPTION_LABEL.match(t)) and not _LABEL.match(t) and not _ANSWER.match(t)
+              else None for t in lines]
+    for i, label in enumerate(labels):
+        if label is not None and label in (labels[i - 1] if i else None, labels[i + 1] if i + 1 < len(lines) else None):
+            out.add(i)
+    i = 0
+    while i < len(lines):  # capital-letter options A, B, C ... after a question line
+        key = ord("A")
+        j = i
+        while j < len(lines) and (m := _OPTION_LETTER.match(lines[j])) and m.group(1) == chr(key):
+            j, key = j + 1, key + 1
+        asked = i > 0 and _OPTION_LEAD.match(lines[i - 1]) is not None
+        if j - i >= 2 and asked:
+            out.update(range(i, j))
+        i = max(j, i + 1)
+    return out
+
+
+def attach_options(prompt: str, units: list[Unit]) -> list[Unit]:
+    """Fold every answer-option line, and the prose of its paragraph before it, into one unit:
+    a multiple-choice question is the paragraph its options close. Its stem alone is often
+    no request at all ("The above reasoning is"), and is read, routed and answered with the
+    passage it asks about and its options."""
+    lines = prompt.split("\n")
+    options = _option_lines(lines)
+    if not options:
+        return units
+    out: list[Unit] = []
+    for u in units:
+        if out and u.line in options and u.kind != "block" and out[-1].line < u.line:
+            k = len(out) - 1
+            while k > 0 and out[k - 1].kind in ("sentence", "clause", "line") and out[k - 1].para == out[k].para:
+                k -= 1
+            first = out[k]
+            out[k:] = [replace(first, end=u.end, text=clean(prompt[first.start : u.end]), kind="sentence")]
+            continue
+        out.append(u)
+    return out
 
 
 def _lines(chunk: str, offset: int):

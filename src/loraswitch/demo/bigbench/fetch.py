@@ -41,6 +41,21 @@ FILES: dict[str, int] = {
     "epistemic_reasoning/task.json": 2000,
 }
 
+# Ten more BIG-bench tasks no adapter, router or setting here was trained or tuned on: held-out
+# single-task prompts for the segmentation benchmark (a prompt about one task must not be split)
+HELDOUT_FILES: dict[str, int] = {
+    "causal_judgment/task.json": 190,
+    "date_understanding/task.json": 369,
+    "disambiguation_qa/task.json": 258,
+    "navigate/task.json": 1000,
+    "penguins_in_a_table/task.json": 149,
+    "ruin_names/task.json": 448,
+    "snarks/task.json": 181,
+    "sports_understanding/task.json": 1000,
+    "temporal_sequences/task.json": 1000,
+    "word_sorting/task.json": 1900,
+}
+
 
 class BigBenchDataError(RuntimeError):
     """The BIG-bench task files are missing, unfetchable or not what we expect; the message says
@@ -49,6 +64,10 @@ class BigBenchDataError(RuntimeError):
 
 def data_dir() -> Path:
     return cache_dir() / "bigbench"
+
+
+def heldout_dir() -> Path:
+    return data_dir() / "heldout"
 
 
 def _check_file(path: Path, expected: int) -> str | None:
@@ -124,16 +143,17 @@ def download(dest: Path) -> Path:
     return path
 
 
-def ensure(sdist: Path | None = None, root: Path | None = None) -> Path:
-    """The verified data folder: already there, or extracted from `sdist`, or downloaded first."""
+def ensure(sdist: Path | None = None, root: Path | None = None, files: dict[str, int] | None = None) -> Path:
+    """The verified data folder: already there, or extracted from `sdist`, or downloaded first
+    (`files`: FILES, or HELDOUT_FILES into `heldout_dir()`)."""
     root = root or data_dir()
-    if (root / VERIFIED).is_file() and not verify(root):
+    if (root / VERIFIED).is_file() and not verify(root, files):
         return root
     if sdist is not None:
-        extract(sdist, root)
+        extract(sdist, root, files)
         return root
     with tempfile.TemporaryDirectory(prefix="bigbench-") as tmp:
-        extract(download(Path(tmp)), root)
+        extract(download(Path(tmp)), root, files)
     return root
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from loraswitch.demo.bigbench.fetch import FILES, load_task_file, require
+from loraswitch.demo.bigbench.fetch import FILES, HELDOUT_FILES, ensure, heldout_dir, load_task_file, require
 
 SPLITS = ("train", "val", "test")
 TEST_N = 200
@@ -72,15 +72,15 @@ class Example:
         return {"task": self.task, "prompt": self.prompt, "answer": self.answer, "targets": list(self.targets)}
 
 
-def render(task: str, meta: dict, example: dict) -> Example:
+def render(task: str, meta: dict, example: dict, choice: bool | None = None) -> Example:
     """One BIG-bench example as a prompt; options shuffled by a seed drawn from the input, so the
-    same input always renders the same prompt."""
+    same input always renders the same prompt. `choice`: multiple choice (default: the task's)."""
     lines = [meta.get("task_prefix", "").strip()]
     in_prefix, text = meta.get("example_input_prefix", "").strip(), str(example["input"]).strip()
     lines.append(f"{in_prefix} {text}" if in_prefix else text)
     lines.append(meta.get("example_output_prefix", "").strip())
     scores = example.get("target_scores")
-    if TASKS[task].choice and scores:
+    if (TASKS[task].choice if choice is None else choice) and scores:
         options = list(scores)
         random.Random(zlib.crc32(f"{task}|{text}".encode())).shuffle(options)
         lines += [f"choice: {o}" for o in options]
@@ -109,6 +109,20 @@ def rendered(task: str, root: Path | None = None) -> tuple[list[Example], int, i
             else:
                 out[ex.prompt] = ex
     return list(out.values()), dupes, too_long
+
+
+def heldout_examples(n: int, sdist: Path | None = None) -> list[Example]:
+    """`n` test prompts of each held-out task (`fetch.HELDOUT_FILES`: tasks nothing here was
+    trained or tuned on), rendered like the library's; fetched into the cache on first use."""
+    root = ensure(sdist, heldout_dir(), HELDOUT_FILES)
+    out = []
+    for rel in HELDOUT_FILES:
+        task, data = rel.split("/")[0], load_task_file(rel, root)
+        exs = [render(task, data, raw, choice="target_scores" in raw) for raw in data["examples"]]
+        exs = [e for e in exs if len(e.prompt) <= MAX_PROMPT_CHARS]
+        random.Random(zlib.crc32(f"heldout|{task}".encode())).shuffle(exs)
+        out += exs[:n]
+    return out
 
 
 @cache
