@@ -63,6 +63,23 @@ def suite() -> dict[str, dict[str, list[str]]]:
     return {"train": train, "val": val, "test": test}
 
 
+def bigbench_suite(work: Path) -> dict[str, dict[str, list[str]]]:
+    """What the committed BIG-bench selector was trained on (`loraswitch data bigbench
+    --router-data`, 200 train prompts per task, read as `train-router --data` reads it, generic
+    prompts as the no-adapter class) and `N_TEST` test prompts per task plus generic ones."""
+    from loraswitch.demo.bigbench.tasks import TASK_NAMES as BB_TASKS
+    from loraswitch.demo.bigbench.tasks import examples as bb_examples
+    from loraswitch.demo.router_data import write_bigbench_router_data
+    from loraswitch.routing.data import prompts_only, read_folder
+    from loraswitch.routing.generic import generic_prompts
+
+    write_bigbench_router_data(work / "router_data", 200)
+    train, val = (prompts_only(x) for x in read_folder(work / "router_data"))
+    test = {t: [e.prompt for e in bb_examples(t, "test", N_TEST)] for t in BB_TASKS}
+    test[NONE_CLASS] = generic_prompts("test", N_TEST)
+    return {"train": train, "val": val, "test": test}
+
+
 def features(engine: Engine, prompts: list[str], layer: int) -> torch.Tensor:
     """prompt_features, cached on disk by (prompts, layer): the leave-one-out reuses them."""
     key = hashlib.sha1(json.dumps([prompts, layer, engine.base.name]).encode()).hexdigest()[:16]
@@ -159,9 +176,10 @@ def score(router: SequenceRouter, engine: Engine, F: dict, held: str) -> tuple[f
     return sum(d.adapter == held for d in mine) / len(mine), accuracy(router.route_features(engine, x), want)
 
 
-def leave_one_out(sw: Switch, F: dict, data: dict, layer: int, variants: tuple[str, ...]) -> list[dict]:
+def leave_one_out(sw: Switch, F: dict, data: dict, layer: int, variants: tuple[str, ...],
+                  tasks: tuple[str, ...] = TASK_NAMES) -> list[dict]:
     engine, rows = sw.engine, []
-    for held in TASK_NAMES:
+    for held in tasks:
         router = loo_selector(F, held, layer)
         row = {"adapter": held}
         attach(router, engine)
@@ -251,18 +269,7 @@ def markdown(res: dict) -> str:
              f"{h['few_shot_load_to_routable_s']} s after the load call.", "",
              "Leave-one-out (selector trained without the adapter; share of its test prompts routed to it, "
              "and of the others' test prompts routed right):", ""]
-    variants = [k[len("zero_shot_"):] for k in res["leave_one_out"][0] if k.startswith("zero_shot_") and not k.endswith("_others")]
-    head = "| adapter | 20 examples | others | " + " | ".join(f"zero-shot `{v}` | others" for v in variants)
-    head += " | Arrow (per token, full library) |" if res.get("arrow") else " |"
-    lines += [head, "|" + "---|" * (head.count("|") - 1)]
-    rows = res["leave_one_out"]
-    for r in rows + [_mean_row(rows)]:
-        cells = [r["adapter"], f"{r['few_shot']:.0%}", f"{r['few_shot_others']:.1%}"]
-        cells += [c for v in variants for c in (f"{r[f'zero_shot_{v}']:.0%}", f"{r[f'zero_shot_{v}_others']:.1%}")]
-        if res.get("arrow"):
-            arrow = res["arrow"]
-            cells.append(f"{(arrow.get(r['adapter']) if r['adapter'] in arrow else sum(arrow.values()) / len(arrow)):.0%}")
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += loo_table(res["leave_one_out"], res.get("arrow"))
     lines += ["", "Routing cost per prompt (n random rank-4 q/v adapters, each routed by a zero-shot head; "
               f"{8 * 4} demo test prompts, best of 3):", "",
               "| adapters | feature pass ms | decision ms | total ms | vs 8 | head fitting s |", "|---|---|---|---|---|---|"]
@@ -273,13 +280,28 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def loo_table(rows: list[dict], arrow: dict | None) -> list[str]:
+    """The leave-one-out table: few-shot and every zero-shot variant, with a mean row."""
+    variants = [k[len("zero_shot_"):] for k in rows[0] if k.startswith("zero_shot_") and not k.endswith("_others")]
+    head = "| adapter | 20 examples | others | " + " | ".join(f"zero-shot `{v}` | others" for v in variants)
+    head += " | Arrow (per token, full library) |" if arrow else " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows + [_mean_row(rows)]:
+        cells = [r["adapter"], f"{r['few_shot']:.0%}", f"{r['few_shot_others']:.1%}"]
+        cells += [c for v in variants for c in (f"{r[f'zero_shot_{v}']:.0%}", f"{r[f'zero_shot_{v}_others']:.1%}")]
+        if arrow:
+            cells.append(f"{(arrow.get(r['adapter']) if r['adapter'] in arrow else sum(arrow.values()) / len(arrow)):.0%}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _mean_row(rows: list[dict]) -> dict:
     keys = [k for k in rows[0] if k != "adapter"]
     return {"adapter": "**mean**", **{k: sum(r[k] for r in rows) / len(rows) for k in keys}}
 
 
-def write_doc(doc: Path, md: str) -> None:
-    start, end = "<!-- generated:growing:start -->", "<!-- generated:growing:end -->"
+def write_doc(doc: Path, md: str, name: str = "growing") -> None:
+    start, end = f"<!-- generated:{name}:start -->", f"<!-- generated:{name}:end -->"
     text = doc.read_text()
     block = f"{start}\n{md}{end}"
     text = text[: text.index(start)] + block + text[text.index(end) + len(end):] if start in text else text + "\n" + block + "\n"
@@ -292,8 +314,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--doc", type=Path, help="rewrite the generated block of this markdown file")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--scale-only", action="store_true", help="only the routing-cost section (writes growing_library_scale.json)")
+    ap.add_argument("--library", choices=("demo", "bigbench"), default="demo",
+                    help="bigbench: the leave-one-out on the BIG-bench library (needs `loraswitch data bigbench`)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    if args.library == "bigbench":
+        return bigbench_main(args)
     if args.scale_only:
         with tempfile.TemporaryDirectory() as tmp:
             rows = scale(suite(), (8, 64) if args.quick else (8, 64, 1000), Path(tmp))
@@ -315,13 +341,42 @@ def main(argv: list[str] | None = None) -> None:
         res["scale"] = scale(data, (8, 64) if args.quick else (8, 64, 1000), work)
     bigbench = Path(__file__).parents[1] / "src/loraswitch/libraries/bigbench"
     res["bigbench"] = ("not run: the library has no trained seq router yet"
-                       if not (bigbench / "routers" / "seq_router.safetensors").is_file() else "present; not run by this script yet")
+                       if not (bigbench / "routers" / "seq_router.safetensors").is_file() else
+                       "leave-one-out by `python benchmarks/growing_library.py --library bigbench` "
+                       "(growing_library_bigbench.md)")
     args.out.mkdir(parents=True, exist_ok=True)
     md = markdown(res)
     (args.out / "growing_library.json").write_text(json.dumps(res, indent=1))
     (args.out / "growing_library.md").write_text(md)
     if args.doc:
         write_doc(args.doc, md)
+    print(md)
+
+
+def bigbench_main(args: argparse.Namespace) -> None:
+    """Leave-one-out on the BIG-bench library: the selector retrained without each adapter, then
+    (a) 20 of its training prompts, (b) zero-shot heads; written to growing_library_bigbench.*."""
+    from loraswitch.console import library_paths
+    from loraswitch.demo.bigbench.tasks import TASK_NAMES as BB_TASKS
+
+    adapters, routers = library_paths("bigbench", None, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shutil.copytree(routers, work / "routers")
+        sw = Switch(None, adapters, work / "routers")  # added heads go to the copy
+        layer = sw.router("seq").layer
+        data = bigbench_suite(work)
+        F = featurize(sw.engine, data, layer)
+        rows = leave_one_out(sw, F, data, layer, VARIANTS, tuple(BB_TASKS))
+    res = {"library": "bigbench", "test_per_task": N_TEST, "leave_one_out": rows}
+    md = ("Leave-one-out on the BIG-bench library (selector trained without the adapter on the same "
+          f"router data; {N_TEST} test prompts per task and {N_TEST} generic ones; share of its test prompts "
+          "routed to it, and of the others' routed right):\n\n" + "\n".join(loo_table(rows, None)) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "growing_library_bigbench.json").write_text(json.dumps(res, indent=1))
+    (args.out / "growing_library_bigbench.md").write_text(md)
+    if args.doc:
+        write_doc(args.doc, md, "growing-bigbench")
     print(md)
 
 

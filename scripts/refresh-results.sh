@@ -31,7 +31,8 @@ for step in "${steps[@]}"; do
       loraswitch zoo eval --library bigbench --n 50 --resume --doc docs/real-tasks.md || true   # exit 1 = an adapter under the bar
       loraswitch train-router --library bigbench --router seq --data "${TMPDIR:-/tmp}/bigbench_router_data"
       loraswitch train-router --library bigbench --router gate --data "${TMPDIR:-/tmp}/bigbench_router_data"
-      python benchmarks/segmentation.py --library bigbench --singles 20 --layout-prompts 3
+      python benchmarks/segmentation.py --library bigbench --singles 20 --layout-prompts 3 --heldout-singles 20
+      python benchmarks/growing_library.py --library bigbench --doc docs/routing.md
       loraswitch eval --library bigbench --limit 10 --composite-limit 3 --resume --out benchmarks/results/eval_bigbench \
         --doc docs/real-tasks.md ;;
     *) echo "unknown step $step (zoo, eval, bench, load, soak, bigbench)" >&2; exit 2 ;;

@@ -240,6 +240,9 @@ class PeftXLora(PeftMethod):
         return trace
 
 
+MICRO_BATCH = 2  # rows per forward/backward while training X-LoRA's classifier
+
+
 def train_xlora(model: nn.Module, base: Base, names: list[str], suite, per_adapter: int, epochs: int,
                 batch_size: int = 8, lr: float = 5e-3, seed: int = 0) -> dict:
     """Train X-LoRA's classifier (only) with next-token loss on the answers of `suite`'s training
@@ -261,16 +264,24 @@ def train_xlora(model: nn.Module, base: Base, names: list[str], suite, per_adapt
         rng.shuffle(rows)
         for i in range(0, len(rows), batch_size):
             batch = rows[i : i + batch_size]
-            padded = left_pad([r[0] for r in batch], pad)
-            target = tail_targets([r[0] for r in batch], [r[1] for r in batch])
-            n_ans = target.shape[1]
-            out = model(input_ids=padded.input_ids, attention_mask=padded.attention_mask, use_cache=False)
-            logits = out.logits[:, -n_ans - 1 : -1]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+            total = sum(r[1] for r in batch)  # answer tokens of the batch: the loss is their mean
             opt.zero_grad()
-            loss.backward()
+            loss = 0.0
+            # micro-batches, gradients accumulated: long BIG-bench prompts, 8 at once, with full
+            # logits and backward through the model twice (X-LoRA's scaling pass) exhaust the RAM
+            for k in range(0, len(batch), MICRO_BATCH):
+                chunk = batch[k : k + MICRO_BATCH]
+                padded = left_pad([r[0] for r in chunk], pad)
+                target = tail_targets([r[0] for r in chunk], [r[1] for r in chunk])
+                n_ans = target.shape[1]
+                out = model(input_ids=padded.input_ids, attention_mask=padded.attention_mask, use_cache=False)
+                logits = out.logits[:, -n_ans - 1 : -1]
+                part = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                         reduction="sum") / total
+                part.backward()
+                loss += float(part)
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss)
             steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
