@@ -36,6 +36,8 @@ def make_eval_command(suite_for: Callable[[str], object]) -> Callable[..., None]
         composite: Annotated[list[int] | None, typer.Option("--composite", help="Composite sizes (default: the suite's; demo 2, 3, 5; bigbench 3, 5, 10).")] = None,
         freeform: Annotated[int | None, typer.Option("--freeform", min=0, help="Free-form composites per layout and size (demo: prose, bullets, tags, letters, ...; training vs held-out layouts).")] = None,
         xlora_limit: Annotated[int, typer.Option(min=1, help="At most this many prompts per task / set for peft_xlora (no KV cache).")] = 4,
+        xlora_train: Annotated[int | None, typer.Option(min=1, help="Training prompts per adapter for X-LoRA's classifier (default 40; --quick 4).")] = None,
+        xlora_epochs: Annotated[int | None, typer.Option(min=1, help="Epochs of X-LoRA's classifier training (default 3; --quick 1).")] = None,
         max_new_tokens: Annotated[int | None, typer.Option(min=1, help="New tokens per single-task answer.")] = None,
         batch_size: Annotated[int, typer.Option(min=1)] = 16,
         base: Annotated[str | None, typer.Option("--base", help="Model directory or .gguf file (default: embedded SmolLM2-135M-Instruct).")] = None,
@@ -67,6 +69,7 @@ def make_eval_command(suite_for: Callable[[str], object]) -> Callable[..., None]
             raise typer.Exit(2) from None
         overrides = {"methods": _split(methods), "tasks": _split(tasks), "limit": limit, "out_dir": out,
                      "composite_sizes": tuple(composite) if composite else None, "xlora_limit": xlora_limit,
+                     "xlora_train_per_adapter": xlora_train, "xlora_epochs": xlora_epochs,
                      "composite_limit": composite_limit, "freeform_limit": freeform,
                      "max_new_tokens": max_new_tokens, "batch_size": batch_size, "base": base,
                      "adapter_dirs": dirs, "router_dir": routers, "suite": suite, "resume": resume or None}
