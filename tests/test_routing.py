@@ -48,6 +48,21 @@ def test_arrow_routes_a_token_to_the_adapter_it_aligns_with(tiny_base, adapter_d
     assert torch.allclose(routing.weights, torch.ones_like(routing.weights))
 
 
+def test_token_routers_score_a_half_precision_model_like_a_full_one(tiny_base, adapter_dir):
+    """Arrow's prototypes and the learned gates are fp32; a bf16 model's layer inputs are scored
+    in fp32 (a GPU model in bf16 would otherwise fail in the first routed layer)."""
+    engine = Engine(tiny_base, [adapter_dir])
+    key = "model.layers.0.self_attn.v_proj"
+    arrow = ArrowRouter(engine, top_k=1)
+    P, slots = arrow.prototypes[key]
+    want = arrow.select(key, P * 3.0).ids
+    assert torch.equal(arrow.select(key, (P * 3.0).bfloat16()).ids, want)
+    gates = {key: torch.randn(3, P.shape[1])}
+    gate = GateRouter(engine, gates, ["alpha", "beta"])
+    x = torch.randn(5, P.shape[1])
+    assert torch.equal(gate.select(key, x.bfloat16()).ids, gate.select(key, x.bfloat16().float()).ids)
+
+
 def test_arrow_routes_to_a_new_adapter_without_retraining(tiny_base, adapter_dir, tmp_path):
     engine = Engine(tiny_base, [adapter_dir])
     router = ArrowRouter(engine)

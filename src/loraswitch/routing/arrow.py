@@ -41,8 +41,9 @@ class ArrowRouter(TokenRouter):
             slot = self.engine.slots[name]
             for key, module in adapter.modules.items():
                 by_key.setdefault(key, []).append((slot, top_right_singular_vector(module)))
+        device = self.engine.device  # where the layers' inputs will be
         self.prototypes = {
-            key: (torch.stack([v for _, v in items]), torch.tensor([s for s, _ in items], dtype=torch.long))
+            key: (torch.stack([v.float() for _, v in items]).to(device), torch.tensor([s for s, _ in items], dtype=torch.long, device=device))
             for key, items in by_key.items()
         }
         self.version = self.engine.version
@@ -54,6 +55,6 @@ class ArrowRouter(TokenRouter):
         if entry is None:
             return None
         P, slots = entry
-        x = x.reshape(-1, x.shape[-1])
+        x = x.reshape(-1, x.shape[-1]).float()  # a bf16 / fp16 model scores in fp32
         cos = (x @ P.T).abs() / x.norm(dim=-1, keepdim=True).clamp(min=1e-6)
         return cos, slots

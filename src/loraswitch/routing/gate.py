@@ -42,7 +42,9 @@ class GateRouter(TokenRouter):
         gate = self.gates.get(key)
         if gate is None:
             return None
-        return x.reshape(-1, x.shape[-1]) @ gate.T, self.slots
+        if gate.device != x.device and not gate.requires_grad:  # loaded on the CPU, run on a GPU: moved once
+            gate = self.gates[key] = gate.to(x.device)
+        return x.reshape(-1, x.shape[-1]).to(gate.dtype) @ gate.T, self.slots
 
     def save(self, directory: str | Path) -> Path:
         meta = {"names": self.names, "top_k": self.top_k, "temperature": self.temperature,

@@ -37,8 +37,9 @@ class TokenRouter(Router):
         if scored is None:
             return None
         s, slots = scored
+        slots = slots.to(s.device)  # scores are computed where the layer runs (a GPU)
         if allowed is not None:
-            ok = torch.isin(slots, allowed) | (slots < 0)
+            ok = torch.isin(slots, allowed.to(s.device)) | (slots < 0)
             if not bool(ok.any()):
                 return None
             s, slots = s[:, ok], slots[ok]
@@ -101,7 +102,7 @@ class TokenPolicy(Policy):
         if routing is None:
             return None
         if self.mass is None:
-            self.mass = torch.zeros(routing.n_tokens, self.n_slots)
+            self.mass = torch.zeros(routing.n_tokens, self.n_slots, device=routing.ids.device)
         self.mass.scatter_add_(1, (routing.ids + 1).clamp(min=0), routing.weights.float())
         return routing
 
