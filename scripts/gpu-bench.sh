@@ -12,7 +12,8 @@
 #      at batch 1 with its compile time;
 #   3. correctness on CUDA: the compiled decode step (inductor + CUDA graph) gives the eager loop's
 #      greedy tokens for a mixed batch and batch 1 on a random SmolLM2-shaped model with adapters.
-# Unpack results.tgz into benchmarks/results/gpu/, then copy bench_cuda.md's tables into docs/benchmarks.md with the card named.
+# Steps 1 and 2 were measured on 2026-11-26 (benchmarks/results/gpu/); next time run
+# STEPS="compiled correctness" first. Unpack results.tgz into benchmarks/results/gpu/, then copy bench_cuda.md's tables into docs/benchmarks.md with the card named.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-run}" in
@@ -40,8 +41,10 @@ run)
   bench llama7b 150 --models llama-4096x32 --dtype bfloat16 --batch 1 --batch 16 --new-tokens 32 --prompt-len 64 \
     --repeats 3 --scaling 8 --configs base,merged,ls_explicit,ls_mixed,ls_token_top1,peft_mixed
   # 3. single stream with the compiled step (inductor + CUDA graph), compile time reported
-  bench compiled 120 --models smollm2-shape --batch 1 --new-tokens 32 --prompt-len 64 --repeats 3 --scaling 8 \
-    --configs base,merged,hf_generate,ls_explicit,ls_compiled
+  #    and a mixed batch of 16 over 8 adapters on the compiled step (CUDA graphs take away the launch
+  #    overhead that holds eager mixed batches at ~0.5x base on a GPU); two compiles of ~90 s each
+  bench compiled 300 --models smollm2-shape --batch 1 --batch 16 --new-tokens 32 --prompt-len 64 --repeats 3 --scaling 8 \
+    --configs base,merged,hf_generate,ls_explicit,ls_compiled,ls_mixed,ls_compiled_mixed
   # 4. correctness (steps 1-3 are issue 17's item 6): the compiled step gives the eager loop's greedy tokens (mixed batch and batch 1)
   [[ " $steps " == *" correctness "* ]] && timeout 90 python3 - <<'PY' 2>&1 | tee "$out/correctness.txt" || true
 import copy, time, torch

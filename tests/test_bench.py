@@ -11,14 +11,14 @@ def test_bench_smoke(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(fixtures, "_TOKENIZER", tokenizer)
     cfg = bench.BenchConfig(models=["llama-tiny"], batch_sizes=[1, 2], new_tokens=3, prompt_len=4, repeats=2,
                             scaling=[1, 8, 10], xlora_new_tokens=2, out_dir=tmp_path, compile_backend="eager",
-                            configs=["base", "merged", "hf_generate", "ls_compiled", "ls_mixed", "ls_dense", "ls_token_top2",
+                            configs=["base", "merged", "hf_generate", "ls_compiled", "ls_compiled_mixed", "ls_mixed", "ls_dense", "ls_token_top2",
                                      "peft_mixed", "peft_xlora"],
                             batch1_configs=["base", "merged", "hf_generate", "ls_compiled"])
     res = bench.run_bench(cfg)
     m = res["models"][0]
     assert "error" not in m, m.get("error")
     rows = m["batches"]["2"]
-    assert set(rows) == {"base", "merged", "ls_compiled", "ls_mixed", "ls_dense", "ls_token_top2", "peft_mixed", "peft_xlora"}
+    assert set(rows) == {"base", "merged", "ls_compiled", "ls_compiled_mixed", "ls_mixed", "ls_dense", "ls_token_top2", "peft_mixed", "peft_xlora"}
     assert set(m["batches"]["1"]) == {"base", "merged", "hf_generate", "ls_compiled"}  # the single-stream table
     assert m["compile"]["failed"] is None and set(m["compile"]["first_call_s"]) == {"1x256x1", "2x256x1"}
     assert m["limit"]["tokens_per_s"] > 0 and {tuple(s["shape"]) for s in m["limit"]["shapes"]} >= {(64, 64), (49152, 64)}
@@ -27,7 +27,7 @@ def test_bench_smoke(tmp_path, tokenizer, monkeypatch):
     assert m["scaling"]["10"]["adapter_stack_mb"] > m["scaling"]["8"]["adapter_stack_mb"]
     names = [t["target"] for t in m["targets"]]
     assert any("3x PEFT" in n for n in names) and any("128" in n for n in names) is False
-    assert any("X-LoRA" in n for n in names)
+    assert any("X-LoRA" in n for n in names) and any("compiled step, >= 0.9x the base" in n for n in names)
     assert any("3x transformers' eager generate" in n for n in names) and any("matvec limit" in n for n in names)
     for f in ["bench_cpu.json", "bench_cpu.md", "bench_cpu_scaling.png"]:
         assert (tmp_path / f).is_file()

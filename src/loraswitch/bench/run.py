@@ -95,6 +95,8 @@ def bench_model(name: str, cfg: BenchConfig, log: Callable[[str], None] = lambda
                 add(b, config, partial(ls_generate, engine, ids, cfg.new_tokens, factory, device))
             one = partial(FixedPolicy, [([slots[0]], [1.0])] * b)
             add(b, "ls_compiled", partial(ls_compiled, engine, cfg.compile_backend, ids, cfg.new_tokens, one, device))
+            spread = partial(FixedPolicy, [([slots[i % len(slots)]], [1.0]) for i in range(b)])
+            add(b, "ls_compiled_mixed", partial(ls_compiled, engine, cfg.compile_backend, ids, cfg.new_tokens, spread, device))
         for b in cfg.batch_sizes:
             ordered = {c: runners[b][c] for c in CONFIGS if c in runners[b]}  # the documented order
             out["batches"][str(b)] = interleaved(ordered, cfg.repeats, device, lambda s, b=b: log(f"{name} b={b} {s}"))
