@@ -20,7 +20,9 @@ sequence selector in one feature pass, and the prompt is cut where the decision 
   own by more than `max_merge_gain`. A request spread over two sentences ("I have a date: March
   5, 2021. Please write it in ISO format.") reads as *more* of a request whole (its second
   sentence alone is an incomplete fragment the selector misroutes); two tasks in one sentence
-  read as less of either. This is the guard that keeps single-task prompts whole.
+  read as less of either. With statements kept out of the parts (most such requests open
+  with one: "I have a date: ..."), the guard is a backstop: at 4 it also merged two real
+  requests whose joint text a high-energy class (to_json) dominates; 8 keeps them apart.
 
 A prompt that yields fewer than two parts is answered exactly as before, untouched. The
 settings were tuned on the training layouts of `loraswitch.demo.tasks.freeform` and the demo's
@@ -42,7 +44,7 @@ PROSE = ("sentence", "clause", "line")  # units a statement can be (not items, b
 @dataclass(frozen=True)
 class Settings:
     min_confidence: float = 0.9  # a unit is a question above this calibrated confidence
-    max_merge_gain: float = 4.0  # energy(L+R) - max(energy(L), energy(R)) above this: one request
+    max_merge_gain: float = 8.0  # energy(L+R) - max(energy(L), energy(R)) above this: one request
 
 
 @dataclass
