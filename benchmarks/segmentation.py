@@ -30,6 +30,7 @@ no BIG-bench prompt was looked at while tuning them.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -148,10 +149,11 @@ def main(singles: int = 50, layout_prompts: int = 4, eval_limit: int = 4, freefo
         from loraswitch.eval.harness import EvalConfig, run_eval
 
         suite = DemoSuite()
-        cfg = EvalConfig(suite=suite, methods=["oracle", "auto"], tasks=list(suite.task_names), limit=eval_limit, composite_limit=0,
-                         oos_limit=0, freeform_limit=freeform, out_dir=Path("eval_results/segmentation"), progress=False,
-                         heatmap_prompts=0, seed=seed)
-        res = run_eval(cfg)
+        with tempfile.TemporaryDirectory(prefix="segmentation-eval-") as scratch:  # its files: only the numbers are kept
+            cfg = EvalConfig(suite=suite, methods=["oracle", "auto"], tasks=list(suite.task_names), limit=eval_limit,
+                             composite_limit=0, oos_limit=0, freeform_limit=freeform, out_dir=Path(scratch), progress=False,
+                             heatmap_prompts=0, seed=seed)
+            res = run_eval(cfg)
         m = res["methods"]
         result["eval"] = {name: {"accuracy": r.get("accuracy", {}).get("overall"), "freeform": r.get("freeform"),
                                  "composite": r.get("composite"), "false_split_rate": r.get("false_split_rate"),
