@@ -148,13 +148,6 @@ class SlotRouting:
     def n_tokens(self) -> int:
         return self.ids.shape[0]
 
-    def to(self, device: torch.device) -> Routing:
-        """This routing on `device` (itself when already there): policies build routing on the CPU,
-        and every layer would otherwise index a GPU stack with CPU tensors."""
-        if self.ids.device == device:
-            return self
-        return Routing(self.ids.to(device), self.weights.to(device))
-
 
 def add_lora(
     y: torch.Tensor,

@@ -36,9 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loraswitch.numbered import split_parts
-from loraswitch.switch.units import Unit, is_statement, split_units
-
-PROSE = ("sentence", "clause", "line")  # units a statement can be (not items, blocks)
+from loraswitch.switch.units import PROSE, Unit, is_statement, split_units
 
 
 @dataclass(frozen=True)
@@ -142,14 +140,7 @@ def _firm_lists(units: list[Unit], question: list[bool]) -> set[int]:
     return firm
 
 
-def _questions(units: list[Unit], adapter: list[str | None], confidence: list[float],
-               settings: Settings) -> list[bool]:
-    """Units that ask something: confidently routed and not a statement (`units.is_statement`)."""
-    return [a is not None and c >= settings.min_confidence and not (u.kind in PROSE and is_statement(u.text))
-            for u, a, c in zip(units, adapter, confidence)]
-
-
-def _forward(units: list[Unit], adapter: list[str | None], question: list[bool]) -> set[int]:
+def _forward(units: list[Unit], adapter: list[str | None], question: list[bool], statement: list[bool]) -> set[int]:
     """Statements that set up the question after them: routed to the task of the next question
     in their paragraph ("Convert the date. The kettle broke. Was the buyer happy?": the review
     belongs to the sentiment question, not to the date)."""
@@ -158,7 +149,7 @@ def _forward(units: list[Unit], adapter: list[str | None], question: list[bool])
         if question[i]:
             nxt = i
         elif (nxt is not None and units[nxt].para == units[i].para and adapter[i] is not None
-              and adapter[i] == adapter[nxt] and units[i].kind in PROSE and is_statement(units[i].text)):
+              and adapter[i] == adapter[nxt] and statement[i]):
             out.add(i)
     return out
 
@@ -167,9 +158,12 @@ def plan(units: list[Unit], adapter: list[str | None], confidence: list[float],
          settings: Settings = Settings()) -> tuple[list[Part], list[int]]:
     """Parts from scored units (see the module doc), before the cut check; and the units that
     joined no part."""
-    question = _questions(units, adapter, confidence, settings)
+    # a statement (`units.is_statement`) is never a question, however confidently routed
+    statement = [u.kind in PROSE and is_statement(u.text) for u in units]
+    question = [a is not None and c >= settings.min_confidence and not st
+                for a, c, st in zip(adapter, confidence, statement)]
     firm = _firm_lists(units, question)
-    forward = _forward(units, adapter, question)
+    forward = _forward(units, adapter, question, statement)
     parts: list[Part] = []
     pending: list[int] = []
     dropped: list[int] = []

@@ -56,6 +56,9 @@ _VERB = re.compile(r"\b(?:is|are|was|were|am|has|have|had|will|would|can|could|d
                    r"|^(?:\S+\s+){1,4}?\w{2,}(?:ed|s)\b", re.I)
 
 
+PROSE = ("sentence", "clause", "line")  # unit kinds of running text (not list items or blocks)
+
+
 def is_statement(text: str) -> bool:
     """A declarative sentence, not a request: it can set up the question next to it ("A fruit
     stand sells five fruits: ..."), but is never a part to answer on its own, however
@@ -261,7 +264,7 @@ def attach_options(prompt: str, units: list[Unit]) -> list[Unit]:
     for u in units:
         if out and u.line in options and u.kind != "block" and out[-1].line < u.line:
             k = len(out) - 1
-            while k > 0 and out[k - 1].kind in ("sentence", "clause", "line") and out[k - 1].para == out[k].para:
+            while k > 0 and out[k - 1].kind in PROSE and out[k - 1].para == out[k].para:
                 k -= 1
             first = out[k]
             out[k:] = [replace(first, end=u.end, text=clean(prompt[first.start : u.end]), kind="sentence")]
