@@ -9,6 +9,7 @@ benchmarks/results/ (and, with --doc, the table into a doc's generated block).
 
     python benchmarks/ray_serve.py --doc docs/scale-out.md    # 48 requests per setup, ~4 minutes
     python benchmarks/ray_serve.py --requests 8 --max-tokens 4 --replicas 2   # a smoke run
+    python benchmarks/ray_serve.py --no-plain --replicas 2 --adapters-per-replica 4 --tag spread --doc docs/scale-out.md
 
 Bounded: at most --requests requests and --time-limit seconds per setup; loopback only.
 """
@@ -35,9 +36,11 @@ class RayServer(ServerProcess):
 
     stop_wait = 60.0  # serve --ray stops Serve and its Ray instance on SIGTERM
 
-    def __init__(self, args: argparse.Namespace, replicas: int):
+    def __init__(self, args: argparse.Namespace, replicas: int, per_replica: int | None = None):
         self.replicas = replicas
-        super().__init__(["--ray", "--replicas", str(replicas), *serve_args(args, args.max_batch)], args.threads)
+        spread = ["--adapters-per-replica", str(per_replica)] if per_replica else []
+        super().__init__(["--ray", "--replicas", str(replicas), *spread, *serve_args(args, args.max_batch)],
+                         args.threads)
 
     def wait_ready(self, timeout: float = 600) -> dict:
         """/healthz once every replica reports, as the single server's health (its adapters)."""
@@ -93,10 +96,20 @@ def route_cost(threads: int, rounds: int = 3) -> str:
             t0 = time.perf_counter()
             sw.chat([prompt], model="auto", params=params)
             answer.append(time.perf_counter() - t0)
-    d, a = 1000 * statistics.median(decide), 1000 * statistics.median(answer)
+    page = []  # what an adapter's first use costs on a replica that had paged it out
+    sw.engine.limit_resident(1)
+    for _ in range(rounds):
+        for name in sw.engine.names:
+            sw.engine.trim()
+            if name not in sw.engine.slots:
+                t0 = time.perf_counter()
+                sw.engine.slot_of(name)
+                page.append(time.perf_counter() - t0)
+    d, a, g = 1000 * statistics.median(decide), 1000 * statistics.median(answer), 1000 * statistics.median(page)
     return (f"Routing cost ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {threads} thread(s), load avg "
             f"{os.getloadavg()[0]:.1f}): the `auto` router's decision alone takes a median {d:.0f} ms per prompt; a "
             f"whole routed answer of 16 tokens (that decision included) {a:.0f} ms, so routing is {d / a:.0%} of it. "
+            f"Paging a paged-out adapter into the layers (`--adapters-per-replica`) takes a median {g:.1f} ms. "
             f"Reproduce: `python benchmarks/ray_serve.py --route-cost`.\n")
 
 
@@ -125,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--replicas", default="1,2", help="comma-separated replica counts to measure on Ray")
+    p.add_argument("--adapters-per-replica", type=int, default=None,
+                   help="also measure each Ray setup with the library spread: at most K adapters per replica")
     p.add_argument("--no-plain", action="store_true", help="skip the plain server (no Ray)")
     p.add_argument("--models", default="", help="comma-separated; default: every adapter plus auto")
     p.add_argument("--stream-fraction", type=float, default=0.25)
@@ -152,12 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plain:
         setups["plain server (no Ray)"] = {**measure(Server(args, args.max_batch), args, models), "engines": 1}
     for n in [int(x) for x in args.replicas.split(",") if x.strip()]:
-        setups[f"Ray Serve, {n} replica{'s' if n > 1 else ''}"] = {**measure(RayServer(args, n), args, models),
-                                                                   "engines": n}
+        name = f"Ray Serve, {n} replica{'s' if n > 1 else ''}"
+        setups[name] = {**measure(RayServer(args, n), args, models), "engines": n}
+        if args.adapters_per_replica:
+            k = args.adapters_per_replica
+            setups[f"{name}, {k} adapters each"] = {**measure(RayServer(args, n, k), args, models), "engines": n}
     report = {"finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
               "config": {k: getattr(args, k) for k in ("requests", "concurrency", "max_tokens", "max_batch",
-                                                        "stream_fraction", "threads")},
+                                                        "stream_fraction", "threads", "adapters_per_replica")},
               "argv": sys.argv[1:] if argv is None else argv, "setups": setups}
     stem = "ray_serve" + (f"_{args.tag}" if args.tag else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")

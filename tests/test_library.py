@@ -145,6 +145,31 @@ def test_removal_waits_for_in_flight_work(tiny_base, adapter_dir):
     assert layer.ranks[slot + 1] == 0
 
 
+def test_a_resident_limit_pages_adapters_in_on_use_and_out_lru_between_generations(tiny_base, tokenizer, adapter_dir):
+    from loraswitch.base import Base
+    from loraswitch.generate import SamplingParams, explicit, generate
+
+    full = Engine(Base(model=tiny_model(), tokenizer=tokenizer, name="tiny-llama", source="random"), [adapter_dir])
+    prompts = [[5, 9, 13, 21]] * 3
+    want = {n: generate(full, prompts[:1], explicit(full, [n]), SamplingParams(max_new_tokens=6))[0].token_ids
+            for n in ("alpha", "beta", "gamma")}
+    engine = Engine(tiny_base, [adapter_dir], max_resident=1)  # the same random weights (seed 0)
+    assert engine.names == ["alpha", "beta", "gamma"] and engine.resident == ["alpha"]
+    assert set(engine.slots) == {"alpha"}  # the others are validated and held in host memory only
+    for name in ("gamma", "beta", "alpha", "gamma"):
+        got = generate(engine, prompts[:1], explicit(engine, [name]), SamplingParams(max_new_tokens=6))[0].token_ids
+        assert got == want[name], name  # paged in on first use, answered as if always resident
+        assert engine.resident == [name]  # and the least recently used paged out after the generation
+    # one batch over three adapters gets all three for its duration, then drops back to the limit
+    out = generate(engine, prompts, explicit(engine, ["alpha", "beta", "gamma"]), SamplingParams(max_new_tokens=6))
+    assert [g.token_ids for g in out] == [want["alpha"], want["beta"], want["gamma"]]
+    assert engine.resident == ["gamma"]
+    assert max(len(layer.ranks) for layer in engine.layers.values()) <= 4  # stacks sized by residency
+    engine.remove_adapter("beta")  # removing a paged-out adapter: gone from the library, nothing to free
+    with pytest.raises(AdapterError, match="unknown adapter"):
+        engine.slot_of("beta")
+
+
 # ---------------------------------------------------------------------------- hardening (issue 11)
 def _with_config(path, **changes):
     cfg_file = path / "adapter_config.json"

@@ -4,12 +4,19 @@ loaded into them by name, and one forward pass that takes per-token routing.
 Adapters get stable integer slots. Loading wraps any newly targeted linear and writes the
 factors into that slot of each layer; removing frees the slot, but only once no in-flight
 generation still holds it (`pin`), so a request never sees its adapter vanish mid-answer.
+
+A library larger than the layers should hold (`max_resident`, vLLM's `max_loras` next to its
+CPU LoRA cache) keeps every adapter known, validated and in host memory, and only the most
+recently used ones in the layers' stacks: `slot_of` pages an adapter in on first use, and when
+a generation ends the least recently used unpinned ones are paged out down to the limit. A
+batch that needs more adapters than the limit gets them all for its duration (the limit is
+enforced between generations, never by failing a request).
 """
 
 from __future__ import annotations
 
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +33,8 @@ from loraswitch.padding import positions_of
 class Engine:
     """Base model + adapter slots + the shared routing context the layers read."""
 
-    def __init__(self, base: Base, adapter_dirs: list[str | Path] | None = None, compile: bool | str = False):
+    def __init__(self, base: Base, adapter_dirs: list[str | Path] | None = None, compile: bool | str = False,
+                 max_resident: int | None = None):
         self.base = base
         # decode on a static cache with a compiled step (loraswitch.decode): True = torch.compile's
         # inductor, a string = another torch.compile backend, "none" = the static path uncompiled
@@ -35,8 +43,11 @@ class Engine:
         self.model = base.model
         self.ctx = RoutingContext()
         self.layers: dict[str, MultiLoRALinear] = {}
-        self.adapters: dict[str, Adapter] = {}
-        self.slots: dict[str, int] = {}
+        self.adapters: dict[str, Adapter] = {}  # every adapter of the library, resident or not
+        self.slots: dict[str, int] = {}  # the resident ones: their slot in the layers' stacks
+        self.max_resident = max_resident  # adapters kept in the stacks between generations (None: all)
+        self._recent: OrderedDict[str, None] = OrderedDict()  # resident adapters, least recently used first
+        self.residency = 0  # bumped whenever an adapter is paged in or out (slot ids change)
         self.errors: dict[str, AdapterError] = {}
         # example prompts given with an adapter at load time (routers learn the new adapter from
         # them; an adapter folder's own examples.jsonl / .txt is read by the router itself)
@@ -46,7 +57,7 @@ class Engine:
         self._retired: dict[int, Adapter] = {}  # removed but still pinned by in-flight work
         self._free: list[int] = []
         self._next_slot = 0
-        self.version = 0  # bumped on every library change; routers key caches on it
+        self.version = 0  # bumped on every library change (not on paging); routers key caches on it
         if adapter_dirs:
             self.load_dirs(adapter_dirs)
 
@@ -76,39 +87,89 @@ class Engine:
         self.add_adapter(adapter, examples)
         return adapter
 
-    def add_adapter(self, adapter: Adapter, examples: list[str] | None = None) -> int:
+    def add_adapter(self, adapter: Adapter, examples: list[str] | None = None) -> int | None:
+        """Add `adapter` to the library; its slot, or None when the resident limit keeps it
+        paged out until first use."""
         validate_name(adapter.name)
         with self.lock:
             if adapter.name in self.adapters:
                 raise AdapterError(adapter.name, "duplicate name: an adapter of that name is already loaded")
-            slot = self._free.pop(0) if self._free else self._next_slot
-            self._next_slot = max(self._next_slot, slot + 1)
-            for key, module in adapter.modules.items():
-                if key not in self.layers:
-                    self.layers[key] = wrap_linear(self.model, key, self.ctx)
-                self.layers[key].set_slot(slot, module)
-            for layer in self.layers.values():  # every stack indexes every slot id
-                layer.reserve(self._next_slot)
             self.adapters[adapter.name] = adapter
-            self.slots[adapter.name] = slot
             self.errors.pop(adapter.name, None)
             if examples:
                 self.examples[adapter.name] = list(examples)
             self.version += 1
-            return slot
+            if self.max_resident is not None and len(self.slots) >= self.max_resident:
+                return None
+            return self._page_in(adapter)
 
     def remove_adapter(self, name: str) -> None:
         """Stop routing to `name` now; its slot is freed once no in-flight work pins it."""
         with self.lock:
-            slot = self.slot_of(name)
+            if name not in self.adapters:
+                self.slot_of(name)  # raises the unknown-adapter error
             adapter = self.adapters.pop(name)
-            del self.slots[name]
             self.examples.pop(name, None)
             self.version += 1
-            if self._pins[slot]:
-                self._retired[slot] = adapter
-            else:
-                self._free_slot(slot, adapter)
+            if name in self.slots:
+                self._page_out(adapter)
+
+    def _page_in(self, adapter: Adapter) -> int:
+        """Write `adapter`'s factors into a free slot of every layer it targets."""
+        slot = self._free.pop(0) if self._free else self._next_slot
+        self._next_slot = max(self._next_slot, slot + 1)
+        for key, module in adapter.modules.items():
+            if key not in self.layers:
+                self.layers[key] = wrap_linear(self.model, key, self.ctx)
+            self.layers[key].set_slot(slot, module)
+        for layer in self.layers.values():  # every stack indexes every slot id
+            layer.reserve(self._next_slot)
+        self.slots[adapter.name] = slot
+        self._recent[adapter.name] = None
+        self.residency += 1
+        return slot
+
+    def _page_out(self, adapter: Adapter) -> None:
+        """Take `adapter` out of the stacks (it stays in the library unless it was removed); a
+        slot that in-flight work pins is freed when that work ends."""
+        slot = self.slots.pop(adapter.name)
+        self._recent.pop(adapter.name, None)
+        self.residency += 1
+        if self._pins[slot]:
+            self._retired[slot] = adapter
+        else:
+            self._free_slot(slot, adapter)
+
+    def limit_resident(self, k: int | None) -> None:
+        """Keep at most `k` adapters in the layers from now on (None: all of them)."""
+        self.max_resident = k
+        self.trim()
+
+    def trim(self) -> list[str]:
+        """Page out least recently used, unpinned adapters down to `max_resident`; their names."""
+        out: list[str] = []
+        with self.lock:
+            if self.max_resident is None:
+                return out
+            for name in list(self._recent):
+                if len(self.slots) <= self.max_resident:
+                    break
+                if not self._pins[self.slots[name]]:
+                    self._page_out(self.adapters[name])
+                    out.append(name)
+        return out
+
+    @property
+    def resident(self) -> list[str]:
+        """The adapters in the layers' stacks now, least recently used first (read without the
+        lock, which a forward holds for its whole length: a change mid-copy is read again)."""
+        for _ in range(8):
+            try:
+                return list(self._recent)
+            except RuntimeError:  # changed during iteration by the worker thread
+                continue
+        with self.lock:
+            return list(self._recent)
 
     def _free_slot(self, slot: int, adapter: Adapter) -> None:
         for key in adapter.modules:
@@ -117,10 +178,15 @@ class Engine:
         self._free.sort()
 
     def slot_of(self, name: str) -> int:
-        if name not in self.slots:
-            known = ", ".join(self.slots) or "none loaded"
-            raise AdapterError(name, f"unknown adapter (loaded: {known})")
-        return self.slots[name]
+        """`name`'s slot, paging it in when the resident limit had left it out; marks it used."""
+        with self.lock:
+            if name not in self.adapters:
+                known = ", ".join(self.adapters) or "none loaded"
+                raise AdapterError(name, f"unknown adapter (loaded: {known})")
+            if name not in self.slots:
+                return self._page_in(self.adapters[name])
+            self._recent.move_to_end(name)
+            return self.slots[name]
 
     def name_of(self, slot: int) -> str | None:
         for name, s in self.slots.items():
@@ -143,6 +209,7 @@ class Engine:
                 for slot in held:
                     if self._pins[slot] <= 0 and slot in self._retired:
                         self._free_slot(slot, self._retired.pop(slot))
+                self.trim()
 
     # ------------------------------------------------------------------ the forward pass
     @contextmanager

@@ -1,7 +1,9 @@
 """`serve --ray` end to end: a local Ray instance on 127.0.0.1 serving the demo library with two
 replicas behind one API, driven by the `openai` client (routed, explicit, streamed answers),
-cluster-wide hot-load, and a replica killed under load. Marked `ray`: ~2 minutes, skipped when
-Ray Serve is not installed (pip install 'loraswitch[ray]')."""
+cluster-wide hot-load, and a replica killed under load. Each replica keeps at most
+`PER_REPLICA` of the library's 8 adapters in its layers (`--adapters-per-replica`), so every test
+also runs on a library spread over the replicas. Marked `ray`: ~2 minutes, skipped when Ray
+Serve is not installed (pip install 'loraswitch[ray]')."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ pytest.importorskip("ray.serve")
 pytestmark = [pytest.mark.ray, pytest.mark.real]
 KEY = "sk-ray-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+PER_REPLICA = 3  # adapters in each replica's layers: 2 replicas hold 6 of the 8 at most
 
 
 def free_port() -> int:
@@ -34,7 +37,8 @@ def cluster():
 
     settings = ServerSettings(max_batch=8, max_queue=64, default_max_tokens=16, default_temperature=0.0, timeout=120,
                               api_key=KEY)
-    c = start({"library": "demo"}, settings, Scale(replicas=2, threads=1), port=free_port())
+    c = start({"library": "demo", "adapters_per_replica": PER_REPLICA}, settings, Scale(replicas=2, threads=1),
+              port=free_port())
     wait_for_replicas(c.url, 2)
     yield c
     c.stop()
@@ -84,6 +88,43 @@ def test_routed_explicit_and_streamed_answers_over_two_replicas(cluster, client)
     models = [m.id for m in client.models.list().data]
     assert {"auto", "base", "add", "num_to_french"} <= set(models)
     assert httpx.get(cluster.url + "/v1/models", timeout=10).status_code == 401  # the ingress checks the key
+
+
+def test_a_library_spread_over_replicas_pages_adapters_where_the_traffic_is(cluster, client):
+    known = {"add": ("What is 347 + 85?", "432"), "num_to_french": ("Spell out in French: 21", "vingt et un"),
+             "sort_numbers": ("Sort ascending: 42, 7, 19, 3", "3, 7, 19, 42"),
+             "iso_date": ("Convert to ISO date: July 4, 1999", "1999-07-04"),
+             "reverse_words": ("Reverse the word order: cold blue water", "water blue cold")}
+    others = ["to_json", "sentiment", "num_to_english"]
+    order = [*known, *others] * 2  # 8 adapters, twice, over 2 x PER_REPLICA slots: paging on both replicas
+
+    def one(name: str) -> tuple[str, str]:
+        prompt = known[name][0] if name in known else "Hello there, how are you?"
+        answer = ask(client, prompt, model=name, max_tokens=12)
+        return answer.model, answer.choices[0].message.content.strip()
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(one, order))
+    for name, (model, text) in zip(order, answers):
+        assert model == name
+        if name in known:
+            assert text == known[name][1], (name, text)
+    last = "sentiment"
+    assert one(last)[0] == last  # asked alone, after all the others: it must be in a replica's layers
+    deadline = time.monotonic() + 30  # the replicas' reports (every 0.25 s) may still show the last batch
+    while any(rep["running"] or rep["queue_depth"] for rep in replicas(cluster.url).values()):
+        assert time.monotonic() < deadline, replicas(cluster.url)
+        time.sleep(0.3)
+    time.sleep(0.6)
+    live = replicas(cluster.url)
+    assert all(len(rep["resident"]) <= PER_REPLICA for rep in live.values()), live  # the limit holds between batches
+    assert all(len(rep["adapters"]) >= 8 for rep in live.values())  # while every replica knows the whole library
+    cards = {m["id"]: m for m in httpx.get(cluster.url + "/v1/models", headers=AUTH, timeout=10).json()["data"]}
+    assert cards[last]["replicas"], cards[last]
+    for name in order:  # /v1/models says, per adapter, which replicas hold it now
+        assert cards[name]["replicas"] == sorted(r for r, rep in live.items() if name in rep["resident"])
+    auto = ask(client, "Convert to ISO date: March 5, 2021")  # auto routes over the whole library, pages in
+    assert auto.model == "iso_date" and auto.choices[0].message.content.strip() == "2021-03-05"
 
 
 def test_hot_load_and_delete_reach_every_replica(cluster, client, tmp_path):

@@ -164,7 +164,7 @@ class AddedHeads(dict):
             zs = (quadratic_scores(raw, U, RANK) - center) / spread
             parts.append(zs - self.known.best(raw)[:, None])
         margins = ((torch.cat(parts, 1) - thr) / scale) if parts else torch.zeros(raw.shape[0], 0)
-        live = [i for i, h in enumerate(heads) if h.name in engine.slots]
+        live = [i for i, h in enumerate(heads) if h.name in engine.adapters]
         return Claims([heads[i] for i in live], margins[:, live])
 
     def _stack(self) -> tuple:

@@ -31,14 +31,15 @@ class ArrowRouter(TokenRouter):
     def __init__(self, engine: Engine, top_k: int = 1, temperature: float = 0.05):
         super().__init__(engine, top_k, temperature)
         self.prototypes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (P [n, in], slots [n])
-        self.version = -1
+        self.version: tuple[int, int] = (-1, -1)
         self.refresh()
 
     def refresh(self) -> None:
-        """(Re)compute prototypes for the adapters now loaded; cheap, run on every library change."""
+        """(Re)compute prototypes for the adapters in the layers now; cheap, run on every library
+        change and whenever adapters are paged in or out (a token router picks among those)."""
         by_key: dict[str, list[tuple[int, torch.Tensor]]] = {}
-        for name, adapter in self.engine.adapters.items():
-            slot = self.engine.slots[name]
+        for name, slot in self.engine.slots.items():
+            adapter = self.engine.adapters[name]
             for key, module in adapter.modules.items():
                 by_key.setdefault(key, []).append((slot, top_right_singular_vector(module)))
         device = self.engine.device  # where the layers' inputs will be
@@ -46,10 +47,10 @@ class ArrowRouter(TokenRouter):
             key: (torch.stack([v.float() for _, v in items]).to(device), torch.tensor([s for s, _ in items], dtype=torch.long, device=device))
             for key, items in by_key.items()
         }
-        self.version = self.engine.version
+        self.version = (self.engine.version, self.engine.residency)
 
     def scores(self, key: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.version != self.engine.version:
+        if self.version != (self.engine.version, self.engine.residency):
             self.refresh()
         entry = self.prototypes.get(key)
         if entry is None:

@@ -24,7 +24,7 @@ from loraswitch.engine import Engine
 from loraswitch.kernels import Routing
 from loraswitch.padding import left_pad, tail_targets
 from loraswitch.routing.base import NONE_CLASS, check_library, library_signature, load_router_file, save_router_file
-from loraswitch.routing.token import TokenRouter
+from loraswitch.routing.token import PAGED_OUT, TokenRouter
 
 FILE = "gate_router.safetensors"
 
@@ -36,7 +36,17 @@ class GateRouter(TokenRouter):
         super().__init__(engine, top_k, temperature)
         self.gates = gates  # key -> [len(names) + 1, in]; row 0 = no adapter
         self.names = names
-        self.slots = torch.tensor([-1] + [engine.slot_of(n) for n in names], dtype=torch.long)
+        self._slots: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """Slot ids of the gate's columns (no adapter, then `names`); an adapter that is not in
+        the layers now (paged out, or removed) is `PAGED_OUT`, which `select` leaves out."""
+        key = (self.engine.version, self.engine.residency)
+        if self._slots is None or self._slots[0] != key:
+            ids = [-1] + [self.engine.slots.get(n, PAGED_OUT) for n in self.names]
+            self._slots = (key, torch.tensor(ids, dtype=torch.long))
+        return self._slots[1]
 
     def scores(self, key: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         gate = self.gates.get(key)

@@ -70,7 +70,7 @@ class SequenceRouter(Router):
         """The trained head's decision per row, unless an added adapter's head claims the row."""
         out = []
         for i, row in enumerate(probs):
-            scores = {c: round(float(p), 4) for c, p in zip(self.classes, row) if c != NONE_CLASS and c in engine.slots}
+            scores = {c: round(float(p), 4) for c, p in zip(self.classes, row) if c != NONE_CLASS and c in engine.adapters}
             claim = claims.best(i) if claims is not None else None
             if claims is not None:
                 scores.update(claims.scores(i))
@@ -85,7 +85,7 @@ class SequenceRouter(Router):
             elif conf < self.threshold:
                 out.append(Decision(None, conf, scores, f"confidence {conf:.2f} below threshold {self.threshold:.2f}",
                                     "trained"))
-            elif name not in engine.slots:
+            elif name not in engine.adapters:
                 out.append(Decision(None, conf, scores, f"picked {name!r}, which is no longer loaded", "trained"))
             else:
                 out.append(Decision(name, conf, scores, source="trained"))

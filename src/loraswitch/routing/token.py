@@ -18,6 +18,8 @@ from loraswitch.generate import Choice, Policy
 from loraswitch.kernels import Routing
 from loraswitch.routing.base import Decision, Router
 
+PAGED_OUT = -2  # slot id of a scored adapter that is not in the layers now (`Engine.max_resident`)
+
 
 class TokenRouter(Router):
     """Per-layer top-k routing; subclasses say how a layer scores slots for its input."""
@@ -38,6 +40,8 @@ class TokenRouter(Router):
             return None
         s, slots = scored
         slots = slots.to(s.device)  # scores are computed where the layer runs (a GPU)
+        if bool((slots == PAGED_OUT).any()):  # a token router picks among the adapters in the layers
+            s, slots = s[:, slots != PAGED_OUT], slots[slots != PAGED_OUT]
         if allowed is not None:
             ok = torch.isin(slots, allowed.to(s.device)) | (slots < 0)
             if not bool(ok.any()):
@@ -85,7 +89,7 @@ class TokenPolicy(Policy):
     def __init__(self, router: TokenRouter, engine: Engine, allowed: frozenset[str] | None = None):
         self.router = router
         self.engine = engine
-        self.allowed = None if allowed is None else torch.tensor([engine.slots[n] for n in sorted(allowed)],
+        self.allowed = None if allowed is None else torch.tensor([engine.slots[n] for n in sorted(allowed) if n in engine.slots],
                                                                  dtype=torch.long)
         self.n_slots = max(engine.slots.values(), default=-1) + 2  # index 0 = no adapter
         self.rows: list[int] = []

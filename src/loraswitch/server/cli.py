@@ -49,6 +49,7 @@ def serve(
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --ray: join this Ray cluster (default: start a local Ray on 127.0.0.1, stopped on exit).")] = None,
     replicas: Annotated[int, typer.Option(min=1, help="With --ray: how many replicas (each a whole engine with its own batching).")] = 1,
     autoscale: Annotated[str | None, typer.Option("--autoscale", metavar="MIN:MAX", help="With --ray: between MIN and MAX replicas by load (instead of --replicas).")] = None,
+    adapters_per_replica: Annotated[int | None, typer.Option("--adapters-per-replica", min=1, help="Keep at most K adapters in each replica's layers (the rest wait in host memory, paged in on use, least recently used out); with --ray, Serve places each adapter's requests on replicas holding it.")] = None,
 ) -> None:
     """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), adapter
     management, /healthz, /metrics and the routing trace page /ui."""
@@ -75,7 +76,7 @@ def serve(
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(levelname)s %(name)s: %(message)s")
     if ray:
         return serve_on_ray({"base": base, "adapter_dirs": adapter_dirs, "router_dir": router_dir, "library": library,
-                             "compile": compile_step},
+                             "compile": compile_step, "adapters_per_replica": adapters_per_replica},
                             settings, host, port, ray_address, replicas, autoscale)
     import uvicorn
 
@@ -86,6 +87,7 @@ def serve(
         switch.upstream = escalator(switch, upstream, upstream_model, upstream_api_key_env, upstream_timeout,
                                     escalate_threshold, escalate_rate, calibration)
     switch.engine.compile = compile_step
+    switch.engine.limit_resident(adapters_per_replica)
     app = create_app(switch, settings)
     where = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
     typer.echo(f"loraswitch serving {switch.base.name} with {len(switch.engine.names)} adapters "

@@ -58,7 +58,8 @@ def adapter_card(adapter) -> dict:
 async def list_adapters(st: ServerState = Depends(state)):
     engine = st.engine
     routed = _routing_all(st)
-    return {"object": "list", "data": [{**adapter_card(a), **({"status": "removing"} if a.name in st.removing else {}),
+    return {"object": "list", "data": [{**adapter_card(a), "resident": a.name in engine.slots,
+                                        **({"status": "removing"} if a.name in st.removing else {}),
                                         **({"routing": routed[a.name]} if a.name in routed else {})}
                                        for a in list(engine.adapters.values())],
             "refused": [{"id": name, "reason": err.reason} for name, err in list(engine.errors.items())]}

@@ -67,7 +67,7 @@ def router_view(switch, texts: list[str], route: str | None) -> list[tuple[Decis
         return [(d, 0.0) for d in router.route(switch.engine, texts)]
     feats = prompt_features(switch.engine, texts, seq.layer)
     probs = torch.softmax(seq.logits(feats) / seq.temperature, -1)
-    missing = [i for i, c in enumerate(seq.classes) if c != NONE_CLASS and c not in switch.engine.slots]
+    missing = [i for i, c in enumerate(seq.classes) if c != NONE_CLASS and c not in switch.engine.adapters]
     p_missing = probs[:, missing].sum(-1).tolist() if missing else [0.0] * len(texts)
     return list(zip(seq.route_features(switch.engine, feats), p_missing))
 

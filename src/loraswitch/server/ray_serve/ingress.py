@@ -53,6 +53,7 @@ class Ingress:
         http.add_api_route("/v1/completions", self.complete, methods=["POST"])
         http.add_api_route("/v1/adapters", self.load_adapter, methods=["POST"])
         http.add_api_route("/v1/adapters/{name}", self.remove_adapter, methods=["DELETE"])
+        http.add_api_route("/v1/models", self.models, methods=["GET"])
         http.add_api_route("/metrics", self.prometheus, methods=["GET"])
         http.add_api_route("/healthz", self.healthz, methods=["GET"])
         http.add_api_route("/{path:path}", self.anything, methods=["GET", "POST", "DELETE", "PUT", "PATCH"])
@@ -122,6 +123,19 @@ class Ingress:
         body = json.loads(answer.body)
         body["replicas"] = {"applied": len(live) - len(behind), "pending": behind}
         return JSONResponse(body, status_code=answer.status_code)
+
+    async def models(self, raw: Request):
+        """A replica's model list (every replica knows the whole library), each adapter with the
+        live replicas that hold it in their layers now (`replicas`)."""
+        answer = await self.relay(await forwarded(raw))
+        if answer.status_code != 200:
+            return answer
+        live = await self.library.live.remote()
+        body = json.loads(answer.body)
+        for card in body.get("data", []):
+            if card.get("kind") == "adapter":
+                card["replicas"] = sorted(r for r, rep in live.items() if card["id"] in rep["health"].get("resident", []))
+        return JSONResponse(body)
 
     # ------------------------------------------------------------------ operations
     async def prometheus(self):

@@ -6,6 +6,12 @@ since the cluster began (a replica Serve restarted after a crash serves the same
 peers), then polls for new ones and applies them through its own /v1/adapters endpoints, which
 load and unload between batches. Serve's model multiplexing places requests that name an adapter
 on the replicas holding it (`adapter`, keyed by `serve.get_multiplexed_model_id()`).
+
+With `adapters_per_replica` K, the engine keeps at most K adapters in its layers between batches
+(`Engine.max_resident`: every adapter stays validated in host memory, the least recently used
+are paged out) and Serve tracks at most K per replica, so each adapter's traffic settles on the
+replicas that have it in their layers. `auto` still routes on the replica over the whole library
+(its router reads only the base model's hidden states) and pages the chosen adapter in.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from loraswitch.server.ray_serve.asgi import Forwarded, call
 
 log = logging.getLogger("loraswitch.server.ray")
 POLL_S = 0.25  # how often a replica looks for library changes and reports its health and metrics
-MAX_MULTIPLEXED = 1024  # adapters Serve tracks per replica (each replica holds its whole library)
+MAX_MULTIPLEXED = 1024  # adapters Serve tracks per replica when each holds its whole library
 
 
 class Replica:
@@ -39,6 +45,14 @@ class Replica:
         switch = await asyncio.to_thread(open_switch, config.get("base"), config.get("adapter_dirs"),
                                          config.get("router_dir"), config.get("library", "demo"))
         switch.engine.compile = bool(config.get("compile"))
+        per_replica = config.get("adapters_per_replica")
+        switch.engine.limit_resident(per_replica)
+
+        async def serves(name: str) -> str:
+            """Tells Serve this replica serves adapter `name`, so its later requests come here."""
+            return name
+
+        self.adapter = serve.multiplexed(max_num_models_per_replica=per_replica or MAX_MULTIPLEXED)(serves)
         self.settings = ServerSettings(**config["settings"])
         self.app = create_app(switch, self.settings)
         self.engine = switch.engine
@@ -59,14 +73,9 @@ class Replica:
         async for item in call(self.app, req):
             yield item
 
-    @serve.multiplexed(max_num_models_per_replica=MAX_MULTIPLEXED)
-    async def adapter(self, name: str) -> str:
-        """Tells Serve this replica serves adapter `name`, so its later requests come here."""
-        return name
-
     def health(self) -> dict:
         return {"alive": self.scheduler.alive, "queue_depth": self.scheduler.queue_depth,
-                "running": self.scheduler.running, "adapters": list(self.engine.names), "version": self.version}
+                "running": self.scheduler.running, "adapters": list(self.engine.names), "resident": self.engine.resident, "version": self.version}
 
     # ------------------------------------------------------------------ the cluster's library
     async def sync(self) -> None:
