@@ -49,7 +49,7 @@ class RayServer(ServerProcess):
             health = super().wait_ready(deadline - time.monotonic())
             live = health.get("replicas", {})
             if len(live) >= self.replicas:
-                return {"adapters": next(iter(live.values()))["adapters"], "replicas": len(live)}
+                return {"adapters": next(iter(live.values()))["adapters"], "replicas": len(live), "replicas_health": live}
             time.sleep(0.5)
         raise TimeoutError("the replicas did not all start")
 
@@ -60,7 +60,12 @@ def measure(server: ServerProcess, args: argparse.Namespace, models: list[str]) 
         load = os.getloadavg()[0]  # the machine is shared: how busy it was when this setup ran
         reqs = build_requests(args.requests, models or [*health["adapters"], "auto"], args.seed)
         result = asyncio.run(phase(server.url, reqs, args))
-        result["ingress_retries"] = httpx.get(server.url + "/healthz", timeout=10).json().get("retries")
+        after = httpx.get(server.url + "/healthz", timeout=10).json()
+        result["ingress_retries"] = after.get("retries")
+        # adapters written into replicas' layers during the load (at start each replica pages in its first K)
+        if "replicas" in after:  # a replica Serve restarted mid-load would count its start as well
+            result["page_ins"] = sum(rep.get("page_ins", 0) for rep in after["replicas"].values()) - \
+                sum(rep.get("page_ins", 0) for rep in health["replicas_health"].values())
         result["load_avg_1m"] = round((load + os.getloadavg()[0]) / 2, 2)
         return result
     finally:
@@ -121,12 +126,13 @@ def markdown(report: dict) -> str:
              f"{cfg['threads']} torch thread(s) per engine, max batch {cfg['max_batch']}; client and servers on "
              "this machine, loopback only; load avg: the machine's 1-minute load average during the setup (it is "
              "shared with other work).", "",
-             "| setup | engines | ok | lost | 5xx | req/s | tokens/s | p50 s | p99 s | mean batch | load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| setup | engines | ok | lost | 5xx | req/s | tokens/s | p50 s | p99 s | mean batch | adapter page-ins | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, res in report["setups"].items():
         lines.append(f"| {name} | {res['engines']} | {res['ok']}/{res['sent']} | {res['lost']} | {res['errors_5xx']} | "
                      f"{res['requests_per_s']} | {res['tokens_per_s']} | {res['latency_s']['p50']} | "
-                     f"{res['latency_s']['p99']} | {res['batch_size']['mean']} | {res['load_avg_1m']} |")
+                     f"{res['latency_s']['p99']} | {res['batch_size']['mean']} | {res.get('page_ins', '–')} | "
+                     f"{res['load_avg_1m']} |")
     lines += ["", "Reproduce: `python benchmarks/ray_serve.py " + " ".join(report["argv"]) + "`", ""]
     return "\n".join(lines)
 

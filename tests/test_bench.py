@@ -77,3 +77,16 @@ def test_interleaved_runs_round_robin_and_reports_medians():
     assert out["c"] == {"error": "RuntimeError: boom"}
     assert out["a"]["runs_decode_tok_s"] == [4.0, 2.0, 3.0] and out["a"]["decode_tok_s"] == 3.0
     assert out["b"]["decode_tok_s"] == 6.0 and out["b"]["decode_spread"] == round(2 / 6, 3)
+
+
+def test_a_batch_1_goal_above_the_machines_matvec_limit_is_reported_as_such():
+    from loraswitch.bench.report import _single_stream_targets
+
+    def run(limit: float) -> dict:
+        return {"limit": {"tokens_per_s": limit},
+                "batches": {"1": {"ls_compiled": {"decode_tok_s": 25.0}, "hf_generate": {"decode_tok_s": 20.0}}}}
+
+    slow, fast = _single_stream_targets(run(35.0)), _single_stream_targets(run(80.0))
+    assert slow[0]["target"].startswith("(ceiling 1.75x < 3x") and slow[0]["met"] is False
+    assert not fast[0]["target"].startswith("(ceiling") and fast[0]["ceiling"] == 4.0
+    assert [t["met"] for t in slow[1:]] == [True] and [t["met"] for t in fast[1:]] == [False]  # 25/35 vs 25/80 of the limit

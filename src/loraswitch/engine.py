@@ -8,9 +8,9 @@ generation still holds it (`pin`), so a request never sees its adapter vanish mi
 A library larger than the layers should hold (`max_resident`, vLLM's `max_loras` next to its
 CPU LoRA cache) keeps every adapter known, validated and in host memory, and only the most
 recently used ones in the layers' stacks: `slot_of` pages an adapter in on first use, and when
-a generation ends the least recently used unpinned ones are paged out down to the limit. A
-batch that needs more adapters than the limit gets them all for its duration (the limit is
-enforced between generations, never by failing a request).
+the last generation in flight ends the least recently used ones are paged out down to the
+limit. A batch that needs more adapters than the limit gets them all for its duration (the
+limit is enforced between generations, never by failing a request).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class Engine:
         self.max_resident = max_resident  # adapters kept in the stacks between generations (None: all)
         self._recent: OrderedDict[str, None] = OrderedDict()  # resident adapters, least recently used first
         self.residency = 0  # bumped whenever an adapter is paged in or out (slot ids change)
+        self.page_ins = 0  # adapters written into the layers since start (load or first use)
         self.errors: dict[str, AdapterError] = {}
         # example prompts given with an adapter at load time (routers learn the new adapter from
         # them; an adapter folder's own examples.jsonl / .txt is read by the router itself)
@@ -127,6 +128,7 @@ class Engine:
         self.slots[adapter.name] = slot
         self._recent[adapter.name] = None
         self.residency += 1
+        self.page_ins += 1
         return slot
 
     def _page_out(self, adapter: Adapter) -> None:
@@ -209,7 +211,9 @@ class Engine:
                 for slot in held:
                     if self._pins[slot] <= 0 and slot in self._retired:
                         self._free_slot(slot, self._retired.pop(slot))
-                self.trim()
+                if not +self._pins:  # the last work in flight ended: page out down to the limit. Not
+                    self.trim()  # earlier: an outer pin (a server round) would keep the LRU adapter
+                    # in and let the one just used go
 
     # ------------------------------------------------------------------ the forward pass
     @contextmanager

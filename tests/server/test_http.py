@@ -9,7 +9,7 @@ import pytest
 
 from loraswitch.generate import SamplingParams
 from loraswitch.switch.request import Request
-from tests.server.conftest import PROMPT, chat, library_answer
+from tests.server.conftest import PROMPT, chat, library_answer, wait_for
 
 
 def test_models_list_auto_base_and_adapters(client):
@@ -136,3 +136,20 @@ def test_sse_lines_are_compact_json():
     line = sse({"a": "x\ny"})
     assert line.startswith("data: ") and line.endswith("\n\n") and "\n" not in line[:-2]
     assert json.loads(line[6:]) == {"a": "x\ny"}
+
+
+def test_a_resident_limit_is_served_and_reported(client, http, lib):
+    switch, _ = lib
+    switch.engine.limit_resident(1)
+    try:
+        for name in ("alpha", "beta", "gamma"):
+            assert chat(client, model=name).model == name  # each paged in on first use
+        # the answer can reach the client just before its round ends and the limit is applied
+        wait_for(lambda: http.get("/healthz").json()["resident"]["adapters"] == ["gamma"])
+        health = http.get("/healthz").json()["resident"]
+        assert health["limit"] == 1 and health["page_ins"] >= 2
+        cards = {a["id"]: a["resident"] for a in http.get("/v1/adapters").json()["data"]}
+        assert cards == {"alpha": False, "beta": False, "gamma": True}
+    finally:
+        switch.engine.limit_resident(None)
+    assert "resident" not in http.get("/healthz").json()

@@ -89,9 +89,14 @@ def _single_stream_targets(r: dict) -> list[dict]:
     out = []
     comp = _get(r, 1, "ls_compiled")
     vs_hf = _ratio(comp, _get(r, 1, "hf_generate"))
+    # the matvec sweep bounds any decode step: where it is below 3x eager generate, 3x is out of
+    # reach on this machine and the report says so (the 50%-of-limit target below still judges)
+    ceiling = _ratio(r.get("limit", {}).get("tokens_per_s"), _get(r, 1, "hf_generate"))
     if vs_hf is not None:
-        out.append({"target": "batch-1 decode with an adapter (compiled step) >= 3x transformers' eager generate of the base model",
-                    "ratio": vs_hf, "goal": 3.0, "met": vs_hf >= 3.0})
+        above = f"(ceiling {ceiling}x < 3x: the matvec limit itself) " if ceiling is not None and ceiling < 3.0 else ""
+        out.append({"target": f"{above}batch-1 decode with an adapter (compiled step) >= 3x transformers' eager "
+                              "generate of the base model", "ratio": vs_hf, "goal": 3.0, "met": vs_hf >= 3.0,
+                    "ceiling": ceiling})
     frac = _ratio(comp, r.get("limit", {}).get("tokens_per_s"))
     if frac is not None:
         out.append({"target": "batch-1 decode with an adapter (compiled step) >= 50% of the matvec limit",

@@ -22,6 +22,9 @@ async def healthz(st: ServerState = Depends(state)):
             "queue_depth": sched.queue_depth, "running": sched.running,
             "scheduler": {**sched.stats, "max_batch": sched.max_batch, "max_queue": sched.max_queue,
                           "recent": list(sched.recent)[-8:]}}
+    if st.engine.max_resident is not None:  # --adapters-per-replica: which adapters are in the layers now
+        body["resident"] = {"limit": st.engine.max_resident, "adapters": st.engine.resident,
+                            "page_ins": st.engine.page_ins}
     if st.switch.upstream is not None:
         body["upstream"] = st.switch.upstream.describe()
     return JSONResponse(body, status_code=200 if ok else 503)
