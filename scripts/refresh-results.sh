@@ -8,6 +8,8 @@
 #   load     the server under 200 concurrent requests       -> docs/server.md, benchmarks/results/server_load.*
 #   soak     the server over 3000 requests with adapters unloaded and reloaded under load (about 15 minutes)
 #                                                           -> docs/server.md, benchmarks/results/soak_server.*
+#   ray      scale-out on Ray Serve (needs loraswitch[ray]): plain vs 1 and 2 replicas, a library spread over
+#            replicas, what routing and a page-in cost (about 15 minutes) -> docs/scale-out.md, benchmarks/results/ray_serve*
 #   bigbench the BIG-bench library (needs `loraswitch data bigbench`; not in the default set, hours on 2 cores):
 #            adapters on their test splits, its routers, a small eval -> docs/real-tasks.md,
 #            libraries/bigbench/{adapters/manifest.json,routers/}, benchmarks/results/eval_bigbench/
@@ -25,6 +27,11 @@ for step in "${steps[@]}"; do
     bench) python benchmarks/bench.py --quick --doc docs/benchmarks.md --readme README.md ;;
     load) python benchmarks/load_server.py --requests 200 --compare-requests 24 --max-tokens 16 --doc docs/server.md ;;
     soak) python benchmarks/soak_server.py --requests 3000 --cycle-every 250 --max-tokens 8 --doc docs/server.md ;;
+    ray)
+      python benchmarks/ray_serve.py --doc docs/scale-out.md
+      python benchmarks/ray_serve.py --max-batch 4 --tag batch4 --doc docs/scale-out.md
+      python benchmarks/ray_serve.py --no-plain --replicas 2 --adapters-per-replica 4 --tag spread --doc docs/scale-out.md
+      python benchmarks/ray_serve.py --route-cost --doc docs/scale-out.md ;;
     bigbench)
       loraswitch data bigbench --router-data "${TMPDIR:-/tmp}/bigbench_router_data" --per-task 200
       # each step resumes: rerun the command after an interruption and only what is missing runs
@@ -35,6 +42,6 @@ for step in "${steps[@]}"; do
       python benchmarks/growing_library.py --library bigbench --doc docs/routing.md
       loraswitch eval --library bigbench --limit 10 --composite-limit 3 --resume --out benchmarks/results/eval_bigbench \
         --doc docs/real-tasks.md ;;
-    *) echo "unknown step $step (zoo, eval, bench, load, soak, bigbench)" >&2; exit 2 ;;
+    *) echo "unknown step $step (zoo, eval, bench, load, soak, ray, bigbench)" >&2; exit 2 ;;
   esac
 done
