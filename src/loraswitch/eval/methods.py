@@ -175,13 +175,46 @@ class RouterMethod(Method):
         return chat_items(self.ctx, self.ctx.switch(), items, "auto", self.name)
 
 
+class GateMeteoraMethod(RouterMethod):
+    """MeteoRA's recipe on our gates, for comparison with `gate` on the same prompts: every layer
+    routes every token to its top-2, softmax at a temperature hand-set per composite size
+    (MeteoRA's 15 / 20 / 30 for 3 / 5 / 10 parts; 1 for everything else). One pass per prompt."""
+
+    name = "gate_meteora"
+    TEMPERATURE = {3: 15.0, 5: 20.0, 10: 30.0}
+
+    def setup(self) -> None:
+        self.ctx.switch().router("gate")  # raises when the gates are missing or stale
+        self.info["router"] = "GateRouter(mode=token, top_k=2, temperature per composite size)"
+
+    def answer(self, items: list[Item]) -> list[Generation]:
+        from loraswitch.generate import generate
+
+        switch, out = self.ctx.switch(), [None] * len(items)
+        groups: dict[tuple[float, int], list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault((self.TEMPERATURE.get(len(it.parts), 1.0), it.max_new_tokens), []).append(i)
+        for (temperature, n_new), idx in groups.items():
+            router = switch.router("gate").variant(mode="token", top_k=2, temperature=temperature)
+            for j in range(0, len(idx), self.ctx.batch_size):
+                chunk = idx[j : j + self.ctx.batch_size]
+                prompts = [items[i].prompt for i in chunk]
+                gens = generate(switch.engine, [switch.base.chat_ids(p) for p in prompts],
+                                router.policy(switch.engine, prompts), SamplingParams(max_new_tokens=n_new))
+                for i, g in zip(chunk, gens):
+                    out[i] = g
+                self.ctx.progress(len(chunk))
+        return out  # type: ignore[return-value]
+
+
 ROUTER_METHODS = [
     MethodSpec(name, "router", type(f"{name.title()}Router", (RouterMethod,), {"name": name}), desc)
     for name, desc in [("auto", "loraswitch auto: seq per prompt, part by part on composites (arrow if seq is missing)"),
                        ("seq", "sequence-level selector (one adapter per prompt, abstains)"),
                        ("arrow", "Arrow: zero-shot per-token, per-layer routing from adapter weights"),
-                       ("gate", "learned per-token, per-layer gates")]
-]
+                       ("gate", "learned gates: the prompt read per token, one adapter held per answer part")]
+] + [MethodSpec("gate_meteora", "router", GateMeteoraMethod,
+                "MeteoRA's recipe on the same gates: per-token, per-layer top-2, temperature per composite size")]
 REFERENCE_METHODS = [
     MethodSpec("base", "reference", BaseMethod, "the base model, no adapter"),
     MethodSpec("oracle", "reference", OracleMethod, "the true task's adapter; composites: each part alone with its own adapter"),

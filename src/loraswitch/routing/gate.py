@@ -24,18 +24,30 @@ from loraswitch.engine import Engine
 from loraswitch.kernels import Routing
 from loraswitch.padding import left_pad, tail_targets
 from loraswitch.routing.base import NONE_CLASS, check_library, library_signature, load_router_file, save_router_file
-from loraswitch.routing.token import PAGED_OUT, TokenRouter
+from loraswitch.routing.segments import SegmentPolicy
+from loraswitch.routing.token import PAGED_OUT, TokenPolicy, TokenRouter
 
 FILE = "gate_router.safetensors"
 
 
+MODES = ("segment", "token")
+
+
 class GateRouter(TokenRouter):
+    """`mode` "segment" (default): the gates read the prompt and plan one adapter per answer part,
+    held across all layers (`routing.segments`); "token": every layer routes every token itself,
+    top-k (MeteoRA's recipe is top_k=2 with a temperature)."""
+
     name = "gate"
 
-    def __init__(self, engine: Engine, gates: dict[str, torch.Tensor], names: list[str], top_k: int = 1, temperature: float = 1.0):
+    def __init__(self, engine: Engine, gates: dict[str, torch.Tensor], names: list[str], top_k: int = 1, temperature: float = 1.0,
+                 mode: str = "segment"):
         super().__init__(engine, top_k, temperature)
+        if mode not in MODES:
+            raise ValueError(f"gate mode {mode!r}: choose one of {', '.join(MODES)}")
         self.gates = gates  # key -> [len(names) + 1, in]; row 0 = no adapter
         self.names = names
+        self.mode = mode
         self._slots: tuple[tuple[int, int], torch.Tensor] | None = None
 
     @property
@@ -55,6 +67,16 @@ class GateRouter(TokenRouter):
         if gate.device != x.device and not gate.requires_grad:  # loaded on the CPU, run on a GPU: moved once
             gate = self.gates[key] = gate.to(x.device)
         return x.reshape(-1, x.shape[-1]).to(gate.dtype) @ gate.T, self.slots
+
+    def policy(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None) -> TokenPolicy:
+        if self.mode == "token":
+            return TokenPolicy(self, engine, allowed)
+        return SegmentPolicy(self, engine, prompts, allowed)
+
+    def variant(self, **changes) -> GateRouter:
+        """The same gates read another way (mode, top_k, temperature): MeteoRA's recipe beside ours."""
+        kw = {"top_k": self.top_k, "temperature": self.temperature, "mode": self.mode} | changes
+        return GateRouter(self.engine, self.gates, self.names, **kw)
 
     def save(self, directory: str | Path) -> Path:
         meta = {"names": self.names, "top_k": self.top_k, "temperature": self.temperature,

@@ -16,6 +16,7 @@ import torch
 from loraswitch.engine import Engine
 from loraswitch.generate import Choice, Policy
 from loraswitch.kernels import Routing
+from loraswitch.padding import left_pad
 from loraswitch.routing.base import Decision, Router
 
 PAGED_OUT = -2  # slot id of a scored adapter that is not in the layers now (`Engine.max_resident`)
@@ -58,17 +59,25 @@ class TokenRouter(Router):
     def route(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None) -> list[Decision]:
         """Sequence-level view: average the per-token, per-layer weights over the prompt."""
         out = []
-        for prompt in prompts:
-            policy = self.policy(engine, [prompt], allowed)
-            ids = torch.tensor([engine.base.chat_ids(prompt)], device=engine.device)
-            policy.on_forward([0], ids.shape[1])
-            with torch.inference_mode(), engine.routed(None, policy.dynamic):
-                engine.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        for prompt, mass in zip(prompts, self.read(engine, [engine.base.chat_ids(p) for p in prompts], allowed)):
             n_user = len(engine.base.tokenizer(prompt, add_special_tokens=False)["input_ids"])
             # the user's words and the few template tokens after them, not the system preamble
-            totals = policy.mass[-n_user - 5 :].mean(0) if policy.mass is not None else None
-            out.append(self._decision(engine, totals))
+            out.append(self._decision(engine, mass[-n_user - 5 :].mean(0) if mass is not None else None))
         return out
+
+    def read(self, engine: Engine, prompts: list[list[int]], allowed: frozenset[str] | None = None) -> list[torch.Tensor | None]:
+        """Per prompt (token ids), each token's routing mass summed over layers [len, slots + 1]
+        (column 0 = no adapter), from one forward of the batch in which every layer routes every
+        token itself; None where no adapter targets the routed layers."""
+        policy = TokenPolicy(self, engine, allowed)
+        batch = left_pad(prompts, engine.base.tokenizer.pad_token_id or 0)
+        policy.on_forward(list(range(len(prompts))), batch.width)
+        with torch.inference_mode(), engine.routed(None, policy.dynamic):
+            engine.model(**batch.model_inputs(engine.device), use_cache=False, logits_to_keep=1)
+        if policy.mass is None:
+            return [None] * len(prompts)
+        mass = policy.mass.view(len(prompts), batch.width, -1).cpu()
+        return [mass[i, batch.width - len(p) :] for i, p in enumerate(prompts)]
 
     def _decision(self, engine: Engine, totals: torch.Tensor | None) -> Decision:
         if totals is None or totals.sum() <= 0:

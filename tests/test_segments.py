@@ -1,0 +1,121 @@
+"""Segment-held gating (`routing/segments.py`): the gates' prompt reading cut into runs, one
+adapter held per answer part, switching where the answer starts its next part; and the per-token
+mode kept for MeteoRA's recipe. Tiny random models; the gates' reading is faked where the test is
+about what the policy does with it."""
+
+from __future__ import annotations
+
+import torch
+
+from loraswitch.engine import Engine
+from loraswitch.generate import SamplingParams, generate
+from loraswitch.routing.gate import GateRouter
+from loraswitch.routing.segments import SegmentPolicy, answer_part, runs, segment
+from loraswitch.routing.token import TokenPolicy
+
+KEY = "model.layers.0.self_attn.v_proj"
+
+
+def _mass(labels: list[int], n: int = 4) -> torch.Tensor:
+    """A fake reading: every token's layers all vote for its label (0 = no adapter)."""
+    return torch.nn.functional.one_hot(torch.tensor(labels), n).float() * 20
+
+
+def test_runs_absorb_a_short_blip_into_the_longer_neighbour():
+    assert runs([1] * 6 + [2] * 2 + [1] * 3 + [3] * 6, min_run=4) == [(1, 0, 11), (3, 11, 17)]
+    assert runs([2] * 3, min_run=5) == [(2, 0, 3)]  # a lone short run stays
+    assert runs([], min_run=5) == []
+
+
+def test_segment_gives_the_parts_in_order_with_context_attached_to_what_follows():
+    # "Answer each part:" (no adapter), part A, a stray token of B inside A, then part B
+    labels = [0] * 6 + [1] * 10 + [2] + [1] * 4 + [2] * 10
+    per_token, order = segment(_mass(labels), window=3, min_run=4)
+    assert order == [1, 2]
+    assert per_token[:6] == [1] * 6  # the instruction is read with the part it introduces
+    assert per_token[6:21] == [1] * 15 and per_token[21:] == [2] * 10
+    assert segment(_mass([0] * 12))[1] == []  # no adapter anywhere: no plan
+
+
+def test_answer_part_follows_numbering_then_lines():
+    assert answer_part("negative") == 0
+    assert answer_part("1. negative\n2") == 0  # "2" alone does not number a line yet
+    assert answer_part("1. negative\n2. ") == 1
+    assert answer_part("1. a\n2. b\n3. c") == 2
+    assert answer_part("\n\nfirst") == 0  # empty lines start no part
+    assert answer_part("first\nsecond") == 1
+
+
+def _policy(engine: Engine, reading: list[int], prompt: str) -> SegmentPolicy:
+    router = GateRouter(engine, {KEY: torch.zeros(3, 64)}, ["alpha", "beta"])
+    policy = router.policy(engine, [prompt])
+    assert isinstance(policy, SegmentPolicy) and policy.dynamic is None  # static: it may share a batch
+    n = len(engine.base.chat_ids(prompt))
+    fake = torch.zeros(n, len(engine.slots) + 1)
+    fake[n - policy.tail - len(reading) : n - policy.tail] = _mass(reading, len(engine.slots) + 1)
+    router.read = lambda engine, prompts, allowed=None: [fake]
+    return policy
+
+
+def test_segment_policy_routes_prompt_runs_and_switches_at_the_next_part(tiny_base, adapter_dir):
+    engine = Engine(tiny_base, [adapter_dir])
+    a, b = engine.slots["alpha"], engine.slots["beta"]
+    prompt = " ".join(["word"] * 40)
+    n_user = len(tiny_base.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    reading = [0] * 4 + [a + 1] * (n_user // 2 - 4) + [b + 1] * (n_user - n_user // 2)
+    policy = _policy(engine, reading, prompt)
+    ids = tiny_base.chat_ids(prompt)
+    policy.start(engine, [ids])
+    assert policy.plans == [[a, b]]
+    slots, weights = policy.prompt_choice(0, ids)
+    tail = policy.tail
+    assert slots[: len(ids) - tail - n_user // 2].flatten().tolist() == [a] * (len(ids) - tail - n_user // 2)
+    assert set(slots[len(ids) - tail - n_user // 2 : len(ids) - tail].flatten().tolist()) == {b}
+    assert slots[-tail:].flatten().tolist() == [a] * tail  # the answer starts with part 1's adapter
+    assert torch.all(weights == 1)
+    tok = tiny_base.tokenizer
+    assert policy.step_choice(0, tok("1. x", add_special_tokens=False)["input_ids"]) == ([a], [1.0])
+    assert policy.step_choice(0, tok("1. x\n2. ", add_special_tokens=False)["input_ids"]) == ([b], [1.0])
+    assert policy.step_choice(0, tok("1. x\n2. y\n3. ", add_special_tokens=False)["input_ids"]) == ([b], [1.0])
+
+
+def test_segment_policy_generation_holds_the_plan_and_reports_switches(tiny_base, adapter_dir):
+    engine = Engine(tiny_base, [adapter_dir])
+    a, b = engine.slots["alpha"], engine.slots["beta"]
+    prompt = " ".join(["word"] * 30)
+    n_user = len(tiny_base.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    policy = _policy(engine, [a + 1] * (n_user // 2) + [b + 1] * (n_user - n_user // 2), prompt)
+    out = generate(engine, [tiny_base.chat_ids(prompt)], policy, SamplingParams(max_new_tokens=6, stop_ids=set()))[0]
+    tok = tiny_base.tokenizer
+    for i, entry in enumerate(out.trace):  # each token comes from the adapter of the part being written
+        part = answer_part(tok.decode(out.token_ids[:i], skip_special_tokens=True))
+        assert entry["adapters"] == {["alpha", "beta"][min(part, 1)]: 1.0}
+    assert out.events[0] == {"token_index": 0, "event": "switch", "adapter": "alpha"}
+    assert out.routing["plan"] == ["alpha", "beta"] and out.routing["router"] == "gate"
+    policy.traces[0] = [{"alpha": 1.0}, {"alpha": 1.0}, {"beta": 1.0}]
+    assert [e["adapter"] for e in policy.events(0)] == ["alpha", "beta"]
+
+
+def test_token_mode_keeps_per_layer_top_k_for_meteora(tiny_base, adapter_dir):
+    engine = Engine(tiny_base, [adapter_dir])
+    torch.manual_seed(0)
+    router = GateRouter(engine, {KEY: torch.randn(3, 64)}, ["alpha", "beta"]).variant(mode="token", top_k=2, temperature=15.0)
+    policy = router.policy(engine, ["hello"])
+    assert type(policy) is TokenPolicy and policy.dynamic is not None
+    routing = router.select(KEY, torch.randn(5, 64))
+    assert routing.ids.shape == (5, 2)
+    assert torch.all(routing.weights.max(-1).values < 0.9)  # temperature 15 flattens the pair
+
+
+def test_reading_a_padded_batch_matches_reading_each_prompt(tiny_base, adapter_dir):
+    """`TokenRouter.read` runs the batch left-padded in one forward; each prompt's reading must not
+    depend on what it was batched with (the padding is masked, the rows are cut back)."""
+    engine = Engine(tiny_base, [adapter_dir])
+    torch.manual_seed(1)
+    router = GateRouter(engine, {KEY: torch.randn(3, 64)}, ["alpha", "beta"])
+    prompts = [tiny_base.chat_ids("hi"), tiny_base.chat_ids("a much longer prompt than the first one")]
+    together = router.read(engine, prompts)
+    for p, m in zip(prompts, together):
+        alone = router.read(engine, [p])[0]
+        assert m.shape == alone.shape == (len(p), len(engine.slots) + 1)
+        assert torch.equal(m.argmax(-1), alone.argmax(-1))
