@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loraswitch import kernels
-from loraswitch.kernels import Routing, SlotRouting, add_lora
+from loraswitch.kernels import Routing, SlotRouting, add_lora, concat_stack
 
 
 def _stacks(n_slots=6, r=4, d_in=16, d_out=12, seed=0):
@@ -47,11 +47,18 @@ def test_every_strategy_and_the_gathered_path_agree(case):
     else:
         ids, w = torch.randint(-1, 6, (T, 2), generator=g), torch.rand(T, 2, generator=g)
     want = _reference(y, x, A, B, ids, w)
+    stack = concat_stack(A, B, ranks)  # the whole stack, as the layer keeps it
+    assert stack[0].shape[1] == sum(ranks)  # true ranks only: no padding, no "no adapter" entry
     with torch.no_grad():
         got = add_lora(y.clone(), x, A, B, ranks, Routing(ids, w), {})
+        with_stack = add_lora(y.clone(), x, A, B, ranks, Routing(ids, w), {}, stack)
         gathered = add_lora(y.clone(), x, A, B, ranks, SlotRouting(ids, w))
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(gathered, want, rtol=1e-4, atol=1e-4)
+        masked = add_lora(y.clone(), x, A, B, ranks, SlotRouting(ids, w), stack=stack)
+    for out in (got, with_stack, gathered, masked):
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    wg = w.clone().requires_grad_(True)  # the masked path keeps autograd too
+    add_lora(y.clone(), x, A, B, ranks, SlotRouting(ids, wg), stack=stack).sum().backward()
+    assert wg.grad is not None
     # with autograd recording nothing is updated in place, and the weights get a gradient
     wg = w.clone().requires_grad_(True)
     out = add_lora(y.clone(), x, A, B, ranks, SlotRouting(ids, wg))

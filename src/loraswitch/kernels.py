@@ -27,12 +27,21 @@ adapter", so a token routed nowhere costs nothing special. Four strategies, pick
 The learned-weights paths (gate training, AdaMerging) keep autograd: `stacked` and the in-place
 updates run only when no gradient is recorded.
 
-A fifth strategy serves fixed-shape steps: a `SlotRouting` (per-token slot ids and weights as
-tensors, never read back into Python) takes
+The whole stack's factors concatenated over their true ranks (`concat_stack`) are kept by the
+layer as buffers while they fit STACK_MAX_COLS and passed in as `stack`: the stacked strategy's
+one copy for every step, without the zero padding of mixed ranks.
 
+Fixed-shape steps pass a `SlotRouting` (per-token slot ids and weights as tensors, never read
+back into Python), and take one of two paths with no data-dependent control flow, so
+`torch.compile` traces them into the decode step and a CUDA graph can replay them:
+
+* masked   - while the whole stack fits: the stacked strategy over the whole stack, its [T, S+1]
+             mask scattered from the ids and weights on the device. Dense GEMMs only; on CPU the
+             gathered path's per-token copies of the factors cost 1x to 4x the base linear per
+             layer at 16 tokens (benchmarks/lora_kernels.py), the masked path 0.1x to 1x.
 * gathered - each token's factors gathered by slot id and applied with two batched contractions
-             (punica's BGMV idea): no data-dependent control flow, so `torch.compile` traces it into
-             the decode step and a CUDA graph can replay it; the "no adapter" slot is all zeros.
+             (punica's BGMV idea), for stacks too wide to multiply whole; the "no adapter" slot
+             is all zeros.
 """
 
 from __future__ import annotations
@@ -157,6 +166,7 @@ def add_lora(
     ranks: list[int],
     routing: Routing,
     cache: dict | None = None,
+    stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Return `y + sum_e w[t,e] * B_e A_e x_t` for 2-D `x` [T, in] and `y` [T, out].
 
@@ -164,10 +174,14 @@ def add_lora(
     scale folded into B), `ranks[i]` the true rank at stack index i. In-place on `y` unless
     autograd is recording (gate training backpropagates through the routing weights). `cache`:
     the layer's store of concatenated factors for the stacked strategy; the layer clears it
-    whenever its stacks change.
+    whenever its stacks change. `stack`: the whole stack concatenated (`concat_stack`), when it
+    fits STACK_MAX_COLS.
     """
     inplace = not torch.is_grad_enabled()
+    whole = stack is not None and 0 < stack[0].shape[1] <= STACK_MAX_COLS
     if isinstance(routing, SlotRouting):
+        if whole:
+            return _add_masked(y, x, stack, slot_mask(routing, A.shape[0]), inplace)
         return _add_gathered(y, x, A, B, routing, inplace)
     uniform = routing.uniform_slot()
     if uniform is not None:
@@ -184,7 +198,9 @@ def add_lora(
     if tok.numel() == 0:
         return y
     if inplace and not w.requires_grad:
-        if A.shape[0] * A.shape[1] <= STACK_MAX_COLS:  # every loaded slot fits: one stack, built once
+        if whole:  # every loaded slot fits: one stack for every step
+            return _add_masked(y, x, stack, routing.full_mask(A.shape[0]), inplace)
+        if A.shape[0] * A.shape[1] <= STACK_MAX_COLS:  # the caller keeps no whole stack: built once, cached
             return _add_stacked(y, x, A, B, None, ("all",), routing.full_mask(A.shape[0]), cache)
         uniq, key, mask = routing.stacked()
         if len(key) * A.shape[1] <= STACK_MAX_COLS:
@@ -202,6 +218,37 @@ def add_lora(
         delta = delta * wg.unsqueeze(-1).to(y.dtype)
         y = y.index_add_(0, idx, delta) if inplace else y.index_add(0, idx, delta)
     return y
+
+
+def concat_stack(A: torch.Tensor, B: torch.Tensor, ranks: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole stack as two GEMM operands over the adapters' true ranks, [in, C] and [C, out]
+    with C = sum of ranks (no zero padding, no "no adapter" entry: every column is read every
+    step, so padding would cost bandwidth), and each column's stack index [C]; empty when C is
+    above STACK_MAX_COLS (then the per-set and gathered paths run)."""
+    cols = [(i, r) for i, r in enumerate(ranks) if i > 0 and r > 0]
+    total = sum(r for _, r in cols)
+    if not cols or total > STACK_MAX_COLS:
+        return A.new_zeros(A.shape[2], 0), B.new_zeros(0, B.shape[1]), torch.zeros(0, dtype=torch.long, device=A.device)
+    A_all = torch.cat([A[i, :r] for i, r in cols]).T.contiguous()
+    B_all = torch.cat([B[i, :, :r] for i, r in cols], dim=1).T.contiguous()
+    col_index = torch.tensor([i for i, r in cols for _ in range(r)], dtype=torch.long, device=A.device)
+    return A_all, B_all, col_index
+
+
+def slot_mask(routing: SlotRouting, n_stack: int) -> torch.Tensor:
+    """[T, n_stack] mixing weights of a fixed-shape routing, scattered on the device (slot -1
+    lands on the all-zero stack entry 0)."""
+    w = routing.weights
+    return torch.zeros(routing.n_tokens, n_stack, dtype=w.dtype, device=w.device).scatter_add(1, routing.ids + 1, w)
+
+
+def _add_masked(y: torch.Tensor, x: torch.Tensor, stack: tuple[torch.Tensor, ...], mask: torch.Tensor,
+                inplace: bool) -> torch.Tensor:
+    """y += ((x @ A_all) * mask per column) @ B_all over the whole stack: two dense GEMMs and a
+    scale; `mask` [T, S+1] holds each token's weight per stack index."""
+    A_all, B_all, col_index = stack
+    h = (x @ A_all) * mask.index_select(1, col_index).to(x.dtype)
+    return y.addmm_(h, B_all) if inplace else torch.addmm(y, h, B_all)
 
 
 def _add_gathered(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: SlotRouting,

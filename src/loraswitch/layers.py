@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from loraswitch.kernels import Routing, add_lora
+from loraswitch.kernels import Routing, add_lora, concat_stack
 from loraswitch.library import LoraModule
 
 # per-layer routers (Arrow, learned gates) decide inside the forward pass, from the layer input
@@ -76,6 +76,12 @@ class MultiLoRALinear(nn.Module):
         # stack index 0 is the all-zero "no adapter" slot; adapter slot s lives at index s + 1
         self.register_buffer("A", torch.zeros(1, 0, base.in_features, dtype=w.dtype, device=w.device), persistent=False)
         self.register_buffer("B", torch.zeros(1, base.out_features, 0, dtype=w.dtype, device=w.device), persistent=False)
+        # the whole stack concatenated for the stacked / masked strategies (`kernels.concat_stack`),
+        # rebuilt whenever the stacks change; buffers, so they move with the layer and a compiled
+        # step reads them like A and B. Empty while the stack is too wide to multiply whole.
+        self.register_buffer("A_all", torch.zeros(base.in_features, 0, dtype=w.dtype, device=w.device), persistent=False)
+        self.register_buffer("B_all", torch.zeros(0, base.out_features, dtype=w.dtype, device=w.device), persistent=False)
+        self.register_buffer("col_index", torch.zeros(0, dtype=torch.long, device=w.device), persistent=False)
         self.ranks: list[int] = [0]
         self.active = False  # any slot installed; checked on every forward, so kept as a flag
         # concatenated factors per adapter set, for the kernels' stacked strategy; derived from
@@ -112,7 +118,12 @@ class MultiLoRALinear(nn.Module):
 
     def reserve(self, n_slots: int) -> None:
         """Give the stacks room for slots 0..n_slots-1, so any routed slot id indexes safely."""
-        self._grow(n_slots + 1, 0)
+        if n_slots + 1 > self.A.shape[0]:
+            self._grow(n_slots + 1, 0)
+            self._restack()
+
+    def _restack(self) -> None:
+        self.A_all, self.B_all, self.col_index = concat_stack(self.A, self.B, self.ranks)
 
     def set_slot(self, slot: int, module: LoraModule | None) -> None:
         """Install (or with None, clear) adapter slot `slot`'s factors; scale is folded into B."""
@@ -123,6 +134,7 @@ class MultiLoRALinear(nn.Module):
                 self.A[i].zero_()
                 self.B[i].zero_()
                 self.ranks[i] = 0
+                self._restack()
             self.active = any(self.ranks)
             return
         self._grow(i + 1, module.rank)
@@ -133,6 +145,7 @@ class MultiLoRALinear(nn.Module):
         self.B[i, :, :r] = (module.B * module.scale).to(self.B)
         self.ranks[i] = r
         self.active = True
+        self._restack()
 
     def _apply(self, fn, recurse=True):  # .to(device / dtype): the cached factors are stale
         self.stacked_cache.clear()
@@ -146,7 +159,8 @@ class MultiLoRALinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         if routing.n_tokens != x2.shape[0]:
             raise RuntimeError(f"{self.key}: routing covers {routing.n_tokens} tokens, the input has {x2.shape[0]}")
-        out = add_lora(y.reshape(-1, y.shape[-1]), x2, self.A, self.B, self.ranks, routing, self.stacked_cache)
+        out = add_lora(y.reshape(-1, y.shape[-1]), x2, self.A, self.B, self.ranks, routing, self.stacked_cache,
+                       (self.A_all, self.B_all, self.col_index))
         return out.view(y.shape)
 
 
