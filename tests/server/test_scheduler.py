@@ -57,7 +57,8 @@ def test_healthz_and_metrics(client, live):
                    'loraswitch_generations_total{outcome="length"}',
                    'loraswitch_request_latency_seconds_bucket{endpoint="chat",le="0.5"}',
                    "loraswitch_queue_wait_seconds_bucket", "loraswitch_time_to_first_token_seconds_bucket",
-                   "loraswitch_adapters_loaded 3.0"):
+                   "loraswitch_adapters_loaded 3.0", 'loraswitch_phase_seconds_total{phase="prefill"}',
+                   'loraswitch_phase_seconds_total{phase="decode"}', "loraswitch_worker_busy_seconds_total "):
         assert needle in text, needle
     assert "_created" not in text
 
@@ -142,6 +143,31 @@ def test_scheduler_per_row_limits_and_cancel(lib):
     assert sched.stats["batches"] == 1 and sched.stats["max_batch_size"] == 3
     # the streamed deltas add up to the final text
     assert "".join(e.text for e in events["b"] if isinstance(e, Token)) == done["b"][0].text
+
+
+def test_a_round_waits_for_requests_still_being_prepared(lib):
+    """A burst reaches the queue one by one: the worker does not start a round while a request
+    is announced (`arriving`), so both share one batch; a lone request never waits."""
+    switch, _ = lib
+    sched = Scheduler(switch, max_batch=8, max_queue=8, gather_max_s=30.0)
+    events: dict[str, list] = {"a": [], "b": []}
+    jobs = {k: _job("alpha", 2, events[k].append) for k in events}
+    sched.start()
+    try:
+        with sched.arriving():  # b is still being tokenized while a is queued
+            with sched.arriving():
+                sched.submit(jobs["a"])
+            threading.Event().wait(0.2)
+            assert jobs["a"].started is None  # held for b
+            sched.submit(jobs["b"])
+        wait_for(lambda: all(j.finished for j in jobs.values()))
+        lone = _job("alpha", 2, lambda e: None)
+        sched.submit(lone)  # nothing announced: taken at once
+        wait_for(lambda: lone.finished)
+    finally:
+        sched.stop()
+    done = {k: [e for e in ev if isinstance(e, Done)][0] for k, ev in events.items()}
+    assert done["a"].batch["id"] == done["b"].batch["id"] and done["a"].batch["size"] == 2
 
 
 def test_hot_load_unload_and_bad_adapters(client, http, lib, live):

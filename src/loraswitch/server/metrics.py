@@ -71,6 +71,12 @@ class Metrics:
                                  "locally.", registry=r)
         self.upstream_latency = Histogram("loraswitch_upstream_latency_seconds", "Time the upstream took to answer an "
                                           "escalated request.", buckets=LATENCY_BUCKETS, registry=r)
+        self.phase_seconds = Counter("loraswitch_phase_seconds", "Worker seconds by phase of the served path: segment, "
+                                     "template, route (the auto selector's feature pass), prefill, decode, listener "
+                                     "(detokenizing and events), and other (the rest of a round: taking jobs, "
+                                     "bookkeeping).", ["phase"], registry=r)
+        self.worker_busy = Counter("loraswitch_worker_busy_seconds", "Seconds the worker spent in rounds (the rest of "
+                                   "the wall time it waited for requests).", registry=r)
         self.adapter_labels: set[str] = set()
 
     def adapter_label(self, name: str) -> str:
@@ -95,6 +101,14 @@ class Metrics:
     def batch(self, size: int) -> None:
         """A batched forward (one `generate` call) of `size` rows ran."""
         self.batch_size.observe(size)
+
+    def round(self, seconds: float, phases: dict[str, float]) -> None:
+        """A worker round took `seconds`, `phases` of them as the library reported (`switch.run`'s
+        batch `phases`); the rest is counted as "other"."""
+        self.worker_busy.inc(max(0.0, seconds))
+        for name, value in phases.items():
+            self.phase_seconds.labels(phase=name).inc(max(0.0, value))
+        self.phase_seconds.labels(phase="other").inc(max(0.0, seconds - sum(phases.values())))
 
     def queued(self, seconds: float) -> None:
         """A request waited `seconds` from queueing to the start of its batch."""

@@ -134,11 +134,12 @@ class OpenAIServing:
     async def serve(self, raw=None):
         """Queue the request and answer it. `raw` (the Starlette request) is polled while a
         non-streaming answer is awaited, so a client that went away frees its rows."""
-        request = await self.request()
-        job = Job(Handle(request), loop=asyncio.get_running_loop(), queue=asyncio.Queue(), metrics=self.st.metrics,
-                  rows=self.rows)
-        self.deadline = job.loop.time() + self.st.settings.timeout
-        self.st.scheduler.submit(job)  # 429 / 503 before any byte of a stream is sent
+        with self.st.scheduler.arriving():  # a round about to start waits for this request
+            request = await self.request()
+            job = Job(Handle(request), loop=asyncio.get_running_loop(), queue=asyncio.Queue(), metrics=self.st.metrics,
+                      rows=self.rows)
+            self.deadline = job.loop.time() + self.st.settings.timeout
+            self.st.scheduler.submit(job)  # 429 / 503 before any byte of a stream is sent
         if self.body.stream:
             return StreamingResponse(self.stream(job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -16,6 +16,13 @@ Each row keeps its own decoding state apart from its request (`Row`): its token 
 strings, incremental text, and what it has streamed. A row that reaches its `max_tokens`, hits a
 stop string or whose request was cancelled leaves the batch at once, and each request is answered
 the moment its last row ends, not when the whole batch does.
+
+Every batch reports where its time went (`phases`, seconds): `route` (building its policies: the
+`auto` selector's feature pass), `prefill` (from the `generate` call to its first token: the
+prompts' forward), `decode` (the steps after it) and `listener` (detokenizing, stop strings and
+events, done per token in `BatchListener`); the first batch of a `run` also carries the round's
+`template` (chat templating, parts) and `segment` (the segmentation feature pass). The server
+adds them up in /metrics: they are the served path's profile (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from loraswitch.generate import Generation, Listener, Policy, RowsPolicy, SamplingParams, generate
@@ -76,8 +84,19 @@ class BatchListener(Listener):
 
     def __init__(self, rows: list[Row]):
         self.rows = rows
+        self.first: float | None = None  # when the first row produced or ended (prefill done)
+        self.seconds = 0.0  # spent in this listener (detokenizing, stop strings, events)
 
     def token(self, r: int, gen: Generation) -> str | None:
+        began = time.perf_counter()
+        if self.first is None:
+            self.first = began
+        try:
+            return self._token(r, gen)
+        finally:
+            self.seconds += time.perf_counter() - began
+
+    def _token(self, r: int, gen: Generation) -> str | None:
         row = self.rows[r]
         if row.answer.gone:
             return "cancelled"
@@ -96,6 +115,15 @@ class BatchListener(Listener):
         return "length" if len(gen.token_ids) >= row.request.max_tokens else None
 
     def finished(self, r: int, gen: Generation) -> None:
+        began = time.perf_counter()
+        if self.first is None:
+            self.first = began
+        try:
+            self._finished(r, gen)
+        finally:
+            self.seconds += time.perf_counter() - began
+
+    def _finished(self, r: int, gen: Generation) -> None:
         row = self.rows[r]
         if gen.finish_reason == "cancelled" or row.answer.gone:
             return
@@ -166,35 +194,53 @@ def _chunks(items: list, size: int | None) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _calls(switch, rows: list[Row], max_rows: int | None) -> list[list[tuple[Policy, list[Row]]]]:
+Call = list[tuple[Policy, list[Row]]]  # the rows of one `generate` call, by the policy that routes them
+
+
+@contextmanager
+def _timed(phases: dict, name: str):
+    """Add the seconds of the `with` block to `phases[name]` (the batch's profile)."""
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - began
+
+
+def _calls(switch, rows: list[Row], max_rows: int | None) -> list[tuple[Call, float]]:
     """The `generate` calls for rows of one sampling setting: one policy per (model, router) and
-    chunk; static policies packed together up to `max_rows` rows, each dynamic one alone."""
+    chunk; static policies packed together up to `max_rows` rows, each dynamic one alone. Each
+    comes with the seconds its policies took to build (a router's feature pass)."""
     by_policy: dict[tuple, list[Row]] = {}
     for row in rows:
         req = row.request
         key = (req.model, req.route, req.allow, req.deny) if req.model == "auto" else (req.model, None)
         by_policy.setdefault(key, []).append(row)
-    static: list[list[tuple[Policy, list[Row]]]] = [[]]
-    dynamic: list[list[tuple[Policy, list[Row]]]] = []
+    static: list[tuple[Call, list[float]]] = [([], [])]  # (call, seconds each of its policies took)
+    dynamic: list[tuple[Call, list[float]]] = []
     for members in by_policy.values():
         for chunk in _chunks(members, max_rows):
+            began = time.perf_counter()
             try:
                 policy = _policy(switch, chunk)
             except Exception as exc:
                 for row in chunk:
                     row.answer.failed(exc)
                 continue
+            took = time.perf_counter() - began
             if policy.dynamic is not None:
-                dynamic.append([(policy, chunk)])
+                dynamic.append(([(policy, chunk)], [took]))
                 continue
-            if max_rows and sum(len(m) for _, m in static[-1]) + len(chunk) > max_rows:
-                static.append([])
-            static[-1].append((policy, chunk))
-    return [c for c in static if c] + dynamic
+            if max_rows and sum(len(m) for _, m in static[-1][0]) + len(chunk) > max_rows:
+                static.append(([], []))
+            static[-1][0].append((policy, chunk))
+            static[-1][1].append(took)
+    return [(c, sum(t)) for c, t in static + dynamic if c]
 
 
-def _generate(switch, call: list[tuple[Policy, list[Row]]]) -> dict | None:
-    """One `generate` call for `call`'s rows (the policies were built over all of them)."""
+def _generate(switch, call: Call, route_s: float = 0.0) -> dict | None:
+    """One `generate` call for `call`'s rows (the policies were built over all of them, in
+    `route_s` seconds); its info carries its `phases` (see the module doc)."""
     rows = [r for _, members in call for r in members]
     if all(r.answer.gone for r in rows):
         return None
@@ -212,15 +258,21 @@ def _generate(switch, call: list[tuple[Policy, list[Row]]]) -> dict | None:
     for row in rows:
         row.batch = dict(info)
         row.answer.started(row.part, dict(info))
-    began = time.monotonic()
+    listener = BatchListener(rows)
+    began = time.perf_counter()
     try:
-        generate(switch.engine, [list(r.request.prompt_ids) for r in rows], policy, params, BatchListener(rows))
+        generate(switch.engine, [list(r.request.prompt_ids) for r in rows], policy, params, listener)
     except Exception as exc:
         log.exception("batch %d failed", info["id"])
         for row in rows:
             row.answer.failed(exc)
         info["failed"] = True
-    return {**info, "models": sorted({r.request.model for r in rows}), "seconds": round(time.monotonic() - began, 4)}
+    ended = time.perf_counter()
+    first = listener.first or ended
+    phases = {"route": route_s, "prefill": first - began, "decode": max(0.0, ended - first - listener.seconds),
+              "listener": listener.seconds}
+    return {**info, "models": sorted({r.request.model for r in rows}), "seconds": round(ended - began, 4),
+            "phases": {k: round(v, 5) for k, v in phases.items()}}
 
 
 def run(switch, handles: list[Handle], max_rows: int | None = None, max_parts: int | None = None,
@@ -241,16 +293,19 @@ def run(switch, handles: list[Handle], max_rows: int | None = None, max_parts: i
 def run_local(switch, handles: list[Handle], max_rows: int | None = None, max_parts: int | None = None) -> list[dict]:
     """`run` on this model alone."""
     rows: list[Row] = []
+    phases: dict[str, float] = {}
     try:  # where each prompt changes task: every prompt of the batch in one feature pass
-        found = segment_requests(switch, handles)
+        with _timed(phases, "segment"):
+            found = segment_requests(switch, handles)
     except Exception:  # segmentation is an improvement, never a reason to fail a request
         log.exception("segmenting the prompts failed; numbered parts only")
         found = {}
-    for handle in handles:
-        try:
-            rows += _rows(switch, handle, max_parts, found.get(id(handle)))
-        except Exception as exc:  # e.g. a conversation the chat template refuses
-            SingleAnswer(handle).failed(exc)
+    with _timed(phases, "template"):
+        for handle in handles:
+            try:
+                rows += _rows(switch, handle, max_parts, found.get(id(handle)))
+            except Exception as exc:  # e.g. a conversation the chat template refuses
+                SingleAnswer(handle).failed(exc)
     by_sampling: dict[tuple, list[Row]] = {}
     for row in rows:
         key = (id(row),) if row.request.decodes_alone else row.request.sampling_key
@@ -258,8 +313,10 @@ def run_local(switch, handles: list[Handle], max_rows: int | None = None, max_pa
     batches = []
     with switch.engine.pin():  # adapters removed from now on stay valid for these rows
         for group in by_sampling.values():
-            for call in _calls(switch, group, max_rows):
-                info = _generate(switch, call)
+            for call, route_s in _calls(switch, group, max_rows):
+                info = _generate(switch, call, route_s)
                 if info is not None:
                     batches.append(info)
+    if batches:  # the round's own phases, once
+        batches[0]["phases"].update({k: round(v, 5) for k, v in phases.items()})
     return batches
