@@ -58,7 +58,7 @@ def test_harness_end_to_end(tmp_path, tiny_base, task_adapters, routers):
     def factory():
         return Base(tiny_model(), tiny_base.tokenizer, "tiny-llama", "random")
 
-    methods = ["base", "oracle", "auto", "seq", "arrow", "gate", "merge_linear", "merge_ties",
+    methods = ["base", "oracle", "auto", "seq", "arrow", "gate", "gate_meteora", "merge_linear", "merge_ties",
                "peft_linear", "peft_ties", "peft_dare_ties", "peft_cat", "peft_arrow", "peft_xlora"]
     cfg = EvalConfig(suite=SUITE, methods=methods, tasks=TASKS, limit=1, composite_sizes=(2, 3), oos_limit=2, xlora_limit=1,
                      max_new_tokens=3, part_tokens=3, out_dir=tmp_path / "out", adapter_dirs=[task_adapters],
@@ -83,7 +83,7 @@ def test_harness_end_to_end(tmp_path, tiny_base, task_adapters, routers):
         assert set(r["accuracy"]["per_task"]) == set(TASKS), m
         assert set(r["composite"]) == {"composite-2", "composite-3"}, m
         assert r["wall_s"] >= 0
-    for m in ["auto", "seq", "arrow", "gate"]:
+    for m in ["auto", "seq", "arrow", "gate", "gate_meteora"]:
         r = results["methods"][m]
         assert r["routes"] and r["n_oos"] == 2
         assert 0 <= r["abstain_rate"] <= 1 and r["routing_accuracy"]["overall"] is not None
@@ -92,7 +92,7 @@ def test_harness_end_to_end(tmp_path, tiny_base, task_adapters, routers):
     assert results["methods"]["oracle"]["n_items"] == len(TASKS) + 2  # no out-of-suite prompts
     md = (out / "results.md").read_text()
     assert "| `oracle` |" in md and "## Composite prompts" in md
-    assert set(results["routing_targets"]) == {"auto", "seq", "arrow", "gate", "peft_xlora"} and "## Routing targets" in md
+    assert set(results["routing_targets"]) == {"auto", "seq", "arrow", "gate", "gate_meteora", "peft_xlora"} and "## Routing targets" in md
 
 
 def test_routing_targets_compare_with_the_oracle():

@@ -37,6 +37,18 @@ def test_segment_gives_the_parts_in_order_with_context_attached_to_what_follows(
     assert segment(_mass([0] * 12))[1] == []  # no adapter anywhere: no plan
 
 
+def test_segment_cuts_between_lines_only_when_told_where_lines_start():
+    # one request read causally: its first words look like task 2 until its last words say task 1
+    one_line = [2] * 8 + [1] * 12
+    assert segment(_mass(one_line), window=3, min_run=4)[1] == [2, 1]
+    labels, order = segment(_mass(one_line), window=3, min_run=4, line_starts=[])
+    assert order == [1] and labels == [1] * 20  # the line as a whole: 12 votes for 1 against 8
+    # two lines, one task each, and a header line of no adapter before them
+    lines = [0] * 6 + [2] * 8 + [1] * 3 + [1] * 10
+    labels, order = segment(_mass(lines), window=3, min_run=4, line_starts=[6, 17])
+    assert order == [2, 1] and labels[:6] == [2] * 6 and labels[6:17] == [2] * 11
+
+
 def test_answer_part_follows_numbering_then_lines():
     assert answer_part("negative") == 0
     assert answer_part("1. negative\n2") == 0  # "2" alone does not number a line yet
@@ -57,20 +69,26 @@ def _policy(engine: Engine, reading: list[int], prompt: str) -> SegmentPolicy:
     return policy
 
 
+def _two_lines(tokenizer) -> tuple[str, int, int]:
+    """A prompt of two lines: (text, its user tokens, where the second line starts)."""
+    prompt = " ".join(["word"] * 20) + "\n" + " ".join(["word"] * 20)
+    pieces = [tokenizer.decode([t]) for t in tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    return prompt, len(pieces), next(i + 1 for i, p in enumerate(pieces) if "\n" in p)
+
+
 def test_segment_policy_routes_prompt_runs_and_switches_at_the_next_part(tiny_base, adapter_dir):
     engine = Engine(tiny_base, [adapter_dir])
     a, b = engine.slots["alpha"], engine.slots["beta"]
-    prompt = " ".join(["word"] * 40)
-    n_user = len(tiny_base.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    reading = [0] * 4 + [a + 1] * (n_user // 2 - 4) + [b + 1] * (n_user - n_user // 2)
+    prompt, n_user, second = _two_lines(tiny_base.tokenizer)
+    reading = [0] * 4 + [a + 1] * (second - 4) + [b + 1] * (n_user - second)
     policy = _policy(engine, reading, prompt)
     ids = tiny_base.chat_ids(prompt)
     policy.start(engine, [ids])
     assert policy.plans == [[a, b]]
     slots, weights = policy.prompt_choice(0, ids)
-    tail = policy.tail
-    assert slots[: len(ids) - tail - n_user // 2].flatten().tolist() == [a] * (len(ids) - tail - n_user // 2)
-    assert set(slots[len(ids) - tail - n_user // 2 : len(ids) - tail].flatten().tolist()) == {b}
+    tail, first_b = policy.tail, len(ids) - policy.tail - (n_user - second)
+    assert slots[:first_b].flatten().tolist() == [a] * first_b  # preamble, context and part 1
+    assert set(slots[first_b : len(ids) - tail].flatten().tolist()) == {b}
     assert slots[-tail:].flatten().tolist() == [a] * tail  # the answer starts with part 1's adapter
     assert torch.all(weights == 1)
     tok = tiny_base.tokenizer
@@ -82,9 +100,8 @@ def test_segment_policy_routes_prompt_runs_and_switches_at_the_next_part(tiny_ba
 def test_segment_policy_generation_holds_the_plan_and_reports_switches(tiny_base, adapter_dir):
     engine = Engine(tiny_base, [adapter_dir])
     a, b = engine.slots["alpha"], engine.slots["beta"]
-    prompt = " ".join(["word"] * 30)
-    n_user = len(tiny_base.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    policy = _policy(engine, [a + 1] * (n_user // 2) + [b + 1] * (n_user - n_user // 2), prompt)
+    prompt, n_user, second = _two_lines(tiny_base.tokenizer)
+    policy = _policy(engine, [a + 1] * second + [b + 1] * (n_user - second), prompt)
     out = generate(engine, [tiny_base.chat_ids(prompt)], policy, SamplingParams(max_new_tokens=6, stop_ids=set()))[0]
     tok = tiny_base.tokenizer
     for i, entry in enumerate(out.trace):  # each token comes from the adapter of the part being written
@@ -119,3 +136,32 @@ def test_reading_a_padded_batch_matches_reading_each_prompt(tiny_base, adapter_d
         alone = router.read(engine, [p])[0]
         assert m.shape == alone.shape == (len(p), len(engine.slots) + 1)
         assert torch.equal(m.argmax(-1), alone.argmax(-1))
+
+
+def test_gates_trained_on_base_inputs_read_a_plain_base_forward(tiny_base, adapter_dir, tmp_path):
+    """`teacher_forced=False` gates were fit to the base model's layer inputs, so their reading
+    forward must apply no adapter (the flag survives save/load); the default gates read a forward
+    routed by themselves."""
+    from loraswitch.routing.base import NONE_CLASS
+    from loraswitch.routing.gate import train_gates
+
+    engine = Engine(tiny_base, [adapter_dir])
+    data = {"alpha": [("date one", None), ("date two", None)], "beta": [("sum one", None)], NONE_CLASS: [("poem", None)]}
+    router = train_gates(engine, data, epochs=1, lm_steps=0, batch_size=4, progress=False, teacher_forced=False)
+    router.save(tmp_path)
+    loaded = GateRouter.load(tmp_path, engine)
+    assert loaded.reads == "base" and loaded.variant(mode="token").reads == "base"
+    seen: dict[str, list[torch.Tensor]] = {"routed": [], "base": []}
+    prompt = [tiny_base.chat_ids("a prompt to read")]
+    for reads in ("routed", "base"):
+        loaded.reads = reads
+        applied = []
+        real = engine.ctx.routing_for
+        engine.ctx.routing_for = lambda key, x, _a=applied, _r=real: _a.append(_r(key, x)) or _a[-1]
+        try:
+            loaded.read(engine, prompt)
+        finally:
+            engine.ctx.routing_for = real
+        seen[reads] = applied
+    assert seen["base"] and all(r is None for r in seen["base"])
+    assert any(r is not None for r in seen["routed"])

@@ -5,7 +5,7 @@ takes. One router per module, one interface (`base.Router`); `load_router` build
 |-------|----------------------------------|----------------|----------|
 | seq   | one adapter per prompt           | yes (minutes)  | yes      |
 | arrow | per token and layer, zero-shot   | no             | no       |
-| gate  | per token and layer, learned     | yes            | yes      |
+| gate  | per answer part, read by learned per-token gates (`segments`; mode="token": per token and layer) | yes | yes |
 | auto  | seq per prompt, and per part of a prompt that mixes tasks; adapters added after training |
 |       | get heads of their own (`added`: from examples, or zero-shot); arrow if seq is stale |
 """

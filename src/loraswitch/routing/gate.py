@@ -41,8 +41,11 @@ class GateRouter(TokenRouter):
     name = "gate"
 
     def __init__(self, engine: Engine, gates: dict[str, torch.Tensor], names: list[str], top_k: int = 1, temperature: float = 1.0,
-                 mode: str = "segment"):
+                 mode: str = "segment", reads: str = "routed"):
         super().__init__(engine, top_k, temperature)
+        # the inputs the gates were fitted to: "routed" (teacher-forced, the default) or "base"
+        # (`train_gates(teacher_forced=False)`: the base model's, so they read with no adapter applied)
+        self.reads = reads
         if mode not in MODES:
             raise ValueError(f"gate mode {mode!r}: choose one of {', '.join(MODES)}")
         self.gates = gates  # key -> [len(names) + 1, in]; row 0 = no adapter
@@ -75,11 +78,11 @@ class GateRouter(TokenRouter):
 
     def variant(self, **changes) -> GateRouter:
         """The same gates read another way (mode, top_k, temperature): MeteoRA's recipe beside ours."""
-        kw = {"top_k": self.top_k, "temperature": self.temperature, "mode": self.mode} | changes
+        kw = {"top_k": self.top_k, "temperature": self.temperature, "mode": self.mode, "reads": self.reads} | changes
         return GateRouter(self.engine, self.gates, self.names, **kw)
 
     def save(self, directory: str | Path) -> Path:
-        meta = {"names": self.names, "top_k": self.top_k, "temperature": self.temperature,
+        meta = {"names": self.names, "top_k": self.top_k, "temperature": self.temperature, "reads": self.reads,
                 "library": library_signature(self.engine)}
         return save_router_file(Path(directory) / FILE, self.gates, meta)
 
@@ -93,7 +96,7 @@ class GateRouter(TokenRouter):
         missing = set(gates) - set(engine.layers)
         if missing:
             raise ValueError(f"{path}: gates for layers no loaded adapter targets: {sorted(missing)[:3]}")
-        return cls(engine, gates, meta["names"], meta["top_k"], meta["temperature"])
+        return cls(engine, gates, meta["names"], meta["top_k"], meta["temperature"], reads=meta.get("reads", "routed"))
 
 
 LM_MICRO_BATCH = 2  # rows per forward/backward in the LM-loss phase (gradients accumulated over the batch)
@@ -108,15 +111,16 @@ def _encode(engine: Engine, prompt: str, answer: str | None) -> tuple[list[int],
 
 
 def train_gates(engine: Engine, data: dict[str, list[tuple[str, str | None]]], epochs: int = 3, lm_steps: int = 20,
-                batch_size: int = 8, lr: float = 5e-3, top_k: int = 1, seed: int = 0, progress: bool = True) -> GateRouter:
-    """Train gates for every wrapped layer from {adapter or NONE_CLASS: [(prompt, answer)]}."""
+                batch_size: int = 8, lr: float = 5e-3, top_k: int = 1, seed: int = 0, progress: bool = True,
+                teacher_forced: bool = True) -> GateRouter:
+    """Train gates for every wrapped layer from {adapter or NONE_CLASS: [(prompt, answer)]} (inputs: `reads`)."""
     names = [n for n in engine.names if n in data]
     label_of = {n: i + 1 for i, n in enumerate(names)} | {NONE_CLASS: 0}
     rows = [(_encode(engine, p, a), label_of[k]) for k, pairs in data.items() if k in label_of for p, a in pairs]
     rng = random.Random(seed)
     torch.manual_seed(seed)
     gates = {key: torch.zeros(len(names) + 1, layer.in_features, requires_grad=True) for key, layer in engine.layers.items()}
-    router = GateRouter(engine, gates, names, top_k=top_k)
+    router = GateRouter(engine, gates, names, top_k=top_k, reads="routed" if teacher_forced else "base")
     opt = torch.optim.Adam(list(gates.values()), lr=lr)
     pad = engine.base.tokenizer.pad_token_id
 
@@ -137,7 +141,7 @@ def train_gates(engine: Engine, data: dict[str, list[tuple[str, str | None]]], e
             slots[j, off:] = router.slots[label]  # teacher forcing: the correct adapter everywhere
         return padded, labels.reshape(-1), slots.reshape(-1)
 
-    # phase 1: per-token labels, teacher-forced inputs, one Adam step per batch on every gate
+    # phase 1: per-token labels, teacher-forced (or base) inputs, one Adam step per batch on every gate
     n_batches = (len(rows) + batch_size - 1) // batch_size
     bar = tqdm(total=epochs * n_batches, desc="train gates (labels)", disable=not progress)
     for _ in range(epochs):
@@ -151,7 +155,7 @@ def train_gates(engine: Engine, data: dict[str, list[tuple[str, str | None]]], e
                 with torch.enable_grad():  # the model runs without grad; each gate's own graph is tiny
                     logits = x.detach().reshape(-1, x.shape[-1])[_keep] @ gates[key].T
                     _losses.append(torch.nn.functional.cross_entropy(logits, _labels[_keep]))
-                return _teacher
+                return _teacher if teacher_forced else None
 
             with torch.no_grad(), engine.routed(None, record):
                 engine.model(**padded.model_inputs(), use_cache=False, logits_to_keep=1)

@@ -8,8 +8,9 @@ tasks where the oracle has 90%). Read over a span of the prompt they mostly agre
 1. reading (`TokenRouter.read`, in `start`): one forward over the prompts in which every layer
    routes every token itself, as MeteoRA's gates do; no cache is kept. Each token's votes, summed
    over layers, are averaged over a window, the argmax cut into runs, runs shorter than a few
-   tokens absorbed by their neighbours (`segment`). The adapter runs, in order, are the `plan`:
-   [A] for a single task, [A, B, C] for three parts; "no adapter" runs are context.
+   tokens absorbed by their neighbours, and a line the runs would split labelled as a whole
+   (`segment`). The adapter runs, in order, are the `plan`: [A] for a single task, [A, B, C]
+   for three parts; "no adapter" runs are context.
 2. the one generation over the whole prompt (one KV cache) routes statically: each user token to
    its run's adapter in every layer (context to the part it introduces; the chat preamble and the
    template tail to the plan's first adapter), then each answer token to the adapter of the part
@@ -82,13 +83,21 @@ def runs(labels: list[int], min_run: int = MIN_RUN) -> list[tuple[int, int, int]
     return [tuple(r) for r in out]  # type: ignore[misc]
 
 
-def segment(mass: torch.Tensor, window: int = WINDOW, min_run: int = MIN_RUN) -> tuple[list[int], list[int]]:
+def segment(mass: torch.Tensor, window: int = WINDOW, min_run: int = MIN_RUN,
+            line_starts: list[int] | None = None) -> tuple[list[int], list[int]]:
     """(a label per token, the plan) of a user-word mass [T, n]; labels are gate columns (0 = no
     adapter, k = slot k - 1). The plan is the adapter runs in order (a repeat that only context
     separated counts once): [] when every run is "no adapter". Each token is labelled with its
     run's adapter; a context run takes the adapter of the run after it (an instruction leads into
-    the part it introduces), or of the last run when none follows."""
+    the part it introduces), or of the last run when none follows.
+
+    With `line_starts` (token indices that begin a line) runs change only between lines: a line
+    the runs would split is labelled as a whole by its summed votes. The gates read causally, so
+    the start of a request is often read as another task until its last words say which (a
+    BIG-bench question that ends "How many vegetables do I have?")."""
     found = runs(smoothed_labels(mass, window), min_run)
+    if line_starts is not None:
+        found = runs(_by_line([r[0] for r in found for _ in range(r[2] - r[1])], mass, line_starts), 1)
     adapters = [r for r in found if r[0] > 0]
     if not adapters:
         return [0] * mass.shape[0], []
@@ -101,6 +110,17 @@ def segment(mass: torch.Tensor, window: int = WINDOW, min_run: int = MIN_RUN) ->
             lab = next((r[0] for r in found[i + 1 :] if r[0] > 0), adapters[-1][0])
         labels += [lab] * (end - start)
     return labels, order
+
+
+def _by_line(labels: list[int], mass: torch.Tensor, line_starts: list[int]) -> list[int]:
+    """`labels` with every line that holds more than one label relabelled by its summed votes
+    for adapters (its "no adapter" stretches are context of the same line)."""
+    bounds = sorted({0, len(labels), *(i for i in line_starts if 0 < i < len(labels))})
+    out = list(labels)
+    for a, b in zip(bounds, bounds[1:]):
+        if len(set(out[a:b])) > 1:
+            out[a:b] = [int(mass[a:b, 1:].sum(0).argmax()) + 1] * (b - a)
+    return out
 
 
 def answer_part(text: str) -> int:
@@ -134,17 +154,23 @@ class SegmentPolicy(TokenPolicy):
 
     def start(self, engine: Engine, prompts: list[list[int]]) -> None:
         for row, mass in enumerate(self.router.read(engine, prompts, self.allowed_names)):
-            n = len(prompts[row])
-            user = mass[max(0, n - self.tail - self.n_user[row]) : n - self.tail] if mass is not None else torch.zeros(0, 1)
-            labels, order = segment(user)
-            if not order:  # no adapter run: the sequence-level decision over the same tokens
-                d = self.router._decision(engine, user.mean(0) if user.shape[0] else None)
-                order = [engine.slots[d.adapter] + 1 if d.adapter else 0]
-                labels = order * user.shape[0]
-            slots = torch.full((n,), order[0] - 1, dtype=torch.long)
-            slots[n - self.tail - len(labels) : n - self.tail] = torch.tensor(labels, dtype=torch.long) - 1
+            slots, plan = self._plan(engine, prompts[row], mass, self.n_user[row])
             self.prompt_slots.append(slots)
-            self.plans.append([lab - 1 for lab in order])
+            self.plans.append(plan)
+
+    def _plan(self, engine: Engine, ids: list[int], mass: torch.Tensor | None, n_user: int) -> tuple[torch.Tensor, list[int]]:
+        """(each prompt token's slot, the plan as slots) of one prompt from its reading."""
+        n, end = len(ids), len(ids) - self.tail  # the user's words end where the template tail starts
+        user = mass[max(0, end - n_user) : end] if mass is not None else torch.zeros(0, 1)
+        pieces = engine.base.tokenizer.batch_decode([[t] for t in ids[end - user.shape[0] : end]])
+        labels, order = segment(user, line_starts=[i + 1 for i, piece in enumerate(pieces) if "\n" in piece])
+        if not order:  # no adapter run: the sequence-level decision over the same tokens
+            d = self.router._decision(engine, user.mean(0) if user.shape[0] else None)
+            order = [engine.slots[d.adapter] + 1 if d.adapter else 0]
+            labels = order * user.shape[0]
+        slots = torch.full((n,), order[0] - 1, dtype=torch.long)
+        slots[end - len(labels) : end] = torch.tensor(labels, dtype=torch.long) - 1
+        return slots, [lab - 1 for lab in order]
 
     def prompt_choice(self, row: int, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         slots = self.prompt_slots[row][:, None]

@@ -25,6 +25,11 @@ PAGED_OUT = -2  # slot id of a scored adapter that is not in the layers now (`En
 class TokenRouter(Router):
     """Per-layer top-k routing; subclasses say how a layer scores slots for its input."""
 
+    # the inputs the scores were made for, and so the forward `read` runs: "routed", each layer
+    # routing each token by its own scores; "base", no adapter applied (scorers trained on the
+    # base model's inputs)
+    reads = "routed"
+
     def __init__(self, engine: Engine, top_k: int = 2, temperature: float = 1.0):
         self.engine = engine
         self.top_k = top_k
@@ -68,11 +73,17 @@ class TokenRouter(Router):
     def read(self, engine: Engine, prompts: list[list[int]], allowed: frozenset[str] | None = None) -> list[torch.Tensor | None]:
         """Per prompt (token ids), each token's routing mass summed over layers [len, slots + 1]
         (column 0 = no adapter), from one forward of the batch in which every layer routes every
-        token itself; None where no adapter targets the routed layers."""
+        token itself (`reads` "base": the layers only score, no adapter is applied); None where no
+        adapter targets the routed layers."""
         policy = TokenPolicy(self, engine, allowed)
         batch = left_pad(prompts, engine.base.tokenizer.pad_token_id or 0)
         policy.on_forward(list(range(len(prompts))), batch.width)
-        with torch.inference_mode(), engine.routed(None, policy.dynamic):
+
+        def observe(key: str, x: torch.Tensor) -> None:
+            policy.dynamic(key, x)  # scored and recorded; no adapter applied
+
+        route = policy.dynamic if self.reads == "routed" else observe
+        with torch.inference_mode(), engine.routed(None, route):
             engine.model(**batch.model_inputs(engine.device), use_cache=False, logits_to_keep=1)
         if policy.mass is None:
             return [None] * len(prompts)
