@@ -86,7 +86,7 @@ def test_static_decode_gives_the_eager_tokens(tiny_base, adapter_dir, backend):
     assert _answers(static, prompts, POLICIES, params, _EndRowOne) == want
     assert static.decoder.failed is None
     if backend != "none":
-        assert set(static.decoder.compile_s) == {(3, 256, 1), (3, 256, 2)}  # one trace per shape, reused
+        assert set(static.decoder.compile_s) == {(3, 64, 1), (3, 64, 2)}  # one trace per shape, reused
 
 
 def test_compiled_decode_inductor(tiny_base, adapter_dir):
@@ -106,7 +106,7 @@ def test_compiled_decode_inductor(tiny_base, adapter_dir):
             got = [g.token_ids for g in generate(compiled, engine_rows, explicit(compiled, policy), params)]
             assert got == want
     assert compiled.decoder.failed is None, compiled.decoder.failed
-    assert set(compiled.decoder.compile_s) == {(3, 256, 1), (1, 256, 1)}
+    assert set(compiled.decoder.compile_s) == {(3, 64, 1), (1, 64, 1)}
 
 
 def test_answers_end_at_any_chat_structure_token(tiny_base):

@@ -37,7 +37,11 @@ from loraswitch.layers import DynamicRouter
 from loraswitch.padding import LeftPadded
 
 Choice = tuple[list[int], list[float]]  # adapter slots and their weights for one token; -1 = none
-MIN_CACHE_LEN = 256  # static caches come in power-of-two lengths from here: few shapes, few compiles
+# static caches come in power-of-two lengths from here. Short: a compiled step does work in
+# proportion to its cache length (attention over every position, the cache and mask updates),
+# and at 256 a batch of 16 short requests decoded at 0.76x of the eager loop, at 64 1.01x
+# (benchmarks/compiled_step.py); the price is a compile per bucket a generation reaches
+MIN_CACHE_LEN = 64
 MAX_STATIC_CACHES = 2  # (batch, length) caches kept per engine; each holds B x L keys and values
 
 
