@@ -150,11 +150,16 @@ def test_resume_reuses_finished_methods_on_the_same_prompts(tmp_path, tiny_base,
     again = run_eval(cfg(["base"]), base_factory=factory)
     assert len(calls) == n_loads  # nothing ran: the model was never loaded
     assert again["methods"]["base"]["accuracy"] == first["methods"]["base"]["accuracy"]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    kept = [{"id": "kept", "prompt": "p", "output": "o", "trace": [{"adapters": {"add": 1.0}}], "parts": []}]
+    saved["heatmaps"] = {"base": kept}  # saved records keep no traces: a reused method's
+    (tmp_path / "out" / "results.json").write_text(json.dumps(saved))  # heatmap comes from the results
     both = run_eval(cfg(["base", "oracle"]), base_factory=factory)
     assert len(calls) > n_loads and set(both["methods"]) == {"base", "oracle"}
     assert both["methods"]["base"]["wall_s"] == first["methods"]["base"]["wall_s"]  # reused, not rerun
+    assert both["heatmaps"]["base"] == kept
     other = run_eval(cfg(["base"], limit=2), base_factory=factory)  # other prompts: rerun
-    assert other["methods"]["base"]["accuracy"]["n"] == 2
+    assert other["methods"]["base"]["accuracy"]["n"] == 2 and "base" not in other["heatmaps"]
 
 
 # ---------------------------------------------------------------------------- scoring by hand

@@ -30,7 +30,7 @@ from loraswitch.eval.scoring import aggregate, routing_targets, score_item
 from loraswitch.eval.suite import Suite
 
 DEFAULT_METHODS = (
-    "base", "oracle", "auto", "seq", "arrow", "gate",
+    "base", "oracle", "auto", "seq", "arrow", "gate", "gate_meteora",
     "merge_linear", "merge_ties", "merge_dare_ties", "merge_pcb",
     "peft_linear", "peft_ties", "peft_dare_ties", "peft_cat", "peft_arrow", "peft_xlora",
 )
@@ -119,6 +119,8 @@ def run_eval(cfg: EvalConfig, base_factory: Callable[[], Base] | None = None,
     }
     all_records: dict[str, list[dict]] = {}
     done = _finished_methods(out_dir, items) if cfg.resume else {}
+    # saved records keep no traces: the reused methods' heatmap traces come from the last results
+    kept_heatmaps = _saved(out_dir).get("heatmaps", {}) if done else {}
     order = sorted(cfg.methods, key=lambda m: ("reference", "router", "merge", "peft").index(reg[m].family))
     shared_last = max((i for i, m in enumerate(order) if reg[m].family in ("reference", "router")), default=-1)
     with tempfile.TemporaryDirectory(prefix="loraswitch-eval-") as scratch:
@@ -139,7 +141,8 @@ def run_eval(cfg: EvalConfig, base_factory: Callable[[], Base] | None = None,
                 ctx._switch = None  # free the shared engine before merges and PEFT build their own
     results["meta"].setdefault("adapters", sorted({a for r in results["methods"].values() for a in r.get("info", {}).get("adapters", [])}))
     results["meta"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    results["heatmaps"] = _heatmap_traces(all_records, items, cfg.heatmap_prompts)
+    results["heatmaps"] = {**{m: h for m, h in kept_heatmaps.items() if m in done},
+                           **_heatmap_traces(all_records, items, cfg.heatmap_prompts)}
     results["routing_targets"] = routing_targets(results["methods"])
     _write_files(out_dir, results, items, all_records)
     write_report(results, out_dir)
@@ -151,6 +154,13 @@ def _write_files(out_dir: Path, results: dict, items: list[Item], all_records: d
     (out_dir / "records.json").write_text(json.dumps(
         {"items": [i.to_dict() for i in items], "records": {m: [{k: v for k, v in r.items() if k != "trace"} for r in rs]
                                                            for m, rs in all_records.items()}}, indent=1) + "\n")
+
+
+def _saved(out_dir: Path) -> dict:
+    try:
+        return json.loads((out_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _finished_methods(out_dir: Path, items: list[Item]) -> dict[str, tuple[dict, list[dict]]]:
