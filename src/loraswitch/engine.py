@@ -107,9 +107,7 @@ class Engine:
     def remove_adapter(self, name: str) -> None:
         """Stop routing to `name` now; its slot is freed once no in-flight work pins it."""
         with self.lock:
-            if name not in self.adapters:
-                self.slot_of(name)  # raises the unknown-adapter error
-            adapter = self.adapters.pop(name)
+            adapter = self.adapters.pop(self._known(name))
             self.examples.pop(name, None)
             self.version += 1
             if name in self.slots:
@@ -147,19 +145,22 @@ class Engine:
         self.max_resident = k
         self.trim()
 
-    def trim(self) -> list[str]:
-        """Page out least recently used, unpinned adapters down to `max_resident`; their names."""
-        out: list[str] = []
+    def trim(self) -> None:
+        """Page out least recently used, unpinned adapters down to `max_resident`."""
         with self.lock:
             if self.max_resident is None:
-                return out
+                return
             for name in list(self._recent):
                 if len(self.slots) <= self.max_resident:
                     break
                 if not self._pins[self.slots[name]]:
                     self._page_out(self.adapters[name])
-                    out.append(name)
-        return out
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        """Changes whenever a slot id may have changed (a library change or paging): what caches
+        keyed on slot ids (token routers' columns) are keyed on."""
+        return self.version, self.residency
 
     @property
     def resident(self) -> list[str]:
@@ -182,13 +183,17 @@ class Engine:
     def slot_of(self, name: str) -> int:
         """`name`'s slot, paging it in when the resident limit had left it out; marks it used."""
         with self.lock:
-            if name not in self.adapters:
-                known = ", ".join(self.adapters) or "none loaded"
-                raise AdapterError(name, f"unknown adapter (loaded: {known})")
             if name not in self.slots:
-                return self._page_in(self.adapters[name])
+                return self._page_in(self.adapters[self._known(name)])
             self._recent.move_to_end(name)
             return self.slots[name]
+
+    def _known(self, name: str) -> str:
+        """`name`, or the unknown-adapter error naming what is loaded."""
+        if name not in self.adapters:
+            known = ", ".join(self.adapters) or "none loaded"
+            raise AdapterError(name, f"unknown adapter (loaded: {known})")
+        return name
 
     def name_of(self, slot: int) -> str | None:
         for name, s in self.slots.items():

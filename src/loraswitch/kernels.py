@@ -14,8 +14,8 @@ adapter", so a token routed nowhere costs nothing special. Four strategies, pick
              its own adapters' weights applied as a [T, U] mask between the two:
                  h = x @ A_u  ->  h *= mask  ->  y += h @ B_u
              Three ops per layer, no per-token copies of the factors, and a cost that depends on U,
-             not on how many adapters are loaded. While the whole stack fits (every loaded slot,
-             S * r_max <= STACK_MAX_COLS) U is the whole stack: one cached copy for every step,
+             not on how many adapters are loaded. While the whole stack fits, the layer's
+             whole-stack operands (below) replace the per-set copies: one copy for every step,
              however per-token routing moves between steps (per-set copies were rebuilt most steps
              under random top-1 routing: 0.73x merged). Mixed batches, token routing and dense mixing all
              take this path; it is what makes a mixed batch cost about what one adapter costs.
@@ -198,10 +198,8 @@ def add_lora(
     if tok.numel() == 0:
         return y
     if inplace and not w.requires_grad:
-        if whole:  # every loaded slot fits: one stack for every step
+        if whole:  # every loaded slot fits: the layer's one whole-stack copy for every step
             return _add_masked(y, x, stack, routing.full_mask(A.shape[0]), inplace)
-        if A.shape[0] * A.shape[1] <= STACK_MAX_COLS:  # the caller keeps no whole stack: built once, cached
-            return _add_stacked(y, x, A, B, None, ("all",), routing.full_mask(A.shape[0]), cache)
         uniq, key, mask = routing.stacked()
         if len(key) * A.shape[1] <= STACK_MAX_COLS:
             return _add_stacked(y, x, A, B, uniq, key, mask, cache)
@@ -261,14 +259,12 @@ def _add_gathered(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Te
     return y.add_(delta) if inplace else y + delta
 
 
-def _add_stacked(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, uniq: torch.Tensor | None,
+def _add_stacked(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, uniq: torch.Tensor,
                  key: tuple, mask: torch.Tensor, cache: dict | None) -> torch.Tensor:
-    """The stacked strategy (module docstring): y += ((x @ A_u) * mask) @ B_u, in place. With
-    `uniq` None, U is the whole stack: its factors do not depend on which adapters this batch
-    uses, so one cached copy serves every step however per-token routing changes between them
-    (a per-set key made random top-1 routing rebuild factors for most steps)."""
+    """The stacked strategy over the adapter set present (module docstring): y += ((x @ A_u) *
+    mask) @ B_u, in place, the set's concatenated factors cached by the layer per set."""
     def build() -> tuple[torch.Tensor, torch.Tensor]:
-        A_s, B_s = (A, B) if uniq is None else (A.index_select(0, uniq), B.index_select(0, uniq))
+        A_s, B_s = A.index_select(0, uniq), B.index_select(0, uniq)
         return (A_s.reshape(-1, A.shape[2]).T.contiguous(),  # [in, U*r]
                 B_s.transpose(1, 2).reshape(-1, B.shape[1]).contiguous())  # [U*r, out]
 

@@ -118,9 +118,7 @@ class MultiLoRALinear(nn.Module):
 
     def reserve(self, n_slots: int) -> None:
         """Give the stacks room for slots 0..n_slots-1, so any routed slot id indexes safely."""
-        if n_slots + 1 > self.A.shape[0]:
-            self._grow(n_slots + 1, 0)
-            self._restack()
+        self._grow(n_slots + 1, 0)  # new entries have rank 0: the whole-stack operands do not change
 
     def _restack(self) -> None:
         self.A_all, self.B_all, self.col_index = concat_stack(self.A, self.B, self.ranks)

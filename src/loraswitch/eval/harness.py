@@ -166,8 +166,8 @@ def _saved(out_dir: Path) -> dict:
 def _finished_methods(out_dir: Path, items: list[Item]) -> dict[str, tuple[dict, list[dict]]]:
     """(entry, records) of each method an earlier run into `out_dir` finished without error, if
     it asked exactly these prompts; nothing otherwise (a changed suite, limit or seed reruns all)."""
+    results = _saved(out_dir)
     try:
-        results = json.loads((out_dir / "results.json").read_text())
         saved = json.loads((out_dir / "records.json").read_text())
     except (OSError, ValueError):
         return {}

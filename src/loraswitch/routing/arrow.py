@@ -47,10 +47,10 @@ class ArrowRouter(TokenRouter):
             key: (torch.stack([v.float() for _, v in items]).to(device), torch.tensor([s for s, _ in items], dtype=torch.long, device=device))
             for key, items in by_key.items()
         }
-        self.version = (self.engine.version, self.engine.residency)
+        self.version = self.engine.layout
 
     def scores(self, key: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.version != (self.engine.version, self.engine.residency):
+        if self.version != self.engine.layout:
             self.refresh()
         entry = self.prototypes.get(key)
         if entry is None:

@@ -57,7 +57,7 @@ class GateRouter(TokenRouter):
     def slots(self) -> torch.Tensor:
         """Slot ids of the gate's columns (no adapter, then `names`); an adapter that is not in
         the layers now (paged out, or removed) is `PAGED_OUT`, which `select` leaves out."""
-        key = (self.engine.version, self.engine.residency)
+        key = self.engine.layout
         if self._slots is None or self._slots[0] != key:
             ids = [-1] + [self.engine.slots.get(n, PAGED_OUT) for n in self.names]
             self._slots = (key, torch.tensor(ids, dtype=torch.long))
