@@ -43,7 +43,7 @@ from loraswitch.bench.measure import (
 from loraswitch.bench.profiling import profile_kernels
 from loraswitch.bench.report import markdown, plot_scaling, sanity, targets
 from loraswitch.engine import Engine
-from loraswitch.generate import FixedPolicy, Policy
+from loraswitch.generate import NO_ADAPTER, FixedPolicy, Policy
 from loraswitch.library import Adapter
 
 
@@ -97,6 +97,8 @@ def bench_model(name: str, cfg: BenchConfig, log: Callable[[str], None] = lambda
             add(b, "ls_compiled", partial(ls_compiled, engine, cfg.compile_backend, ids, cfg.new_tokens, one, device))
             spread = partial(FixedPolicy, [([slots[i % len(slots)]], [1.0]) for i in range(b)])
             add(b, "ls_compiled_mixed", partial(ls_compiled, engine, cfg.compile_backend, ids, cfg.new_tokens, spread, device))
+            bare = partial(FixedPolicy, [NO_ADAPTER] * b)  # the compiled step's own no-adapter reference
+            add(b, "ls_compiled_base", partial(ls_compiled, engine, cfg.compile_backend, ids, cfg.new_tokens, bare, device))
         for b in cfg.batch_sizes:
             ordered = {c: runners[b][c] for c in CONFIGS if c in runners[b]}  # the documented order
             out["batches"][str(b)] = interleaved(ordered, cfg.repeats, device, lambda s, b=b: log(f"{name} b={b} {s}"))
