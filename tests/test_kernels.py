@@ -106,3 +106,31 @@ def test_routing_moves_to_the_models_device_and_stays_put_when_there():
     moved = r.to(torch.device("meta"))
     assert moved.ids.device.type == moved.weights.device.type == "meta"
     assert moved.ids.shape == r.ids.shape and "pairs" not in moved._cache
+
+
+def test_column_mask_is_built_once_per_routing_and_layout():
+    """The whole-stack path's [T, C] column weights are computed once per routing and column
+    layout and shared by every layer with that layout (one op per step, not one per layer)."""
+    A, B, ranks = _stacks()
+    stack, again = concat_stack(A, B, ranks), concat_stack(A.clone(), B.clone(), ranks)
+    assert stack.starts == again.starts and stack.starts[2] - stack.starts[1] == ranks[1]
+    routing = Routing(torch.tensor([[0], [4], [-1]]), torch.tensor([[1.0], [0.5], [1.0]]))
+    cols = routing.column_mask(stack, A.shape[0])
+    assert routing.column_mask(again, A.shape[0]) is cols
+    assert cols.shape == (3, sum(ranks))
+    assert cols[1, stack.starts[5] : stack.starts[6]].tolist() == [0.5] * ranks[5] and cols[2].abs().sum() == 0
+
+
+def test_finite_check_flags_only_broken_rows():
+    """The one-pass row-sum check must not let a NaN or inf through, nor fail a row whose huge
+    but finite logits overflow the sum."""
+    from loraswitch.generate import _finite_rows
+
+    logits = torch.zeros(3, 8)
+    logits[0, 1] = 3e38
+    logits[0, 2] = 3e38  # the row sum overflows; every logit is finite
+    logits[1, 3] = float("nan")
+    logits[2, 0] = float("-inf")
+    safe, broken = _finite_rows(logits)
+    assert broken == {1, 2} and torch.isfinite(safe).all()
+    assert _finite_rows(torch.zeros(2, 4))[1] == set()

@@ -12,6 +12,7 @@ from loraswitch.base import Base
 from loraswitch.engine import Engine
 from loraswitch.generate import SamplingParams, explicit, generate
 from loraswitch.kernels import Routing
+from loraswitch.layers import MultiLoRALinear, RoutingContext
 from tests.conftest import tiny_model, write_adapter
 
 NAMES = ["alpha", "beta", "gamma"]
@@ -154,3 +155,26 @@ def test_mixed_batch_generation_equals_one_at_a_time(tiny_base, adapter_dir):
         alone = generate(engine, [p], explicit(engine, [n]), params)[0]
         assert res.token_ids == alone.token_ids
         assert res.trace[0]["adapters"] == ({n: 1.0} if n else {})
+
+
+def test_layer_keeps_every_adapters_factors_under_per_token_routing(tiny_base, adapter_dir, tmp_path):
+    """Per-token routing at batch 1 is the uniform strategy with a new slot most steps: the layer
+    keeps each adapter's contiguous factors (they were rebuilt about every other step with room for
+    4), and a subclass of nn.Linear keeps its own forward."""
+    for i in range(6):
+        write_adapter(tiny_base.model, tmp_path / f"x{i}", r=4, targets=("q_proj", "v_proj"), seed=10 + i)
+    engine = Engine(tiny_base, [tmp_path])
+    ids = _batch(1, 1, seed=5)
+    for name in engine.names:
+        engine.logits(ids, routing=Routing.single(1, engine.slot_of(name)))
+    assert all(len(layer.stacked_cache) == 6 for layer in engine.layers.values())
+
+    class Doubling(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    lin = Doubling(4, 3)
+    layer = MultiLoRALinear(lin, "p", RoutingContext())
+    assert not layer.plain
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(layer(x), 2 * torch.nn.functional.linear(x, lin.weight, lin.bias))

@@ -48,6 +48,9 @@ MAX_STATIC_CACHES = 2  # (batch, length) caches kept per engine; each holds B x 
 def pack(choices: list[Choice], lengths: list[int]) -> Routing:
     """Rows' choices -> one Routing over the flattened [rows, length] tokens."""
     k = max(len(c[0]) for c in choices)
+    if all(n == 1 for n in lengths):  # a decode step: one tensor per field, not one per row
+        return Routing(torch.tensor([s + [-1] * (k - len(s)) for s, _ in choices], dtype=torch.long),
+                       torch.tensor([list(w) + [0.0] * (k - len(w)) for _, w in choices]))
     ids, ws = [], []
     for (slots, weights), n in zip(choices, lengths):
         pad = k - len(slots)

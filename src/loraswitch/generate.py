@@ -359,6 +359,8 @@ def _finite_rows(logits: torch.Tensor) -> tuple[torch.Tensor, set[int]]:
     """(logits safe to sample from, batch positions whose logits were not all finite). A broken
     row (an adapter that overflows) must fail alone: sampling the batch with its NaNs would raise
     for every row, so its logits are zeroed and the caller ends it with finish_reason "error"."""
+    if bool(torch.isfinite(logits.sum(-1)).all()):  # one pass; the full check (3 ms a step at
+        return logits, set()  # batch 16) only when a row sum is not finite (NaN, inf, or overflow)
     ok = torch.isfinite(logits).all(-1)
     if bool(ok.all()):
         return logits, set()

@@ -46,8 +46,10 @@ back into Python), and take one of two paths with no data-dependent control flow
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -118,14 +120,16 @@ class Routing:
             self._cache["stacked"] = (uniq, tuple(uniq.tolist()), mask)
         return self._cache["stacked"]
 
-    def full_mask(self, n_stack: int) -> torch.Tensor:
-        """The [T, n_stack] mixing weights over every stack entry (the whole-stack variant of the
-        stacked strategy), computed once per routing and shared by every layer."""
-        key = ("full", n_stack)
+    def column_mask(self, stack: WholeStack, n_stack: int) -> torch.Tensor:
+        """Each token's weight per column of the whole-stack operands, [T, C]: the [T, n_stack]
+        mixing weights spread over each entry's rank columns. Computed once per routing and
+        column layout (`stack.starts`), shared by every layer with that layout (usually all)."""
+        key = ("columns", stack.starts)
         if key not in self._cache:
             tok, sid, w = self.pairs()
             mask = torch.zeros(self.n_tokens, n_stack, dtype=w.dtype, device=w.device)
-            self._cache[key] = mask.index_put_((tok, sid), w, accumulate=True)
+            mask.index_put_((tok, sid), w, accumulate=True)
+            self._cache[key] = mask.index_select(1, stack.col_index)
         return self._cache[key]
 
     def groups(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -142,6 +146,17 @@ class Routing:
                 start += c
             self._cache["groups"] = out
         return self._cache["groups"]
+
+
+class WholeStack(NamedTuple):
+    """The whole stack as two GEMM operands over the adapters' true ranks (`concat_stack`):
+    `A` [in, C], `B` [C, out], each column's stack index `col_index` [C], and `starts`: stack
+    index i owns columns starts[i]:starts[i+1] (a Python tuple, also the layout's cache key)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    col_index: torch.Tensor
+    starts: tuple[int, ...]
 
 
 @dataclass
@@ -166,7 +181,7 @@ def add_lora(
     ranks: list[int],
     routing: Routing,
     cache: dict | None = None,
-    stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    stack: WholeStack | None = None,
 ) -> torch.Tensor:
     """Return `y + sum_e w[t,e] * B_e A_e x_t` for 2-D `x` [T, in] and `y` [T, out].
 
@@ -178,10 +193,10 @@ def add_lora(
     fits STACK_MAX_COLS.
     """
     inplace = not torch.is_grad_enabled()
-    whole = stack is not None and 0 < stack[0].shape[1] <= STACK_MAX_COLS
+    whole = stack is not None and 0 < stack.A.shape[1] <= STACK_MAX_COLS
     if isinstance(routing, SlotRouting):
         if whole:
-            return _add_masked(y, x, stack, slot_mask(routing, A.shape[0]), inplace)
+            return _add_masked(y, x, stack, slot_mask(routing, A.shape[0]).index_select(1, stack.col_index), inplace)
         return _add_gathered(y, x, A, B, routing, inplace)
     uniform = routing.uniform_slot()
     if uniform is not None:
@@ -199,7 +214,7 @@ def add_lora(
         return y
     if inplace and not w.requires_grad:
         if whole:  # every loaded slot fits: the layer's one whole-stack copy for every step
-            return _add_masked(y, x, stack, routing.full_mask(A.shape[0]), inplace)
+            return _add_masked(y, x, stack, routing.column_mask(stack, A.shape[0]), inplace)
         uniq, key, mask = routing.stacked()
         if len(key) * A.shape[1] <= STACK_MAX_COLS:
             return _add_stacked(y, x, A, B, uniq, key, mask, cache)
@@ -218,19 +233,22 @@ def add_lora(
     return y
 
 
-def concat_stack(A: torch.Tensor, B: torch.Tensor, ranks: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def concat_stack(A: torch.Tensor, B: torch.Tensor, ranks: list[int]) -> WholeStack:
     """The whole stack as two GEMM operands over the adapters' true ranks, [in, C] and [C, out]
     with C = sum of ranks (no zero padding, no "no adapter" entry: every column is read every
-    step, so padding would cost bandwidth), and each column's stack index [C]; empty when C is
-    above STACK_MAX_COLS (then the per-set and gathered paths run)."""
+    step, so padding would cost bandwidth), each column's stack index [C], and where each stack
+    index's columns start; empty when C is above STACK_MAX_COLS (then the per-set and gathered
+    paths run)."""
+    starts = (0, *itertools.accumulate(r if i > 0 else 0 for i, r in enumerate(ranks)))
     cols = [(i, r) for i, r in enumerate(ranks) if i > 0 and r > 0]
     total = sum(r for _, r in cols)
     if not cols or total > STACK_MAX_COLS:
-        return A.new_zeros(A.shape[2], 0), B.new_zeros(0, B.shape[1]), torch.zeros(0, dtype=torch.long, device=A.device)
+        return WholeStack(A.new_zeros(A.shape[2], 0), B.new_zeros(0, B.shape[1]),
+                          torch.zeros(0, dtype=torch.long, device=A.device), starts)
     A_all = torch.cat([A[i, :r] for i, r in cols]).T.contiguous()
     B_all = torch.cat([B[i, :, :r] for i, r in cols], dim=1).T.contiguous()
     col_index = torch.tensor([i for i, r in cols for _ in range(r)], dtype=torch.long, device=A.device)
-    return A_all, B_all, col_index
+    return WholeStack(A_all, B_all, col_index, starts)
 
 
 def slot_mask(routing: SlotRouting, n_stack: int) -> torch.Tensor:
@@ -240,13 +258,13 @@ def slot_mask(routing: SlotRouting, n_stack: int) -> torch.Tensor:
     return torch.zeros(routing.n_tokens, n_stack, dtype=w.dtype, device=w.device).scatter_add(1, routing.ids + 1, w)
 
 
-def _add_masked(y: torch.Tensor, x: torch.Tensor, stack: tuple[torch.Tensor, ...], mask: torch.Tensor,
+def _add_masked(y: torch.Tensor, x: torch.Tensor, stack: WholeStack, columns: torch.Tensor,
                 inplace: bool) -> torch.Tensor:
-    """y += ((x @ A_all) * mask per column) @ B_all over the whole stack: two dense GEMMs and a
-    scale; `mask` [T, S+1] holds each token's weight per stack index."""
-    A_all, B_all, col_index = stack
-    h = (x @ A_all) * mask.index_select(1, col_index).to(x.dtype)
-    return y.addmm_(h, B_all) if inplace else torch.addmm(y, h, B_all)
+    """y += ((x @ A_all) * columns) @ B_all over the whole stack: two dense GEMMs and a scale;
+    `columns` [T, C] holds each token's weight per rank column (its stack entry's weight)."""
+    h = x @ stack.A
+    h = h.mul_(columns.to(h.dtype)) if inplace else h * columns.to(h.dtype)
+    return y.addmm_(h, stack.B) if inplace else torch.addmm(y, h, stack.B)
 
 
 def _add_gathered(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: SlotRouting,
