@@ -130,12 +130,25 @@ def engine_fns(switch, reqs: list[dict], max_tokens: int, configs) -> dict:
             for c in configs if c.startswith("engine")}
 
 
+def refresher(args, names: list[str], n: int, reqs: list[dict]):
+    """With --fresh-prompts, what round_robin calls before the warm-up (-1) and each round k:
+    the round's own prompts of the same tasks, written into `reqs` in place (every configuration
+    of a round answers the same ones). A server's traffic shares the chat template, not the
+    prompts' text, and the prefix cache serves only openings distinct prompts share."""
+    if not args.fresh_prompts:
+        return None
+
+    def refresh(k: int) -> None:
+        reqs[:] = requests_for(n, names, args.seed + 1 + k)
+    return refresh
+
+
 def library_phase(args, switch, names: list[str], n: int, warm: bool) -> dict:
     """Every library configuration at concurrency `n`, round-robin."""
     reqs = requests_for(n, names, args.seed)
     fns = {c: (lambda c=c: library_run(switch, reqs, c, args.max_tokens)) for c in LIB_CONFIGS if c != "engine"}
     return round_robin({**fns, **engine_fns(switch, reqs, args.max_tokens, LIB_CONFIGS)}, args.repeats,
-                       f"library c={n}", warm)
+                       f"library c={n}", warm, refresher(args, names, n, reqs))
 
 
 # ---------------------------------------------------------------------------------------- server
@@ -174,7 +187,8 @@ def server_run(url: str, reqs: list[dict], config: str, args) -> dict:
 
 def server_phases(args, switch, names: list[str]) -> dict:
     flags = ["--max-batch", "32", "--max-queue", "256", "--timeout", str(args.time_limit), "--max-new-tokens",
-             str(args.max_tokens), "--default-temperature", "0", "--log-level", "warning"]
+             str(args.max_tokens), "--default-temperature", "0", "--log-level", "warning",
+             "--prefix-cache", str(switch.engine.prefix_tokens)]
     server = ServerProcess(flags, args.threads)
     out = {}
     try:
@@ -184,21 +198,29 @@ def server_phases(args, switch, names: list[str]) -> dict:
             fns = {c: (lambda c=c, reqs=reqs: server_run(server.url, reqs, c, args))
                    for c in SERVER_CONFIGS if not c.startswith("engine")}
             out[str(n)] = round_robin({**fns, **engine_fns(switch, reqs, args.max_tokens, SERVER_CONFIGS)},
-                                      args.repeats, f"server c={n}", k == 0)
+                                      args.repeats, f"server c={n}", k == 0 or args.fresh_prompts,
+                                      refresher(args, names, n, reqs))
     finally:
         server.stop()
     return out
 
 
 # ---------------------------------------------------------------------------------------- timing
-def round_robin(fns: dict, repeats: int, label: str, warm: bool = True) -> dict:
+def round_robin(fns: dict, repeats: int, label: str, warm: bool = True, refresh=None) -> dict:
     """A warm-up each (`warm`: the first concurrency; later ones find routers and caches warm),
-    then `repeats` rounds, each starting one configuration further on."""
+    then `repeats` rounds, each starting one configuration further on. With `refresh` (fresh
+    prompts: `refresh(k)` before round k) the warm-up runs on two prompt sets of its own (-2, -1),
+    so the prefix cache has seen two prompts per task before round 0, as a running server has."""
     names = list(fns)
     runs: dict[str, list[dict]] = {c: [] for c in names}
-    for c in names if warm else ():
-        fns[c]()
+    for w in ((-2, -1) if refresh else (None,)) if warm else ():
+        if w is not None:
+            refresh(w)
+        for c in names:
+            fns[c]()
     for k in range(repeats):
+        if refresh:
+            refresh(k)
         for c in names[k % len(names):] + names[: k % len(names)]:
             runs[c].append(fns[c]())
         print(f"{label}: round {k + 1}/{repeats} done, load {load()}", flush=True)
@@ -271,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="")
     p.add_argument("--doc", help="write the summary into this markdown file (generated block auto-cost)")
+    p.add_argument("--prefix-cache", type=int, help="cached prefill positions (Engine.prefix_tokens, serve "
+                   "--prefix-cache) here and in the server; 0: off (default: the engine's)")
+    p.add_argument("--fresh-prompts", action="store_true", help="each round asks new prompts of the same tasks "
+                   "(the same for every configuration of the round) instead of repeating one set")
     args = p.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
     if args.quick:
@@ -287,10 +313,13 @@ def main(argv: list[str] | None = None) -> int:
                     "argv": sys.argv[1:] if argv is None else argv, "max_tokens": args.max_tokens,
                     "repeats": args.repeats, "library": {}, "server": {}}
     switch = Switch()
+    if args.prefix_cache is not None:
+        switch.engine.prefix_tokens = args.prefix_cache
+    report.update(prefix_cache=switch.engine.prefix_tokens, fresh_prompts=args.fresh_prompts)
     names = list(switch.engine.names)
     if "library" in modes:
         for k, n in enumerate(args.concurrency):
-            report["library"][str(n)] = library_phase(args, switch, names, n, k == 0)
+            report["library"][str(n)] = library_phase(args, switch, names, n, k == 0 or args.fresh_prompts)
         if args.cprofile:
             report["cprofile"] = cprofile_round(switch, names, max(args.concurrency), args.max_tokens)
     if "server" in modes:

@@ -80,12 +80,21 @@ def _served_vs_engine(report: dict) -> list[str]:
     return lines
 
 
+def _prompts_note(report: dict) -> str:
+    cache = report.get("prefix_cache")
+    fresh = "new prompts of the same tasks every round" if report.get("fresh_prompts") else "the same prompts every round"
+    if cache is None:  # a report from before the prefix cache
+        return f"Prompts: {fresh}."
+    return f"Prompts: {fresh}; prefix cache {'off' if not cache else f'{cache} positions'}."
+
+
 def markdown(report: dict) -> str:
     lines = [f"# What `auto` costs end to end ({report['finished_at']})", "",
              f"Demo prompts, request i asks task i mod 8; greedy, max_tokens {report['max_tokens']}; "
              f"{report['repeats']} rounds round-robin after a warm-up, medians, spread = (max - min) / median, "
              f"ratios paired within a round (median [min-max]). {report['machine']}; load average "
-             f"{report['load_start']} at the start, {report['load_end']} at the end (the machine is shared).", "",
+             f"{report['load_start']} at the start, {report['load_end']} at the end (the machine is shared). "
+             f"{_prompts_note(report)}", "",
              "## auto vs named adapter vs base", "", *_end_to_end(report), "",
              "Completion tokens/s counts the answers' tokens (answers stop at the end-of-turn token, so `base`, "
              "which writes longer answers, is not the same work); `engine`: `generate` alone over the same "

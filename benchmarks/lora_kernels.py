@@ -21,6 +21,8 @@ import torch
 
 from loraswitch import kernels
 from loraswitch.kernels import Routing, SlotRouting, add_lora, concat_stack
+from loraswitch.layers import MultiLoRALinear, RoutingContext
+from loraswitch.library import LoraModule
 
 SHAPES = {"q_proj, o_proj": (576, 576), "k_proj, v_proj": (576, 192), "gate_proj, up_proj": (576, 1536),
           "down_proj": (1536, 576)}
@@ -54,7 +56,14 @@ def strategies(in_f: int, out_f: int, tokens: int, gen: torch.Generator) -> dict
                     setattr(kernels, k, v)
         return run
 
+    layer = MultiLoRALinear(torch.nn.Linear(in_f, out_f, bias=False), "p", RoutingContext())
+    layer.base.weight.data.copy_(W)
+    layer.set_slot(0, LoraModule(A[1], B[1], 1.0))
+    layer.ctx.static = Routing.single(tokens, -1)
+    x3 = x.view(1, tokens, in_f)
+
     return {"base linear (reference)": lambda: torch.nn.functional.linear(x, W),
+            "layer call, no adapter routed (base linear + the wrapper)": lambda: layer(x3),
             "one adapter (uniform)": lambda: add_lora(y, x, A, B, ranks, one, cache),
             "mixed, whole stack (eager)": eager(),
             "mixed, gather": eager(STACK_MAX_COLS=0, GATHER_MAX_PAIRS=10**9),

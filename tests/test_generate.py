@@ -123,3 +123,30 @@ def test_answers_end_at_any_chat_structure_token(tiny_base):
     cut = generate(engine, prompt, explicit(engine, [None]), SamplingParams(max_new_tokens=6))[0]
     first = free.token_ids.index(free.token_ids[2])
     assert cut.token_ids == free.token_ids[:first] and cut.finish_reason == "stop"  # the stop token is not kept
+
+
+def test_prefix_cache_serves_shared_openings_with_the_same_tokens(tiny_base, adapter_dir):
+    """The prefill reuses the keys and values of the chat template's opening that two earlier
+    prompts under the same adapter shared (per adapter: LoRA changes them), in a batch mixing
+    rows that hit and rows that do not; greedy tokens and logprobs equal the uncached run's. A
+    prompt repeated verbatim is not served from its own copy."""
+    engine = Engine(tiny_base, [adapter_dir])
+    prompts = [tiny_base.chat_ids(p) for p in ("one two", "three", "four five six", "seven")]
+    names = ["alpha", "beta", "alpha", None]
+    params = SamplingParams(max_new_tokens=5, stop_ids=set(), logprobs=0)
+
+    def run(rows):
+        gens = generate(engine, [prompts[i] for i in rows], explicit(engine, [names[i] for i in rows]), params)
+        return [(g.token_ids, [round(lp.logprob, 3) for lp in g.logprobs]) for g in gens]
+
+    engine.prefix_tokens = 0
+    want = run([0, 1, 2, 3])
+    engine.prefix_tokens = 2048
+    assert run([0]) == want[:1] and run([0]) == want[:1]  # alone and repeated: nothing shared yet
+    assert engine.prefixes.hits == 0
+    assert run([0, 1, 2, 3]) == want  # rows 0 and 2 (alpha) share the opening: remembered now
+    assert engine.prefixes.hits == 0 and len(engine.prefixes.shared) == 1
+    assert run([0, 1, 2, 3]) == want  # alpha rows start from it; beta and base run whole
+    assert engine.prefixes.hits == 2 and engine.prefixes.saved_tokens >= 2 * 8
+    engine.load_adapter(adapter_dir / "gamma", name="gamma2")  # a library change: entries not reused
+    assert run([2]) == want[2:3] and engine.prefixes.hits == 2

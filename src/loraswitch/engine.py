@@ -40,6 +40,10 @@ class Engine:
         # inductor, a string = another torch.compile backend, "none" = the static path uncompiled
         self.compile = compile
         self.decoder = None  # that step and its caches (decode.Decoder), made on first use
+        # the generation prefill reuses the keys and values of openings earlier prompts shared
+        # (decode.PrefixCache): at most this many cached positions (~46 KB each for SmolLM2); 0: off
+        self.prefix_tokens = 2048
+        self.prefixes = None  # that cache, made on first use
         self.model = base.model
         self.ctx = RoutingContext()
         self.layers: dict[str, MultiLoRALinear] = {}

@@ -18,7 +18,7 @@ def test_serve_command_line():
     for flag in ("--base", "--adapter-dir", "--host", "--port", "--api-key", "--max-batch", "--max-queue",
                  "--max-prompt-tokens", "--max-new-tokens", "--timeout", "--max-body-bytes", "--max-parts",
                  "--allowed-hosts", "--docs", "--upstream", "--upstream-model", "--upstream-api-key-env",
-                 "--upstream-timeout", "--escalate-threshold", "--escalate-rate", "--calibration"):
+                 "--upstream-timeout", "--escalate-threshold", "--escalate-rate", "--calibration", "--prefix-cache"):
         assert flag in flags, flag
     assert "--no-docs" in {opt for param in command.params for opt in param.secondary_opts}
     for bad in (["--upstream-model", "m"], ["--upstream", "http://127.0.0.1:1"],  # refused before any model loads

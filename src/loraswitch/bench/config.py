@@ -8,10 +8,10 @@ from pathlib import Path
 from rich.console import Console
 
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CONFIGS = ("base", "merged", "hf_generate", "ls_explicit", "ls_compiled", "ls_compiled_base", "ls_compiled_mixed", "ls_mixed", "ls_seq", "ls_token_top1", "ls_token_top2", "ls_arrow",
+CONFIGS = ("base", "merged", "hf_generate", "ls_base", "ls_explicit", "ls_compiled", "ls_compiled_base", "ls_compiled_mixed", "ls_mixed", "ls_seq", "ls_token_top1", "ls_token_top2", "ls_arrow",
            "ls_dense", "peft_single", "peft_mixed", "peft_arrow", "peft_xlora")
 # the single-stream table (batch 1) of a quick run: the limit, the baseline and the compiled step
-SINGLE_CONFIGS = ("base", "merged", "hf_generate", "ls_explicit", "ls_compiled")
+SINGLE_CONFIGS = ("base", "merged", "hf_generate", "ls_base", "ls_explicit", "ls_compiled")
 # random-weight Llama shapes: name -> (hidden, layers, intermediate, heads, kv heads); smollm2-shape
 # is SmolLM2-135M's architecture with random weights (the same speed, no model files needed: GPU runs)
 LLAMA_SHAPES = {"llama-tiny": (64, 2, 96, 4, 2), "smollm2-shape": (576, 30, 1536, 9, 3), "llama-1024x16": (1024, 16, 2816, 16, 4), "llama-2048x16": (2048, 16, 5632, 16, 4),

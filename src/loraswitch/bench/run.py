@@ -87,6 +87,9 @@ def bench_model(name: str, cfg: BenchConfig, log: Callable[[str], None] = lambda
         if peft_paths:  # each PEFT model on a copy of its own
             keep += _peft_runners(base, peft_paths, prompts, cfg, device, add)
         engine = Engine(base)
+        # random prompts share no opening, so the prefix cache would serve nothing here; its kept
+        # candidates would only add to the memory column (the server's bound is its --prefix-cache)
+        engine.prefix_tokens = 0
         for a in adapters[: cfg.n_mixed]:
             engine.add_adapter(a)
         slots = [engine.slot_of(a.name) for a in adapters[: cfg.n_mixed]]
@@ -130,6 +133,7 @@ def _ls_policies(engine: Engine, slots: list[int], names: list[str], b: int, cfg
     """loraswitch's configurations for a batch of `b` rows: how each one routes."""
     want = set(cfg.configs)
     factories: dict[str, Callable[[], Policy]] = {
+        "ls_base": partial(FixedPolicy, [NO_ADAPTER] * b),  # the loop's and the layers' own cost, nothing routed
         "ls_explicit": partial(FixedPolicy, [([slots[0]], [1.0])] * b),
         "ls_mixed": partial(FixedPolicy, [([slots[i % len(slots)]], [1.0]) for i in range(b)]),
         "ls_token_top1": partial(RandomTokenPolicy, slots, 1, b, cfg.prompt_len, cfg.new_tokens, cfg.seed + 1),

@@ -45,6 +45,7 @@ def serve(
     escalate_rate: Annotated[float | None, typer.Option("--escalate-rate", min=0.0, max=1.0, help="Calibrate the threshold so this share of the --calibration prompts escalates (RouteLLM-style).")] = None,
     calibration: Annotated[Path | None, typer.Option("--calibration", help="Held-out prompts for --escalate-rate: .txt (one per line) or .jsonl ({\"prompt\": ...}).")] = None,
     compile_step: Annotated[bool, typer.Option("--compile", help="Decode with the compiled step (torch.compile): faster per token; each new batch size compiles once on first use (a minute or more).")] = False,
+    prefix_cache: Annotated[int, typer.Option("--prefix-cache", min=0, metavar="POSITIONS", help="Reuse the keys and values of prompt openings that earlier prompts under the same adapters shared (the chat template's), up to this many cached positions (~46 KB each for SmolLM2); 0: off.")] = 2048,
     ray: Annotated[bool, typer.Option("--ray", help="Serve on Ray Serve: several replicas behind one API (needs pip install 'loraswitch[ray]'; see docs/scale-out.md).")] = False,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --ray: join this Ray cluster (default: start a local Ray on 127.0.0.1, stopped on exit).")] = None,
     replicas: Annotated[int, typer.Option(min=1, help="With --ray: how many replicas (each a whole engine with its own batching).")] = 1,
@@ -76,7 +77,7 @@ def serve(
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(levelname)s %(name)s: %(message)s")
     if ray:
         return serve_on_ray({"base": base, "adapter_dirs": adapter_dirs, "router_dir": router_dir, "library": library,
-                             "compile": compile_step, "adapters_per_replica": adapters_per_replica},
+                             "compile": compile_step, "adapters_per_replica": adapters_per_replica, "prefix_cache": prefix_cache},
                             settings, host, port, ray_address, replicas, autoscale)
     import uvicorn
 
@@ -86,7 +87,7 @@ def serve(
     if upstream:
         switch.upstream = escalator(switch, upstream, upstream_model, upstream_api_key_env, upstream_timeout,
                                     escalate_threshold, escalate_rate, calibration)
-    switch.engine.compile = compile_step
+    switch.engine.compile, switch.engine.prefix_tokens = compile_step, prefix_cache
     switch.engine.limit_resident(adapters_per_replica)
     app = create_app(switch, settings)
     where = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"

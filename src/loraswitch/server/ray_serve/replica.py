@@ -45,6 +45,7 @@ class Replica:
         switch = await asyncio.to_thread(open_switch, config.get("base"), config.get("adapter_dirs"),
                                          config.get("router_dir"), config.get("library", "demo"))
         switch.engine.compile = bool(config.get("compile"))
+        switch.engine.prefix_tokens = int(config.get("prefix_cache", switch.engine.prefix_tokens))
         per_replica = config.get("adapters_per_replica")
         switch.engine.limit_resident(per_replica)
 
