@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from loraswitch.engine import Engine
-from loraswitch.generate import SamplingParams, generate
+from loraswitch.generate import FixedPolicy, SamplingParams, generate
+from loraswitch.routing.cues import PartCues, turn_bridge
 from loraswitch.routing.gate import GateRouter
 from loraswitch.routing.segments import SegmentPolicy, answer_part, runs, segment
 from loraswitch.routing.token import TokenPolicy
@@ -58,8 +59,8 @@ def test_answer_part_follows_numbering_then_lines():
     assert answer_part("first\nsecond") == 1
 
 
-def _policy(engine: Engine, reading: list[int], prompt: str) -> SegmentPolicy:
-    router = GateRouter(engine, {KEY: torch.zeros(3, 64)}, ["alpha", "beta"])
+def _policy(engine: Engine, reading: list[int], prompt: str, cues: bool = False) -> SegmentPolicy:
+    router = GateRouter(engine, {KEY: torch.zeros(3, 64)}, ["alpha", "beta"], cues=cues)
     policy = router.policy(engine, [prompt])
     assert isinstance(policy, SegmentPolicy) and policy.dynamic is None  # static: it may share a batch
     n = len(engine.base.chat_ids(prompt))
@@ -69,9 +70,9 @@ def _policy(engine: Engine, reading: list[int], prompt: str) -> SegmentPolicy:
     return policy
 
 
-def _two_lines(tokenizer) -> tuple[str, int, int]:
+def _two_lines(tokenizer, marker: str = "") -> tuple[str, int, int]:
     """A prompt of two lines: (text, its user tokens, where the second line starts)."""
-    prompt = " ".join(["word"] * 20) + "\n" + " ".join(["word"] * 20)
+    prompt = marker.format(1) + " ".join(["word"] * 20) + "\n" + marker.format(2) + " ".join(["word"] * 20)
     pieces = [tokenizer.decode([t]) for t in tokenizer(prompt, add_special_tokens=False)["input_ids"]]
     return prompt, len(pieces), next(i + 1 for i, p in enumerate(pieces) if "\n" in p)
 
@@ -139,7 +140,7 @@ def test_reading_a_padded_batch_matches_reading_each_prompt(tiny_base, adapter_d
 
 
 def test_gates_trained_on_base_inputs_read_a_plain_base_forward(tiny_base, adapter_dir, tmp_path):
-    """`teacher_forced=False` gates were fit to the base model's layer inputs, so their reading
+    """`teacher="base"` gates were fit to the base model's layer inputs, so their reading
     forward must apply no adapter (the flag survives save/load); the default gates read a forward
     routed by themselves."""
     from loraswitch.routing.base import NONE_CLASS
@@ -147,7 +148,7 @@ def test_gates_trained_on_base_inputs_read_a_plain_base_forward(tiny_base, adapt
 
     engine = Engine(tiny_base, [adapter_dir])
     data = {"alpha": [("date one", None), ("date two", None)], "beta": [("sum one", None)], NONE_CLASS: [("poem", None)]}
-    router = train_gates(engine, data, epochs=1, lm_steps=0, batch_size=4, progress=False, teacher_forced=False)
+    router = train_gates(engine, data, epochs=1, lm_steps=0, batch_size=4, progress=False, teacher="base")
     router.save(tmp_path)
     loaded = GateRouter.load(tmp_path, engine)
     assert loaded.reads == "base" and loaded.variant(mode="token").reads == "base"
@@ -165,3 +166,79 @@ def test_gates_trained_on_base_inputs_read_a_plain_base_forward(tiny_base, adapt
         seen[reads] = applied
     assert seen["base"] and all(r is None for r in seen["base"])
     assert any(r is not None for r in seen["routed"])
+
+
+def test_cues_go_on_past_each_part_end_with_the_next_parts_words_unshown(tiny_base):
+    tok = tiny_base.tokenizer
+    bridge, opening = turn_bridge(tiny_base)
+    assert tok.decode(bridge) == "<|im_end|>\n<|im_start|>user\n" and tok.decode(opening).endswith("assistant\n")
+    cues = PartCues(tiny_base)
+    cues.add(["Is the sky green?", "choice: Yes\nchoice: No"])  # row 0: parts the prompt does not list feed nothing
+    # row 1: a listed plan; the lead-in line and the list markers are dropped from the cues
+    cues.add(["Answer each part on its own line.\n1. Add 2 and 3.\n", "2. Sort: 3, 1"])
+    assert cues.feed(0, [], 42, False) == (42, True) and cues.current(0) is None
+    eos = tiny_base.end_of_turn_id
+
+    def drain(row, generated):  # feed until the queue is empty: (shown tokens, unshown tokens)
+        shown, hidden = [], []
+        while True:
+            t, visible = cues.feed(row, generated, 7, False)
+            if not cues.queue[row] and t == 7:
+                return shown, hidden
+            (shown if visible else hidden).append(t)
+            if visible:
+                generated.append(t)
+
+    generated: list[int] = []
+    shown, hidden = drain(1, generated)  # the first token: part 1's number, then its cue
+    assert tok.decode(shown) == "1. " and hidden == bridge + tok("Add 2 and 3.", add_special_tokens=False)["input_ids"] + opening
+    assert cues.current(1) == 0
+    generated += tok("5", add_special_tokens=False)["input_ids"]
+    assert cues.feed(1, generated, 9, False) == (9, True)  # mid-part: the sampled token goes on
+    generated.append(9)
+    first, _ = cues.feed(1, generated, eos, True)  # part 1's end of turn: part 2 begins instead of stopping
+    rest, hidden = drain(1, generated)
+    assert tok.decode([first] + rest) == "\n2. " and tok.decode(hidden).endswith("Sort: 3, 1<|im_end|>\n<|im_start|>assistant\n")
+    assert cues.current(1) == 1
+    assert cues.feed(1, generated, eos, True) == (eos, True)  # the plan's last part: the stop ends the row
+    assert cues.extra_steps() == sum(len(c) for c in cues.cues[1]) + len(tok("1. ")["input_ids"]) + len(tok("\n2. ")["input_ids"])
+
+
+def test_unshown_tokens_are_read_into_the_cache_as_prompt_tokens_are(tiny_base, adapter_dir):
+    """`Policy.feed`: tokens kept out of the answer still condition what follows, exactly as if
+    they had been in the prompt, and the answer holds only the shown tokens."""
+    engine = Engine(tiny_base, [adapter_dir])
+    prompt, cue = tiny_base.chat_ids("hello there"), [300, 301, 302, 303]
+
+    class Cued(FixedPolicy):
+        def feed(self, row, generated, token, stops):
+            self.fed = getattr(self, "fed", 0) + 1
+            return (cue[self.fed - 1], False) if self.fed <= len(cue) else (token, True)
+
+        def extra_steps(self):
+            return len(cue)
+
+    params = SamplingParams(max_new_tokens=5, stop_ids=set())
+    cued = generate(engine, [prompt], Cued([([engine.slots["alpha"]], [1.0])]), params)[0]
+    plain = generate(engine, [prompt + cue], FixedPolicy([([engine.slots["alpha"]], [1.0])]), params)[0]
+    assert cued.token_ids == plain.token_ids and len(cued.token_ids) == 5 and len(cued.trace) == 5
+
+
+def test_segment_policy_with_cues_numbers_the_parts_and_switches_adapter(tiny_base, adapter_dir):
+    engine = Engine(tiny_base, [adapter_dir])
+    a, b = engine.slots["alpha"], engine.slots["beta"]
+    prompt, n_user, second = _two_lines(tiny_base.tokenizer, "{}. ")
+    policy = _policy(engine, [a + 1] * second + [b + 1] * (n_user - second), prompt, cues=True)
+    chosen = []
+    step = policy.step_choice
+    policy.step_choice = lambda row, generated: chosen.append(step(row, generated)) or chosen[-1]
+    # every token the random model writes (but the parts' numbers) ends a turn: each part ends at its first token
+    numbers = set(tiny_base.tokenizer("1. \n2. ", add_special_tokens=False)["input_ids"])
+    out = generate(engine, [tiny_base.chat_ids(prompt)], policy,
+                   SamplingParams(max_new_tokens=12, stop_ids=set(range(len(tiny_base.tokenizer))) - numbers))[0]
+    assert out.text == "1. \n2. " and out.finish_reason == "stop"
+    slots = [c[0][0] for c in chosen]
+    assert slots[0] == a and slots[-1] == b and sum(x != y for x, y in zip(slots, slots[1:])) == 1
+    # part 2's number and cue are read by beta: 3 + its cue's tokens
+    assert slots.count(b) == len(tiny_base.tokenizer("\n2. ", add_special_tokens=False)["input_ids"]) + len(policy.cues.cues[0][1])
+    assert out.routing["plan"] == ["alpha", "beta"]

@@ -89,6 +89,18 @@ class Policy:
         """Called before each forward pass with the rows in batch order (token-level routers
         use it to map their per-token records back to rows)."""
 
+    def feed(self, row: int, generated: list[int], token: int, stops: bool) -> tuple[int, bool]:
+        """(the token row `row` goes on with in place of the sampled `token`, which `stops` the
+        row if kept; whether it belongs to the answer). A token kept out of the answer is still
+        read into the KV cache: it lets a policy go on past a stop and feed a cue in the same
+        pass (`routing.cues`)."""
+        return token, True
+
+    def extra_steps(self) -> int:
+        """Forward steps beyond `max_new_tokens` this policy may feed (tokens kept out of the
+        answer, `feed`), known after `start`."""
+        return 0
+
     def trace_entry(self, engine: Engine, row: int, choice: Choice) -> dict:
         return {"adapters": _named(engine, choice)}
 
@@ -161,6 +173,13 @@ class RowsPolicy(Policy):
     def step_choice(self, row: int, generated: list[int]) -> Choice:
         p, r = self.locate(row)
         return p.step_choice(r, generated)
+
+    def feed(self, row: int, generated: list[int], token: int, stops: bool) -> tuple[int, bool]:
+        p, r = self.locate(row)
+        return p.feed(r, generated, token, stops)
+
+    def extra_steps(self) -> int:
+        return max(p.extra_steps() for p in self.parts)
 
     def on_forward(self, rows: list[int], tokens_per_row: int) -> None:
         # a dynamic policy is the only part (offset 0), so it sees the batch order unchanged
@@ -309,11 +328,12 @@ def generate(
     with engine.pin():
         policy.start(engine, prompts)
         batch = left_pad(prompts, engine.base.tokenizer.pad_token_id or 0)
-        stepper = stepper_for(engine, batch, params.max_new_tokens, policy.dynamic)
+        steps = params.max_new_tokens + policy.extra_steps()
+        stepper = stepper_for(engine, batch, steps, policy.dynamic)
         live = list(range(len(prompts)))  # batch position -> row
         last_choice = [policy.prompt_choice(i, p) for i, p in enumerate(prompts)]
         logits = _prefill(policy, prompts, stepper, params, results)
-        for _ in range(params.max_new_tokens):
+        for _ in range(steps):
             logits, broken = _finite_rows(logits)
             tokens = _sample(logits, params, gen).tolist()
             logp = torch.log_softmax(logits.float(), -1) if params.logprobs is not None else None
@@ -323,7 +343,11 @@ def generate(
                 if b in broken:  # this row's logits are NaN / inf: it fails alone, the others go on
                     end(row, "error")
                     continue
-                tok = tokens[b]
+                tok, shown = policy.feed(row, res.token_ids, tokens[b], tokens[b] in stop)
+                tokens[b] = tok
+                if not shown:  # read into the cache, not part of the answer
+                    keep.append(b)
+                    continue
                 res.trace.append({"token_id": tok, **policy.trace_entry(engine, row, _label(last_choice[row]))})
                 if tok in stop:
                     end(row, "stop")

@@ -33,6 +33,7 @@ import torch
 from loraswitch.engine import Engine
 from loraswitch.generate import NO_ADAPTER, Choice
 from loraswitch.numbered import numbered_lines
+from loraswitch.routing.cues import PartCues
 from loraswitch.routing.token import TokenPolicy, TokenRouter
 
 WINDOW = 7  # prompt tokens each token's mass is averaged over before its argmax
@@ -83,6 +84,29 @@ def runs(labels: list[int], min_run: int = MIN_RUN) -> list[tuple[int, int, int]
     return [tuple(r) for r in out]  # type: ignore[misc]
 
 
+def read_runs(mass: torch.Tensor, window: int = WINDOW, min_run: int = MIN_RUN,
+              line_starts: list[int] | None = None) -> list[tuple[int, int, int]]:
+    """The runs (label, start, end) of a user-word mass [T, n] (`segment` says how)."""
+    found = runs(smoothed_labels(mass, window), min_run)
+    if line_starts is not None:
+        found = runs(_by_line([r[0] for r in found for _ in range(r[2] - r[1])], mass, line_starts), 1)
+    return found
+
+
+def plan_spans(found: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """(adapter label, start, end) per entry of the plan: the adapter's own runs, without the
+    context that leads into them; a repeat that only context separated is one entry."""
+    out: list[tuple[int, int, int]] = []
+    for lab, start, end in found:
+        if lab == 0:
+            continue
+        if out and out[-1][0] == lab:
+            out[-1] = (lab, out[-1][1], end)
+        else:
+            out.append((lab, start, end))
+    return out
+
+
 def segment(mass: torch.Tensor, window: int = WINDOW, min_run: int = MIN_RUN,
             line_starts: list[int] | None = None) -> tuple[list[int], list[int]]:
     """(a label per token, the plan) of a user-word mass [T, n]; labels are gate columns (0 = no
@@ -95,12 +119,14 @@ def segment(mass: torch.Tensor, window: int = WINDOW, min_run: int = MIN_RUN,
     the runs would split is labelled as a whole by its summed votes. The gates read causally, so
     the start of a request is often read as another task until its last words say which (a
     BIG-bench question that ends "How many vegetables do I have?")."""
-    found = runs(smoothed_labels(mass, window), min_run)
-    if line_starts is not None:
-        found = runs(_by_line([r[0] for r in found for _ in range(r[2] - r[1])], mass, line_starts), 1)
+    return label_runs(read_runs(mass, window, min_run, line_starts), mass.shape[0])
+
+
+def label_runs(found: list[tuple[int, int, int]], n: int) -> tuple[list[int], list[int]]:
+    """`segment`'s (a label per token, the plan) from the runs of `n` tokens."""
     adapters = [r for r in found if r[0] > 0]
     if not adapters:
-        return [0] * mass.shape[0], []
+        return [0] * n, []
     labels: list[int] = []
     order: list[int] = []
     for i, (lab, start, end) in enumerate(found):
@@ -113,13 +139,21 @@ def segment(mass: torch.Tensor, window: int = WINDOW, min_run: int = MIN_RUN,
 
 
 def _by_line(labels: list[int], mass: torch.Tensor, line_starts: list[int]) -> list[int]:
-    """`labels` with every line that holds more than one label relabelled by its summed votes
-    for adapters (its "no adapter" stretches are context of the same line)."""
+    """`labels` with every line that holds an adapter label relabelled as a whole by its votes
+    for adapters (its "no adapter" stretches are context of the same line), each token's vote
+    weighted by its place in the line (1, 2, ... n): the gates read causally, so a token has read
+    more of its line the later it comes. A line of "no adapter" only stays context.
+
+    Weighted so, the demo's validation prompts were all read right (160 of 160 single-task
+    prompts; 157 with plain sums: "Spell the number 347 in English." leans French until its
+    last words) and no composite plan got worse (28 of 30 composite-3 parts in place, as with
+    plain sums; composite-5 35 -> 37 of 50)."""
     bounds = sorted({0, len(labels), *(i for i in line_starts if 0 < i < len(labels))})
     out = list(labels)
     for a, b in zip(bounds, bounds[1:]):
-        if len(set(out[a:b])) > 1:
-            out[a:b] = [int(mass[a:b, 1:].sum(0).argmax()) + 1] * (b - a)
+        if any(out[a:b]):
+            weight = torch.arange(1, b - a + 1, dtype=torch.float)[:, None]
+            out[a:b] = [int((mass[a:b, 1:].float() * weight).sum(0).argmax()) + 1] * (b - a)
     return out
 
 
@@ -141,8 +175,10 @@ class SegmentPolicy(TokenPolicy):
     adapter in every layer (the chat preamble and the template tail to the plan's first), each
     answer part to the plan's next adapter (module docstring)."""
 
-    def __init__(self, router: TokenRouter, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None):
+    def __init__(self, router: TokenRouter, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None,
+                 cues: bool = True):
         super().__init__(router, engine, allowed)
+        self.cues = PartCues(engine.base) if cues else None  # go on past each part's end (`routing.cues`)
         self.allowed_names = allowed
         base = engine.base
         self.n_user = [len(base.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
@@ -154,33 +190,50 @@ class SegmentPolicy(TokenPolicy):
 
     def start(self, engine: Engine, prompts: list[list[int]]) -> None:
         for row, mass in enumerate(self.router.read(engine, prompts, self.allowed_names)):
-            slots, plan = self._plan(engine, prompts[row], mass, self.n_user[row])
+            slots, plan, texts = self._plan(engine, prompts[row], mass, self.n_user[row])
             self.prompt_slots.append(slots)
             self.plans.append(plan)
+            if self.cues is not None:
+                self.cues.add(texts)
 
-    def _plan(self, engine: Engine, ids: list[int], mass: torch.Tensor | None, n_user: int) -> tuple[torch.Tensor, list[int]]:
-        """(each prompt token's slot, the plan as slots) of one prompt from its reading."""
+    def _plan(self, engine: Engine, ids: list[int], mass: torch.Tensor | None,
+              n_user: int) -> tuple[torch.Tensor, list[int], list[str]]:
+        """(each prompt token's slot, the plan as slots, each part's own words) of one prompt
+        from its reading."""
         n, end = len(ids), len(ids) - self.tail  # the user's words end where the template tail starts
         user = mass[max(0, end - n_user) : end] if mass is not None else torch.zeros(0, 1)
-        pieces = engine.base.tokenizer.batch_decode([[t] for t in ids[end - user.shape[0] : end]])
-        labels, order = segment(user, line_starts=[i + 1 for i, piece in enumerate(pieces) if "\n" in piece])
+        words = ids[end - user.shape[0] : end]
+        pieces = engine.base.tokenizer.batch_decode([[t] for t in words])
+        found = read_runs(user, line_starts=[i + 1 for i, piece in enumerate(pieces) if "\n" in piece])
+        labels, order = label_runs(found, user.shape[0])
+        texts = [engine.base.tokenizer.decode(words[a:b]) for _, a, b in plan_spans(found)]
         if not order:  # no adapter run: the sequence-level decision over the same tokens
             d = self.router._decision(engine, user.mean(0) if user.shape[0] else None)
             order = [engine.slots[d.adapter] + 1 if d.adapter else 0]
             labels = order * user.shape[0]
         slots = torch.full((n,), order[0] - 1, dtype=torch.long)
         slots[end - len(labels) : end] = torch.tensor(labels, dtype=torch.long) - 1
-        return slots, [lab - 1 for lab in order]
+        return slots, [lab - 1 for lab in order], texts
 
     def prompt_choice(self, row: int, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         slots = self.prompt_slots[row][:, None]
         return slots, torch.ones(slots.shape)
 
     def step_choice(self, row: int, generated: list[int]) -> Choice:
-        """The plan's adapter for the answer part being written (the last one past the plan)."""
+        """The plan's adapter for the answer part being written (the last one past the plan):
+        the part the cues began, else the one the answer's own lines say."""
         steps = self.plans[row]
-        slot = steps[min(answer_part(self.engine.base.tokenizer.decode(generated, skip_special_tokens=True)), len(steps) - 1)]
+        part = self.cues.current(row) if self.cues is not None else None
+        if part is None:
+            part = answer_part(self.engine.base.tokenizer.decode(generated, skip_special_tokens=True))
+        slot = steps[min(part, len(steps) - 1)]
         return NO_ADAPTER if slot < 0 else ([slot], [1.0])
+
+    def feed(self, row: int, generated: list[int], token: int, stops: bool) -> tuple[int, bool]:
+        return (token, True) if self.cues is None else self.cues.feed(row, generated, token, stops)
+
+    def extra_steps(self) -> int:
+        return 0 if self.cues is None else self.cues.extra_steps()
 
     def trace_entry(self, engine: Engine, row: int, choice: Choice) -> dict:
         """The adapter that produced the token (every layer the same), kept for `events`."""
