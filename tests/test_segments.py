@@ -237,6 +237,7 @@ def test_segment_policy_with_cues_numbers_the_parts_and_switches_adapter(tiny_ba
     out = generate(engine, [tiny_base.chat_ids(prompt)], policy,
                    SamplingParams(max_new_tokens=12, stop_ids=set(range(len(tiny_base.tokenizer))) - numbers))[0]
     assert out.text == "1. \n2. " and out.finish_reason == "stop"
+    assert out.routing["cue_tokens"] == len(policy.cues.cues[0][0]) + len(policy.cues.cues[0][1])
     slots = [c[0][0] for c in chosen]
     assert slots[0] == a and slots[-1] == b and sum(x != y for x, y in zip(slots, slots[1:])) == 1
     # part 2's number and cue are read by beta: 3 + its cue's tokens

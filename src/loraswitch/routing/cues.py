@@ -72,6 +72,7 @@ class PartCues:
         self.part: list[int] = []  # per row: the part being answered (-1: not begun)
         self.since: list[int] = []  # per row: where the part's own answer starts in `generated`
         self.queue: list[list[tuple[int, bool]]] = []
+        self.fed: list[int] = []  # per row: cue tokens read so far (steps the answer does not show)
 
     def add(self, texts: list[str]) -> None:
         """A row whose plan has these parts (the prompt's words read as each); cues only where the
@@ -83,6 +84,7 @@ class PartCues:
         self.part.append(-1)
         self.since.append(0)
         self.queue.append([])
+        self.fed.append(0)
 
     def extra_steps(self) -> int:
         """The most tokens a row feeds beyond its answer: every cue, and every part's number."""
@@ -99,7 +101,9 @@ class PartCues:
             if not self.cues[row] or (k >= 0 and (k + 1 >= len(self.cues[row]) or not self._ends(row, generated, token, stops))):
                 return token, True
             self._begin(row, k + 1, len(generated))
-        return self.queue[row].pop(0)
+        token, shown = self.queue[row].pop(0)
+        self.fed[row] += not shown
+        return token, shown
 
     def _ends(self, row: int, generated: list[int], token: int, stops: bool) -> bool:
         """The part being written is over: a stop token, or a new line after some text."""

@@ -243,4 +243,7 @@ class SegmentPolicy(TokenPolicy):
 
     def summary(self, engine: Engine, row: int) -> dict:
         names = [engine.name_of(s) if s >= 0 else None for s in self.plans[row]] if row < len(self.plans) else []
-        return {**super().summary(engine, row), "plan": names}
+        out = {**super().summary(engine, row), "plan": names}
+        if self.cues is not None and row < len(self.cues.fed) and self.cues.cues[row]:
+            out["cue_tokens"] = self.cues.fed[row]  # read in the pass, not in the answer (`routing.cues`)
+        return out
