@@ -134,3 +134,20 @@ def test_finite_check_flags_only_broken_rows():
     safe, broken = _finite_rows(logits)
     assert broken == {1, 2} and torch.isfinite(safe).all()
     assert _finite_rows(torch.zeros(2, 4))[1] == set()
+
+
+def test_single_token_fixed_shape_routing_gathers_its_own_factors(monkeypatch):
+    """A batch-1 fixed-shape step reads its one adapter's factors (gathered), not the whole
+    stack's (masked), even while the whole stack fits; same result."""
+    A, B, ranks = _stacks()
+    stack = concat_stack(A, B, ranks)
+    x, y = torch.randn(1, 16), torch.randn(1, 12)
+    ids, w = torch.tensor([[3]]), torch.ones(1, 1)
+
+    def refuse(*args):
+        raise AssertionError("the masked path ran for one token")
+
+    monkeypatch.setattr(kernels, "_add_masked", refuse)
+    with torch.no_grad():
+        got = add_lora(y.clone(), x, A, B, ranks, SlotRouting(ids, w), stack=stack)
+    torch.testing.assert_close(got, _reference(y, x, A, B, ids, w), rtol=1e-4, atol=1e-4)

@@ -41,13 +41,15 @@ Fixed-shape steps pass a `SlotRouting` (per-token slot ids and weights as tensor
 back into Python), and take one of two paths with no data-dependent control flow, so
 `torch.compile` traces them into the decode step and a CUDA graph can replay them:
 
-* masked   - while the whole stack fits: the stacked strategy over the whole stack, its [T, S+1]
+* masked   - while the whole stack fits (and more than SLOT_GATHER_MAX token choices): the
+             stacked strategy over the whole stack, its [T, S+1]
              mask scattered from the ids and weights on the device. Dense GEMMs only; on CPU the
              gathered path's per-token copies of the factors cost 1x to 4x the base linear per
              layer at 16 tokens (benchmarks/lora_kernels.py), the masked path 0.1x to 1x.
 * gathered - each token's factors gathered by slot id and applied with two batched contractions
-             (punica's BGMV idea), for stacks too wide to multiply whole; the "no adapter" slot
-             is all zeros.
+             (punica's BGMV idea), for stacks too wide to multiply whole and for a single token
+             (batch-1 decode: one adapter's factors read, not the whole stack's); the "no
+             adapter" slot is all zeros.
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ import torch
 GATHER_MAX_PAIRS = 96  # above this many (token, expert) pairs the grouped loop wins on CPU
 STACK_MAX_COLS = 256  # U * r_max up to which the stacked strategy runs (beyond: wasted FLOPs on padding)
 STACK_CACHE_MAX = 64  # adapter sets remembered per layer
+# fixed-shape routings of at most this many (token, choice) pairs take the gathered path even
+# while the whole stack fits: a batch-1 step then reads its one adapter's factors, where the
+# masked path reads every loaded adapter's (8x the bytes with 8 adapters, on a step bound by
+# memory bandwidth)
+SLOT_GATHER_MAX = 1
 
 
 @dataclass
@@ -200,8 +207,8 @@ def add_lora(
     """
     inplace = not torch.is_grad_enabled()
     whole = stack is not None and 0 < stack.A.shape[1] <= STACK_MAX_COLS
-    if isinstance(routing, SlotRouting):
-        if whole:
+    if isinstance(routing, SlotRouting):  # decided by shapes only: the compiled step traces one path
+        if whole and routing.ids.numel() > SLOT_GATHER_MAX:
             return _add_masked(y, x, stack, slot_mask(routing, A.shape[0]).index_select(1, stack.col_index), inplace)
         return _add_gathered(y, x, A, B, routing, inplace)
     uniform = routing.uniform_slot()

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CONFIGS = ("base", "merged", "hf_generate", "ls_base", "ls_explicit", "ls_compiled", "ls_compiled_base", "ls_compiled_mixed", "ls_mixed", "ls_seq", "ls_token_top1", "ls_token_top2", "ls_arrow",
+CONFIGS = ("base", "merged", "hf_generate", "ls_base", "ls_explicit", "ls_compiled", "ls_compiled_base", "ls_compiled_mixed", "ls_compiled_token_top1", "ls_mixed", "ls_seq", "ls_token_top1", "ls_token_top2", "ls_arrow",
            "ls_dense", "peft_single", "peft_mixed", "peft_arrow", "peft_xlora")
 # the single-stream table (batch 1) of a quick run: the limit, the baseline and the compiled step
 SINGLE_CONFIGS = ("base", "merged", "hf_generate", "ls_base", "ls_explicit", "ls_compiled")

@@ -102,6 +102,8 @@ def bench_model(name: str, cfg: BenchConfig, log: Callable[[str], None] = lambda
             add(b, "ls_compiled_mixed", partial(ls_compiled, engine, cfg.compile_backend, ids, cfg.new_tokens, spread, device))
             bare = partial(FixedPolicy, [NO_ADAPTER] * b)  # the compiled step's own no-adapter reference
             add(b, "ls_compiled_base", partial(ls_compiled, engine, cfg.compile_backend, ids, cfg.new_tokens, bare, device))
+            top1 = partial(RandomTokenPolicy, slots, 1, b, cfg.prompt_len, cfg.new_tokens, cfg.seed + 1)  # ls_token_top1's
+            add(b, "ls_compiled_token_top1", partial(ls_compiled, engine, cfg.compile_backend, ids, cfg.new_tokens, top1, device))
         for b in cfg.batch_sizes:
             ordered = {c: runners[b][c] for c in CONFIGS if c in runners[b]}  # the documented order
             out["batches"][str(b)] = interleaved(ordered, cfg.repeats, device, lambda s, b=b: log(f"{name} b={b} {s}"))
