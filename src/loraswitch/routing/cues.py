@@ -31,9 +31,9 @@ def _item(text: str) -> str | None:
     when no line of it is an item.
 
     Only plans whose every part is such an item are answered part after part: the gates also
-    read some single requests as two parts (7 of 100 BIG-bench single-task prompts: a question,
-    then its "choice:" lines), and those answered as two numbered parts would be wrong (3 of the 7
-    were answered right by the plan's first adapter)."""
+    read some single requests as several parts (5 of the eval's 100 BIG-bench single-task
+    prompts: a question, then its "choice:" lines), and those answered as numbered parts would
+    be wrong (docs/routing.md, `gate`)."""
     lines = text.strip().split("\n")
     start = next((i for i, line in enumerate(lines) if MARKER.match(line)), None)
     if start is None:
