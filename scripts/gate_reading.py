@@ -13,7 +13,10 @@ prompts of `num_to_english` and of `num_to_french`, the share of layers whose ga
 adapter at the last prompt token, while the model applies English, French or no adapter.
 `--library bigbench`: the eval's single-task test prompts (`--n` per task), how many are read as
 one part and how many as several (the plans `routing.cues` would answer part by part only if
-the prompt listed those parts), and how often the plan's first adapter is the task.
+the prompt listed those parts), how often the plan's first adapter is the task, and how many ask
+question blocks (`units.question_blocks`: those would be answered part by part); then the eval's
+first `--composites` MeteoRA-format composite-3 / -5 / -10 prompts: how many plans have one
+part per question, and how many parts are in place.
 """
 
 from __future__ import annotations
@@ -49,17 +52,46 @@ def reading(router, engine, n: int) -> None:
         print(f"composite-{k}: plans exact {exact} / 10, parts in place {placed} / {10 * k}")
 
 
-def bigbench(router, engine, n: int) -> None:
+def bigbench(router, engine, n: int, composites: int) -> None:
+    from loraswitch.demo.bigbench.composites import composite_parts
     from loraswitch.demo.bigbench.tasks import TASK_NAMES, examples
+    from loraswitch.routing.units import question_blocks
 
     sizes: collections.Counter = collections.Counter()
-    first = 0
+    first = blocked = 0
     for task in TASK_NAMES:
-        got = plans(router, engine, [e.prompt for e in examples(task, "test", n)])
+        prompts = [e.prompt for e in examples(task, "test", n)]
+        got = plans(router, engine, prompts)
         sizes.update(len(p) for p in got)
         first += sum(p[:1] == [task] for p in got)
+        blocked += sum(bool(question_blocks(p)) for p in prompts)
     print(f"single-task test prompts by plan length: {dict(sorted(sizes.items()))}; "
-          f"plan's first adapter is the task: {first} / {n * len(TASK_NAMES)}")
+          f"plan's first adapter is the task: {first} / {n * len(TASK_NAMES)}; "
+          f"asked as question blocks (answered part by part): {blocked}")
+    for k in (3, 5, 10):
+        cases = composite_parts(k, composites)
+        got = plans(router, engine, [p for p, _ in cases])
+        want = [[e.task for e in parts] for _, parts in cases]
+        placed = sum(a == b for g, w in zip(got, want) for a, b in zip(g, w))
+        there = sum(a == b for g, w in zip(in_place(router, engine, [p for p, _ in cases]), want) for a, b in zip(g, w))
+        print(f"composite-{k} (MeteoRA format): plans of the right length {sum(len(g) == k for g in got)} / "
+              f"{len(cases)}, exact {sum(g == w for g, w in zip(got, want))}, parts in place {placed} / {k * len(cases)} "
+              f"(questions read where the prompt asks them instead of alone: {there})")
+
+
+def in_place(router, engine, prompts: list[str]) -> list[list[str | None]]:
+    """Each question block's adapter as the gates read it inside the whole prompt, after the
+    worked examples and the questions before it (the plan reads each question alone)."""
+    from loraswitch.routing.segments import SegmentPolicy, question_label
+
+    policy = SegmentPolicy(router, engine, prompts, cues=False)
+    ids = [engine.base.chat_ids(p) for p in prompts]
+    out = []
+    for row, mass in enumerate(router.read(engine, ids)):
+        user = policy._user(ids[row], mass, row)
+        labels = [question_label(user[a:b]) for (a, b), _ in policy._question_spans(row, user.shape[0])]
+        out.append([engine.name_of(lab - 1) if lab else None for lab in labels])
+    return out
 
 
 def teacher(router, engine) -> None:
@@ -94,6 +126,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20, help="validation prompts per task")
     ap.add_argument("--plain", action="store_true", help="read a line by its plain summed votes (the rule before the weighted one)")
     ap.add_argument("--teacher", action="store_true", help="also the layers' votes under a forced adapter")
+    ap.add_argument("--composites", type=int, default=3, help="bigbench: MeteoRA-format composites per size (the eval's first ones)")
     ap.add_argument("--library", default="demo", help="demo (validation reading) or bigbench (single-task plans)")
     args = ap.parse_args()
     from loraswitch.constants import adapter_dir, router_dir
@@ -114,7 +147,7 @@ def main() -> None:
 
         segments._by_line = plain
     if args.library == "bigbench":
-        bigbench(router, switch.engine, args.n)
+        bigbench(router, switch.engine, args.n, args.composites)
         return
     reading(router, switch.engine, args.n)
     if args.teacher:

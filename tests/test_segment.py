@@ -1,4 +1,4 @@
-"""Issue 13: the parts of a prompt found from its own structure (`switch.units`) and the router's
+"""Issue 13: the parts of a prompt found from its own structure (`routing.units`) and the router's
 decisions (`switch.segment`), without a numbered list. Pure-text and keyword-scored tests run on
 the tiny model; the headline prompts of the issue run on the real default (`real`)."""
 
@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
+from loraswitch.routing.units import is_statement, split_units
 from loraswitch.switch import Switch
 from loraswitch.switch import segment as seg
 from loraswitch.switch.segment import Scores, Settings, finish, plan
-from loraswitch.switch.units import is_statement, split_units
 
 KEYWORDS = {"date": "alpha", "sum": "gamma", "french": "beta"}
 

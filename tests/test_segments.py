@@ -9,10 +9,11 @@ import torch
 
 from loraswitch.engine import Engine
 from loraswitch.generate import FixedPolicy, SamplingParams, generate
-from loraswitch.routing.cues import PartCues, turn_bridge
+from loraswitch.routing.cues import PartCues, list_item, turn_bridge
 from loraswitch.routing.gate import GateRouter
-from loraswitch.routing.segments import SegmentPolicy, answer_part, runs, segment
+from loraswitch.routing.segments import SegmentPolicy, answer_part, block_labels, question_label, runs, segment
 from loraswitch.routing.token import TokenPolicy
+from loraswitch.routing.units import question_blocks
 
 KEY = "model.layers.0.self_attn.v_proj"
 
@@ -173,9 +174,10 @@ def test_cues_go_on_past_each_part_end_with_the_next_parts_words_unshown(tiny_ba
     bridge, opening = turn_bridge(tiny_base)
     assert tok.decode(bridge) == "<|im_end|>\n<|im_start|>user\n" and tok.decode(opening).endswith("assistant\n")
     cues = PartCues(tiny_base)
-    cues.add(["Is the sky green?", "choice: Yes\nchoice: No"])  # row 0: parts the prompt does not list feed nothing
+    # row 0: parts the prompt does not list feed nothing
+    cues.add([list_item(t) for t in ["Is the sky green?", "choice: Yes\nchoice: No"]])
     # row 1: a listed plan; the lead-in line and the list markers are dropped from the cues
-    cues.add(["Answer each part on its own line.\n1. Add 2 and 3.\n", "2. Sort: 3, 1"])
+    cues.add([list_item(t) for t in ["Answer each part on its own line.\n1. Add 2 and 3.\n", "2. Sort: 3, 1"]])
     assert cues.feed(0, [], 42, False) == (42, True) and cues.current(0) is None
     eos = tiny_base.end_of_turn_id
 
@@ -243,3 +245,57 @@ def test_segment_policy_with_cues_numbers_the_parts_and_switches_adapter(tiny_ba
     # part 2's number and cue are read by beta: 3 + its cue's tokens
     assert slots.count(b) == len(tiny_base.tokenizer("\n2. ", add_special_tokens=False)["input_ids"]) + len(policy.cues.cues[0][1])
     assert out.routing["plan"] == ["alpha", "beta"]
+
+
+MULTI = ("Answer every bracketed question, in order.\n\nExample 1:\n[INST] Add 2 and 3. [/INST]\n[INST] Sort: 3, 1 [/INST]\n"
+         "1. 5\n2. 1, 3\n\nNow answer these.\n[INST] Is the sky green?\nchoice: Yes\nchoice: No [/INST]\n<q>Sort: 9, 4</q>")
+
+
+def test_question_blocks_are_the_blocks_that_carry_no_answer_and_need_two():
+    blocks = question_blocks(MULTI)
+    # the worked example's blocks (their answers follow them) are context; a block is one question
+    # however many lines it has; any tag reads as a block, not only [INST]
+    assert [u.text for u in blocks] == ["Is the sky green?\nchoice: Yes\nchoice: No", "Sort: 9, 4"]
+    assert all(MULTI[u.start : u.end] == u.text for u in blocks)
+    assert question_blocks("[INST] Is the sky green?\nchoice: Yes\nchoice: No [/INST]") == []  # one question: never split
+    assert question_blocks("Is the sky green?\nchoice: Yes\nchoice: No") == []
+    assert question_blocks("1. Add 2 and 3.\n2. Sort: 3, 1") == []  # list items stay with the line reading
+
+
+def test_block_labels_give_context_to_the_question_after_it():
+    assert block_labels(10, [(2, 4), (6, 8)], [3, 1]) == [3] * 4 + [1] * 6
+    assert question_label(_mass([0, 0, 2, 2, 1])) == 2  # later votes weigh more: 2*3+2*4 > 1*5
+    assert question_label(_mass([0] * 6)) == 0  # read as no adapter: answered without one
+
+
+def test_segment_policy_plans_one_part_per_question_block_read_alone(tiny_base, adapter_dir):
+    engine = Engine(tiny_base, [adapter_dir])
+    a, b = engine.slots["alpha"], engine.slots["beta"]
+    router = GateRouter(engine, {KEY: torch.zeros(3, 64)}, ["alpha", "beta"], cues=True)
+    policy = router.policy(engine, [MULTI])
+    ids = tiny_base.chat_ids(MULTI)
+    blocks = question_blocks(MULTI)
+    # read in place, every token looks like alpha; each question read alone says beta, then alpha
+    alone = {tuple(tiny_base.chat_ids(u.text)): label for u, label in zip(blocks, [b + 1, a + 1])}
+    reads = []
+
+    def read(engine, prompts, allowed=None):
+        reads.append(len(prompts))
+        return [_mass([alone.get(tuple(p), a + 1)] * len(p), len(engine.slots) + 1) for p in prompts]
+
+    router.read = read
+    policy.start(engine, [ids])
+    assert reads == [1, 2]  # the prompt, then its two questions in one forward
+    assert policy.plans == [[b, a]]
+    tok = tiny_base.tokenizer
+    asks = [tok.decode(c[len(policy.cues.bridge) : -len(policy.cues.opening)]) for c in policy.cues.cues[0]]
+    assert asks == [u.text for u in blocks]  # each cue asks its block's own words
+    slots = policy.prompt_slots[0].tolist()
+    end = len(ids) - policy.tail
+    n_user = len(tok(MULTI, add_special_tokens=False)["input_ids"])
+    spans = [span for span, _ in policy._question_spans(0, n_user)]
+    assert tok.decode(ids[end - n_user + spans[0][0] : end - n_user + spans[0][1]]).strip().startswith("Is the sky green?")
+    first_end = end - n_user + spans[0][1]
+    # the instruction and the worked examples are context of question 1; " [/INST]\n<q>" leads into question 2
+    assert set(slots[:first_end]) == {b} and set(slots[first_end:end]) == {a}
+    assert first_end < end - n_user + spans[1][0]

@@ -5,7 +5,8 @@ the model, in the same pass and KV cache, a cue it reads but the answer does not
 turn holding the next part's own words (the span of the prompt the gates read as that part), in
 the model's chat template, then the start of the assistant's turn. The next adapter then answers
 a request shaped like the single requests it was trained on, with everything before it still in
-the cache.
+the cache. A part's words are a list item's (its marker dropped: `list_item`) or a question
+block's (`units.question_blocks`); plans read from other text get no cues.
 
 Why a cue and not only a number: the single-task adapters of a 135M model do not find, in a
 prompt of several parts, the part they are to answer. Feeding "\\n{k}. " alone at each stop and
@@ -25,15 +26,15 @@ from loraswitch.numbered import separator
 MARKER = re.compile(r"^\s*(?:\d{1,2}[.)]|[A-Za-z][.)]|[-*\u2022])\s+")
 
 
-def _item(text: str) -> str | None:
+def list_item(text: str) -> str | None:
     """A part's words as a list item of the prompt: from its first line that starts with a list
     marker (lines before it lead into the list, "Answer each part:"), the marker dropped; None
     when no line of it is an item.
 
-    Only plans whose every part is such an item are answered part after part: the gates also
-    read some single requests as several parts (5 of the eval's 100 BIG-bench single-task
-    prompts: a question, then its "choice:" lines), and those answered as numbered parts would
-    be wrong (docs/routing.md, `gate`)."""
+    A plan read line by line is answered part after part only when its every part is such an
+    item: the gates also read some single requests as several parts (5 of the eval's 100
+    BIG-bench single-task prompts: a question, then its "choice:" lines), and those answered as
+    numbered parts would be wrong (docs/routing.md, `gate`)."""
     lines = text.strip().split("\n")
     start = next((i for i, line in enumerate(lines) if MARKER.match(line)), None)
     if start is None:
@@ -74,13 +75,14 @@ class PartCues:
         self.queue: list[list[tuple[int, bool]]] = []
         self.fed: list[int] = []  # per row: cue tokens read so far (steps the answer does not show)
 
-    def add(self, texts: list[str]) -> None:
-        """A row whose plan has these parts (the prompt's words read as each); cues only where the
-        prompt lists them (`listed`)."""
+    def add(self, words: list[str | None]) -> None:
+        """A row whose plan has these parts, each given as the request its cue asks (a list
+        item's words without the marker, a question block's words; None: the prompt does not
+        ask that part as a request of its own). Cues only when there are several parts and
+        every one of them is such a request; otherwise the row is answered in one go."""
         tok = self.base.tokenizer
-        items = [_item(t) for t in texts]
-        cues = [self.bridge + tok(w, add_special_tokens=False)["input_ids"] + self.opening for w in items if w]
-        self.cues.append(cues if len(texts) > 1 and len(cues) == len(texts) else [])
+        cues = [self.bridge + tok(w, add_special_tokens=False)["input_ids"] + self.opening for w in words if w]
+        self.cues.append(cues if len(words) > 1 and len(cues) == len(words) else [])
         self.part.append(-1)
         self.since.append(0)
         self.queue.append([])

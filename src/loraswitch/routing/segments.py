@@ -10,7 +10,11 @@ tasks where the oracle has 90%). Read over a span of the prompt they mostly agre
    over layers, are averaged over a window, the argmax cut into runs, runs shorter than a few
    tokens absorbed by their neighbours, and a line the runs would split labelled as a whole
    (`segment`). The adapter runs, in order, are the `plan`: [A] for a single task, [A, B, C]
-   for three parts; "no adapter" runs are context.
+   for three parts; "no adapter" runs are context. A prompt that asks its questions as tagged
+   or bracketed blocks (`units.question_blocks`: MeteoRA's `[INST] ... [/INST]` composites,
+   after worked examples that carry their answers) is planned by its structure instead: one
+   part per question block, each read alone (`SegmentPolicy._read_alone`), everything else
+   context (`block_labels`).
 2. the one generation over the whole prompt (one KV cache) routes statically: each user token to
    its run's adapter in every layer (context to the part it introduces; the chat preamble and the
    template tail to the plan's first adapter), then each answer token to the adapter of the part
@@ -33,8 +37,9 @@ import torch
 from loraswitch.engine import Engine
 from loraswitch.generate import NO_ADAPTER, Choice
 from loraswitch.numbered import numbered_lines
-from loraswitch.routing.cues import PartCues
+from loraswitch.routing.cues import PartCues, list_item
 from loraswitch.routing.token import TokenPolicy, TokenRouter
+from loraswitch.routing.units import question_blocks
 
 WINDOW = 7  # prompt tokens each token's mass is averaged over before its argmax
 MIN_RUN = 5  # a run of fewer prompt tokens is absorbed by its neighbours
@@ -152,9 +157,35 @@ def _by_line(labels: list[int], mass: torch.Tensor, line_starts: list[int]) -> l
     out = list(labels)
     for a, b in zip(bounds, bounds[1:]):
         if any(out[a:b]):
-            weight = torch.arange(1, b - a + 1, dtype=torch.float)[:, None]
-            out[a:b] = [int((mass[a:b, 1:].float() * weight).sum(0).argmax()) + 1] * (b - a)
+            out[a:b] = [span_vote(mass, a, b)] * (b - a)
     return out
+
+
+def span_vote(mass: torch.Tensor, a: int, b: int) -> int:
+    """The adapter label (k >= 1) tokens a..b-1 of a reading vote for together, each token's
+    vote weighted by its place in the span (1, 2, ... n): the gates read causally, so a later
+    token has read more of the span (`_by_line`)."""
+    weight = torch.arange(1, b - a + 1, dtype=torch.float)[:, None]
+    return int((mass[a:b, 1:].float() * weight).sum(0).argmax()) + 1
+
+
+def question_label(mass: torch.Tensor) -> int:
+    """The label (0 = no adapter) of a question from its own reading [T, n]: its weighted votes
+    (`span_vote`), or 0 when no token of it is read as an adapter."""
+    return span_vote(mass, 0, mass.shape[0]) if any(smoothed_labels(mass)) else 0
+
+
+def block_labels(n: int, spans: list[tuple[int, int]], order: list[int]) -> list[int]:
+    """A label per token of `n` user tokens whose questions are the token spans `spans`, read as
+    `order`: a question's tokens take its label; every other token (the instruction, worked
+    examples, "answer these") is context and takes the label of the question after it, or of
+    the last one."""
+    labels, k = [], 0
+    for i in range(n):
+        while k + 1 < len(spans) and i >= spans[k][1]:
+            k += 1
+        labels.append(order[k])
+    return labels
 
 
 def answer_part(text: str) -> int:
@@ -181,6 +212,7 @@ class SegmentPolicy(TokenPolicy):
         self.cues = PartCues(engine.base) if cues else None  # go on past each part's end (`routing.cues`)
         self.allowed_names = allowed
         base = engine.base
+        self.prompts = prompts
         self.n_user = [len(base.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
         # the chat template's tokens after the user's words ("<|im_end|>\n<|im_start|>assistant\n")
         self.tail = len(base.chat_ids("A")) - base.user_start - len(base.tokenizer("A", add_special_tokens=False)["input_ids"])
@@ -189,31 +221,78 @@ class SegmentPolicy(TokenPolicy):
         self.dynamic = None  # the layers do not decide: the plan does
 
     def start(self, engine: Engine, prompts: list[list[int]]) -> None:
-        for row, mass in enumerate(self.router.read(engine, prompts, self.allowed_names)):
-            slots, plan, texts = self._plan(engine, prompts[row], mass, self.n_user[row])
+        reads = self.router.read(engine, prompts, self.allowed_names)
+        blocks = [self._question_spans(row, self._user(ids, mass, row).shape[0])
+                  for row, (ids, mass) in enumerate(zip(prompts, reads))]
+        alone = iter(self._read_alone(engine, [text for found in blocks for _, text in found]))
+        for row, mass in enumerate(reads):
+            own = [next(alone) for _ in blocks[row]]
+            slots, plan, asks = self._plan(engine, prompts[row], mass, row, blocks[row], own)
             self.prompt_slots.append(slots)
             self.plans.append(plan)
             if self.cues is not None:
-                self.cues.add(texts)
+                self.cues.add(asks)
 
-    def _plan(self, engine: Engine, ids: list[int], mass: torch.Tensor | None,
-              n_user: int) -> tuple[torch.Tensor, list[int], list[str]]:
-        """(each prompt token's slot, the plan as slots, each part's own words) of one prompt
-        from its reading."""
-        n, end = len(ids), len(ids) - self.tail  # the user's words end where the template tail starts
-        user = mass[max(0, end - n_user) : end] if mass is not None else torch.zeros(0, 1)
+    def _user(self, ids: list[int], mass: torch.Tensor | None, row: int) -> torch.Tensor:
+        """The reading of the user's words of prompt `row` (they end where the template tail starts)."""
+        end = len(ids) - self.tail
+        return mass[max(0, end - self.n_user[row]) : end] if mass is not None else torch.zeros(0, 1)
+
+    def _read_alone(self, engine: Engine, questions: list[str]) -> list[int]:
+        """The label of each question block read as a prompt of its own, in one reading forward.
+        Read where the prompt asks it, a question is read after the worked examples and the
+        questions before it, and the gates, reading causally, carry those over (strategyqa's
+        question read as question_selection after a question_selection block): the BIG-bench
+        gates put 6 of 9 composite-3 parts and 12 of 15 composite-5 parts in place read so,
+        8 and 14 read alone (`scripts/gate_reading.py --library bigbench`). The cue asks each
+        question alone too (`routing.cues`)."""
+        if not questions:
+            return []
+        ids = [engine.base.chat_ids(q) for q in questions]
+        reads = self.router.read(engine, ids, self.allowed_names)
+        n = [len(engine.base.tokenizer(q, add_special_tokens=False)["input_ids"]) for q in questions]
+        return [question_label(m[len(i) - self.tail - k : len(i) - self.tail]) for i, m, k in zip(ids, reads, n)]
+
+    def _plan(self, engine: Engine, ids: list[int], mass: torch.Tensor | None, row: int,
+              blocks: list[tuple[tuple[int, int], str]], own: list[int]) -> tuple[torch.Tensor, list[int], list[str | None]]:
+        """(each prompt token's slot, the plan as slots, the request each part's cue asks) of one
+        prompt from its reading: one part per question block, read alone (`own`), when it asks
+        them so (`_question_spans`), else runs between lines (`segment`)."""
+        n, end = len(ids), len(ids) - self.tail
+        user = self._user(ids, mass, row)
         words = ids[end - user.shape[0] : end]
-        pieces = engine.base.tokenizer.batch_decode([[t] for t in words])
-        found = read_runs(user, line_starts=[i + 1 for i, piece in enumerate(pieces) if "\n" in piece])
-        labels, order = label_runs(found, user.shape[0])
-        texts = [engine.base.tokenizer.decode(words[a:b]) for _, a, b in plan_spans(found)]
+        if blocks:
+            order, asks = own, [text for _, text in blocks]
+            labels = block_labels(user.shape[0], [span for span, _ in blocks], order)
+        else:
+            pieces = engine.base.tokenizer.batch_decode([[t] for t in words])
+            found = read_runs(user, line_starts=[i + 1 for i, piece in enumerate(pieces) if "\n" in piece])
+            labels, order = label_runs(found, user.shape[0])
+            asks = [list_item(engine.base.tokenizer.decode(words[a:b])) for _, a, b in plan_spans(found)]
         if not order:  # no adapter run: the sequence-level decision over the same tokens
             d = self.router._decision(engine, user.mean(0) if user.shape[0] else None)
             order = [engine.slots[d.adapter] + 1 if d.adapter else 0]
             labels = order * user.shape[0]
         slots = torch.full((n,), order[0] - 1, dtype=torch.long)
         slots[end - len(labels) : end] = torch.tensor(labels, dtype=torch.long) - 1
-        return slots, [lab - 1 for lab in order], texts
+        return slots, [lab - 1 for lab in order], asks
+
+    def _question_spans(self, row: int, n_read: int) -> list[tuple[tuple[int, int], str]]:
+        """(its user-token span, its words) per question block of prompt `row`
+        (`units.question_blocks`); [] when it has none, or when the reading did not cover the
+        prompt's words as they tokenize alone (their offsets would not be its tokens)."""
+        prompt = self.prompts[row]
+        blocks = question_blocks(prompt)
+        if not blocks:
+            return []
+        offsets = self.engine.base.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) != n_read:
+            return []
+        out = []
+        for u in blocks:
+            inside = [i for i, (a, b) in enumerate(offsets) if b > u.start and a < u.end]
+            out.append(((inside[0], inside[-1] + 1), u.text))
+        return out
 
     def prompt_choice(self, row: int, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         slots = self.prompt_slots[row][:, None]

@@ -1,7 +1,7 @@
 """Where one task ends and the next begins inside a prompt, found without a format crutch.
 
 TAME's observation applied to text: the onset of a new task shows as a jump in what the router
-sees. A prompt is split into candidate units by its own structure (`switch.units`: blocks, list
+sees. A prompt is split into candidate units by its own structure (`routing.units`: blocks, list
 items, lines, sentences, clauses), every unit of every prompt of a batch is scored by the
 sequence selector in one feature pass, and the prompt is cut where the decision changes:
 
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loraswitch.numbered import split_parts
-from loraswitch.switch.units import PROSE, Unit, is_statement, split_units
+from loraswitch.routing.units import PROSE, Unit, is_statement, split_units
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """A prompt split into candidate units by its own structure: the pieces `switch.segment` scores
-with the router to find where one task ends and the next begins. Plain text, no model.
+with the router to find where one task ends and the next begins, and the question blocks
+`routing.segments` plans the gates' one pass by (`question_blocks`). Plain text, no model; it
+sits below both, so each reads the same units.
 
 Why structure first: the router can only say which task a piece of text is; where a piece ends
 has to come from the text. Every layout people use to list several requests marks its pieces
@@ -311,3 +313,17 @@ def mark_examples(units: list[Unit]) -> list[Unit]:
                     out[t] = replace(out[t], example=True)
         i = k
     return out
+
+
+def question_blocks(prompt: str) -> list[Unit]:
+    """The questions of a prompt that asks them as tagged or bracketed blocks (`[INST] ...
+    [/INST]`, `<q>...</q>`, any tag `_TAG` reads): its blocks that are not worked examples, when
+    there are two or more; else []. A block is one request by how it is written, so it is one
+    part however many lines it has, and blocks that carry their answers are context.
+
+    Only blocks: a prompt's lines and list items are also a single request's choice lines and
+    steps, which only the router can tell from parts (`switch.segment` scores them; the gates'
+    plan reads them line by line, `routing.segments`). None of the BIG-bench eval's 100
+    single-task prompts has two (`python scripts/gate_reading.py --library bigbench --n 10`)."""
+    found = [u for u in split_units(prompt) if u.kind == "block" and not u.example]
+    return found if len(found) >= 2 else []
