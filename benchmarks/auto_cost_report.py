@@ -16,35 +16,40 @@ def _ratio(r: dict | None) -> str:
     return f"{r['median']:.2f}x [{r['min']:.2f}-{r['max']:.2f}]"
 
 
+def _runs(report: dict):
+    """(mode, concurrency, result) of every measured setting, the library's before the server's."""
+    for mode in ("library", "server"):
+        for n, res in report.get(mode, {}).items():
+            yield mode, n, res
+
+
 def _end_to_end(report: dict) -> list[str]:
     lines = ["| where | concurrency | load | config | completion tok/s (spread) | TTFT s | per-request tok/s | "
              "wall s | auto / named (tok/s) | auto / named (TTFT) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for mode in ("library", "server"):
-        for n, res in report.get(mode, {}).items():
-            ratios = res["ratios"].get("auto/named", {})
-            for c, s in res["configs"].items():
-                if c == "engine_forced":  # its forced tokens are not the same work
-                    continue
-                first = c == "auto"
-                lines.append(f"| {mode} | {n} | {res['load'][0]} | {c} | {_f(s.get('tok_s'))} ({_f(s.get('tok_s_spread'))}) | "
-                             f"{_f(s.get('ttft_s'), 3)} | {_f(s.get('req_tok_s'))} | {_f(s.get('wall_s'))} | "
-                             f"{_ratio(ratios.get('tok_s')) if first else ''} | {_ratio(ratios.get('ttft_s')) if first else ''} |")
+    for mode, n, res in _runs(report):
+        ratios = res["ratios"].get("auto/named", {})
+        for c, s in res["configs"].items():
+            if c == "engine_forced":  # its forced tokens are not the same work
+                continue
+            first = c == "auto"
+            lines.append(f"| {mode} | {n} | {res['load'][0]} | {c} | {_f(s.get('tok_s'))} ({_f(s.get('tok_s_spread'))}) | "
+                         f"{_f(s.get('ttft_s'), 3)} | {_f(s.get('req_tok_s'))} | {_f(s.get('wall_s'))} | "
+                         f"{_ratio(ratios.get('tok_s')) if first else ''} | {_ratio(ratios.get('ttft_s')) if first else ''} |")
     return lines
 
 
 def _selector_share(report: dict) -> list[str]:
     lines = ["| where | concurrency | prefill s | selector (route) s | segmentation s | selector / prefill | "
              "segmentation / prefill |", "|---|---|---|---|---|---|---|"]
-    for mode in ("library", "server"):
-        for n, res in report.get(mode, {}).items():
-            ph = res["configs"]["auto"]["phases"]
-            pre = ph.get("prefill") or 0.0
+    for mode, n, res in _runs(report):
+        ph = res["configs"]["auto"]["phases"]
+        pre = ph.get("prefill") or 0.0
 
-            def share(x: float, pre: float = pre) -> str:
-                return f"{x / pre:.2f}" if pre else "-"
+        def share(x: float, pre: float = pre) -> str:
+            return f"{x / pre:.2f}" if pre else "-"
 
-            lines.append(f"| {mode} | {n} | {_f(pre, 3)} | {_f(ph.get('route', 0.0), 3)} | {_f(ph.get('segment', 0.0), 3)} | "
-                         f"{share(ph.get('route', 0.0))} | {share(ph.get('segment', 0.0))} |")
+        lines.append(f"| {mode} | {n} | {_f(pre, 3)} | {_f(ph.get('route', 0.0), 3)} | {_f(ph.get('segment', 0.0), 3)} | "
+                     f"{share(ph.get('route', 0.0))} | {share(ph.get('segment', 0.0))} |")
     return lines
 
 
@@ -69,14 +74,13 @@ def _profile(report: dict) -> list[str]:
 def _served_vs_engine(report: dict) -> list[str]:
     lines = ["| where | concurrency | load | named tok/s | engine, same answers tok/s | engine forced decode tok/s | "
              "named / engine same answers | named / engine forced decode |", "|---|---|---|---|---|---|---|---|"]
-    for mode in ("library", "server"):
-        for n, res in report.get(mode, {}).items():
-            c, r = res["configs"], res["ratios"]
-            forced = c.get("engine_forced", {}).get("decode_tok_s")
-            lines.append(f"| {mode} | {n} | {res['load'][0]} | {_f(c['named'].get('tok_s'))} | "
-                         f"{_f(c.get('engine', {}).get('tok_s'))} | {_f(forced)} | "
-                         f"{_ratio(r.get('named/engine', {}).get('tok_s'))} | "
-                         f"{_ratio(r.get('named/engine_forced decode', {}).get('tok_s'))} |")
+    for mode, n, res in _runs(report):
+        c, r = res["configs"], res["ratios"]
+        forced = c.get("engine_forced", {}).get("decode_tok_s")
+        lines.append(f"| {mode} | {n} | {res['load'][0]} | {_f(c['named'].get('tok_s'))} | "
+                     f"{_f(c.get('engine', {}).get('tok_s'))} | {_f(forced)} | "
+                     f"{_ratio(r.get('named/engine', {}).get('tok_s'))} | "
+                     f"{_ratio(r.get('named/engine_forced decode', {}).get('tok_s'))} |")
     return lines
 
 
