@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=8, help="profiler rows to print")
     p.add_argument("--min-cache", type=int, help="override decode.MIN_CACHE_LEN (the shortest static cache bucket)")
+    p.add_argument("--repeat-kv", action="store_true",
+                   help="transformers' own SDPA attention (keys and values repeated per query head under "
+                        "torch.compile) instead of the engine's packed one (base._packed_sdpa): the before")
     args = p.parse_args(argv)
 
     from torch.profiler import ProfilerActivity, profile
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
         loraswitch.decode.MIN_CACHE_LEN = args.min_cache
     engine = Engine(load_base())
+    if args.repeat_kv:
+        engine.model.set_attn_implementation("sdpa")
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(100, 40000, (args.prompt_len,), generator=gen).tolist() for _ in range(args.batch)]
     params = SamplingParams(max_new_tokens=args.new_tokens)
@@ -63,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         generate(engine, prompts, None, params)
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {args.threads} threads, load average "
           f"{os.getloadavg()[0]:.1f}: base model, batch {args.batch}, {args.prompt_len}-token prompts, "
-          f"{args.new_tokens} new tokens, static cache bucket >= {args.min_cache or 'default'}; first compiled call {first:.1f} s; median of {args.rounds} rounds: eager "
+          f"{args.new_tokens} new tokens, static cache bucket >= {args.min_cache or 'default'}, attention "
+          f"{engine.model.config._attn_implementation}; first compiled call {first:.1f} s; median of {args.rounds} rounds: eager "
           f"{med['eager']:.3f} s, compiled {med['compiled']:.3f} s per generation (compiled = "
           f"{med['eager'] / med['compiled']:.2f}x the eager speed)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))

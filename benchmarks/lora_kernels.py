@@ -1,7 +1,7 @@
 """Each `kernels.add_lora` strategy timed alone, on the weight shapes of SmolLM2's targeted
 linears, next to the base linear it rides on: what one LoRA'd linear adds to a decode step.
 
-Random rank-16 factors for 8 adapters (the stack holds 9 entries: slot 0 is "no adapter"),
+Random rank-16 factors (`--rank`) for 8 adapters (the stack holds 9 entries: slot 0 is "no adapter"),
 tokens routed top-1 at random over them (a mixed batch, or per-token routing), eager, one torch
 thread. Strategies are timed round-robin (interleaved), median of --rounds, so a busy machine
 slows them alike; the ratio to the base linear is the number to read.
@@ -29,8 +29,9 @@ SHAPES = {"q_proj, o_proj": (576, 576), "k_proj, v_proj": (576, 192), "gate_proj
 N_ADAPTERS, RANK = 8, 16
 
 
-def strategies(in_f: int, out_f: int, tokens: int, gen: torch.Generator) -> dict:
+def strategies(in_f: int, out_f: int, tokens: int, gen: torch.Generator, rank: int = RANK) -> dict:
     """name -> a call computing one layer's LoRA delta for `tokens` decode tokens."""
+    RANK = rank  # noqa: N806 (the module default, overridden by --rank)
     A = torch.randn(N_ADAPTERS + 1, RANK, in_f, generator=gen) / in_f**0.5
     B = torch.randn(N_ADAPTERS + 1, out_f, RANK, generator=gen) / RANK
     A[0], B[0] = 0, 0
@@ -44,13 +45,13 @@ def strategies(in_f: int, out_f: int, tokens: int, gen: torch.Generator) -> dict
 
     cache: dict = {}  # the layer's factor cache, kept across calls as across decode steps
 
-    def eager(**limits):
+    def eager(whole: bool = False, **limits):
         def run():
             saved = {k: getattr(kernels, k) for k in limits}
             for k, v in limits.items():
                 setattr(kernels, k, v)
             try:
-                add_lora(y, x, A, B, ranks, mixed, cache, stack if not limits else None)
+                add_lora(y, x, A, B, ranks, mixed, cache, stack if whole else None)
             finally:
                 for k, v in saved.items():
                     setattr(kernels, k, v)
@@ -65,19 +66,20 @@ def strategies(in_f: int, out_f: int, tokens: int, gen: torch.Generator) -> dict
     return {"base linear (reference)": lambda: torch.nn.functional.linear(x, W),
             "layer call, no adapter routed (base linear + the wrapper)": lambda: layer(x3),
             "one adapter (uniform)": lambda: add_lora(y, x, A, B, ranks, one, cache),
-            "mixed, whole stack (eager)": eager(),
+            "mixed, compiled C kernel (BGMV, the eager default on CPU)": eager(True),
+            "mixed, whole stack (masked GEMMs)": eager(True, BGMV_MAX_TOKENS=0),
             "mixed, gather": eager(STACK_MAX_COLS=0, GATHER_MAX_PAIRS=10**9),
             "mixed, grouped": eager(STACK_MAX_COLS=0, GATHER_MAX_PAIRS=0),
             "fixed-shape, masked (compiled step)": lambda: add_lora(y, x, A, B, ranks, slots, stack=stack),
             "fixed-shape, gathered (compiled step, wide stacks)": lambda: add_lora(y, x, A, B, ranks, slots)}
 
 
-def measure(tokens: int, rounds: int, inner: int = 20) -> dict[str, dict[str, float]]:
+def measure(tokens: int, rounds: int, inner: int = 20, rank: int = RANK) -> dict[str, dict[str, float]]:
     """Median microseconds per call, per shape and strategy."""
     gen = torch.Generator().manual_seed(0)
     out: dict[str, dict[str, float]] = {}
     for label, (in_f, out_f) in SHAPES.items():
-        fns = strategies(in_f, out_f, tokens, gen)
+        fns = strategies(in_f, out_f, tokens, gen, rank)
         times: dict[str, list[float]] = {k: [] for k in fns}
         with torch.inference_mode():
             for f in fns.values():  # warm-up
@@ -92,8 +94,8 @@ def measure(tokens: int, rounds: int, inner: int = 20) -> dict[str, dict[str, fl
     return out
 
 
-def markdown(results: dict[int, dict], rounds: int) -> str:
-    lines = [f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, 1 torch thread, load average "
+def markdown(results: dict[int, dict], rounds: int, rank: int = RANK) -> str:
+    lines = [f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, rank {rank}, 1 torch thread, load average "
              f"{os.getloadavg()[0]:.1f}, median of {rounds} interleaved rounds; microseconds per call and, in "
              "brackets, the cost relative to the base linear of that shape. Reproduce: "
              "`python benchmarks/lora_kernels.py`.", ""]
@@ -112,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", default="1,16", help="comma-separated batch sizes (decode tokens per call)")
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--rank", type=int, default=RANK, help="every adapter's rank")
     p.add_argument("--doc", help="write the table into this markdown file's generated block (lora-kernels)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    results = {int(t): measure(int(t), args.rounds) for t in args.tokens.split(",")}
-    text = markdown(results, args.rounds)
+    results = {int(t): measure(int(t), args.rounds, rank=args.rank) for t in args.tokens.split(",")}
+    text = markdown(results, args.rounds, args.rank)
     print(text)
     if args.doc:
         from loraswitch.eval.report import update_doc
