@@ -234,10 +234,9 @@ def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     [B, H, 1, D] -> [B, KV, H/KV, D], instead of copying every key and value H/KV times.
 
     Why: transformers packs it in eager decoding but not under torch.compile, where it repeats
-    the keys and values ([B, H, L, D] written per layer per step). In the compiled decode step
-    at batch 16 over a 128-position cache that copy cost 3 ms a layer against 0.3 ms packed
-    (one thread; 90 MB of copies a step), which is why the compiled step decoded a batch of 16
-    more slowly than the eager loop. Same arithmetic, same result: every query row of a
+    the keys and values ([B, H, L, D] written per layer per step: 9 MB a layer at batch 16 over
+    a 128-position cache), which is why the compiled step decoded a batch of 16 more slowly than
+    the eager loop (docs/benchmarks.md, the compiled step). Same arithmetic, same result: every query row of a
     key/value head attends to that head's keys under the row's mask ([B, 1, 1, L] broadcast)."""
     groups = getattr(module, "num_key_value_groups", 1)
     if (groups > 1 and query.shape[2] == 1 and kwargs.get("position_bias") is None
