@@ -9,6 +9,14 @@ Writes JSON and a markdown summary into benchmarks/results/.
     python benchmarks/load_server.py                              # 200 requests, batched vs --max-batch 1
     python benchmarks/load_server.py --requests 8 --max-tokens 4  # a smoke run
 
+Arrival-rate mode (`--rate R`): the requests arrive over time, as a Poisson process of R requests
+a second (seeded), instead of all at once; with `--continuous-compare` the same arrivals are
+served with continuous batching on and off (`serve --no-continuous`), alternating `--repeats`
+times, and the medians of served completion tokens/s and time to first token are compared
+(the result files get the suffix `_arrivals`):
+
+    python benchmarks/load_server.py --rate 1.5 --requests 48 --continuous-compare --stream-fraction 1
+
 Bounded: at most --requests requests, at most --time-limit seconds per phase; loopback only.
 """
 
@@ -96,6 +104,7 @@ def serve_args(args: argparse.Namespace, max_batch: int) -> list[str]:
     """The load test's server flags: batch, queue and time limits, greedy, the chosen library."""
     out = ["--max-batch", str(max_batch), "--max-queue", str(args.requests + 16), "--timeout", str(args.time_limit),
            "--max-new-tokens", str(max(args.max_tokens, 1)), "--default-temperature", "0", "--log-level", "warning"]
+    out += getattr(args, "serve_extra", None) or []
     if getattr(args, "base", None):
         out += ["--base", args.base]
     for d in getattr(args, "adapter_dir", None) or []:
@@ -184,19 +193,33 @@ async def phase(url: str, reqs: list[dict], args: argparse.Namespace) -> dict:
         gate = asyncio.Semaphore(args.concurrency)
         rng = random.Random(args.seed)
         streams = [rng.random() < args.stream_fraction for _ in reqs]
+        due = arrival_times(len(reqs), getattr(args, "rate", 0.0), args.seed)
 
-        async def guarded(req, stream):
+        async def guarded(req, stream, at):
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
             async with gate:
                 return await one(client, req, args.max_tokens, stream)
 
         t0 = time.perf_counter()
-        tasks = [asyncio.create_task(guarded(r, s)) for r, s in zip(reqs, streams)]
+        tasks = [asyncio.create_task(guarded(r, s, at)) for r, s, at in zip(reqs, streams, due)]
         done, pending = await asyncio.wait(tasks, timeout=args.time_limit)
         for t in pending:
             t.cancel()
         wall = time.perf_counter() - t0
     records = [t.result() for t in done if not t.cancelled() and t.exception() is None]
     return summarize(records, len(reqs), wall)
+
+
+def arrival_times(n: int, rate: float, seed: int) -> list[float]:
+    """When each request is sent, in seconds from the start: all at once without a rate, else a
+    Poisson process of `rate` requests a second (exponential gaps), the same for a given seed."""
+    if not rate or rate <= 0:
+        return [0.0] * n
+    rng, t, out = random.Random(seed + 1), 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
 
 
 def summarize(records: list[dict], sent: int, wall: float) -> dict:
@@ -250,6 +273,8 @@ def run_phase(args: argparse.Namespace, max_batch: int, reqs: list[dict] | Calla
         metrics = httpx.get(server.url + "/metrics", timeout=10).text
         result["server_batches"] = _metric(metrics, "loraswitch_batch_size_count")
         result["server_rows"] = _metric(metrics, "loraswitch_batch_size_sum")
+        stats = httpx.get(server.url + "/healthz", timeout=10).json().get("scheduler", {})
+        result["scheduler"] = {k: stats.get(k) for k in ("rounds", "batches", "rows", "joined", "max_batch_size")}
         return result
     finally:
         server.stop()
@@ -282,6 +307,87 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+CONTINUOUS = {"continuous": [], "no_continuous": ["--no-continuous"]}
+
+
+def continuous_compare(args: argparse.Namespace, make_requests, models: list[str], argv) -> int:
+    """The same requests, arriving at the same times, served with continuous batching on and off,
+    `--repeats` pairs alternating (which goes first alternates too); medians compared."""
+    runs: dict[str, list[dict]] = {k: [] for k in CONTINUOUS}
+    reqs = make_requests
+    for k in range(args.repeats):
+        order = list(CONTINUOUS) if k % 2 == 0 else list(reversed(CONTINUOUS))
+        for mode in order:
+            args.serve_extra = CONTINUOUS[mode]
+            res = run_phase(args, args.max_batch, reqs)
+            reqs = res.pop("requests")
+            res["load"] = [round(x, 2) for x in os.getloadavg()]
+            runs[mode].append(res)
+            print(mode, json.dumps({key: res[key] for key in ("ok", "lost", "tokens_per_s", "ttft_s_stream", "wall_s")}),
+                  flush=True)
+    report = {
+        "finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "config": {"requests": args.requests, "rate": args.rate, "max_tokens": args.max_tokens, "models": models,
+                   "stream_fraction": args.stream_fraction, "max_batch": args.max_batch, "repeats": args.repeats,
+                   "threads": args.threads, "concurrency": args.concurrency},
+        "argv": sys.argv[1:] if argv is None else argv, "runs": runs, "summary": _compare_summary(runs),
+    }
+    stem = "server_load_arrivals" + (f"_{args.tag}" if args.tag else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / f"{stem}.md").write_text(compare_markdown(report))
+    print(compare_markdown(report))
+    if args.doc:
+        from loraswitch.eval.report import update_doc
+
+        update_doc(Path(args.doc), "continuous-batching", compare_markdown(report))
+    return 1 if sum(r["errors_5xx"] + r["lost"] for rs in runs.values() for r in rs) else 0
+
+
+def _compare_summary(runs: dict[str, list[dict]]) -> dict:
+    def med(mode, get):
+        xs = [x for x in (get(r) for r in runs[mode]) if x is not None]
+        return _r(statistics.median(xs)) if xs else None
+
+    out = {mode: {"tokens_per_s": med(mode, lambda r: r["tokens_per_s"]),
+                  "ttft_p50_s": med(mode, lambda r: r["ttft_s_stream"]["p50"]),
+                  "ttft_p99_s": med(mode, lambda r: r["ttft_s_stream"]["p99"]),
+                  "latency_p50_s": med(mode, lambda r: r["latency_s"]["p50"]),
+                  "latency_p99_s": med(mode, lambda r: r["latency_s"]["p99"]),
+                  "mean_batch": med(mode, lambda r: r["batch_size"]["mean"])} for mode in runs}
+    on, off = out["continuous"], out["no_continuous"]
+    if on["tokens_per_s"] and off["tokens_per_s"]:
+        out["tokens_per_s_ratio"] = round(on["tokens_per_s"] / off["tokens_per_s"], 3)
+    if on["ttft_p50_s"] and off["ttft_p50_s"]:
+        out["ttft_p50_ratio"] = round(on["ttft_p50_s"] / off["ttft_p50_s"], 3)
+    return out
+
+
+def compare_markdown(report: dict) -> str:
+    cfg, s = report["config"], report["summary"]
+    lines = [f"# Continuous batching under arriving requests ({report['finished_at']})", "",
+             f"{cfg['requests']} chat requests arriving as a Poisson process of {cfg['rate']}/s, max_tokens "
+             f"{cfg['max_tokens']}, greedy, {int(cfg['stream_fraction'] * 100)}% streamed, --max-batch {cfg['max_batch']}, "
+             f"server threads {cfg['threads'] or 'all'}; models cycled: {', '.join(cfg['models'])}. "
+             f"Medians of {cfg['repeats']} run(s) each, on and off alternating; the same arrivals every run. "
+             f"Server and client share this machine ({report['machine']}); loopback only.", "",
+             "| serving | ok | completion tokens/s | TTFT p50 s | TTFT p99 s | latency p50 s | latency p99 s | "
+             "batch size a request started in (mean) | rounds / rows joined (per run) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for mode, runs in report["runs"].items():
+        m = s[mode]
+        ok = "/".join(str(sum(r[k] for r in runs)) for k in ("ok", "sent"))
+        sched = ", ".join(f"{r['scheduler'].get('rounds')} / {r['scheduler'].get('joined')}" for r in runs)
+        lines.append(f"| {mode.replace('_', ' ')} | {ok} | {m['tokens_per_s']} | {m['ttft_p50_s']} | {m['ttft_p99_s']} | "
+                     f"{m['latency_p50_s']} | {m['latency_p99_s']} | {m['mean_batch']} | {sched} |")
+    lines += ["", f"Continuous / not: completion tokens/s **{s.get('tokens_per_s_ratio')}x**, "
+                  f"TTFT p50 **{s.get('ttft_p50_ratio')}x**. Per run (tokens/s, TTFT p50, load average): " +
+              "; ".join(f"{mode} {r['tokens_per_s']} / {r['ttft_s_stream']['p50']} / {r['load']}"
+                        for mode, rs in report["runs"].items() for r in rs),
+              "", "Reproduce: `python benchmarks/load_server.py " + " ".join(report["argv"]) + "`", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=200)
@@ -300,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--doc", help="also write the result table into this markdown file (generated block), e.g. docs/server.md")
+    p.add_argument("--rate", type=float, default=0.0, help="requests arriving per second (Poisson); 0: all at once")
+    p.add_argument("--continuous-compare", action="store_true",
+                   help="serve the same arrivals with continuous batching on and off (instead of the --max-batch 1 run)")
+    p.add_argument("--repeats", type=int, default=1, help="with --continuous-compare: on/off pairs, alternating")
     args = p.parse_args(argv)
     if args.requests < 1 or args.requests > 5000 or args.concurrency < 1:
         p.error("--requests must be 1..5000 and --concurrency at least 1")
@@ -312,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             models.extend([*health["adapters"], "auto"])
         return build_requests(args.requests, models, args.seed)
 
+    if args.continuous_compare:
+        return continuous_compare(args, make_requests, models, argv)
     phases = {"batched": run_phase(args, args.max_batch, make_requests)}
     reqs = phases["batched"].pop("requests")
     print(json.dumps({"batched": phases["batched"]}, indent=1), flush=True)

@@ -150,3 +150,10 @@ def test_prefix_cache_serves_shared_openings_with_the_same_tokens(tiny_base, ada
     assert engine.prefixes.hits == 2 and engine.prefixes.saved_tokens >= 2 * 8
     engine.load_adapter(adapter_dir / "gamma", name="gamma2")  # a library change: entries not reused
     assert run([2]) == want[2:3] and engine.prefixes.hits == 2
+    store = engine.prefixes
+    assert store.size == sum(len(t) for _, t in store.shared) + sum(len(t) for _, t in store.seen)
+    engine.prefix_tokens = 3 * len(prompts[0])  # a small budget: the oldest entries leave, the count follows
+    run([0, 1, 2, 3])
+    store = engine.prefixes
+    assert 0 < store.size <= engine.prefix_tokens
+    assert store.size == sum(len(t) for _, t in store.shared) + sum(len(t) for _, t in store.seen)

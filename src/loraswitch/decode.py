@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import torch
 from transformers import DynamicCache, StaticCache
@@ -36,6 +36,7 @@ from loraswitch.engine import Engine
 from loraswitch.kernels import Routing, SlotRouting
 from loraswitch.layers import DynamicRouter
 from loraswitch.padding import LeftPadded, positions_of
+from loraswitch.prefix import PrefixHit, PrefixRow, prefix_cache
 
 Choice = tuple[list[int], list[float]]  # adapter slots and their weights for one token; -1 = none
 # static caches come in power-of-two lengths from here. Short: a compiled step does work in
@@ -43,7 +44,6 @@ Choice = tuple[list[int], list[float]]  # adapter slots and their weights for on
 # and at 256 a batch of 16 short requests decoded at 0.76x of the eager loop, at 64 1.01x
 # (benchmarks/compiled_step.py); the price is a compile per bucket a generation reaches
 MIN_CACHE_LEN = 64
-PREFIX_MIN = 8  # the shortest shared opening a prefill reuses (fewer positions save less than the bookkeeping)
 MAX_STATIC_CACHES = 2  # (batch, length) caches kept per engine; each holds B x L keys and values
 
 
@@ -73,128 +73,6 @@ def _device(engine: Engine) -> torch.device:
     return next(engine.model.parameters()).device
 
 
-@dataclass
-class _Row:
-    """A prompt the prefix cache may serve: its tokens and the key of its routing (the same
-    adapters and weights on every token: LoRA changes the keys and values it would reuse)."""
-
-    key: tuple
-    tokens: tuple[int, ...]
-
-    @property
-    def n(self) -> int:
-        return len(self.tokens)
-
-
-@dataclass
-class _Hit:
-    length: int  # cached positions the row starts from
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, keys and values [kv heads, >= length, head dim]
-
-
-class PrefixCache:
-    """Keys and values of prompt openings shared by earlier prompts under the same adapters, so
-    a prefill computes only what follows them (vLLM's automatic prefix caching, at the
-    granularity of a shared opening rather than of fixed blocks). Every templated chat prompt
-    opens with the same tokens (the system prompt and the user header: 24 of ~45 for the demo),
-    so this halves short prompts' prefill.
-
-    Only openings that two *different* prompts began with are served (`shared`): each prefill
-    remembers its prompts as candidates (`seen`, the most recent, evicted first), and a new prompt's
-    longest common start with a candidate, when at least PREFIX_MIN tokens, becomes a shared
-    entry. A prompt repeated verbatim is therefore not served from its own earlier copy: the
-    benchmarks that repeat their prompts measure the prefill of what is not shared. Entries are
-    keyed by the adapters' names and weights and the engine's library version; least recently
-    used first out beyond `max_tokens` cached positions."""
-
-    def __init__(self, max_tokens: int):
-        self.max_tokens = max_tokens
-        self.shared: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()  # (key, tokens)
-        self.seen: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
-        self.hits = 0  # rows served, and the positions they did not compute
-        self.saved_tokens = 0
-
-    def rows(self, engine: Engine, batch: LeftPadded, routing: Routing | None) -> list[_Row | None]:
-        """Each row's prompt and routing key; None where its tokens do not share one routing."""
-        n_rows, width = batch.input_ids.shape
-        lengths = batch.attention_mask.sum(1).tolist()
-        if routing is None:
-            return [_Row((engine.version,), tuple(batch.input_ids[i, width - n:].tolist())) for i, n in enumerate(lengths)]
-        ids = routing.ids.view(n_rows, width, -1)
-        ws = routing.weights.view(n_rows, width, -1)
-        out: list[_Row | None] = []
-        for i, n in enumerate(lengths):
-            ri, rw = ids[i, width - n:], ws[i, width - n:]
-            if not (bool((ri == ri[0]).all()) and bool((rw == rw[0]).all())):
-                out.append(None)
-                continue
-            key = (engine.version, *((engine.name_of(int(s)), round(float(w), 6))
-                                     for s, w in zip(ri[0].tolist(), rw[0].tolist()) if s >= 0 and w != 0))
-            out.append(_Row(key, tuple(batch.input_ids[i, width - n:].tolist())))
-        return out
-
-    def lookup(self, row: _Row | None) -> _Hit | None:
-        """The longest shared opening of `row` (at most all but its last token), if worth it."""
-        if row is None:
-            return None
-        best, found = 0, None
-        for (key, tokens), kv in self.shared.items():
-            if key == row.key:
-                k = min(_common(tokens, row.tokens), row.n - 1)
-                if k > best:
-                    best, found = k, (key, tokens, kv)
-        if found is None or best < PREFIX_MIN:
-            return None
-        self.shared.move_to_end(found[:2])
-        self.hits += 1
-        self.saved_tokens += best
-        return _Hit(best, found[2])
-
-    def remember(self, rows: list[_Row | None], hits: list[_Hit | None], cache: DynamicCache, length: int) -> None:
-        """Keep the prompts computed from scratch as candidates, and the openings they share
-        with earlier candidates as shared entries. Row i's positions are the last n_i of the
-        cache's `length` (the prompts are right-aligned)."""
-        for i, (row, hit) in enumerate(zip(rows, hits)):
-            if row is None or hit is not None:
-                continue
-            kv = [(lay.keys[i, :, length - row.n : length].clone(), lay.values[i, :, length - row.n : length].clone())
-                  for lay in cache.layers]
-            for (key, tokens), other in list(self.seen.items()):
-                k = _common(tokens, row.tokens)
-                if key == row.key and tokens != row.tokens and k >= PREFIX_MIN and (key, row.tokens[:k]) not in self.shared:
-                    self.shared[(key, row.tokens[:k])] = [(a[:, :k].clone(), b[:, :k].clone()) for a, b in other]
-            self.seen[(row.key, row.tokens)] = kv
-            self.seen.move_to_end((row.key, row.tokens))
-        self._evict()
-
-    def _evict(self) -> None:
-        def size() -> int:
-            return sum(len(t) for _, t in self.shared) + sum(len(t) for _, t in self.seen)
-
-        while (self.seen or self.shared) and size() > self.max_tokens:
-            (self.seen if self.seen else self.shared).popitem(last=False)
-
-
-def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    """Length of the common start of two token sequences."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def prefix_cache(engine: Engine) -> PrefixCache | None:
-    """The engine's prefix cache (`Engine.prefix_tokens` positions; 0: none)."""
-    budget = getattr(engine, "prefix_tokens", 0)
-    if not budget:
-        return None
-    if engine.prefixes is None or engine.prefixes.max_tokens != budget:
-        engine.prefixes = PrefixCache(budget)
-    return engine.prefixes
-
-
 class EagerStepper:
     """Prefill and steps on a growing DynamicCache (module docstring)."""
 
@@ -210,27 +88,48 @@ class EagerStepper:
         return self.batch.width
 
     def prefill(self, routing: Routing | None, dynamic: DynamicRouter | None, logits_to_keep: int):
-        """The prompts' forward. Rows whose opening an earlier prompt already computed under the
-        same adapters (`PrefixCache`) start from those keys and values and run only the rest;
-        per-layer routers and full-prompt logits (echo) always run the whole prompt."""
+        """The prompts' forward, in one piece (`prefill_chunks`)."""
+        for out in self.prefill_chunks(routing, dynamic, logits_to_keep, None):
+            if out is not None:
+                return out
+
+    def prefill_chunks(self, routing: Routing | None, dynamic: DynamicRouter | None, logits_to_keep: int,
+                       chunk: int | None) -> Iterator:
+        """The prompts' forward, `chunk` positions at a time (None: all at once), yielding after
+        each: None until the last, then its output (`logits_to_keep` last positions' logits).
+        Rows whose opening an earlier prompt already computed under the same adapters
+        (`PrefixCache`) start from those keys and values and run only the rest; per-layer routers
+        and full-prompt logits (echo) always run the whole prompt."""
         store = prefix_cache(self.engine)
-        with self.engine.lock:  # the engine's one cache, shared by every generation
+        with self.engine.lock:  # the engine's one prefix cache, shared by every generation
             rows = store.rows(self.engine, self.batch, routing) if store and dynamic is None and logits_to_keep == 1 else None
             hits = [store.lookup(r) for r in rows] if rows else []
-            if any(h is not None for h in hits):
-                out = self._prefill_after(rows, hits, routing)
-            else:
-                with self.engine.routed(routing, dynamic):
-                    out = self.engine.model(**self.batch.model_inputs(self.device), past_key_values=self.cache,
-                                            use_cache=True, logits_to_keep=logits_to_keep)
-            if rows:
+        if any(h is not None for h in hits):
+            ids, positions, done = self._after_hits(rows, hits)
+        else:
+            ids, positions, done = self.batch.input_ids, self.batch.position_ids, 0
+        n_rows, n_cols = ids.shape  # the last n_cols columns of the batch are computed
+        step = chunk or n_cols
+        for a in range(0, n_cols, step):
+            b = min(n_cols, a + step)
+            skip = self.width - n_cols
+            with self.engine.routed(_columns(routing, n_rows, self.width, skip + a, skip + b), dynamic):
+                out = self.engine.model(input_ids=ids[:, a:b].to(self.device),
+                                        attention_mask=self.mask[:, : done + b].to(self.device),
+                                        position_ids=positions[:, a:b].to(self.device), past_key_values=self.cache,
+                                        use_cache=True, logits_to_keep=logits_to_keep)
+            if b < n_cols:
+                yield None
+        if rows:
+            with self.engine.lock:
                 store.remember(rows, hits, self.cache, self.mask.shape[1])
-        return out
+        yield out
 
-    def _prefill_after(self, rows: list[_Row | None], hits: list[_Hit | None], routing: Routing):
-        """The prefill with cached openings: row i's m_i cached positions right-aligned in a
-        region of P = max m_i positions (masked before them), then its remaining tokens
-        left-padded to the longest remainder, at positions m_i, m_i + 1, ..."""
+    def _after_hits(self, rows: list[PrefixRow | None], hits: list[PrefixHit | None]):
+        """The cache with cached openings in place, for a prefill of the rest: row i's m_i cached
+        positions right-aligned in a region of P = max m_i positions (masked before them), then its
+        remaining tokens left-padded to the longest remainder W, at positions m_i, m_i + 1, ...
+        Returns those [rows, W] token ids and positions, and P."""
         n_rows, width = self.batch.input_ids.shape
         m = [h.length if h is not None else 0 for h in hits]
         n = [r.n if r is not None else int(c) for r, c in zip(rows, self.batch.attention_mask.sum(1).tolist())]
@@ -249,17 +148,24 @@ class EagerStepper:
             self.mask[i, P - k : P] = 1
             self.mask[i, P + W - (a - k):] = 1
         positions = torch.tensor(m)[:, None] + positions_of(self.mask[:, P:])
-        c = routing.ids.shape[1]
-        tail = Routing(routing.ids.view(n_rows, width, c)[:, width - W:].reshape(-1, c),
-                       routing.weights.view(n_rows, width, c)[:, width - W:].reshape(-1, c))
-        with self.engine.routed(tail):
-            return self.engine.model(input_ids=self.batch.input_ids[:, width - W:].to(self.device),
-                                     attention_mask=self.mask.to(self.device), position_ids=positions.to(self.device),
-                                     past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return self.batch.input_ids[:, width - W:], positions, P
+
+    def join(self, other: EagerStepper) -> None:
+        """Append `other`'s rows (prefilled on their own cache) to this batch: both caches lose
+        the leading positions none of their rows attends to, the shorter is left-padded (masked)
+        to the other's length, then keys, values, masks and next positions are concatenated
+        along the batch. Positions are per row, so every row decodes as it would alone."""
+        mine, theirs = _trimmed(self.cache, self.mask), _trimmed(other.cache, other.mask)
+        length = max(mine[1].shape[1], theirs[1].shape[1])
+        kv = [(torch.cat([_pad_left(a, length, 2), _pad_left(c, length, 2)]),
+               torch.cat([_pad_left(b, length, 2), _pad_left(d, length, 2)])) for (a, b), (c, d) in zip(mine[0], theirs[0])]
+        self.cache = DynamicCache(ddp_cache_data=kv)
+        self.mask = torch.cat([_pad_left(mine[1], length, 1), _pad_left(theirs[1], length, 1)])
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
 
     def select(self, keep: list[int]) -> None:
         """Only the batch positions `keep` go on (rows that finished leave the cache)."""
-        idx = torch.tensor(keep)
+        idx = torch.tensor(keep, dtype=torch.long)
         self.cache.batch_select_indices(idx.to(self.device))
         self.mask, self.next_pos = self.mask[idx], self.next_pos[idx]
 
@@ -272,6 +178,33 @@ class EagerStepper:
                 position_ids=self.next_pos[:, None].to(self.device), past_key_values=self.cache, use_cache=True)
         self.next_pos = self.next_pos + 1
         return out.logits[:, -1]
+
+
+def _columns(routing: Routing | None, n_rows: int, width: int, a: int, b: int) -> Routing | None:
+    """The part of a [rows x width] prefill routing that covers columns [a, b) of every row."""
+    if routing is None or (a, b) == (0, width):
+        return routing
+    c = routing.ids.shape[1]
+    return Routing(routing.ids.view(n_rows, width, c)[:, a:b].reshape(-1, c),
+                   routing.weights.view(n_rows, width, c)[:, a:b].reshape(-1, c))
+
+
+def _trimmed(cache: DynamicCache, mask: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """A cache's keys and values per layer and its mask, without the leading positions that no
+    row attends to (padding, or the context of rows that have left)."""
+    used = mask.any(0).nonzero()
+    start = int(used[0]) if len(used) else mask.shape[1]
+    return [(lay.keys[:, :, start:], lay.values[:, :, start:]) for lay in cache.layers], mask[:, start:]
+
+
+def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """`t` with zeros before it along `dim` up to `length` (masked positions of a cache)."""
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 class _Static:

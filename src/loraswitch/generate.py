@@ -9,203 +9,60 @@ decisions, parts of one prompt) share one forward. A `Listener` follows every ro
 (streaming, per-row limits, cancellation) and may end a row early. With `logprobs` / `echo` the
 result carries the log-probabilities of the generated (and prompt) tokens, as evaluation clients
 need them.
+
+Continuous batching: with `admit`, rows also *join* a running batch between its steps (requests
+that arrived while it decodes), so the batch stays full under sustained load instead of draining
+before the next one starts. A joining group is prefilled on its own cache, `prefill_chunk`
+positions per decode step of the running rows (chunked prefill: a long prompt delays each running
+row's next token by one chunk's forward, not by its whole prefill), then its cache is merged into
+the running one (`EagerStepper.join`). A row's tokens do not depend on whether it joined: its
+positions are its own and padding is masked.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from loraswitch.decode import EagerStepper, StaticStepper, stepper_for
 from loraswitch.engine import Engine
 from loraswitch.kernels import Routing
-from loraswitch.layers import DynamicRouter
 from loraswitch.padding import left_pad
+from loraswitch.policy import (
+    NO_ADAPTER,
+    Choice,
+    FixedPolicy,
+    Generation,
+    Listener,
+    Policy,
+    RowsPolicy,
+    SamplingParams,
+    TokenLogprob,
+    explicit,
+)
 
-Choice = tuple[list[int], list[float]]  # adapter slots and their weights for one token; -1 = none
-NO_ADAPTER: Choice = ([-1], [1.0])
+__all__ = ["NO_ADAPTER", "Choice", "FixedPolicy", "Generation", "Joining", "Listener", "MIN_TEMPERATURE", "Policy",
+           "RowsPolicy", "SamplingParams", "TokenLogprob", "explicit", "generate"]
 
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_ids: set[int] | None = None  # default: the model's end-of-turn / eos tokens
-    logprobs: int | None = None  # None: none; k: each new token's log-probability and the k likeliest
-    echo: bool = False  # also the prompt tokens' log-probabilities (the prefill keeps every position's logits)
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A token's log-probability under the distribution it was sampled from (the model's, before
-    temperature and top_p), and the `top` most likely tokens there as (token id, logprob)."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
+PREFILL_CHUNK = 64  # prompt positions a joining group prefills per decode step of the running rows
 
 
 @dataclass
-class Generation:
-    """One answer: a row's result, or a multi-part answer assembled from several rows. `trace`
-    has one entry per generated token: which adapters produced it."""
+class Joining:
+    """Rows that join a running `generate` (continuous batching): their prompts, the static policy
+    that routes them (they are its rows 0, 1, ...) and their token limit, which may exceed the
+    running batch's (the listener still ends each row at its own)."""
 
-    prompt_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str = "length"  # "stop" when a stop token ended it; "error": its logits were not finite
-    trace: list[dict] = field(default_factory=list)
-    events: list[dict] = field(default_factory=list)  # routing decisions and switches
-    routing: dict = field(default_factory=dict)  # the policy's summary (router, confidence...)
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, with `params.logprobs`
-    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # with `params.echo`; None: first token
+    prompts: list[list[int]]
+    policy: Policy
+    max_new_tokens: int
 
 
-class Policy:
-    """How a batch routes. Subclasses (routers) override `start`, `prompt_choice`, `step_choice`.
-
-    `dynamic`, when set, is consulted by every layer with its own input instead (Arrow, gates);
-    then the static choices only label the trace.
-    """
-
-    dynamic: DynamicRouter | None = None
-
-    def start(self, engine: Engine, prompts: list[list[int]]) -> None:
-        """Called once before prefill (a sequence-level router decides here)."""
-
-    def prompt_choice(self, row: int, prompt: list[int]) -> Choice | tuple[torch.Tensor, torch.Tensor]:
-        """Routing for row `row`'s prompt tokens: one Choice for all, or per-token [S, k] tensors."""
-        return NO_ADAPTER
-
-    def step_choice(self, row: int, generated: list[int]) -> Choice:
-        """Routing for the forward pass that consumes `generated[-1]` and predicts the next token."""
-        return NO_ADAPTER
-
-    def on_forward(self, rows: list[int], tokens_per_row: int) -> None:
-        """Called before each forward pass with the rows in batch order (token-level routers
-        use it to map their per-token records back to rows)."""
-
-    def feed(self, row: int, generated: list[int], token: int, stops: bool) -> tuple[int, bool]:
-        """(the token row `row` goes on with in place of the sampled `token`, which `stops` the
-        row if kept; whether it belongs to the answer). A token kept out of the answer is still
-        read into the KV cache: it lets a policy go on past a stop and feed a cue in the same
-        pass (`routing.cues`)."""
-        return token, True
-
-    def extra_steps(self) -> int:
-        """Forward steps beyond `max_new_tokens` this policy may feed (tokens kept out of the
-        answer, `feed`), known after `start`."""
-        return 0
-
-    def trace_entry(self, engine: Engine, row: int, choice: Choice) -> dict:
-        return {"adapters": _named(engine, choice)}
-
-    def summary(self, engine: Engine, row: int) -> dict:
-        return {}
-
-    def events(self, row: int) -> list[dict]:
-        return []
-
-
-class FixedPolicy(Policy):
-    """Every token of row i uses `choices[i]`: explicit adapter choice, or a sequence-level pick."""
-
-    def __init__(self, choices: list[Choice]):
-        self.choices = choices
-
-    def prompt_choice(self, row: int, prompt: list[int]) -> Choice:
-        return self.choices[row]
-
-    def step_choice(self, row: int, generated: list[int]) -> Choice:
-        return self.choices[row]
-
-
-def explicit(engine: Engine, names: list[str | None]) -> FixedPolicy:
-    """One adapter per row by name (None / "base" = no adapter)."""
-    return FixedPolicy([NO_ADAPTER if n in (None, "base") else ([engine.slot_of(n)], [1.0]) for n in names])
-
-
-class RowsPolicy(Policy):
-    """One policy made of several, so requests that asked for different things (explicit
-    adapters, a sequence-level router's decisions, parts of one prompt) share one batched forward:
-    part i, at `parts[i] = (policy, offset)`, owns rows [offset_i, offset_{i+1}) and sees them as
-    rows 0, 1, ... Every per-row hook is delegated to the owner with the row renumbered.
-
-    A policy with per-layer routing (`dynamic`: Arrow, learned gates) is consulted by every layer
-    for *every* token of the forward, so it cannot share one: that combination is refused, and
-    such a policy gets a `generate` call of its own.
-    """
-
-    def __init__(self, parts: list[tuple[Policy, int]], n_rows: int):
-        if not parts:
-            raise ValueError("RowsPolicy needs at least one part")
-        offsets = [off for _, off in parts]
-        if offsets[0] != 0 or offsets != sorted(set(offsets)) or offsets[-1] >= n_rows:
-            raise ValueError(f"part offsets {offsets} must start at 0, increase, and stay below {n_rows} rows")
-        self.parts = [p for p, _ in parts]
-        self.offsets = offsets
-        self.ends = offsets[1:] + [n_rows]
-        self.n_rows = n_rows
-        dynamic = [p for p in self.parts if p.dynamic is not None]
-        if dynamic and len(self.parts) > 1:
-            raise ValueError("a policy with per-layer (dynamic) routing must have the forward to itself")
-        self.dynamic = dynamic[0].dynamic if dynamic else None
-
-    def locate(self, row: int) -> tuple[Policy, int]:
-        """(the policy owning `row`, the row's index inside that policy)."""
-        i = bisect_right(self.offsets, row) - 1
-        if i < 0 or row >= self.n_rows:
-            raise IndexError(f"row {row} outside the batch of {self.n_rows}")
-        return self.parts[i], row - self.offsets[i]
-
-    def start(self, engine: Engine, prompts: list[list[int]]) -> None:
-        for p, lo, hi in zip(self.parts, self.offsets, self.ends):
-            p.start(engine, prompts[lo:hi])
-
-    def prompt_choice(self, row: int, prompt: list[int]):
-        p, r = self.locate(row)
-        return p.prompt_choice(r, prompt)
-
-    def step_choice(self, row: int, generated: list[int]) -> Choice:
-        p, r = self.locate(row)
-        return p.step_choice(r, generated)
-
-    def feed(self, row: int, generated: list[int], token: int, stops: bool) -> tuple[int, bool]:
-        p, r = self.locate(row)
-        return p.feed(r, generated, token, stops)
-
-    def extra_steps(self) -> int:
-        return max(p.extra_steps() for p in self.parts)
-
-    def on_forward(self, rows: list[int], tokens_per_row: int) -> None:
-        # a dynamic policy is the only part (offset 0), so it sees the batch order unchanged
-        for p, lo, hi in zip(self.parts, self.offsets, self.ends):
-            p.on_forward([r - lo for r in rows if lo <= r < hi], tokens_per_row)
-
-    def trace_entry(self, engine: Engine, row: int, choice: Choice) -> dict:
-        p, r = self.locate(row)
-        return p.trace_entry(engine, r, choice)
-
-    def summary(self, engine: Engine, row: int) -> dict:
-        p, r = self.locate(row)
-        return p.summary(engine, r)
-
-    def events(self, row: int) -> list[dict]:
-        p, r = self.locate(row)
-        return p.events(r)
-
-
-def _named(engine: Engine, choice: Choice) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for slot, w in zip(*choice):
-        if slot >= 0 and w != 0:
-            name = engine.name_of(slot) or f"slot{slot}"
-            out[name] = round(out.get(name, 0.0) + float(w), 4)
-    return out
+# Called between decode steps with the rows the batch holds (decoding and being prefilled): rows
+# to join it, or None. Whoever passes it owns the listener and extends it for the rows it hands in.
+Admit = Callable[[int], Joining | None]
 
 
 def _prefill_routing(policy: Policy, prompts: list[list[int]], width: int) -> Routing:
@@ -246,17 +103,6 @@ def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator |
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
-
-class Listener:
-    """Follows a generation as it happens: `token` after each token a row appends (return a finish
-    reason such as "stop" or "cancelled" to end that row now), `finished` once per row as it leaves
-    the batch, with its `Generation` complete. Rows end independently; the batch goes on."""
-
-    def token(self, row: int, gen: Generation) -> str | None:
-        return None
-
-    def finished(self, row: int, gen: Generation) -> None:
-        """Row `row` is done: `gen` has its text, finish_reason, trace, events and routing."""
 
 
 def _logprob(logp: torch.Tensor, token: int, k: int) -> TokenLogprob:
@@ -299,84 +145,165 @@ def _finish(engine: Engine, policy: Policy, row: int, res: Generation, reason: s
     res.routing = policy.summary(engine, row)
 
 
-@torch.inference_mode()
-def generate(
-    engine: Engine,
-    prompts: list[list[int]],
-    policy: Policy | None = None,
-    params: SamplingParams | None = None,
-    listener: Listener | None = None,
-) -> list[Generation]:
-    """Generate for a batch of token-id prompts under `policy` (default: base model only).
-    `listener` sees every token as it lands and each row as it ends."""
-    policy = policy or Policy()
-    params = params or SamplingParams()
-    listener = listener or Listener()
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    stop = params.stop_ids if params.stop_ids is not None else engine.base.stop_ids
-    gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-    results = [Generation(prompt_ids=list(p)) for p in prompts]
-    k = params.logprobs or 0
-    ended: set[int] = set()
+class _Rows:
+    """One `generate` call's rows: their answers and limits, the batch order of those still
+    decoding, and the sampling of each step (stop tokens, policy feeds, the listener)."""
 
-    def end(row: int, reason: str) -> None:
-        ended.add(row)
-        _finish(engine, policy, row, results[row], reason)
-        listener.finished(row, results[row])
+    def __init__(self, engine: Engine, policy: Policy, params: SamplingParams, listener: Listener):
+        self.engine, self.policy, self.params, self.listener = engine, policy, params, listener
+        self.stop = params.stop_ids if params.stop_ids is not None else engine.base.stop_ids
+        self.gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.results: list[Generation] = []
+        self.limit: list[int] = []  # answer tokens each row may give
+        self.budget: list[int] = []  # forwards each row may take: its limit plus its policy's extra steps
+        self.taken: list[int] = []
+        self.last_choice: list = []  # the routing of the forward that produced each row's logits
+        self.live: list[int] = []  # batch position -> row
 
-    with engine.pin():
-        policy.start(engine, prompts)
-        batch = left_pad(prompts, engine.base.tokenizer.pad_token_id or 0)
-        steps = params.max_new_tokens + policy.extra_steps()
-        stepper = stepper_for(engine, batch, steps, policy.dynamic)
-        live = list(range(len(prompts)))  # batch position -> row
-        last_choice = [policy.prompt_choice(i, p) for i, p in enumerate(prompts)]
-        logits = _prefill(policy, prompts, stepper, params, results)
-        for _ in range(steps):
-            logits, broken = _finite_rows(logits)
-            tokens = _sample(logits, params, gen).tolist()
-            logp = torch.log_softmax(logits.float(), -1) if params.logprobs is not None else None
-            keep = []
-            for b, row in enumerate(live):
-                res = results[row]
-                if b in broken:  # this row's logits are NaN / inf: it fails alone, the others go on
-                    end(row, "error")
-                    continue
-                tok, shown = policy.feed(row, res.token_ids, tokens[b], tokens[b] in stop)
-                tokens[b] = tok
-                if not shown:  # read into the cache, not part of the answer
-                    keep.append(b)
-                    continue
-                res.trace.append({"token_id": tok, **policy.trace_entry(engine, row, _label(last_choice[row]))})
-                if tok in stop:
-                    end(row, "stop")
+    def add(self, prompts: list[list[int]], policy: Policy, max_new_tokens: int) -> list[int]:
+        """Rows for `prompts`, routed by `policy` (started already) as its rows 0, 1, ..."""
+        first = len(self.results)
+        self.results += [Generation(prompt_ids=list(p)) for p in prompts]
+        self.limit += [max_new_tokens] * len(prompts)
+        self.budget += [max_new_tokens + policy.extra_steps()] * len(prompts)
+        self.taken += [0] * len(prompts)
+        self.last_choice += [policy.prompt_choice(i, p) for i, p in enumerate(prompts)]
+        return list(range(first, len(self.results)))
+
+    def end(self, row: int, reason: str) -> None:
+        _finish(self.engine, self.policy, row, self.results[row], reason)
+        self.listener.finished(row, self.results[row])
+
+    def sample(self, logits: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Sample the live rows' next tokens and take them in: (batch positions that go on, the
+        tokens they feed next). Rows that stop, reach their limit or that the listener ends
+        finish here."""
+        params, policy, engine = self.params, self.policy, self.engine
+        logits, broken = _finite_rows(logits)
+        tokens = _sample(logits, params, self.gen).tolist()
+        logp = torch.log_softmax(logits.float(), -1) if params.logprobs is not None else None
+        keep = []
+        for b, row in enumerate(self.live):
+            res = self.results[row]
+            self.taken[row] += 1
+            if b in broken:  # this row's logits are NaN / inf: it fails alone, the others go on
+                self.end(row, "error")
+                continue
+            tok, shown = policy.feed(row, res.token_ids, tokens[b], tokens[b] in self.stop)
+            tokens[b] = tok
+            reason = None
+            if shown:  # a token kept out of the answer is still read into the cache
+                res.trace.append({"token_id": tok, **policy.trace_entry(engine, row, _label(self.last_choice[row]))})
+                if tok in self.stop:
+                    self.end(row, "stop")
                     continue
                 res.token_ids.append(tok)
                 if logp is not None:
-                    res.logprobs.append(_logprob(logp[b], tok, k))
-                reason = listener.token(row, res)
-                if reason is None and len(res.token_ids) >= params.max_new_tokens:
+                    res.logprobs.append(_logprob(logp[b], tok, params.logprobs or 0))
+                reason = self.listener.token(row, res)
+                if reason is None and len(res.token_ids) >= self.limit[row]:
                     reason = "length"
-                if reason is None:
-                    keep.append(b)
-                else:
-                    end(row, reason)
-            if not keep:
-                break
-            if len(keep) < len(live):
+            if reason is None and self.taken[row] >= self.budget[row]:
+                reason = "length"
+            if reason is None:
+                keep.append(b)
+            else:
+                self.end(row, reason)
+        return keep, [tokens[b] for b in keep]
+
+    def choices(self) -> list[Choice]:
+        """The live rows' routing for the next step (remembered for their trace)."""
+        out = [self.policy.step_choice(row, self.results[row].token_ids) for row in self.live]
+        for row, c in zip(self.live, out):
+            self.last_choice[row] = c
+        self.policy.on_forward(list(self.live), 1)
+        return out
+
+
+class _Joiner:
+    """A group of rows joining the running batch: prefilled on a cache of its own, one chunk of
+    positions per call to `advance`, through the same prefill as any batch (prefix cache included)."""
+
+    def __init__(self, engine: Engine, joining: Joining, rows: list[int], chunk: int):
+        self.rows = rows
+        self.stepper = EagerStepper(engine, left_pad(joining.prompts, engine.base.tokenizer.pad_token_id or 0))
+        width = self.stepper.width
+        joining.policy.on_forward(list(range(len(rows))), width)
+        routing = _prefill_routing(joining.policy, joining.prompts, width)
+        self.chunks = self.stepper.prefill_chunks(routing, None, 1, chunk)
+
+    def advance(self) -> torch.Tensor | None:
+        """Prefill the next chunk: the rows' first logits once their prompts are all read."""
+        out = next(self.chunks)
+        return None if out is None else out.logits[:, -1]
+
+
+@torch.inference_mode()
+def generate(engine: Engine, prompts: list[list[int]], policy: Policy | None = None, params: SamplingParams | None = None,
+             listener: Listener | None = None, admit: Admit | None = None,
+             prefill_chunk: int = PREFILL_CHUNK) -> list[Generation]:
+    """Generate for a batch of token-id prompts under `policy` (default: base model only).
+    `listener` sees every token as it lands and each row as it ends. `admit` (see `Admit`) lets
+    rows join between steps (module doc); it is not consulted where joining is not safe: the
+    compiled (static) step, a per-layer router, echo, or a seed (its answer must not depend on
+    what else is in flight). Returns every row's answer, joined rows after the first ones."""
+    policy = policy or Policy()
+    params = params or SamplingParams()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    joins = admit is not None and policy.dynamic is None and not params.echo and params.seed is None
+    if joins and not isinstance(policy, RowsPolicy):
+        policy = RowsPolicy([(policy, 0)], len(prompts))
+    rows = _Rows(engine, policy, params, listener or Listener())
+    with engine.pin():
+        policy.start(engine, prompts)
+        rows.live = rows.add(prompts, policy, params.max_new_tokens)
+        batch = left_pad(prompts, engine.base.tokenizer.pad_token_id or 0)
+        stepper = stepper_for(engine, batch, params.max_new_tokens + policy.extra_steps(), policy.dynamic)
+        logits = _prefill(policy, prompts, stepper, params, rows.results)
+        if rows.budget[0] <= 0:  # max_new_tokens=0: nothing to generate
+            for row in rows.live:
+                rows.end(row, "length")
+            rows.live = []
+        joiner: _Joiner | None = None
+        admit = admit if joins and isinstance(stepper, EagerStepper) else None
+        while True:
+            keep, tokens = rows.sample(logits) if rows.live else ([], [])
+            if len(keep) < len(rows.live):
                 stepper.select(keep)
-                live = [live[b] for b in keep]
-                tokens = [tokens[b] for b in keep]
-            choices = [policy.step_choice(row, results[row].token_ids) for row in live]
-            for row, c in zip(live, choices):
-                last_choice[row] = c
-            policy.on_forward(list(live), 1)
-            logits = stepper.step(tokens, choices, policy.dynamic)
-        for row in live:  # max_new_tokens=0: nothing was generated
-            if row not in ended:
-                end(row, "length")
-    return results
+                rows.live = [rows.live[b] for b in keep]
+            if admit is not None and joiner is None:
+                joiner = _join(engine, policy, rows, admit(len(rows.live)), prefill_chunk)
+            if not rows.live and joiner is None:
+                break
+            logits = stepper.step(tokens, rows.choices(), policy.dynamic) if rows.live else logits[:0]
+            first = joiner.advance() if joiner is not None else None
+            if first is not None:
+                stepper = _merged(stepper, joiner.stepper, bool(rows.live))
+                rows.live += joiner.rows
+                logits = torch.cat([logits, first])
+                joiner = None
+    return rows.results
+
+
+def _join(engine: Engine, policy: RowsPolicy, rows: _Rows, joining: Joining | None, chunk: int) -> _Joiner | None:
+    """Start prefilling the rows `admit` handed in, if any, as new rows of `policy`."""
+    if joining is None or not joining.prompts:
+        return None
+    if any(len(p) == 0 for p in joining.prompts) or joining.max_new_tokens < 1:
+        raise ValueError("joining rows need a prompt token and at least one new token each")
+    joining.policy.start(engine, joining.prompts)
+    policy.add(joining.policy, len(joining.prompts))
+    new = rows.add(joining.prompts, joining.policy, joining.max_new_tokens)
+    return _Joiner(engine, joining, new, max(1, chunk))
+
+
+def _merged(running: EagerStepper, joined: EagerStepper, any_running: bool) -> EagerStepper:
+    """The stepper of the running rows followed by the joined ones."""
+    if not any_running:
+        return joined
+    running.join(joined)
+    return running
 
 
 def _finite_rows(logits: torch.Tensor) -> tuple[torch.Tensor, set[int]]:

@@ -13,7 +13,7 @@ import pytest
 
 from loraswitch.server.scheduler import Job, Scheduler
 from loraswitch.switch.request import Done, Handle, Request, Token
-from tests.server.conftest import PROMPT, chat, wait_for
+from tests.server.conftest import PROMPT, chat, library_answer, wait_for
 
 
 def _job(model, max_tokens, sink, prompt=PROMPT):
@@ -218,3 +218,40 @@ def test_hot_load_unload_and_bad_adapters(client, http, lib, live):
     assert chat(client, "delta2", max_tokens=10).choices[0].message.content == ref
     assert http.delete("/v1/adapters/delta2").status_code == 200
     assert len(http.get("/v1/adapters").json()["data"]) == 3
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_requests_arriving_mid_batch_join_it_when_they_fit(lib, continuous):
+    """Continuous batching: a request that arrives while a batch decodes joins it between steps
+    (same batch id, the answer it gets alone); one that does not fit it (sampled, where the batch
+    is greedy) waits for a batch of its own, and so does everything behind it. Off: every arrival
+    waits for the next round."""
+    switch, _ = lib
+    sched = Scheduler(switch, max_batch=8, max_queue=8, continuous=continuous)
+    events: dict[str, list] = {k: [] for k in "abcd"}
+    later = {"b": _job("beta", 5, events["b"].append, "second prompt"),
+             "c": Job(Handle(Request.chat("a sampled one", model="gamma", max_tokens=4, temperature=0.8))),
+             "d": _job("alpha", 3, events["d"].append, "behind the sampled one")}
+    later["c"].deliver = events["c"].append
+
+    def first(event):
+        events["a"].append(event)
+        if isinstance(event, Token) and len([e for e in events["a"] if isinstance(e, Token)]) == 2:
+            sched.submit(later["b"])  # arrives while "a" decodes (and room is left)
+        if isinstance(event, Token) and len([e for e in events["a"] if isinstance(e, Token)]) == 4:
+            sched.submit(later["c"])
+            sched.submit(later["d"])
+
+    a = _job("alpha", 24, first, "the first prompt")
+    sched.start()
+    try:
+        sched.submit(a)
+        wait_for(lambda: a.finished and all(j.finished for j in later.values()) and sched.running == 0, 60)
+    finally:
+        sched.stop()
+    done = {k: [e for e in ev if isinstance(e, Done)][0] for k, ev in events.items()}
+    joined_a = done["b"].batch["id"] == done["a"].batch["id"]
+    assert joined_a is continuous
+    assert done["c"].batch["id"] != done["a"].batch["id"] and done["d"].batch["id"] != done["a"].batch["id"]
+    assert done["b"].answer.text == library_answer(switch, Request.chat("second prompt", model="beta", max_tokens=5)).text
+    assert sched.stats["joined"] == (1 if continuous else 0)

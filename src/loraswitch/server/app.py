@@ -29,7 +29,7 @@ def create_app(switch, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     metrics = Metrics()
     scheduler = Scheduler(switch, settings.max_batch, settings.max_queue, metrics,
-                          max_parts=min(settings.max_parts, settings.max_batch))
+                          max_parts=min(settings.max_parts, settings.max_batch), continuous=settings.continuous)
     metrics.bind(scheduler)
     st = ServerState(switch, settings, metrics, scheduler)
     serving_shifts.install(st)

@@ -23,6 +23,7 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="LORASWITCH_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/*.")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Requests decoded together in one batched forward.")] = 32,
+    continuous: Annotated[bool, typer.Option("--continuous/--no-continuous", help="Continuous batching: requests that arrive while a batch decodes join it between steps (their prompts prefilled in chunks); off: they wait for the next batch.")] = True,
     max_queue: Annotated[int, typer.Option(min=1, help="Requests allowed to wait; beyond that the server answers 429.")] = 256,
     max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Longer prompts are refused with 400.")] = 2048,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for (400 above).")] = 512,
@@ -70,7 +71,7 @@ def serve(
         max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
         default_max_tokens=min(default_max_tokens, max_new_tokens), default_temperature=default_temperature,
         timeout=timeout, api_key=api_key or None, allow_adapter_admin=adapter_admin, max_body_bytes=max_body_bytes,
-        max_parts=max_parts, docs=docs, keep_prompts=keep_prompts, shift_min_size=shift_min_size,
+        max_parts=max_parts, docs=docs, keep_prompts=keep_prompts, shift_min_size=shift_min_size, continuous=continuous,
         allowed_hosts=[h.strip() for item in allowed_hosts for h in item.split(",") if h.strip()] if allowed_hosts
         else default_hosts(host),
     )
@@ -89,11 +90,10 @@ def serve(
                                     escalate_threshold, escalate_rate, calibration)
     switch.engine.compile, switch.engine.prefix_tokens = compile_step, prefix_cache
     switch.engine.limit_resident(adapters_per_replica)
-    app = create_app(switch, settings)
     where = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
     typer.echo(f"loraswitch serving {switch.base.name} with {len(switch.engine.names)} adapters "
                f"({', '.join(switch.engine.names) or 'none'}) on {where}  (trace page: {where}/ui)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=10)
+    uvicorn.run(create_app(switch, settings), host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=10)
 
 
 def serve_on_ray(switch_config: dict, settings, host: str, port: int, address: str | None, replicas: int,

@@ -2,9 +2,15 @@
 
 HTTP handlers put `Job`s into the queue (full -> 429). Whenever the worker is free it takes
 everything waiting, up to `max_batch`, and hands it to the library's batch interface
-(`Switch.run`), which decodes it in as few batched forwards as the requests allow (dynamic
-batching: requests that arrive while a batch decodes wait for the next one). Each request's
-events come back through its handle and reach its HTTP handler's event loop thread-safely.
+(`Switch.run`), which decodes it in as few batched forwards as the requests allow. Requests that
+arrive while a batch decodes join it between its steps (continuous batching, `continuous`; the
+library asks `_arrivals`), as long as they fit it (same sampling settings...) and the batch has
+rows free; the first that does not fit waits, and so does everything behind it, until the round
+ends (first come, first served: a request never waits behind later ones that happen to fit). A
+library change due between rounds also stops the joining, so the round drains and it runs. With
+`continuous=False` every request that arrives during a round waits for the next one. Each
+request's events come back through its handle and reach its HTTP handler's event loop
+thread-safely.
 """
 
 from __future__ import annotations
@@ -94,7 +100,7 @@ class Scheduler:
     """The bounded queue and the worker thread (see the module doc)."""
 
     def __init__(self, switch, max_batch: int = 32, max_queue: int = 256, metrics=None, max_parts: int | None = None,
-                 gather_max_s: float = GATHER_MAX_S):
+                 gather_max_s: float = GATHER_MAX_S, continuous: bool = True):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be at least 1")
         self.switch = switch
@@ -104,6 +110,7 @@ class Scheduler:
         self.max_parts = max_parts
         self.metrics = metrics
         self.gather_max_s = gather_max_s
+        self.continuous = continuous
         self._arriving = 0  # requests the HTTP handlers are preparing (parsed, not yet queued)
         self._ops: list[tuple[Callable[[], object], Future]] = []  # run between rounds
         self._queue: deque[Job] = deque()
@@ -113,7 +120,7 @@ class Scheduler:
         self._running: list[Job] = []
         self._unanswered: dict[int, Job] = {}  # id(handle) -> job taken and not yet answered (escalated)
         self._thread: threading.Thread | None = None
-        self.stats = {"rounds": 0, "batches": 0, "rows": 0, "max_batch_size": 0, "failed_batches": 0}
+        self.stats = {"rounds": 0, "batches": 0, "rows": 0, "joined": 0, "max_batch_size": 0, "failed_batches": 0}
         self.recent: deque[dict] = deque(maxlen=64)  # the last batches: id, size, models, seconds
 
     # ------------------------------------------------------------------ lifecycle
@@ -231,6 +238,23 @@ class Scheduler:
             _settle(future, fn)
         return jobs
 
+    def _arrivals(self, rows: int, fits: Callable[[Request], bool]) -> list:
+        """Waiting requests for the running batch (`Switch.run`'s `arrivals`): from the head of the
+        queue, at most `rows` rows, while each `fits`; none while paused, stopping or a library
+        change waits for the round to end."""
+        with self._cv:
+            jobs: list[Job] = []
+            if self._paused or self._stopping or self._ops:
+                return []
+            while self._queue and rows >= self._queue[0].rows + sum(j.rows for j in jobs) \
+                    and fits(self._queue[0].request):
+                job = self._queue.popleft()
+                if not job.handle.cancelled:
+                    jobs.append(job)
+            self._running = self._running + jobs  # a new list: stop() and the round read it
+            self._unanswered.update((id(j.handle), j) for j in jobs)
+        return [j.handle for j in jobs]
+
     def _gather(self) -> None:
         """Wait, inside the condition, for the requests the handlers are still preparing. They reach
         the queue one by one (each is validated and tokenized in the one `prep` thread first), so
@@ -268,6 +292,8 @@ class Scheduler:
                     self._round(jobs)
             except Exception:  # never let the worker die: fail this round, keep serving
                 log.exception("scheduler round failed")
+                with self._cv:
+                    jobs = list(self._running)  # joined ones included
                 for job in jobs:
                     if not job.finished:
                         job.on_event(Failed(errors.server_error("internal error while generating")))
@@ -279,7 +305,7 @@ class Scheduler:
         self.stats["rounds"] += 1
         began = time.perf_counter()
         batches = self.switch.run([j.handle for j in jobs], max_rows=self.max_batch, max_parts=self.max_parts,
-                                  requeue=self.requeue)
+                                  requeue=self.requeue, arrivals=self._arrivals if self.continuous else None)
         seconds = time.perf_counter() - began
         phases: dict[str, float] = {}
         for info in batches:
@@ -287,6 +313,7 @@ class Scheduler:
                 phases[name] = phases.get(name, 0.0) + value
             self.stats["batches"] += 1
             self.stats["rows"] += info["size"]
+            self.stats["joined"] += info.get("joined", 0)
             self.stats["failed_batches"] += int(info.get("failed", False))
             self.stats["max_batch_size"] = max(self.stats["max_batch_size"], info["size"])
             self.recent.append(info)
@@ -294,7 +321,9 @@ class Scheduler:
                 self.metrics.batch(info["size"])
         if self.metrics is not None:
             self.metrics.round(seconds, phases)
-            for job in jobs:
+            with self._cv:
+                answered = list(self._running)  # the round's jobs and those that joined it
+            for job in answered:
                 self.metrics.queued((job.started or time.monotonic()) - job.submitted)
 
 

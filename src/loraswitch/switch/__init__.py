@@ -111,13 +111,15 @@ class Switch:
         return explicit(self.engine, [model] * len(prompts))
 
     def run(self, handles: list[Handle], max_rows: int | None = MAX_BATCH, max_parts: int | None = None,
-            requeue=None) -> list[dict]:
+            requeue=None, arrivals=None) -> list[dict]:
         """Answer every handle's request; each gets its events (started, token, switched, then
         done or failed) through `handle.emit` as they happen. At most `max_rows` rows per batched
         forward; a request of more than `max_parts` numbered parts fails (`parts.PartsError`).
         With an upstream, `requeue(handle)` (a server's queue) takes the requests the upstream
-        failed, so this returns without waiting for the upstream. Returns the batches formed."""
-        return run(self, handles, max_rows, max_parts, requeue)
+        failed, so this returns without waiting for the upstream. `arrivals` (`run.Arrivals`, a
+        server's queue) hands in requests that arrive meanwhile, to join the running batch
+        (continuous batching). Returns the batches formed."""
+        return run(self, handles, max_rows, max_parts, requeue, arrivals)
 
     def stream(self, requests: list[Request]) -> Iterator[tuple[int, Event]]:
         """(request index, event) as the answers are written; the generation runs in a thread and

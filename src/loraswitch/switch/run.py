@@ -12,7 +12,7 @@ decoded with as few `generate` calls as possible:
   (explicit adapters, `base`, sequence-level routing) share one forward through `RowsPolicy`; a
   per-layer router (Arrow, gates: `policy.dynamic`) gets a forward of its own.
 
-Each row keeps its own decoding state apart from its request (`Row`): its token limit, stop
+Each row keeps its own decoding state apart from its request (`rows.Row`): its token limit, stop
 strings, incremental text, and what it has streamed. A row that reaches its `max_tokens`, hits a
 stop string or whose request was cancelled leaves the batch at once, and each request is answered
 the moment its last row ends, not when the whole batch does.
@@ -23,6 +23,13 @@ prompts' forward), `decode` (the steps after it) and `listener` (detokenizing, s
 events, done per token in `BatchListener`); the first batch of a `run` also carries the round's
 `template` (chat templating, parts) and `segment` (the segmentation feature pass). The server
 adds them up in /metrics: they are the served path's profile (docs/benchmarks.md).
+
+Continuous batching: with `arrivals` (a server's queue), the last batch of a round that can take
+rows in (one static policy, no seed, no echo) asks it between decode steps for waiting requests
+that fit (the same sampling settings, logprobs it computes) and they join that batch
+(`generate`'s `admit`) instead of waiting for it to end; requests a per-layer router answers are
+decoded right after it. Their templating, segmentation and routing count in their phases, their
+prefill (chunked, between the running rows' steps) in `decode`.
 """
 
 from __future__ import annotations
@@ -30,112 +37,21 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
-from loraswitch.generate import Generation, Listener, Policy, RowsPolicy, SamplingParams, generate
+from loraswitch.generate import Joining, Policy, RowsPolicy, SamplingParams, generate
 from loraswitch.library import AdapterError
 from loraswitch.routing.base import StaleRouterError
 from loraswitch.switch.mixture import MixtureError
 from loraswitch.switch.parts import PartsAnswer, SingleAnswer, fan_out
-from loraswitch.switch.request import Handle, InvalidOutput, Request, RouterUnavailable, Switched, Token
+from loraswitch.switch.request import Handle, Request, RouterUnavailable
+from loraswitch.switch.rows import BatchListener, Row
 from loraswitch.switch.segment import segment_requests
 from loraswitch.switch.text import Detokenizer, StopStrings
 
 log = logging.getLogger("loraswitch.switch")
 _batch_ids = itertools.count(1)
-
-
-@dataclass(eq=False)
-class Row:
-    """One row of a batch (a request, or part `part` of one) and its decoding state."""
-
-    answer: SingleAnswer
-    part: int
-    request: Request  # the part's own request for a multi-part one (route text, max_tokens)
-    detok: Detokenizer
-    stops: StopStrings
-    batch: dict = field(default_factory=dict)
-    sent: int = 0  # characters already emitted
-    next_piece: int = 0  # first token whose text is not all emitted yet
-    released: int = 0  # tokens whose logprobs were emitted
-    cut: int | None = None  # where a stop string starts
-    top: str | None = None  # the adapter of the last token (for switch events)
-
-    def emit_text(self, text: str, upto: int, gen: Generation, final: bool = False) -> None:
-        """Emit `text[sent:upto]` with its token pieces and the logprobs of completed tokens."""
-        done = len(gen.token_ids) if final else self.detok.complete(upto)
-        if upto <= self.sent and done <= self.released:
-            return
-        start = self.next_piece
-        pieces, self.next_piece = self.detok.pieces(text, self.sent, upto, gen.trace, self.next_piece)
-        logprobs = tuple(gen.logprobs[self.released : done])
-        self.answer.event(self.part, Token(text[self.sent : upto], start, tuple(pieces), logprobs))
-        self.sent, self.released = max(self.sent, upto), max(self.released, done)
-
-
-def _top(entry: dict) -> str | None:
-    adapters = entry.get("adapters") or {}
-    return max(adapters, key=adapters.get) if adapters else None
-
-
-class BatchListener(Listener):
-    """Per-row limits, stop strings, cancellation and streaming for one `generate` call."""
-
-    def __init__(self, rows: list[Row]):
-        self.rows = rows
-        self.first: float | None = None  # when the first row produced or ended (prefill done)
-        self.seconds = 0.0  # spent in this listener (detokenizing, stop strings, events)
-
-    def token(self, r: int, gen: Generation) -> str | None:
-        began = time.perf_counter()
-        if self.first is None:
-            self.first = began
-        try:
-            return self._token(r, gen)
-        finally:
-            self.seconds += time.perf_counter() - began
-
-    def _token(self, r: int, gen: Generation) -> str | None:
-        row = self.rows[r]
-        if row.answer.gone:
-            return "cancelled"
-        index = len(gen.token_ids) - 1
-        top = _top(gen.trace[index])
-        if index == 0 or top != row.top:
-            row.top = top
-            row.answer.event(row.part, Switched(index, top))
-        row.detok.add(gen.token_ids[-1])
-        text = row.detok.text
-        if row.stops:
-            row.cut = row.stops.find(text)
-            if row.cut is not None:
-                return "stop"
-        row.emit_text(text, len(text) - row.stops.holdback(text), gen)
-        return "length" if len(gen.token_ids) >= row.request.max_tokens else None
-
-    def finished(self, r: int, gen: Generation) -> None:
-        began = time.perf_counter()
-        if self.first is None:
-            self.first = began
-        try:
-            self._finished(r, gen)
-        finally:
-            self.seconds += time.perf_counter() - began
-
-    def _finished(self, r: int, gen: Generation) -> None:
-        row = self.rows[r]
-        if gen.finish_reason == "cancelled" or row.answer.gone:
-            return
-        if gen.finish_reason == "error":
-            who = gen.routing.get("adapter", row.request.model) or "base"
-            row.answer.failed(InvalidOutput(f"the model produced non-finite logits (NaN or inf) answering with "
-                                            f"{who!r}; the requests batched with it were not affected"))
-            return
-        if row.cut is not None:
-            gen.text = row.detok.text[: row.cut]
-        row.emit_text(gen.text, len(gen.text), gen, final=True)
-        row.answer.done(row.part, gen, row.batch)
 
 
 def _rows(switch, handle: Handle, max_parts: int | None = None, found=None) -> list[Row]:
@@ -238,62 +154,137 @@ def _calls(switch, rows: list[Row], max_rows: int | None) -> list[tuple[Call, fl
     return [(c, sum(t)) for c, t in static + dynamic if c]
 
 
-def _generate(switch, call: Call, route_s: float = 0.0) -> dict | None:
-    """One `generate` call for `call`'s rows (the policies were built over all of them, in
-    `route_s` seconds); its info carries its `phases` (see the module doc)."""
-    rows = [r for _, members in call for r in members]
-    if all(r.answer.gone for r in rows):
-        return None
+# A server's queue, asked between decode steps: waiting requests, in order, of at most `rows` rows
+# in all, for as long as each one `fits` the running batch (the first that does not stops it).
+Arrivals = Callable[[int, Callable[[Request], bool]], list[Handle]]
+
+
+def _call_policy(call: Call) -> tuple[RowsPolicy, list[Row]]:
+    """One policy over all of `call`'s rows, in order."""
     parts, offset = [], 0
     for policy, members in call:
         parts.append((policy, offset))
         offset += len(members)
-    policy = RowsPolicy(parts, len(rows))
-    lead = rows[0].request
-    wanted = [r.request.logprobs for r in rows if r.request.logprobs is not None]
-    params = SamplingParams(max_new_tokens=max(r.request.max_tokens for r in rows),
-                            temperature=max(lead.temperature, 0.0), top_p=lead.top_p, seed=lead.seed,
-                            logprobs=max(wanted) if wanted else None, echo=lead.echo)
-    info = {"id": next(_batch_ids), "size": len(rows), "dynamic": policy.dynamic is not None}
+    rows = [r for _, members in call for r in members]
+    return RowsPolicy(parts, len(rows)), rows
+
+
+def _start(rows: list[Row], info: dict) -> None:
     for row in rows:
         row.batch = dict(info)
         row.answer.started(row.part, dict(info))
+
+
+class _Joins:
+    """The `admit` of one running `generate` call: takes the waiting requests that fit it from
+    `arrivals`, makes their rows and policies, and hands the static ones in (their `listener`
+    rows added); rows a per-layer router routes wait in `later` for a call of their own."""
+
+    def __init__(self, switch, arrivals: Arrivals, limits: tuple[int | None, int | None], listener: BatchListener,
+                 info: dict, params: SamplingParams):
+        self.switch, self.arrivals, self.listener, self.info = switch, arrivals, listener, info
+        self.max_rows, self.max_parts = limits
+        self.key = listener.rows[0].request.sampling_key
+        self.logprobs = params.logprobs
+        self.later: list[tuple[Call, float]] = []
+        self.phases: dict[str, float] = {}
+        self.seconds = 0.0  # spent here (templating, segmentation, routing), not decoding
+        self.joined = 0
+
+    def fits(self, request: Request) -> bool:
+        """Whether `request` can decode in this batch: one sampling setting and random generator
+        for all, and the logprobs the batch computes."""
+        return (not request.decodes_alone and request.sampling_key == self.key
+                and (request.logprobs is None or (self.logprobs or 0) >= request.logprobs))
+
+    def __call__(self, held: int) -> Joining | None:
+        room = (self.max_rows or 1 << 30) - held
+        handles = self.arrivals(room, self.fits) if room > 0 else []
+        if not handles:
+            return None
+        began = time.perf_counter()
+        try:
+            rows = _rows_of(self.switch, handles, self.max_parts, self.phases)
+            static: Call = []
+            for call, route_s in _calls(self.switch, rows, None):
+                self.phases["route"] = self.phases.get("route", 0.0) + route_s
+                if call[0][0].dynamic is not None:
+                    self.later.append((call, 0.0))
+                else:
+                    static = call
+            if not static:
+                return None
+            policy, joined = _call_policy(static)
+            _start(joined, {**self.info, "size": held + len(joined)})
+            self.listener.rows += joined
+            self.joined += len(joined)
+            return Joining([list(r.request.prompt_ids) for r in joined], policy,
+                           max(r.request.max_tokens for r in joined))
+        finally:
+            self.seconds += time.perf_counter() - began
+
+
+def _generate(switch, call: Call, route_s: float = 0.0, arrivals: Arrivals | None = None,
+              limits: tuple[int | None, int | None] = (None, None)) -> tuple[dict | None, list[tuple[Call, float]]]:
+    """One `generate` call for `call`'s rows (the policies were built over all of them, in
+    `route_s` seconds); its info carries its `phases` (see the module doc). With `arrivals`,
+    waiting requests join it (`_Joins`); returns the info, and the calls of joined requests that
+    need a forward of their own."""
+    policy, rows = _call_policy(call)
+    if all(r.answer.gone for r in rows):
+        return None, []
+    lead = rows[0].request
+    wanted = [r.request.logprobs for r in rows if r.request.logprobs is not None]
+    params = SamplingParams(max_new_tokens=max(r.request.max_tokens for r in rows),
+                            temperature=max(lead.temperature, 0.0), top_p=lead.top_p,
+                            seed=None if lead.greedy else lead.seed,  # greedy rows draw nothing
+                            logprobs=max(wanted) if wanted else None, echo=lead.echo)
+    info = {"id": next(_batch_ids), "size": len(rows), "dynamic": policy.dynamic is not None}
+    _start(rows, info)
     listener = BatchListener(rows)
+    joins = _Joins(switch, arrivals, limits, listener, info, params) if arrivals is not None else None
     began = time.perf_counter()
     try:
-        generate(switch.engine, [list(r.request.prompt_ids) for r in rows], policy, params, listener)
+        generate(switch.engine, [list(r.request.prompt_ids) for r in rows], policy, params, listener, admit=joins)
     except Exception as exc:
         log.exception("batch %d failed", info["id"])
-        for row in rows:
+        for row in listener.rows:
             row.answer.failed(exc)
         info["failed"] = True
     ended = time.perf_counter()
     first = listener.first or ended
-    phases = {"route": route_s, "prefill": first - began, "decode": max(0.0, ended - first - listener.seconds),
+    aside = joins.seconds if joins else 0.0
+    phases = {"route": route_s, "prefill": first - began, "decode": max(0.0, ended - first - listener.seconds - aside),
               "listener": listener.seconds}
-    return {**info, "models": sorted({r.request.model for r in rows}), "seconds": round(ended - began, 4),
+    for name, value in (joins.phases.items() if joins else ()):
+        phases[name] = phases.get(name, 0.0) + value
+    info = {**info, "size": len(listener.rows), "joined": joins.joined if joins else 0,
+            "models": sorted({r.request.model for r in listener.rows}), "seconds": round(ended - began, 4),
             "phases": {k: round(v, 5) for k, v in phases.items()}}
+    return info, (joins.later if joins else [])
 
 
 def run(switch, handles: list[Handle], max_rows: int | None = None, max_parts: int | None = None,
-        requeue=None) -> list[dict]:
+        requeue=None, arrivals: Arrivals | None = None) -> list[dict]:
     """Answer `handles` (see the module doc); every request gets its events through its handle.
     With an upstream (`switch.escalate`), the requests it should answer go there while the rest
     decode, and those it failed are decoded after (or, with `requeue`, handed to it as they fail,
-    without waiting). Returns what each `generate` call was: id, size, dynamic, models, seconds."""
+    without waiting); `arrivals` is then not asked (a request that joins a running batch would
+    skip the escalation decision). Returns what each `generate` call was: id, size, dynamic,
+    joined, models, seconds."""
     escalator = getattr(switch, "upstream", None)
     if escalator is None:
-        return run_local(switch, handles, max_rows, max_parts)
+        return run_local(switch, handles, max_rows, max_parts, arrivals)
     local, sent = escalator.split(switch, handles, requeue)
     batches = run_local(switch, local, max_rows, max_parts) if local else []
     fallback = escalator.settle(sent) if requeue is None else []
     return batches + (run_local(switch, fallback, max_rows, max_parts) if fallback else [])
 
 
-def run_local(switch, handles: list[Handle], max_rows: int | None = None, max_parts: int | None = None) -> list[dict]:
-    """`run` on this model alone."""
+def _rows_of(switch, handles: list[Handle], max_parts: int | None, phases: dict[str, float]) -> list[Row]:
+    """The rows of `handles` (templated, multi-part ones fanned out), timing `segment` and
+    `template` into `phases`; a request that cannot become rows is answered with its error."""
     rows: list[Row] = []
-    phases: dict[str, float] = {}
     try:  # where each prompt changes task: every prompt of the batch in one feature pass
         with _timed(phases, "segment"):
             found = segment_requests(switch, handles)
@@ -306,17 +297,40 @@ def run_local(switch, handles: list[Handle], max_rows: int | None = None, max_pa
                 rows += _rows(switch, handle, max_parts, found.get(id(handle)))
             except Exception as exc:  # e.g. a conversation the chat template refuses
                 SingleAnswer(handle).failed(exc)
+    return rows
+
+
+def _joinable(call: Call) -> bool:
+    """Whether rows may join `call` while it decodes: one static policy, sampling that does not
+    depend on the batch (no seed) and prefill logits of the last position only (no echo)."""
+    req = call[0][1][0].request
+    return call[0][0].dynamic is None and not req.decodes_alone and not req.echo
+
+
+def run_local(switch, handles: list[Handle], max_rows: int | None = None, max_parts: int | None = None,
+              arrivals: Arrivals | None = None) -> list[dict]:
+    """`run` on this model alone. With `arrivals`, the round's last joinable call takes waiting
+    requests in as it decodes (module doc), then the joined requests that could not share it."""
+    phases: dict[str, float] = {}
+    rows = _rows_of(switch, handles, max_parts, phases)
     by_sampling: dict[tuple, list[Row]] = {}
     for row in rows:
         key = (id(row),) if row.request.decodes_alone else row.request.sampling_key
         by_sampling.setdefault(key, []).append(row)
     batches = []
     with switch.engine.pin():  # adapters removed from now on stay valid for these rows
-        for group in by_sampling.values():
-            for call, route_s in _calls(switch, group, max_rows):
-                info = _generate(switch, call, route_s)
-                if info is not None:
-                    batches.append(info)
+        calls = [c for group in by_sampling.values() for c in _calls(switch, group, max_rows)]
+        open_call = max((i for i, (c, _) in enumerate(calls) if _joinable(c)), default=None) if arrivals else None
+        if open_call is not None:  # it decodes last: the others must not wait for the arrivals it takes in
+            calls.append(calls.pop(open_call))
+        open_index = len(calls) - 1 if open_call is not None else None
+        for i, (call, route_s) in enumerate(calls):
+            info, later = _generate(switch, call, route_s, arrivals if i == open_index else None, (max_rows, max_parts))
+            calls += later
+            if info is not None:
+                batches.append(info)
     if batches:  # the round's own phases, once
-        batches[0]["phases"].update({k: round(v, 5) for k, v in phases.items()})
+        mine = batches[0]["phases"]
+        for name, value in phases.items():
+            mine[name] = round(mine.get(name, 0.0) + value, 5)
     return batches

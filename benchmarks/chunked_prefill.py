@@ -1,0 +1,126 @@
+"""How long a prompt that joins a running batch stalls its decoding rows (continuous batching with
+chunked prefill, issue 17 item 4).
+
+A batch of `--rows` short chat requests decodes (greedy, no stop tokens, adapters named, one per
+row over the demo adapters); after `--join-after` steps one request with a long prompt
+(`--long-tokens` positions) joins it through `generate`'s `admit`. Each configuration prefills it
+in chunks of `--chunks` positions per decode step (`one-shot`: the whole prompt between two
+steps). Reported per configuration, medians over `--repeats` rounds run round-robin after a
+warm-up: the running rows' longest gap between two tokens (the stall), their median gap, the
+joined row's time to first token from its admission, and the running rows' tokens/s.
+
+    python benchmarks/chunked_prefill.py --repeats 3
+
+Writes benchmarks/results/chunked_prefill.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def one_run(switch, short: list[list[int]], long: list[int], names: list[str], args, chunk: int | None) -> dict:
+    from loraswitch.generate import Joining, Listener, SamplingParams, explicit, generate
+
+    engine = switch.engine
+    marks: dict[int, list[float]] = {}
+    admitted: list[float] = []
+    calls = [0]
+
+    class Marks(Listener):
+        def token(self, row, gen):
+            marks.setdefault(row, []).append(time.perf_counter())
+
+    def admit(held: int):
+        calls[0] += 1
+        if calls[0] != args.join_after:
+            return None
+        admitted.append(time.perf_counter())
+        return Joining([long], explicit(engine, [names[0]]), 4)
+
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=0, stop_ids=set())
+    t0 = time.perf_counter()
+    generate(engine, short, explicit(engine, names[: len(short)]), params, Marks(), admit=admit,
+             prefill_chunk=chunk or 1 << 30)
+    wall = time.perf_counter() - t0
+    gaps = [b - a for row in range(len(short)) for a, b in zip(marks[row], marks[row][1:])]
+    joined = marks.get(len(short), [])
+    return {"max_gap_s": max(gaps), "median_gap_s": median(gaps),
+            "joined_ttft_s": joined[0] - admitted[0] if joined and admitted else None,
+            "running_tok_s": sum(len(marks[r]) for r in range(len(short))) / wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument("--long-tokens", type=int, default=1024)
+    p.add_argument("--join-after", type=int, default=8)
+    p.add_argument("--chunks", default="32,64,128,256,one-shot")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from loraswitch.demo.tasks import TASK_NAMES, examples
+    from loraswitch.switch import Switch
+    from loraswitch.switch.request import Request
+
+    switch = Switch()
+    switch.engine.prefix_tokens = 0  # every run prefills the same prompts in full
+    names = ([t for t in TASK_NAMES if t in switch.engine.slots] * args.rows)[: args.rows]  # the demo adapters
+    short = [list(Request.chat(examples(t, "test", 1, seed=i)[0].prompt).tokenized(switch.base).prompt_ids)
+             for i, t in enumerate(names)]
+    filler = " ".join(examples(TASK_NAMES[0], "test", 64, seed=1)[i % 64].prompt for i in range(400))
+    long = list(Request.chat(filler).tokenized(switch.base).prompt_ids)[-args.long_tokens:]
+    configs = [None if c == "one-shot" else int(c) for c in args.chunks.split(",")]
+    label = {c: "one-shot" if c is None else str(c) for c in configs}
+    runs: dict[str, list[dict]] = {label[c]: [] for c in configs}
+    for c in configs:  # warm-up
+        one_run(switch, short, long, names, args, c)
+    for k in range(args.repeats):
+        for c in configs[k % len(configs):] + configs[: k % len(configs)]:
+            runs[label[c]].append(one_run(switch, short, long, names, args, c))
+            print(label[c], json.dumps(runs[label[c]][-1]), flush=True)
+    summary = {name: {key: round(median(r[key] for r in rs), 4) for key in rs[0]} for name, rs in runs.items()}
+    report = {"finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+              "load": [round(x, 2) for x in os.getloadavg()], "config": vars(args),
+              "long_prompt_tokens": len(long), "argv": sys.argv[1:] if argv is None else argv,
+              "summary": summary, "runs": runs}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "chunked_prefill.json").write_text(json.dumps(report, indent=1) + "\n")
+    md = markdown(report)
+    (RESULTS / "chunked_prefill.md").write_text(md)
+    print(md)
+    return 0
+
+
+def markdown(report: dict) -> str:
+    cfg = report["config"]
+    lines = [f"# A long prompt joining a running batch ({report['finished_at']})", "",
+             f"{cfg['rows']} rows decoding {cfg['max_tokens']} tokens each (greedy, no stop, one demo adapter per row); "
+             f"after {cfg['join_after']} steps a {report['long_prompt_tokens']}-token prompt joins. Medians of "
+             f"{cfg['repeats']} round-robin runs, {cfg['threads']} torch thread(s), load average {report['load']} "
+             f"({report['machine']}).", "",
+             "| prefill chunk | running rows' longest gap s | median gap s | joined row's first token s | running rows tok/s |",
+             "|---|---|---|---|---|"]
+    for name, s in report["summary"].items():
+        lines.append(f"| {name} | {s['max_gap_s']} | {s['median_gap_s']} | {s['joined_ttft_s']} | {s['running_tok_s']} |")
+    lines += ["", "Reproduce: `python benchmarks/chunked_prefill.py " + " ".join(report["argv"]) + "`", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

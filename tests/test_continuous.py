@@ -1,0 +1,112 @@
+"""Continuous batching in `generate`: rows that join a running batch (`admit`) answer exactly as
+they would alone, whatever adapters the batch mixes, however their prefill is chunked, and with
+a token limit of their own; joining is refused where it is not safe."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraswitch.engine import Engine
+from loraswitch.generate import Joining, Listener, RowsPolicy, SamplingParams, explicit, generate
+from loraswitch.routing.arrow import ArrowRouter
+
+GREEDY = SamplingParams(max_new_tokens=6, temperature=0, stop_ids=set())  # no stop: every row runs to its limit
+
+
+@pytest.fixture
+def engine(tiny_base, adapter_dir):
+    return Engine(tiny_base, [adapter_dir])
+
+
+def _alone(engine, prompt, name, n):
+    params = SamplingParams(max_new_tokens=n, temperature=0, stop_ids=set())
+    return generate(engine, [prompt], explicit(engine, [name]), params)[0].token_ids
+
+
+class Arrivals:
+    """An `admit` that hands in each group at the step it is due (counted in calls), and records
+    what the batch held when it asked."""
+
+    def __init__(self, groups):
+        self.groups = dict(groups)  # call index -> Joining
+        self.calls, self.held = 0, []
+
+    def __call__(self, held):
+        self.held.append(held)
+        self.calls += 1
+        return self.groups.pop(self.calls - 1, None)
+
+
+class Order(Listener):
+    def __init__(self):
+        self.seen = []
+
+    def token(self, row, gen):
+        self.seen.append(row)
+
+
+def test_joined_rows_answer_as_alone_with_mixed_adapters_and_their_own_limit(engine):
+    prompts = [engine.base.chat_ids(p) for p in ("one", "two two", "a longer third prompt here", "four", "5")]
+    names = ["alpha", "beta", "gamma", None, "alpha"]
+    limits = [6, 6, 9, 4, 3]  # row 2 joins and outlives the running batch's 6
+    want = [_alone(engine, p, n, k) for p, n, k in zip(prompts, names, limits)]
+    engine.prefixes = None  # the joined prefill starts from the same (empty) prefix cache as the batch
+    admit = Arrivals({2: Joining(prompts[2:4], explicit(engine, names[2:4]), 9),
+                      4: Joining(prompts[4:], explicit(engine, names[4:]), 3)})
+
+    class Limits(Order):
+        def token(self, row, gen):
+            super().token(row, gen)
+            return "length" if len(gen.token_ids) >= limits[row] else None
+
+    listener = Limits()
+    out = generate(engine, prompts[:2], explicit(engine, names[:2]), GREEDY, listener, admit=admit, prefill_chunk=4)
+    assert [g.token_ids for g in out] == want
+    assert [g.finish_reason for g in out] == ["length"] * 5
+    assert out[2].trace[0]["adapters"] == {"gamma": 1.0} and out[3].trace[0]["adapters"] == {}
+    assert admit.held[:3] == [2, 2, 2]  # it is told how many rows the batch holds
+    assert len(out[2].token_ids) == 9 > GREEDY.max_new_tokens
+
+
+def test_chunked_prefill_gives_the_one_shot_tokens_and_keeps_the_batch_decoding(engine):
+    long = engine.base.chat_ids("a long prompt " * 12)
+    short = [engine.base.chat_ids(p) for p in ("one", "two two")]
+    engine.prefix_tokens = 0  # the chunks run the whole prompt (the prefix path is the other test's)
+    runs = {}
+    for chunk in (4, 10_000):
+        listener = Order()
+        out = generate(engine, short, explicit(engine, ["alpha", "beta"]), GREEDY, listener,
+                       admit=Arrivals({1: Joining([long], explicit(engine, ["gamma"]), 6)}), prefill_chunk=chunk)
+        runs[chunk] = ([g.token_ids for g in out], listener.seen)
+    assert runs[4][0] == runs[10_000][0] == [*(_alone(engine, p, n, 6) for p, n in zip(short, ["alpha", "beta"])),
+                                             _alone(engine, long, "gamma", 6)]
+    chunks = -(-len(long) // 4)
+    # one-shot: the joined row answers from the next step on; chunked: the running rows produce
+    # tokens while its prompt is read, a chunk per step, and it starts only after
+    assert runs[10_000][1].index(2) < runs[4][1].index(2)
+    assert runs[4][1][: runs[4][1].index(2)].count(0) >= min(chunks, GREEDY.max_new_tokens - 1)
+
+
+def test_joins_through_the_prefix_cache_and_after_the_batch_drained(engine):
+    prompts = [engine.base.chat_ids(p) for p in ("first question", "second question", "third one")]
+    want = [_alone(engine, p, "beta", 6) for p in prompts]
+    assert engine.prefixes.hits > 0  # the shared chat opening is cached by now
+    hits = engine.prefixes.hits
+    short = SamplingParams(max_new_tokens=1, temperature=0, stop_ids=set())
+    admit = Arrivals({0: Joining(prompts[1:], explicit(engine, ["beta", "beta"]), 6)})
+    out = generate(engine, prompts[:1], explicit(engine, ["beta"]), short, admit=admit, prefill_chunk=3)
+    assert [g.token_ids for g in out] == [want[0][:1], *want[1:]]  # row 0 left before the others joined
+    assert engine.prefixes.hits > hits
+
+
+def test_joining_is_not_offered_where_unsafe(engine):
+    prompt = [engine.base.chat_ids("one")]
+    never = Arrivals({})
+    generate(engine, prompt, explicit(engine, ["alpha"]), SamplingParams(max_new_tokens=3, temperature=0.7, seed=1),
+             admit=never)
+    generate(engine, prompt, explicit(engine, ["alpha"]), SamplingParams(max_new_tokens=3, echo=True), admit=never)
+    generate(engine, prompt, ArrowRouter(engine).policy(engine, ["x"]), GREEDY, admit=never)
+    assert never.calls == 0
+    rows = RowsPolicy([(explicit(engine, ["alpha"]), 0)], 1)
+    with pytest.raises(ValueError, match="dynamic"):
+        rows.add(ArrowRouter(engine).policy(engine, ["x"]), 1)
