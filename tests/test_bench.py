@@ -90,3 +90,19 @@ def test_a_batch_1_goal_above_the_machines_matvec_limit_is_reported_as_such():
     assert slow[0]["target"].startswith("(ceiling 1.75x < 3x") and slow[0]["met"] is False
     assert not fast[0]["target"].startswith("(ceiling") and fast[0]["ceiling"] == 4.0
     assert [t["met"] for t in slow[1:]] == [True] and [t["met"] for t in fast[1:]] == [False]  # 25/35 vs 25/80 of the limit
+
+
+def test_sanity_pair_needs_close_medians_and_still_runs():
+    """base and merged within 5% only judges a run when neither moved by more than 15% between
+    its own runs: two medians of widely spread runs can agree by chance."""
+    from loraswitch.bench.config import BenchConfig
+    from loraswitch.bench.report import sanity
+
+    def result(spread):
+        row = {"decode_tok_s": 100.0, "decode_spread": spread}
+        return {"batches": {"16": {"base": dict(row), "merged": {**row, "decode_tok_s": 101.0}}}}
+
+    cfg = BenchConfig(batch_sizes=[16])
+    assert sanity(result(0.08), cfg)[0]["ok"]
+    noisy = sanity(result(0.5), cfg)[0]
+    assert not noisy["ok"] and noisy["spread"] == 0.5

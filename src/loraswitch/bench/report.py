@@ -18,16 +18,22 @@ def _ratio(a, b) -> float | None:
 
 
 SANITY_TOLERANCE = 0.05  # base and merged do the same arithmetic: a run where they differ more is noise
+# ... and each of the two must itself hold still: two medians of runs that moved by 50% can land
+# within 5% of each other by chance (a run on a machine with load average 4-8 did)
+SANITY_SPREAD = 0.15
 
 
 def sanity(model_result: dict, cfg: BenchConfig) -> list[dict]:
     """`base` vs `merged` decode per batch size: the same arithmetic, so their ratio measures the
-    run's own noise. Within +-5% the run may judge targets; beyond, it says it is too noisy."""
+    run's own noise. Within +-5%, and with neither one's runs spread by more than 15%, the run may
+    judge targets; otherwise it says it is too noisy."""
     out = []
     for b in cfg.batch_sizes:
         ratio = _ratio(_get(model_result, b, "base"), _get(model_result, b, "merged"))
         if ratio is not None:
-            out.append({"batch": b, "base_vs_merged": ratio, "ok": abs(ratio - 1.0) <= SANITY_TOLERANCE})
+            spread = max(_get(model_result, b, c, "decode_spread") or 0.0 for c in ("base", "merged"))
+            out.append({"batch": b, "base_vs_merged": ratio, "spread": spread,
+                        "ok": abs(ratio - 1.0) <= SANITY_TOLERANCE and spread <= SANITY_SPREAD})
     return out
 
 
@@ -152,9 +158,10 @@ def markdown(res: dict) -> str:
                   f"one adapter {m['adapter_mb']} MB)", ""]
         checks = m.get("sanity", [])
         if checks:
-            lines += ["Sanity pair (same arithmetic, must be within +-5%): " + ", ".join(
-                f"base / merged = {c['base_vs_merged']}x at batch {c['batch']} ({'ok' if c['ok'] else 'TOO NOISY'})"
-                for c in checks), ""]
+            lines += ["Sanity pair (same arithmetic, must be within +-5%, each spread <= 15%): " + ", ".join(
+                f"base / merged = {c['base_vs_merged']}x at batch {c['batch']}"
+                + (f", spread {100 * c['spread']:.0f}%" if c.get("spread") is not None else "")
+                + f" ({'ok' if c['ok'] else 'TOO NOISY'})" for c in checks), ""]
         lines += ["### Targets", "", "| target | measured | goal | status |", "|---|---|---|---|"]
         for t in m.get("targets", []):
             status = "met" if t["met"] else ("too noisy to judge" if t["met"] is None else "**NOT MET**")
