@@ -106,3 +106,17 @@ def test_sanity_pair_needs_close_medians_and_still_runs():
     assert sanity(result(0.08), cfg)[0]["ok"]
     noisy = sanity(result(0.5), cfg)[0]
     assert not noisy["ok"] and noisy["spread"] == 0.5
+
+
+def test_scaling_targets_name_every_large_library_and_its_resident_limit():
+    """Every scaling point of 128 adapters or more is judged against 8; a paged library says how
+    many of its adapters were resident."""
+    from loraswitch.bench.config import BenchConfig
+    from loraswitch.bench.report import _targets
+
+    sc = {"8": {"resident": 8, "16": {"decode_tok_s": 100.0}}, "128": {"resident": 128, "16": {"decode_tok_s": 95.0}},
+          "1000": {"resident": 128, "16": {"decode_tok_s": 70.0}}}
+    got = {t["target"]: t for t in _targets({"batches": {}, "scaling": sc}, BenchConfig(batch_sizes=[16]))}
+    assert got["decode cost with 128 adapters loaded <= 1.2x with 8 (batch 16)"]["met"]
+    paged = got["decode cost with 1000 adapters loaded (128 resident) <= 1.2x with 8 (batch 16)"]
+    assert paged["ratio"] == round(100 / 70, 3) and paged["met"] is False

@@ -20,6 +20,7 @@ def bench_command(
     prompt_len: Annotated[int | None, typer.Option(min=1)] = None,
     repeats: Annotated[int | None, typer.Option(min=1, help="Timed runs per configuration (best is kept).")] = None,
     scaling: Annotated[list[int] | None, typer.Option("--scaling", help="Adapters loaded for the scaling study (default 1 8 32 128).")] = None,
+    max_resident: Annotated[int | None, typer.Option("--max-resident", min=8, help="Scaling study: keep at most this many adapters in the layers' stacks (the rest paged out, in host memory).")] = None,
     configs: Annotated[list[str] | None, typer.Option("--configs", help="Only these configurations: " + ", ".join(CONFIGS))] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="float32 (default), bfloat16 or float16: weights and adapters.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="SmolLM2 only, batch 16, 16 new tokens, 8 vs 128 adapters.")] = False,
@@ -47,7 +48,7 @@ def bench_command(
 
     overrides = {"models": split(models), "device": device, "batch_sizes": batch_sizes, "new_tokens": new_tokens,
                  "prompt_len": prompt_len, "repeats": repeats, "scaling": scaling, "configs": split(configs),
-                 "out_dir": out, "profile": profile, "dtype": dtype}
+                 "out_dir": out, "profile": profile, "dtype": dtype, "max_resident": max_resident}
     cfg = BenchConfig.quick_config(**overrides) if quick else BenchConfig(**{k: v for k, v in overrides.items() if v is not None})
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         console.print(f"[red]error:[/red] --dtype must be float32, bfloat16 or float16, not {cfg.dtype!r}")

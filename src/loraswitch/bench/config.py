@@ -39,6 +39,10 @@ class BenchConfig:
     batch1_configs: list[str] | None = None  # None: every configuration at batch 1 too
     compile_backend: str = "inductor"  # torch.compile backend of `ls_compiled` ("eager" in the smoke test)
     limit: bool = True  # the matvec sweep (bench.limit): the batch-1 bandwidth ceiling
+    # the scaling study's resident limit (`Engine.max_resident`, vLLM's max_loras): a library of
+    # 1,000 rank-8 SmolLM2 adapters is 9.3 GB of fp32 factors in host memory, and as many again
+    # in the layers' stacks if every one were resident
+    max_resident: int | None = None
 
     @classmethod
     def quick_config(cls, **overrides) -> BenchConfig:

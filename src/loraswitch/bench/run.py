@@ -170,6 +170,7 @@ def _bench_scaling(engine: Engine, base: Base, adapters: list[Adapter], prompts:
     out: dict[str, dict] = {}
     for a in list(engine.adapters):
         engine.remove_adapter(a)
+    engine.limit_resident(cfg.max_resident)  # None: every adapter in the stacks
     pool = list(adapters)
     loaded = 0
     for n in sorted(cfg.scaling):
@@ -179,7 +180,7 @@ def _bench_scaling(engine: Engine, base: Base, adapters: list[Adapter], prompts:
             engine.add_adapter(a)
         loaded = max(loaded, n)
         use = [engine.slot_of(a.name) for a in pool[: min(cfg.n_mixed, n)]]
-        entry: dict = {"adapter_stack_mb": round(engine_adapter_bytes(engine) / 2**20, 1)}
+        entry: dict = {"adapter_stack_mb": round(engine_adapter_bytes(engine) / 2**20, 1), "resident": len(engine.slots)}
         for b, ids in prompts.items():
             if b == 1 and cfg.batch1_configs is not None:
                 continue  # a quick run's batch 1 is the single-stream table only
@@ -188,6 +189,7 @@ def _bench_scaling(engine: Engine, base: Base, adapters: list[Adapter], prompts:
             runner = Runner(partial(ls_generate, engine, ids, cfg.new_tokens, factory, device))
             entry[str(b)] = interleaved({"ls_mixed": runner}, cfg.repeats, device)["ls_mixed"]
         out[str(n)] = entry
+    engine.limit_resident(None)
     return out
 
 
