@@ -340,7 +340,7 @@ def continuous_compare(args: argparse.Namespace, make_requests, models: list[str
     if args.doc:
         from loraswitch.eval.report import update_doc
 
-        update_doc(Path(args.doc), "continuous-batching", compare_markdown(report))
+        update_doc(Path(args.doc), "continuous-batching" + (f"-{args.tag}" if args.tag else ""), compare_markdown(report))
     return 1 if sum(r["errors_5xx"] + r["lost"] for rs in runs.values() for r in rs) else 0
 
 

@@ -110,3 +110,25 @@ def test_joining_is_not_offered_where_unsafe(engine):
     rows = RowsPolicy([(explicit(engine, ["alpha"]), 0)], 1)
     with pytest.raises(ValueError, match="dynamic"):
         rows.add(ArrowRouter(engine).policy(engine, ["x"]), 1)
+
+
+def test_cache_is_trimmed_when_a_long_joined_row_leaves(engine, monkeypatch):
+    from loraswitch.decode import EagerStepper
+
+    short = [engine.base.chat_ids(p) for p in ("one", "two two")]
+    long = engine.base.chat_ids("a long prompt " * 12)
+    want = [_alone(engine, p, n, 16) for p, n in zip(short, ["alpha", "beta"])] + [_alone(engine, long, "gamma", 1)]
+    widths = []
+    trim = EagerStepper.trim
+
+    def spy(self):
+        before = self.mask.shape[1]
+        trim(self)
+        widths.append((before, self.mask.shape[1]))
+
+    monkeypatch.setattr(EagerStepper, "trim", spy)
+    params = SamplingParams(max_new_tokens=16, temperature=0, stop_ids=set())
+    out = generate(engine, short, explicit(engine, ["alpha", "beta"]), params,
+                   admit=Arrivals({1: Joining([long], explicit(engine, ["gamma"]), 1)}), prefill_chunk=16)
+    assert [g.token_ids for g in out] == want
+    assert any(after < before - 20 for before, after in widths), widths  # the long row's context went with it

@@ -153,15 +153,23 @@ class EagerStepper:
     def join(self, other: EagerStepper) -> None:
         """Append `other`'s rows (prefilled on their own cache) to this batch: both caches lose
         the leading positions none of their rows attends to, the shorter is left-padded (masked)
-        to the other's length, then keys, values, masks and next positions are concatenated
-        along the batch. Positions are per row, so every row decodes as it would alone."""
-        mine, theirs = _trimmed(self.cache, self.mask), _trimmed(other.cache, other.mask)
-        length = max(mine[1].shape[1], theirs[1].shape[1])
-        kv = [(torch.cat([_pad_left(a, length, 2), _pad_left(c, length, 2)]),
-               torch.cat([_pad_left(b, length, 2), _pad_left(d, length, 2)])) for (a, b), (c, d) in zip(mine[0], theirs[0])]
-        self.cache = DynamicCache(ddp_cache_data=kv)
-        self.mask = torch.cat([_pad_left(mine[1], length, 1), _pad_left(theirs[1], length, 1)])
+        to the other's length, then keys, values, masks and next positions are stacked along the
+        batch. Positions are per row, so every row decodes as it would alone."""
+        (mine, mask), (theirs, their_mask) = _trimmed(self.cache, self.mask), _trimmed(other.cache, other.mask)
+        length = max(mask.shape[1], their_mask.shape[1])
+        self.cache = DynamicCache(ddp_cache_data=[(_stacked(a, c, length, 2), _stacked(b, d, length, 2))
+                                                  for (a, b), (c, d) in zip(mine, theirs)])
+        self.mask = _stacked(mask, their_mask, length, 1)
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
+
+    def trim(self) -> None:
+        """Drop the leading cache positions no row attends to any more: after a long row left a
+        batch that rows joined, the others no longer pay attention over its length (every step
+        copies and reads the whole cache)."""
+        if bool(self.mask[:, 0].any()):
+            return
+        kv, self.mask = _trimmed(self.cache, self.mask)
+        self.cache = DynamicCache(ddp_cache_data=kv)
 
     def select(self, keep: list[int]) -> None:
         """Only the batch positions `keep` go on (rows that finished leave the cache)."""
@@ -197,15 +205,17 @@ def _trimmed(cache: DynamicCache, mask: torch.Tensor) -> tuple[list[tuple[torch.
     return [(lay.keys[:, :, start:], lay.values[:, :, start:]) for lay in cache.layers], mask[:, start:]
 
 
-def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    """`t` with zeros before it along `dim` up to `length` (masked positions of a cache)."""
-    missing = length - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
+def _stacked(a: torch.Tensor, b: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """`a`'s rows then `b`'s, each right-aligned to `length` along `dim` and zero before (masked
+    positions): one allocation, and only the padding written with zeros."""
+    shape = list(a.shape)
+    shape[0], shape[dim] = a.shape[0] + b.shape[0], length
+    out = a.new_empty(shape)
+    for part, x in ((out[: a.shape[0]], a), (out[a.shape[0]:], b)):
+        n = x.shape[dim]
+        part.narrow(dim, 0, length - n).zero_()
+        part.narrow(dim, length - n, n).copy_(x)
+    return out
 
 class _Static:
     """One (batch, length) shape's state, kept across generations: the cache, the mask, and the

@@ -272,12 +272,16 @@ def generate(engine: Engine, prompts: list[list[int]], policy: Policy | None = N
             if len(keep) < len(rows.live):
                 stepper.select(keep)
                 rows.live = [rows.live[b] for b in keep]
+                if admit is not None and rows.live:  # a batch rows join: drop what only leavers used
+                    stepper.trim()
             if admit is not None and joiner is None:
                 joiner = _join(engine, policy, rows, admit(len(rows.live)), prefill_chunk)
             if not rows.live and joiner is None:
                 break
             logits = stepper.step(tokens, rows.choices(), policy.dynamic) if rows.live else logits[:0]
             first = joiner.advance() if joiner is not None else None
+            while first is None and joiner is not None and not rows.live:  # no rows to keep decoding:
+                first = joiner.advance()  # its prompts are read without waiting for steps
             if first is not None:
                 stepper = _merged(stepper, joiner.stepper, bool(rows.live))
                 rows.live += joiner.rows
