@@ -173,9 +173,11 @@ class MultiLoRALinear(nn.Module):
         if routing.n_tokens != x2.shape[0]:
             raise RuntimeError(f"{self.key}: routing covers {routing.n_tokens} tokens, the input has {x2.shape[0]}")
         b = self._buffers
-        out = add_lora(y.reshape(-1, y.shape[-1]), x2, b["A"], b["B"], self.ranks, routing, self.stacked_cache,
-                       WholeStack(b["A_all"], b["B_all"], b["col_index"], self.stack_starts))
-        return out.view(y.shape)
+        # one adapter for every token never reads the whole stack: no operands to gather for it
+        stack = None if uniform is not None else WholeStack(b["A_all"], b["B_all"], b["col_index"], self.stack_starts)
+        y2 = y.reshape(-1, y.shape[-1])
+        out = add_lora(y2, x2, b["A"], b["B"], self.ranks, routing, self.stacked_cache, stack)
+        return y if out is y2 else out.view(y.shape)  # in place (inference): y itself holds the sum
 
 
 def wrap_linear(model: nn.Module, key: str, ctx: RoutingContext) -> MultiLoRALinear:

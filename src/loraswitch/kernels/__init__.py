@@ -244,9 +244,12 @@ def add_lora(
             return y
         r = ranks[uniform + 1]
         if inplace and cache is not None:  # decode-time fast path: two GEMMs on cached contiguous factors
-            A_t, B_t = _cached(cache, ("uniform", uniform), x,
-                               lambda: (A[uniform + 1, :r].T.contiguous(), B[uniform + 1, :, :r].T.contiguous()))
-            return y.addmm_(x @ A_t, B_t)
+            key = ("uniform", uniform)
+            factors = cache.get(key)  # the hit, every step of a decode, without building a closure
+            if factors is None or factors[0].dtype != x.dtype or factors[0].device != x.device:
+                factors = _cached(cache, key, x,
+                                  lambda: (A[uniform + 1, :r].T.contiguous(), B[uniform + 1, :, :r].T.contiguous()))
+            return y.addmm_(x @ factors[0], factors[1])
         delta = (x @ A[uniform + 1, :r].T) @ B[uniform + 1, :, :r].T
         return y.add_(delta) if inplace else y + delta
     tok, sid, w = routing.pairs()
