@@ -46,7 +46,11 @@ from loraswitch.policy import (
 __all__ = ["NO_ADAPTER", "Choice", "FixedPolicy", "Generation", "Joining", "Listener", "MIN_TEMPERATURE", "Policy",
            "RowsPolicy", "SamplingParams", "TokenLogprob", "explicit", "generate"]
 
-PREFILL_CHUNK = 64  # prompt positions a joining group prefills per decode step of the running rows
+# prompt positions a joining group prefills per decode step of the running rows. A 1024-token
+# prompt joining 8 decoding rows (benchmarks/chunked_prefill.py, docs/benchmarks.md): 256 cut their
+# longest stall 2.5x against one forward, at ~1.2x the joined row's first-token time and the same
+# tokens/s; 64 cut it 3.5x but took 2.7x the first-token time and 20% of the running rows' tokens/s
+PREFILL_CHUNK = 256
 
 
 @dataclass
