@@ -132,3 +132,20 @@ def test_cache_is_trimmed_when_a_long_joined_row_leaves(engine, monkeypatch):
                    admit=Arrivals({1: Joining([long], explicit(engine, ["gamma"]), 1)}), prefill_chunk=16)
     assert [g.token_ids for g in out] == want
     assert any(after < before - 20 for before, after in widths), widths  # the long row's context went with it
+
+
+def test_a_request_fits_a_running_batch_only_if_it_gets_what_it_asked_for():
+    from types import SimpleNamespace
+
+    from loraswitch.switch.request import Request
+    from loraswitch.switch.run import _Joins
+
+    greedy = Request.chat("hi", max_tokens=4)
+    plain = SimpleNamespace(key=greedy.sampling_key, logprobs=None)  # a greedy batch computing no logprobs
+    with_logprobs = SimpleNamespace(key=greedy.sampling_key, logprobs=2)
+    assert _Joins.fits(plain, greedy)
+    assert not _Joins.fits(plain, Request.chat("hi", max_tokens=4, logprobs=0))  # it would get none
+    assert _Joins.fits(with_logprobs, Request.chat("hi", max_tokens=4, logprobs=2))
+    assert not _Joins.fits(with_logprobs, Request.chat("hi", max_tokens=4, logprobs=3))
+    assert not _Joins.fits(plain, Request.chat("hi", max_tokens=4, temperature=0.8))
+    assert not _Joins.fits(plain, Request.chat("hi", max_tokens=4, echo=True))

@@ -195,7 +195,7 @@ class _Joins:
         """Whether `request` can decode in this batch: one sampling setting and random generator
         for all, and the logprobs the batch computes."""
         return (not request.decodes_alone and request.sampling_key == self.key
-                and (request.logprobs is None or (self.logprobs or 0) >= request.logprobs))
+                and (request.logprobs is None or (self.logprobs is not None and self.logprobs >= request.logprobs)))
 
     def __call__(self, held: int) -> Joining | None:
         room = (self.max_rows or 1 << 30) - held
