@@ -71,10 +71,10 @@ def test_choice_columns_are_built_once_per_routing_and_layout():
     stack = concat_stack(A, B, ranks)
     routing = Routing(torch.tensor([[0], [2], [-1]]), torch.tensor([[1.0], [0.5], [1.0]]))
     # a slot past the layout (reserved in the stacks, no columns in this layer): rank 0
-    assert Routing(torch.tensor([[5]]), torch.ones(1, 1)).choice_columns(stack, 7)[1].tolist() == [[0]]
-    start, rank, weight = routing.choice_columns(stack, 4)
-    assert routing.choice_columns(stack, 4)[0] is start
-    assert start[:, 0].tolist()[:2] == [stack.starts[1], stack.starts[3]]
+    assert Routing(torch.tensor([[5]]), torch.ones(1, 1)).choice_columns(stack, 7)[2].tolist() == [[0]]
+    entry, start, rank, weight = routing.choice_columns(stack, 4)
+    assert routing.choice_columns(stack, 4)[0] is entry
+    assert entry[:, 0].tolist() == [1, 3, 0] and start[:, 0].tolist()[:2] == [stack.starts[1], stack.starts[3]]
     assert rank[:, 0].tolist() == [8, 16, 0] and weight[:, 0].tolist() == [1.0, 0.5, 1.0]
 
 

@@ -156,19 +156,20 @@ class Routing:
             self._cache[key] = mask.index_select(1, stack.col_index)
         return self._cache[key]
 
-    def choice_columns(self, stack: WholeStack, n_stack: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each (token, choice)'s first column and rank in the whole-stack operands and its
-        weight, [T, k] each (rank 0 for "no adapter" and for slots this layer's stack has no
+    def choice_columns(self, stack: WholeStack, n_stack: int) -> tuple[torch.Tensor, ...]:
+        """Each (token, choice)'s stack entry, first column and rank in the whole-stack operands
+        and weight, [T, k] each (rank 0 for "no adapter" and for slots this layer's stack has no
         columns for): what the compiled CPU kernel reads. Computed once per routing and column
         layout, shared by every layer with that layout."""
         key = ("choices", stack.starts, n_stack)
         if key not in self._cache:
             bounds = list(stack.starts) + [stack.starts[-1]] * max(0, n_stack + 1 - len(stack.starts))
             starts = torch.tensor(bounds, dtype=torch.long)
-            sid = (self.ids.cpu() + 1).clamp(min=0)
+            ids = self.ids.cpu()
+            sid = (ids + 1).clamp(min=0)
             begin = starts[sid]
-            rank = torch.where(self.ids.cpu() >= 0, starts[sid + 1] - begin, 0)
-            self._cache[key] = (begin.contiguous(), rank.contiguous(),
+            rank = torch.where(ids >= 0, starts[sid + 1] - begin, 0)
+            self._cache[key] = (sid.contiguous(), begin.contiguous(), rank.contiguous(),
                                 self.weights.detach().cpu().float().contiguous())
         return self._cache[key]
 
@@ -257,7 +258,7 @@ def add_lora(
         return y
     if inplace and not w.requires_grad:
         if whole:  # every loaded slot fits: the layer's one whole-stack copy for every step
-            if _bgmv(y, x, stack, routing, A.shape[0]):
+            if _bgmv(y, x, A, stack, routing):
                 return y
             return _add_masked(y, x, stack, routing.column_mask(stack, A.shape[0]), inplace)
         uniq, key, mask = routing.stacked()
@@ -278,15 +279,16 @@ def add_lora(
     return y
 
 
-def _bgmv(y: torch.Tensor, x: torch.Tensor, stack: WholeStack, routing: Routing, n_stack: int) -> bool:
-    """The compiled CPU kernel (`kernels.cpu`) on the whole-stack operands, for decode-sized
-    batches with at most BGMV_MAX_CHOICES choices per token: only the routed adapters' columns,
-    one call. False when it does not apply (then the masked path runs)."""
+def _bgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, stack: WholeStack, routing: Routing) -> bool:
+    """The compiled CPU kernel (`kernels.cpu`) for decode-sized batches with at most
+    BGMV_MAX_CHOICES choices per token: only the routed adapters' rows (A from the layer's stack,
+    B from the whole-stack operand), one call. False when it does not apply (then the masked
+    path runs)."""
     if (x.shape[0] > BGMV_MAX_TOKENS or routing.ids.shape[1] > BGMV_MAX_CHOICES
-            or not cpu.supports(y, x, stack.A, stack.B)):
+            or not cpu.supports(y, x, A, stack.B)):
         return False
-    start, rank, weight = routing.choice_columns(stack, n_stack)
-    return cpu.bgmv_(y, x, stack.A, stack.B, start, rank, weight)
+    entry, start, rank, weight = routing.choice_columns(stack, A.shape[0])
+    return cpu.bgmv_(y, x, A, stack.B, entry, start, rank, weight)
 
 
 def concat_stack(A: torch.Tensor, B: torch.Tensor, ranks: list[int]) -> WholeStack:

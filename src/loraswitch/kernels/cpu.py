@@ -5,14 +5,17 @@ took the whole-stack path, two dense GEMMs over *every* loaded adapter's rank co
 per-column mask: 8x the arithmetic top-1 routing needs with 8 adapters, and three ATen calls per
 LoRA'd linear. Grouping tokens by adapter with ATen ops costs more in dispatch than it saves
 (benchmarks/lora_kernels.py). This kernel does exactly the routed work in one call per linear:
-for token t and each of its choices (column start s, rank r, weight w) over the whole-stack
-operands (`kernels.WholeStack`: A_all [in, C], B_all [C, out]),
+for token t and each of its choices (stack entry e, rank r, weight w),
 
-    h = w * A_all[:, s:s+r]^T x_t          (r accumulators, in steps over the input)
-    y_t += B_all[s:s+r, :]^T h             (an axpy per rank column, vectorised over out)
+    h = w * A[e, :r] x_t                   (the adapter's r contiguous rows of the layer's stack
+                                            A [S+1, r_max, in], streamed once, vectorised over in)
+    y_t += B_all[s:s+r, :]^T h             (its rows of the whole-stack B_all [C, out], an axpy
+                                            per rank row, vectorised over out)
 
-so it reads only the routed adapters' factors and needs no extra buffers (it reads the layer's
-whole-stack copies). Float32, CPU, single thread (decode batches are small; the base linear
+so it reads only the routed adapters' factors and needs no extra buffers. (A first version read
+A's columns out of the whole-stack A_all [in, C]: a 256-byte stride per input element, faster
+than the masked GEMMs on operands hot in cache and 2-3% slower than them in a real decode step,
+where the factors come from memory.) Float32, CPU, single thread (decode batches are small; the base linear
 around it keeps its own threads).
 
 It is plain C compiled with the system's C compiler on first use (well under a second), cached
@@ -42,27 +45,31 @@ log = logging.getLogger("loraswitch.kernels")
 _SOURCE = r"""
 #include <stdint.h>
 
-/* h[0:R] = sum_i x[i] * A[i*C + s + j], four partial sums over i (latency, not order, bound). */
-#define DOT_COLS(R)                                                                    \
-  static void dot_cols_##R(const float *x, const float *A, int64_t in, int64_t C,     \
-                           float *h) {                                                 \
-    float a0[R] = {0}, a1[R] = {0}, a2[R] = {0}, a3[R] = {0};                          \
-    int64_t i = 0;                                                                     \
-    for (; i + 4 <= in; i += 4) {                                                      \
-      const float *r0 = A + i * C, *r1 = r0 + C, *r2 = r1 + C, *r3 = r2 + C;           \
-      float x0 = x[i], x1 = x[i + 1], x2 = x[i + 2], x3 = x[i + 3];                    \
-      for (int j = 0; j < R; j++) {                                                    \
-        a0[j] += x0 * r0[j]; a1[j] += x1 * r1[j];                                      \
-        a2[j] += x2 * r2[j]; a3[j] += x3 * r3[j];                                      \
-      }                                                                                \
-    }                                                                                  \
-    for (; i < in; i++) {                                                              \
-      const float *r0 = A + i * C; float x0 = x[i];                                    \
-      for (int j = 0; j < R; j++) a0[j] += x0 * r0[j];                                 \
-    }                                                                                  \
-    for (int j = 0; j < R; j++) h[j] = (a0[j] + a1[j]) + (a2[j] + a3[j]);              \
-  }                                                                                    \
-  /* y[o] += sum_j h[j] * B[j*out + o], vectorised over o */                           \
+/* h[j] = sum_i A[j*in + i] * x[i] for j < r: each rank row of one adapter is contiguous in the
+   layer's stack (A [S+1, r_max, in]), so a token streams its adapter's r rows once, vectorised
+   over i with four 8-wide partial sums per row. */
+static void dot_rows(const float *x, const float *A, int64_t in, int64_t r, float *h) {
+  for (int64_t j = 0; j < r; j++) {
+    const float *a = A + j * in;
+    float p0[8] = {0}, p1[8] = {0}, p2[8] = {0}, p3[8] = {0};
+    int64_t i = 0;
+    for (; i + 32 <= in; i += 32)
+      for (int l = 0; l < 8; l++) {
+        p0[l] += a[i + l] * x[i + l];
+        p1[l] += a[i + 8 + l] * x[i + 8 + l];
+        p2[l] += a[i + 16 + l] * x[i + 16 + l];
+        p3[l] += a[i + 24 + l] * x[i + 24 + l];
+      }
+    float acc = 0.0f;
+    for (; i < in; i++) acc += a[i] * x[i];
+    for (int l = 0; l < 8; l++) acc += (p0[l] + p1[l]) + (p2[l] + p3[l]);
+    h[j] = acc;
+  }
+}
+
+/* y[o] += sum_j h[j] * B[j*out + o] (B: the adapter's rows of the whole-stack B_all [C, out]),
+   vectorised over o; the ranks the demo and most adapters use get a fixed inner loop. */
+#define AXPY_ROWS(R)                                                                   \
   static void axpy_rows_##R(const float *h, const float *B, int64_t out, float *y) {   \
     for (int64_t o = 0; o < out; o++) {                                                \
       float acc = y[o];                                                                \
@@ -70,19 +77,10 @@ _SOURCE = r"""
       y[o] = acc;                                                                      \
     }                                                                                  \
   }
-
-DOT_COLS(4)
-DOT_COLS(8)
-DOT_COLS(16)
-DOT_COLS(32)
-
-static void dot_cols_any(const float *x, const float *A, int64_t in, int64_t C, int64_t r, float *h) {
-  for (int64_t j = 0; j < r; j++) h[j] = 0.0f;
-  for (int64_t i = 0; i < in; i++) {
-    const float *row = A + i * C; float xi = x[i];
-    for (int64_t j = 0; j < r; j++) h[j] += xi * row[j];
-  }
-}
+AXPY_ROWS(4)
+AXPY_ROWS(8)
+AXPY_ROWS(16)
+AXPY_ROWS(32)
 
 static void axpy_rows_any(const float *h, const float *B, int64_t out, int64_t r, float *y) {
   for (int64_t j = 0; j < r; j++) {
@@ -91,31 +89,26 @@ static void axpy_rows_any(const float *h, const float *B, int64_t out, int64_t r
   }
 }
 
-/* y[t, :] += sum_k w[t,k] * B_all[s:s+r, :]^T (A_all[:, s:s+r]^T x[t, :]),
-   s = start[t,k], r = rank[t,k]; choices with r <= 0 or w == 0 are skipped. Returns 0, or -1
-   (nothing written) when a rank exceeds the scratch space: the caller takes another path. */
+/* y[t, :] += sum_k w[t,k] * B_all[s:s+r, :]^T (A[e, :r, :] x[t, :]), e = entry[t,k] (stack
+   index), s = start[t,k] (its first column in B_all), r = rank[t,k]; choices with r <= 0 or
+   w == 0 are skipped. Returns 0, or -1 (nothing written) when a rank exceeds the scratch space
+   or the stack's padded rank: the caller takes another path. */
 int lora_bgmv_f32(float *y, const float *x, const float *A, const float *B,
-                  const int64_t *start, const int64_t *rank, const float *w,
-                  int64_t T, int64_t K, int64_t in, int64_t out, int64_t C) {
+                  const int64_t *entry, const int64_t *start, const int64_t *rank, const float *w,
+                  int64_t T, int64_t K, int64_t in, int64_t out, int64_t r_max) {
   float h[512];
   for (int64_t c = 0; c < T * K; c++)  /* checked before anything is written */
-    if (rank[c] > 512) return -1;
+    if (rank[c] > 512 || rank[c] > r_max) return -1;
   for (int64_t t = 0; t < T; t++) {
     const float *xt = x + t * in;
     float *yt = y + t * out;
     for (int64_t k = 0; k < K; k++) {
-      int64_t r = rank[t * K + k], s = start[t * K + k];
+      int64_t r = rank[t * K + k];
       float wt = w[t * K + k];
       if (r <= 0 || wt == 0.0f) continue;
-      const float *As = A + s, *Bs = B + s * out;
-      switch (r) {
-        case 4: dot_cols_4(xt, As, in, C, h); break;
-        case 8: dot_cols_8(xt, As, in, C, h); break;
-        case 16: dot_cols_16(xt, As, in, C, h); break;
-        case 32: dot_cols_32(xt, As, in, C, h); break;
-        default: dot_cols_any(xt, As, in, C, r, h);
-      }
+      dot_rows(xt, A + entry[t * K + k] * r_max * in, in, r, h);
       for (int64_t j = 0; j < r; j++) h[j] *= wt;
+      const float *Bs = B + start[t * K + k] * out;
       switch (r) {
         case 4: axpy_rows_4(h, Bs, out, yt); break;
         case 8: axpy_rows_8(h, Bs, out, yt); break;
@@ -171,7 +164,7 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     fn = lib.lora_bgmv_f32
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 5
+    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 5
     return lib
 
 
@@ -201,20 +194,23 @@ def failure() -> str | None:
     return _failed
 
 
-def supports(y: torch.Tensor, x: torch.Tensor, A_all: torch.Tensor, B_all: torch.Tensor) -> bool:
-    """The operand layouts the kernel reads: float32 on the CPU, rows contiguous."""
-    return (x.device.type == "cpu" and x.dtype == y.dtype == A_all.dtype == B_all.dtype == torch.float32
-            and x.is_contiguous() and y.is_contiguous() and A_all.is_contiguous() and B_all.is_contiguous())
+def supports(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B_all: torch.Tensor) -> bool:
+    """The operand layouts the kernel reads: float32 on the CPU, contiguous."""
+    return (x.device.type == "cpu" and x.dtype == y.dtype == A.dtype == B_all.dtype == torch.float32
+            and x.is_contiguous() and y.is_contiguous() and A.is_contiguous() and B_all.is_contiguous())
 
 
-def bgmv_(y: torch.Tensor, x: torch.Tensor, A_all: torch.Tensor, B_all: torch.Tensor,
+def bgmv_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B_all: torch.Tensor, entry: torch.Tensor,
           start: torch.Tensor, rank: torch.Tensor, weight: torch.Tensor) -> bool:
-    """In place: y[t] += sum_k weight[t,k] * B_all[s:s+r]^T A_all[:, s:s+r]^T x[t] with
-    s = start[t,k], r = rank[t,k] ([T, k] int64, int64, float32, contiguous). False (y untouched)
-    when the kernel cannot take it; the caller then takes the ATen path."""
+    """In place: y[t] += sum_k weight[t,k] * B_all[s:s+r]^T A[e, :r] x[t] with e = entry[t,k] (the
+    stack index: A is the layer's [S+1, r_max, in] stack), s = start[t,k] (that entry's first
+    column of the whole-stack B_all [C, out]) and r = rank[t,k] ([T, k] int64 / float32,
+    contiguous). False (y untouched) when the kernel cannot take it; the caller then takes the
+    ATen path."""
     if _lib is None and not available():
         return False
     T, K = start.shape
-    code = _lib.lora_bgmv_f32(y.data_ptr(), x.data_ptr(), A_all.data_ptr(), B_all.data_ptr(), start.data_ptr(),
-                              rank.data_ptr(), weight.data_ptr(), T, K, x.shape[1], y.shape[1], A_all.shape[1])
+    code = _lib.lora_bgmv_f32(y.data_ptr(), x.data_ptr(), A.data_ptr(), B_all.data_ptr(), entry.data_ptr(),
+                              start.data_ptr(), rank.data_ptr(), weight.data_ptr(), T, K, x.shape[1], y.shape[1],
+                              A.shape[1])
     return code == 0
