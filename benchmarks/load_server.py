@@ -365,8 +365,9 @@ def _compare_summary(runs: dict[str, list[dict]]) -> dict:
 
 def compare_markdown(report: dict) -> str:
     cfg, s = report["config"], report["summary"]
+    arrivals = f"arriving as a Poisson process of {cfg['rate']}/s" if cfg["rate"] else "sent at once"
     lines = [f"# Continuous batching under arriving requests ({report['finished_at']})", "",
-             f"{cfg['requests']} chat requests arriving as a Poisson process of {cfg['rate']}/s, max_tokens "
+             f"{cfg['requests']} chat requests {arrivals}, max_tokens "
              f"{cfg['max_tokens']}, greedy, {int(cfg['stream_fraction'] * 100)}% streamed, --max-batch {cfg['max_batch']}, "
              f"server threads {cfg['threads'] or 'all'}; models cycled: {', '.join(cfg['models'])}. "
              f"Medians of {cfg['repeats']} run(s) each, on and off alternating; the same arrivals every run. "
