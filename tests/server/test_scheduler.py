@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from loraswitch.server.scheduler import Job, Scheduler
-from loraswitch.switch.request import Done, Handle, Request, Token
+from loraswitch.switch.request import Done, Handle, Request, Started, Token
 from tests.server.conftest import PROMPT, chat, library_answer, wait_for
 
 
@@ -255,3 +255,37 @@ def test_requests_arriving_mid_batch_join_it_when_they_fit(lib, continuous):
     assert done["c"].batch["id"] != done["a"].batch["id"] and done["d"].batch["id"] != done["a"].batch["id"]
     assert done["b"].answer.text == library_answer(switch, Request.chat("second prompt", model="beta", max_tokens=5)).text
     assert sched.stats["joined"] == (1 if continuous else 0)
+
+
+def test_a_library_change_due_stops_the_joining(lib):
+    """A change queued for between rounds (adapter load/unload) must not wait behind a batch that
+    keeps taking rows: nothing joins once it is due, the batch drains, the change runs, and the
+    request that arrived meanwhile is answered in the next round."""
+    switch, _ = lib
+    sched = Scheduler(switch, max_batch=8, max_queue=8)
+    order: list[str] = []
+    events: dict[str, list] = {"a": [], "b": []}
+
+    def second(event):
+        events["b"].append(event)
+        if isinstance(event, Started):
+            order.append("b started")
+
+    b = _job("beta", 3, second, "second prompt")
+
+    def first(event):
+        events["a"].append(event)
+        if isinstance(event, Token) and len([e for e in events["a"] if isinstance(e, Token)]) == 2:
+            sched.call_between_rounds(lambda: order.append("change"))
+            sched.submit(b)
+
+    a = _job("alpha", 12, first, "the first prompt")
+    sched.start()
+    try:
+        sched.submit(a)
+        wait_for(lambda: a.finished and b.finished and sched.running == 0, 60)
+    finally:
+        sched.stop()
+    done = {k: [e for e in ev if isinstance(e, Done)][0] for k, ev in events.items()}
+    assert done["b"].batch["id"] != done["a"].batch["id"] and sched.stats["joined"] == 0
+    assert order == ["change", "b started"]
