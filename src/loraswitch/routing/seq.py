@@ -6,6 +6,17 @@ Confidence is calibrated by temperature scaling on held-out prompts, and the abs
 is chosen on them too: the router abstains when `__none__` wins or the calibrated top
 probability is below the threshold. The file records each adapter's name and weight fingerprint,
 so a changed library is detected instead of silently misrouted.
+
+The fast head (issue 17: `auto` must cost at most 1.1x naming the adapter). The same classifier,
+trained on the same prompts at `features.fast_layer` (5 of 30: a third of the middle layer's
+pass), decides whole prompts first; only the prompts it does not send to an adapter (abstained,
+out of suite, below its threshold) are read again at the main layer and decided by the main head,
+so the base model answers exactly the prompts it answered before. The main head stays where it
+was because it also reads prompt fragments: segmentation (`switch.segment`) scores every unit of
+a prompt with it, and at layers 5, 6 and 8 it found 2-6 fewer of the demo's 81 free-form
+composites (docs/routing.md). Adapters added after training (`routing.added`) are scored on the
+main features: once the library has grown, one pass reads both layers, so adding an adapter
+leaves every decision it does not claim as it was.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from loraswitch.routing.base import (
     load_router_file,
     save_router_file,
 )
-from loraswitch.routing.features import FEATURES, default_layer, prompt_features
+from loraswitch.routing.features import FEATURES, default_layer, fast_layer, layer_features, prompt_features
 
 FILE = "seq_router.safetensors"
 RESERVOIR = 48  # standardized training features kept per class (incl. __none__) for adapters added later
@@ -52,12 +63,14 @@ class SequenceRouter(Router):
 
     def __init__(self, classes: list[str], W: torch.Tensor, b: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                  layer: int, temperature: float = 1.0, threshold: float = 0.5, library: list[dict] | None = None,
-                 reservoir: Reservoir | None = None, trained_at: float | None = None):
+                 reservoir: Reservoir | None = None, trained_at: float | None = None,
+                 fast: SequenceRouter | None = None):
         self.classes, self.W, self.b, self.mean, self.std = classes, W, b, mean, std
         self.layer, self.temperature, self.threshold = layer, temperature, threshold
         self.library = library or []
         self.reservoir, self.trained_at = reservoir, trained_at
         self.added = AddedHeads()  # adapters loaded after training (`routing.added`)
+        self.fast = fast  # the same classifier at a lower layer, tried first (the module doc)
 
     # ------------------------------------------------------------------ inference
     def logits(self, feats: torch.Tensor) -> torch.Tensor:
@@ -92,13 +105,45 @@ class SequenceRouter(Router):
         return out
 
     def route(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None) -> list[Decision]:
-        return self.route_features(engine, prompt_features(engine, prompts, self.layer), allowed)
+        return self._cascade(engine, prompts, allowed)[0]
 
     def policy(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None) -> DecisionPolicy:
-        """The decisions for every token, keeping the standardized features they were made on."""
-        feats = prompt_features(engine, prompts, self.layer)
-        return DecisionPolicy(engine, self.route_features(engine, feats, allowed), self.name,
-                              (feats - self.mean) / self.std)
+        """The decisions for every token, keeping the standardized main-layer features of the
+        prompts sent to no adapter (what shift detection reads; zeros for the others where the
+        fast head decided)."""
+        decisions, z = self._cascade(engine, prompts, allowed)
+        return DecisionPolicy(engine, decisions, self.name, z)
+
+    def _cascade(self, engine: Engine, prompts: list[str],
+                 allowed: frozenset[str] | None) -> tuple[list[Decision], torch.Tensor]:
+        """The fast head's decisions where it picks an adapter, the main head's for the rest (all
+        of them without a fast head), and the main features. Once the library has grown, every
+        prompt needs the main features (an added head may claim it), read in the same pass as
+        the fast head's: a claim wins, else the decision is the one made before the library grew."""
+        fast = self.fast
+        if fast is None:
+            feats = prompt_features(engine, prompts, self.layer)
+            return self.route_features(engine, feats, allowed), (feats - self.mean) / self.std
+        if self.added:
+            both = layer_features(engine, prompts, [fast.layer, self.layer])
+            feats = both[self.layer]
+            out = []
+            for f, m in zip(fast.route_features(engine, both[fast.layer], allowed),
+                            self.route_features(engine, feats, allowed)):
+                if m.source == "trained" and f.adapter is not None:
+                    f.scores.update({k: v for k, v in m.scores.items() if k in self.added})
+                    m = f
+                out.append(m)
+            return out, (feats - self.mean) / self.std
+        out = fast.route_features(engine, prompt_features(engine, prompts, fast.layer), allowed)
+        z = torch.zeros(len(prompts), self.mean.numel())
+        rest = [i for i, d in enumerate(out) if d.adapter is None]
+        if rest:
+            feats = prompt_features(engine, [prompts[i] for i in rest], self.layer)
+            for i, d in zip(rest, self.route_features(engine, feats, allowed)):
+                out[i] = d
+            z[rest] = (feats - self.mean) / self.std
+        return out, z
 
     def route_features(self, engine: Engine, feats: torch.Tensor,
                        allowed: frozenset[str] | None = None) -> list[Decision]:
@@ -134,6 +179,11 @@ class SequenceRouter(Router):
                 "threshold": self.threshold, "library": self.library, "features": FEATURES,
                 "trained_at": self.trained_at}
         tensors = {"W": self.W, "b": self.b, "mean": self.mean, "std": self.std}
+        if self.fast is not None:
+            f = self.fast
+            meta["fast"] = {"classes": f.classes, "layer": f.layer, "temperature": f.temperature,
+                            "threshold": f.threshold}
+            tensors |= {"fast_W": f.W, "fast_b": f.b, "fast_mean": f.mean, "fast_std": f.std}
         if self.reservoir is not None:
             tensors |= {"reservoir": self.reservoir.z.half(), "reservoir_labels": self.reservoir.labels}
         return save_router_file(Path(directory) / FILE, tensors, meta)
@@ -149,8 +199,13 @@ class SequenceRouter(Router):
                                    f"{meta.get('features', 'raw-mean-last')!r}, this version computes {FEATURES!r}; "
                                    "retrain it with `loraswitch train-router --router seq`")
         reservoir = Reservoir(t["reservoir"], t["reservoir_labels"]) if "reservoir" in t else None
+        fast = None
+        if "fast" in meta and "fast_W" in t:  # a file from before the fast head has none: main head only
+            f = meta["fast"]
+            fast = cls(f["classes"], t["fast_W"], t["fast_b"], t["fast_mean"], t["fast_std"], f["layer"],
+                       f["temperature"], f["threshold"])
         router = cls(meta["classes"], t["W"], t["b"], t["mean"], t["std"], meta["layer"], meta["temperature"],
-                     meta["threshold"], meta["library"], reservoir, meta.get("trained_at"))
+                     meta["threshold"], meta["library"], reservoir, meta.get("trained_at"), fast)
         if engine is not None:
             check_library(engine, router.library, "the sequence router", grows=reservoir is not None)
             sync_added(router, engine, Path(directory))
@@ -177,22 +232,34 @@ def _pick_threshold(probs: torch.Tensor, labels: torch.Tensor, none_idx: int, ke
 
 
 def train_selector(engine: Engine, train: dict[str, list[str]], val: dict[str, list[str]],
-                   layer: int | None = None, steps: int = 400, progress: bool = True) -> SequenceRouter:
-    """Train on prompts per class (adapter names, plus NONE_CLASS for out-of-suite prompts)."""
+                   layer: int | None = None, steps: int = 400, progress: bool = True,
+                   fast: int | None = -1) -> SequenceRouter:
+    """Train on prompts per class (adapter names, plus NONE_CLASS for out-of-suite prompts): the
+    main head at `layer` and the fast head at `fast` (-1: `features.fast_layer`; None, or not
+    below `layer`: no fast head), both from one feature pass over the prompts."""
     layer = default_layer(engine) if layer is None else layer
+    fast = fast_layer(engine) if fast == -1 else fast
+    fast = fast if fast is not None and fast < layer else None
     missing = [n for n in train if n != NONE_CLASS and n not in engine.adapters]
     if missing:
         raise ValueError(f"training data for adapters that are not loaded: {missing}")
     classes = [n for n in engine.names if n in train] + ([NONE_CLASS] if NONE_CLASS in train else [])
 
-    def featurize(data: dict[str, list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    layers = [layer] + ([fast] if fast is not None else [])
+
+    def featurize(data: dict[str, list[str]]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         prompts, labels = [], []
         for i, c in enumerate(classes):
             prompts += data.get(c, [])
             labels += [i] * len(data.get(c, []))
-        return prompt_features(engine, prompts, layer, progress=progress), torch.tensor(labels)
+        return layer_features(engine, prompts, layers, progress=progress), torch.tensor(labels)
 
-    router = fit_selector(classes, *featurize(train), *featurize(val), layer, steps, progress)
+    (x, y), (xv, yv) = featurize(train), featurize(val)
+    router = fit_selector(classes, x[layer], y, xv[layer], yv, layer, steps, progress)
+    if fast is not None:
+        head = fit_selector(classes, x[fast], y, xv[fast], yv, fast, steps, progress)
+        router.fast = SequenceRouter(classes, head.W, head.b, head.mean, head.std, fast, head.temperature,
+                                     head.threshold)
     # the whole library is recorded, not just the classes: an adapter added later is detected
     router.library = library_signature(engine)
     return router

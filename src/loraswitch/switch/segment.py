@@ -280,8 +280,12 @@ def segment(router, engine, prompts: list[str], settings: Settings = Settings())
 
 
 def _rescue(router, engine, docs: list[_Doc], settings: Settings) -> None:
-    """Score each run of context units read together; a confident one becomes one unit."""
-    runs = [(d, r) for d in docs if len(d.units) > 1 for r in d.runs()]
+    """Score each run of context units read together; a confident one becomes one unit. A prompt
+    with no part and one run is skipped: fused, the run is its only question, so it stays whole
+    whatever the score (a one-task request in several sentences: "Positive or negative? The
+    kettle broke. One star."); scoring it was a feature pass for nothing."""
+    runs = [(d, r) for d in docs if len(d.units) > 1 for found in [d.runs()] if d.parts or len(found) > 1
+            for r in found]
     if not runs:
         return
     s = score_texts(router, engine, [_join(d.prompt, [d.units[i] for i in r]) for d, r in runs])
