@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.add_adapter(adapter)
     slots = [engine.slot_of(name) for name in engine.names]
     assert kernels.cpu.available(), kernels.cpu.failure()
-    on = kernels.BGMV_MAX_TOKENS
+    on = kernels.BGMV_MAX_TOKEN_RANKS
     lines = [f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, 1 thread, load average {os.getloadavg()[0]:.1f}; "
              f"decode tokens/s, median of {args.rounds - 1} rounds (`python benchmarks/cpu_kernel_ab.py`):", "",
              "| batch | routing | masked GEMMs | C kernel | kernel / masked |", "|---|---|---|---|---|"]
@@ -52,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[bool, list[float]] = {True: [], False: []}
             for rnd in range(args.rounds):
                 for kernel in (True, False) if rnd % 2 == 0 else (False, True):
-                    kernels.BGMV_MAX_TOKENS = on if kernel else 0
+                    kernels.BGMV_MAX_TOKEN_RANKS = on if kernel else 0
                     t = ls_generate(engine, ids, args.new_tokens, policy, device)
                     if rnd:
                         runs[kernel].append(t.decode_tps)
-            kernels.BGMV_MAX_TOKENS = on
+            kernels.BGMV_MAX_TOKEN_RANKS = on
             k, m = statistics.median(runs[True]), statistics.median(runs[False])
             lines.append(f"| {b} | {name} | {m:.1f} | {k:.1f} | {k / m:.3f}x |")
     print("\n".join(lines))

@@ -46,10 +46,11 @@ def no_masked(monkeypatch):
 
 @needs_compiler
 @pytest.mark.parametrize("k", [1, 2])
-def test_kernel_runs_mixed_routing_and_matches_the_reference(no_masked, k):
+def test_kernel_runs_mixed_routing_and_matches_the_reference(no_masked, monkeypatch, k):
     """Ranks the kernel specialises (4, 8, 16, 32) and any other (5, 3), slots routed nowhere
     (-1), zero weights, one and two choices per token: exactly the reference sum."""
     assert cpu.available(), cpu.failure()
+    monkeypatch.setattr(kernels, "BGMV_MAX_TOKEN_RANKS", 10**6)  # 19 tokens x rank 32: past the default
     ranks = [0, 8, 5, 16, 4, 0, 32, 3]
     A, B = _stack(ranks)
     g = torch.Generator().manual_seed(1)
@@ -79,14 +80,14 @@ def test_choice_columns_are_built_once_per_routing_and_layout():
 
 
 def test_prefills_wide_routings_and_other_dtypes_keep_the_masked_path(monkeypatch):
-    """Above BGMV_MAX_TOKENS tokens, above BGMV_MAX_CHOICES choices per token, or in bfloat16 the
+    """Above BGMV_MAX_TOKEN_RANKS tokens x rank, above BGMV_MAX_CHOICES choices per token, or in bfloat16 the
     kernel steps aside and the whole-stack GEMMs give the same result."""
     ranks = [0, 8, 4, 8]
     A, B = _stack(ranks)
     g = torch.Generator().manual_seed(2)
     ran = []
     monkeypatch.setattr(cpu, "bgmv_", lambda *a: ran.append(1) or False)
-    for T, k, dtype in ((kernels.BGMV_MAX_TOKENS + 1, 1, torch.float32), (6, kernels.BGMV_MAX_CHOICES + 1, torch.float32),
+    for T, k, dtype in ((kernels.BGMV_MAX_TOKEN_RANKS // 8 + 1, 1, torch.float32), (6, kernels.BGMV_MAX_CHOICES + 1, torch.float32),
                         (6, 1, torch.bfloat16)):
         x, y = torch.randn(T, 40, generator=g), torch.randn(T, 24, generator=g)
         ids, w = torch.randint(0, 3, (T, k), generator=g), torch.rand(T, k, generator=g)

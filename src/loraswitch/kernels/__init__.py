@@ -35,7 +35,7 @@ batch 16 under random top-1 routing over 8 rank-8 adapters this path multiplies 
 for every token, 8x the arithmetic the routing needs (~15% of the step's linear FLOPs instead of
 ~2%); grouping tokens by adapter with ATen ops costs more in small-op dispatch than it saves on
 CPU (padded batched matmuls: 1.05-8x the masked path per layer, benchmarks/lora_kernels.py's
-`gather` and `grouped` rows). So on the CPU, decode-sized batches (up to BGMV_MAX_TOKENS tokens,
+`gather` and `grouped` rows). So on the CPU, decode-sized batches (tokens x rank up to BGMV_MAX_TOKEN_RANKS,
 BGMV_MAX_CHOICES choices each, float32) run the compiled C kernel `kernels.cpu` (punica's BGMV)
 on the same whole-stack operands instead: only each token's own adapters' columns, one call per
 linear. Without a C compiler it steps aside and the masked GEMMs run.
@@ -74,11 +74,14 @@ STACK_CACHE_MAX = 64  # adapter sets remembered per layer
 # masked path reads every loaded adapter's (8x the bytes with 8 adapters, on a step bound by
 # memory bandwidth)
 SLOT_GATHER_MAX = 1
-# the compiled CPU kernel (`kernels.cpu`) takes routed batches up to this many tokens and choices
-# per token: it does only the routed columns' arithmetic, one call per linear, where the masked
-# path multiplies every loaded adapter's columns (8x the FLOPs with 8 adapters); larger prefills
-# keep the GEMMs, which use every thread
-BGMV_MAX_TOKENS = 256
+# the compiled CPU kernel (`kernels.cpu`) takes routed batches of up to this many tokens x the
+# stack's padded rank, with at most BGMV_MAX_CHOICES choices per token: it does only the routed
+# adapters' arithmetic, one call per linear, where the masked path multiplies every loaded
+# adapter's columns with MKL. benchmarks/lora_kernels.py (operands hot in cache): with rank 8 at
+# 16 tokens (128) the kernel took 0.6-0.8x the masked GEMMs' time, with rank 16 at 16 tokens (256)
+# 1.0-1.5x; benchmarks/cpu_kernel_ab.py (inside decode steps): +4.5% decode at batch 4, level at
+# batch 16. Larger products (prefills) keep the GEMMs, which also use every thread.
+BGMV_MAX_TOKEN_RANKS = 128
 BGMV_MAX_CHOICES = 2
 
 
@@ -284,7 +287,7 @@ def _bgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, stack: WholeStack, 
     BGMV_MAX_CHOICES choices per token: only the routed adapters' rows (A from the layer's stack,
     B from the whole-stack operand), one call. False when it does not apply (then the masked
     path runs)."""
-    if (x.shape[0] > BGMV_MAX_TOKENS or routing.ids.shape[1] > BGMV_MAX_CHOICES
+    if (x.shape[0] * A.shape[1] > BGMV_MAX_TOKEN_RANKS or routing.ids.shape[1] > BGMV_MAX_CHOICES
             or not cpu.supports(y, x, A, stack.B)):
         return False
     entry, start, rank, weight = routing.choice_columns(stack, A.shape[0])
