@@ -71,7 +71,7 @@ def record(wall: float, per_request: list[dict], phases: dict | None = None) -> 
 
 
 # ---------------------------------------------------------------------------------------- library
-def library_run(switch, reqs: list[dict], config: str, max_tokens: int) -> dict:
+def library_run(switch, reqs: list[dict], config: str, max_tokens: int, ignore_eos: bool = False) -> dict:
     """N requests through `Switch.run` at once; TTFT = first text token, from the call."""
     from loraswitch.switch.request import Done, Failed, Handle, Request, Token
 
@@ -87,7 +87,7 @@ def library_run(switch, reqs: list[dict], config: str, max_tokens: int) -> dict:
             if isinstance(event, Done):
                 recs[i]["tokens"] = len(event.answer.token_ids)
 
-    handles = [Handle(Request.chat(r["prompt"], model=model_of(config, r), max_tokens=max_tokens),
+    handles = [Handle(Request.chat(r["prompt"], model=model_of(config, r), max_tokens=max_tokens, ignore_eos=ignore_eos),
                       emit=lambda e, i=i: emit(i, e)) for i, r in enumerate(reqs)]
     batches = switch.run(handles, max_rows=32)
     wall = time.perf_counter() - t0
@@ -125,8 +125,10 @@ def engine_run(switch, reqs: list[dict], max_tokens: int, forced: bool) -> dict:
     return out
 
 
-def engine_fns(switch, reqs: list[dict], max_tokens: int, configs) -> dict:
-    return {c: (lambda c=c: engine_run(switch, reqs, max_tokens, c == "engine_forced"))
+def engine_fns(switch, reqs: list[dict], max_tokens: int, configs, ignore_eos: bool = False) -> dict:
+    """`engine` writes the answers the named requests get (forced to max_tokens too under
+    --ignore-eos), `engine_forced` always forces them."""
+    return {c: (lambda c=c: engine_run(switch, reqs, max_tokens, ignore_eos or c == "engine_forced"))
             for c in configs if c.startswith("engine")}
 
 
@@ -146,8 +148,9 @@ def refresher(args, names: list[str], n: int, reqs: list[dict]):
 def library_phase(args, switch, names: list[str], n: int, warm: bool) -> dict:
     """Every library configuration at concurrency `n`, round-robin."""
     reqs = requests_for(n, names, args.seed)
-    fns = {c: (lambda c=c: library_run(switch, reqs, c, args.max_tokens)) for c in LIB_CONFIGS if c != "engine"}
-    return round_robin({**fns, **engine_fns(switch, reqs, args.max_tokens, LIB_CONFIGS)}, args.repeats,
+    fns = {c: (lambda c=c: library_run(switch, reqs, c, args.max_tokens, args.ignore_eos))
+           for c in LIB_CONFIGS if c != "engine"}
+    return round_robin({**fns, **engine_fns(switch, reqs, args.max_tokens, LIB_CONFIGS, args.ignore_eos)}, args.repeats,
                        f"library c={n}", warm, refresher(args, names, n, reqs))
 
 
@@ -165,7 +168,7 @@ async def _burst(url: str, reqs: list[dict], config: str, args) -> tuple[float, 
     async with httpx.AsyncClient(base_url=url, timeout=args.time_limit, limits=limits) as client:
         sent = [{**r, "model": model_of(config, r)} for r in reqs]
         t0 = time.perf_counter()
-        recs = await asyncio.gather(*(one(client, r, args.max_tokens, True) for r in sent))
+        recs = await asyncio.gather(*(one(client, r, args.max_tokens, True, args.ignore_eos) for r in sent))
         return time.perf_counter() - t0, list(recs)
 
 
@@ -197,7 +200,7 @@ def server_phases(args, switch, names: list[str]) -> dict:
             reqs = requests_for(n, names, args.seed)
             fns = {c: (lambda c=c, reqs=reqs: server_run(server.url, reqs, c, args))
                    for c in SERVER_CONFIGS if not c.startswith("engine")}
-            out[str(n)] = round_robin({**fns, **engine_fns(switch, reqs, args.max_tokens, SERVER_CONFIGS)},
+            out[str(n)] = round_robin({**fns, **engine_fns(switch, reqs, args.max_tokens, SERVER_CONFIGS, args.ignore_eos)},
                                       args.repeats, f"server c={n}", k == 0 or args.fresh_prompts,
                                       refresher(args, names, n, reqs))
     finally:
@@ -295,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", help="write the summary into this markdown file (generated block auto-cost)")
     p.add_argument("--prefix-cache", type=int, help="cached prefill positions (Engine.prefix_tokens, serve "
                    "--prefix-cache) here and in the server; 0: off (default: the engine's)")
+    p.add_argument("--ignore-eos", action="store_true", help="every answer decodes max_tokens tokens (the requests' "
+                   "ignore_eos, vLLM's): served tokens/s against the engine's forced decode on the same work")
     p.add_argument("--fresh-prompts", action="store_true", help="each round asks new prompts of the same tasks "
                    "(the same for every configuration of the round) instead of repeating one set")
     args = p.parse_args(argv)

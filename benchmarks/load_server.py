@@ -137,9 +137,11 @@ def build_requests(n: int, models: list[str], seed: int) -> list[dict]:
     return out
 
 
-async def one(client: httpx.AsyncClient, req: dict, max_tokens: int, stream: bool) -> dict:
+async def one(client: httpx.AsyncClient, req: dict, max_tokens: int, stream: bool, ignore_eos: bool = False) -> dict:
     body = {"model": req["model"], "messages": [{"role": "user", "content": req["prompt"]}],
             "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    if ignore_eos:  # every answer max_tokens long (vLLM's ignore_eos)
+        body["ignore_eos"] = True
     t0 = time.perf_counter()
     rec = {"model": req["model"], "task": req["task"], "answer": req["answer"], "stream": stream}
     if stream:

@@ -231,3 +231,19 @@ def test_assembled_parts_keep_each_decisions_source(tokenizer):
     out = assemble(tokenizer, parts, "auto")
     assert [p.get("source") for p in out.routing["parts"]] == ["trained", "examples"]
     assert out.routing["adapter"] == ["a", "b"]
+
+
+def test_ignore_eos_decodes_past_the_stop_tokens_in_a_batch_of_its_own(switch):
+    """vLLM's `ignore_eos`: the answer runs to max_tokens through what would have ended it, and
+    such requests never share a forward with ordinary ones (a batch has one set of stop tokens)."""
+    first = switch.chat(["hello"], model="alpha", params=SamplingParams(max_new_tokens=6))[0].token_ids[0]
+    switch.base._stops = {first}  # the answer's own first token now ends it
+    got: dict[str, list] = {}
+    handles = [Handle(Request.chat("hello", model="alpha", max_tokens=6, ignore_eos=flag),
+                      emit=lambda e, k=flag: got.setdefault(k, []).append(e)) for flag in (False, True)]
+    batches = switch.run(handles)
+    assert len(batches) == 2
+    stopped, forced = got[False][-1].answer, got[True][-1].answer
+    assert stopped.token_ids == [] and stopped.finish_reason == "stop"
+    assert len(forced.token_ids) == 6 and forced.token_ids[0] == first and forced.finish_reason == "length"
+    assert Request.chat("x", ignore_eos=True).sampling_key != Request.chat("x").sampling_key

@@ -125,6 +125,15 @@ def test_2_largest_seed_is_served(hard):
     assert _chat(hard.http, temperature=0.7, seed=2**64 - 1).status_code == 200
 
 
+def test_2_ignore_eos_is_served_and_typed(hard):
+    """vLLM's ignore_eos extension: accepted as a boolean (the answer runs to max_tokens), refused
+    with the parameter named otherwise."""
+    r = _chat(hard.http, ignore_eos=True)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    assert _error(_chat(hard.http, ignore_eos="sometimes"), 400)["param"] == "ignore_eos"
+
+
 # ---------------------------------------------------------------- 3. lone surrogates
 def test_3_lone_surrogate_in_completion_prompt_is_400_and_keeps_the_connection(hard):
     port = int(hard.server.url.rsplit(":", 1)[1])

@@ -89,6 +89,7 @@ class _Common(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    ignore_eos: bool | None = None  # vLLM's extension: decode past the end-of-turn token to max_tokens
     # loraswitch extensions
     trace: bool | None = None
     route: str | None = None

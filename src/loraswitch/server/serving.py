@@ -81,7 +81,7 @@ class OpenAIServing:
                               "part by part (send fewer parts, or several requests)", self.param, "too_many_parts")
         req = replace(req, model=model, route=route, allow=allow, deny=deny, temperature=temperature,
                       top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed, stop=tuple(body.stops()),
-                      logprobs=body.logprob_count())
+                      logprobs=body.logprob_count(), ignore_eos=bool(body.ignore_eos))
         return await asyncio.get_running_loop().run_in_executor(self.st.prep, self._prepare, req)
 
     def _prepare(self, req: Request) -> Request:

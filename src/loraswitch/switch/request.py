@@ -57,6 +57,9 @@ class Request:
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
     logprobs: int | None = None  # None: none; k: each answer token's logprob and the k likeliest
     echo: bool = False  # also the prompt tokens' logprobs (completions)
+    # vLLM's `ignore_eos`: decode past the end-of-turn / end-of-text token, up to max_tokens or a
+    # stop string (load tests and benchmarks that need answers of a known length)
+    ignore_eos: bool = False
     prompt_ids: tuple[int, ...] | None = None  # filled by `tokenized`
 
     def __post_init__(self):
@@ -114,9 +117,10 @@ class Request:
     @property
     def sampling_key(self) -> tuple:
         """Requests decode in one `generate` call only with equal keys: it samples a batch with one
-        setting, and echo keeps every prefill logit."""
+        setting and one set of stop tokens, and echo keeps every prefill logit."""
         key: tuple = ("greedy",) if self.greedy else ("sample", float(self.temperature), float(self.top_p))
-        return (*key, "echo") if self.echo else key
+        key = (*key, "echo") if self.echo else key
+        return (*key, "ignore_eos") if self.ignore_eos else key  # the batch has one set of stop tokens
 
     @property
     def decodes_alone(self) -> bool:

@@ -238,7 +238,8 @@ def _generate(switch, call: Call, route_s: float = 0.0, arrivals: Arrivals | Non
     params = SamplingParams(max_new_tokens=max(r.request.max_tokens for r in rows),
                             temperature=max(lead.temperature, 0.0), top_p=lead.top_p,
                             seed=None if lead.greedy else lead.seed,  # greedy rows draw nothing
-                            logprobs=max(wanted) if wanted else None, echo=lead.echo)
+                            logprobs=max(wanted) if wanted else None, echo=lead.echo,
+                            stop_ids=set() if lead.ignore_eos else None)  # one sampling key: all rows alike
     info = {"id": next(_batch_ids), "size": len(rows), "dynamic": policy.dynamic is not None}
     _start(rows, info)
     listener = BatchListener(rows)
