@@ -12,6 +12,7 @@ import torch
 
 from loraswitch import kernels
 from loraswitch.kernels import Routing, add_lora, concat_stack, cpu
+from tests.test_kernels import _reference
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                     reason="no C compiler on this machine")
@@ -25,15 +26,6 @@ def _stack(ranks, d_in=40, d_out=24, seed=0):
         if r:
             A[i, :r], B[i, :, :r] = torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)
     return A, B
-
-
-def _reference(y, x, A, B, ids, w):
-    out = y.clone()
-    for t in range(x.shape[0]):
-        for s, wt in zip(ids[t].tolist(), w[t].tolist()):
-            if s >= 0:
-                out[t] += wt * (B[s + 1] @ (A[s + 1] @ x[t]))
-    return out
 
 
 @pytest.fixture
