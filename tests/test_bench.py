@@ -120,3 +120,19 @@ def test_scaling_targets_name_every_large_library_and_its_resident_limit():
     assert got["decode cost with 128 adapters loaded <= 1.2x with 8 (batch 16)"]["met"]
     paged = got["decode cost with 1000 adapters loaded (128 resident) <= 1.2x with 8 (batch 16)"]
     assert paged["ratio"] == round(100 / 70, 3) and paged["met"] is False
+
+
+def test_rejudge_recomputes_targets_with_their_spreads_from_a_saved_run():
+    """`bench --rejudge`: a saved run judged again by the current report code, nothing re-timed;
+    each target carries the widest spread of the runs it compares."""
+    from loraswitch.bench.config import BenchConfig
+    from loraswitch.bench.run import rejudge
+
+    rows = {"base": {"decode_tok_s": 100.0, "decode_spread": 0.05}, "merged": {"decode_tok_s": 100.0, "decode_spread": 0.04},
+            "ls_mixed": {"decode_tok_s": 96.0, "decode_spread": 0.12}}
+    res = {"config": {**BenchConfig(batch_sizes=[16]).__dict__, "out_dir": "x", "unknown_old_field": 1},
+           "models": [{"model": "m", "batches": {"16": rows}, "targets": []}]}
+    m = rejudge(res)["models"][0]
+    mixed = next(t for t in m["targets"] if "one adapter per request decode" in t["target"])
+    assert mixed["ratio"] == 0.96 and mixed["met"] is True and mixed["spread"] == 0.12
+    assert m["sanity"][0]["ok"]

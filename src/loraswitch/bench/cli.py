@@ -28,6 +28,7 @@ def bench_command(
     out: Annotated[Path, typer.Option("--out")] = Path("benchmarks/results"),
     doc: Annotated[Path | None, typer.Option("--doc", help="Also write the result tables into this markdown file (between generated markers), e.g. docs/benchmarks.md.")] = None,
     readme: Annotated[Path | None, typer.Option("--readme", help="Also write the short summary into this markdown file, e.g. README.md.")] = None,
+    rejudge: Annotated[Path | None, typer.Option("--rejudge", help="Time nothing: judge a saved bench_<device>.json again with the current targets (goals, spreads) and write it, its markdown and --doc / --readme.")] = None,
 ) -> None:
     """Speed and memory: loraswitch vs one merged adapter, the base model and PEFT."""
     import transformers
@@ -58,8 +59,17 @@ def bench_command(
         console.print(f"[red]error:[/red] unknown configuration(s) {bad}; known: {', '.join(CONFIGS)}")
         raise typer.Exit(2)
     try:
-        with console.status("benchmarking...") as status:
-            res = run_bench(cfg, lambda s: status.update(f"benchmarking {s}"))
+        if rejudge is not None:
+            import json
+
+            from loraswitch.bench.run import rejudge as judge_again
+            from loraswitch.bench.run import write_results
+
+            res = judge_again(json.loads(rejudge.read_text()))
+            write_results(res, Path(out))
+        else:
+            with console.status("benchmarking...") as status:
+                res = run_bench(cfg, lambda s: status.update(f"benchmarking {s}"))
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -69,13 +79,14 @@ def bench_command(
             continue
         table = Table("target", "measured", "status", title=f"{m['model']} ({m['wall_s']} s)")
         for t in m["targets"]:
-            table.add_row(t["target"], f"{t['ratio']}x", "[green]met[/green]" if t["met"] else "[red]NOT MET[/red]")
+            table.add_row(t["target"], f"{t['ratio']}x", "[green]met[/green]" if t["met"] else
+                          ("[yellow]too noisy to judge[/yellow]" if t["met"] is None else "[red]NOT MET[/red]"))
         console.print(table)
         for b, rows in m.get("batches", {}).items():
             for config, r in rows.items():
                 if "error" in r:
                     console.print(f"[red]{m['model']} batch {b} {config} failed:[/red] {r['error']}")
-    stem = f"bench_{cfg.device.split(':')[0]}"
+    stem = f"bench_{res['device'].split(':')[0]}"
     console.print(f"wrote {out}/{stem}.json, {stem}.md, {stem}_scaling.png")
     if doc is not None:
         from loraswitch.eval.report import update_doc

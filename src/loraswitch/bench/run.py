@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -268,12 +269,28 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> 
         m["wall_s"] = round(time.perf_counter() - t0, 1)
         res["models"].append(m)
     res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    out = Path(cfg.out_dir)
+    write_results(res, Path(cfg.out_dir))
+    return res
+
+
+def write_results(res: dict, out: Path) -> None:
+    """JSON, markdown and the scaling plot of a run into `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_{cfg.device.split(':')[0]}"
+    stem = f"bench_{res['device'].split(':')[0]}"
     (out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(res))
     plot_scaling(res, out / f"{stem}_scaling.png")
+
+
+def rejudge(res: dict) -> dict:
+    """A saved run's sanity checks and targets computed again by the current report code (new
+    targets, spreads, goals), from its own measurements: nothing is re-timed."""
+    fields = {f.name for f in dataclasses.fields(BenchConfig)}
+    cfg = BenchConfig(**{k: v for k, v in res["config"].items() if k in fields})
+    for m in res["models"]:
+        if "error" not in m:
+            m["sanity"] = sanity(m, cfg)
+            m["targets"] = targets(m, cfg)
     return res
 
 
