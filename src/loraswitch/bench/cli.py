@@ -73,6 +73,12 @@ def bench_command(
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    _show(res)
+    _write_docs(res, Path(out), doc, readme)
+
+
+def _show(res: dict) -> None:
+    """Each model's targets as a table on the console, and any configuration that failed."""
     for m in res["models"]:
         if "error" in m:
             console.print(f"[red]{m['model']} failed:[/red] {m['error']}")
@@ -86,18 +92,21 @@ def bench_command(
             for config, r in rows.items():
                 if "error" in r:
                     console.print(f"[red]{m['model']} batch {b} {config} failed:[/red] {r['error']}")
+
+
+def _write_docs(res: dict, out: Path, doc: Path | None, readme: Path | None) -> None:
+    """The run's tables into `doc`'s and its summary into `readme`'s generated blocks."""
+    from loraswitch.eval.report import update_doc
+
     stem = f"bench_{res['device'].split(':')[0]}"
     console.print(f"wrote {out}/{stem}.json, {stem}.md, {stem}_scaling.png")
     if doc is not None:
-        from loraswitch.eval.report import update_doc
-
-        body = (Path(out) / f"{stem}.md").read_text() + f"\n![decode tokens/s vs adapters loaded]({stem}_scaling.png)\n"
-        update_doc(doc, f"bench-{stem}", body, images_from=Path(out))
+        body = (out / f"{stem}.md").read_text() + f"\n![decode tokens/s vs adapters loaded]({stem}_scaling.png)\n"
+        update_doc(doc, f"bench-{stem}", body, images_from=out)
         console.print(f"updated {doc}")
     if readme is not None:
         from loraswitch.bench.report import readme_summary
-        from loraswitch.eval.report import update_doc
 
-        update_doc(readme, f"bench-{stem}", readme_summary(res, str(doc or Path(out) / f"{stem}.md")))
+        update_doc(readme, f"bench-{stem}", readme_summary(res, str(doc or out / f"{stem}.md")))
         console.print(f"updated {readme}")
-    print(Path(out) / f"{stem}.json")
+    print(out / f"{stem}.json")
