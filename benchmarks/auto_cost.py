@@ -31,16 +31,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import sys
 import time
-from pathlib import Path
 from statistics import median
 
 import httpx
-from load_server import RESULTS, ServerProcess, _metric, build_requests, one
+from load_server import ServerProcess, _metric, build_requests, one, save_report
 
 LIB_CONFIGS = ("auto", "named", "base", "engine")
 SERVER_CONFIGS = ("auto", "named", "base", "engine", "engine_forced")
@@ -333,16 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     report["finished_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     from auto_cost_report import markdown
 
-    stem = "auto_cost" + (f"_{args.tag}" if args.tag else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    text = markdown(report)
-    (RESULTS / f"{stem}.md").write_text(text)
-    print(text)
-    if args.doc:
-        from loraswitch.eval.report import update_doc
-
-        update_doc(Path(args.doc), "auto-cost", text)
+    save_report("auto_cost" + (f"_{args.tag}" if args.tag else ""), report, markdown(report), args.doc, "auto-cost")
     return 0
 
 

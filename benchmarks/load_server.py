@@ -121,6 +121,20 @@ class Server(ServerProcess):
         super().__init__(serve_args(args, max_batch), args.threads)
 
 
+def save_report(stem: str, report: dict, text: str, doc: str | None = None, block: str | None = None, **doc_kw) -> None:
+    """A benchmark's results: `stem`.json (the measurements) and `stem`.md (`text`) under
+    benchmarks/results, `text` printed, and with `doc` written into that file's generated
+    `block` (what every script's --doc does)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / f"{stem}.md").write_text(text)
+    print(text)
+    if doc:
+        from loraswitch.eval.report import update_doc
+
+        update_doc(Path(doc), block, text, **doc_kw)
+
+
 def build_requests(n: int, models: list[str], seed: int) -> list[dict]:
     """Chat requests cycling over `models`; prompts from the demo tasks (an adapter named like a
     task gets that task's prompts, `auto` and `base` a mix), so answers can be scored."""
@@ -335,14 +349,8 @@ def continuous_compare(args: argparse.Namespace, make_requests, models: list[str
                    "threads": args.threads, "concurrency": args.concurrency},
         "argv": sys.argv[1:] if argv is None else argv, "runs": runs, "summary": _compare_summary(runs),
     }
-    stem = "server_load_arrivals" + (f"_{args.tag}" if args.tag else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(compare_markdown(report))
-    print(compare_markdown(report))
-    if args.doc:
-        from loraswitch.eval.report import update_doc
-
-        update_doc(Path(args.doc), "continuous-batching" + (f"-{args.tag}" if args.tag else ""), compare_markdown(report))
+    save_report("server_load_arrivals" + (f"_{args.tag}" if args.tag else ""), report, compare_markdown(report),
+                args.doc, "continuous-batching" + (f"-{args.tag}" if args.tag else ""))
     return 1 if sum(r["errors_5xx"] + r["lost"] for rs in runs.values() for r in rs) else 0
 
 
@@ -445,14 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         "argv": sys.argv[1:] if argv is None else argv,
         "phases": phases, "speedup": speedup,
     }
-    stem = "server_load" + (f"_{args.tag}" if args.tag else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
-    if args.doc:
-        from loraswitch.eval.report import update_doc
-
-        update_doc(Path(args.doc), "server-load", markdown(report))
+    save_report("server_load" + (f"_{args.tag}" if args.tag else ""), report, markdown(report), args.doc, "server-load")
     bad = sum(ph["errors_5xx"] + ph["lost"] for ph in phases.values())
     return 1 if bad else 0
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_server import RESULTS, Server, ServerProcess, build_requests, phase, serve_args  # noqa: E402
+from load_server import RESULTS, Server, ServerProcess, build_requests, phase, save_report, serve_args  # noqa: E402
 
 
 class RayServer(ServerProcess):
@@ -183,14 +182,8 @@ def main(argv: list[str] | None = None) -> int:
               "config": {k: getattr(args, k) for k in ("requests", "concurrency", "max_tokens", "max_batch",
                                                         "stream_fraction", "threads", "adapters_per_replica")},
               "argv": sys.argv[1:] if argv is None else argv, "setups": setups}
-    stem = "ray_serve" + (f"_{args.tag}" if args.tag else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
-    if args.doc:
-        from loraswitch.eval.report import update_doc
-
-        update_doc(Path(args.doc), "scale-out" + (f"-{args.tag}" if args.tag else ""), markdown(report))
+    save_report("ray_serve" + (f"_{args.tag}" if args.tag else ""), report, markdown(report), args.doc,
+                "scale-out" + (f"-{args.tag}" if args.tag else ""))
     return 1 if any(s["errors_5xx"] + s["lost"] for s in setups.values()) else 0
 
 
