@@ -35,10 +35,11 @@ batch 16 under random top-1 routing over 8 rank-8 adapters this path multiplies 
 for every token, 8x the arithmetic the routing needs (~15% of the step's linear FLOPs instead of
 ~2%); grouping tokens by adapter with ATen ops costs more in small-op dispatch than it saves on
 CPU (padded batched matmuls: 1.05-8x the masked path per layer, benchmarks/lora_kernels.py's
-`gather` and `grouped` rows). So on the CPU, decode-sized batches (tokens x rank up to BGMV_MAX_TOKEN_RANKS,
-BGMV_MAX_CHOICES choices each, float32) run the compiled C kernel `kernels.cpu` (punica's BGMV)
-on the same whole-stack operands instead: only each token's own adapters' columns, one call per
-linear. Without a C compiler it steps aside and the masked GEMMs run.
+`gather` and `grouped` rows). So on the CPU, decode-sized batches (tokens x rank up to
+BGMV_MAX_TOKEN_RANKS, BGMV_MAX_CHOICES choices each, float32) run the compiled C kernel
+`kernels.cpu` (punica's BGMV) instead: each token reads only its own adapters' rows (A from the
+layer's stack, B from the whole-stack operand), one call per linear. Without a C compiler it
+steps aside and the masked GEMMs run.
 
 Fixed-shape steps pass a `SlotRouting` (per-token slot ids and weights as tensors, never read
 back into Python), and take one of two paths with no data-dependent control flow, so
@@ -248,12 +249,8 @@ def add_lora(
             return y
         r = ranks[uniform + 1]
         if inplace and cache is not None:  # decode-time fast path: two GEMMs on cached contiguous factors
-            key = ("uniform", uniform)
-            factors = cache.get(key)  # the hit, every step of a decode, without building a closure
-            if factors is None or factors[0].dtype != x.dtype or factors[0].device != x.device:
-                factors = _cached(cache, key, x,
-                                  lambda: (A[uniform + 1, :r].T.contiguous(), B[uniform + 1, :, :r].T.contiguous()))
-            return y.addmm_(x @ factors[0], factors[1])
+            A_t, B_t = _cached(cache, ("uniform", uniform), x, _one_adapter, A, B, uniform + 1, r)
+            return y.addmm_(x @ A_t, B_t)
         delta = (x @ A[uniform + 1, :r].T) @ B[uniform + 1, :, :r].T
         return y.add_(delta) if inplace else y + delta
     tok, sid, w = routing.pairs()
@@ -342,24 +339,32 @@ def _add_stacked(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Ten
                  key: tuple, mask: torch.Tensor, cache: dict | None) -> torch.Tensor:
     """The stacked strategy over the adapter set present (module docstring): y += ((x @ A_u) *
     mask) @ B_u, in place, the set's concatenated factors cached by the layer per set."""
-    def build() -> tuple[torch.Tensor, torch.Tensor]:
-        A_s, B_s = A.index_select(0, uniq), B.index_select(0, uniq)
-        return (A_s.reshape(-1, A.shape[2]).T.contiguous(),  # [in, U*r]
-                B_s.transpose(1, 2).reshape(-1, B.shape[1]).contiguous())  # [U*r, out]
-
-    A_u, B_u = _cached(cache, key, x, build)
+    A_u, B_u = _cached(cache, key, x, _adapter_set, A, B, uniq)
     h = x @ A_u
     h.view(x.shape[0], mask.shape[1], -1).mul_(mask.to(h.dtype).unsqueeze(-1))
     return y.addmm_(h, B_u)
 
 
-def _cached(cache: dict | None, key: tuple, x: torch.Tensor,
-            build: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors derived from the layer's stacks, built once per key and kept in the layer's cache
-    (which the layer clears whenever its stacks change), in `x`'s dtype and device."""
+def _one_adapter(A: torch.Tensor, B: torch.Tensor, i: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack entry i's factors as contiguous GEMM operands, [in, r] and [r, out] (uniform path)."""
+    return A[i, :r].T.contiguous(), B[i, :, :r].T.contiguous()
+
+
+def _adapter_set(A: torch.Tensor, B: torch.Tensor, uniq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stack entries `uniq` concatenated, [in, U*r] and [U*r, out] (per-set stacked path)."""
+    A_s, B_s = A.index_select(0, uniq), B.index_select(0, uniq)
+    return A_s.reshape(-1, A.shape[2]).T.contiguous(), B_s.transpose(1, 2).reshape(-1, B.shape[1]).contiguous()
+
+
+def _cached(cache: dict | None, key: tuple, x: torch.Tensor, build: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+            *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors derived from the layer's stacks, `build(*args)` once per key and kept in the
+    layer's cache (which the layer clears whenever its stacks change), in `x`'s dtype and device.
+    The builder and its arguments are passed, not a closure: the hit runs for every LoRA'd linear
+    of every decode step, and building a closure there was a measurable share of it."""
     factors = cache.get(key) if cache is not None else None
     if factors is None or factors[0].device != x.device or factors[0].dtype != x.dtype:
-        factors = tuple(t.to(x.dtype) for t in build())
+        factors = tuple(t.to(x.dtype) for t in build(*args))
         if cache is not None:
             if len(cache) >= STACK_CACHE_MAX:
                 cache.clear()
