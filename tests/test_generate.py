@@ -89,6 +89,26 @@ def test_static_decode_gives_the_eager_tokens(tiny_base, adapter_dir, backend):
         assert set(static.decoder.compile_s) == {(3, 64, 1), (3, 64, 2)}  # one trace per shape, reused
 
 
+def test_static_step_with_no_adapter_skips_the_lora_term(tiny_base, adapter_dir, monkeypatch):
+    """A batch where no row uses an adapter runs the static step without the LoRA term (routed
+    to "no adapter", the masked path would multiply every loaded factor by zero), as its own
+    compiled graph, with the eager loop's tokens."""
+    import copy
+
+    import loraswitch.layers as layers
+
+    prompts = [tiny_base.chat_ids(p) for p in ("one", "two two", "three three three")]
+    params = SamplingParams(max_new_tokens=6, stop_ids=set(), logprobs=0)
+    policies = {"none": lambda e: explicit(e, [None] * 3)}
+    want = _answers(Engine(copy.deepcopy(tiny_base), [adapter_dir]), prompts, policies, params, _EndRowOne)
+    static = Engine(tiny_base, [adapter_dir], compile="eager")
+    calls = []  # the routing type of every LoRA term computed (the prefill's is a Routing)
+    real = layers.add_lora
+    monkeypatch.setattr(layers, "add_lora", lambda *a, **k: calls.append(type(a[5]).__name__) or real(*a, **k))
+    assert _answers(static, prompts, policies, params, _EndRowOne) == want
+    assert "SlotRouting" not in calls and set(static.decoder.compile_s) == {(3, 64, 0)}
+
+
 def test_compiled_decode_inductor(tiny_base, adapter_dir):
     """torch.compile with inductor (the real thing; slow, so the only test that compiles): the
     same greedy tokens as eager for a mixed batch and for batch 1; a second generation reuses the

@@ -4,7 +4,7 @@
 the attention mask and the positions, and runs the model. Two kinds, picked per generation by
 `stepper_for`:
 
-* `EagerStepper`  - a DynamicCache that grows by one position per step and drops finished rows;
+* `EagerStepper`  - a cache that grows by one position per step, in place (`kvcache`), and drops finished rows;
                     each step packs the rows' choices into a `kernels.Routing`. Runs any policy,
                     per-layer (dynamic) routers included.
 * `StaticStepper` - a StaticCache of a fixed length bucket; rows stay in the batch until the end
@@ -34,6 +34,7 @@ from transformers import DynamicCache, StaticCache
 
 from loraswitch.engine import Engine
 from loraswitch.kernels import Routing, SlotRouting
+from loraswitch.kvcache import GrowingCache
 from loraswitch.layers import DynamicRouter
 from loraswitch.padding import LeftPadded, positions_of
 from loraswitch.prefix import PrefixHit, PrefixRow, prefix_cache
@@ -74,12 +75,12 @@ def _device(engine: Engine) -> torch.device:
 
 
 class EagerStepper:
-    """Prefill and steps on a growing DynamicCache (module docstring)."""
+    """Prefill and steps on a cache that grows in place (`kvcache.GrowingCache`; module docstring)."""
 
     def __init__(self, engine: Engine, batch: LeftPadded):
         self.engine, self.batch = engine, batch
         self.device = _device(engine)
-        self.cache = DynamicCache()
+        self.cache = GrowingCache()
         self.mask = batch.attention_mask
         self.next_pos = batch.position_ids[:, -1] + 1
 
@@ -142,7 +143,7 @@ class EagerStepper:
                 if h is not None:
                     K[i, :, P - k:], V[i, :, P - k:] = h.kv[layer][0][:, :k], h.kv[layer][1][:, :k]
             kv.append((K.to(self.device), V.to(self.device)))
-        self.cache = DynamicCache(ddp_cache_data=kv)
+        self.cache = GrowingCache(kv)
         self.mask = torch.zeros(n_rows, P + W, dtype=torch.long)
         for i, (a, k) in enumerate(zip(n, m)):
             self.mask[i, P - k : P] = 1
@@ -157,19 +158,19 @@ class EagerStepper:
         batch. Positions are per row, so every row decodes as it would alone."""
         (mine, mask), (theirs, their_mask) = _trimmed(self.cache, self.mask), _trimmed(other.cache, other.mask)
         length = max(mask.shape[1], their_mask.shape[1])
-        self.cache = DynamicCache(ddp_cache_data=[(_stacked(a, c, length, 2), _stacked(b, d, length, 2))
-                                                  for (a, b), (c, d) in zip(mine, theirs)])
+        self.cache = GrowingCache([(_stacked(a, c, length, 2), _stacked(b, d, length, 2))
+                                   for (a, b), (c, d) in zip(mine, theirs)])
         self.mask = _stacked(mask, their_mask, length, 1)
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
 
     def trim(self) -> None:
         """Drop the leading cache positions no row attends to any more: after a long row left a
         batch that rows joined, the others no longer pay attention over its length (every step
-        copies and reads the whole cache)."""
+        reads the whole cache)."""
         if bool(self.mask[:, 0].any()):
             return
         kv, self.mask = _trimmed(self.cache, self.mask)
-        self.cache = DynamicCache(ddp_cache_data=kv)
+        self.cache = GrowingCache(kv)
 
     def select(self, keep: list[int]) -> None:
         """Only the batch positions `keep` go on (rows that finished leave the cache)."""
@@ -269,11 +270,12 @@ class Decoder:
             st.resize(k, st.tokens.device)
         return st
 
-    def run(self, model, st: _Static) -> torch.Tensor:
+    def run(self, model, st: _Static, routed: bool = True) -> torch.Tensor:
+        """One step; `routed` False: the step with no LoRA term (keyed with 0 choices per token)."""
         args = (model, st.tokens, st.mask, st.positions, st.cache)
         if self.fn is None or self.failed:
             return _forward(*args)
-        key = (*st.mask.shape, st.routing.ids.shape[1])
+        key = (*st.mask.shape, st.routing.ids.shape[1] if routed else 0)
         saved = [getattr(layer, "cumulative_length", torch.zeros(())).clone() for layer in st.cache.layers]
         t0 = time.perf_counter()
         try:
@@ -331,8 +333,11 @@ class StaticStepper:
         st.routing.weights.copy_(ws)
         st.tokens[self.live, 0] = torch.tensor(tokens, dtype=torch.long, device=st.tokens.device)
         st.mask[:, self.t] = 1
-        with self.engine.routed(st.routing):
-            logits = self.decoder.run(self.engine.model, st)
+        # a step where no row uses an adapter runs the base model's own step (a graph of its
+        # own): routed to "no adapter", the masked path would still multiply every loaded factor
+        routed = bool(((ids >= 0) & (ws != 0)).any())
+        with self.engine.routed(st.routing if routed else None):
+            logits = self.decoder.run(self.engine.model, st, routed)
         st.positions.add_(1)
         self.t += 1
         return logits[self.live]
