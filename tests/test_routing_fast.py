@@ -1,15 +1,16 @@
 """The selector's fast head (issue 17: `auto` at most 1.1x naming the adapter): a lower layer
 decides whole prompts first, the main head the ones it sends to no adapter; the feature pass
-reads several layers at once and batches rows by length."""
+reads several layers at once, packs its rows, and hands segmentation's read-ahead to the selector."""
 
 from __future__ import annotations
 
 import torch
 
 from loraswitch.engine import Engine
+from loraswitch.routing import features
 from loraswitch.routing import seq as seq_module
 from loraswitch.routing.base import NONE_CLASS
-from loraswitch.routing.features import _groups, layer_features, prompt_features
+from loraswitch.routing.features import _bins, _pack, layer_features, prompt_features, read_ahead
 from loraswitch.routing.seq import SequenceRouter, train_selector
 from tests.test_routing import _data
 
@@ -72,9 +73,50 @@ def test_one_pass_reads_several_layers_in_the_callers_order(tiny_base, adapter_d
     assert layer_features(engine, [], [1])[1].shape[0] == 0
 
 
-def test_rows_are_batched_by_length():
-    # equal lengths: one batch; a long row among short ones: its own batch; never over max_rows
-    assert _groups([5] * 8, 32) == [(0, 8)]
-    assert _groups([3, 3, 3, 3, 3, 3, 3, 200], 32, pass_cost=16) == [(0, 7), (7, 8)]
-    assert all(b - a <= 3 for a, b in _groups([4] * 10, 3))
-    assert _groups([], 4) == []
+def test_rows_are_packed_first_fit_by_decreasing_length():
+    # short rows share a sequence as long as the longest row; every row in exactly one bin
+    assert _bins([5, 5, 10], 10) == [[2], [0, 1]]
+    assert _bins([3, 9, 4, 2, 6], 9) == [[1], [4, 0], [2, 3]]
+    found = _bins([7, 1, 3, 8, 2, 2, 5], 8)
+    assert sorted(i for b in found for i in b) == list(range(7))
+    assert all(sum([7, 1, 3, 8, 2, 2, 5][i] for i in b) <= 8 for b in found)
+    assert _bins([], 4) == []
+    # the width that leaves the least padding: rows just over half the longest pair up at twice it
+    assert _pack([10, 6, 6, 6, 6]) == (12, [[0], [1, 2], [3, 4]])
+    assert _pack([4, 4, 4, 4])[0] == 4
+
+
+def test_packed_rows_read_as_if_alone(tiny_base, adapter_dir):
+    """The packed pass (one sequence, a block-diagonal mask) gives each row the features of the
+    unshared, left-padded reference pass."""
+    engine = Engine(tiny_base, [adapter_dir])
+    prompts = ["What is 2 + 2?", "Convert to ISO date: March 3 2021, please, now", "x", "What is 2 + 2?"]
+    packed = layer_features(engine, prompts, [0, 1])
+    for layer in (0, 1):
+        ref = torch.cat([prompt_features(engine, [p], layer, shared_prefix=False) for p in prompts])
+        torch.testing.assert_close(packed[layer], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_a_read_ahead_hands_each_feature_out_once(tiny_base, adapter_dir, monkeypatch):
+    """Segmentation's screen reads the batch's whole prompts with its units; the selector's next
+    call takes them instead of computing them again, once per time each was read."""
+    engine = Engine(tiny_base, [adapter_dir])
+    units, later = ["What is 2 + 2?", "x"], ["Convert to ISO date: March 3 2021", "y z", "y z"]
+    got = read_ahead(engine, units, 1, later)
+    torch.testing.assert_close(got, prompt_features(engine, units, 1), rtol=1e-4, atol=1e-5)
+    computed = []
+    real = features.layer_features
+    monkeypatch.setattr(features, "layer_features",
+                        lambda e, p, layers, *a, **kw: computed.append(list(p)) or real(e, p, layers, *a, **kw))
+    asked = ["y z", "new", "y z", "Convert to ISO date: March 3 2021", "y z"]
+    out = prompt_features(engine, asked, 1)
+    assert computed == [["new", "y z"]]  # the third "y z" was read ahead twice only
+    torch.testing.assert_close(out, real(engine, asked, [1])[1], rtol=1e-4, atol=1e-5)
+    computed.clear()
+    prompt_features(engine, ["Convert to ISO date: March 3 2021"], 1)  # handed out already
+    assert computed == [["Convert to ISO date: March 3 2021"]]
+    read_ahead(engine, [], 1, ["a"])
+    read_ahead(engine, [], 1, [])  # a new read-ahead drops what the last one kept
+    computed.clear()
+    prompt_features(engine, ["a"], 1)
+    assert computed == [["a"]]

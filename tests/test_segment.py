@@ -4,7 +4,10 @@ the tiny model; the headline prompts of the issue run on the real default (`real
 
 from __future__ import annotations
 
+import types
+
 import pytest
+import torch
 
 from loraswitch.routing.units import is_statement, split_units
 from loraswitch.switch import Switch
@@ -135,6 +138,58 @@ def test_without_a_selector_only_numbered_parts_are_split(switch_tiny):
     router = switch_tiny.router("auto")  # arrow: no selector to score units with
     found = seg.segment(router, switch_tiny.engine, ["1. a\n2. b", "a, and then b"])
     assert [f.texts for f in found] == [["a", "b"], []]  # the grammar keeps the words as written
+
+
+class _FastHead:
+    """A stand-in fast head: raw probabilities from keywords ("maybe" makes beta plausible too)."""
+
+    classes = ["alpha", "beta", "gamma", "__none__"]
+    layer = 1
+
+    def __init__(self):
+        self.texts: list[str] = []
+
+    def logits(self, feats):
+        rows = []
+        for t in self.texts:
+            row = [0.0, 0.0, 0.0, 0.0]
+            for k, a in KEYWORDS.items():
+                if k in t.lower():
+                    row[self.classes.index(a)] = 9.0
+            row[1] += 6.0 if "maybe" in t.lower() else 0.0
+            rows.append(row if any(row) else [0.0, 0.0, 0.0, 9.0])
+        return torch.tensor(rows)
+
+
+def test_the_screen_sends_on_only_prompts_two_units_read_as_different_tasks(monkeypatch):
+    from loraswitch.routing import features
+
+    fast = _FastHead()
+    passes = []
+
+    def read_ahead(engine, texts, layer, later):
+        passes.append((list(texts), list(later)))
+        fast.texts = list(texts)
+        return torch.zeros(len(texts), 1)
+
+    monkeypatch.setattr(features, "read_ahead", read_ahead)
+    router = types.SimpleNamespace(fast=fast, added=None)
+    prompts = ["The date. A date again, please.", "The date. Then the sum.", "Hello there. The date.",
+               "The date, maybe. The date.", "1. the date\n2. the date", "The date."]
+    read = seg.screen(router, None, [split_units(p) for p in prompts], ahead=["whole"])
+    assert read == [False, True, False, True, True, False]
+    # one pass: the prose prompts' units, with the texts the selector reads next
+    assert len(passes) == 1 and passes[0][1] == ["whole"] and "1. the date" not in " ".join(passes[0][0])
+    # no fast head, or adapters added since training: every prompt of several units goes on
+    for other in (types.SimpleNamespace(fast=None), types.SimpleNamespace(fast=fast, added=["x"])):
+        assert seg.screen(other, None, [split_units(p) for p in prompts]) == [True] * 5 + [False]
+
+
+def test_two_tasks_needs_different_tasks_in_two_units():
+    one, two, both = frozenset({0}), frozenset({1}), frozenset({0, 1})
+    assert not seg._two_tasks([one, one, one])
+    assert not seg._two_tasks([both])  # one unit, however unsure, is one part
+    assert seg._two_tasks([one, two]) and seg._two_tasks([both, one])
 
 
 # ---------------------------------------------------------------------------- end to end

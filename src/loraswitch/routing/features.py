@@ -16,19 +16,22 @@ is refused as stale.
 Every prompt routed this way opens with the same tokens: the chat template's system prompt and
 the user turn's header (24 of the ~42 tokens of a short demo request). Their keys and values at
 each layer depend on those tokens alone (the model is causal and adapters are off), so they are
-computed once per model (`_Prefix`) and every batch runs only what follows them, right-padded
-after the shared part; the mean adds the prefix's hidden states once. Same features up to float
-rounding, at about half the cost for a short request, and a quarter for the short units
-segmentation scores (issue 17: this pass ran before every `auto` prefill, at ~0.5x its cost).
-Rows that do not start with the prefix (a clipped prompt) take the plain left-padded pass.
+computed once per model (`_Prefix`) and every batch runs only what follows them; the mean adds
+the prefix's hidden states once. Same features up to float rounding, at about half the cost for a
+short request, and a quarter for the short units segmentation scores (issue 17: this pass ran
+before every `auto` prefill, at ~0.5x its cost). Rows that do not start with the prefix (a
+clipped prompt) take the plain left-padded pass.
 
-Rows are batched by length (`_groups`): right-padding a 40-token review next to 12-token requests
-makes every row cost 40, and the pass is arithmetic per padded token, so sorted rows are cut into
-batches where the padding saved outweighs one more pass's fixed cost. One pass can read several
-layers (`layer_features`): the selector's fast head and its main head are trained on one pass
-over the training prompts. A text asked twice in one call is computed twice, as the prefill
-computes it: `benchmarks/auto_cost.py` at 32 requests asks each of 8 prompts 4 times, and
-computing each once would make `auto` look cheaper there than on traffic that does not repeat.
+The rows after the prefix are packed into sequences of a few rows each (`_pack`), each row
+reading the prefix and its own tokens only (`_shared_features`: a block-diagonal causal
+mask), not padded to the longest: a pass costs a fixed part (every layer's weights read once)
+plus its tokens, and padding a 40-token review next to 12-token requests made every row cost
+40 (sorting rows by length into several passes paid the fixed part again instead). One
+pass can read several layers (`layer_features`): the selector's fast head and its main head are
+trained on one pass over the training prompts. A text asked twice in one call is computed twice,
+as the prefill computes it: `benchmarks/auto_cost.py` at 32 requests asks each of 8 prompts 4
+times, and computing each once would make `auto` look cheaper there than on traffic that does
+not repeat (`read_ahead` hands each feature it keeps out once).
 """
 
 from __future__ import annotations
@@ -146,30 +149,43 @@ def _prefix(engine: Engine, layers: tuple[int, ...]) -> _Prefix | None:
     return per_model[key]
 
 
-def _shared_features(engine: Engine, pre: _Prefix, layers: tuple[int, ...],
-                     rows: list[list[int]]) -> dict[int, torch.Tensor]:
+def _shared_features(engine: Engine, pre: _Prefix, layers: tuple[int, ...], rows: list[list[int]],
+                     batch_size: int, progress: bool = False) -> dict[int, torch.Tensor]:
     """Features of `rows` (each starts with `pre.ids`, and has more) at each of `layers`: their
-    tails right-padded after the cached prefix."""
-    p, tok = len(pre.ids), engine.base.tokenizer
+    tails after the cached prefix packed into sequences (`_pack`), each tail reading the prefix
+    and its own tokens only, `batch_size` sequences a pass."""
+    p = len(pre.ids)
     tails = [r[p:] for r in rows]
-    width = max(len(t) for t in tails)
-    ids = torch.full((len(rows), width), int(tok.pad_token_id or 0), dtype=torch.long)
-    mask = torch.zeros((len(rows), p + width), dtype=torch.long)
-    mask[:, :p] = 1
-    for i, t in enumerate(tails):
-        ids[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
-        mask[i, p : p + len(t)] = 1
-    n = len(rows)
-    cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in pre.kv])
-    out = _run(engine, layers, input_ids=ids, attention_mask=mask,
-               position_ids=(p + torch.arange(width))[None].expand(n, -1), past_key_values=cache, use_cache=True)
-    m = mask[:, p:].unsqueeze(-1).float()
-    lengths = mask[:, p:].sum(1)
-    feats = {}
-    for layer in layers:
-        h = out[layer].float().cpu()
-        mean = (pre.hidden_sum[layer] + (h * m).sum(1)) / (p + lengths).unsqueeze(-1).float()
-        feats[layer] = torch.cat([mean, h[torch.arange(n), lengths - 1]], dim=-1)
+    width, bins = _pack([len(t) for t in tails])
+    feats = {layer: torch.empty(len(rows), 2 * engine.model.config.hidden_size) for layer in layers}
+    for first in tqdm(range(0, len(bins), batch_size), desc="features", disable=not progress):
+        chunk = bins[first : first + batch_size]
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        row = torch.full((len(chunk), width), -1)  # which row each position holds (-1: padding)
+        pos = torch.zeros((len(chunk), width), dtype=torch.long)  # its position after the prefix
+        spans = []  # (row, bin, start, length)
+        for b, members in enumerate(chunk):
+            start = 0
+            for j in members:
+                n = len(tails[j])
+                ids[b, start : start + n] = torch.as_tensor(tails[j], dtype=torch.long)
+                row[b, start : start + n], pos[b, start : start + n] = j, torch.arange(n)
+                spans.append((j, b, start, n))
+                start += n
+        sees = (row[:, :, None] == row[:, None, :]) & (row[:, None, :] >= 0) & (pos[:, None, :] <= pos[:, :, None])
+        sees = torch.cat([torch.ones(len(chunk), width, p, dtype=torch.bool), sees], dim=-1)
+        dtype = engine.model.dtype
+        mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)[:, None]
+        n = len(chunk)
+        cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in pre.kv])
+        out = _run(engine, layers, input_ids=ids, attention_mask=mask, position_ids=p + pos, past_key_values=cache,
+                   use_cache=True)
+        for layer in layers:
+            h = out[layer].float().cpu()
+            for j, b, start, n in spans:
+                mine = h[b, start : start + n]
+                mean = (pre.hidden_sum[layer] + mine.sum(0)) / (p + n)
+                feats[layer][j] = torch.cat([mean, mine[-1]])
     return feats
 
 
@@ -185,24 +201,32 @@ def _padded_features(engine: Engine, layers: tuple[int, ...], rows: list[list[in
     return feats
 
 
-PASS_COST = 16  # a pass's fixed cost in padded tokens (Python per layer; about 16 on this CPU)
+def _bins(lengths: list[int], width: int) -> list[list[int]]:
+    """Rows (indices into `lengths`) packed into bins of `width` tokens, first fit by decreasing
+    length."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fit = next((b for b, r in enumerate(room) if lengths[i] <= r), None)
+        if fit is None:
+            bins.append([])
+            room.append(width)
+            fit = len(bins) - 1
+        bins[fit].append(i)
+        room[fit] -= lengths[i]
+    return bins
 
 
-def _groups(lengths: list[int], max_rows: int, pass_cost: int = PASS_COST) -> list[tuple[int, int]]:
-    """[start, end) batches of rows sorted by length (ascending) with the least padded tokens plus
-    `pass_cost` per batch, at most `max_rows` rows each (a shortest-path over the cut points)."""
-    n = len(lengths)
-    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
-    for end in range(1, n + 1):
-        for start in range(max(0, end - max_rows), end):
-            cost = best[start] + pass_cost + (end - start) * lengths[end - 1]
-            if cost < best[end]:
-                best[end], cut[end] = cost, start
-    out, end = [], n
-    while end > 0:
-        out.append((cut[end], end))
-        end = cut[end]
-    return out[::-1]
+def _pack(lengths: list[int]) -> tuple[int, list[list[int]]]:
+    """(width, bins): the bins of the width, from the longest row to four times it, that leave
+    the fewest padded tokens. Every pass reads each layer's weights once whatever its rows (on
+    this CPU, one thread: a pass to layer 5 costs 22 ms + 0.35 ms a token, to layer 15 57 ms +
+    0.96 ms), so short rows should share one pass without paying for the longest one's padding:
+    padded to the longest, 8 demo prompts and 5 segmentation units were 40% padding."""
+    longest = max(lengths)
+    widths = sorted({int(longest * f) for f in (1, 1.25, 1.5, 2, 3, 4)})
+    packs = [(w, _bins(lengths, w)) for w in widths]
+    return min(packs, key=lambda wb: len(wb[1]) * wb[0])
 
 
 @torch.inference_mode()
@@ -210,21 +234,23 @@ def layer_features(engine: Engine, prompts: list[str], layers: list[int], batch_
                    progress: bool = False, shared_prefix: bool = True) -> dict[int, torch.Tensor]:
     """{layer: [N, 2*hidden]} features of `prompts` at each decoder layer in `layers` (0-based,
     its output), in one pass up to the highest. `shared_prefix`: run the template's common
-    opening once (the module doc); False: every prompt from its first token, in order (the
-    reference the shared path is tested against)."""
+    opening once and pack the rest (the module doc), `batch_size` packed sequences a pass; False:
+    every prompt from its first token, left-padded, `batch_size` rows a pass (the reference the
+    shared path is tested against)."""
     tok, wanted = engine.base.tokenizer, tuple(sorted(set(layers)))
     pre = _prefix(engine, wanted) if shared_prefix else None
     enc = [_clip(engine.base.chat_ids(p)) or [tok.eos_token_id] for p in prompts]
     feats = {i: torch.empty(len(enc), 2 * engine.model.config.hidden_size) for i in wanted}
     p = len(pre.ids) if pre is not None else 0
-    shared = sorted((j for j, r in enumerate(enc) if pre is not None and len(r) > p and r[:p] == pre.ids),
-                    key=lambda j: len(enc[j]))
+    shared = [j for j, r in enumerate(enc) if pre is not None and len(r) > p and r[:p] == pre.ids]
     plain = sorted(set(range(len(enc))) - set(shared))
-    batches = [(True, shared[a:b]) for a, b in _groups([len(enc[j]) - p for j in shared], batch_size)]
-    batches += [(False, plain[i : i + batch_size]) for i in range(0, len(plain), batch_size)]
-    for is_shared, rows in tqdm(batches, desc="features", disable=not progress):
-        got = (_shared_features(engine, pre, wanted, [enc[j] for j in rows]) if is_shared
-               else _padded_features(engine, wanted, [enc[j] for j in rows]))
+    if shared:
+        got = _shared_features(engine, pre, wanted, [enc[j] for j in shared], batch_size, progress)
+        for i in wanted:
+            feats[i][shared] = got[i]
+    for k in tqdm(range(0, len(plain), batch_size), desc="features", disable=not progress or not plain):
+        rows = plain[k : k + batch_size]
+        got = _padded_features(engine, wanted, [enc[j] for j in rows])
         for i in wanted:
             feats[i][rows] = got[i]
     return feats
@@ -232,5 +258,34 @@ def layer_features(engine: Engine, prompts: list[str], layers: list[int], batch_
 
 def prompt_features(engine: Engine, prompts: list[str], layer: int, batch_size: int = 32, progress: bool = False,
                     shared_prefix: bool = True) -> torch.Tensor:
-    """[N, 2*hidden] features of `prompts` from decoder layer `layer` (`layer_features`)."""
-    return layer_features(engine, prompts, [layer], batch_size, progress, shared_prefix)[layer]
+    """[N, 2*hidden] features of `prompts` from decoder layer `layer` (`layer_features`); those a
+    `read_ahead` kept are handed out instead of computed again."""
+    kept = _AHEAD.get(engine.model, {}) if shared_prefix else {}
+    out = [kept[(layer, p)].pop() if kept.get((layer, p)) else None for p in prompts]
+    rest = [i for i, f in enumerate(out) if f is None]
+    if len(rest) == len(prompts):
+        return layer_features(engine, prompts, [layer], batch_size, progress, shared_prefix)[layer]
+    if rest:
+        for i, f in zip(rest, layer_features(engine, [prompts[i] for i in rest], [layer], batch_size, progress)[layer]):
+            out[i] = f
+    return torch.stack(out)
+
+
+# model -> {(layer, text): [features]}: what the last `read_ahead` computed for a later call
+_AHEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def read_ahead(engine: Engine, texts: list[str], layer: int, later: list[str]) -> torch.Tensor:
+    """Features of `texts` at `layer`, computed in one pass with those of `later`, which are kept
+    for the `prompt_features` call that asks for them next: segmentation's screen reads a batch's
+    units with the selector's fast head right before the selector reads its whole prompts at the
+    same layer (`switch.segment.screen`), and one pass costs less than two (`_pack`). Each
+    kept feature is handed out once and the next read-ahead drops what was not, so a text is
+    still computed once per time it is asked (the module doc), never reused across batches."""
+    _AHEAD.pop(engine.model, None)
+    feats = prompt_features(engine, texts + later, layer)
+    kept: dict[tuple[int, str], list[torch.Tensor]] = {}
+    for t, f in zip(later, feats[len(texts):]):
+        kept.setdefault((layer, t), []).append(f)
+    _AHEAD[engine.model] = kept
+    return feats[: len(texts)]

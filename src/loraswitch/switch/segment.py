@@ -118,6 +118,54 @@ def score_texts(router, engine, texts: list[str]) -> Scores | None:
     return Scores([d.adapter for d in decisions], conf, torch.logsumexp(logits, -1).tolist())
 
 
+PLAUSIBLE = 0.01  # the fast head's raw probability above which an adapter is a unit's possible task
+
+
+def screen(router, engine, docs: list[list[Unit]], ahead: list[str] = ()) -> list[bool]:
+    """Which prompts (given as their units) the main head must read unit by unit. Most prompts
+    of several sentences ask one thing ("Positive or negative? The kettle broke. One star."),
+    and reading their units at the main layer was `auto`'s largest fixed cost at 8 requests
+    (issue 17). So the selector's fast head reads the units of every prose prompt first, in a
+    pass a third as deep, and a prompt goes on only when two of its units are read as plausibly
+    different tasks (adapter A in one, B in another, raw probability >= `PLAUSIBLE` each): its
+    parts are of different tasks (parts of one task are one part), each from a unit of its own.
+    Lists, blocks and worked examples always go on (their items are parts by layout), and so
+    does every prompt when there is no fast head or the library has grown (the fast head cannot
+    read an added adapter's task). On the demo's 126 prose composites of the test and
+    validation layouts every one goes on up to a threshold of 0.4; at 0.01, 59 of its 72
+    single-task prompts of several units do not (docs/routing.md). `ahead`: texts the selector
+    reads at the fast layer next (the batch's whole prompts), read in the same pass
+    (`features.read_ahead`)."""
+    want = [len(units) > 1 for units in docs]
+    inner = getattr(router, "inner", router)
+    fast = getattr(inner, "fast", None)
+    if fast is None or getattr(inner, "added", None):
+        return want
+    prose = [w and all(u.kind in PROSE and u.list_id < 0 and not u.example for u in units)
+             for units, w in zip(docs, want)]
+    texts = [(k, u.text) for k, units in enumerate(docs) if prose[k] for u in units]
+    if not texts and not ahead:
+        return want
+    from loraswitch.routing.base import NONE_CLASS
+    from loraswitch.routing.features import read_ahead
+
+    with torch.inference_mode():
+        feats = read_ahead(engine, [t for _, t in texts], fast.layer, list(ahead))
+        probs = torch.softmax(fast.logits(feats).float(), -1) if texts else []
+    adapters = [i for i, c in enumerate(fast.classes) if c != NONE_CLASS]
+    reads: dict[int, list[frozenset[int]]] = {}
+    for (k, _), row in zip(texts, probs):
+        plausible = frozenset(i for i in adapters if float(row[i]) >= PLAUSIBLE)
+        if plausible:
+            reads.setdefault(k, []).append(plausible)
+    return [w and (not prose[k] or _two_tasks(reads.get(k, []))) for k, w in enumerate(want)]
+
+
+def _two_tasks(reads: list[frozenset[int]]) -> bool:
+    """Whether two of these units' plausible tasks differ: A in one unit, B != A in another."""
+    return len(reads) >= 2 and not (len(set(reads)) == 1 and len(reads[0]) == 1)
+
+
 def _join(prompt: str, units: list[Unit]) -> str:
     """The words of `units` as one text: a newline where the prompt had one between them."""
     out = ""
@@ -257,25 +305,29 @@ class _Doc:
         self.adapter[lo:hi], self.confidence[lo:hi], self.energy[lo:hi] = [adapter], [confidence], [energy]
 
 
-def segment(router, engine, prompts: list[str], settings: Settings = Settings()) -> list[Segmentation]:
-    """The parts of each prompt (fewer than two: answer it whole). Units of every prompt are scored in one
-    feature pass; runs of context units that may be one request together, and the prose cuts
-    that pass the decision test, are scored in one more pass each (only where there are any)."""
+def segment(router, engine, prompts: list[str], settings: Settings = Settings(),
+            selector_next: bool = False) -> list[Segmentation]:
+    """The parts of each prompt (fewer than two: answer it whole). The prompts `screen` passes on
+    have every unit scored in one feature pass; runs of context units that may be one request
+    together, and the prose cuts that pass the decision test, are scored in one more pass each
+    (only where there are any). `selector_next`: the selector routes these prompts right after
+    (`auto`), so the screen reads them whole in its pass too."""
     docs = [_Doc(p, split_units(p)) for p in prompts]
-    todo = [(d, i) for d in docs if len(d.units) > 1 for i, u in enumerate(d.units) if not u.example]
+    read = screen(router, engine, [d.units for d in docs], prompts if selector_next else ())
+    live = [d for d, r in zip(docs, read) if r]
+    todo = [(d, i) for d in live for i, u in enumerate(d.units) if not u.example]
     scores = score_texts(router, engine, [d.units[i].text for d, i in todo])
     if scores is None:
         return [_numbered(p) for p in prompts]
-    for d in docs:
+    for d in live:
         n = len(d.units)
         d.adapter, d.confidence, d.energy = [None] * n, [0.0] * n, [0.0] * n
     for (d, i), a, c, e in zip(todo, scores.adapter, scores.confidence, scores.energy):
         d.adapter[i], d.confidence[i], d.energy[i] = a, c, e
-    for d in docs:
-        if len(d.units) > 1:
-            d.plan(settings)
-    _rescue(router, engine, docs, settings)
-    _check_cuts(router, engine, docs, settings)
+    for d in live:
+        d.plan(settings)
+    _rescue(router, engine, live, settings)
+    _check_cuts(router, engine, live, settings)
     return [finish(d.prompt, d.units, d.parts, d.dropped) for d in docs]
 
 
@@ -340,6 +392,7 @@ def segment_requests(switch, handles) -> dict[int, Segmentation]:
             groups.setdefault(req.route, (router, []))[1].append(h)
     out: dict[int, Segmentation] = {}
     for router, members in groups.values():
-        found = segment(router, switch.engine, [h.request.route_text(switch.base) for h in members])
+        found = segment(router, switch.engine, [h.request.route_text(switch.base) for h in members],
+                        selector_next=True)
         out.update({id(h): f for h, f in zip(members, found)})
     return out
