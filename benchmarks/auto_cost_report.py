@@ -40,16 +40,17 @@ def _end_to_end(report: dict) -> list[str]:
 
 def _selector_share(report: dict) -> list[str]:
     lines = ["| where | concurrency | prefill s | selector (route) s | segmentation s | selector / prefill | "
-             "segmentation / prefill |", "|---|---|---|---|---|---|---|"]
+             "segmentation / prefill | both / prefill |", "|---|---|---|---|---|---|---|---|"]
     for mode, n, res in _runs(report):
         ph = res["configs"]["auto"]["phases"]
         pre = ph.get("prefill") or 0.0
+        route, seg = ph.get("route", 0.0), ph.get("segment", 0.0)
 
         def share(x: float, pre: float = pre) -> str:
             return f"{x / pre:.2f}" if pre else "-"
 
-        lines.append(f"| {mode} | {n} | {_f(pre, 3)} | {_f(ph.get('route', 0.0), 3)} | {_f(ph.get('segment', 0.0), 3)} | "
-                     f"{share(ph.get('route', 0.0))} | {share(ph.get('segment', 0.0))} |")
+        lines.append(f"| {mode} | {n} | {_f(pre, 3)} | {_f(route, 3)} | {_f(seg, 3)} | {share(route)} | {share(seg)} | "
+                     f"{share(route + seg)} |")
     return lines
 
 
@@ -104,6 +105,9 @@ def markdown(report: dict) -> str:
              "which writes longer answers, is not the same work); `engine`: `generate` alone over the same "
              "chat-templated prompts with the adapters named (the same answers as `named`).", "",
              "## The selector's share of prefill (auto)", "", *_selector_share(report), "",
+             "Segmentation's screen reads the batch's whole prompts for the selector's fast head in its own pass "
+             "(`features.read_ahead`), so that pass counts in `segmentation`; `route` is what is left (the main "
+             "head's reading of the prompts the fast head sends to no adapter).", "",
              "## Where the served time goes", "", *_profile(report), "",
              "## Served throughput vs the engine", "", *_served_vs_engine(report), "",
              "`engine, same answers`: `generate` alone over the same prompts, writing the same tokens as the "

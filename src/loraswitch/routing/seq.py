@@ -12,9 +12,10 @@ trained on the same prompts at `features.fast_layer` (5 of 30: a third of the mi
 pass), decides whole prompts first; only the prompts it does not send to an adapter (abstained,
 out of suite, below its threshold) are read again at the main layer and decided by the main head,
 so the base model answers exactly the prompts it answered before. The main head stays where it
-was because it also reads prompt fragments: segmentation (`switch.segment`) scores every unit of
+was because it also reads prompt fragments: segmentation (`switch.segment`) scores the units of
 a prompt with it, and at layers 5, 6 and 8 it found 2-6 fewer of the demo's 81 free-form
-composites (docs/routing.md). Adapters added after training (`routing.added`) are scored on the
+composites (docs/routing.md); the fast head only screens which prompts it reads so, and its
+reading of a batch's whole prompts comes from that screen's pass (`features.read_ahead`). Adapters added after training (`routing.added`) are scored on the
 main features: once the library has grown, one pass reads both layers, so adding an adapter
 leaves every decision it does not claim as it was.
 """
