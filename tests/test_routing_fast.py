@@ -97,6 +97,20 @@ def test_packed_rows_read_as_if_alone(tiny_base, adapter_dir):
         torch.testing.assert_close(packed[layer], ref, rtol=1e-4, atol=1e-5)
 
 
+def test_a_packed_pass_holds_no_more_tokens_than_padded_rows_did(tiny_base, adapter_dir, monkeypatch):
+    engine = Engine(tiny_base, [adapter_dir])
+    prompts = ["What is 2 + 2?", "x", "y", "z", "Convert to ISO date: March 3 2021, please, now", "w", "v"]
+    sizes = []
+    real = features._run
+    monkeypatch.setattr(features, "_run", lambda e, layers, **kw: sizes.append(kw["input_ids"].numel()) or real(e, layers, **kw))
+    got = layer_features(engine, prompts, [1], batch_size=2)[1]
+    p = len(features._template_prefix(engine))
+    longest = max(len(engine.base.chat_ids(x)) - p for x in prompts)
+    assert len(sizes) > 1 and max(sizes) <= 2 * longest
+    ref = torch.cat([prompt_features(engine, [x], 1, shared_prefix=False) for x in prompts])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_a_read_ahead_hands_each_feature_out_once(tiny_base, adapter_dir, monkeypatch):
     """Segmentation's screen reads the batch's whole prompts with its units; the selector's next
     call takes them instead of computing them again, once per time each was read."""

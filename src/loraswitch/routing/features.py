@@ -153,13 +153,15 @@ def _shared_features(engine: Engine, pre: _Prefix, layers: tuple[int, ...], rows
                      batch_size: int, progress: bool = False) -> dict[int, torch.Tensor]:
     """Features of `rows` (each starts with `pre.ids`, and has more) at each of `layers`: their
     tails after the cached prefix packed into sequences (`_pack`), each tail reading the prefix
-    and its own tokens only, `batch_size` sequences a pass."""
+    and its own tokens only; a pass holds at most as many tokens as `batch_size` rows padded to
+    the longest did (a sequence up to four rows long costs attention memory by its square)."""
     p = len(pre.ids)
     tails = [r[p:] for r in rows]
     width, bins = _pack([len(t) for t in tails])
+    per_pass = max(1, batch_size * max(len(t) for t in tails) // width)
     feats = {layer: torch.empty(len(rows), 2 * engine.model.config.hidden_size) for layer in layers}
-    for first in tqdm(range(0, len(bins), batch_size), desc="features", disable=not progress):
-        chunk = bins[first : first + batch_size]
+    for first in tqdm(range(0, len(bins), per_pass), desc="features", disable=not progress):
+        chunk = bins[first : first + per_pass]
         ids = torch.zeros((len(chunk), width), dtype=torch.long)
         row = torch.full((len(chunk), width), -1)  # which row each position holds (-1: padding)
         pos = torch.zeros((len(chunk), width), dtype=torch.long)  # its position after the prefix
