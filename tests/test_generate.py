@@ -177,3 +177,22 @@ def test_prefix_cache_serves_shared_openings_with_the_same_tokens(tiny_base, ada
     store = engine.prefixes
     assert 0 < store.size <= engine.prefix_tokens
     assert store.size == sum(len(t) for _, t in store.shared) + sum(len(t) for _, t in store.seen)
+
+
+def test_compiled_step_serves_every_batch_of_two_rows_or_more_with_one_graph(tiny_base, adapter_dir):
+    """The step's batch dimension is dynamic: after a batch of 3 traced it, batches of 2 and 5
+    (same cache bucket) reuse that graph; batch 1 is a graph of its own (traced by dynamo on the
+    "eager" backend, which counts graphs as inductor would)."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    engine = Engine(tiny_base, [adapter_dir], compile="eager")
+    params = SamplingParams(max_new_tokens=3, stop_ids=set())
+    dynamo.reset()
+    counters.clear()
+    graphs = []
+    for rows in (3, 2, 5, 1):
+        prompts = [tiny_base.chat_ids("x " * (i + 1)) for i in range(rows)]
+        generate(engine, prompts, explicit(engine, ["alpha"] * rows), params)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [1, 1, 1, 2]

@@ -15,9 +15,12 @@ the attention mask and the positions, and runs the model. Two kinds, picked per 
                     per-layer loop: at batch 1 the eager step is mostly framework overhead (30
                     layers of small ops), not arithmetic.
 
-The compiled step lives on the engine (`Engine(compile=...)`, a `Decoder`): compiled once per
-(batch size, cache length bucket, choices per token) and reused by later generations, with its
-static caches kept and reset rather than reallocated. The prefill stays eager (its length varies
+The compiled step lives on the engine (`Engine(compile=...)`, a `Decoder`), reused by later
+generations, with its static caches kept and reset rather than reallocated. Its batch dimension is
+dynamic: one graph serves every batch of two rows or more (batch 1 is a graph of its own), so it
+compiles once per cache length bucket, choices per token and whether any row is routed (a step
+with no adapter routed skips the LoRA term), not once per batch size: a server meeting batches of
+1 to 32 rows would otherwise have compiled 32 times (a minute or more each on a CPU). The prefill stays eager (its length varies
 per request). If compilation is unavailable or fails, the step falls back to the same static
 path run eagerly, once, with a warning; the tokens are the same either way.
 """
@@ -255,10 +258,12 @@ class Decoder:
             # on a GPU the step is also captured as a CUDA graph (one launch per token); every
             # buffer it reads is the same tensor each step, which is what replaying needs
             mode = "reduce-overhead" if backend == "inductor" and device is not None and device.type == "cuda" else None
-            self.fn = torch.compile(_forward, backend=backend, dynamic=False, fullgraph=True, mode=mode)
+            # dynamic: the batch size is symbolic (module docstring); the cache length is not
+            # (transformers' StaticCache keeps it as a Python int, so each bucket traces anew)
+            self.fn = torch.compile(_forward, backend=backend, dynamic=True, fullgraph=True, mode=mode)
         self.states: OrderedDict[tuple[int, int], _Static] = OrderedDict()
         self.failed: str | None = None  # why compilation was given up (then steps run eagerly)
-        self.compile_s: dict[tuple[int, int, int], float] = {}  # first (compiling) call per shape
+        self.compile_s: dict[tuple[int, int, int], float] = {}  # first call per (rows, length, k): a compile or a reuse
 
     def state(self, engine: Engine, rows: int, length: int, k: int) -> _Static:
         key = (rows, length)
