@@ -25,19 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=24)
     args = p.parse_args(argv)
 
-    from loraswitch.bench.fixtures import make_base, random_adapters
+    from loraswitch.bench.fixtures import smollm2_engine
     from loraswitch.bench.measure import ls_generate
-    from loraswitch.engine import Engine
     from loraswitch.generate import NO_ADAPTER, FixedPolicy
 
     torch.set_num_threads(1)
     device = torch.device("cpu")
-    base = make_base("smollm2", device, torch.float32, 0)
-    engine = Engine(base, compile=True)
-    engine.prefix_tokens = 0
-    for adapter in random_adapters(base.model, 8, 8, 0):
-        engine.add_adapter(adapter)
-    slots = [engine.slot_of(name) for name in engine.names]
+    engine, slots = smollm2_engine(compile=True)
     lines = [f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, 1 thread, load average {os.getloadavg()[0]:.1f} "
              "(`python benchmarks/compile_shapes.py`):", "",
              "| rows | prompt tokens | adapters | wall s | decode tok/s |", "|---|---|---|---|---|"]

@@ -34,19 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import loraswitch.kernels as kernels
-    from loraswitch.bench.fixtures import RandomTokenPolicy, make_base, random_adapters
+    from loraswitch.bench.fixtures import RandomTokenPolicy, smollm2_engine
     from loraswitch.bench.measure import ls_generate
-    from loraswitch.engine import Engine
     from loraswitch.generate import NO_ADAPTER, FixedPolicy
 
     torch.set_num_threads(1)
     device = torch.device("cpu")
-    base = make_base("smollm2", device, torch.float32, 0)
-    engine = Engine(base)
-    engine.prefix_tokens = 0
-    for adapter in random_adapters(base.model, 8, 8, 0):
-        engine.add_adapter(adapter)
-    slots = [engine.slot_of(name) for name in engine.names]
+    engine, slots = smollm2_engine()
     assert kernels.cpu.available(), kernels.cpu.failure()
     spent: list[float] = []  # seconds in the kernel's calls during the current run
     call, on = kernels.cpu.bgmv_, kernels.BGMV_MAX_TOKEN_RANKS

@@ -28,9 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import DynamicCache
 
     import loraswitch.decode as decode
-    from loraswitch.bench.fixtures import make_base, random_adapters
+    from loraswitch.bench.fixtures import smollm2_engine
     from loraswitch.bench.measure import ls_generate
-    from loraswitch.engine import Engine
     from loraswitch.generate import FixedPolicy
     from loraswitch.kvcache import GrowingCache
 
@@ -39,12 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     device = torch.device("cpu")
-    base = make_base("smollm2", device, torch.float32, 0)
-    engine = Engine(base)
-    engine.prefix_tokens = 0
-    for adapter in random_adapters(base.model, 8, 8, 0):
-        engine.add_adapter(adapter)
-    slots = [engine.slot_of(name) for name in engine.names]
+    engine, slots = smollm2_engine()
     caches = {"DynamicCache": dynamic, "GrowingCache": GrowingCache}
     lines = [f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, 1 thread, load average {os.getloadavg()[0]:.1f}; "
              f"decode tokens/s, median of {args.rounds - 1} rounds, {args.prompt_len}-token prompts, "

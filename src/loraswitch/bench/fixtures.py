@@ -65,6 +65,18 @@ def random_adapters(model: nn.Module, n: int, rank: int, seed: int, start: int =
     return out
 
 
+def smollm2_engine(n_adapters: int = 8, rank: int = 8, compile: bool | str = False) -> tuple[Engine, list[int]]:
+    """The decode studies' set-up (benchmarks/cpu_kernel_ab.py, kv_cache_ab.py, compile_shapes.py):
+    the embedded SmolLM2 in float32 on the CPU with `n_adapters` random adapters loaded, the
+    prefix cache off; the engine and the adapters' slots."""
+    base = make_base("smollm2", torch.device("cpu"), torch.float32, 0)
+    engine = Engine(base, compile=compile)
+    engine.prefix_tokens = 0
+    for adapter in random_adapters(base.model, n_adapters, rank, 0):
+        engine.add_adapter(adapter)
+    return engine, [engine.slot_of(name) for name in engine.names]
+
+
 def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
