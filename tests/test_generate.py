@@ -196,3 +196,26 @@ def test_compiled_step_serves_every_batch_of_two_rows_or_more_with_one_graph(tin
         generate(engine, prompts, explicit(engine, ["alpha"] * rows), params)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs == [1, 1, 1, 2]
+
+
+def test_warm_up_compiles_what_a_server_meets_first(tiny_base, adapter_dir):
+    """`warm_up` traces one row and two rows, routed and not, so a later batch of 5 with an
+    adapter and one of 3 with none trace nothing new; an engine that does not compile is left
+    alone."""
+    import copy
+
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    from loraswitch.generate import warm_up
+
+    assert warm_up(Engine(copy.deepcopy(tiny_base), [adapter_dir])) == {}
+    engine = Engine(tiny_base, [adapter_dir], compile="eager")
+    dynamo.reset()
+    counters.clear()
+    assert set(warm_up(engine)) == {(1, 64, 0), (1, 64, 1), (2, 64, 0), (2, 64, 1)}
+    graphs = counters["stats"]["unique_graphs"]
+    params = SamplingParams(max_new_tokens=3, stop_ids=set())
+    generate(engine, [tiny_base.chat_ids("x " * i) for i in range(1, 6)], explicit(engine, ["alpha"] * 5), params)
+    generate(engine, [tiny_base.chat_ids("y " * i) for i in range(1, 4)], explicit(engine, [None] * 3), params)
+    assert counters["stats"]["unique_graphs"] == graphs == 4

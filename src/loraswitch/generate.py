@@ -44,7 +44,7 @@ from loraswitch.policy import (
 )
 
 __all__ = ["NO_ADAPTER", "Choice", "FixedPolicy", "Generation", "Joining", "Listener", "MIN_TEMPERATURE", "Policy",
-           "RowsPolicy", "SamplingParams", "TokenLogprob", "explicit", "generate"]
+           "RowsPolicy", "SamplingParams", "TokenLogprob", "explicit", "generate", "warm_up"]
 
 # prompt positions a joining group prefills per decode step of the running rows. A 1024-token
 # prompt joining 8 decoding rows (benchmarks/chunked_prefill.py, docs/benchmarks.md): 256 cut their
@@ -292,6 +292,22 @@ def generate(engine: Engine, prompts: list[list[int]], policy: Policy | None = N
                 logits = torch.cat([logits, first])
                 joiner = None
     return rows.results
+
+
+def warm_up(engine: Engine) -> dict[tuple[int, int, int], float]:
+    """Compile the decode step's graphs before a request waits on them (a minute or more each on
+    a CPU): one row and two rows (which serves every larger batch, `decode`), each with the first
+    adapter routed and with none, on a 3-token prompt (the shortest cache bucket). A server calls
+    it at start with `--compile`; longer prompts' buckets still compile on first use. Returns the
+    decoder's first call per (rows, cache length, choices) in seconds; {} where nothing compiles."""
+    if not engine.compile:
+        return {}
+    params = SamplingParams(max_new_tokens=2, stop_ids=set())  # one compiled step each
+    choices = [NO_ADAPTER] + ([([engine.slot_of(engine.names[0])], [1.0])] if engine.names else [])
+    for rows in (1, 2):
+        for choice in choices:
+            generate(engine, [[1, 2, 3]] * rows, FixedPolicy([choice] * rows), params)
+    return dict(engine.decoder.compile_s) if engine.decoder is not None else {}
 
 
 def _join(engine: Engine, policy: RowsPolicy, rows: _Rows, joining: Joining | None, chunk: int) -> _Joiner | None:

@@ -90,10 +90,27 @@ def serve(
                                     escalate_threshold, escalate_rate, calibration)
     switch.engine.compile, switch.engine.prefix_tokens = compile_step, prefix_cache
     switch.engine.limit_resident(adapters_per_replica)
+    if compile_step:
+        compile_before_serving(switch.engine)
     where = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
     typer.echo(f"loraswitch serving {switch.base.name} with {len(switch.engine.names)} adapters "
                f"({', '.join(switch.engine.names) or 'none'}) on {where}  (trace page: {where}/ui)", err=True)
     uvicorn.run(create_app(switch, settings), host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=10)
+
+
+def compile_before_serving(engine) -> None:
+    """`serve --compile`: the decode step's first graphs compile before the port opens, so no
+    early request waits minutes on them (generate.warm_up); what it took is printed."""
+    import time
+
+    from loraswitch.generate import warm_up
+
+    typer.echo("compiling the decode step (one and several rows, with and without an adapter)...", err=True)
+    t0 = time.perf_counter()
+    shapes = warm_up(engine)
+    failed = engine.decoder.failed if engine.decoder is not None else None
+    typer.echo(f"compiled in {time.perf_counter() - t0:.0f} s ({', '.join(f'{r}x{n}x{k}: {s} s' for (r, n, k), s in shapes.items())})"
+               + (f"; compiling failed, decoding eagerly: {failed}" if failed else ""), err=True)
 
 
 def serve_on_ray(switch_config: dict, settings, host: str, port: int, address: str | None, replicas: int,

@@ -45,6 +45,10 @@ class Replica:
         switch = await asyncio.to_thread(open_switch, config.get("base"), config.get("adapter_dirs"),
                                          config.get("router_dir"), config.get("library", "demo"))
         switch.engine.compile = bool(config.get("compile"))
+        if switch.engine.compile:  # the decode step's first graphs, before this replica takes requests
+            from loraswitch.generate import warm_up
+
+            await asyncio.to_thread(warm_up, switch.engine)
         switch.engine.prefix_tokens = int(config.get("prefix_cache", switch.engine.prefix_tokens))
         per_replica = config.get("adapters_per_replica")
         switch.engine.limit_resident(per_replica)
