@@ -45,7 +45,7 @@ def serve(
     escalate_threshold: Annotated[float | None, typer.Option("--escalate-threshold", min=0.0, help="Escalate when the estimated risk that the local answer is poor is at least this (default 0.5).")] = None,
     escalate_rate: Annotated[float | None, typer.Option("--escalate-rate", min=0.0, max=1.0, help="Calibrate the threshold so this share of the --calibration prompts escalates (RouteLLM-style).")] = None,
     calibration: Annotated[Path | None, typer.Option("--calibration", help="Held-out prompts for --escalate-rate: .txt (one per line) or .jsonl ({\"prompt\": ...}).")] = None,
-    compile_step: Annotated[bool, typer.Option("--compile", help="Decode with the compiled step (torch.compile): faster per token; compiles on first use once per cache length bucket, for one row and for more, routed or not (a minute or more each).")] = False,
+    compile_step: Annotated[bool, typer.Option("--compile", help="Decode with the compiled step (torch.compile): faster per token; the shortest cache bucket's graphs compile before the port opens (minutes on a CPU), longer buckets on first use.")] = False,
     prefix_cache: Annotated[int, typer.Option("--prefix-cache", min=0, metavar="POSITIONS", help="Reuse the keys and values of prompt openings that earlier prompts under the same adapters shared (the chat template's), up to this many cached positions (~46 KB each for SmolLM2); 0: off.")] = 2048,
     ray: Annotated[bool, typer.Option("--ray", help="Serve on Ray Serve: several replicas behind one API (needs pip install 'loraswitch[ray]'; see docs/scale-out.md).")] = False,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --ray: join this Ray cluster (default: start a local Ray on 127.0.0.1, stopped on exit).")] = None,
