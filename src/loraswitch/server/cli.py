@@ -88,23 +88,25 @@ def serve(
     if upstream:
         switch.upstream = escalator(switch, upstream, upstream_model, upstream_api_key_env, upstream_timeout,
                                     escalate_threshold, escalate_rate, calibration)
-    switch.engine.compile, switch.engine.prefix_tokens = compile_step, prefix_cache
-    switch.engine.limit_resident(adapters_per_replica)
-    if compile_step:
-        compile_before_serving(switch.engine)
+    prepare_engine(switch.engine, compile_step, prefix_cache, adapters_per_replica)
     where = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
     typer.echo(f"loraswitch serving {switch.base.name} with {len(switch.engine.names)} adapters "
                f"({', '.join(switch.engine.names) or 'none'}) on {where}  (trace page: {where}/ui)", err=True)
     uvicorn.run(create_app(switch, settings), host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=10)
 
 
-def compile_before_serving(engine) -> None:
-    """`serve --compile`: the decode step's first graphs compile before the port opens, so no
-    early request waits minutes on them (generate.warm_up); what it took is printed."""
+def prepare_engine(engine, compile_step: bool, prefix_cache: int, adapters_per_replica: int | None) -> None:
+    """The engine options of `serve`. With --compile the decode step's first graphs compile
+    before the port opens, so no early request waits minutes on them (generate.warm_up); what it
+    took is printed."""
     import time
 
     from loraswitch.generate import warm_up
 
+    engine.compile, engine.prefix_tokens = compile_step, prefix_cache
+    engine.limit_resident(adapters_per_replica)
+    if not compile_step:
+        return
     typer.echo("compiling the decode step (one and several rows, with and without an adapter)...", err=True)
     t0 = time.perf_counter()
     shapes = warm_up(engine)
