@@ -16,8 +16,9 @@ so it reads only the routed adapters' factors and needs no extra buffers. The ch
 grouped by adapter and run in tiles of up to four tokens (punica's SGMV idea), so an adapter's
 rows stream in once per tile rather than once per token, and multiply-adds are fused (FMA). In
 a decode step the kernel is bound by reading the factors, not by arithmetic: 16 tokens over 8
-rank-8 adapters on SmolLM2 read 78 MB of factors a step, 10-11 ms on one core here
-(`python benchmarks/cpu_kernel_ab.py`; the same operands hot in L2 take ~1.7 ms). (A first
+rank-8 adapters on SmolLM2 read 78 MB of factors a step, 9-11 ms on one core here
+(`python benchmarks/cpu_kernel_ab.py`; the same calls on operands hot in cache take ~3 ms,
+`benchmarks/lora_kernels.py --rank 8 --tokens 16`). (A first
 version read A's columns out of the whole-stack A_all [in, C]: a 256-byte stride per input
 element, faster than the masked GEMMs on operands hot in cache and 2-3% slower than them in a
 real decode step.) Float32, CPU, single thread (decode batches are small; the base linear
