@@ -137,16 +137,21 @@ def save_report(stem: str, report: dict, text: str, doc: str | None = None, bloc
 
 def build_requests(n: int, models: list[str], seed: int) -> list[dict]:
     """Chat requests cycling over `models`; prompts from the demo tasks (an adapter named like a
-    task gets that task's prompts, `auto` and `base` a mix), so answers can be scored."""
+    task gets that task's prompts, `auto` and `base` a mix), so answers can be scored. A task's
+    k-th request gets its k-th prompt: distinct prompts up to the pool's size (n // tasks + 2 per
+    task; request i used to take prompt i mod 8, so 32 requests over 8 tasks asked each of 8
+    prompts four times)."""
     from loraswitch.demo.tasks import TASK_NAMES, examples
 
     rng = random.Random(seed)
     pool = {t: examples(t, "test", max(8, n // max(1, len(TASK_NAMES)) + 2), seed=seed) for t in TASK_NAMES}
+    asked = dict.fromkeys(pool, 0)
     out = []
     for i in range(n):
         model = models[i % len(models)]
         task = model if model in pool else rng.choice(list(TASK_NAMES))
-        ex = pool[task][i % len(pool[task])]
+        ex = pool[task][asked[task] % len(pool[task])]
+        asked[task] += 1
         out.append({"model": model, "task": task, "prompt": ex.prompt, "answer": ex.answer})
     return out
 
