@@ -4,7 +4,8 @@
 #   zoo      the demo adapters on their test splits        -> README.md, libraries/demo/adapters/manifest.json
 #   eval     quality of every method on the demo suite      -> README.md, docs/evaluation.md, benchmarks/results/eval/
 #   bench    speed and memory vs merged weights and PEFT    -> README.md, docs/benchmarks.md, benchmarks/results/bench_cpu.*
-#            (--quick: SmolLM2, batch 16; `python benchmarks/bench.py` adds batch 1 and a random 280M Llama)
+#            (--quick: SmolLM2, batches 1 and 16, 8 / 128 / 1,000 adapters, one torch thread; `python
+#            benchmarks/bench.py` alone adds a random 280M Llama; ~20 minutes on one core)
 #   load     the server under 200 concurrent requests       -> docs/server.md, benchmarks/results/server_load.*
 #   soak     the server over 3000 requests with adapters unloaded and reloaded under load (about 15 minutes)
 #                                                           -> docs/server.md, benchmarks/results/soak_server.*
@@ -24,7 +25,8 @@ for step in "${steps[@]}"; do
   case "$step" in
     zoo) loraswitch zoo eval --doc README.md ;;
     eval) loraswitch eval --limit 10 --out benchmarks/results/eval --doc docs/evaluation.md --readme README.md ;;
-    bench) python benchmarks/bench.py --quick --doc docs/benchmarks.md --readme README.md ;;
+    bench) LORASWITCH_THREADS=${LORASWITCH_THREADS:-1} python benchmarks/bench.py --quick --repeats 5 --scaling 8 --scaling 128 --scaling 1000 \
+               --max-resident 128 --doc docs/benchmarks.md --readme README.md ;;
     load) python benchmarks/load_server.py --requests 200 --compare-requests 24 --max-tokens 16 --doc docs/server.md ;;
     soak) python benchmarks/soak_server.py --requests 3000 --cycle-every 250 --max-tokens 8 --doc docs/server.md ;;
     ray)
