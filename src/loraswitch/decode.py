@@ -20,9 +20,10 @@ generations, with its static caches kept and reset rather than reallocated. Its 
 dynamic: one graph serves every batch of two rows or more (batch 1 is a graph of its own), so it
 compiles once per cache length bucket, choices per token and whether any row is routed (a step
 with no adapter routed skips the LoRA term), not once per batch size: a server meeting batches of
-1 to 32 rows would otherwise have compiled 32 times (a minute or more each on a CPU). The prefill stays eager (its length varies
-per request). If compilation is unavailable or fails, the step falls back to the same static
-path run eagerly, once, with a warning; the tokens are the same either way.
+1 to 32 rows would otherwise have compiled 32 times (a minute or more each on a CPU). The prefill
+stays eager (its length varies per request). If compilation is unavailable or fails, the step
+falls back to the same static path run eagerly, once, with a warning; the tokens are the same
+either way.
 """
 
 from __future__ import annotations
@@ -220,6 +221,7 @@ def _stacked(a: torch.Tensor, b: torch.Tensor, length: int, dim: int) -> torch.T
         part.narrow(dim, 0, length - n).zero_()
         part.narrow(dim, length - n, n).copy_(x)
     return out
+
 
 class _Static:
     """One (batch, length) shape's state, kept across generations: the cache, the mask, and the

@@ -37,8 +37,9 @@ for every token, 8x the arithmetic the routing needs (~15% of the step's linear 
 CPU (padded batched matmuls: 1.05-8x the masked path per layer, benchmarks/lora_kernels.py's
 `gather` and `grouped` rows). So on the CPU, decode-sized batches (tokens x rank up to
 BGMV_MAX_TOKEN_RANKS, BGMV_MAX_CHOICES choices each, float32) run the compiled C kernel
-`kernels.cpu` (punica's BGMV) instead: each token reads only its own adapters' rows (A from the
-layer's stack, B from the whole-stack operand), one call per linear. Without a C compiler it
+`kernels.cpu` (punica's BGMV/SGMV) instead: only the routed adapters' rows are read (A from the
+layer's stack, B from the whole-stack operand), once per tile of the tokens routed to each, one
+call per linear. Without a C compiler it
 steps aside and the masked GEMMs run.
 
 Fixed-shape steps pass a `SlotRouting` (per-token slot ids and weights as tensors, never read

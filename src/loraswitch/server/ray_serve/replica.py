@@ -39,19 +39,19 @@ class Replica:
         import torch
 
         from loraswitch.console import open_switch
+        from loraswitch.generate import warm_up
         from loraswitch.server.app import ServerSettings, create_app
 
         torch.set_num_threads(int(os.environ.get("LORASWITCH_THREADS", os.cpu_count() or 1)))
         switch = await asyncio.to_thread(open_switch, config.get("base"), config.get("adapter_dirs"),
                                          config.get("router_dir"), config.get("library", "demo"))
         switch.engine.compile = bool(config.get("compile"))
-        if switch.engine.compile:  # the decode step's first graphs, before this replica takes requests
-            from loraswitch.generate import warm_up
-
-            await asyncio.to_thread(warm_up, switch.engine)
         switch.engine.prefix_tokens = int(config.get("prefix_cache", switch.engine.prefix_tokens))
         per_replica = config.get("adapters_per_replica")
         switch.engine.limit_resident(per_replica)
+        # with "compile": the decode step's first graphs, on the configured engine, before this
+        # replica takes requests (warm_up does nothing otherwise)
+        await asyncio.to_thread(warm_up, switch.engine)
 
         async def serves(name: str) -> str:
             """Tells Serve this replica serves adapter `name`, so its later requests come here."""
