@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=8, help="profiler rows to print")
-    p.add_argument("--min-cache", type=int, help="override decode.MIN_CACHE_LEN (the shortest static cache bucket)")
+    p.add_argument("--min-cache", type=int, help="override static.MIN_CACHE_LEN (the shortest static cache bucket)")
     p.add_argument("--repeat-kv", action="store_true",
                    help="transformers' own SDPA attention (keys and values repeated per query head under "
                         "torch.compile) instead of the engine's packed one (base._packed_sdpa): the before")
@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     if args.min_cache:
-        import loraswitch.decode
+        import loraswitch.static
 
-        loraswitch.decode.MIN_CACHE_LEN = args.min_cache
+        loraswitch.static.MIN_CACHE_LEN = args.min_cache
     engine = Engine(load_base())
     if args.repeat_kv:
         engine.model.set_attn_implementation("sdpa")

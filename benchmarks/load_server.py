@@ -105,6 +105,8 @@ def serve_args(args: argparse.Namespace, max_batch: int) -> list[str]:
     out = ["--max-batch", str(max_batch), "--max-queue", str(args.requests + 16), "--timeout", str(args.time_limit),
            "--max-new-tokens", str(max(args.max_tokens, 1)), "--default-temperature", "0", "--log-level", "warning"]
     out += getattr(args, "serve_extra", None) or []
+    if getattr(args, "compile", False):
+        out += ["--compile"]
     if getattr(args, "base", None):
         out += ["--base", args.base]
     for d in getattr(args, "adapter_dir", None) or []:
@@ -351,7 +353,7 @@ def continuous_compare(args: argparse.Namespace, make_requests, models: list[str
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "config": {"requests": args.requests, "rate": args.rate, "max_tokens": args.max_tokens, "models": models,
                    "stream_fraction": args.stream_fraction, "max_batch": args.max_batch, "repeats": args.repeats,
-                   "threads": args.threads, "concurrency": args.concurrency},
+                   "threads": args.threads, "concurrency": args.concurrency, "compile": args.compile},
         "argv": sys.argv[1:] if argv is None else argv, "runs": runs, "summary": _compare_summary(runs),
     }
     save_report("server_load_arrivals" + (f"_{args.tag}" if args.tag else ""), report, compare_markdown(report),
@@ -384,7 +386,8 @@ def compare_markdown(report: dict) -> str:
     lines = [f"# Continuous batching under arriving requests ({report['finished_at']})", "",
              f"{cfg['requests']} chat requests {arrivals}, max_tokens "
              f"{cfg['max_tokens']}, greedy, {int(cfg['stream_fraction'] * 100)}% streamed, --max-batch {cfg['max_batch']}, "
-             f"server threads {cfg['threads'] or 'all'}; models cycled: {', '.join(cfg['models'])}. "
+             f"server threads {cfg['threads'] or 'all'}{', the compiled step (--compile)' if cfg.get('compile') else ''}; "
+             f"models cycled: {', '.join(cfg['models'])}. "
              f"Medians of {cfg['repeats']} run(s) each, on and off alternating; the same arrivals every run. "
              f"Server and client share this machine ({report['machine']}); loopback only.", "",
              "| serving | ok | completion tokens/s | TTFT p50 s | TTFT p99 s | latency p50 s | latency p99 s | "
@@ -426,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--continuous-compare", action="store_true",
                    help="serve the same arrivals with continuous batching on and off (instead of the --max-batch 1 run)")
     p.add_argument("--repeats", type=int, default=1, help="with --continuous-compare: on/off pairs, alternating")
+    p.add_argument("--compile", action="store_true",
+                   help="serve --compile: the compiled decode step (each server start compiles its first graphs)")
     args = p.parse_args(argv)
     if args.requests < 1 or args.requests > 5000 or args.concurrency < 1:
         p.error("--requests must be 1..5000 and --concurrency at least 1")

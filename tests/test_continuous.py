@@ -149,3 +149,42 @@ def test_a_request_fits_a_running_batch_only_if_it_gets_what_it_asked_for():
     assert not _Joins.fits(with_logprobs, Request.chat("hi", max_tokens=4, logprobs=3))
     assert not _Joins.fits(plain, Request.chat("hi", max_tokens=4, temperature=0.8))
     assert not _Joins.fits(plain, Request.chat("hi", max_tokens=4, echo=True))
+
+
+@pytest.mark.parametrize("backend", ["none", "eager"])
+def test_rows_join_the_compiled_step_in_freed_slots_or_a_rebuilt_state(engine, backend, monkeypatch):
+    """On the static (compiled) step, joined rows answer as they would alone on the eager loop:
+    a short prompt takes the slot of a row that left, in place; a prompt longer than the batch's
+    context, or more rows than free slots, rebuilds the state (the batch stays on the static
+    step); a batch half of whose slots have left is rebuilt with the live rows only."""
+    from loraswitch.static import StaticStepper
+
+    prompts = [engine.base.chat_ids(p) for p in ("one", "two two", "six", "three", "a long prompt " * 12, "five")]
+    names = ["alpha", "beta", None, "gamma", "alpha", None]
+    limits = [2, 6, 6, 5, 6, 3]
+    engine.prefix_tokens = 0
+    params = SamplingParams(max_new_tokens=6, temperature=0, stop_ids=set(), logprobs=0)
+    alone = [generate(engine, [p], explicit(engine, [n]), SamplingParams(max_new_tokens=k, temperature=0,
+                                                                         stop_ids=set(), logprobs=0))[0]
+             for p, n, k in zip(prompts, names, limits)]  # the eager loop
+    engine.compile, engine.decoder = backend, None
+    calls = []
+    for method in ("_place", "_rebuild", "step"):
+        original = getattr(StaticStepper, method)
+        monkeypatch.setattr(StaticStepper, method,
+                            lambda self, *a, _o=original, _m=method: calls.append(_m) or _o(self, *a))
+
+    class Limits(Listener):
+        def token(self, row, gen):
+            return "length" if len(gen.token_ids) >= limits[row] else None
+
+    admit = Arrivals({3: Joining(prompts[3:4], explicit(engine, names[3:4]), 5),  # after row 0 left: its slot
+                      5: Joining(prompts[4:], explicit(engine, names[4:]), 6)})  # longer than the batch: rebuilt
+    out = generate(engine, prompts[:3], explicit(engine, names[:3]), params, Limits(), admit=admit, prefill_chunk=8)
+    assert [g.token_ids for g in out] == [g.token_ids for g in alone]
+    for got, want in zip(out, alone):  # the same distributions, not just the same argmax
+        assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+    assert "_place" in calls and "_rebuild" in calls, calls
+    assert calls.count("_rebuild") == 2, calls  # the join, then the batch compacted once half its slots had left
+    assert calls.index("_place") < calls.index("_rebuild") < len(calls) - 1 - calls[::-1].index("step"), calls
+    assert engine.decoder.failed is None

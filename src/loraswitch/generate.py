@@ -15,7 +15,7 @@ that arrived while it decodes), so the batch stays full under sustained load ins
 before the next one starts. A joining group is prefilled on its own cache, `prefill_chunk`
 positions per decode step of the running rows (chunked prefill: a long prompt delays each running
 row's next token by one chunk's forward, not by its whole prefill), then its cache is merged into
-the running one (`EagerStepper.join`). A row's tokens do not depend on whether it joined: its
+the running one (`EagerStepper.join`, or `StaticStepper.join` on the compiled step). A row's tokens do not depend on whether it joined: its
 positions are its own and padding is masked.
 """
 
@@ -248,9 +248,9 @@ def generate(engine: Engine, prompts: list[list[int]], policy: Policy | None = N
              prefill_chunk: int = PREFILL_CHUNK) -> list[Generation]:
     """Generate for a batch of token-id prompts under `policy` (default: base model only).
     `listener` sees every token as it lands and each row as it ends. `admit` (see `Admit`) lets
-    rows join between steps (module doc); it is not consulted where joining is not safe: the
-    compiled (static) step, a per-layer router, echo, or a seed (its answer must not depend on
-    what else is in flight). Returns every row's answer, joined rows after the first ones."""
+    rows join between steps (module doc), on the eager and the compiled step alike; it is not
+    consulted where joining is not safe: a per-layer router, echo, or a seed (its answer must not
+    depend on what else is in flight). Returns every row's answer, joined rows after the first ones."""
     policy = policy or Policy()
     params = params or SamplingParams()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -270,7 +270,7 @@ def generate(engine: Engine, prompts: list[list[int]], policy: Policy | None = N
                 rows.end(row, "length")
             rows.live = []
         joiner: _Joiner | None = None
-        admit = admit if joins and isinstance(stepper, EagerStepper) else None
+        admit = admit if joins else None
         while True:
             keep, tokens = rows.sample(logits) if rows.live else ([], [])
             if len(keep) < len(rows.live):
@@ -287,7 +287,8 @@ def generate(engine: Engine, prompts: list[list[int]], policy: Policy | None = N
             while first is None and joiner is not None and not rows.live:  # no rows to keep decoding:
                 first = joiner.advance()  # its prompts are read without waiting for steps
             if first is not None:
-                stepper = _merged(stepper, joiner.stepper, bool(rows.live))
+                steps = max(rows.budget[r] - rows.taken[r] for r in rows.live + joiner.rows)
+                stepper = _merged(stepper, joiner.stepper, bool(rows.live), steps)
                 rows.live += joiner.rows
                 logits = torch.cat([logits, first])
                 joiner = None
@@ -322,8 +323,13 @@ def _join(engine: Engine, policy: RowsPolicy, rows: _Rows, joining: Joining | No
     return _Joiner(engine, joining, new, max(1, chunk))
 
 
-def _merged(running: EagerStepper, joined: EagerStepper, any_running: bool) -> EagerStepper:
-    """The stepper of the running rows followed by the joined ones."""
+def _merged(running: EagerStepper | StaticStepper, joined: EagerStepper, any_running: bool,
+            steps: int) -> EagerStepper | StaticStepper:
+    """The stepper of the running rows followed by the joined ones, for at most `steps` more
+    steps (a static cache keeps the compiled step, even once every running row has left)."""
+    if isinstance(running, StaticStepper):
+        running.join(joined.cache, joined.mask, joined.next_pos, steps)
+        return running
     if not any_running:
         return joined
     running.join(joined)

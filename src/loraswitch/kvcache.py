@@ -13,6 +13,10 @@ way (a view of the first `length` positions), so the logits are the same.
 It is a `DynamicCache` in every other respect (`batch_select_indices`, `crop`, `layers[i].keys`),
 so the decode loop, the prefix cache and transformers' models use it unchanged. The memory price
 is the spare room: at most a quarter of the cache, or SPARE_MIN positions.
+
+`trimmed` and `merged` are what continuous batching does to caches: drop the leading positions
+no row attends to any more, and stack two batches' caches along the batch, each right-aligned
+(left-padded, masked) to the longer one. Both steppers' joins go through them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [rows, heads, positions, head_dim]
 
 SPARE_MIN = 16  # positions of room a buffer gets at least: a copy every 16 steps instead of every step
 
@@ -77,3 +83,42 @@ class GrowingCache(DynamicCache):
             layer = GrowingLayer()
             layer.update(keys, values)
             self.layers.append(layer)
+
+
+def kv_of(cache) -> KV:
+    """A cache's keys and values per layer (any transformers cache with `layers`)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def trimmed(kv: KV, mask: torch.Tensor) -> tuple[KV, torch.Tensor]:
+    """Keys and values per layer and their [rows, positions] mask without the leading positions
+    that no row attends to (padding, or the context of rows that have left)."""
+    used = mask.any(0).nonzero()
+    start = int(used[0]) if len(used) else mask.shape[1]
+    return [(k[:, :, start:], v[:, :, start:]) for k, v in kv], mask[:, start:]
+
+
+def merged(*batches: tuple[KV, torch.Tensor]) -> tuple[KV, torch.Tensor]:
+    """Batches' (keys and values, mask) stacked along the batch after trimming each, every one
+    right-aligned to the longest (zeros and mask 0 before). Positions are per row, so every row
+    attends to what it did alone."""
+    batches = tuple(trimmed(kv, mask) for kv, mask in batches)
+    length = max(mask.shape[1] for _, mask in batches)
+    kv = [(_stacked([b[0][i][0] for b in batches], length, 2), _stacked([b[0][i][1] for b in batches], length, 2))
+          for i in range(len(batches[0][0]))]
+    return kv, _stacked([mask for _, mask in batches], length, 1)
+
+
+def _stacked(parts: list[torch.Tensor], length: int, dim: int) -> torch.Tensor:
+    """The parts' rows one after another, each right-aligned to `length` along `dim` and zero
+    before (masked positions): one allocation, and only the padding written with zeros."""
+    shape = list(parts[0].shape)
+    shape[0], shape[dim] = sum(x.shape[0] for x in parts), length
+    out = parts[0].new_empty(shape)
+    row = 0
+    for x in parts:
+        part, n = out[row : row + x.shape[0]], x.shape[dim]
+        part.narrow(dim, 0, length - n).zero_()
+        part.narrow(dim, length - n, n).copy_(x)
+        row += x.shape[0]
+    return out

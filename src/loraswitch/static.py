@@ -1,0 +1,245 @@
+"""The compiled decode step: a static KV cache, fixed-shape routing buffers, `torch.compile`.
+
+`StaticStepper` runs a generation on a StaticCache of a fixed length bucket; rows stay in the
+batch until they leave (a finished row decodes padding nobody reads) and the routing sits in
+fixed-shape `SlotRouting` buffers written in place, so every step has the same shapes and the
+same code path. That is what lets `torch.compile` (inductor) turn the whole step, LoRA included,
+into one graph with no Python in the per-layer loop: at batch 1 the eager step is mostly framework
+overhead (30 layers of small ops), not arithmetic.
+
+The compiled step lives on the engine (`Engine(compile=...)`, a `Decoder`), reused by later
+generations, with its static caches kept and reset rather than reallocated. Its batch dimension is
+dynamic: one graph serves every batch of two rows or more (batch 1 is a graph of its own), so it
+compiles once per cache length bucket, choices per token and whether any row is routed (a step
+with no adapter routed skips the LoRA term), not once per batch size: a server meeting batches of
+1 to 32 rows would otherwise have compiled 32 times (a minute or more each on a CPU). The prefill
+stays eager (its length varies per request). If compilation is unavailable or fails, the step
+falls back to the same static path run eagerly, once, with a warning; the tokens are the same
+either way.
+
+Continuous batching runs on it too (`join`): rows prefilled on an eager cache of their own
+(chunked, through the prefix cache) take the slots of rows that left, in place, where they fit;
+otherwise the state is rebuilt with the live rows and the joined ones, which the dynamic batch
+dimension serves without a new compile while the length bucket stays the same.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import OrderedDict
+
+import torch
+from transformers import DynamicCache, StaticCache
+
+from loraswitch.engine import Engine
+from loraswitch.kernels import Routing, SlotRouting
+from loraswitch.kvcache import KV, kv_of, merged, trimmed
+from loraswitch.layers import DynamicRouter
+from loraswitch.padding import LeftPadded
+
+Choice = tuple[list[int], list[float]]  # adapter slots and their weights for one token; -1 = none
+# static caches come in power-of-two lengths from here. Short: a compiled step does work in
+# proportion to its cache length (attention over every position, the cache and mask updates),
+# and at 256 a batch of 16 short requests decoded at 0.76x of the eager loop, at 64 1.01x
+# (benchmarks/compiled_step.py); the price is a compile per bucket a generation reaches
+MIN_CACHE_LEN = 64
+MAX_STATIC_CACHES = 2  # (batch, length) caches kept per engine; each holds B x L keys and values
+
+
+def cache_length(needed: int) -> int:
+    """The static cache length bucket for `needed` positions (a power of two, >= MIN_CACHE_LEN)."""
+    n = MIN_CACHE_LEN
+    while n < needed:
+        n *= 2
+    return n
+
+
+def device_of(engine: Engine) -> torch.device:
+    return next(engine.model.parameters()).device
+
+
+class _Static:
+    """One (batch, length) shape's state, kept across generations: the cache, the mask, and the
+    token / position / routing buffers the compiled step reads (same tensors every step)."""
+
+    def __init__(self, engine: Engine, rows: int, length: int, k: int):
+        device = device_of(engine)
+        self.cache = StaticCache(config=engine.model.config, max_cache_len=length)
+        self.mask = torch.zeros(rows, length, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.resize(k, device)
+
+    def resize(self, k: int, device: torch.device) -> None:
+        rows = self.tokens.shape[0]
+        self.routing = SlotRouting(torch.full((rows, k), -1, dtype=torch.long, device=device),
+                                   torch.zeros(rows, k, device=device))
+
+
+def _forward(model, input_ids, attention_mask, position_ids, cache):
+    """The step `torch.compile` traces: one token per row through the model on a static cache."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 past_key_values=cache, use_cache=True).logits[:, -1]
+
+
+class Decoder:
+    """An engine's compiled decode step and the static caches it runs on (module docstring).
+    `backend`: a torch.compile backend ("inductor"; "eager" traces without code generation, as
+    the tests do), or None for the static path without compilation."""
+
+    def __init__(self, backend: str | None, device: torch.device | None = None):
+        self.backend = backend
+        self.fn = None
+        if backend is not None:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            # on a GPU the step is also captured as a CUDA graph (one launch per token); every
+            # buffer it reads is the same tensor each step, which is what replaying needs
+            mode = "reduce-overhead" if backend == "inductor" and device is not None and device.type == "cuda" else None
+            # dynamic: the batch size is symbolic (module docstring); the cache length is not
+            # (transformers' StaticCache keeps it as a Python int, so each bucket traces anew)
+            self.fn = torch.compile(_forward, backend=backend, dynamic=True, fullgraph=True, mode=mode)
+        self.states: OrderedDict[tuple[int, int], _Static] = OrderedDict()
+        self.failed: str | None = None  # why compilation was given up (then steps run eagerly)
+        self.compile_s: dict[tuple[int, int, int], float] = {}  # first call per (rows, length, k): a compile or a reuse
+
+    def state(self, engine: Engine, rows: int, length: int, k: int) -> _Static:
+        key = (rows, length)
+        st = self.states.pop(key, None) or _Static(engine, rows, length, k)
+        self.states[key] = st
+        while len(self.states) > MAX_STATIC_CACHES:
+            self.states.popitem(last=False)
+        if st.routing.ids.shape[1] < k:
+            st.resize(k, st.tokens.device)
+        return st
+
+    def run(self, model, st: _Static, routed: bool = True) -> torch.Tensor:
+        """One step; `routed` False: the step with no LoRA term (keyed with 0 choices per token)."""
+        args = (model, st.tokens, st.mask, st.positions, st.cache)
+        if self.fn is None or self.failed:
+            return _forward(*args)
+        key = (*st.mask.shape, st.routing.ids.shape[1] if routed else 0)
+        saved = [getattr(layer, "cumulative_length", torch.zeros(())).clone() for layer in st.cache.layers]
+        t0 = time.perf_counter()
+        try:
+            out = self.fn(*args)
+        except Exception as exc:  # no compiler, an untraceable model...: the eager step, same tokens
+            for layer, n in zip(st.cache.layers, saved):  # a partly run step must not count
+                if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+                    layer.cumulative_length.copy_(n)
+            self.failed = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"loraswitch: compiled decode unavailable, decoding eagerly ({self.failed[:200]})", stacklevel=2)
+            return _forward(*args)
+        self.compile_s.setdefault(key, round(time.perf_counter() - t0, 2))
+        return out
+
+
+class StaticStepper:
+    """Prefill and steps on a static cache with fixed-shape routing buffers (module docstring)."""
+
+    def __init__(self, engine: Engine, batch: LeftPadded, max_new_tokens: int):
+        self.engine, self.batch = engine, batch
+        self.decoder: Decoder = engine.decoder
+        rows, width = batch.input_ids.shape
+        self.st = self.decoder.state(engine, rows, cache_length(width + max_new_tokens), 1)
+        self.st.cache.reset()
+        self.st.mask.zero_()
+        self.st.mask[:, :width] = batch.attention_mask.to(self.st.mask.device)
+        self.st.positions.copy_(batch.position_ids[:, -1:] + 1)
+        self.t = width  # the cache position the next step writes
+        self.live = list(range(rows))  # batch positions of the rows still answering
+
+    @property
+    def width(self) -> int:
+        return self.batch.width
+
+    def prefill(self, routing: Routing | None, dynamic: DynamicRouter | None, logits_to_keep: int):
+        with self.engine.routed(routing, dynamic):
+            return self.engine.model(**self.batch.model_inputs(self.st.mask.device), past_key_values=self.st.cache,
+                                     use_cache=True, logits_to_keep=logits_to_keep)
+
+    def select(self, keep: list[int]) -> None:
+        self.live = [self.live[b] for b in keep]
+
+    def trim(self) -> None:
+        """With rows joining (continuous batching), a batch whose live rows are half its slots or
+        fewer is rebuilt with only those: every step computes every slot, left or not."""
+        if self.live and 2 * len(self.live) <= self.st.mask.shape[0]:
+            self._rebuild([], self.st.mask.shape[1] - self.t)
+
+    def join(self, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor, steps: int) -> None:
+        """Add rows prefilled on an eager cache of their own (`cache`, its [rows, positions] `mask`
+        and the rows' next positions; `decode.EagerStepper`'s) for at most `steps` more
+        steps of the batch. Where enough rows have left, their context fits before the write
+        position and the bucket has `steps` positions left, they take the leavers' slots in place
+        (same tensors, no new shape); otherwise the static state is rebuilt with the live rows
+        and the joined ones (a longer bucket where needed, a compile of its own on first use).
+        Positions are per row and padding is masked, so every row decodes as it would alone."""
+        kv, mask = trimmed(kv_of(cache), mask)
+        n, width = mask.shape
+        live = set(self.live)
+        free = [b for b in range(self.st.mask.shape[0]) if b not in live]
+        if len(free) >= n and width <= self.t and self.t + steps <= self.st.mask.shape[1]:
+            self._place(free[:n], kv, mask, next_pos)
+        else:
+            self._rebuild([(kv, mask, next_pos)], steps)
+
+    def _place(self, slots: list[int], kv: KV, mask: torch.Tensor, next_pos: torch.Tensor) -> None:
+        """Joined rows into free slots: their context right-aligned to the write position (what
+        a leaver left before it is masked)."""
+        st, t, width = self.st, self.t, mask.shape[1]
+        idx = torch.tensor(slots, dtype=torch.long, device=st.mask.device)
+        for layer, (k, v) in zip(st.cache.layers, kv):
+            layer.keys[idx, :, t - width : t] = k.to(layer.keys.device)
+            layer.values[idx, :, t - width : t] = v.to(layer.values.device)
+        st.mask[idx] = 0
+        st.mask[idx, t - width : t] = mask.to(st.mask.device)
+        st.positions[idx, 0] = next_pos.to(st.positions.device)
+        self.live += slots
+
+    def _rebuild(self, joined: list[tuple[KV, torch.Tensor, torch.Tensor]], steps: int) -> None:
+        """A static state of the live rows then the `joined` ones (keys and values, mask, next
+        positions), with the leading positions none of them attends to dropped; the current
+        bucket if `steps` more positions fit, else the one that holds them."""
+        st, t = self.st, self.t
+        idx = torch.tensor(self.live, dtype=torch.long, device=st.mask.device)
+        mine = ([(lay.keys[idx, :, :t], lay.values[idx, :, :t]) for lay in st.cache.layers], st.mask[idx, :t])
+        kv, mask = merged(mine, *[(k, m) for k, m, _ in joined])
+        positions = torch.cat([st.positions[idx, 0].cpu(), *[p.cpu() for _, _, p in joined]])
+        rows, length = mask.shape
+        size = st.mask.shape[1] if length + steps <= st.mask.shape[1] else cache_length(length + steps)
+        new = self.decoder.state(self.engine, rows, size, st.routing.ids.shape[1])
+        new.cache.reset()
+        for layer, (k, v) in zip(new.cache.layers, kv):
+            if not layer.is_initialized:
+                layer.lazy_initialization(k, v)
+            layer.keys[:, :, :length], layer.values[:, :, :length] = k, v
+            layer.cumulative_length.fill_(length)
+        new.mask.zero_()
+        new.mask[:, :length] = mask.to(new.mask.device)
+        new.positions[:, 0] = positions.to(new.positions.device)
+        self.st, self.t, self.live = new, length, list(range(rows))
+
+    def step(self, tokens: list[int], choices: list[Choice], dynamic: DynamicRouter | None) -> torch.Tensor:
+        st = self.st
+        k = max(len(c[0]) for c in choices)
+        if st.routing.ids.shape[1] < k:
+            st.resize(k, st.tokens.device)
+        rows, k = st.routing.ids.shape
+        ids = torch.full((rows, k), -1, dtype=torch.long)
+        ws = torch.zeros(rows, k)
+        for b, (slots, weights) in zip(self.live, choices):
+            ids[b, : len(slots)] = torch.tensor(slots, dtype=torch.long)
+            ws[b, : len(weights)] = torch.tensor(weights, dtype=ws.dtype)
+        st.routing.ids.copy_(ids)
+        st.routing.weights.copy_(ws)
+        st.tokens[self.live, 0] = torch.tensor(tokens, dtype=torch.long, device=st.tokens.device)
+        st.mask[:, self.t] = 1
+        # a step where no row uses an adapter runs the base model's own step (a graph of its
+        # own): routed to "no adapter", the masked path would still multiply every loaded factor
+        routed = bool(((ids >= 0) & (ws != 0)).any())
+        with self.engine.routed(st.routing if routed else None):
+            logits = self.decoder.run(self.engine.model, st, routed)
+        st.positions.add_(1)
+        self.t += 1
+        return logits[self.live]
