@@ -145,12 +145,13 @@ def test_answers_end_at_any_chat_structure_token(tiny_base):
     assert cut.token_ids == free.token_ids[:first] and cut.finish_reason == "stop"  # the stop token is not kept
 
 
-def test_prefix_cache_serves_shared_openings_with_the_same_tokens(tiny_base, adapter_dir):
+@pytest.mark.parametrize("compile_step", [False, "none"])  # the eager loop, and the static step's prefill
+def test_prefix_cache_serves_shared_openings_with_the_same_tokens(tiny_base, adapter_dir, compile_step):
     """The prefill reuses the keys and values of the chat template's opening that two earlier
     prompts under the same adapter shared (per adapter: LoRA changes them), in a batch mixing
     rows that hit and rows that do not; greedy tokens and logprobs equal the uncached run's. A
     prompt repeated verbatim is not served from its own copy."""
-    engine = Engine(tiny_base, [adapter_dir])
+    engine = Engine(tiny_base, [adapter_dir], compile=compile_step)
     prompts = [tiny_base.chat_ids(p) for p in ("one two", "three", "four five six", "seven")]
     names = ["alpha", "beta", "alpha", None]
     params = SamplingParams(max_new_tokens=5, stop_ids=set(), logprobs=0)
@@ -198,6 +199,11 @@ def test_compiled_step_serves_every_batch_of_two_rows_or_more_with_one_graph(tin
     assert graphs == [1, 1, 1, 2]
 
 
+class _OneStepEach(Listener):
+    def token(self, row, gen):
+        return "length" if len(gen.token_ids) >= 2 else None
+
+
 def test_warm_up_compiles_what_a_server_meets_first(tiny_base, adapter_dir):
     """`warm_up` traces one row and two rows, routed and not, so a later batch of 5 with an
     adapter and one of 3 with none trace nothing new; an engine that does not compile is left
@@ -219,3 +225,10 @@ def test_warm_up_compiles_what_a_server_meets_first(tiny_base, adapter_dir):
     generate(engine, [tiny_base.chat_ids("x " * i) for i in range(1, 6)], explicit(engine, ["alpha"] * 5), params)
     generate(engine, [tiny_base.chat_ids("y " * i) for i in range(1, 4)], explicit(engine, [None] * 3), params)
     assert counters["stats"]["unique_graphs"] == graphs == 4
+    # a context of 100 positions: the 128 bucket's four graphs too (SmolLM2 traces each bucket
+    # anew: the static cache's length is specialized), and a batch needing it traces nothing
+    assert {(r, n, k) for r in (1, 2) for n in (64, 128) for k in (0, 1)} <= set(warm_up(engine, 100))
+    graphs = counters["stats"]["unique_graphs"]
+    generate(engine, [tiny_base.chat_ids("z " * i) for i in range(1, 4)], explicit(engine, ["alpha"] * 3),
+             SamplingParams(max_new_tokens=70, stop_ids=set()), _OneStepEach())
+    assert counters["stats"]["unique_graphs"] == graphs and (3, 128, 1) in engine.decoder.compile_s

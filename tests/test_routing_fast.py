@@ -10,7 +10,7 @@ from loraswitch.engine import Engine
 from loraswitch.routing import features
 from loraswitch.routing import seq as seq_module
 from loraswitch.routing.base import NONE_CLASS
-from loraswitch.routing.features import _bins, _pack, layer_features, prompt_features, read_ahead
+from loraswitch.routing.features import _bins, _pack, layer_features, prompt_features, read_ahead, reading_ahead
 from loraswitch.routing.seq import SequenceRouter, train_selector
 from tests.test_routing import _data
 
@@ -113,9 +113,12 @@ def test_a_packed_pass_holds_no_more_tokens_than_padded_rows_did(tiny_base, adap
 
 def test_a_read_ahead_hands_each_feature_out_once(tiny_base, adapter_dir, monkeypatch):
     """Segmentation's screen reads the batch's whole prompts with its units; the selector's next
-    call takes them instead of computing them again, once per time each was read."""
+    call takes them instead of computing them again, once per time each was read, inside the
+    batch's `reading_ahead` scope only."""
     engine = Engine(tiny_base, [adapter_dir])
     units, later = ["What is 2 + 2?", "x"], ["Convert to ISO date: March 3 2021", "y z", "y z"]
+    scope = reading_ahead()
+    scope.__enter__()
     got = read_ahead(engine, units, 1, later)
     torch.testing.assert_close(got, prompt_features(engine, units, 1), rtol=1e-4, atol=1e-5)
     computed = []
@@ -134,3 +137,9 @@ def test_a_read_ahead_hands_each_feature_out_once(tiny_base, adapter_dir, monkey
     computed.clear()
     prompt_features(engine, ["a"], 1)
     assert computed == [["a"]]
+    read_ahead(engine, [], 1, ["b"])
+    scope.__exit__(None, None, None)  # the batch's scope ends: what it kept goes with it
+    computed.clear()
+    prompt_features(engine, ["b"], 1)
+    assert computed == [["b"]]
+    assert len(read_ahead(engine, ["c"], 1, ["d"])) == 1 and computed[-1] == ["c"]  # outside a scope: `later` unread

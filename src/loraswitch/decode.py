@@ -26,9 +26,9 @@ from loraswitch.kvcache import GrowingCache, kv_of, merged, trimmed
 from loraswitch.layers import DynamicRouter
 from loraswitch.padding import LeftPadded, positions_of
 from loraswitch.prefix import PrefixHit, PrefixRow, prefix_cache
-from loraswitch.static import Choice, Decoder, StaticStepper, device_of
+from loraswitch.static import Choice, Decoder, StaticStepper, buckets, device_of
 
-__all__ = ["Choice", "EagerStepper", "StaticStepper", "pack", "stepper_for"]
+__all__ = ["Choice", "EagerStepper", "StaticStepper", "buckets", "pack", "stepper_for"]
 
 def pack(choices: list[Choice], lengths: list[int]) -> Routing:
     """Rows' choices -> one Routing over the flattened [rows, length] tokens."""
@@ -174,4 +174,4 @@ def stepper_for(engine: Engine, batch: LeftPadded, max_new_tokens: int,
     if engine.decoder is None:
         c = engine.compile
         engine.decoder = Decoder("inductor" if c is True else None if c == "none" else str(c), device_of(engine))
-    return StaticStepper(engine, batch, max_new_tokens)
+    return StaticStepper(engine, EagerStepper(engine, batch), max_new_tokens)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraswitch.decode import EagerStepper, StaticStepper, stepper_for
+from loraswitch.decode import EagerStepper, StaticStepper, buckets, stepper_for
 from loraswitch.engine import Engine
 from loraswitch.kernels import Routing
 from loraswitch.padding import left_pad
@@ -295,19 +295,31 @@ def generate(engine: Engine, prompts: list[list[int]], policy: Policy | None = N
     return rows.results
 
 
-def warm_up(engine: Engine) -> dict[tuple[int, int, int], float]:
+class _OneStep(Listener):
+    """Ends each row after its second token: the prefill gives the first, one decode step the second."""
+
+    def token(self, row: int, gen: Generation) -> str | None:
+        return "length" if len(gen.token_ids) >= 2 else None
+
+
+def warm_up(engine: Engine, context: int = 0) -> dict[tuple[int, int, int], float]:
     """Compile the decode step's graphs before a request waits on them (a minute or more each on
-    a CPU): one row and two rows (which serves every larger batch, `decode`), each with the first
-    adapter routed and with none, on a 3-token prompt (the shortest cache bucket). A server calls
-    it at start with `--compile`; longer prompts' buckets still compile on first use. Returns the
-    decoder's first call per (rows, cache length, choices) in seconds; {} where nothing compiles."""
+    a CPU, and every row of a batch waits with it): one row and two rows (which serves every
+    larger batch, `static`), each with the first adapter routed and with none, for every cache
+    length bucket up to the one that holds `context` positions (prompt plus answer; 0: the
+    shortest bucket only), each bucket being graphs of its own. A server calls it at start with
+    `--compile` (`--compile-context`); longer contexts' buckets still compile on first use.
+    Returns the decoder's first call per (rows, cache length, choices) in seconds; {} where
+    nothing compiles."""
     if not engine.compile:
         return {}
-    params = SamplingParams(max_new_tokens=2, stop_ids=set())  # one compiled step each
+    prompt = [1, 2, 3]
     choices = [NO_ADAPTER] + ([([engine.slot_of(engine.names[0])], [1.0])] if engine.names else [])
-    for rows in (1, 2):
-        for choice in choices:
-            generate(engine, [[1, 2, 3]] * rows, FixedPolicy([choice] * rows), params)
+    for length in buckets(context):
+        params = SamplingParams(max_new_tokens=length - len(prompt), stop_ids=set())  # sizes the cache: `length`
+        for rows in (1, 2):
+            for choice in choices:
+                generate(engine, [prompt] * rows, FixedPolicy([choice] * rows), params, _OneStep())
     return dict(engine.decoder.compile_s) if engine.decoder is not None else {}
 
 

@@ -36,7 +36,6 @@ from loraswitch.engine import Engine
 from loraswitch.kernels import Routing, SlotRouting
 from loraswitch.kvcache import KV, kv_of, merged, trimmed
 from loraswitch.layers import DynamicRouter
-from loraswitch.padding import LeftPadded
 
 Choice = tuple[list[int], list[float]]  # adapter slots and their weights for one token; -1 = none
 # static caches come in power-of-two lengths from here. Short: a compiled step does work in
@@ -53,6 +52,14 @@ def cache_length(needed: int) -> int:
     while n < needed:
         n *= 2
     return n
+
+
+def buckets(up_to: int) -> list[int]:
+    """Every cache length bucket from the shortest to the one that holds `up_to` positions."""
+    out = [MIN_CACHE_LEN]
+    while out[-1] < up_to:
+        out.append(out[-1] * 2)
+    return out
 
 
 def device_of(engine: Engine) -> torch.device:
@@ -137,26 +144,26 @@ class Decoder:
 class StaticStepper:
     """Prefill and steps on a static cache with fixed-shape routing buffers (module docstring)."""
 
-    def __init__(self, engine: Engine, batch: LeftPadded, max_new_tokens: int):
-        self.engine, self.batch = engine, batch
+    def __init__(self, engine: Engine, prefiller, max_new_tokens: int):
+        """`prefiller`: the eager stepper of the same batch (`decode.EagerStepper`). The prompts
+        are read on its cache, through the prefix cache and in one piece, then copied into the
+        static one: one prefill for both steppers, and the compiled step gets the prefix cache."""
+        self.engine, self.prefiller, self.steps = engine, prefiller, max_new_tokens
+        self._width: int = prefiller.width
         self.decoder: Decoder = engine.decoder
-        rows, width = batch.input_ids.shape
-        self.st = self.decoder.state(engine, rows, cache_length(width + max_new_tokens), 1)
-        self.st.cache.reset()
-        self.st.mask.zero_()
-        self.st.mask[:, :width] = batch.attention_mask.to(self.st.mask.device)
-        self.st.positions.copy_(batch.position_ids[:, -1:] + 1)
-        self.t = width  # the cache position the next step writes
-        self.live = list(range(rows))  # batch positions of the rows still answering
+        self.st: _Static | None = None
+        self.t = 0  # the cache position the next step writes
+        self.live: list[int] = []  # batch positions of the rows still answering
 
     @property
     def width(self) -> int:
-        return self.batch.width
+        return self._width
 
     def prefill(self, routing: Routing | None, dynamic: DynamicRouter | None, logits_to_keep: int):
-        with self.engine.routed(routing, dynamic):
-            return self.engine.model(**self.batch.model_inputs(self.st.mask.device), past_key_values=self.st.cache,
-                                     use_cache=True, logits_to_keep=logits_to_keep)
+        eager, self.prefiller = self.prefiller, None  # its cache goes once copied
+        out = eager.prefill(routing, dynamic, logits_to_keep)
+        self._rebuild([(kv_of(eager.cache), eager.mask, eager.next_pos)], self.steps)
+        return out
 
     def select(self, keep: list[int]) -> None:
         self.live = [self.live[b] for b in keep]
@@ -200,15 +207,20 @@ class StaticStepper:
     def _rebuild(self, joined: list[tuple[KV, torch.Tensor, torch.Tensor]], steps: int) -> None:
         """A static state of the live rows then the `joined` ones (keys and values, mask, next
         positions), with the leading positions none of them attends to dropped; the current
-        bucket if `steps` more positions fit, else the one that holds them."""
+        bucket if `steps` more positions fit, else the one that holds them. After the prefill the
+        prompts' rows are the joined ones of an empty batch."""
         st, t = self.st, self.t
-        idx = torch.tensor(self.live, dtype=torch.long, device=st.mask.device)
-        mine = ([(lay.keys[idx, :, :t], lay.values[idx, :, :t]) for lay in st.cache.layers], st.mask[idx, :t])
-        kv, mask = merged(mine, *[(k, m) for k, m, _ in joined])
-        positions = torch.cat([st.positions[idx, 0].cpu(), *[p.cpu() for _, _, p in joined]])
+        parts = [(k, m, p.cpu()) for k, m, p in joined]
+        if self.live:
+            idx = torch.tensor(self.live, dtype=torch.long, device=st.mask.device)
+            parts.insert(0, ([(lay.keys[idx, :, :t], lay.values[idx, :, :t]) for lay in st.cache.layers],
+                             st.mask[idx, :t], st.positions[idx, 0].cpu()))
+        kv, mask = merged(*[(k, m) for k, m, _ in parts])
+        positions = torch.cat([p for _, _, p in parts])
         rows, length = mask.shape
-        size = st.mask.shape[1] if length + steps <= st.mask.shape[1] else cache_length(length + steps)
-        new = self.decoder.state(self.engine, rows, size, st.routing.ids.shape[1])
+        fits = st is not None and length + steps <= st.mask.shape[1]
+        size = st.mask.shape[1] if fits else cache_length(length + steps)
+        new = self.decoder.state(self.engine, rows, size, st.routing.ids.shape[1] if st is not None else 1)
         new.cache.reset()
         for layer, (k, v) in zip(new.cache.layers, kv):
             if not layer.is_initialized:

@@ -32,12 +32,18 @@ trained on one pass over the training prompts. A text asked twice in one call is
 as the prefill computes it: `benchmarks/auto_cost.py` at 32 requests asks each of 8 prompts 4
 times, and computing each once would make `auto` look cheaper there than on traffic that does
 not repeat (`read_ahead` hands each feature it keeps out once).
+
+`read_ahead` keeps features only inside `reading_ahead()`, the scope of one batch's
+segmentation and routing (`switch.run`): a context variable, so threads and nested batches (a
+running batch taking arrivals in) each see their own, and nothing outlives the batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -262,8 +268,9 @@ def prompt_features(engine: Engine, prompts: list[str], layer: int, batch_size: 
                     shared_prefix: bool = True) -> torch.Tensor:
     """[N, 2*hidden] features of `prompts` from decoder layer `layer` (`layer_features`); those a
     `read_ahead` kept are handed out instead of computed again."""
-    kept = _AHEAD.get(engine.model, {}) if shared_prefix else {}
-    out = [kept[(layer, p)].pop() if kept.get((layer, p)) else None for p in prompts]
+    kept = (_AHEAD.get() or {}) if shared_prefix else {}
+    key = id(engine.model), layer
+    out = [kept[(*key, p)].pop() if kept.get((*key, p)) else None for p in prompts]
     rest = [i for i, f in enumerate(out) if f is None]
     if len(rest) == len(prompts):
         return layer_features(engine, prompts, [layer], batch_size, progress, shared_prefix)[layer]
@@ -273,21 +280,35 @@ def prompt_features(engine: Engine, prompts: list[str], layer: int, batch_size: 
     return torch.stack(out)
 
 
-# model -> {(layer, text): [features]}: what the last `read_ahead` computed for a later call
-_AHEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# {(id of the model, layer, text): [features]}: what `read_ahead` computed for a later call,
+# inside the current `reading_ahead` scope (None outside one)
+_AHEAD: ContextVar[dict[tuple[int, int, str], list[torch.Tensor]] | None] = ContextVar("loraswitch_ahead", default=None)
+
+
+@contextlib.contextmanager
+def reading_ahead() -> Iterator[None]:
+    """The scope of one batch's segmentation and routing, inside which `read_ahead` keeps the
+    features it computes for later (the module doc); they are dropped when it ends."""
+    token = _AHEAD.set({})
+    try:
+        yield
+    finally:
+        _AHEAD.reset(token)
 
 
 def read_ahead(engine: Engine, texts: list[str], layer: int, later: list[str]) -> torch.Tensor:
     """Features of `texts` at `layer`, computed in one pass with those of `later`, which are kept
     for the `prompt_features` call that asks for them next: segmentation's screen reads a batch's
     units with the selector's fast head right before the selector reads its whole prompts at the
-    same layer (`switch.segment.screen`), and one pass costs less than two (`_pack`). Each
-    kept feature is handed out once and the next read-ahead drops what was not, so a text is
-    still computed once per time it is asked (the module doc), never reused across batches."""
-    _AHEAD.pop(engine.model, None)
+    same layer (`switch.segment.screen`), and one pass costs less than two (`_pack`). Each kept
+    feature is handed out once and the next read-ahead drops what was not, so a text is still
+    computed once per time it is asked (the module doc); outside `reading_ahead` nothing is kept
+    and `later` is not read."""
+    kept = _AHEAD.get()
+    if kept is None:
+        return prompt_features(engine, texts, layer)
+    kept.clear()
     feats = prompt_features(engine, texts + later, layer)
-    kept: dict[tuple[int, str], list[torch.Tensor]] = {}
     for t, f in zip(later, feats[len(texts):]):
-        kept.setdefault((layer, t), []).append(f)
-    _AHEAD[engine.model] = kept
+        kept.setdefault((id(engine.model), layer, t), []).append(f)
     return feats[: len(texts)]

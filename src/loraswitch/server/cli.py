@@ -13,6 +13,10 @@ import typer
 
 from loraswitch.console import LibraryOpt, open_switch
 
+# positions of a chat prompt the compiled step is warmed up for by default, beside the default
+# answer length: the template's system prompt and headers (~30 for SmolLM2) and a short question
+COMPILE_PROMPT = 64
+
 
 def serve(
     base: Annotated[str | None, typer.Option("--base", help="Model directory or .gguf file (default: embedded SmolLM2-135M-Instruct).")] = None,
@@ -45,7 +49,8 @@ def serve(
     escalate_threshold: Annotated[float | None, typer.Option("--escalate-threshold", min=0.0, help="Escalate when the estimated risk that the local answer is poor is at least this (default 0.5).")] = None,
     escalate_rate: Annotated[float | None, typer.Option("--escalate-rate", min=0.0, max=1.0, help="Calibrate the threshold so this share of the --calibration prompts escalates (RouteLLM-style).")] = None,
     calibration: Annotated[Path | None, typer.Option("--calibration", help="Held-out prompts for --escalate-rate: .txt (one per line) or .jsonl ({\"prompt\": ...}).")] = None,
-    compile_step: Annotated[bool, typer.Option("--compile", help="Decode with the compiled step (torch.compile): faster per token; the shortest cache bucket's graphs compile before the port opens (minutes on a CPU), longer buckets on first use.")] = False,
+    compile_step: Annotated[bool, typer.Option("--compile", help="Decode with the compiled step (torch.compile): faster per token; its graphs compile before the port opens (minutes on a CPU: see --compile-context), longer contexts' on first use.")] = False,
+    compile_context: Annotated[int | None, typer.Option("--compile-context", min=1, metavar="POSITIONS", help="With --compile: compile the step for every cache length bucket up to this many positions (prompt plus answer) before the port opens. Default: 64 + --default-max-tokens.")] = None,
     prefix_cache: Annotated[int, typer.Option("--prefix-cache", min=0, metavar="POSITIONS", help="Reuse the keys and values of prompt openings that earlier prompts under the same adapters shared (the chat template's), up to this many cached positions (~46 KB each for SmolLM2); 0: off.")] = 2048,
     ray: Annotated[bool, typer.Option("--ray", help="Serve on Ray Serve: several replicas behind one API (needs pip install 'loraswitch[ray]'; see docs/scale-out.md).")] = False,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --ray: join this Ray cluster (default: start a local Ray on 127.0.0.1, stopped on exit).")] = None,
@@ -76,9 +81,11 @@ def serve(
         else default_hosts(host),
     )
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(levelname)s %(name)s: %(message)s")
+    context = compile_context or COMPILE_PROMPT + settings.default_max_tokens
     if ray:
         return serve_on_ray({"base": base, "adapter_dirs": adapter_dirs, "router_dir": router_dir, "library": library,
-                             "compile": compile_step, "adapters_per_replica": adapters_per_replica, "prefix_cache": prefix_cache},
+                             "compile": compile_step, "compile_context": context, "adapters_per_replica": adapters_per_replica,
+                             "prefix_cache": prefix_cache},
                             settings, host, port, ray_address, replicas, autoscale)
     import uvicorn
 
@@ -88,17 +95,18 @@ def serve(
     if upstream:
         switch.upstream = escalator(switch, upstream, upstream_model, upstream_api_key_env, upstream_timeout,
                                     escalate_threshold, escalate_rate, calibration)
-    prepare_engine(switch.engine, compile_step, prefix_cache, adapters_per_replica)
+    prepare_engine(switch.engine, compile_step, prefix_cache, adapters_per_replica, context)
     where = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
     typer.echo(f"loraswitch serving {switch.base.name} with {len(switch.engine.names)} adapters "
                f"({', '.join(switch.engine.names) or 'none'}) on {where}  (trace page: {where}/ui)", err=True)
     uvicorn.run(create_app(switch, settings), host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=10)
 
 
-def prepare_engine(engine, compile_step: bool, prefix_cache: int, adapters_per_replica: int | None) -> None:
-    """The engine options of `serve`. With --compile the decode step's first graphs compile
-    before the port opens, so no early request waits minutes on them (generate.warm_up); what it
-    took is printed."""
+def prepare_engine(engine, compile_step: bool, prefix_cache: int, adapters_per_replica: int | None,
+                   context: int = 0) -> None:
+    """The engine options of `serve`. With --compile the decode step's graphs for contexts of up
+    to `context` positions compile before the port opens, so no request of the usual size waits
+    minutes on them, and every row of its batch with it (generate.warm_up); what it took is printed."""
     import time
 
     from loraswitch.generate import warm_up
@@ -107,9 +115,10 @@ def prepare_engine(engine, compile_step: bool, prefix_cache: int, adapters_per_r
     engine.limit_resident(adapters_per_replica)
     if not compile_step:
         return
-    typer.echo("compiling the decode step (one and several rows, with and without an adapter)...", err=True)
+    typer.echo(f"compiling the decode step for contexts up to {context} positions (one and several rows, with "
+               "and without an adapter, per cache length bucket)...", err=True)
     t0 = time.perf_counter()
-    shapes = warm_up(engine)
+    shapes = warm_up(engine, context)
     failed = engine.decoder.failed if engine.decoder is not None else None
     typer.echo(f"compiled in {time.perf_counter() - t0:.0f} s ({', '.join(f'{r}x{n}x{k}: {s} s' for (r, n, k), s in shapes.items())})"
                + (f"; compiling failed, decoding eagerly: {failed}" if failed else ""), err=True)

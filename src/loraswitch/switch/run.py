@@ -43,6 +43,7 @@ from contextlib import contextmanager
 from loraswitch.generate import Joining, Policy, RowsPolicy, SamplingParams, generate
 from loraswitch.library import AdapterError
 from loraswitch.routing.base import StaleRouterError
+from loraswitch.routing.features import reading_ahead
 from loraswitch.switch.mixture import MixtureError
 from loraswitch.switch.parts import PartsAnswer, SingleAnswer, fan_out
 from loraswitch.switch.request import Handle, Request, RouterUnavailable
@@ -204,9 +205,11 @@ class _Joins:
             return None
         began = time.perf_counter()
         try:
-            rows = _rows_of(self.switch, handles, self.max_parts, self.phases)
+            with reading_ahead():  # segmentation's pass reads the prompts for the selector too
+                rows = _rows_of(self.switch, handles, self.max_parts, self.phases)
+                calls = _calls(self.switch, rows, None)
             static: Call = []
-            for call, route_s in _calls(self.switch, rows, None):
+            for call, route_s in calls:
                 self.phases["route"] = self.phases.get("route", 0.0) + route_s
                 if call[0][0].dynamic is not None:
                     self.later.append((call, 0.0))
@@ -313,23 +316,25 @@ def run_local(switch, handles: list[Handle], max_rows: int | None = None, max_pa
     """`run` on this model alone. With `arrivals`, the round's last joinable call takes waiting
     requests in as it decodes (module doc), then the joined requests that could not share it."""
     phases: dict[str, float] = {}
-    rows = _rows_of(switch, handles, max_parts, phases)
-    by_sampling: dict[tuple, list[Row]] = {}
-    for row in rows:
-        key = (id(row),) if row.request.decodes_alone else row.request.sampling_key
-        by_sampling.setdefault(key, []).append(row)
-    batches = []
-    with switch.engine.pin():  # adapters removed from now on stay valid for these rows
-        calls = [c for group in by_sampling.values() for c in _calls(switch, group, max_rows)]
-        open_call = max((i for i, (c, _) in enumerate(calls) if _joinable(c)), default=None) if arrivals else None
-        if open_call is not None:  # it decodes last: the others must not wait for the arrivals it takes in
-            calls.append(calls.pop(open_call))
-        open_index = len(calls) - 1 if open_call is not None else None
-        for i, (call, route_s) in enumerate(calls):
-            info, later = _generate(switch, call, route_s, arrivals if i == open_index else None, (max_rows, max_parts))
-            calls += later
-            if info is not None:
-                batches.append(info)
+    with reading_ahead():  # segmentation's pass reads the prompts for the selector too
+        rows = _rows_of(switch, handles, max_parts, phases)
+        by_sampling: dict[tuple, list[Row]] = {}
+        for row in rows:
+            key = (id(row),) if row.request.decodes_alone else row.request.sampling_key
+            by_sampling.setdefault(key, []).append(row)
+        batches = []
+        with switch.engine.pin():  # adapters removed from now on stay valid for these rows
+            calls = [c for group in by_sampling.values() for c in _calls(switch, group, max_rows)]
+            open_call = max((i for i, (c, _) in enumerate(calls) if _joinable(c)), default=None) if arrivals else None
+            if open_call is not None:  # it decodes last: the others must not wait for the arrivals it takes in
+                calls.append(calls.pop(open_call))
+            open_index = len(calls) - 1 if open_call is not None else None
+            for i, (call, route_s) in enumerate(calls):
+                info, later = _generate(switch, call, route_s, arrivals if i == open_index else None,
+                                        (max_rows, max_parts))
+                calls += later
+                if info is not None:
+                    batches.append(info)
     if batches:  # the round's own phases, once
         mine = batches[0]["phases"]
         for name, value in phases.items():

@@ -51,7 +51,7 @@ class Replica:
         switch.engine.limit_resident(per_replica)
         # with "compile": the decode step's first graphs, on the configured engine, before this
         # replica takes requests (warm_up does nothing otherwise)
-        await asyncio.to_thread(warm_up, switch.engine)
+        await asyncio.to_thread(warm_up, switch.engine, int(config.get("compile_context") or 0))
 
         async def serves(name: str) -> str:
             """Tells Serve this replica serves adapter `name`, so its later requests come here."""
