@@ -65,13 +65,8 @@ def serve(
     from loraswitch.server.middleware import default_hosts
     from loraswitch.server.state import ServerSettings
 
-    if not ray and (ray_address or autoscale or replicas != 1):
-        raise typer.BadParameter("--ray-address, --replicas and --autoscale apply only with --ray")
-    if autoscale and replicas != 1:
-        raise typer.BadParameter("give --replicas or --autoscale, not both")
+    _check_scale_out(ray, ray_address, autoscale, replicas, upstream)
     check_upstream(upstream, upstream_model, escalate_threshold, escalate_rate, calibration)
-    if ray and upstream:
-        raise typer.BadParameter("--upstream is not available with --ray yet (escalate from a plain server)")
     settings = ServerSettings(
         max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
         default_max_tokens=min(default_max_tokens, max_new_tokens), default_temperature=default_temperature,
@@ -100,6 +95,17 @@ def serve(
     typer.echo(f"loraswitch serving {switch.base.name} with {len(switch.engine.names)} adapters "
                f"({', '.join(switch.engine.names) or 'none'}) on {where}  (trace page: {where}/ui)", err=True)
     uvicorn.run(create_app(switch, settings), host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=10)
+
+
+def _check_scale_out(ray: bool, ray_address: str | None, autoscale: str | None, replicas: int,
+                     upstream: str | None) -> None:
+    """The --ray options make sense together only (a clear error before anything loads)."""
+    if not ray and (ray_address or autoscale or replicas != 1):
+        raise typer.BadParameter("--ray-address, --replicas and --autoscale apply only with --ray")
+    if autoscale and replicas != 1:
+        raise typer.BadParameter("give --replicas or --autoscale, not both")
+    if ray and upstream:
+        raise typer.BadParameter("--upstream is not available with --ray yet (escalate from a plain server)")
 
 
 def prepare_engine(engine, compile_step: bool, prefix_cache: int, adapters_per_replica: int | None,
