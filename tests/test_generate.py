@@ -205,9 +205,9 @@ class _OneStepEach(Listener):
 
 
 def test_warm_up_compiles_what_a_server_meets_first(tiny_base, adapter_dir):
-    """`warm_up` traces one row and two rows, routed and not, so a later batch of 5 with an
-    adapter and one of 3 with none trace nothing new; an engine that does not compile is left
-    alone."""
+    """`warm_up` traces one row and two rows, routed and not, for each cache length bucket up to
+    the context asked, so later batches of those shapes trace nothing new, and freezes the
+    decoder; an engine that does not compile is left alone."""
     import copy
 
     import torch._dynamo as dynamo
@@ -232,3 +232,11 @@ def test_warm_up_compiles_what_a_server_meets_first(tiny_base, adapter_dir):
     generate(engine, [tiny_base.chat_ids("z " * i) for i in range(1, 4)], explicit(engine, ["alpha"] * 3),
              SamplingParams(max_new_tokens=70, stop_ids=set()), _OneStepEach())
     assert counters["stats"]["unique_graphs"] == graphs and (3, 128, 1) in engine.decoder.compile_s
+    # warmed up, the decoder is frozen: a context beyond what it compiled decodes uncompiled (a
+    # server's rows must not all wait on a compile), with the tokens a compiled step gives
+    prompts, longer = [tiny_base.chat_ids("w " * i) for i in range(1, 4)], SamplingParams(max_new_tokens=200, stop_ids=set())
+    frozen = [g.token_ids for g in generate(engine, prompts, explicit(engine, ["alpha"] * 3), longer, _OneStepEach())]
+    assert counters["stats"]["unique_graphs"] == graphs and engine.decoder.uncompiled == {(2, 256, 1)}
+    engine.decoder.frozen = False
+    assert [g.token_ids for g in generate(engine, prompts, explicit(engine, ["alpha"] * 3), longer, _OneStepEach())] == frozen
+    assert (2, 256, 1) in engine.decoder.graphs

@@ -308,11 +308,15 @@ def warm_up(engine: Engine, context: int = 0) -> dict[tuple[int, int, int], floa
     larger batch, `static`), each with the first adapter routed and with none, for every cache
     length bucket up to the one that holds `context` positions (prompt plus answer; 0: the
     shortest bucket only), each bucket being graphs of its own. A server calls it at start with
-    `--compile` (`--compile-context`); longer contexts' buckets still compile on first use.
-    Returns the decoder's first call per (rows, cache length, choices) in seconds; {} where
-    nothing compiles."""
+    `--compile` (`--compile-context`). Afterwards the decoder is frozen: a step it did not compile
+    (a longer context, more choices per token) runs uncompiled, the same tokens more slowly, rather
+    than stopping every row of its batch for a compile (`engine.decoder.frozen = False` compiles
+    on first use again). Returns the decoder's first call per (rows, cache length, choices) in
+    seconds; {} where nothing compiles."""
     if not engine.compile:
         return {}
+    if engine.decoder is not None:
+        engine.decoder.frozen = False
     prompt = [1, 2, 3]
     choices = [NO_ADAPTER] + ([([engine.slot_of(engine.names[0])], [1.0])] if engine.names else [])
     for length in buckets(context):
@@ -320,7 +324,10 @@ def warm_up(engine: Engine, context: int = 0) -> dict[tuple[int, int, int], floa
         for rows in (1, 2):
             for choice in choices:
                 generate(engine, [prompt] * rows, FixedPolicy([choice] * rows), params, _OneStep())
-    return dict(engine.decoder.compile_s) if engine.decoder is not None else {}
+    if engine.decoder is None:
+        return {}
+    engine.decoder.frozen = True
+    return dict(engine.decoder.compile_s)
 
 
 def _join(engine: Engine, policy: RowsPolicy, rows: _Rows, joining: Joining | None, chunk: int) -> _Joiner | None:

@@ -25,6 +25,7 @@ dimension serves without a new compile while the length bucket stays the same.
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections import OrderedDict
@@ -37,6 +38,7 @@ from loraswitch.kernels import Routing, SlotRouting
 from loraswitch.kvcache import KV, kv_of, merged, trimmed
 from loraswitch.layers import DynamicRouter
 
+log = logging.getLogger("loraswitch.decode")
 Choice = tuple[list[int], list[float]]  # adapter slots and their weights for one token; -1 = none
 # static caches come in power-of-two lengths from here. Short: a compiled step does work in
 # proportion to its cache length (attention over every position, the cache and mask updates),
@@ -109,6 +111,12 @@ class Decoder:
         self.states: OrderedDict[tuple[int, int], _Static] = OrderedDict()
         self.failed: str | None = None  # why compilation was given up (then steps run eagerly)
         self.compile_s: dict[tuple[int, int, int], float] = {}  # first call per (rows, length, k): a compile or a reuse
+        # (one row or several, length, k) that ran compiled; once `frozen` (after a server's
+        # warm-up) any other runs uncompiled, the same tokens, rather than stopping every row of
+        # its batch for a compile of minutes on a CPU; `uncompiled` lists those met
+        self.graphs: set[tuple[int, int, int]] = set()
+        self.frozen = False
+        self.uncompiled: set[tuple[int, int, int]] = set()
 
     def state(self, engine: Engine, rows: int, length: int, k: int) -> _Static:
         key = (rows, length)
@@ -126,6 +134,13 @@ class Decoder:
         if self.fn is None or self.failed:
             return _forward(*args)
         key = (*st.mask.shape, st.routing.ids.shape[1] if routed else 0)
+        graph = (min(key[0], 2), *key[1:])
+        if self.frozen and graph not in self.graphs:
+            if graph not in self.uncompiled:
+                self.uncompiled.add(graph)
+                log.warning("decoding %s rows x %s positions x %s choices uncompiled: not compiled at warm-up "
+                            "(serve --compile-context covers longer contexts)", "1" if graph[0] == 1 else "2+", *key[1:])
+            return _forward(*args)
         saved = [getattr(layer, "cumulative_length", torch.zeros(())).clone() for layer in st.cache.layers]
         t0 = time.perf_counter()
         try:
@@ -138,6 +153,7 @@ class Decoder:
             warnings.warn(f"loraswitch: compiled decode unavailable, decoding eagerly ({self.failed[:200]})", stacklevel=2)
             return _forward(*args)
         self.compile_s.setdefault(key, round(time.perf_counter() - t0, 2))
+        self.graphs.add(graph)
         return out
 
 

@@ -153,3 +153,25 @@ def test_a_resident_limit_is_served_and_reported(client, http, lib):
     finally:
         switch.engine.limit_resident(None)
     assert "resident" not in http.get("/healthz").json()
+
+
+def test_the_compiled_step_serves_what_it_warmed_and_decodes_the_rest_uncompiled(client, http, lib):
+    """`serve --compile`: after the warm-up the step's shapes are reported on /healthz; a request
+    whose context needs a bucket the warm-up did not compile decodes uncompiled (reported, no
+    compile mid-serving), and the answers are the eager loop's."""
+    from loraswitch.generate import warm_up
+
+    switch, _ = lib
+    short, long = {"max_tokens": 8}, {"max_tokens": 40, "prompt": PROMPT + " Say more."}
+    want = [chat(client, **short).choices[0].message.content, chat(client, **long).choices[0].message.content]
+    assert "compiled_step" not in http.get("/healthz").json()
+    switch.engine.compile = "eager"
+    try:
+        warm_up(switch.engine)
+        got = [chat(client, **short).choices[0].message.content, chat(client, **long).choices[0].message.content]
+        health = http.get("/healthz").json()["compiled_step"]
+    finally:
+        switch.engine.compile, switch.engine.decoder = False, None
+    assert got == want
+    assert health["frozen"] and health["failed"] is None and "1x64x1" in health["graphs"]
+    assert health["uncompiled"] == ["1x128x1"]  # ~40 prompt positions + 40 answer tokens: the 128 bucket

@@ -27,7 +27,17 @@ async def healthz(st: ServerState = Depends(state)):
                             "page_ins": st.engine.page_ins}
     if st.switch.upstream is not None:
         body["upstream"] = st.switch.upstream.describe()
+    decoder = st.engine.decoder
+    if st.engine.compile and decoder is not None:  # --compile: which step shapes run compiled, which not
+        body["compiled_step"] = {"graphs": sorted(map(_shape, decoder.graphs)), "frozen": decoder.frozen,
+                                 "uncompiled": sorted(map(_shape, decoder.uncompiled)), "failed": decoder.failed}
     return JSONResponse(body, status_code=200 if ok else 503)
+
+
+def _shape(graph: tuple[int, int, int]) -> str:
+    """A compiled step's shape as /healthz names it: rows (1 or 2+) x cache positions x choices."""
+    rows, length, k = graph
+    return f"{'1' if rows == 1 else '2+'}x{length}x{k}"
 
 
 @router.get("/metrics")
