@@ -168,6 +168,9 @@ def test_rows_join_the_compiled_step_in_freed_slots_or_a_rebuilt_state(engine, b
                                                                          stop_ids=set(), logprobs=0))[0]
              for p, n, k in zip(prompts, names, limits)]  # the eager loop
     engine.compile, engine.decoder = backend, None
+    import loraswitch.static
+
+    monkeypatch.setattr(loraswitch.static, "COMPACT_MIN_LEFT", 1)  # compact as soon as half the slots left
     calls = []
     for method in ("_place", "_rebuild", "step"):
         original = getattr(StaticStepper, method)

@@ -46,6 +46,7 @@ Choice = tuple[list[int], list[float]]  # adapter slots and their weights for on
 # (benchmarks/compiled_step.py); the price is a compile per bucket a generation reaches
 MIN_CACHE_LEN = 64
 MAX_STATIC_CACHES = 2  # (batch, length) caches kept per engine; each holds B x L keys and values
+COMPACT_MIN_LEFT = 4  # rows that left a static batch before it is compacted (`StaticStepper.trim`)
 
 
 def cache_length(needed: int) -> int:
@@ -185,9 +186,12 @@ class StaticStepper:
         self.live = [self.live[b] for b in keep]
 
     def trim(self) -> None:
-        """With rows joining (continuous batching), a batch whose live rows are half its slots or
-        fewer is rebuilt with only those: every step computes every slot, left or not."""
-        if self.live and 2 * len(self.live) <= self.st.mask.shape[0]:
+        """With rows joining (continuous batching), a batch where at least COMPACT_MIN_LEFT rows
+        have left and they are as many as the live ones is rebuilt with only those: every step
+        computes every slot, left or not. Fewer leavers keep their slots for rows that join (in
+        place, no rebuild): a few idle rows cost little in a step that reads every weight anyway."""
+        left = self.st.mask.shape[0] - len(self.live)
+        if self.live and left >= max(COMPACT_MIN_LEFT, len(self.live)):
             self._rebuild([], self.st.mask.shape[1] - self.t)
 
     def join(self, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor, steps: int) -> None:

@@ -289,3 +289,51 @@ def test_a_library_change_due_stops_the_joining(lib):
     done = {k: [e for e in ev if isinstance(e, Done)][0] for k, ev in events.items()}
     assert done["b"].batch["id"] != done["a"].batch["id"] and sched.stats["joined"] == 0
     assert order == ["change", "b started"]
+
+
+def test_arrivals_join_the_compiled_step_and_answer_as_alone(lib, monkeypatch):
+    """`serve --compile` with continuous batching: requests arriving while a batch decodes on the
+    static step join it (into the slots of rows that left, or a rebuilt state) and answer what
+    the eager loop answers for them alone; a request cancelled mid-answer leaves the others as
+    they were."""
+    switch, _ = lib
+    specs = {"a": ("alpha", 24, "the first prompt"), "b": ("beta", 3, "second"), "c": ("gamma", 5, "a third one"),
+             "d": ("alpha", 12, "a fourth prompt, longer than the batch's first prompt and its answer so far"),
+             "e": ("beta", 6, "fifth"), "x": ("gamma", 24, "cancelled")}
+    want = {k: library_answer(switch, Request.chat(p, model=m, max_tokens=n)).text for k, (m, n, p) in specs.items()}
+    events: dict[str, list] = {k: [] for k in specs}
+    jobs = {k: _job(m, n, events[k].append, p) for k, (m, n, p) in specs.items()}
+    due = {1: ["b", "x"], 3: ["c"], 6: ["d"], 13: ["e"]}  # after this many tokens of "a"
+    sched = Scheduler(switch, max_batch=8, max_queue=8, continuous=True)
+
+    def first(event):
+        events["a"].append(event)
+        n = len([e for e in events["a"] if isinstance(e, Token)])
+        if isinstance(event, Token):
+            for k in due.pop(n, []):
+                sched.submit(jobs[k])
+            if n == 5:
+                jobs["x"].handle.cancel()
+
+    jobs["a"].deliver = first
+    from loraswitch.static import StaticStepper
+
+    calls = []
+    for method in ("_place", "_rebuild"):
+        original = getattr(StaticStepper, method)
+        monkeypatch.setattr(StaticStepper, method, lambda self, *a, _o=original, _m=method: calls.append(_m) or _o(self, *a))
+    switch.engine.compile, switch.engine.decoder = "none", None
+    sched.start()
+    try:
+        sched.submit(jobs["a"])
+        wait_for(lambda: all(j.finished for k, j in jobs.items() if k != "x") and sched.running == 0, 60)
+    finally:
+        sched.stop()
+        switch.engine.compile, switch.engine.decoder = False, None
+    done = {k: [e for e in ev if isinstance(e, Done)] for k, ev in events.items()}
+    assert {k: d[0].answer.text for k, d in done.items() if k != "x"} == {k: v for k, v in want.items() if k != "x"}
+    assert sched.stats["joined"] >= 4  # b, c, d, e joined the first batch (or a batch they started)
+    assert done["x"] == [] and len([e for e in events["x"] if isinstance(e, Token)]) < 24  # it left when cancelled
+    # b and x, c (no slot free yet) and d (a prompt longer than the batch's context) rebuild the
+    # state; e, long after b, c and x left, takes a freed slot in place
+    assert calls.count("_rebuild") >= 3 and calls[-1] == "_place", calls
