@@ -15,8 +15,8 @@ that arrived while it decodes), so the batch stays full under sustained load ins
 before the next one starts. A joining group is prefilled on its own cache, `prefill_chunk`
 positions per decode step of the running rows (chunked prefill: a long prompt delays each running
 row's next token by one chunk's forward, not by its whole prefill), then its cache is merged into
-the running one (`EagerStepper.join`, or `StaticStepper.join` on the compiled step). A row's tokens do not depend on whether it joined: its
-positions are its own and padding is masked.
+the running one (`EagerStepper.join`, or `StaticStepper.join` on the compiled step). A row's
+tokens do not depend on whether it joined: its positions are its own and padding is masked.
 """
 
 from __future__ import annotations
