@@ -204,7 +204,7 @@ class _OneStepEach(Listener):
         return "length" if len(gen.token_ids) >= 2 else None
 
 
-def test_warm_up_compiles_what_a_server_meets_first(tiny_base, adapter_dir):
+def test_warm_up_compiles_what_a_server_meets_first(tiny_base, adapter_dir, monkeypatch):
     """`warm_up` traces one row and two rows, routed and not, for each cache length bucket up to
     the context asked, so later batches of those shapes trace nothing new, and freezes the
     decoder; an engine that does not compile is left alone."""
@@ -213,6 +213,8 @@ def test_warm_up_compiles_what_a_server_meets_first(tiny_base, adapter_dir):
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
 
+    import loraswitch.decode as decode
+    import loraswitch.generate as generate_module
     from loraswitch.generate import warm_up
 
     assert warm_up(Engine(copy.deepcopy(tiny_base), [adapter_dir])) == {}
@@ -232,11 +234,20 @@ def test_warm_up_compiles_what_a_server_meets_first(tiny_base, adapter_dir):
     generate(engine, [tiny_base.chat_ids("z " * i) for i in range(1, 4)], explicit(engine, ["alpha"] * 3),
              SamplingParams(max_new_tokens=70, stop_ids=set()), _OneStepEach())
     assert counters["stats"]["unique_graphs"] == graphs and (3, 128, 1) in engine.decoder.compile_s
-    # warmed up, the decoder is frozen: a context beyond what it compiled decodes uncompiled (a
-    # server's rows must not all wait on a compile), with the tokens a compiled step gives
+    # warmed up, the decoder is frozen: a batch whose cache length bucket it did not compile
+    # decodes on the eager loop (a server's rows must not all wait on a compile), and a step shape
+    # it did not compile in a warmed bucket (two choices per token) runs uncompiled; the tokens
+    # are the ones a compiled step gives
     prompts, longer = [tiny_base.chat_ids("w " * i) for i in range(1, 4)], SamplingParams(max_new_tokens=200, stop_ids=set())
-    frozen = [g.token_ids for g in generate(engine, prompts, explicit(engine, ["alpha"] * 3), longer, _OneStepEach())]
-    assert counters["stats"]["unique_graphs"] == graphs and engine.decoder.uncompiled == {(2, 256, 1)}
+    steppers = []
+    real = decode.stepper_for
+    monkeypatch.setattr(generate_module, "stepper_for", lambda *a: steppers.append(real(*a)) or steppers[-1])
+    top2 = FixedPolicy([([engine.slot_of("alpha"), engine.slot_of("beta")], [0.5, 0.5])] * 3)
+    frozen = [[g.token_ids for g in generate(engine, prompts, explicit(engine, ["alpha"] * 3), longer, _OneStepEach())],
+              [g.token_ids for g in generate(engine, prompts, top2, params, _OneStepEach())]]
+    assert [type(s).__name__ for s in steppers] == ["EagerStepper", "StaticStepper"]
+    assert counters["stats"]["unique_graphs"] == graphs and engine.decoder.uncompiled == {(2, 64, 2)}
     engine.decoder.frozen = False
-    assert [g.token_ids for g in generate(engine, prompts, explicit(engine, ["alpha"] * 3), longer, _OneStepEach())] == frozen
-    assert (2, 256, 1) in engine.decoder.graphs
+    assert [[g.token_ids for g in generate(engine, prompts, explicit(engine, ["alpha"] * 3), longer, _OneStepEach())],
+            [g.token_ids for g in generate(engine, prompts, top2, params, _OneStepEach())]] == frozen
+    assert {(2, 256, 1), (2, 64, 2)} <= engine.decoder.graphs

@@ -26,7 +26,7 @@ from loraswitch.kvcache import GrowingCache, kv_of, merged, trimmed
 from loraswitch.layers import DynamicRouter
 from loraswitch.padding import LeftPadded, positions_of
 from loraswitch.prefix import PrefixHit, PrefixRow, prefix_cache
-from loraswitch.static import Choice, Decoder, StaticStepper, buckets, device_of
+from loraswitch.static import Choice, Decoder, StaticStepper, buckets, cache_length, device_of
 
 __all__ = ["Choice", "EagerStepper", "StaticStepper", "buckets", "pack", "stepper_for"]
 
@@ -168,10 +168,14 @@ def _columns(routing: Routing | None, n_rows: int, width: int, a: int, b: int) -
 def stepper_for(engine: Engine, batch: LeftPadded, max_new_tokens: int,
                 dynamic: DynamicRouter | None) -> EagerStepper | StaticStepper:
     """The static (compiled) stepper where the engine asks for it and the policy allows it (no
-    per-layer dynamic router: those decide from each layer's input in Python), else the eager one."""
+    per-layer dynamic router: those decide from each layer's input in Python), else the eager one.
+    A frozen decoder (after `generate.warm_up`) that compiled no step for this batch's cache length
+    bucket leaves it to the eager loop, faster than the static step run uncompiled."""
     if not getattr(engine, "compile", False) or dynamic is not None or max_new_tokens < 2:
         return EagerStepper(engine, batch)
     if engine.decoder is None:
         c = engine.compile
         engine.decoder = Decoder("inductor" if c is True else None if c == "none" else str(c), device_of(engine))
+    if engine.decoder.frozen and not engine.decoder.compiled_for(cache_length(batch.width + max_new_tokens)):
+        return EagerStepper(engine, batch)
     return StaticStepper(engine, EagerStepper(engine, batch), max_new_tokens)

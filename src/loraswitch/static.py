@@ -119,6 +119,11 @@ class Decoder:
         self.frozen = False
         self.uncompiled: set[tuple[int, int, int]] = set()
 
+    def compiled_for(self, length: int) -> bool:
+        """Whether a step of this cache length bucket ran compiled (with no backend every bucket
+        counts: nothing compiles)."""
+        return self.fn is None or any(g[1] == length for g in self.graphs)
+
     def state(self, engine: Engine, rows: int, length: int, k: int) -> _Static:
         key = (rows, length)
         st = self.states.pop(key, None) or _Static(engine, rows, length, k)

@@ -13,9 +13,10 @@ import typer
 
 from loraswitch.console import LibraryOpt, open_switch
 
-# positions of a chat prompt the compiled step is warmed up for by default, beside the default
-# answer length: the template's system prompt and headers (~30 for SmolLM2) and a short question
-COMPILE_PROMPT = 64
+# positions (prompt plus answer) the compiled step is warmed up for by default: a chat prompt
+# (~30 positions of SmolLM2's template, a question) and a short answer, in the 64 and 128 buckets
+# (eight graphs, a few minutes on a CPU); longer contexts decode on the eager loop
+COMPILE_CONTEXT = 128
 
 
 def serve(
@@ -49,8 +50,8 @@ def serve(
     escalate_threshold: Annotated[float | None, typer.Option("--escalate-threshold", min=0.0, help="Escalate when the estimated risk that the local answer is poor is at least this (default 0.5).")] = None,
     escalate_rate: Annotated[float | None, typer.Option("--escalate-rate", min=0.0, max=1.0, help="Calibrate the threshold so this share of the --calibration prompts escalates (RouteLLM-style).")] = None,
     calibration: Annotated[Path | None, typer.Option("--calibration", help="Held-out prompts for --escalate-rate: .txt (one per line) or .jsonl ({\"prompt\": ...}).")] = None,
-    compile_step: Annotated[bool, typer.Option("--compile", help="Decode with the compiled step (torch.compile): faster per token; its graphs compile before the port opens (minutes on a CPU: see --compile-context); longer contexts decode uncompiled.")] = False,
-    compile_context: Annotated[int | None, typer.Option("--compile-context", min=1, metavar="POSITIONS", help="With --compile: compile the step for every cache length bucket up to this many positions (prompt plus answer) before the port opens; longer contexts decode uncompiled (same tokens, slower) instead of stopping their batch for a compile. Default: 64 + --default-max-tokens.")] = None,
+    compile_step: Annotated[bool, typer.Option("--compile", help="Decode with the compiled step (torch.compile): faster per token; its graphs compile before the port opens (minutes on a CPU: see --compile-context); longer contexts decode on the eager loop.")] = False,
+    compile_context: Annotated[int, typer.Option("--compile-context", min=1, metavar="POSITIONS", help="With --compile: compile the step for every cache length bucket up to this many positions (prompt plus answer) before the port opens; longer contexts decode on the eager loop instead of stopping their batch for a compile.")] = COMPILE_CONTEXT,
     prefix_cache: Annotated[int, typer.Option("--prefix-cache", min=0, metavar="POSITIONS", help="Reuse the keys and values of prompt openings that earlier prompts under the same adapters shared (the chat template's), up to this many cached positions (~46 KB each for SmolLM2); 0: off.")] = 2048,
     ray: Annotated[bool, typer.Option("--ray", help="Serve on Ray Serve: several replicas behind one API (needs pip install 'loraswitch[ray]'; see docs/scale-out.md).")] = False,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --ray: join this Ray cluster (default: start a local Ray on 127.0.0.1, stopped on exit).")] = None,
@@ -76,10 +77,9 @@ def serve(
         else default_hosts(host),
     )
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(levelname)s %(name)s: %(message)s")
-    context = compile_context or COMPILE_PROMPT + settings.default_max_tokens
     if ray:
         return serve_on_ray({"base": base, "adapter_dirs": adapter_dirs, "router_dir": router_dir, "library": library,
-                             "compile": compile_step, "compile_context": context, "adapters_per_replica": adapters_per_replica,
+                             "compile": compile_step, "compile_context": compile_context, "adapters_per_replica": adapters_per_replica,
                              "prefix_cache": prefix_cache},
                             settings, host, port, ray_address, replicas, autoscale)
     import uvicorn
@@ -90,7 +90,7 @@ def serve(
     if upstream:
         switch.upstream = escalator(switch, upstream, upstream_model, upstream_api_key_env, upstream_timeout,
                                     escalate_threshold, escalate_rate, calibration)
-    prepare_engine(switch.engine, compile_step, prefix_cache, adapters_per_replica, context)
+    prepare_engine(switch.engine, compile_step, prefix_cache, adapters_per_replica, compile_context)
     where = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
     typer.echo(f"loraswitch serving {switch.base.name} with {len(switch.engine.names)} adapters "
                f"({', '.join(switch.engine.names) or 'none'}) on {where}  (trace page: {where}/ui)", err=True)
