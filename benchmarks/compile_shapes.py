@@ -2,7 +2,10 @@
 `generate` on SmolLM2 with 8 random rank-8 adapters on `Engine(compile=True)`, a sequence of
 batches (rows, prompt length, one adapter per request or none), each one's wall time and decode
 rate, then the decoder's first call per (rows, cache length, choices) key: a compile (tens of
-seconds) or a reuse of a graph traced for another batch size (well under a second).
+seconds) or a reuse of a graph traced for another batch size (well under a second). The last two
+batches reach the 256 and 512 position buckets: after the 64 and 128 buckets have compiled,
+dynamo has made the cache length symbolic and they reuse the 128 bucket's graph
+(`static.Decoder.covers`).
 
     python benchmarks/compile_shapes.py        # ~8 minutes on one core, most of it compiling
 """
@@ -17,7 +20,7 @@ from functools import partial
 import torch
 
 SEQUENCE = ((8, 32, True), (3, 100, True), (12, 32, False), (5, 40, False), (1, 32, True), (16, 32, True),
-            (16, 32, False))
+            (16, 32, False), (4, 200, True), (6, 400, True))
 
 
 def main(argv: list[str] | None = None) -> int:

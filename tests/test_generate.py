@@ -227,27 +227,30 @@ def test_warm_up_compiles_what_a_server_meets_first(tiny_base, adapter_dir, monk
     generate(engine, [tiny_base.chat_ids("x " * i) for i in range(1, 6)], explicit(engine, ["alpha"] * 5), params)
     generate(engine, [tiny_base.chat_ids("y " * i) for i in range(1, 4)], explicit(engine, [None] * 3), params)
     assert counters["stats"]["unique_graphs"] == graphs == 4
-    # a context of 100 positions: the 128 bucket's four graphs too (SmolLM2 traces each bucket
-    # anew: the static cache's length is specialized), and a batch needing it traces nothing
-    assert {(r, n, k) for r in (1, 2) for n in (64, 128) for k in (0, 1)} <= set(warm_up(engine, 100))
-    graphs = counters["stats"]["unique_graphs"]
-    generate(engine, [tiny_base.chat_ids("z " * i) for i in range(1, 4)], explicit(engine, ["alpha"] * 3),
-             SamplingParams(max_new_tokens=70, stop_ids=set()), _OneStepEach())
-    assert counters["stats"]["unique_graphs"] == graphs and (3, 128, 1) in engine.decoder.compile_s
-    # warmed up, the decoder is frozen: a batch whose cache length bucket it did not compile
-    # decodes on the eager loop (a server's rows must not all wait on a compile), and a step shape
-    # it did not compile in a warmed bucket (two choices per token) runs uncompiled; the tokens
-    # are the ones a compiled step gives
-    prompts, longer = [tiny_base.chat_ids("w " * i) for i in range(1, 4)], SamplingParams(max_new_tokens=200, stop_ids=set())
+    # frozen, a batch of a bucket it did not compile decodes on the eager loop (a server's rows
+    # must not all wait on a compile), with the tokens a compiled step gives
     steppers = []
     real = decode.stepper_for
     monkeypatch.setattr(generate_module, "stepper_for", lambda *a: steppers.append(real(*a)) or steppers[-1])
+    prompts, longer = [tiny_base.chat_ids("z " * i) for i in range(1, 4)], SamplingParams(max_new_tokens=70, stop_ids=set())
+
+    def answers(policy, p):
+        return [g.token_ids for g in generate(engine, prompts, policy, p, _OneStepEach())]
+
+    eager = answers(explicit(engine, ["alpha"] * 3), longer)
+    assert [type(s).__name__ for s in steppers] == ["EagerStepper"] and counters["stats"]["unique_graphs"] == graphs
+    # a context of 100 positions: the 128 bucket's graphs too (SmolLM2 traces a second length
+    # anew, then dynamo makes it symbolic), so any longer bucket decodes compiled with no compile
+    assert {(r, n, k) for r in (1, 2) for n in (64, 128) for k in (0, 1)} <= set(warm_up(engine, 100))
+    graphs, steppers[:] = counters["stats"]["unique_graphs"], []
+    assert answers(explicit(engine, ["alpha"] * 3), longer) == eager
+    assert answers(explicit(engine, ["alpha"] * 3), SamplingParams(max_new_tokens=200, stop_ids=set())) == eager
+    assert [type(s).__name__ for s in steppers] == ["StaticStepper"] * 2 and engine.decoder.uncompiled == set()
+    assert counters["stats"]["unique_graphs"] == graphs and engine.decoder.compile_s[(3, 256, 1)] < 5
+    # a step shape it did not compile in a covered bucket (two choices per token) runs
+    # uncompiled, with the tokens the compiled step gives once allowed to compile
     top2 = FixedPolicy([([engine.slot_of("alpha"), engine.slot_of("beta")], [0.5, 0.5])] * 3)
-    frozen = [[g.token_ids for g in generate(engine, prompts, explicit(engine, ["alpha"] * 3), longer, _OneStepEach())],
-              [g.token_ids for g in generate(engine, prompts, top2, params, _OneStepEach())]]
-    assert [type(s).__name__ for s in steppers] == ["EagerStepper", "StaticStepper"]
-    assert counters["stats"]["unique_graphs"] == graphs and engine.decoder.uncompiled == {(2, 64, 2)}
+    frozen = answers(top2, params)
+    assert engine.decoder.uncompiled == {(2, 64, 2)} and counters["stats"]["unique_graphs"] == graphs
     engine.decoder.frozen = False
-    assert [[g.token_ids for g in generate(engine, prompts, explicit(engine, ["alpha"] * 3), longer, _OneStepEach())],
-            [g.token_ids for g in generate(engine, prompts, top2, params, _OneStepEach())]] == frozen
-    assert {(2, 256, 1), (2, 64, 2)} <= engine.decoder.graphs
+    assert answers(top2, params) == frozen and (2, 64, 2) in engine.decoder.graphs

@@ -9,9 +9,10 @@ overhead (30 layers of small ops), not arithmetic.
 
 The compiled step lives on the engine (`Engine(compile=...)`, a `Decoder`), reused by later
 generations, with its static caches kept and reset rather than reallocated. Its batch dimension is
-dynamic: one graph serves every batch of two rows or more (batch 1 is a graph of its own), so it
-compiles once per cache length bucket, choices per token and whether any row is routed (a step
-with no adapter routed skips the LoRA term), not once per batch size: a server meeting batches of
+dynamic: one graph serves every batch of two rows or more (batch 1 is a graph of its own), and
+from the second cache length bucket on one graph serves every length; it compiles per choices
+per token and whether any row is routed (a step with no adapter routed skips the LoRA term), not
+once per batch size: a server meeting batches of
 1 to 32 rows would otherwise have compiled 32 times (a minute or more each on a CPU). The prefill
 stays eager (its length varies per request). If compilation is unavailable or fails, the step
 falls back to the same static path run eagerly, once, with a warning; the tokens are the same
@@ -106,8 +107,10 @@ class Decoder:
             # on a GPU the step is also captured as a CUDA graph (one launch per token); every
             # buffer it reads is the same tensor each step, which is what replaying needs
             mode = "reduce-overhead" if backend == "inductor" and device is not None and device.type == "cuda" else None
-            # dynamic: the batch size is symbolic (module docstring); the cache length is not
-            # (transformers' StaticCache keeps it as a Python int, so each bucket traces anew)
+            # dynamic: the batch size is symbolic (module docstring); the cache length is not at
+            # first (transformers marks the static cache's tensors as fixed addresses, fixing their
+            # shapes), so the second bucket traces anew, and dynamo then makes the length symbolic
+            # (automatic dynamic shapes): that graph serves every other bucket (`covers`)
             self.fn = torch.compile(_forward, backend=backend, dynamic=True, fullgraph=True, mode=mode)
         self.states: OrderedDict[tuple[int, int], _Static] = OrderedDict()
         self.failed: str | None = None  # why compilation was given up (then steps run eagerly)
@@ -119,10 +122,20 @@ class Decoder:
         self.frozen = False
         self.uncompiled: set[tuple[int, int, int]] = set()
 
+    def covers(self, graph: tuple[int, int, int]) -> bool:
+        """Whether a step of this shape (one row or several, length, choices) runs without a
+        compile: it ran before, or its rows and choices ran at two cache lengths already, after
+        which dynamo has made the length symbolic (automatic dynamic shapes: the second length
+        recompiles once into a graph for any length), so every other bucket reuses that graph."""
+        if graph in self.graphs:
+            return True
+        rows, _, k = graph
+        return len({g[1] for g in self.graphs if g[0] == rows and g[2] == k}) >= 2
+
     def compiled_for(self, length: int) -> bool:
-        """Whether a step of this cache length bucket ran compiled (with no backend every bucket
-        counts: nothing compiles)."""
-        return self.fn is None or any(g[1] == length for g in self.graphs)
+        """Whether a batch of this cache length bucket decodes compiled with no compile (several
+        rows, one adapter choice or none); with no backend every bucket counts: nothing compiles."""
+        return self.fn is None or any(self.covers((2, length, k)) for k in (0, 1))
 
     def state(self, engine: Engine, rows: int, length: int, k: int) -> _Static:
         key = (rows, length)
@@ -141,7 +154,7 @@ class Decoder:
             return _forward(*args)
         key = (*st.mask.shape, st.routing.ids.shape[1] if routed else 0)
         graph = (min(key[0], 2), *key[1:])
-        if self.frozen and graph not in self.graphs:
+        if self.frozen and not self.covers(graph):
             if graph not in self.uncompiled:
                 self.uncompiled.add(graph)
                 log.warning("decoding %s rows x %s positions x %s choices uncompiled: not compiled at warm-up "
