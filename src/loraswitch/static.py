@@ -44,7 +44,8 @@ Choice = tuple[list[int], list[float]]  # adapter slots and their weights for on
 # static caches come in power-of-two lengths from here. Short: a compiled step does work in
 # proportion to its cache length (attention over every position, the cache and mask updates),
 # and at 256 a batch of 16 short requests decoded at 0.76x of the eager loop, at 64 1.01x
-# (benchmarks/compiled_step.py); the price is a compile per bucket a generation reaches
+# (benchmarks/compiled_step.py); the price is a compile for the second bucket too (longer ones
+# reuse its graph, `Decoder.covers`)
 MIN_CACHE_LEN = 64
 MAX_STATIC_CACHES = 2  # (batch, length) caches kept per engine; each holds B x L keys and values
 COMPACT_MIN_LEFT = 4  # rows that left a static batch before it is compacted (`StaticStepper.trim`)
