@@ -51,20 +51,17 @@ MAX_STATIC_CACHES = 2  # (batch, length) caches kept per engine; each holds B x 
 COMPACT_MIN_LEFT = 4  # rows that left a static batch before it is compacted (`StaticStepper.trim`)
 
 
-def cache_length(needed: int) -> int:
-    """The static cache length bucket for `needed` positions (a power of two, >= MIN_CACHE_LEN)."""
-    n = MIN_CACHE_LEN
-    while n < needed:
-        n *= 2
-    return n
-
-
 def buckets(up_to: int) -> list[int]:
     """Every cache length bucket from the shortest to the one that holds `up_to` positions."""
     out = [MIN_CACHE_LEN]
     while out[-1] < up_to:
         out.append(out[-1] * 2)
     return out
+
+
+def cache_length(needed: int) -> int:
+    """The static cache length bucket for `needed` positions (a power of two, >= MIN_CACHE_LEN)."""
+    return buckets(needed)[-1]
 
 
 def device_of(engine: Engine) -> torch.device:
@@ -116,22 +113,27 @@ class Decoder:
         self.states: OrderedDict[tuple[int, int], _Static] = OrderedDict()
         self.failed: str | None = None  # why compilation was given up (then steps run eagerly)
         self.compile_s: dict[tuple[int, int, int], float] = {}  # first call per (rows, length, k): a compile or a reuse
-        # (one row or several, length, k) that ran compiled; once `frozen` (after a server's
-        # warm-up) any other runs uncompiled, the same tokens, rather than stopping every row of
-        # its batch for a compile of minutes on a CPU; `uncompiled` lists those met
-        self.graphs: set[tuple[int, int, int]] = set()
+        # once `frozen` (after a server's warm-up) a shape `covers` does not answer for runs
+        # uncompiled, the same tokens, rather than stopping every row of its batch for a compile
+        # of minutes on a CPU; `uncompiled` lists those met
         self.frozen = False
         self.uncompiled: set[tuple[int, int, int]] = set()
+
+    @property
+    def graphs(self) -> set[tuple[int, int, int]]:
+        """The (one row or several, length, k) shapes that ran compiled."""
+        return {(min(rows, 2), length, k) for rows, length, k in self.compile_s}
 
     def covers(self, graph: tuple[int, int, int]) -> bool:
         """Whether a step of this shape (one row or several, length, choices) runs without a
         compile: it ran before, or its rows and choices ran at two cache lengths already, after
         which dynamo has made the length symbolic (automatic dynamic shapes: the second length
         recompiles once into a graph for any length), so every other bucket reuses that graph."""
-        if graph in self.graphs:
+        graphs = self.graphs
+        if graph in graphs:
             return True
         rows, _, k = graph
-        return len({g[1] for g in self.graphs if g[0] == rows and g[2] == k}) >= 2
+        return len({g[1] for g in graphs if g[0] == rows and g[2] == k}) >= 2
 
     def compiled_for(self, length: int) -> bool:
         """Whether a batch of this cache length bucket decodes compiled with no compile (several
@@ -158,8 +160,8 @@ class Decoder:
         if self.frozen and not self.covers(graph):
             if graph not in self.uncompiled:
                 self.uncompiled.add(graph)
-                log.warning("decoding %s rows x %s positions x %s choices uncompiled: not compiled at warm-up "
-                            "(serve --compile-context covers longer contexts)", "1" if graph[0] == 1 else "2+", *key[1:])
+                log.warning("decoding %s rows x %s positions x %s choices uncompiled: not compiled at warm-up",
+                            "1" if graph[0] == 1 else "2+", *key[1:])
             return _forward(*args)
         saved = [getattr(layer, "cumulative_length", torch.zeros(())).clone() for layer in st.cache.layers]
         t0 = time.perf_counter()
@@ -173,7 +175,6 @@ class Decoder:
             warnings.warn(f"loraswitch: compiled decode unavailable, decoding eagerly ({self.failed[:200]})", stacklevel=2)
             return _forward(*args)
         self.compile_s.setdefault(key, round(time.perf_counter() - t0, 2))
-        self.graphs.add(graph)
         return out
 
 
@@ -219,7 +220,8 @@ class StaticStepper:
         steps of the batch. Where enough rows have left, their context fits before the write
         position and the bucket has `steps` positions left, they take the leavers' slots in place
         (same tensors, no new shape); otherwise the static state is rebuilt with the live rows
-        and the joined ones (a longer bucket where needed, a compile of its own on first use).
+        and the joined ones (a longer bucket where needed: `Decoder.covers` says whether its step
+        runs compiled without a compile).
         Positions are per row and padding is masked, so every row decodes as it would alone."""
         kv, mask = trimmed(kv_of(cache), mask)
         n, width = mask.shape
