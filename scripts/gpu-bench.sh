@@ -10,7 +10,9 @@
 #   2. the benchmark on CUDA, one folder per step: SmolLM2's shape (random weights, fp32) at batch 1
 #      and 16 with mixed batches vs PEFT adapter_names; a 7B-shaped Llama in bf16; the compiled step
 #      at batch 1 with its compile time;
-#   3. correctness on CUDA: the compiled decode step (inductor + CUDA graph) gives the eager loop's
+#   3. continuous batching on the compiled step (scripts/gpu_joins.py): CUDA graphs recorded per
+#      state sizing, memory, tokens/s, answers vs the eager loop;
+#   4. correctness on CUDA: the compiled decode step (inductor + CUDA graph) gives the eager loop's
 #      greedy tokens for a mixed batch and batch 1 on a random SmolLM2-shaped model with adapters.
 # Steps run in the order STEPS names them (the H100 run of 2026-11-26: STEPS="correctness compiled smollm2";
 # its smollm2 step ran out of 150 s: give it more, or run it first). The scaling sweep runs
@@ -31,13 +33,13 @@ run)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
   # each step writes its own folder and has its own time limit, so a slow step loses only itself
   # STEPS picks steps (default all); the results are packed into one results.tgz (the device returns few files)
-  steps="${STEPS:-smollm2 llama7b compiled correctness}"
+  steps="${STEPS:-smollm2 llama7b compiled joins correctness}"
   bench() { local dir=$1 limit=$2; shift 2
     timeout "$limit" python3 benchmarks/bench.py --device cuda --out "$out/$dir" "$@" 2>&1 | tail -25 | tee "$out/$dir.log" || true; }
   for step in $steps; do case "$step" in
   # 1. SmolLM2's shape (random weights), fp32: mixed batches vs PEFT adapter_names, routing paths, scaling
-  smollm2) bench smollm2 150 --models smollm2-shape --batch 1 --batch 16 --new-tokens 32 --prompt-len 64 --repeats 3 \
-    --scaling 8 --scaling 128 --configs base,merged,hf_generate,ls_explicit,ls_mixed,ls_seq,ls_token_top1,ls_dense,peft_single,peft_mixed ;;
+  smollm2) bench smollm2 "${SMOLLM2_LIMIT:-150}" --models smollm2-shape --batch 1 --batch 16 --new-tokens 32 --prompt-len 64 --repeats 3 \
+    ${SMOLLM2_SCALING:---scaling 8 --scaling 128} --configs base,merged,hf_generate,ls_explicit,ls_mixed,ls_seq,ls_token_top1,ls_dense,peft_single,peft_mixed ;;
   # 2. a 7B-shaped Llama (hidden 4096, 32 layers, random weights), bf16
   llama7b) bench llama7b 150 --models llama-4096x32 --dtype bfloat16 --batch 1 --batch 16 --new-tokens 32 --prompt-len 64 \
     --repeats 3 --scaling 8 --configs base,merged,ls_explicit,ls_mixed,ls_token_top1,peft_mixed ;;
@@ -47,6 +49,8 @@ run)
   compiled) bench compiled "${COMPILED_LIMIT:-300}" --models smollm2-shape ${COMPILED_BATCHES:---batch 1 --batch 16} --new-tokens 32 \
     --prompt-len 64 --repeats 3 --configs "${COMPILED_CONFIGS:-base,merged,hf_generate,ls_explicit,ls_compiled,ls_mixed,ls_compiled_mixed,peft_mixed}" ;;
   # 4. correctness: the compiled step gives the eager loop's greedy tokens (mixed batch and batch 1)
+  # 5. continuous batching on the compiled step with CUDA graphs: graphs recorded per state sizing
+  joins) timeout "${JOINS_LIMIT:-240}" python3 scripts/gpu_joins.py --layers "${JOINS_LAYERS:-8}" 2>&1 | tee "$out/joins.txt" || true ;;
   correctness) timeout "${CORRECTNESS_LIMIT:-180}" python3 scripts/gpu_correctness.py 2>&1 | tee "$out/correctness.txt" || true ;;
   *) echo "unknown step $step" >&2 ;;
   esac; done

@@ -193,3 +193,53 @@ def test_rows_join_the_compiled_step_in_freed_slots_or_a_rebuilt_state(engine, b
     assert calls.index("_place") < calls.index("_rebuild") < len(calls) - 1 - calls[::-1].index("step"), calls
     assert calls.count("_rebuild") == 2, calls  # the join, then the batch compacted once half its slots had left
     assert engine.decoder.failed is None
+
+
+def test_slot_rows_are_few_sizes_that_hold_every_batch():
+    from loraswitch.static import slot_rows
+
+    sizes = [slot_rows(n) for n in range(1, 41)]
+    assert all(s >= n for s, n in zip(sizes, range(1, 41)))
+    assert sorted(set(sizes)) == [1, 2, 4, 8, 16, 24, 32, 40]
+    assert slot_rows(9) == 16 and slot_rows(17) == 24  # at most 7 idle slots past 8 rows
+
+
+def test_with_cuda_graphs_the_static_states_come_in_slot_sizes_and_answer_the_same(engine, monkeypatch):
+    """Where the compiled step replays CUDA graphs (`Decoder.graphed`, set on a GPU; here on the
+    static path uncompiled), a state holds its rows in slot sizes: the spare slots are masked,
+    rows join into them in place, and every row answers as it would alone on the eager loop."""
+    from loraswitch.static import Decoder, StaticStepper, slot_rows
+
+    prompts = [engine.base.chat_ids(p) for p in ("one", "two two", "six", "three", "a long prompt " * 12, "five")]
+    names = ["alpha", "beta", None, "gamma", "alpha", None]
+    limits = [2, 6, 6, 5, 6, 3]
+    engine.prefix_tokens = 0
+    params = SamplingParams(max_new_tokens=6, temperature=0, stop_ids=set(), logprobs=0)
+    alone = [generate(engine, [p], explicit(engine, [n]), SamplingParams(max_new_tokens=k, temperature=0,
+                                                                         stop_ids=set(), logprobs=0))[0]
+             for p, n, k in zip(prompts, names, limits)]
+    engine.compile, engine.decoder = "none", Decoder(None)
+    engine.decoder.graphed = True
+    seen, calls = [], []
+    for method in ("_place", "_rebuild"):
+        original = getattr(StaticStepper, method)
+        monkeypatch.setattr(StaticStepper, method,
+                            lambda self, *a, _o=original, _m=method: calls.append(_m) or _o(self, *a))
+    step = StaticStepper.step
+    monkeypatch.setattr(StaticStepper, "step", lambda self, *a: seen.append((self.st.mask.shape[0], len(self.live)))
+                        or step(self, *a))
+
+    class Limits(Listener):
+        def token(self, row, gen):
+            return "length" if len(gen.token_ids) >= limits[row] else None
+
+    admit = Arrivals({1: Joining(prompts[3:4], explicit(engine, names[3:4]), 5),  # into the spare 4th slot
+                      5: Joining(prompts[4:], explicit(engine, names[4:]), 6)})  # longer than the batch: rebuilt
+    out = generate(engine, prompts[:3], explicit(engine, names[:3]), params, Limits(), admit=admit, prefill_chunk=8)
+    assert [g.token_ids for g in out] == [g.token_ids for g in alone]
+    for got, want in zip(out, alone):
+        assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+    assert seen[0] == (4, 3)  # three prompts in a state of four slots
+    assert calls[:2] == ["_rebuild", "_place"], calls  # the fourth row took the spare slot
+    assert all(slots == slot_rows(slots) and slots >= live for slots, live in seen), seen
+    assert any(slots > live for slots, live in seen[1:])

@@ -48,6 +48,9 @@ Choice = tuple[list[int], list[float]]  # adapter slots and their weights for on
 # reuse its graph, `Decoder.covers`)
 MIN_CACHE_LEN = 64
 MAX_STATIC_CACHES = 2  # (batch, length) caches kept per engine; each holds B x L keys and values
+# with CUDA graphs (`Decoder.graphed`): more kept, since a state made anew has new addresses and
+# its first step records a new graph; rows come in slot sizes (`slot_rows`), so they are few
+MAX_GRAPHED_CACHES = 8
 COMPACT_MIN_LEFT = 4  # rows that left a static batch before it is compacted (`StaticStepper.trim`)
 
 
@@ -62,6 +65,15 @@ def buckets(up_to: int) -> list[int]:
 def cache_length(needed: int) -> int:
     """The static cache length bucket for `needed` positions (a power of two, >= MIN_CACHE_LEN)."""
     return buckets(needed)[-1]
+
+
+def slot_rows(rows: int) -> int:
+    """The rows of a static state that CUDA graphs replay: 1, 2, 4, 8, then multiples of 8 (the
+    padding rows are free slots, masked). A graph is recorded per batch size and per set of
+    tensor addresses, so a server whose batches join and compact all day would otherwise record
+    one for every row count it meets, each kept by torch; padded, a handful serve every batch,
+    and the spare slots take later joins in place."""
+    return 1 << (rows - 1).bit_length() if rows <= 8 else -(-rows // 8) * 8
 
 
 def device_of(engine: Engine) -> torch.device:
@@ -110,6 +122,8 @@ class Decoder:
             # shapes), so the second bucket traces anew, and dynamo then makes the length symbolic
             # (automatic dynamic shapes): that graph serves every other bucket (`covers`)
             self.fn = torch.compile(_forward, backend=backend, dynamic=True, fullgraph=True, mode=mode)
+        # CUDA graphs: states in slot sizes and more of them kept (`slot_rows`)
+        self.graphed = self.fn is not None and mode == "reduce-overhead"
         self.states: OrderedDict[tuple[int, int], _Static] = OrderedDict()
         self.failed: str | None = None  # why compilation was given up (then steps run eagerly)
         self.compile_s: dict[tuple[int, int, int], float] = {}  # first call per (rows, length, k): a compile or a reuse
@@ -144,7 +158,7 @@ class Decoder:
         key = (rows, length)
         st = self.states.pop(key, None) or _Static(engine, rows, length, k)
         self.states[key] = st
-        while len(self.states) > MAX_STATIC_CACHES:
+        while len(self.states) > (MAX_GRAPHED_CACHES if self.graphed else MAX_STATIC_CACHES):
             self.states.popitem(last=False)
         if st.routing.ids.shape[1] < k:
             st.resize(k, st.tokens.device)
@@ -261,16 +275,18 @@ class StaticStepper:
         rows, length = mask.shape
         fits = st is not None and length + steps <= st.mask.shape[1]
         size = st.mask.shape[1] if fits else cache_length(length + steps)
-        new = self.decoder.state(self.engine, rows, size, st.routing.ids.shape[1] if st is not None else 1)
+        slots = slot_rows(rows) if self.decoder.graphed else rows
+        new = self.decoder.state(self.engine, slots, size, st.routing.ids.shape[1] if st is not None else 1)
         new.cache.reset()
         for layer, (k, v) in zip(new.cache.layers, kv):
             if not layer.is_initialized:
-                layer.lazy_initialization(k, v)
-            layer.keys[:, :, :length], layer.values[:, :, :length] = k, v
+                layer.lazy_initialization(k.new_empty(slots, *k.shape[1:]), v)  # it reads k's rows, v's width
+            layer.keys[:rows, :, :length], layer.values[:rows, :, :length] = k, v
             layer.cumulative_length.fill_(length)
         new.mask.zero_()
-        new.mask[:, :length] = mask.to(new.mask.device)
-        new.positions[:, 0] = positions.to(new.positions.device)
+        new.mask[:rows, :length] = mask.to(new.mask.device)
+        new.positions.zero_()
+        new.positions[:rows, 0] = positions.to(new.positions.device)
         self.st, self.t, self.live = new, length, list(range(rows))
 
     def step(self, tokens: list[int], choices: list[Choice], dynamic: DynamicRouter | None) -> torch.Tensor:
