@@ -4,6 +4,8 @@
 #   here:   scripts/gpu-bench.sh prepare      # saves the tokenizer into .gpu/ (git-ignored, a few MB)
 #   there:  run(command="bash scripts/gpu-bench.sh run", carry=[".gpu"], timeout_s=560)
 #           (the device image has torch, transformers, peft, typer, rich, matplotlib; nothing to install)
+#           The device copies the working tree, 64 MiB at most: move src/loraswitch/libraries (109 MB of
+#           adapters) out of the tree for the call and back after; these steps use random weights.
 #
 # "run" does, writing everything under $OUT (or benchmarks/results/gpu):
 #   1. the card (nvidia-smi);

@@ -21,7 +21,10 @@ either way.
 Continuous batching runs on it too (`join`): rows prefilled on an eager cache of their own
 (chunked, through the prefix cache) take the slots of rows that left, in place, where they fit;
 otherwise the state is rebuilt with the live rows and the joined ones, which the dynamic batch
-dimension serves without a new compile while the length bucket stays the same.
+dimension serves without a new compile while the length bucket stays the same. Where the step
+replays CUDA graphs (a GPU), which torch records per batch size and per tensor addresses, states
+hold their rows in slot sizes (`slot_rows`) and more are kept, so a stream of joins replays a
+few graphs instead of recording one per row count (docs/benchmarks.md, the H200 joins run).
 """
 
 from __future__ import annotations
