@@ -243,3 +243,28 @@ def test_with_cuda_graphs_the_static_states_come_in_slot_sizes_and_answer_the_sa
     assert calls[:2] == ["_rebuild", "_place"], calls  # the fourth row took the spare slot
     assert all(slots == slot_rows(slots) and slots >= live for slots, live in seen), seen
     assert any(slots > live for slots, live in seen[1:])
+
+
+def test_graphed_states_are_kept_within_a_memory_bound(engine, monkeypatch):
+    """With CUDA graphs up to MAX_GRAPHED_CACHES states are kept (a state made anew records a new
+    graph), but not more than GRAPHED_CACHE_BYTES of them unless twice the largest allows it;
+    without, two."""
+    import loraswitch.static as static
+
+    plain, graphed = static.Decoder(None), static.Decoder(None)
+    graphed.graphed = True
+    for rows in (1, 2, 4, 8):
+        plain.state(engine, rows, 64, 1)
+        graphed.state(engine, rows, 64, 1)
+    assert list(plain.states) == [(4, 64), (8, 64)]
+    assert list(graphed.states) == [(1, 64), (2, 64), (4, 64), (8, 64)]
+    one_row = graphed.states[(1, 64)].nbytes
+    cfg = engine.model.config
+    assert one_row == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 64 * 4
+    monkeypatch.setattr(static, "GRAPHED_CACHE_BYTES", 10 * one_row)
+    graphed.state(engine, 2, 64, 1)  # used again: the most recent
+    graphed.state(engine, 16, 64, 1)  # 31 rows' worth: over the bound, within twice the largest (32)
+    assert list(graphed.states) == [(1, 64), (4, 64), (8, 64), (2, 64), (16, 64)]
+    graphed.state(engine, 16, 128, 1)  # 63 of 64
+    graphed.state(engine, 8, 256, 1)  # 95: the least recently used go until twice the largest holds them
+    assert list(graphed.states) == [(16, 128), (8, 256)]

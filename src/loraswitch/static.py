@@ -54,6 +54,7 @@ MAX_STATIC_CACHES = 2  # (batch, length) caches kept per engine; each holds B x 
 # with CUDA graphs (`Decoder.graphed`): more kept, since a state made anew has new addresses and
 # its first step records a new graph; rows come in slot sizes (`slot_rows`), so they are few
 MAX_GRAPHED_CACHES = 8
+GRAPHED_CACHE_BYTES = 2**30  # ... while they hold no more than this, or twice the largest kept
 COMPACT_MIN_LEFT = 4  # rows that left a static batch before it is compacted (`StaticStepper.trim`)
 
 
@@ -89,7 +90,12 @@ class _Static:
 
     def __init__(self, engine: Engine, rows: int, length: int, k: int):
         device = device_of(engine)
-        self.cache = StaticCache(config=engine.model.config, max_cache_len=length)
+        cfg = engine.model.config
+        self.cache = StaticCache(config=cfg, max_cache_len=length)
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        width = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        itemsize = next(engine.model.parameters()).dtype.itemsize
+        self.nbytes = 2 * cfg.num_hidden_layers * heads * width * rows * length * itemsize  # keys and values
         self.mask = torch.zeros(rows, length, dtype=torch.long, device=device)
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
@@ -158,10 +164,21 @@ class Decoder:
         return self.fn is None or any(self.covers((2, length, k)) for k in (0, 1))
 
     def state(self, engine: Engine, rows: int, length: int, k: int) -> _Static:
+        """The (rows, length) state, kept or made; the least recently used go beyond the count kept,
+        and with CUDA graphs also while the kept hold more than GRAPHED_CACHE_BYTES and twice the
+        largest one (the bound two states gave: a 7B model's state of 32 rows x 4096 positions
+        holds 17 GB)."""
         key = (rows, length)
         st = self.states.pop(key, None) or _Static(engine, rows, length, k)
         self.states[key] = st
-        while len(self.states) > (MAX_GRAPHED_CACHES if self.graphed else MAX_STATIC_CACHES):
+
+        def too_many() -> bool:
+            if len(self.states) > (MAX_GRAPHED_CACHES if self.graphed else MAX_STATIC_CACHES):
+                return True
+            sizes = [s.nbytes for s in self.states.values()]
+            return self.graphed and sum(sizes) > max(2 * max(sizes), GRAPHED_CACHE_BYTES)
+
+        while too_many():
             self.states.popitem(last=False)
         if st.routing.ids.shape[1] < k:
             st.resize(k, st.tokens.device)
