@@ -204,10 +204,14 @@ class _OneStepEach(Listener):
         return "length" if len(gen.token_ids) >= 2 else None
 
 
-def test_warm_up_compiles_what_a_server_meets_first(tiny_base, adapter_dir, monkeypatch):
+@pytest.mark.parametrize("any_length", [False, True])
+def test_warm_up_compiles_what_a_server_meets_first(tiny_base, adapter_dir, monkeypatch, any_length):
     """`warm_up` traces one row and two rows, routed and not, for each cache length bucket up to
     the context asked, so later batches of those shapes trace nothing new, and freezes the
-    decoder; an engine that does not compile is left alone."""
+    decoder; an engine that does not compile is left alone. `any_length` (no CUDA graphs: the
+    CPU's case): the cache's length is dynamic from the first compile, so the first bucket's
+    graphs serve every bucket; otherwise (CUDA graphs) a bucket not warmed decodes on the eager
+    loop."""
     import copy
 
     import torch._dynamo as dynamo
@@ -218,7 +222,11 @@ def test_warm_up_compiles_what_a_server_meets_first(tiny_base, adapter_dir, monk
     from loraswitch.generate import warm_up
 
     assert warm_up(Engine(copy.deepcopy(tiny_base), [adapter_dir])) == {}
+    from loraswitch.static import Decoder
+
     engine = Engine(tiny_base, [adapter_dir], compile="eager")
+    engine.decoder = Decoder("eager")
+    engine.decoder.any_length = any_length
     dynamo.reset()
     counters.clear()
     assert set(warm_up(engine)) == {(1, 64, 0), (1, 64, 1), (2, 64, 0), (2, 64, 1)}
@@ -237,8 +245,19 @@ def test_warm_up_compiles_what_a_server_meets_first(tiny_base, adapter_dir, monk
     def answers(policy, p):
         return [g.token_ids for g in generate(engine, prompts, policy, p, _OneStepEach())]
 
-    eager = answers(explicit(engine, ["alpha"] * 3), longer)
-    assert [type(s).__name__ for s in steppers] == ["EagerStepper"] and counters["stats"]["unique_graphs"] == graphs
+    if any_length:  # the 64 bucket's graphs take the 128 bucket: the static step, no new graph
+        engine.compile = False
+        eager = answers(explicit(engine, ["alpha"] * 3), longer)
+        engine.compile, steppers[:] = "eager", []
+        assert answers(explicit(engine, ["alpha"] * 3), longer) == eager
+        assert [type(s).__name__ for s in steppers] == ["StaticStepper"]
+        keys = engine.decoder.states[(3, 128)].cache.layers[0].keys
+        assert not hasattr(keys, "_dynamo_static_input_type")  # transformers' fixed-address mark, dropped
+    else:
+        eager = answers(explicit(engine, ["alpha"] * 3), longer)
+        assert [type(s).__name__ for s in steppers] == ["EagerStepper"]
+        assert all(hasattr(st.cache.layers[0].keys, "_dynamo_static_input_type") for st in engine.decoder.states.values())
+    assert counters["stats"]["unique_graphs"] == graphs and engine.decoder.uncompiled == set()
     # a context of 100 positions: the 128 bucket's graphs too (SmolLM2 traces a second length
     # anew, then dynamo makes it symbolic), so any longer bucket decodes compiled with no compile
     assert {(r, n, k) for r in (1, 2) for n in (64, 128) for k in (0, 1)} <= set(warm_up(engine, 100))
@@ -254,3 +273,36 @@ def test_warm_up_compiles_what_a_server_meets_first(tiny_base, adapter_dir, monk
     assert engine.decoder.uncompiled == {(2, 64, 2)} and counters["stats"]["unique_graphs"] == graphs
     engine.decoder.frozen = False
     assert answers(top2, params) == frozen and (2, 64, 2) in engine.decoder.graphs
+
+
+@pytest.mark.parametrize("any_length", [False, True])
+def test_without_cuda_graphs_one_compiled_graph_serves_every_cache_length(any_length, monkeypatch):
+    """With transformers' fixed-address marks on the static cache, a model of SmolLM2's attention
+    width (9 heads of 64 over 3 key/value heads; one layer here) traces its first cache length
+    bucket for that length alone, and a second bucket traces again: minutes each on a CPU, where
+    the marks buy nothing. Dropped (`any_length`, the default without CUDA graphs), one graph
+    takes both buckets, with the same tokens."""
+    import torch
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    from loraswitch.bench import config
+    from loraswitch.bench.fixtures import make_base, random_adapters
+    from loraswitch.generate import FixedPolicy
+    from loraswitch.static import Decoder
+
+    monkeypatch.setitem(config.LLAMA_SHAPES, "smollm2-width", (576, 1, 96, 9, 3))
+    base = make_base("smollm2-width", torch.device("cpu"), torch.float32)
+    engine = Engine(base)
+    for a in random_adapters(base.model, 2, 4, 0):
+        engine.add_adapter(a)
+    prompts = [[torch.randint(3, 30000, (n,), generator=torch.Generator().manual_seed(n)).tolist()] * 3 for n in (20, 100)]
+    params, policy = SamplingParams(max_new_tokens=12, stop_ids=set()), FixedPolicy([([0], [1.0])] * 3)
+    want = [[g.token_ids for g in generate(engine, p, policy, params)] for p in prompts]
+    engine.compile, engine.decoder = "eager", Decoder("eager")
+    engine.decoder.any_length = any_length
+    dynamo.reset()
+    counters.clear()
+    assert [[g.token_ids for g in generate(engine, p, policy, params)] for p in prompts] == want
+    assert set(engine.decoder.compile_s) == {(3, 64, 1), (3, 128, 1)}
+    assert counters["stats"]["unique_graphs"] == (1 if any_length else 2)

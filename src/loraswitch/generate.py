@@ -307,7 +307,8 @@ def warm_up(engine: Engine, context: int = 0) -> dict[tuple[int, int, int], floa
     a CPU, and every row of a batch waits with it): one row and two rows (which serves every
     larger batch, `static`), each with the first adapter routed and with none, for every cache
     length bucket up to the one that holds `context` positions (prompt plus answer; 0: the
-    shortest bucket only); the second bucket's graphs serve every longer one (`static.Decoder.covers`).
+    shortest bucket only); without CUDA graphs the first bucket's graphs serve every other, with
+    them the second bucket's every longer one (`static.Decoder.covers`).
     A server calls it at start with `--compile` (`--compile-context`). Afterwards the decoder is
     frozen: a batch of a bucket not covered decodes on the eager loop, and a step shape not
     compiled (more choices per token) runs uncompiled, the same tokens more slowly, rather than

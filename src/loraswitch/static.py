@@ -10,7 +10,8 @@ overhead (30 layers of small ops), not arithmetic.
 The compiled step lives on the engine (`Engine(compile=...)`, a `Decoder`), reused by later
 generations, with its static caches kept and reset rather than reallocated. Its batch dimension is
 dynamic: one graph serves every batch of two rows or more (batch 1 is a graph of its own), and
-from the second cache length bucket on one graph serves every length; it compiles per choices
+one graph serves every cache length bucket (with CUDA graphs: from the second bucket on,
+`_any_length`); it compiles per choices
 per token and whether any row is routed (a step with no adapter routed skips the LoRA term), not
 once per batch size: a server meeting batches of
 1 to 32 rows would otherwise have compiled 32 times (a minute or more each on a CPU). The prefill
@@ -47,8 +48,8 @@ Choice = tuple[list[int], list[float]]  # adapter slots and their weights for on
 # static caches come in power-of-two lengths from here. Short: a compiled step does work in
 # proportion to its cache length (attention over every position, the cache and mask updates),
 # and at 256 a batch of 16 short requests decoded at 0.76x of the eager loop, at 64 1.01x
-# (benchmarks/compiled_step.py); the price is a compile for the second bucket too (longer ones
-# reuse its graph, `Decoder.covers`)
+# (benchmarks/compiled_step.py); with CUDA graphs the price is a compile for the second bucket
+# too (longer ones reuse its graph, `Decoder.covers`), without none (`_any_length`)
 MIN_CACHE_LEN = 64
 MAX_STATIC_CACHES = 2  # (batch, length) caches kept per engine; each holds B x L keys and values
 # with CUDA graphs (`Decoder.graphed`): more kept, since a state made anew has new addresses and
@@ -126,13 +127,15 @@ class Decoder:
             # on a GPU the step is also captured as a CUDA graph (one launch per token); every
             # buffer it reads is the same tensor each step, which is what replaying needs
             mode = "reduce-overhead" if backend == "inductor" and device is not None and device.type == "cuda" else None
-            # dynamic: the batch size is symbolic (module docstring); the cache length is not at
-            # first (transformers marks the static cache's tensors as fixed addresses, fixing their
-            # shapes), so the second bucket traces anew, and dynamo then makes the length symbolic
-            # (automatic dynamic shapes): that graph serves every other bucket (`covers`)
+            # dynamic: the batch size is symbolic (module docstring); the cache length is too
+            # without CUDA graphs (`_any_length`); with them transformers' fixed-address marks fix
+            # it at first, so the second bucket traces anew, and dynamo then makes the length
+            # symbolic (automatic dynamic shapes): that graph serves every other bucket (`covers`)
             self.fn = torch.compile(_forward, backend=backend, dynamic=True, fullgraph=True, mode=mode)
         # CUDA graphs: states in slot sizes and more of them kept (`slot_rows`)
         self.graphed = self.fn is not None and mode == "reduce-overhead"
+        # without CUDA graphs the cache length is symbolic from the first compile (`_any_length`)
+        self.any_length = not self.graphed
         self.states: OrderedDict[tuple[int, int], _Static] = OrderedDict()
         self.failed: str | None = None  # why compilation was given up (then steps run eagerly)
         self.compile_s: dict[tuple[int, int, int], float] = {}  # first call per (rows, length, k): a compile or a reuse
@@ -149,14 +152,15 @@ class Decoder:
 
     def covers(self, graph: tuple[int, int, int]) -> bool:
         """Whether a step of this shape (one row or several, length, choices) runs without a
-        compile: it ran before, or its rows and choices ran at two cache lengths already, after
-        which dynamo has made the length symbolic (automatic dynamic shapes: the second length
-        recompiles once into a graph for any length), so every other bucket reuses that graph."""
+        compile: it ran before, or its rows and choices ran at any cache length (`any_length`)
+        or, with CUDA graphs, at two already, after which dynamo has made the length symbolic
+        (automatic dynamic shapes: the second length recompiles once into a graph for any
+        length), so every other bucket reuses that graph."""
         graphs = self.graphs
         if graph in graphs:
             return True
         rows, _, k = graph
-        return len({g[1] for g in graphs if g[0] == rows and g[2] == k}) >= 2
+        return len({g[1] for g in graphs if g[0] == rows and g[2] == k}) >= (1 if self.any_length else 2)
 
     def compiled_for(self, length: int) -> bool:
         """Whether a batch of this cache length bucket decodes compiled with no compile (several
@@ -210,6 +214,21 @@ class Decoder:
             return _forward(*args)
         self.compile_s.setdefault(key, round(time.perf_counter() - t0, 2))
         return out
+
+
+def _any_length(st: _Static) -> None:
+    """Let one compiled graph take every cache length. transformers marks a static cache's keys
+    and values as fixed addresses, which CUDA graphs need to replay in-place updates, and which
+    also fixes their shapes: the first length bucket compiled for its length alone and the second
+    compiled again (minutes each on a CPU) before dynamo made the length symbolic. Without CUDA
+    graphs the mark buys nothing, so it is dropped and the length marked dynamic, in the cache
+    and in the attention mask (tied to it)."""
+    for layer in st.cache.layers:
+        for t in (layer.keys, layer.values):
+            if hasattr(t, "_dynamo_static_input_type"):
+                del t._dynamo_static_input_type
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+    torch._dynamo.maybe_mark_dynamic(st.mask, 1)
 
 
 class StaticStepper:
@@ -303,6 +322,8 @@ class StaticStepper:
                 layer.lazy_initialization(k.new_empty(slots, *k.shape[1:]), v)  # it reads k's rows, v's width
             layer.keys[:rows, :, :length], layer.values[:rows, :, :length] = k, v
             layer.cumulative_length.fill_(length)
+        if self.decoder.any_length:
+            _any_length(new)
         new.mask.zero_()
         new.mask[:rows, :length] = mask.to(new.mask.device)
         new.positions.zero_()

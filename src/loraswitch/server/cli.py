@@ -14,8 +14,9 @@ import typer
 from loraswitch.console import LibraryOpt, open_switch
 
 # positions (prompt plus answer) the compiled step is warmed up for by default: the 64 and 128
-# buckets (eight graphs, a few minutes on a CPU); the second bucket's graphs take any cache length
-# (`static.Decoder.covers`), so every longer context decodes compiled too
+# buckets. On a CPU the first bucket's four graphs take any cache length and the 128 bucket
+# reuses them; with CUDA graphs the 128 bucket compiles its own four, which take every longer
+# length (`static.Decoder.covers`); either way every longer context decodes compiled too
 COMPILE_CONTEXT = 128
 
 
@@ -51,7 +52,7 @@ def serve(
     escalate_rate: Annotated[float | None, typer.Option("--escalate-rate", min=0.0, max=1.0, help="Calibrate the threshold so this share of the --calibration prompts escalates (RouteLLM-style).")] = None,
     calibration: Annotated[Path | None, typer.Option("--calibration", help="Held-out prompts for --escalate-rate: .txt (one per line) or .jsonl ({\"prompt\": ...}).")] = None,
     compile_step: Annotated[bool, typer.Option("--compile", help="Decode with the compiled step (torch.compile): faster per token; its graphs compile before the port opens (minutes on a CPU: see --compile-context).")] = False,
-    compile_context: Annotated[int, typer.Option("--compile-context", min=1, metavar="POSITIONS", help="With --compile: compile the step for every cache length bucket up to this many positions (prompt plus answer) before the port opens; from the second bucket (128) on its graphs serve any length. Nothing compiles after: what they do not cover decodes on the eager loop.")] = COMPILE_CONTEXT,
+    compile_context: Annotated[int, typer.Option("--compile-context", min=1, metavar="POSITIONS", help="With --compile: compile the step for every cache length bucket up to this many positions (prompt plus answer) before the port opens; on a CPU the first bucket's graphs serve any length, on a GPU those of the second (128). Nothing compiles after: what they do not cover decodes on the eager loop.")] = COMPILE_CONTEXT,
     prefix_cache: Annotated[int, typer.Option("--prefix-cache", min=0, metavar="POSITIONS", help="Reuse the keys and values of prompt openings that earlier prompts under the same adapters shared (the chat template's), up to this many cached positions (~46 KB each for SmolLM2); 0: off.")] = 2048,
     ray: Annotated[bool, typer.Option("--ray", help="Serve on Ray Serve: several replicas behind one API (needs pip install 'loraswitch[ray]'; see docs/scale-out.md).")] = False,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --ray: join this Ray cluster (default: start a local Ray on 127.0.0.1, stopped on exit).")] = None,
