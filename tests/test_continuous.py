@@ -151,42 +151,61 @@ def test_a_request_fits_a_running_batch_only_if_it_gets_what_it_asked_for():
     assert not _Joins.fits(plain, Request.chat("hi", max_tokens=4, echo=True))
 
 
+JOIN_PROMPTS = ("one", "two two", "six", "three", "a long prompt " * 12, "five")
+JOIN_NAMES = ["alpha", "beta", None, "gamma", "alpha", None]
+JOIN_LIMITS = [2, 6, 6, 5, 6, 3]
+
+
+class _JoinLimits(Listener):
+    def token(self, row, gen):
+        return "length" if len(gen.token_ids) >= JOIN_LIMITS[row] else None
+
+
+def _joins_on_the_static_step(engine, backend, decoder, monkeypatch, admit_at: tuple[int, int]):
+    """The static step's join case: three rows start (row 0 leaves after 2 tokens), "three"
+    joins at the first of `admit_at`'s calls, the long prompt and "five" at the second. Checks
+    that every row answers as it would alone on the eager loop (tokens and logprobs) and returns
+    the StaticStepper calls made (`_place`, `_rebuild`, and per step the (slots, live rows))."""
+    from loraswitch.static import StaticStepper
+
+    prompts = [engine.base.chat_ids(p) for p in JOIN_PROMPTS]
+    engine.prefix_tokens = 0
+    alone = [generate(engine, [p], explicit(engine, [n]), SamplingParams(max_new_tokens=k, temperature=0,
+                                                                         stop_ids=set(), logprobs=0))[0]
+             for p, n, k in zip(prompts, JOIN_NAMES, JOIN_LIMITS)]  # the eager loop
+    engine.compile, engine.decoder = backend, decoder
+    calls = []
+    for method in ("_place", "_rebuild"):
+        original = getattr(StaticStepper, method)
+        monkeypatch.setattr(StaticStepper, method,
+                            lambda self, *a, _o=original, _m=method: calls.append(_m) or _o(self, *a))
+    step = StaticStepper.step
+    monkeypatch.setattr(StaticStepper, "step",
+                        lambda self, *a: calls.append((self.st.mask.shape[0], len(self.live))) or step(self, *a))
+    first, second = admit_at
+    admit = Arrivals({first: Joining(prompts[3:4], explicit(engine, JOIN_NAMES[3:4]), 5),
+                      second: Joining(prompts[4:], explicit(engine, JOIN_NAMES[4:]), 6)})
+    params = SamplingParams(max_new_tokens=6, temperature=0, stop_ids=set(), logprobs=0)
+    out = generate(engine, prompts[:3], explicit(engine, JOIN_NAMES[:3]), params, _JoinLimits(), admit=admit,
+                   prefill_chunk=8)
+    assert [g.token_ids for g in out] == [g.token_ids for g in alone]
+    for got, want in zip(out, alone):  # the same distributions, not just the same argmax
+        assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+    return calls
+
+
 @pytest.mark.parametrize("backend", ["none", "eager"])
 def test_rows_join_the_compiled_step_in_freed_slots_or_a_rebuilt_state(engine, backend, monkeypatch):
     """On the static (compiled) step, joined rows answer as they would alone on the eager loop:
     a short prompt takes the slot of a row that left, in place; a prompt longer than the batch's
     context, or more rows than free slots, rebuilds the state (the batch stays on the static
     step); a batch half of whose slots have left is rebuilt with the live rows only."""
-    from loraswitch.static import StaticStepper
-
-    prompts = [engine.base.chat_ids(p) for p in ("one", "two two", "six", "three", "a long prompt " * 12, "five")]
-    names = ["alpha", "beta", None, "gamma", "alpha", None]
-    limits = [2, 6, 6, 5, 6, 3]
-    engine.prefix_tokens = 0
-    params = SamplingParams(max_new_tokens=6, temperature=0, stop_ids=set(), logprobs=0)
-    alone = [generate(engine, [p], explicit(engine, [n]), SamplingParams(max_new_tokens=k, temperature=0,
-                                                                         stop_ids=set(), logprobs=0))[0]
-             for p, n, k in zip(prompts, names, limits)]  # the eager loop
-    engine.compile, engine.decoder = backend, None
     import loraswitch.static
 
     monkeypatch.setattr(loraswitch.static, "COMPACT_MIN_LEFT", 1)  # compact as soon as half the slots left
-    calls = []
-    for method in ("_place", "_rebuild", "step"):
-        original = getattr(StaticStepper, method)
-        monkeypatch.setattr(StaticStepper, method,
-                            lambda self, *a, _o=original, _m=method: calls.append(_m) or _o(self, *a))
-
-    class Limits(Listener):
-        def token(self, row, gen):
-            return "length" if len(gen.token_ids) >= limits[row] else None
-
-    admit = Arrivals({3: Joining(prompts[3:4], explicit(engine, names[3:4]), 5),  # after row 0 left: its slot
-                      5: Joining(prompts[4:], explicit(engine, names[4:]), 6)})  # longer than the batch: rebuilt
-    out = generate(engine, prompts[:3], explicit(engine, names[:3]), params, Limits(), admit=admit, prefill_chunk=8)
-    assert [g.token_ids for g in out] == [g.token_ids for g in alone]
-    for got, want in zip(out, alone):  # the same distributions, not just the same argmax
-        assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+    # "three" after row 0 left (its slot); the long prompt, longer than the batch's context: rebuilt
+    calls = _joins_on_the_static_step(engine, backend, None, monkeypatch, (3, 5))
+    calls = ["step" if isinstance(c, tuple) else c for c in calls]
     assert calls[0] == "_rebuild", calls  # the prompts, prefilled on an eager cache, copied in
     calls = calls[1:]
     assert "_place" in calls and "_rebuild" in calls, calls
@@ -208,39 +227,15 @@ def test_with_cuda_graphs_the_static_states_come_in_slot_sizes_and_answer_the_sa
     """Where the compiled step replays CUDA graphs (`Decoder.graphed`, set on a GPU; here on the
     static path uncompiled), a state holds its rows in slot sizes: the spare slots are masked,
     rows join into them in place, and every row answers as it would alone on the eager loop."""
-    from loraswitch.static import Decoder, StaticStepper, slot_rows
+    from loraswitch.static import Decoder, slot_rows
 
-    prompts = [engine.base.chat_ids(p) for p in ("one", "two two", "six", "three", "a long prompt " * 12, "five")]
-    names = ["alpha", "beta", None, "gamma", "alpha", None]
-    limits = [2, 6, 6, 5, 6, 3]
-    engine.prefix_tokens = 0
-    params = SamplingParams(max_new_tokens=6, temperature=0, stop_ids=set(), logprobs=0)
-    alone = [generate(engine, [p], explicit(engine, [n]), SamplingParams(max_new_tokens=k, temperature=0,
-                                                                         stop_ids=set(), logprobs=0))[0]
-             for p, n, k in zip(prompts, names, limits)]
-    engine.compile, engine.decoder = "none", Decoder(None)
-    engine.decoder.graphed = True
-    seen, calls = [], []
-    for method in ("_place", "_rebuild"):
-        original = getattr(StaticStepper, method)
-        monkeypatch.setattr(StaticStepper, method,
-                            lambda self, *a, _o=original, _m=method: calls.append(_m) or _o(self, *a))
-    step = StaticStepper.step
-    monkeypatch.setattr(StaticStepper, "step", lambda self, *a: seen.append((self.st.mask.shape[0], len(self.live)))
-                        or step(self, *a))
-
-    class Limits(Listener):
-        def token(self, row, gen):
-            return "length" if len(gen.token_ids) >= limits[row] else None
-
-    admit = Arrivals({1: Joining(prompts[3:4], explicit(engine, names[3:4]), 5),  # into the spare 4th slot
-                      5: Joining(prompts[4:], explicit(engine, names[4:]), 6)})  # longer than the batch: rebuilt
-    out = generate(engine, prompts[:3], explicit(engine, names[:3]), params, Limits(), admit=admit, prefill_chunk=8)
-    assert [g.token_ids for g in out] == [g.token_ids for g in alone]
-    for got, want in zip(out, alone):
-        assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+    decoder = Decoder(None)
+    decoder.graphed = True
+    # "three" right away, into the spare 4th slot; the long prompt later: rebuilt
+    calls = _joins_on_the_static_step(engine, "none", decoder, monkeypatch, (1, 5))
+    seen = [c for c in calls if isinstance(c, tuple)]
     assert seen[0] == (4, 3)  # three prompts in a state of four slots
-    assert calls[:2] == ["_rebuild", "_place"], calls  # the fourth row took the spare slot
+    assert [c for c in calls if isinstance(c, str)][:2] == ["_rebuild", "_place"], calls  # the spare slot taken
     assert all(slots == slot_rows(slots) and slots >= live for slots, live in seen), seen
     assert any(slots > live for slots, live in seen[1:])
 
