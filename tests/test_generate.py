@@ -275,13 +275,15 @@ def test_warm_up_compiles_what_a_server_meets_first(tiny_base, adapter_dir, monk
     assert answers(top2, params) == frozen and (2, 64, 2) in engine.decoder.graphs
 
 
-@pytest.mark.parametrize("any_length", [False, True])
-def test_without_cuda_graphs_one_compiled_graph_serves_every_cache_length(any_length, monkeypatch):
+@pytest.mark.parametrize("any_length, drop_marks", [(False, True), (True, True), (True, False)])
+def test_without_cuda_graphs_one_compiled_graph_serves_every_cache_length(any_length, drop_marks, monkeypatch):
     """With transformers' fixed-address marks on the static cache, a model of SmolLM2's attention
     width (9 heads of 64 over 3 key/value heads; one layer here) traces its first cache length
     bucket for that length alone, and a second bucket traces again: minutes each on a CPU, where
     the marks buy nothing. Dropped (`any_length`, the default without CUDA graphs), one graph
-    takes both buckets, with the same tokens."""
+    takes both buckets, with the same tokens. Where the length does not stay symbolic anyway
+    (here: the marks kept behind the decoder's back), the decoder notices the second trace and
+    stops counting on one graph for every length (`Decoder.covers`)."""
     import torch
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
@@ -301,8 +303,12 @@ def test_without_cuda_graphs_one_compiled_graph_serves_every_cache_length(any_le
     want = [[g.token_ids for g in generate(engine, p, policy, params)] for p in prompts]
     engine.compile, engine.decoder = "eager", Decoder("eager")
     engine.decoder.any_length = any_length
+    if not drop_marks:
+        monkeypatch.setattr("loraswitch.static._any_length", lambda st: None)
     dynamo.reset()
     counters.clear()
     assert [[g.token_ids for g in generate(engine, p, policy, params)] for p in prompts] == want
     assert set(engine.decoder.compile_s) == {(3, 64, 1), (3, 128, 1)}
-    assert counters["stats"]["unique_graphs"] == (1 if any_length else 2)
+    assert counters["stats"]["unique_graphs"] == (1 if any_length and drop_marks else 2)
+    assert engine.decoder.any_length == (any_length and drop_marks)
+    assert engine.decoder.covers((2, 256, 1))  # one graph or the second length's symbolic one

@@ -202,7 +202,7 @@ class Decoder:
                             "1" if graph[0] == 1 else "2+", *key[1:])
             return _forward(*args)
         saved = [getattr(layer, "cumulative_length", torch.zeros(())).clone() for layer in st.cache.layers]
-        t0 = time.perf_counter()
+        t0, traced = time.perf_counter(), _traced()
         try:
             out = self.fn(*args)
         except Exception as exc:  # no compiler, an untraceable model...: the eager step, same tokens
@@ -212,8 +212,27 @@ class Decoder:
             self.failed = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"loraswitch: compiled decode unavailable, decoding eagerly ({self.failed[:200]})", stacklevel=2)
             return _forward(*args)
-        self.compile_s.setdefault(key, round(time.perf_counter() - t0, 2))
+        if key not in self.compile_s:
+            self._check_any_length(graph, _traced() > traced)
+            self.compile_s[key] = round(time.perf_counter() - t0, 2)
         return out
+
+    def _check_any_length(self, graph: tuple[int, int, int], compiled: bool) -> None:
+        """`any_length` is what dynamo did for the models tried, not a promise: if a step whose rows
+        and choices ran compiled at another length compiled again, this model's cache length did
+        not stay symbolic, and `covers` goes back to asking for two lengths (after which dynamo
+        makes it symbolic), so a frozen decoder does not count on a graph it lacks."""
+        if compiled and self.any_length and any(g[0] == graph[0] and g[2] == graph[2] and g[1] != graph[1]
+                                                  for g in self.graphs):
+            self.any_length = False
+            log.warning("the compiled step traced a second cache length: it was not symbolic for this model")
+
+
+def _traced() -> int:
+    """Graphs dynamo has traced in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def _any_length(st: _Static) -> None:
