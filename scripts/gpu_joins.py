@@ -13,6 +13,7 @@ On a CPU it runs too (no CUDA graphs: the counts stay 0), e.g. --device cpu --mo
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 import time
 from collections import Counter
@@ -107,8 +108,6 @@ def main() -> None:
         LLAMA_SHAPES[model] = (hidden, args.layers, inter, heads, kv)
     base = make_base(model, dev, torch.float32)
     adapters = random_adapters(base.model, args.adapters, 8, 0)
-    import copy
-
     eager, compiled = Engine(copy.deepcopy(base)), Engine(base, compile=args.backend)
     for engine in (eager, compiled):
         for a in adapters:
