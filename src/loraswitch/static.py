@@ -202,7 +202,8 @@ class Decoder:
                             "1" if graph[0] == 1 else "2+", *key[1:])
             return _forward(*args)
         saved = [getattr(layer, "cumulative_length", torch.zeros(())).clone() for layer in st.cache.layers]
-        t0, traced = time.perf_counter(), _traced()
+        first = key not in self.compile_s  # a compile may come: counted, and timed for `compile_s`
+        t0, traced = time.perf_counter(), _traced() if first else 0
         try:
             out = self.fn(*args)
         except Exception as exc:  # no compiler, an untraceable model...: the eager step, same tokens
@@ -212,7 +213,7 @@ class Decoder:
             self.failed = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"loraswitch: compiled decode unavailable, decoding eagerly ({self.failed[:200]})", stacklevel=2)
             return _forward(*args)
-        if key not in self.compile_s:
+        if first:
             self._check_any_length(graph, _traced() > traced)
             self.compile_s[key] = round(time.perf_counter() - t0, 2)
         return out
@@ -336,12 +337,13 @@ class StaticStepper:
         slots = slot_rows(rows) if self.decoder.graphed else rows
         new = self.decoder.state(self.engine, slots, size, st.routing.ids.shape[1] if st is not None else 1)
         new.cache.reset()
+        made = not new.cache.layers[0].is_initialized  # a state made now: its tensors come next
         for layer, (k, v) in zip(new.cache.layers, kv):
             if not layer.is_initialized:
                 layer.lazy_initialization(k.new_empty(slots, *k.shape[1:]), v)  # it reads k's rows, v's width
             layer.keys[:rows, :, :length], layer.values[:rows, :, :length] = k, v
             layer.cumulative_length.fill_(length)
-        if self.decoder.any_length:
+        if made and self.decoder.any_length:
             _any_length(new)
         new.mask.zero_()
         new.mask[:rows, :length] = mask.to(new.mask.device)
