@@ -48,18 +48,17 @@ class Stream(Listener):
     """The requests: random prompts over every adapter, token limits of their own, groups of 1-3
     arriving every `every` steps after the first `start` rows (the `admit` of `generate`)."""
 
-    def __init__(self, engine: Engine, n: int, seed: int, start: int = 4, every: int = 3):
+    def __init__(self, names: list[str], n: int, seed: int, start: int = 4, every: int = 3):
         rng = random.Random(seed)
         self.prompts = [[rng.randrange(3, 30000) for _ in range(rng.randint(4, 28))] for _ in range(n)]
-        self.names = [engine.names[rng.randrange(len(engine.names))] for _ in range(n)]
+        self.names = [names[rng.randrange(len(names))] for _ in range(n)]
         self.limits = [rng.randint(6, 32) for _ in range(n)]
-        self.start, self.groups, at = start, {}, start
+        self.start, self.schedule, at = start, {}, start  # admit call -> the requests [a, b) it hands in
         call = 0
         while at < n:
             size = min(rng.randint(1, 3), n - at)
-            self.groups[call] = (at, at + size)
+            self.schedule[call] = (at, at + size)
             at, call = at + size, call + every
-        self.calls = 0
 
     def token(self, row, gen):
         return "length" if len(gen.token_ids) >= self.limits[row] else None
@@ -70,15 +69,11 @@ class Stream(Listener):
         if span is None:
             return None
         a, b = span
-        return Joining(self.prompts[a:b], self._policy(a, b), max(self.limits[a:b]))
+        return Joining(self.prompts[a:b], explicit(self.engine, self.names[a:b]), max(self.limits[a:b]))
 
-    def _policy(self, a, b):
-        return explicit(self.engine, self.names[a:b])
-
-    def run(self, engine: Engine, seed: int):
-        self.engine = engine
-        fresh = Stream(engine, len(self.prompts), seed, self.start)  # the arrivals anew, same requests
-        self.groups, self.calls = fresh.groups, 0
+    def run(self, engine: Engine):
+        """The whole stream on `engine`, its arrivals from the start."""
+        self.engine, self.groups, self.calls = engine, dict(self.schedule), 0
         params = SamplingParams(max_new_tokens=max(self.limits[: self.start]), temperature=0, stop_ids=set(),
                                 logprobs=0)
         return generate(engine, self.prompts[: self.start], explicit(engine, self.names[: self.start]), params,
@@ -113,7 +108,7 @@ def main() -> None:
         for a in adapters:
             engine.add_adapter(copy.deepcopy(a))
     compiled.prefix_tokens = eager.prefix_tokens = 0
-    stream = Stream(eager, args.requests, seed=1)
+    stream = Stream(eager.names, args.requests, seed=1)
     t0 = time.perf_counter()
     alone = [generate(eager, [p], explicit(eager, [n]), SamplingParams(max_new_tokens=k, temperature=0, stop_ids=set()))[0]
              .token_ids for p, n, k in zip(stream.prompts, stream.names, stream.limits)]
@@ -130,7 +125,7 @@ def main() -> None:
         before = Counter(EVENTS)
         sync(dev)
         t0 = time.perf_counter()
-        out = stream.run(engine, seed=1)
+        out = stream.run(engine)
         sync(dev)
         wall = time.perf_counter() - t0
         got = [g.token_ids for g in out]
