@@ -12,6 +12,7 @@ from loraswitch.base import Base
 from loraswitch.demo.suites import DemoSuite
 from loraswitch.eval import EvalConfig, build_items, run_eval
 from loraswitch.eval.data import Item
+from loraswitch.eval.report import _targets_table
 from loraswitch.eval.scoring import aggregate, chosen_adapter, part_adapters, routing_targets, score_item
 from loraswitch.eval.suite import Case
 from loraswitch.generate import Generation
@@ -114,6 +115,10 @@ def test_routing_targets_compare_with_the_oracle():
     assert t["good"]["composite-3_vs_oracle"]["value"] == pytest.approx(0.85 / 0.9, abs=1e-4)
     assert t["good"]["composite-5_vs_oracle"] == {"value": None, "goal": 0.9, "met": None}
     assert not any(v["met"] for k, v in t["bad"].items() if k not in unmeasured)
+    table = "\n".join(_targets_table({"routing_targets": t}))
+    assert "composite-3 per-part accuracy" in table.split("Not asked")[0]  # measured: a row
+    assert "composite-5 per-part accuracy" not in table.split("Not asked")[0]  # asked by nobody: named below
+    assert "composite-5 per-part accuracy" in table.split("Not asked")[1]
 
 
 def test_unavailable_method_is_reported_not_fatal(tmp_path, tiny_base, task_adapters):
@@ -150,6 +155,7 @@ def test_resume_reuses_finished_methods_on_the_same_prompts(tmp_path, tiny_base,
     again = run_eval(cfg(["base"]), base_factory=factory)
     assert len(calls) == n_loads  # nothing ran: the model was never loaded
     assert again["methods"]["base"]["accuracy"] == first["methods"]["base"]["accuracy"]
+    assert again["meta"]["started"] == first["meta"]["started"] and "resumed" in again["meta"]  # dated by the run
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     kept = [{"id": "kept", "prompt": "p", "output": "o", "trace": [{"adapters": {"add": 1.0}}], "parts": []}]
     saved["heatmaps"] = {"base": kept}  # saved records keep no traces: a reused method's
@@ -160,6 +166,7 @@ def test_resume_reuses_finished_methods_on_the_same_prompts(tmp_path, tiny_base,
     assert both["heatmaps"]["base"] == kept
     other = run_eval(cfg(["base"], limit=2), base_factory=factory)  # other prompts: rerun
     assert other["methods"]["base"]["accuracy"]["n"] == 2 and "base" not in other["heatmaps"]
+    assert "resumed" not in other["meta"]
 
 
 # ---------------------------------------------------------------------------- scoring by hand

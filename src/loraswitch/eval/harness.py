@@ -121,6 +121,9 @@ def run_eval(cfg: EvalConfig, base_factory: Callable[[], Base] | None = None,
     done = _finished_methods(out_dir, items) if cfg.resume else {}
     # saved records keep no traces: the reused methods' heatmap traces come from the last results
     kept_heatmaps = _saved(out_dir).get("heatmaps", {}) if done else {}
+    if done:  # the reused answers date from the run that made them; this run only resumed it
+        results["meta"]["resumed"] = results["meta"]["started"]
+        results["meta"]["started"] = _saved(out_dir).get("meta", {}).get("started", results["meta"]["started"])
     order = sorted(cfg.methods, key=lambda m: ("reference", "router", "merge", "peft").index(reg[m].family))
     shared_last = max((i for i, m in enumerate(order) if reg[m].family in ("reference", "router")), default=-1)
     with tempfile.TemporaryDirectory(prefix="loraswitch-eval-") as scratch:

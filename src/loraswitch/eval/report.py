@@ -23,6 +23,11 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
 
+def _resumed(results: dict) -> str:
+    resumed = results["meta"].get("resumed")
+    return f" (resumed {resumed})" if resumed else ""
+
+
 def _ok(results: dict) -> dict[str, dict]:
     return {m: r for m, r in results["methods"].items() if r.get("status") == "ok"}
 
@@ -43,7 +48,7 @@ def markdown(results: dict) -> str:
     lines.append(f"Prompts: {', '.join(f'{k} {v}' for k, v in n_items.items())} (test split, `--limit {cfg['limit']}` per task). "
                  f"Greedy decoding, {cfg['max_new_tokens']} new tokens ({cfg['part_tokens']} per composite part). "
                  f"Adapters: {', '.join(results['meta'].get('adapters', [])) or '?'}. "
-                 f"Started {results['meta']['started']}, {results['meta']['torch_threads']} torch threads.")
+                 f"Started {results['meta']['started']}{_resumed(results)}, {results['meta']['torch_threads']} torch threads.")
     lines.append("")
     lines.append("## Summary")
     lines.append("")
@@ -119,7 +124,7 @@ def readme_summary(results: dict, details: str = "docs/evaluation.md") -> str:
     sizes = sorted({s for r in ok.values() for s in r.get("composite", {})}, key=lambda s: int(s.split("-")[1]))
     head = ["method", "accuracy", "held-out wording", "routing acc.", "abstain (out-of-suite)"] + [f"{s} parts" for s in sizes]
     lines = [f"`--limit {cfg['limit']}` test prompts per task, {results['meta'].get('n_items', {})}; started "
-             f"{results['meta']['started']}. Full tables, plots and method notes: [{details}]({details}).", "",
+             f"{results['meta']['started']}{_resumed(results)}. Full tables, plots and method notes: [{details}]({details}).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, r in ok.items():
         comp = r.get("composite", {})
@@ -141,14 +146,30 @@ def _targets_table(results: dict) -> list[str]:
     lines = ["## Routing targets", "", "Each routing method against the bar for automatic routing "
              "(ratios are against the oracle adapter on the same prompts; `–`: not measured in this run).", "",
              "| target | goal | " + " | ".join(f"`{m}`" for m in methods) + " |", "|---|---|" + "---|" * len(methods)]
+    unmeasured = []
     for key, (label, goal) in ROUTING_GOALS.items():
+        if all(targets[m].get(key, {}).get("value") is None for m in methods):
+            unmeasured.append((key, label))  # no prompt of this kind was asked: a row of dashes says nothing
+            continue
         cells = []
         for m in methods:
             t = targets[m].get(key, {})
             v = t.get("value")
             cells.append("–" if v is None else f"{100 * v:.1f}%" + ("" if t["met"] else " **(not met)**"))
         lines.append(f"| {label} | >= {100 * goal:.0f}% | " + " | ".join(cells) + " |")
+    if unmeasured:
+        lines += ["", "Not asked in this run: " + "; ".join(f"{label} ({_WHY_UNASKED[key]})" for key, label in unmeasured) + "."]
     return lines + [""]
+
+
+# what a run needs to ask the prompts of a target that no method was measured on
+_WHY_UNASKED = {
+    "routing_accuracy": "no single-task prompts", "min_task_accuracy_vs_oracle": "no oracle or single-task prompts",
+    "routing_accuracy_heldout_wording": "the suite has no held-out instruction templates",
+    "composite-3_vs_oracle": "`--composite 3`", "composite-5_vs_oracle": "`--composite 5`",
+    "composite-10_vs_oracle": "a suite of ten tasks and `--composite 10`", "abstain_rate": "no out-of-suite prompts",
+    "freeform-train_vs_oracle": "`--freeform N`, demo suite", "freeform-heldout_vs_oracle": "`--freeform N`, demo suite",
+}
 
 
 def plot_accuracy(results: dict, path: Path) -> None:
