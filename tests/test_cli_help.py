@@ -19,3 +19,28 @@ def test_help_imports_no_heavy_modules():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"--help imported {out.stdout.strip()}"
     assert elapsed < 5, f"--help took {elapsed:.1f} s"  # generous for a loaded CI machine; ~0.3 s here
+
+
+def test_an_empty_prompt_is_a_one_line_error_before_any_model_loads():
+    from typer.testing import CliRunner
+
+    from loraswitch.cli import app
+
+    for command in ("generate", "route"):
+        r = CliRunner().invoke(app, [command, "   "])
+        assert r.exit_code == 2 and "the prompt is empty" in r.output, r.output
+
+
+def test_a_mistyped_folder_is_an_error_not_a_quiet_fallback(tmp_path):
+    """--adapter-dir / --router-dir that do not exist (or name a file) used to answer with the base
+    model or with Arrow after a warning, exit 0."""
+    from typer.testing import CliRunner
+
+    from loraswitch.cli import app
+
+    (tmp_path / "file").write_text("x")
+    for flag, path, why in (("--adapter-dir", tmp_path / "nope", "does not exist"),
+                            ("--adapter-dir", tmp_path / "file", "is a file"),
+                            ("--router-dir", tmp_path / "nope", "does not exist")):
+        r = CliRunner().invoke(app, ["route", flag, str(path), "What is 2 + 3?"])
+        assert r.exit_code == 2 and why in " ".join(r.output.split()), r.output  # rich wraps long lines

@@ -43,6 +43,8 @@ def library(tmp_path, tiny_base, adapter_dir):
     (root / "truncated" / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     bad["nan"] = write_adapter(model, root / "nan")
     _corrupt_weights(root / "nan", lambda t: {k: (v.fill_(float("nan")) if "lora_B" in k else v) for k, v in t.items()})
+    bad["huge"] = write_adapter(model, root / "huge")  # finite, but 1e17 times too large: swamps the layer
+    _corrupt_weights(root / "huge", lambda t: {k: (v * 1e17 if "lora_B" in k else v) for k, v in t.items()})
     bad["wrong_base"] = root / "wrong_base"
     other = tiny_model(seed=1)
     other.model.layers[0].self_attn.q_proj = torch.nn.Linear(64, 64, bias=False)
@@ -70,6 +72,7 @@ EXPECTED = {
     "pickle": "pickle",
     "truncated": "corrupt adapter_model.safetensors",
     "nan": "NaN or Inf",
+    "huge": "times the size of the base weights",
     "wrong_base": "but the base layer is",
     "missing_module": "which the base model does not have",
     "unpaired": "not its pair",
@@ -246,6 +249,7 @@ def test_refusals_are_listed_with_their_reason_and_missing_paths_say_so(tiny_bas
 def test_a_scale_at_the_bound_loads_and_rslora_alpha_pattern_still_work(tiny_base, tmp_path):
     path = _with_config(write_adapter(tiny_base.model, tmp_path / "edge", r=4), lora_alpha=1024,
                         alpha_pattern={"v_proj": 2})
+    _corrupt_weights(path, lambda t: {k: (v / 256 if "lora_B" in k else v) for k, v in t.items()})  # a sane update
     a = read_adapter(path, tiny_base.model)
     scales = {k.rsplit(".", 1)[-1]: m.scale for k, m in a.modules.items()}
     assert scales == {"q_proj": 256.0, "v_proj": 0.5}

@@ -38,6 +38,14 @@ def test_model_strings():
         with pytest.raises(MixtureError, match=why):
             parse_model(text)
     assert mixture_of({"a": 1, "b": 0.25}).spec == "a:1+b:0.25"
+    for weights in ({"a": 0.12345678, "b": 0.3}, {"a": 99.5}, {"a": 1e-7, "b": 1}):  # written as given
+        m = mixture_of(weights)
+        assert parse_model(m.spec) == m and "e" not in m.spec.replace("a:", "").replace("b:", ""), m.spec
+    for text in ("alpha:1000000", "alpha:100.5+beta:1"):  # past MAX_WEIGHT: refused, never an overflow
+        with pytest.raises(MixtureError, match="above 100"):
+            parse_model(text)
+    with pytest.raises(MixtureError, match="above 100"):
+        mixture_of({"a": 1234567})
     with pytest.raises(MixtureError):
         mixture_of({})
     assert allowed_set(["a", "b", "c"], None, ()) is None

@@ -108,8 +108,13 @@ def test_a_statement_sets_up_a_question_and_is_never_a_part():
 def test_enumerations_are_answered_item_by_item():
     # two confident items make a list of questions: every item is a part, even one of no task
     assert _parts("- the date\n- the sum\n- a haiku") == ["The date", "The sum", "A haiku"]
-    # numbered 1..n is always a list of questions (as before), even of one task
+    # numbered 1..n with one question is a list of questions, even of one task or none
     assert _parts("1. the sum of 1, 2\n2. the sum of 3, 4") == ["The sum of 1, 2", "The sum of 3, 4"]
+    assert _parts("Answer these.\n1. a haiku\n2. the sum") == ["A haiku", "The sum"]
+    # a numbered list of no question is the data of the text around it: answered whole
+    assert _parts("Which of these is sweeter?\n1. apples\n2. pears") == []
+    assert _parts("Steps:\n1. boil water\n2. add pasta\nWhat comes next?") == []
+    assert _parts("Summarize these steps:\n1. heat it\n2. take the sum\n3. serve it") == []  # one of three
     # a bulleted input of one request is not
     assert _parts("Sort these:\n- 42\n- 7") == []
 
@@ -223,6 +228,17 @@ def test_the_issues_prompts_are_answered_in_two_parts():
             ["iso_date", "num_to_english"],
         "Add 45 and 38.": "add",
         "I have a date: March 5, 2021. Please write it in ISO format.": "iso_date",
+        # numbered lists that are what one question asks about (found by a reviewer): never cut
+        "Which of these is sweeter?\n1. apples\n2. pears": "whole",
+        "Sort ascending the numbers in this list:\n1. 9\n2. 2\n3. 5": "whole",
+        "Here are my numbers:\n1. 9\n2. 2\n3. 5\nPlease sort them ascending.": "whole",
+        "Can you help with these?\n1. Convert to ISO date: March 5, 2021\n2. Reverse the words: blue sky today":
+            ["iso_date", "reverse_words"],
+        "1. Write a haiku about autumn.\n2. What is 2 + 3?": [None, "add"],
+        "Summarize these steps in one sentence:\n1. Preheat the oven to 200C.\n2. Mix flour and eggs.\n"
+        "3. Bake for 20 minutes.": "whole",
+        "Sort ascending:\n1. 44\n2. 9\n3. 17": "whole",
+        "Translate into French:\n1. Good morning\n2. Thank you": "whole",
     }
     found = seg.segment(sw.router("auto"), sw.engine, list(prompts))
     got = [f.texts for f in found]

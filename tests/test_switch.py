@@ -156,6 +156,31 @@ def test_closing_the_stream_cancels_and_errors_are_events(switch):
         switch.chat(["x"], model="nope")
 
 
+def test_requests_are_held_to_the_context_and_to_sane_sampling(switch):
+    """What no decode can honour is refused when the request is made; a prompt that fills the
+    context (the tiny model's is 256) fails alone and at once; max_tokens is cut to what is left."""
+    for bad, why in {"max_tokens": (0, "max_tokens"), "temperature": (float("nan"), "temperature"),
+                     "top_p": (2.0, "top_p"), "logprobs": (100000, "logprobs"), "stop": (("",), "stop")}.items():
+        with pytest.raises(ValueError, match=why[1]):
+            Request.chat("hello", **{bad: why[0]})
+    assert Request.chat("x", allow="alpha").allow == ("alpha",)  # one name, not its letters
+    events = _stream(switch, [Request.chat("word " * 300, model="alpha"), Request.chat("hello", model="alpha"),
+                              Request(prompt="", model="alpha"),
+                              Request.chat("hello", model="alpha", max_tokens=400, ignore_eos=True)])
+    assert isinstance(events[0][-1], Failed) and "context holds 256" in str(events[0][-1].error)
+    assert isinstance(events[1][-1], Done)  # the rest of the batch is answered
+    assert isinstance(events[2][-1], Failed) and "empty" in str(events[2][-1].error)
+    cut = events[3][-1].answer
+    assert cut.finish_reason == "length" and len(cut.prompt_ids) + len(cut.token_ids) == 256
+    assert len(switch.chat("hello", model="alpha", allow=None)) == 1  # one prompt given as a string
+
+
+def test_a_named_adapter_reads_like_a_routers_decision(switch):
+    named, base = switch.chat(["hello"], model="alpha")[0], switch.chat(["hello"], model="base")[0]
+    assert named.routing == {"router": None, "adapter": "alpha", "confidence": 1.0}
+    assert base.routing["adapter"] is None
+
+
 # ---------------------------------------------------------------------------- part by part
 def test_auto_answers_each_part_as_its_own_row(switch):
     """A multi-part prompt fans out: each part is answered exactly as if asked alone with its
@@ -183,6 +208,23 @@ def test_auto_answers_each_part_as_its_own_row(switch):
     # a single-task prompt in the same call is untouched by the fan-out
     assert alone.text == switch.chat([single], model="alpha", params=params)[0].text
     assert "fan_out" not in alone.routing
+
+
+def test_a_stop_string_ends_the_whole_multi_part_answer(switch):
+    """OpenAI's contract for the assembled answer: it ends before the first stop string, in a
+    part's text (later parts are dropped) or in a separator the assembly would write."""
+    switch._routers[("auto", switch.engine.version)] = _KeywordRouter()
+    full = switch.chat([COMPOSITE], model="auto", params=SamplingParams(max_new_tokens=30))[0]
+    second, third = full.text.find("\n2. "), full.text.find("\n3. ")
+    p2 = full.text[second + 4 : third]
+    stop = p2[len(p2) // 2 : len(p2) // 2 + 3]
+    assert len(stop) == 3 and stop not in full.text[: second + 4]  # the cases below are what they say
+    for stops, want, parts in (((stop,), full.text[: full.text.find(stop)], 2), (("\n2. ",), full.text[:second], 1)):
+        events = _stream(switch, [Request.chat(COMPOSITE, max_tokens=30, stop=stops)])[0]
+        answer = events[-1].answer
+        assert answer.text == want and answer.finish_reason == "stop" and answer.stop_reason == stops[0]
+        assert "".join(e.text for e in events if isinstance(e, Token)) == want  # never streamed past it
+        assert answer.routing["fan_out"] == parts  # the parts the answer holds
 
 
 # ---------------------------------------------------------------------------- logprobs

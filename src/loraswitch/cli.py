@@ -118,6 +118,8 @@ def generate(
     from loraswitch.library import AdapterError
     from loraswitch.routing.base import StaleRouterError
 
+    if not prompt.strip():
+        raise fail("the prompt is empty")
     switch = open_switch(base, adapter_dir, router_dir, library)
     switch.engine.compile = compile_step
     model = adapter if adapter is not None else "auto"
@@ -132,8 +134,7 @@ def generate(
                       + (f" (fell back to eager: {dec.failed[:120]})" if dec.failed else "") + "[/dim]")
     chosen = adapter if adapter is not None else res.routing.get("adapter")
     out = {"text": res.text, "token_ids": res.token_ids, "adapter": None if chosen == "base" else chosen, "finish_reason": res.finish_reason}
-    if adapter is None:
-        out["routing"] = {**res.routing, "events": res.events, **({"trace": res.trace} if trace else {})}
+    out["routing"] = {**res.routing, "events": res.events, **({"trace": res.trace} if trace else {})}
     if as_json:
         print(json.dumps(out))
     else:
@@ -158,6 +159,8 @@ def route(
     """Which adapter would answer PROMPT: {adapter (null = base model), confidence, scores}."""
     from loraswitch.routing.base import StaleRouterError
 
+    if not prompt.strip():
+        raise fail("the prompt is empty")
     switch = open_switch(base, adapter_dir, router_dir, library)
     try:
         decision = switch.router(router).route(switch.engine, [prompt])[0]

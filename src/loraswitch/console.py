@@ -34,6 +34,11 @@ def library_paths(library: str, dirs: list[Path] | None, router_dir: Path | None
     from loraswitch.constants import UnknownLibraryError, adapter_dir
     from loraswitch.constants import router_dir as library_router_dir
 
+    for given, what in [*((d, "adapter folder") for d in dirs or ()), *([(router_dir, "router folder")] if router_dir else [])]:
+        if not Path(given).exists():  # a typo must not quietly answer with the base model (or with Arrow)
+            raise fail(f"{what} {str(given)!r} does not exist")
+        if not Path(given).is_dir():
+            raise fail(f"{what} {str(given)!r} is a file; give the folder that holds the adapters")
     try:
         return (list(dirs) if dirs else [adapter_dir(library)]), (router_dir or library_router_dir(library))
     except UnknownLibraryError as exc:

@@ -27,6 +27,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 RESERVED_NAMES = ("auto", "base")
 MAX_RANK = 1024  # r (config or tensors) above this is refused: an r of 100000 is a typo or an attack
+MAX_RELATIVE_UPDATE = 100.0  # |scale B A|_F / |W|_F above this is refused (`_check_size`)
 MAX_SCALE = 256.0  # |lora_alpha / r| (rsLoRA: / sqrt r) above this is refused; PEFT adapters use ~0.5-32
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 # base_model.model.<module>.lora_A[.<peft adapter name>].weight
@@ -271,6 +272,7 @@ def read_adapter(path: str | Path, base: nn.Module, name: str | None = None, bas
         if not 1 <= A.shape[0] <= MAX_RANK:
             raise AdapterError(name, f"module {module_name!r}: rank {A.shape[0]} (must be 1 to {MAX_RANK})")
         modules[module_name] = _module(name, module_name, A, B, _scale(cfg, module_name, A.shape[0]), dtype)
+        _check_size(name, module_name, modules[module_name], target.weight)
 
     adapter = Adapter(name=name, modules=modules, config=cfg, path=path)
     if declared and base_name and _family(declared) != _family(base_name):
@@ -290,6 +292,19 @@ def _module(name: str, key: str, A: torch.Tensor, B: torch.Tensor, scale: float,
     if not torch.isfinite(B * scale).all():
         raise AdapterError(name, f"module {key!r}: its weights times scale {scale:g} overflow {dtype}")
     return LoraModule(A, B, scale)
+
+
+def _check_size(name: str, key: str, module: LoraModule, weight: torch.Tensor) -> None:
+    """Refuse an update that swamps the layer it adds to: finite factors 1e17 times too large
+    pass every other check, and per-token routing (Arrow) then mixed them into every answer as
+    non-finite logits. Trained adapters change a layer by a few percent to about its own size."""
+    A, B = module.A.double(), module.B.double()
+    update = abs(module.scale) * float(torch.sqrt(torch.clamp(torch.trace((B.T @ B) @ (A @ A.T)), min=0)))
+    layer = float(weight.detach().double().norm())
+    if update > MAX_RELATIVE_UPDATE * max(layer, 1e-12):
+        raise AdapterError(name, f"module {key!r}: its update is {update / max(layer, 1e-12):.3g} times the size of "
+                                 f"the base weights (|scale B A| / |W|, at most {MAX_RELATIVE_UPDATE:g}): corrupt or "
+                                 "mis-scaled weights")
 
 
 def _family(model_name: str) -> str:

@@ -52,6 +52,7 @@ class Generation:
     routing: dict = field(default_factory=dict)  # the policy's summary (router, confidence...)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, with `params.logprobs`
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # with `params.echo`; None: first token
+    stop_reason: str | None = None  # the stop string that ended the answer (vLLM's field); None otherwise
 
 
 class Policy:
@@ -113,9 +114,21 @@ class FixedPolicy(Policy):
         return self.choices[row]
 
 
+class NamedPolicy(FixedPolicy):
+    """One adapter per row, named by the caller (None = no adapter). Its summary has the keys a
+    router's decision has, so `answer.routing["adapter"]` reads the same whoever chose."""
+
+    def __init__(self, engine: Engine, names: list[str | None]):
+        self.names = names
+        super().__init__([NO_ADAPTER if n is None else ([engine.slot_of(n)], [1.0]) for n in names])
+
+    def summary(self, engine: Engine, row: int) -> dict:
+        return {"router": None, "adapter": self.names[row], "confidence": 1.0}
+
+
 def explicit(engine: Engine, names: list[str | None]) -> FixedPolicy:
     """One adapter per row by name (None / "base" = no adapter)."""
-    return FixedPolicy([NO_ADAPTER if n in (None, "base") else ([engine.slot_of(n)], [1.0]) for n in names])
+    return NamedPolicy(engine, [None if n in (None, "base") else n for n in names])
 
 
 class RowsPolicy(Policy):

@@ -40,6 +40,8 @@ def _error(response) -> dict:
 def test_bad_mixtures_are_400s_that_name_the_field(http):
     err = _error(_post(http, {"model": "alpha:0.5+nope:0.5"}))
     assert (err["param"], err["code"]) == ("model", "unknown_adapter") and "nope" in err["message"]
+    for big in ({"model": "alpha:1000000"}, {"model": "mixture", "loraswitch": {"adapters": {"alpha": 1234567}}}):
+        assert "above 100" in _error(_post(http, big))["message"]  # a 400 naming the limit, never a 500
     err = _error(_post(http, {"model": "alpha:-1+beta:1"}))
     assert err["param"] == "model" and "negative" in err["message"]
     for text in ("alpha:inf", "alpha:nan+beta:1"):

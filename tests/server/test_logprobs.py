@@ -63,3 +63,15 @@ def test_multi_part_chat_logprobs(client):
     assert len(content) == resp.usage.completion_tokens
     assert "".join(c.token for c in content) == resp.choices[0].message.content
     assert content[0].token == "1" and content[0].logprob == 0.0  # separators: written by the assembly
+
+
+def test_token_bytes_rebuild_characters_that_span_tokens(tokenizer):
+    """An emoji is several byte-level tokens; each decodes alone to U+FFFD, so the `bytes` field
+    must come from the token itself for a client to put the character back together."""
+    from loraswitch.server.token_bytes import token_bytes
+
+    text = "Party 🎉 café 日本 ü"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any(tokenizer.decode([i]) == "\ufffd" for i in ids)  # the case that needs it
+    assert b"".join(bytes(token_bytes(tokenizer, i)) for i in ids).decode() == text
+    assert bytes(token_bytes(tokenizer, tokenizer.eos_token_id)).decode() == tokenizer.eos_token

@@ -38,7 +38,7 @@ def serve(
     timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a request may take from arrival to last token (504 after).")] = 300.0,
     adapter_admin: Annotated[bool, typer.Option(help="Allow POST/DELETE /v1/adapters (loading folders from this machine's disk).")] = True,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body in bytes (413 above).")] = 4 * 1024 * 1024,
-    max_parts: Annotated[int, typer.Option(min=1, help="Most numbered parts 'auto' answers part by part (400 above; capped by --max-batch).")] = 16,
+    max_parts: Annotated[int, typer.Option(min=1, help="Most numbered parts 'auto' answers part by part (capped by --max-batch); a longer list is answered whole.")] = 16,
     allowed_hosts: Annotated[list[str] | None, typer.Option("--allowed-hosts", help="Host header served when no API key is set (repeatable or comma-separated; default: the --host address and localhost; '*': any).")] = None,
     docs: Annotated[bool, typer.Option(help="Serve /docs, /redoc and /openapi.json (behind --api-key when one is set).")] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",

@@ -36,6 +36,7 @@ def resolve_body(st, body: _Common, known: list[str]) -> tuple[str, str | None, 
         elif parse_model(body.model) is None and body.model == MIXTURE_MODEL:
             raise MixtureError(f"model {MIXTURE_MODEL!r} needs loraswitch.adapters ({{name: weight}})")
         model, route = st.switch.resolve(model, body.router(), allow, deny)
+        named = parse_model(model)
     except MixtureError as exc:
         if exc.code == "invalid_allow":
             param = "loraswitch.allow" if allow is not None else "loraswitch.deny"
@@ -44,7 +45,6 @@ def resolve_body(st, body: _Common, known: list[str]) -> tuple[str, str | None, 
         raise _unknown(exc, body.model, known, allow, deny, param) from None
     except ValueError as exc:
         raise bad_request(str(exc), "route", "invalid_route") from None
-    named = parse_model(model)
     for name in [model, *(named.names if named else ()), *(allow or ()), *deny]:
         if name in st.removing:  # DELETEd: leaving once in-flight work ends
             raise _unknown(AdapterError(name, f"adapter {name!r} is being removed"), body.model, known, allow, deny,

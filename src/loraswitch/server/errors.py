@@ -11,7 +11,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from loraswitch.library import AdapterError
-from loraswitch.switch.parts import PartsError
 from loraswitch.switch.request import InvalidOutput, RouterUnavailable
 
 log = logging.getLogger("loraswitch.server")
@@ -34,7 +33,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+def bad_request(message: str, param: str | None = None, code: str = "invalid_request") -> APIError:
     return APIError(400, message, "invalid_request_error", param, code)
 
 
@@ -80,8 +79,6 @@ def from_library(exc: Exception, model: str, known: list[str]) -> APIError:
         return bad_request(str(exc), "model", "invalid_adapter")
     if isinstance(exc, RouterUnavailable):
         return bad_request(str(exc), "route", "router_unavailable")
-    if isinstance(exc, PartsError):
-        return bad_request(str(exc), "messages", exc.code)
     if isinstance(exc, InvalidOutput):  # the adapter's fault, not a crash (422: retrying gives the same NaN)
         return APIError(422, str(exc), "invalid_request_error", "model", "invalid_model_output")
     return server_error(f"generation failed: {type(exc).__name__}: {exc}")

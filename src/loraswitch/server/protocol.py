@@ -13,11 +13,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from loraswitch.server.errors import bad_request
+from loraswitch.switch.request import MAX_LOGPROBS
 
-MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (the OpenAI limit)
+MAX_TOP_LOGPROBS = MAX_LOGPROBS  # alternatives per token a request may ask for (the OpenAI limit)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 # every body: no NaN / Infinity (JSON extensions Python's parser accepts) in any number field
-STRICT = ConfigDict(extra="allow", allow_inf_nan=False)
+STRICT = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)  # "5" is no max_tokens, true no token id
 
 
 def bad_text(value: Any, where: str = "") -> str | None:
@@ -67,7 +68,9 @@ class ChatMessage(BaseModel):
             return self.content
         pieces = []
         for j, part in enumerate(self.content):
-            if part.type != "text" or part.text is None:
+            if part.type == "text" and part.text is None:
+                raise bad_request("a text content part needs its \"text\"", f"messages.{index}.content.{j}.text")
+            if part.type != "text":
                 raise bad_request(f"only text content parts are supported (got type {part.type!r})",
                                   f"messages.{index}.content.{j}.type", "unsupported_content")
             pieces.append(part.text)

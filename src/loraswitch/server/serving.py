@@ -15,7 +15,6 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loraswitch.generate import Generation, TokenLogprob
-from loraswitch.numbered import split_parts
 from loraswitch.server import errors
 from loraswitch.server.composition import resolve_body
 from loraswitch.server.errors import APIError, bad_request
@@ -47,6 +46,7 @@ class OpenAIServing:
         self.st, self.body = st, body
         self.created = int(time.time())
         self.tok = st.base.tokenizer
+        self._asked_at = float("-inf")  # when `next_event` last asked whether the client is there
 
     # ------------------------------------------------------------------ to implement
     def build(self) -> Request:
@@ -75,10 +75,6 @@ class OpenAIServing:
                               f"hold; this server accepts at most {settings.max_prompt_tokens} tokens", self.param,
                               "context_length_exceeded")
         self.fans_out = model == "auto" and req.is_chat and (route or "auto") == "auto"  # auto answers parts
-        parts = split_parts(req.route_text(self.st.base)) if self.fans_out else None
-        if parts and len(parts) > self.max_parts:  # before tokenizing: a hundred parts cost nothing to refuse
-            raise bad_request(f"the message has {len(parts)} numbered parts; at most {self.max_parts} are answered "
-                              "part by part (send fewer parts, or several requests)", self.param, "too_many_parts")
         req = replace(req, model=model, route=route, allow=allow, deny=deny, temperature=temperature,
                       top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed, stop=tuple(body.stops()),
                       logprobs=body.logprob_count(), ignore_eos=bool(body.ignore_eos))
@@ -94,11 +90,11 @@ class OpenAIServing:
             raise bad_request(f"the model's chat template refused these messages: {exc}", self.param) from None
         req = replace(req, max_tokens=self._max_tokens(len(req.prompt_ids or ())))
         self.rows = 1
-        if self.fans_out:
+        if self.fans_out:  # at most this many rows: the segmenter may find the list is one request
             try:
                 parts = fan_out(req, base, self.max_parts)
-            except PartsError as exc:
-                raise bad_request(str(exc), self.param, exc.code) from None
+            except PartsError:  # more parts than --max-parts, or too few tokens: answered whole
+                parts = None
             self.rows = len(parts) if parts else 1
         return req
 
@@ -158,16 +154,22 @@ class OpenAIServing:
             raise
 
     async def next_event(self, job: Job, raw=None):
-        """The job's next event; None when `raw`'s client disconnected; 504 past the deadline."""
+        """The job's next event; None when `raw`'s client disconnected; 504 past the deadline. The
+        client is asked every `DISCONNECT_POLL_S` whether events flow or not: a decoding answer
+        sends a token event each step, and a client gone mid-answer must free its rows."""
         while True:
-            remaining = self.deadline - job.loop.time()
+            now = job.loop.time()
+            remaining = self.deadline - now
             if remaining <= 0:
                 raise errors.timeout(self.st.settings.timeout)
+            if raw is not None and now - self._asked_at >= DISCONNECT_POLL_S:
+                self._asked_at = now
+                if await raw.is_disconnected():
+                    return None
             try:
                 return await asyncio.wait_for(job.queue.get(), min(remaining, DISCONNECT_POLL_S) if raw else remaining)
             except TimeoutError:
-                if raw is not None and await raw.is_disconnected():
-                    return None
+                continue
 
     def head(self, job: Job, model: str, chunk: bool = False) -> dict:
         obj = {"chat": "chat.completion", "completion": "text_completion"}[self.kind]
@@ -216,13 +218,17 @@ class OpenAIServing:
         logprobs = list(event.logprobs) if job.request.logprobs is not None else None
         extra = {"routing": {"tokens": list(event.pieces)}} if self.body.want_trace() and event.pieces else {}
         return {**self.head(job, self.body.model, chunk=True), "choices": [self.chunk_choice(event.text, None, logprobs)],
-                **extra}
+                **self._no_usage_yet(), **extra}
+
+    def _no_usage_yet(self) -> dict:
+        """With stream_options.include_usage, OpenAI's chunks before the last carry "usage": null."""
+        return {"usage": None} if self.body.include_usage() else {}
 
     def final_chunks(self, job: Job, done: Done) -> list[dict]:
         answer = done.answer
         model = model_name(job.request, answer)
         out = [{**self.head(job, model, chunk=True), "choices": [self.chunk_choice(None, answer.finish_reason, None)],
-                "routing": self.routing(job, answer), "batch": {**done.batch, **job.timings()}}]
+                **self._no_usage_yet(), "routing": self.routing(job, answer), "batch": {**done.batch, **job.timings()}}]
         if self.body.include_usage():
             out.append({**self.head(job, model, chunk=True), "choices": [], "usage": usage(answer)})
         return out

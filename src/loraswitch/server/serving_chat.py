@@ -14,6 +14,7 @@ from loraswitch.server.protocol import ChatCompletionRequest
 from loraswitch.server.scheduler import Job
 from loraswitch.server.serving import OpenAIServing
 from loraswitch.server.state import ServerState, state
+from loraswitch.server.token_bytes import token_bytes
 from loraswitch.switch.request import Request
 
 router = APIRouter(prefix="/v1")
@@ -29,7 +30,7 @@ class ChatServing(OpenAIServing):
     def choice(self, job: Job, answer: Generation) -> dict:
         logprobs = self.logprobs(answer.logprobs) if job.request.logprobs is not None else None
         return {"index": 0, "message": {"role": "assistant", "content": answer.text}, "logprobs": logprobs,
-                "finish_reason": answer.finish_reason}
+                "finish_reason": answer.finish_reason, "stop_reason": answer.stop_reason}
 
     def chunk_choice(self, text, finish, logprobs) -> dict:
         delta = {} if text is None else {"content": text}
@@ -37,15 +38,15 @@ class ChatServing(OpenAIServing):
                 "finish_reason": finish}
 
     def stream_start(self, job: Job) -> list[dict]:
-        first = {**self.head(job, self.body.model, chunk=True), "choices": [self.chunk_choice("", None, None)]}
+        first = {**self.head(job, self.body.model, chunk=True), "choices": [self.chunk_choice("", None, None)],
+                 **self._no_usage_yet()}
         first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
         return [first]
 
     def logprobs(self, items: list[TokenLogprob]) -> dict:
         """The OpenAI chat shape: per token its text, logprob, UTF-8 bytes and the alternatives."""
         def entry(token_id: int, logprob: float) -> dict:
-            text = self.token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            return {"token": self.token_text(token_id), "logprob": logprob, "bytes": token_bytes(self.tok, token_id)}
 
         return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
                             for lp in items]}

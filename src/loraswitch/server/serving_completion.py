@@ -24,6 +24,7 @@ router = APIRouter(prefix="/v1")
 class CompletionServing(OpenAIServing):
     kind, id_prefix, param = "completion", "cmpl-", "prompt"
     body: CompletionRequest
+    _offset = 0  # characters of answer tokens streamed so far (each request gets its own serving object)
 
     def build(self) -> Request:
         prompt = self.body.prompt_input()
@@ -43,17 +44,22 @@ class CompletionServing(OpenAIServing):
             shown = request.prompt if isinstance(request.prompt, str) else self.tok.decode(list(request.prompt_ids))
             text, ids, items = shown + text, answer.prompt_ids + ids, answer.prompt_logprobs + items
         logprobs = self.logprobs(items, ids) if request.logprobs is not None else None
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": answer.finish_reason}
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": answer.finish_reason,
+                "stop_reason": answer.stop_reason}
 
     def chunk_choice(self, text, finish, logprobs) -> dict:
-        chosen = self.logprobs(logprobs, [lp.token_id for lp in logprobs]) if logprobs is not None else None
+        chosen = None
+        if logprobs is not None:  # offsets count from the answer's start, across chunks (as vLLM's)
+            chosen = self.logprobs(logprobs, [lp.token_id for lp in logprobs], self._offset)
+            self._offset += sum(len(t) for t in chosen["tokens"])
         return {"index": 0, "text": text or "", "logprobs": chosen, "finish_reason": finish}
 
-    def logprobs(self, items: list[TokenLogprob | None], token_ids: list[int]) -> dict:
+    def logprobs(self, items: list[TokenLogprob | None], token_ids: list[int], start: int = 0) -> dict:
         """The OpenAI completions shape: parallel lists of tokens, their logprobs (None: the first
-        prompt token, which has no context), the alternatives and each token's text offset."""
+        prompt token, which has no context), the alternatives and each token's text offset
+        (`start`: the characters before these tokens)."""
         tokens = [self.token_text(t) for t in token_ids]
-        offsets, at = [], 0
+        offsets, at = [], start
         for t in tokens:
             offsets.append(at)
             at += len(t)

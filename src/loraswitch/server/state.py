@@ -26,7 +26,7 @@ class ServerSettings:
     api_key: str | None = None  # require "Authorization: Bearer <key>" on /v1/*
     allow_adapter_admin: bool = True  # POST/DELETE /v1/adapters
     max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies -> 413 before they are read
-    max_parts: int = 16  # most numbered parts answered part by part (capped by max_batch) -> else 400
+    max_parts: int = 16  # most numbered parts answered part by part (capped by max_batch); more: answered whole
     continuous: bool = True  # requests join a running batch between its steps (else they wait for the next)
     # Host headers served when no API key is set (DNS rebinding); None: the bound host and
     # localhost; "*" allows any

@@ -6,7 +6,7 @@ A mixture is no new mechanism: every token of the request uses the same slots wi
 weights, the per-token weighted routing the kernels already compute exactly
 (`y = W x + sum_e w_e s_e B_e A_e x`), so it costs one forward and equals the base with the
 weighted deltas merged in. Weights are used as given (not normalized: `a:0.5` is half of `a`),
-must be finite and not negative; a name may appear once.
+must be finite, not negative and at most `MAX_WEIGHT`; a name may appear once.
 
 The model string is parsed here and only here: `Switch.resolve` (the library) and the server both
 call `parse_model`, so the two accept and refuse exactly the same strings.
@@ -17,11 +17,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 
 from loraswitch.generate import Choice, FixedPolicy
-from loraswitch.library import AdapterError
+from loraswitch.library import MAX_SCALE, AdapterError
 
 RESERVED = ("auto", "base")
+# a weight multiplies an adapter's scale, which loading caps at MAX_SCALE; past this the update
+# swamps the base weights (the answer overflows or is noise), so it is refused, not served
+MAX_WEIGHT = 100.0
 
 
 class MixtureError(ValueError):
@@ -41,7 +45,7 @@ class Mixture:
     @property
     def spec(self) -> str:
         """The canonical model string ("a:0.7+b:0.3"): what a request carries as its `model`."""
-        return "+".join(f"{name}:{weight:g}" for name, weight in self.weights)
+        return "+".join(f"{name}:{_written(weight)}" for name, weight in self.weights)
 
     @property
     def names(self) -> list[str]:
@@ -49,6 +53,13 @@ class Mixture:
 
     def choice(self, engine) -> Choice:
         return [engine.slot_of(n) for n in self.names], [w for _, w in self.weights]
+
+
+def _written(weight: float) -> str:
+    """A weight as plain decimals that read back to the same float: no exponent (its "+" would
+    split the term) and no rounding (weights are used as written)."""
+    text = format(Decimal(repr(weight)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def _weight(text: str, term: str) -> float:
@@ -79,6 +90,9 @@ def mixture_of(adapters: Mapping[str, float] | Iterable[tuple[str, float]]) -> M
             raise MixtureError(f"the weight of {name!r} is {weight}; weights must be finite")
         if weight < 0:
             raise MixtureError(f"the weight of {name!r} is {weight:g}; weights must not be negative")
+        if weight > MAX_WEIGHT:
+            raise MixtureError(f"the weight of {name!r} is {weight:g}; weights above {MAX_WEIGHT:g} are refused (they "
+                               f"multiply the adapter's scale, which loading caps at {MAX_SCALE:g})")
     return Mixture(tuple((n, float(w)) for n, w in pairs))
 
 

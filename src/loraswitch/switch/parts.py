@@ -33,8 +33,10 @@ _DECISION_KEYS = ("adapter", "confidence", "scores", "reason", "source")  # sour
 
 
 class PartsError(ValueError):
-    """A multi-part request that cannot be answered as asked: too many parts, or a `max_tokens`
-    too small to give every part a token after the separators (`code` says which)."""
+    """A multi-part request that cannot be answered part by part: too many parts, or a `max_tokens`
+    too small to give every part a token after the separators (`code` says which). `Switch.run`
+    then answers it whole (`routing["not_split"]` says why): a long numbered list is a prompt
+    like any other, and no layout makes a request fail."""
 
     def __init__(self, message: str, code: str):
         super().__init__(message)
@@ -129,9 +131,9 @@ def assemble(tokenizer, parts: list[Generation], router: str, prompt_ids: list[i
     decisions = [p.routing for p in parts]
     out.routing = {"router": decisions[0].get("router", router) if decisions else router,
                    "adapter": [d.get("adapter") for d in decisions],
-                   "confidence": round(min(float(d.get("confidence", 1.0)) for d in decisions), 4),
+                   "confidence": round(min((float(d.get("confidence", 1.0)) for d in decisions), default=1.0), 4),
                    "parts": [{k: d[k] for k in _DECISION_KEYS if k in d} for d in decisions], "fan_out": len(parts)}
-    if found is not None and len(found.parts) == len(parts):
+    if found is not None and len(found.parts) >= len(parts):  # fewer: a stop string ended the answer early
         for entry, part in zip(out.routing["parts"], found.parts):
             entry.update(part.to_dict())
         out.routing["context"] = [list(span) for span in found.dropped]
@@ -139,11 +141,14 @@ def assemble(tokenizer, parts: list[Generation], router: str, prompt_ids: list[i
 
 
 class SingleAnswer:
-    """The events of a request answered by one row go to its handle as they are."""
+    """The events of a request answered by one row go to its handle as they are. `not_split`:
+    why a prompt of numbered parts was answered whole (too many parts, too few tokens), kept in
+    the answer's routing so the caller sees it."""
 
-    def __init__(self, handle: Handle):
+    def __init__(self, handle: Handle, not_split: str | None = None):
         self.handle = handle
         self.over = False
+        self.not_split = not_split
 
     @property
     def gone(self) -> bool:
@@ -157,6 +162,8 @@ class SingleAnswer:
 
     def done(self, part: int, answer: Generation, batch: dict) -> None:
         self.over = True
+        if self.not_split:
+            answer.routing = {**answer.routing, "not_split": self.not_split}
         self.handle.emit(Done(answer, batch))
 
     def failed(self, error: Exception) -> None:
@@ -195,11 +202,17 @@ class PartsAnswer(SingleAnswer):
             self.pending[part].append(event)
 
     def _stream(self, k: int, event: Token | Switched) -> None:
+        if self.over:
+            return
         first = not self.opened[k]
         self.opened[k] = True
         base = self.offset + len(self.sep_ids[k])
         if first:  # the separator, with its own token pieces and (forced) logprobs
             sep = separator(k + 1)
+            stop = next((s for s in self.handle.request.stop if s in sep), None)
+            if stop is not None:  # the assembled answer ends before it, as at any stop string
+                self._answer(k, stop)
+                return
             logprobs = tuple(_forced(self.sep_ids[k])) if self.handle.request.logprobs is not None else ()
             self.handle.emit(Token(sep, self.offset, ({"index": self.offset, "text": sep, "adapters": {}, "part": k + 1,
                                                        "separator": True},), logprobs))
@@ -213,10 +226,17 @@ class PartsAnswer(SingleAnswer):
         if self.over:
             return
         self.results[part] = (answer, batch)
-        while self.current < self.n and self.results[self.current] is not None:
+        while not self.over and self.current < self.n and self.results[self.current] is not None:
+            stopped = self.results[self.current][0].stop_reason
+            if stopped is not None:  # a stop string ends the whole answer, not just its part
+                if not self.opened[self.current]:
+                    self._stream(self.current, Token("", 0))  # its separator (which may itself stop it)
+                if not self.over:
+                    self._answer(self.current + 1, stopped)
+                return
             self._close_current()
-        if self.current == self.n:
-            self._answer()
+        if self.current == self.n and not self.over:
+            self._answer(self.n)
 
     def _close_current(self) -> None:
         """The streamed part is done: make sure its separator went out, move to the next part and
@@ -231,10 +251,14 @@ class PartsAnswer(SingleAnswer):
                 self._stream(self.current, event)
             self.pending[self.current] = []
 
-    def _answer(self) -> None:
-        parts = [r[0] for r in self.results]
+    def _answer(self, upto: int, stop: str | None = None) -> None:
+        """Answer with the first `upto` parts; `stop`: the stop string that ended it there (the
+        parts still decoding see the answer gone and leave the batch)."""
+        parts = [r[0] for r in self.results[:upto]]
         whole = assemble(self.tokenizer, parts, self.router, list(self.handle.request.prompt_ids or ()),
                          logprobs=self.handle.request.logprobs is not None, found=self.found)
-        batches = [r[1] for r in self.results]
-        batch = {**batches[0], "fan_out": self.n, "batches": sorted({b.get("id") for b in batches})}
+        if stop is not None:
+            whole.finish_reason, whole.stop_reason = "stop", stop
+        batches = [r[1] for r in self.results if r is not None]
+        batch = {**(batches[0] if batches else {}), "fan_out": self.n, "batches": sorted({b.get("id") for b in batches})}
         super().done(0, whole, batch)

@@ -10,6 +10,7 @@ collects the `Done`s; the server streams the `Token`s.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -31,6 +32,29 @@ class RouterUnavailable(RuntimeError):
 class InvalidOutput(RuntimeError):
     """The model produced NaN / inf logits for a row (an adapter that overflows): that request
     fails alone, with this error, and the rows batched with it go on."""
+
+
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's and vLLM's default limit)
+
+
+def _check_sampling(r: Request) -> None:
+    """Refuse what no decode can honour, when the request is made rather than deep in a batch
+    (where a bad value surfaced as a torch error: `logprobs=100000`, `temperature=nan`)."""
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not whole(r.max_tokens) or r.max_tokens < 1:
+        raise ValueError(f"max_tokens must be a whole number >= 1 (got {r.max_tokens!r})")
+    if not isinstance(r.temperature, int | float) or not math.isfinite(r.temperature) or r.temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (got {r.temperature!r})")
+    if not isinstance(r.top_p, int | float) or not 0 < r.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (got {r.top_p!r})")
+    if r.logprobs is not None and (not whole(r.logprobs) or not 0 <= r.logprobs <= MAX_LOGPROBS):
+        raise ValueError(f"logprobs must be a whole number from 0 to {MAX_LOGPROBS} (got {r.logprobs!r})")
+    if r.seed is not None and not whole(r.seed):
+        raise ValueError(f"seed must be a whole number (got {r.seed!r})")
+    if not all(isinstance(s, str) and s for s in r.stop):
+        raise ValueError("stop strings must be non-empty strings")
 
 
 @dataclass(frozen=True)
@@ -65,6 +89,10 @@ class Request:
     def __post_init__(self):
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("a Request has either messages or a prompt")
+        for name in ("allow", "deny", "stop"):  # one name or string, not its characters
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, (getattr(self, name),))
+        _check_sampling(self)
 
     @classmethod
     def chat(cls, prompt: str | list[Message], system: str | None = None, **kw) -> Request:

@@ -94,11 +94,13 @@ class BatchListener(Listener):
         if gen.finish_reason == "cancelled" or row.answer.gone:
             return
         if gen.finish_reason == "error":
-            who = gen.routing.get("adapter", row.request.model) or "base"
+            mixed = sorted({a for e in gen.trace for a in e.get("adapters", {})})  # per-token routing mixes several
+            who = ", ".join(map(repr, mixed)) if mixed else repr(gen.routing.get("adapter", row.request.model) or "base")
             row.answer.failed(InvalidOutput(f"the model produced non-finite logits (NaN or inf) answering with "
-                                            f"{who!r}; the requests batched with it were not affected"))
+                                            f"{who}; the requests batched with it were not affected"))
             return
         if row.cut is not None:
+            gen.stop_reason = next(s for s in row.stops.stops if row.detok.text.startswith(s, row.cut))
             gen.text = row.detok.text[: row.cut]
         row.emit_text(gen.text, len(gen.text), gen, final=True)
         row.answer.done(row.part, gen, row.batch)

@@ -39,13 +39,14 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import replace
 
 from loraswitch.generate import Joining, Policy, RowsPolicy, SamplingParams, generate
 from loraswitch.library import AdapterError
 from loraswitch.routing.base import StaleRouterError
 from loraswitch.routing.features import reading_ahead
 from loraswitch.switch.mixture import MixtureError
-from loraswitch.switch.parts import PartsAnswer, SingleAnswer, fan_out
+from loraswitch.switch.parts import PartsAnswer, PartsError, SingleAnswer, fan_out
 from loraswitch.switch.request import Handle, Request, RouterUnavailable
 from loraswitch.switch.rows import BatchListener, Row
 from loraswitch.switch.segment import segment_requests
@@ -62,9 +63,12 @@ def _rows(switch, handle: Handle, max_parts: int | None = None, found=None) -> l
     request = handle.request.tokenized(base)
     handle.request = request
     fans = request.model == "auto" and request.is_chat and _fans_out(switch, request.route)
-    parts = fan_out(request, base, max_parts, found) if fans else None
+    try:
+        parts, why_whole = (fan_out(request, base, max_parts, found) if fans else None), None
+    except PartsError as exc:  # numbered parts it cannot answer one by one: answered whole, and says so
+        parts, why_whole = None, str(exc)
     if parts is None:
-        answer, parts = SingleAnswer(handle), [request]
+        answer, parts = SingleAnswer(handle, why_whole), [request]
     else:
         answer = PartsAnswer(handle, len(parts), base.tokenizer, request.route or "auto", found)
     return [Row(answer, k, p.tokenized(base), Detokenizer(base.tokenizer), StopStrings(p.stop))
@@ -289,6 +293,7 @@ def _rows_of(switch, handles: list[Handle], max_parts: int | None, phases: dict[
     """The rows of `handles` (templated, multi-part ones fanned out), timing `segment` and
     `template` into `phases`; a request that cannot become rows is answered with its error."""
     rows: list[Row] = []
+    handles = [h for h in handles if _fits(switch, h)]
     try:  # where each prompt changes task: every prompt of the batch in one feature pass
         with _timed(phases, "segment"):
             found = segment_requests(switch, handles)
@@ -302,6 +307,28 @@ def _rows_of(switch, handles: list[Handle], max_parts: int | None, phases: dict[
             except Exception as exc:  # e.g. a conversation the chat template refuses
                 SingleAnswer(handle).failed(exc)
     return rows
+
+
+def _fits(switch, handle: Handle) -> bool:
+    """Tokenize the request and hold it to the model's context: a prompt that fills it fails
+    alone, at once (a 28k-token prompt once ran for minutes and answered noise), and `max_tokens`
+    is cut to what the context leaves (the answer then ends with finish_reason "length")."""
+    try:
+        request = handle.request.tokenized(switch.base)
+        n = len(request.prompt_ids)
+        if not n:
+            raise ValueError("the prompt is empty")
+        context = int(getattr(switch.base.model.config, "max_position_embeddings", 0) or 0)
+        if context and n >= context:
+            raise ValueError(f"the prompt has {n} tokens; the model's context holds {context} "
+                             "(prompt and answer together)")
+        if context and n + request.max_tokens > context:
+            request = replace(request, max_tokens=context - n)
+        handle.request = request
+        return True
+    except Exception as exc:  # a template that refuses the conversation, too long, empty
+        SingleAnswer(handle).failed(exc)
+        return False
 
 
 def _joinable(call: Call) -> bool:

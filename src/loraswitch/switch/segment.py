@@ -13,7 +13,10 @@ sequence selector in one feature pass, and the prompt is cut where the decision 
 * worked examples (`Unit.example`) are context and join no part;
 * adjacent prose units of one task stay one part; an enumeration (tagged blocks, list items,
   "a) b)") whose items are questions - at least two of them confident, or numbered 1..n as
-  `loraswitch.numbered` writes them - is answered item by item, each its own part;
+  `loraswitch.numbered` writes them with at least half confident - is answered item by item,
+  each its own part. A list none of whose items is a question is the data of a question
+  ("Which of these is sweeter?\n1. apples\n2. pears"): its items are context, and a prompt
+  with no other part is answered whole;
 * a cut between two prose parts of different tasks is kept only if the text is *less* like one
   request when read whole than in pieces: the selector's energy (logsumexp of its logits, an
   out-of-distribution score) of the two parts read together must not exceed the larger of their
@@ -177,13 +180,19 @@ def _join(prompt: str, units: list[Unit]) -> str:
 
 
 def _firm_lists(units: list[Unit], question: list[bool]) -> set[int]:
-    """Enumerations answered item by item: numbered 1..n, or two or more confident items."""
+    """Enumerations answered item by item: two or more confident items, or numbered 1..n with
+    at least half of them confident (a list of tasks may hold a request no adapter takes: "1.
+    Write a haiku. 2. What is 2 + 3?"). A numbered list of mostly no request is what the text
+    around it asks about ("Summarize these steps:" over three steps, one of which a fragment-
+    overconfident selector reads as a sum)."""
     firm = set()
     for list_id in {u.list_id for u in units if u.list_id >= 0}:
         idx = [i for i, u in enumerate(units) if u.list_id == list_id and not u.example]
         if len(idx) < 2:
             continue
-        if all(units[i].numbered for i in idx) or sum(question[i] for i in idx) >= 2:
+        asked = sum(question[i] for i in idx)
+        numbered = all(units[i].numbered for i in idx)
+        if (asked >= 2 and not numbered) or (asked and 2 * asked >= len(idx)):
             firm.add(list_id)
     return firm
 
