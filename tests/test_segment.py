@@ -115,6 +115,11 @@ def test_enumerations_are_answered_item_by_item():
     assert _parts("Which of these is sweeter?\n1. apples\n2. pears") == []
     assert _parts("Steps:\n1. boil water\n2. add pasta\nWhat comes next?") == []
     assert _parts("Summarize these steps:\n1. heat it\n2. take the sum\n3. serve it") == []  # one of three
+    # a line above a numbered list of parts introduces it, however confidently it routes
+    assert _parts("Give each date in French.\n1. the date\n2. the sum") == ["The date", "The sum"]
+    # a heading leads the part after it and never trails the part before
+    assert _parts("### Task 1\nthe date\n### Task 2\nthe sum") == ["The date", "The sum"]
+    assert _parts("**Part 1**\nthe date\n**Part 2**\nthe sum") == ["The date", "The sum"]
     # a bulleted input of one request is not
     assert _parts("Sort these:\n- 42\n- 7") == []
 

@@ -69,6 +69,15 @@ def is_statement(text: str) -> bool:
     return "\n" not in text and _STATEMENT.match(text) is not None and _VERB.search(text) is not None
 
 
+# a line that names what follows rather than asking anything: "### Task 2", "**Part 1**", "Question 3:"
+_HEADING = re.compile(r"^(#{1,6}\s.*|\*\*[^*]+\*\*:?|(task|part|question|exercise|problem)\s*\d+\s*[:.)]?)$", re.I)
+
+
+def is_heading(text: str) -> bool:
+    """A heading line: context that leads the part after it, never the tail of the part before."""
+    return _HEADING.match(text.strip()) is not None
+
+
 @dataclass(frozen=True)
 class Unit:
     """One candidate piece of a prompt. `start`/`end`: its characters in the prompt (marker

@@ -16,7 +16,8 @@ sequence selector in one feature pass, and the prompt is cut where the decision 
   `loraswitch.numbered` writes them with at least half confident - is answered item by item,
   each its own part. A list none of whose items is a question is the data of a question
   ("Which of these is sweeter?\n1. apples\n2. pears"): its items are context, and a prompt
-  with no other part is answered whole;
+  with no other part is answered whole. Lines above a numbered list of parts introduce it, and a
+  heading line (`units.is_heading`) leads the part after it;
 * a cut between two prose parts of different tasks is kept only if the text is *less* like one
   request when read whole than in pieces: the selector's energy (logsumexp of its logits, an
   out-of-distribution score) of the two parts read together must not exceed the larger of their
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loraswitch.numbered import split_parts
-from loraswitch.routing.units import PROSE, Unit, is_statement, split_units
+from loraswitch.routing.units import PROSE, Unit, is_heading, is_statement, split_units
 
 
 @dataclass(frozen=True)
@@ -217,9 +218,14 @@ def plan(units: list[Unit], adapter: list[str | None], confidence: list[float],
     joined no part."""
     # a statement (`units.is_statement`) is never a question, however confidently routed
     statement = [u.kind in PROSE and is_statement(u.text) for u in units]
-    question = [a is not None and c >= settings.min_confidence and not st
-                for a, c, st in zip(adapter, confidence, statement)]
+    heading = [u.kind in PROSE and is_heading(u.text) for u in units]
+    question = [a is not None and c >= settings.min_confidence and not st and not h
+                for a, c, st, h in zip(adapter, confidence, statement, heading)]
     firm = _firm_lists(units, question)
+    first_numbered = next((u.line for u in units if u.list_id in firm and u.numbered), None)
+    for i, u in enumerate(units):  # lines above a numbered list of parts introduce it ("Reply in French only.")
+        if first_numbered is not None and u.list_id < 0 and u.line < first_numbered:
+            question[i] = False
     forward = _forward(units, adapter, question, statement)
     parts: list[Part] = []
     pending: list[int] = []
@@ -233,7 +239,7 @@ def plan(units: list[Unit], adapter: list[str | None], confidence: list[float],
             # context joins the part before it, unless it sets up the next question (then it and
             # whatever follows it up to that question wait), or the part before is a list item
             # of another paragraph
-            backward = (parts and not pending and i not in forward
+            backward = (parts and not pending and i not in forward and not heading[i]
                         and not (parts[-1].firm and units[parts[-1].units[-1]].para != u.para))
             (parts[-1].context if backward else pending).append(i)
             continue
