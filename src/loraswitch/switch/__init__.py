@@ -114,7 +114,7 @@ class Switch:
             requeue=None, arrivals=None) -> list[dict]:
         """Answer every handle's request; each gets its events (started, token, switched, then
         done or failed) through `handle.emit` as they happen. At most `max_rows` rows per batched
-        forward; a request of more than `max_parts` numbered parts fails (`parts.PartsError`).
+        forward; a request of more than `max_parts` numbered parts is answered whole (`routing.not_split`).
         With an upstream, `requeue(handle)` (a server's queue) takes the requests the upstream
         failed, so this returns without waiting for the upstream. `arrivals` (`run.Arrivals`, a
         server's queue) hands in requests that arrive meanwhile, to join the running batch
