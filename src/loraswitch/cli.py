@@ -163,15 +163,18 @@ def route(
         raise fail("the prompt is empty")
     switch = open_switch(base, adapter_dir, router_dir, library)
     try:
-        decision = switch.router(router).route(switch.engine, [prompt])[0]
+        decision = switch.route(prompt, router)
     except (StaleRouterError, FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
     if as_json:
-        print(json.dumps(decision.to_dict()))
+        print(json.dumps(decision))
         return
-    console.print(f"{decision.adapter or 'base model'} (confidence {decision.confidence:.2f}) {decision.reason}")
-    for name, score in sorted(decision.scores.items(), key=lambda kv: -kv[1]):
+    console.print(f"{decision['adapter'] or 'base model'} (confidence {decision['confidence']:.2f}) "
+                  f"{decision.get('reason', '')}")
+    for name, score in sorted(decision.get("scores", {}).items(), key=lambda kv: -kv[1]):
         console.print(f"  {name:<16} {score:.3f}")
+    for k, part in enumerate(decision.get("parts", []), 1):
+        console.print(f"part {k}: {part['adapter'] or 'base model'} ({part['confidence']:.2f})  {part['text'][:60]!r}")
 
 
 @app.command("train-router")

@@ -110,6 +110,22 @@ class Switch:
             return MixturePolicy(self.engine, mix, len(prompts))
         return explicit(self.engine, [model] * len(prompts))
 
+    def route(self, prompt: str, router: str = "auto") -> dict:
+        """Which adapter would answer `prompt` (the decision's dict: adapter, confidence, scores);
+        with a router that fans out, and a prompt it would answer part by part, also `parts`:
+        each part's text, its span in the prompt and the adapter that would answer it."""
+        from loraswitch.switch.segment import segment
+
+        chosen = self.router(router)
+        out = chosen.route(self.engine, [prompt])[0].to_dict()
+        if getattr(chosen, "fans_out", False):
+            found = segment(chosen, self.engine, [prompt])[0]
+            if len(found.parts) >= 2:
+                decisions = chosen.route(self.engine, found.texts)
+                out["parts"] = [{"text": p.text, "span": [p.start, p.end], "adapter": d.adapter,
+                                 "confidence": round(d.confidence, 4)} for p, d in zip(found.parts, decisions)]
+        return out
+
     def run(self, handles: list[Handle], max_rows: int | None = MAX_BATCH, max_parts: int | None = None,
             requeue=None, arrivals=None) -> list[dict]:
         """Answer every handle's request; each gets its events (started, token, switched, then
