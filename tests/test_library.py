@@ -45,6 +45,10 @@ def library(tmp_path, tiny_base, adapter_dir):
     _corrupt_weights(root / "nan", lambda t: {k: (v.fill_(float("nan")) if "lora_B" in k else v) for k, v in t.items()})
     bad["huge"] = write_adapter(model, root / "huge")  # finite, but 1e17 times too large: swamps the layer
     _corrupt_weights(root / "huge", lambda t: {k: (v * 1e17 if "lora_B" in k else v) for k, v in t.items()})
+    bad["embedding"] = write_adapter(model, root / "embedding")  # as PEFT saves one: the base layer comes first
+    _corrupt_weights(root / "embedding", lambda t: {**t, "base_model.model.model.embed_tokens.base_layer.weight":
+                                                    torch.zeros(3, 3), "base_model.model.model.embed_tokens.lora_embedding_A":
+                                                    torch.zeros(4, 3)})
     bad["wrong_base"] = root / "wrong_base"
     other = tiny_model(seed=1)
     other.model.layers[0].self_attn.q_proj = torch.nn.Linear(64, 64, bias=False)
@@ -73,6 +77,7 @@ EXPECTED = {
     "truncated": "corrupt adapter_model.safetensors",
     "nan": "NaN or Inf",
     "huge": "times the size of the base weights",
+    "embedding": "LoRA on embedding layers is not supported",
     "wrong_base": "but the base layer is",
     "missing_module": "which the base model does not have",
     "unpaired": "not its pair",
@@ -253,3 +258,13 @@ def test_a_scale_at_the_bound_loads_and_rslora_alpha_pattern_still_work(tiny_bas
     a = read_adapter(path, tiny_base.model)
     scales = {k.rsplit(".", 1)[-1]: m.scale for k, m in a.modules.items()}
     assert scales == {"q_proj": 256.0, "v_proj": 0.5}
+
+
+def test_peft_multi_adapter_saves_load_every_adapter(tiny_base, tmp_path):
+    """PEFT's save_pretrained writes a model's default adapter at the top and each other one in a
+    folder of its own inside it (`out/second/`): both load, named by their folders."""
+    write_adapter(tiny_base.model, tmp_path / "lib" / "multi", seed=1)
+    write_adapter(tiny_base.model, tmp_path / "lib" / "multi" / "second", seed=2)
+    found = scan([tmp_path / "lib"], tiny_base.model)
+    assert sorted(a.name for a in found.adapters) == ["multi", "second"] and not found.errors
+    assert sorted(a.name for a in scan([tmp_path / "lib" / "multi"], tiny_base.model).adapters) == ["multi", "second"]

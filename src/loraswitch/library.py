@@ -231,12 +231,12 @@ def read_adapter(path: str | Path, base: nn.Module, name: str | None = None, bas
     wrong_base_hint = f" (the adapter was trained for {declared!r}: wrong base model?)" if declared else ""
     _check_targets(name, cfg, base, wrong_base_hint)
 
+    if any("lora_embedding" in key for key in tensors):  # before the embedding's saved base layer is met
+        raise AdapterError(name, "LoRA on embedding layers is not supported")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         m = _KEY_RE.match(key)
         if m is None:
-            if "lora_embedding" in key:
-                raise AdapterError(name, "LoRA on embedding layers is not supported")
             raise AdapterError(
                 name, f"tensor {key!r} is not a LoRA factor (fully trained modules / modules_to_save are not applied)"
             )
@@ -316,14 +316,19 @@ def _family(model_name: str) -> str:
 
 def find_adapter_dirs(root: str | Path) -> list[Path]:
     """Adapter folders directly inside `root` (any subfolder with an adapter config or weights),
-    or `root` itself when it is one."""
+    or `root` itself when it is one; and the adapters one folder inside an adapter folder, where
+    PEFT's `save_pretrained` writes every adapter of a model but the default (`out/second/`)."""
     root = Path(root)
     if (root / CONFIG_FILE).is_file():
-        return [root]
-    if not root.is_dir():
+        found = [root]
+    elif root.is_dir():
+        markers = (CONFIG_FILE, WEIGHTS_FILE, *PICKLE_FILES)
+        found = sorted(p for p in root.iterdir() if p.is_dir() and any((p / m).exists() for m in markers))
+    else:
         return []
-    markers = (CONFIG_FILE, WEIGHTS_FILE, *PICKLE_FILES)
-    return sorted(p for p in root.iterdir() if p.is_dir() and any((p / m).exists() for m in markers))
+    nested = [q for p in found if (p / CONFIG_FILE).is_file() for q in sorted(p.iterdir())
+              if q.is_dir() and (q / CONFIG_FILE).is_file()]
+    return found + nested
 
 
 @dataclass
