@@ -40,6 +40,8 @@ def test_units_follow_the_prompts_own_structure():
     assert texts("[INST] A date [/INST]\n[INST] A sum [/INST]") == ["A date", "A sum"]
     assert texts("<q>A date</q> <task>A sum</task>") == ["A date", "A sum"]
     assert texts("a) A date b) A sum") == ["A date", "A sum"]
+    assert texts("Please help me with: (a) a date; (b) a sum") == ["Please help me with:", "A date", "A sum"]
+    assert texts("I like plan a) more than b) today") == ["I like plan a) more than b) today"]  # no lead-in colon
     assert texts("- A date\n- A sum") == ["A date", "A sum"]
     assert texts("Hi.\n\nA date.\n\nA sum.") == ["Hi.", "A date.", "A sum."]
     assert texts("Add 45 and 38.") == ["Add 45 and 38."]  # "and" alone joins no clauses
@@ -120,6 +122,8 @@ def test_enumerations_are_answered_item_by_item():
     # a heading leads the part after it and never trails the part before
     assert _parts("### Task 1\nthe date\n### Task 2\nthe sum") == ["The date", "The sum"]
     assert _parts("**Part 1**\nthe date\n**Part 2**\nthe sum") == ["The date", "The sum"]
+    # an inline enumeration after a lead-in: the lead-in is an instruction, not part of the first item
+    assert _parts("Please help me with: (a) the date; (b) the sum") == ["The date", "The sum"]
     # a bulleted input of one request is not
     assert _parts("Sort these:\n- 42\n- 7") == []
 

@@ -128,8 +128,10 @@ def _prose(prompt: str, start: int, end: int, **kw) -> list[Unit]:
     return units
 
 
-def _inline(prompt: str, start: int, end: int) -> list[tuple[int, int]] | None:
-    """An inline enumeration ("a) x b) y", "(1) x (2) y") as item spans, or None."""
+def _inline(prompt: str, start: int, end: int) -> tuple[int, list[tuple[int, int]]] | None:
+    """An inline enumeration ("a) x b) y", "(1) x (2) y") as (where its lead-in ends, item
+    spans), or None. A lead-in is allowed when it ends with a colon ("Please help me with: (a)
+    ... (b) ..."); any other text before the first marker makes the letters part of a sentence."""
     line = prompt[start:end]
     found, want = [], None
     for m in _INLINE.finditer(line):
@@ -140,10 +142,12 @@ def _inline(prompt: str, start: int, end: int) -> list[tuple[int, int]] | None:
         if want is not None and key == want:
             found.append(m)
             want = chr(ord(key) + 1) if key.isalpha() else str(int(key) + 1)
-    if len(found) < 2 or line[: found[0].start()].strip():
+    lead = line[: found[0].start()].strip() if found else ""
+    if len(found) < 2 or (lead and not lead.endswith(":")):
         return None
-    return [(start + m.end(), start + (found[i + 1].start() if i + 1 < len(found) else len(line)))
-            for i, m in enumerate(found)]
+    ends = [len(line[: found[i + 1].start()].rstrip(" ;,")) if i + 1 < len(found) else len(line)
+            for i in range(len(found))]  # "(a) x; (b) y": the separator belongs to neither item
+    return start + found[0].start(), [(start + m.end(), start + e) for m, e in zip(found, ends)]
 
 
 class _Lists:
@@ -193,9 +197,11 @@ def _line_units(prompt: str, start: int, end: int, lists: _Lists, line: int, par
         return [Unit(start, end, text.strip(), "line", line=line, para=para, answer=True)]
     inline = _inline(prompt, start, end)
     if inline is not None:
+        lead_end, items = inline
         list_id = lists.new()
         lists.close()
-        return [Unit(a, b, clean(prompt[a:b]), "item", list_id, False, line, para) for a, b in inline]
+        lead = _prose(prompt, start, lead_end, line=line, para=para) if prompt[start:lead_end].strip() else []
+        return lead + [Unit(a, b, clean(prompt[a:b]), "item", list_id, False, line, para) for a, b in items]
     mark = _marker(text)
     if mark is not None:
         kind, key, length = mark

@@ -252,8 +252,9 @@ def plan(units: list[Unit], adapter: list[str | None], confidence: list[float],
             last.confidence = min(last.confidence, confidence[i])
             continue
         part = Part([i], is_firm, adapter[i], confidence[i])
-        for j in pending:  # leading context: kept when it shares the line or sets up the question, else an instruction
-            joins = units[j].line == u.line or (setup and units[j].para == u.para)
+        for j in pending:  # leading context: kept when it shares the line or sets up the question, else an
+            # instruction (so is the lead-in of an enumeration on its line: "Please help me with: (a) ... (b) ...")
+            joins = (units[j].line == u.line and not is_firm) or (setup and units[j].para == u.para)
             (part.context if joins else dropped).append(j)
         pending = []
         parts.append(part)
