@@ -100,6 +100,9 @@ def test_a_statement_sets_up_a_question_and_is_never_a_part():
     assert is_statement("A fruit stand sells five fruits: kiwis and plums.")
     assert not is_statement("The date please.") and not is_statement("The sum of 2 and 3.")
     assert not is_statement("Is the date right?") and not is_statement("In French, spell out 17.")
+    # contractions are finite verbs: a story before the question is context (it was a part of its own)
+    assert is_statement("I'm planning a trip and I've been reading a lot about history.")
+    assert not is_statement("Don't forget to sort 3, 1, 2.") and not is_statement("Let's sort 3, 1, 2.")
     # the statement routes to "sum" but sets up the date question after it: one part, no split
     assert _parts("A stand sells the sum of fruits. Kiwis cost less.\nWhich date is it?\nchoice: May\nchoice: June") == []
     # a statement of the next question's task goes forward with it, not back to the part before

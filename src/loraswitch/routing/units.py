@@ -55,6 +55,7 @@ _SUBJECT = r"(?:a|an|the|this|that|these|those|there|it|i|we|they|he|she|my|our|
 _STATEMENT = re.compile(rf"(?:{_SUBJECT}|(?:in|on|at|during|after|before)\b[^,?]{{0,60}},\s*{_SUBJECT})[^?]*$", re.I | re.S)
 # ... with a finite verb: "The date please." and "The sum of 2 and 3." are requests, not statements
 _VERB = re.compile(r"\b(?:is|are|was|were|am|has|have|had|will|would|can|could|does|did)\b"
+                   r"|\w['\u2019](?:m|re|s|ve|d|ll)\b|n['\u2019]t\b"  # I'm, we've, it's, don't
                    r"|^(?:\S+\s+){1,4}?\w{2,}(?:ed|s)\b", re.I)
 
 
