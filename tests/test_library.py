@@ -259,12 +259,3 @@ def test_a_scale_at_the_bound_loads_and_rslora_alpha_pattern_still_work(tiny_bas
     scales = {k.rsplit(".", 1)[-1]: m.scale for k, m in a.modules.items()}
     assert scales == {"q_proj": 256.0, "v_proj": 0.5}
 
-
-def test_peft_multi_adapter_saves_load_every_adapter(tiny_base, tmp_path):
-    """PEFT's save_pretrained writes a model's default adapter at the top and each other one in a
-    folder of its own inside it (`out/second/`): both load, named by their folders."""
-    write_adapter(tiny_base.model, tmp_path / "lib" / "multi", seed=1)
-    write_adapter(tiny_base.model, tmp_path / "lib" / "multi" / "second", seed=2)
-    found = scan([tmp_path / "lib"], tiny_base.model)
-    assert sorted(a.name for a in found.adapters) == ["multi", "second"] and not found.errors
-    assert sorted(a.name for a in scan([tmp_path / "lib" / "multi"], tiny_base.model).adapters) == ["multi", "second"]

@@ -120,8 +120,14 @@ def test_enumerations_are_answered_item_by_item():
     assert _parts("Which of these is sweeter?\n1. apples\n2. pears") == []
     assert _parts("Steps:\n1. boil water\n2. add pasta\nWhat comes next?") == []
     assert _parts("Summarize these steps:\n1. heat it\n2. take the sum\n3. serve it") == []  # one of three
-    # a line above a numbered list of parts introduces it, however confidently it routes
+    assert _parts("1. the sum\n2. a haiku\n3. a joke\n4. the date\n5. a poem") == [  # two asked: all parts
+        "The sum", "A haiku", "A joke", "The date", "A poem"]
+    assert _parts("Which of these is sweeter?\n- apples\n- the sum of pears") == []  # bullets need two
+    # a line just above a numbered list of parts introduces it, however confidently it routes ...
     assert _parts("Give each date in French.\n1. the date\n2. the sum") == ["The date", "The sum"]
+    # ... but a request a paragraph before it is a part of its own
+    assert _parts("Give the date in French.\n\nThen answer these:\n1. the sum\n2. the date") == [
+        "Give the date in French.", "The sum", "The date"]
     # a heading leads the part after it and never trails the part before
     assert _parts("### Task 1\nthe date\n### Task 2\nthe sum") == ["The date", "The sum"]
     assert _parts("**Part 1**\nthe date\n**Part 2**\nthe sum") == ["The date", "The sum"]

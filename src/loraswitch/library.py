@@ -298,13 +298,27 @@ def _check_size(name: str, key: str, module: LoraModule, weight: torch.Tensor) -
     """Refuse an update that swamps the layer it adds to: finite factors 1e17 times too large
     pass every other check, and per-token routing (Arrow) then mixed them into every answer as
     non-finite logits. Trained adapters change a layer by a few percent to about its own size."""
+    layer = _norm(weight)
+    if not layer:  # an empty (or offloaded) layer: no size to compare with
+        return
     A, B = module.A.double(), module.B.double()
     update = abs(module.scale) * float(torch.sqrt(torch.clamp(torch.trace((B.T @ B) @ (A @ A.T)), min=0)))
-    layer = float(weight.detach().double().norm())
-    if update > MAX_RELATIVE_UPDATE * max(layer, 1e-12):
-        raise AdapterError(name, f"module {key!r}: its update is {update / max(layer, 1e-12):.3g} times the size of "
+    if update > MAX_RELATIVE_UPDATE * layer:
+        raise AdapterError(name, f"module {key!r}: its update is {update / layer:.3g} times the size of "
                                  f"the base weights (|scale B A| / |W|, at most {MAX_RELATIVE_UPDATE:g}): corrupt or "
                                  "mis-scaled weights")
+
+
+def _norm(weight: torch.Tensor) -> float:
+    """The Frobenius norm of a base weight, computed once per tensor and kept on it (every adapter
+    of a library is checked against the same layers), in float32 without a full upcast copy."""
+    if weight.is_meta:
+        return 0.0
+    norm = getattr(weight, "_loraswitch_norm", None)
+    if norm is None:
+        norm = float(torch.linalg.vector_norm(weight.detach(), dtype=torch.float32))
+        weight._loraswitch_norm = norm
+    return norm
 
 
 def _family(model_name: str) -> str:
@@ -316,19 +330,16 @@ def _family(model_name: str) -> str:
 
 def find_adapter_dirs(root: str | Path) -> list[Path]:
     """Adapter folders directly inside `root` (any subfolder with an adapter config or weights),
-    or `root` itself when it is one; and the adapters one folder inside an adapter folder, where
-    PEFT's `save_pretrained` writes every adapter of a model but the default (`out/second/`)."""
+    or `root` itself when it is one. Folders inside an adapter folder are not adapters of the
+    library: trainers write `checkpoint-*` there (PEFT's extra adapters of one model, `out/second/`,
+    are given with `--adapter-dir out`)."""
     root = Path(root)
     if (root / CONFIG_FILE).is_file():
-        found = [root]
-    elif root.is_dir():
-        markers = (CONFIG_FILE, WEIGHTS_FILE, *PICKLE_FILES)
-        found = sorted(p for p in root.iterdir() if p.is_dir() and any((p / m).exists() for m in markers))
-    else:
+        return [root]
+    if not root.is_dir():
         return []
-    nested = [q for p in found if (p / CONFIG_FILE).is_file() for q in sorted(p.iterdir())
-              if q.is_dir() and (q / CONFIG_FILE).is_file()]
-    return found + nested
+    markers = (CONFIG_FILE, WEIGHTS_FILE, *PICKLE_FILES)
+    return sorted(p for p in root.iterdir() if p.is_dir() and any((p / m).exists() for m in markers))
 
 
 @dataclass

@@ -75,3 +75,20 @@ def test_token_bytes_rebuild_characters_that_span_tokens(tokenizer):
     assert any(tokenizer.decode([i]) == "\ufffd" for i in ids)  # the case that needs it
     assert b"".join(bytes(token_bytes(tokenizer, i)) for i in ids).decode() == text
     assert bytes(token_bytes(tokenizer, tokenizer.eos_token_id)).decode() == tokenizer.eos_token
+
+
+def test_token_bytes_of_sentencepiece_pieces_keep_their_space():
+    """Llama-style vocabularies mark a word start with U+2581, which decoding one piece alone
+    strips; byte-fallback pieces are single bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from loraswitch.server.token_bytes import token_bytes
+
+    vocab = {"<unk>": 0, "\u2581hello": 1, "\u2581world": 2, "<0xF0>": 3}
+    sp = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace()
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp)
+    assert [bytes(token_bytes(tok, i)) for i in (1, 2, 3)] == [b" hello", b" world", b"\xf0"]

@@ -158,7 +158,7 @@ def _targets_table(results: dict) -> list[str]:
             cells.append("–" if v is None else f"{100 * v:.1f}%" + ("" if t["met"] else " **(not met)**"))
         lines.append(f"| {label} | >= {100 * goal:.0f}% | " + " | ".join(cells) + " |")
     if unmeasured:
-        lines += ["", "Not asked in this run: " + "; ".join(f"{label} ({_WHY_UNASKED[key]})" for key, label in unmeasured) + "."]
+        lines += ["", "Not asked in this run: " + "; ".join(f"{label} ({_WHY_UNASKED.get(key, 'no prompt of its kind')})" for key, label in unmeasured) + "."]
     return lines + [""]
 
 

@@ -55,7 +55,8 @@ _SUBJECT = r"(?:a|an|the|this|that|these|those|there|it|i|we|they|he|she|my|our|
 _STATEMENT = re.compile(rf"(?:{_SUBJECT}|(?:in|on|at|during|after|before)\b[^,?]{{0,60}},\s*{_SUBJECT})[^?]*$", re.I | re.S)
 # ... with a finite verb: "The date please." and "The sum of 2 and 3." are requests, not statements
 _VERB = re.compile(r"\b(?:is|are|was|were|am|has|have|had|will|would|can|could|does|did)\b"
-                   r"|\w['\u2019](?:m|re|s|ve|d|ll)\b|n['\u2019]t\b"  # I'm, we've, it's, don't
+                   r"|\w['\u2019](?:m|re|ve|d|ll)\b|n['\u2019]t\b"  # I'm, we've, they'd, don't
+                   r"|\b(?:it|that|there|he|she|who|what|here)['\u2019]s\b"  # it's, not a possessive's
                    r"|^(?:\S+\s+){1,4}?\w{2,}(?:ed|s)\b", re.I)
 
 
@@ -71,7 +72,8 @@ def is_statement(text: str) -> bool:
 
 
 # a line that names what follows rather than asking anything: "### Task 2", "**Part 1**", "Question 3:"
-_HEADING = re.compile(r"^(#{1,6}\s.*|\*\*[^*]+\*\*:?|(task|part|question|exercise|problem)\s*\d+\s*[:.)]?)$", re.I)
+_LABEL_WORDS = r"(?:task|part|question|exercise|problem|step|section)"
+_HEADING = re.compile(rf"^(#{{1,6}}\s.*|\*\*{_LABEL_WORDS}\b[^*?]{{0,30}}\*\*:?|{_LABEL_WORDS}\s*\d+\s*[:.)]?)$", re.I)
 
 
 def is_heading(text: str) -> bool:
@@ -148,7 +150,8 @@ def _inline(prompt: str, start: int, end: int) -> tuple[int, list[tuple[int, int
         return None
     ends = [len(line[: found[i + 1].start()].rstrip(" ;,")) if i + 1 < len(found) else len(line)
             for i in range(len(found))]  # "(a) x; (b) y": the separator belongs to neither item
-    return start + found[0].start(), [(start + m.end(), start + e) for m, e in zip(found, ends)]
+    return start + found[0].start(), [(start + m.end(), start + e) for m, e in zip(found, ends)
+                                      if line[m.end() : e].strip()]  # "(a) ; (b) x": no empty item
 
 
 class _Lists:

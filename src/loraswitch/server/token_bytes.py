@@ -31,21 +31,36 @@ def _byte_of_char() -> dict[str, int]:
 
 
 def _byte_level(tokenizer) -> bool:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    decoder = getattr(backend, "decoder", None)
-    return type(decoder).__name__ == "ByteLevel"
+    """Whether the vocabulary's pieces are GPT-2's byte characters (a ByteLevel decoder, alone or
+    in a sequence; a slow GPT-2-style tokenizer has its `byte_decoder`)."""
+    if hasattr(tokenizer, "byte_decoder"):
+        return True
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    return decoder is not None and "ByteLevel" in repr(decoder)
 
 
 def token_bytes(tokenizer, token_id: int) -> list[int]:
-    """The bytes token `token_id` stands for (its decoded text's UTF-8 when the vocabulary's
-    pieces are not bytes, e.g. special tokens)."""
+    """The bytes token `token_id` stands for: an added or special token's text; a byte-level
+    piece through the table; a SentencePiece piece with its word-start mark as the space it
+    stands for (decoding it alone would strip that space: "▁hello" is " hello")."""
     piece = tokenizer.convert_ids_to_tokens(int(token_id))
     if piece is None:
         return []
+    if piece in _added(tokenizer):
+        return list(piece.encode())
     m = _BYTE_PIECE.fullmatch(piece)
     if m:
         return [int(m.group(1), 16)]
     table = _byte_of_char()
-    if _byte_level(tokenizer) and all(c in table for c in piece):
-        return [table[c] for c in piece]
-    return list(tokenizer.convert_tokens_to_string([piece]).encode())
+    if _byte_level(tokenizer):
+        if all(c in table for c in piece):
+            return [table[c] for c in piece]
+        return list(tokenizer.convert_tokens_to_string([piece]).encode())
+    return list(piece.replace("\u2581", " ").encode())
+
+
+def _added(tokenizer) -> dict:
+    try:
+        return tokenizer.get_added_vocab()
+    except (AttributeError, NotImplementedError):
+        return {}

@@ -11,6 +11,7 @@ collects the `Done`s; the server streams the `Token`s.
 from __future__ import annotations
 
 import math
+import numbers
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -37,17 +38,33 @@ class InvalidOutput(RuntimeError):
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's and vLLM's default limit)
 
 
+def _numbers(r: Request) -> None:
+    """numpy and other numeric types as plain Python numbers (a whole float such as 8.0 as an int);
+    a bool is no number here."""
+    for name in ("max_tokens", "logprobs", "seed"):
+        value = getattr(r, name)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+            object.__setattr__(r, name, int(value))
+    for name in ("temperature", "top_p"):
+        value = getattr(r, name)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            object.__setattr__(r, name, float(value))
+    if r.stop is None:
+        object.__setattr__(r, "stop", ())
+
+
 def _check_sampling(r: Request) -> None:
     """Refuse what no decode can honour, when the request is made rather than deep in a batch
     (where a bad value surfaced as a torch error: `logprobs=100000`, `temperature=nan`)."""
     def whole(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
 
+    _numbers(r)
     if not whole(r.max_tokens) or r.max_tokens < 1:
         raise ValueError(f"max_tokens must be a whole number >= 1 (got {r.max_tokens!r})")
-    if not isinstance(r.temperature, int | float) or not math.isfinite(r.temperature) or r.temperature < 0:
+    if not isinstance(r.temperature, float) or not math.isfinite(r.temperature) or r.temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (got {r.temperature!r})")
-    if not isinstance(r.top_p, int | float) or not 0 < r.top_p <= 1:
+    if not isinstance(r.top_p, float) or not 0 < r.top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (got {r.top_p!r})")
     if r.logprobs is not None and (not whole(r.logprobs) or not 0 <= r.logprobs <= MAX_LOGPROBS):
         raise ValueError(f"logprobs must be a whole number from 0 to {MAX_LOGPROBS} (got {r.logprobs!r})")

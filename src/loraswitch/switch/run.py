@@ -293,7 +293,8 @@ def _rows_of(switch, handles: list[Handle], max_parts: int | None, phases: dict[
     """The rows of `handles` (templated, multi-part ones fanned out), timing `segment` and
     `template` into `phases`; a request that cannot become rows is answered with its error."""
     rows: list[Row] = []
-    handles = [h for h in handles if _fits(switch, h)]
+    with _timed(phases, "template"):  # tokenizing is the template phase's work, wherever it happens
+        handles = [h for h in handles if _fits(switch, h)]
     try:  # where each prompt changes task: every prompt of the batch in one feature pass
         with _timed(phases, "segment"):
             found = segment_requests(switch, handles)

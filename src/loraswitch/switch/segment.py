@@ -13,11 +13,11 @@ sequence selector in one feature pass, and the prompt is cut where the decision 
 * worked examples (`Unit.example`) are context and join no part;
 * adjacent prose units of one task stay one part; an enumeration (tagged blocks, list items,
   "a) b)") whose items are questions - at least two of them confident, or numbered 1..n as
-  `loraswitch.numbered` writes them with at least half confident - is answered item by item,
-  each its own part. A list none of whose items is a question is the data of a question
-  ("Which of these is sweeter?\n1. apples\n2. pears"): its items are context, and a prompt
-  with no other part is answered whole. Lines above a numbered list of parts introduce it, and a
-  heading line (`units.is_heading`) leads the part after it;
+  `loraswitch.numbered` writes them with one when that is half of it - is answered item by
+  item, each its own part. Any other numbered list is the data of a question ("Which of these
+  is sweeter?\n1. apples\n2. pears"): its items are context, and a prompt with no other part
+  is answered whole. The lines just above a numbered list of parts introduce it, and a heading
+  line (`units.is_heading`) never joins the part before it;
 * a cut between two prose parts of different tasks is kept only if the text is *less* like one
   request when read whole than in pieces: the selector's energy (logsumexp of its logits, an
   out-of-distribution score) of the two parts read together must not exceed the larger of their
@@ -181,11 +181,11 @@ def _join(prompt: str, units: list[Unit]) -> str:
 
 
 def _firm_lists(units: list[Unit], question: list[bool]) -> set[int]:
-    """Enumerations answered item by item: two or more confident items, or numbered 1..n with
-    at least half of them confident (a list of tasks may hold a request no adapter takes: "1.
-    Write a haiku. 2. What is 2 + 3?"). A numbered list of mostly no request is what the text
+    """Enumerations answered item by item: two or more confident items, or a list numbered 1..n
+    with one when that is at least half of it (a list of tasks may hold requests no adapter
+    takes: "1. Write a haiku. 2. What is 2 + 3?"). Any other numbered list is what the text
     around it asks about ("Summarize these steps:" over three steps, one of which a fragment-
-    overconfident selector reads as a sum)."""
+    overconfident selector reads as a sum): `plan` makes its items context."""
     firm = set()
     for list_id in {u.list_id for u in units if u.list_id >= 0}:
         idx = [i for i, u in enumerate(units) if u.list_id == list_id and not u.example]
@@ -193,7 +193,7 @@ def _firm_lists(units: list[Unit], question: list[bool]) -> set[int]:
             continue
         asked = sum(question[i] for i in idx)
         numbered = all(units[i].numbered for i in idx)
-        if (asked >= 2 and not numbered) or (asked and 2 * asked >= len(idx)):
+        if asked >= 2 or (numbered and asked and 2 * asked >= len(idx)):
             firm.add(list_id)
     return firm
 
@@ -222,10 +222,12 @@ def plan(units: list[Unit], adapter: list[str | None], confidence: list[float],
     question = [a is not None and c >= settings.min_confidence and not st and not h
                 for a, c, st, h in zip(adapter, confidence, statement, heading)]
     firm = _firm_lists(units, question)
-    first_numbered = next((u.line for u in units if u.list_id in firm and u.numbered), None)
-    for i, u in enumerate(units):  # lines above a numbered list of parts introduce it ("Reply in French only.")
-        if first_numbered is not None and u.list_id < 0 and u.line < first_numbered:
+    top = next((u for u in units if u.list_id in firm and u.numbered), None)
+    for i, u in enumerate(units):
+        if u.numbered and u.list_id not in firm:  # a numbered list of data: what the prompt asks about
             question[i] = False
+        elif top is not None and u.list_id < 0 and u.para == top.para and u.line < top.line:
+            question[i], heading[i] = False, True  # the lines just above a list of parts introduce it, as a heading
     forward = _forward(units, adapter, question, statement)
     parts: list[Part] = []
     pending: list[int] = []
