@@ -39,7 +39,7 @@ class Switch:
     def __init__(
         self,
         base: Base | str | None = None,
-        adapter_dirs: list[str | Path] | None = None,
+        adapter_dirs: list[str | Path] | str | Path | None = None,
         router_dir: str | Path | None = None,
         upstream: Escalator | None = None,
     ):
@@ -162,13 +162,13 @@ class Switch:
 
     def chat(
         self,
-        prompts: list[str],
+        prompts: list[str] | str,
         model: str | dict[str, float] = "auto",
         route: str | None = None,
         params: SamplingParams | None = None,
         system: str | None = None,
-        allow: list[str] | None = None,
-        deny: list[str] = (),
+        allow: list[str] | str | None = None,
+        deny: list[str] | str = (),
     ) -> list[Generation]:
         """Answer each prompt as one chat turn, in batches of up to MAX_BATCH rows. With a router
         that fans out (`auto`), a prompt of numbered parts becomes one row per part and its answer
