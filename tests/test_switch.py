@@ -87,7 +87,7 @@ def test_stop_strings_find_incrementally_and_hold_back():
     stops = StopStrings(["END", "xyz"])
     assert stops.find("abc E") is None and stops.holdback("abc E") == 1
     assert stops.find("abc EN") is None and stops.holdback("abc EN") == 2
-    assert stops.find("abc END and xyz") == 4
+    assert stops.find("abc END and xyz") == 4 and stops.hit == "END"  # which one: the answer's stop_reason
     assert StopStrings(["cdx", "bcdy"]).holdback("abcd") == 3
     assert StopStrings(["xyz"]).holdback("abc") == 0
     assert not StopStrings([])

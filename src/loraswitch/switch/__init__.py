@@ -24,7 +24,7 @@ from loraswitch.library import AdapterError
 from loraswitch.routing import ROUTER_NAMES, Router, load_router
 from loraswitch.switch.escalate import Escalator
 from loraswitch.switch.mixture import MixtureError, MixturePolicy, allowed_set, check_names, mixture_of, parse_model
-from loraswitch.switch.request import Done, Event, Failed, Handle, Request
+from loraswitch.switch.request import Done, Event, Failed, Handle, Request, listed
 from loraswitch.switch.run import run
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class Switch:
         if not isinstance(base, Base):
             base = load_base(base)
         self.base = base
-        dirs = [DEMO_ADAPTER_DIR] if adapter_dirs is None else _listed(adapter_dirs)
+        dirs = [DEMO_ADAPTER_DIR] if adapter_dirs is None else listed(adapter_dirs)
         self.engine = Engine(base, dirs)
         self.router_dir = Path(router_dir) if router_dir else None
         self._routers: dict[tuple[str, int], Router] = {}
@@ -174,7 +174,7 @@ class Switch:
         that fans out (`auto`), a prompt of numbered parts becomes one row per part and its answer
         is assembled from theirs (`switch.parts`). `model` may be a mixture, as a string
         ("a:0.7+b:0.3") or {name: weight}; `allow` / `deny` restrict what `auto` chooses."""
-        prompts, allow, deny = _listed(prompts), _listed(allow), _listed(deny)  # one name: not its letters
+        prompts, allow, deny = listed(prompts), listed(allow), listed(deny)  # one name: not its letters
         params = params or SamplingParams()
         model = mixture_of(model).spec if isinstance(model, dict) else model
         model, route = self.resolve(model, route, allow, deny)
@@ -196,11 +196,6 @@ class Switch:
         if errors:
             raise errors[0]
         return answers  # type: ignore[return-value]
-
-
-def _listed(values):
-    """A list given as one string or path is that one item, not its characters."""
-    return [values] if isinstance(values, str | Path) else values
 
 
 __all__ = ["Switch", "Request", "Handle", "ROUTER_NAMES"]

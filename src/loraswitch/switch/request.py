@@ -15,6 +15,7 @@ import numbers
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import PurePath
 
 from loraswitch.base import Base
 from loraswitch.generate import MIN_TEMPERATURE, Generation, TokenLogprob
@@ -33,6 +34,11 @@ class RouterUnavailable(RuntimeError):
 class InvalidOutput(RuntimeError):
     """The model produced NaN / inf logits for a row (an adapter that overflows): that request
     fails alone, with this error, and the rows batched with it go on."""
+
+
+def listed(values):
+    """A list given as one string or path is that one item, not its characters."""
+    return [values] if isinstance(values, str | PurePath) else values
 
 
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's and vLLM's default limit)
@@ -108,7 +114,7 @@ class Request:
             raise ValueError("a Request has either messages or a prompt")
         for name in ("allow", "deny", "stop"):  # one name or string, not its characters
             if isinstance(getattr(self, name), str):
-                object.__setattr__(self, name, (getattr(self, name),))
+                object.__setattr__(self, name, tuple(listed(getattr(self, name))))
         _check_sampling(self)
 
     @classmethod

@@ -100,7 +100,7 @@ class BatchListener(Listener):
                                             f"{who}; the requests batched with it were not affected"))
             return
         if row.cut is not None:
-            gen.stop_reason = next(s for s in row.stops.stops if row.detok.text.startswith(s, row.cut))
+            gen.stop_reason = row.stops.hit
             gen.text = row.detok.text[: row.cut]
         row.emit_text(gen.text, len(gen.text), gen, final=True)
         row.answer.done(row.part, gen, row.batch)

@@ -58,10 +58,8 @@ _batch_ids = itertools.count(1)
 
 def _rows(switch, handle: Handle, max_parts: int | None = None, found=None) -> list[Row]:
     """The rows of one request: one, or one per part of a multi-part request (`found`: the
-    parts `switch.segment` detected in it, if it looked)."""
-    base = switch.base
-    request = handle.request.tokenized(base)
-    handle.request = request
+    parts `switch.segment` detected in it, if it looked); `_fits` has tokenized the request."""
+    base, request = switch.base, handle.request
     fans = request.model == "auto" and request.is_chat and _fans_out(switch, request.route)
     try:
         parts, why_whole = (fan_out(request, base, max_parts, found) if fans else None), None

@@ -73,6 +73,7 @@ class StopStrings:
         self.stops = [s for s in stops if s]
         self.longest = max((len(s) for s in self.stops), default=0)
         self._scanned = 0  # text before this holds no stop string start that could still match
+        self.hit: str | None = None  # the stop string `find` found (the first to start; the longest there)
 
     def __bool__(self) -> bool:
         return bool(self.stops)
@@ -80,9 +81,12 @@ class StopStrings:
     def find(self, text: str) -> int | None:
         """Where the first stop string in `text` starts, or None; call with the text as it grows."""
         start = max(0, self._scanned - self.longest + 1)
-        hits = [p for p in (text.find(s, start) for s in self.stops) if p >= 0]
+        hits = [(p, -len(s), s) for s in self.stops if (p := text.find(s, start)) >= 0]
         self._scanned = len(text)
-        return min(hits) if hits else None
+        if not hits:
+            return None
+        at, _, self.hit = min(hits)
+        return at
 
     def holdback(self, text: str) -> int:
         """Length of the longest tail of `text` that is a proper prefix of a stop string."""
