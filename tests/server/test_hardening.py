@@ -321,10 +321,10 @@ def test_8_a_client_gone_mid_answer_is_noticed_while_tokens_flow():
 
     async def scenario():
         loop = asyncio.get_running_loop()
-        job = types.SimpleNamespace(loop=loop, queue=asyncio.Queue())
         st = types.SimpleNamespace(base=types.SimpleNamespace(tokenizer=None),
                                    settings=types.SimpleNamespace(timeout=30.0))
         serving = OpenAIServing(st, None)
+        serving.loop, serving.events = loop, asyncio.Queue()
         serving.deadline = loop.time() + 30
         gone_at = loop.time() + 0.3
 
@@ -334,12 +334,12 @@ def test_8_a_client_gone_mid_answer_is_noticed_while_tokens_flow():
 
         async def decode():  # a token every 5 ms, for much longer than the client stays
             for _ in range(2000):
-                job.queue.put_nowait("token")
+                serving.events.put_nowait((0, "token"))
                 await asyncio.sleep(0.005)
 
         producer = asyncio.create_task(decode())
         tokens = 0
-        while await serving.next_event(job, Raw()) is not None:
+        while await serving.next_event(Raw()) is not None:
             tokens += 1
         producer.cancel()
         return tokens, loop.time() - gone_at

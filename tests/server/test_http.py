@@ -91,9 +91,6 @@ def test_errors_are_openai_shaped(client, http, live):
     with pytest.raises(openai.BadRequestError) as err:
         chat(client, "alpha", max_tokens=41)
     assert err.value.code == "max_tokens_exceeded"
-    with pytest.raises(openai.BadRequestError) as err:
-        chat(client, "alpha", n=2)
-    assert err.value.param == "n"
     with pytest.raises(openai.BadRequestError):
         chat(client, "alpha", extra_body={"route": "arrow"})  # a router only applies to auto
     with pytest.raises(openai.BadRequestError) as err:
@@ -117,7 +114,7 @@ def test_errors_are_openai_shaped(client, http, live):
     check(http.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "tool", "content": "x"}]}), 400)
     check(http.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": "x"}],
                                                   "temperature": 5}), 400)
-    check(http.post("/v1/completions", json={"model": "alpha", "prompt": ["a", "b"]}), 400)
+    check(http.post("/v1/completions", json={"model": "alpha", "prompt": []}), 400)
     check(http.post("/v1/completions", json={"model": "alpha", "prompt": "a", "echo": True, "stream": True}), 400,
           "unsupported_parameter")
     check(http.get("/v1/nowhere"), 404)

@@ -1,6 +1,7 @@
 """EleutherAI's lm-eval harness scores through the server with `model="auto"`: a generative task
 (generate_until, exact match) and a multiple-choice task (loglikelihoods from `echo` +
-`logprobs`), both from a small local task file written here (no dataset download). Its numbers,
+`logprobs`), both from a small local task file written here (no dataset download), sent in
+batches of prompts (`batch_size=4`). Its numbers,
 and every response it got, equal the library's own scoring of the same items."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import json
 
 import pytest
 
+from loraswitch.server.protocol import CompletionRequest
 from loraswitch.switch.request import Done, Request
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -69,14 +71,18 @@ def test_lm_eval_scores_through_the_server_like_the_library(live, lib, tmp_path,
     tok_dir = tmp_path / "tokenizer"
     tok.save_pretrained(tok_dir)
     gen, scores, best, gen_docs = _task_files(tmp_path, switch, tok)
+    batches = []  # how many prompts each completions body held (batch_size=4 sends lists of them)
+    prompts = CompletionRequest.prompt_inputs
+    monkeypatch.setattr(CompletionRequest, "prompt_inputs", lambda body: batches.append(len(prompts(body))) or prompts(body))
 
     out = simple_evaluate(
         model="local-completions",
         model_args=f"model=auto,base_url={live.url}/v1/completions,tokenizer_backend=huggingface,"
-                   f"tokenizer={tok_dir},num_concurrent=1,max_retries=1,max_length=200",
+                   f"tokenizer={tok_dir},num_concurrent=1,max_retries=1,max_length=200,batch_size=4",
         tasks=["ls_gen", "ls_mc"], task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
     )
     res = out["results"]
+    assert max(batches) > 1
     assert res["ls_mc"]["acc,none"] == pytest.approx(0.5)  # the library's argmax is right on items 0 and 2
     assert res["ls_gen"]["exact_match,none"] == pytest.approx(0.5)
     for sample in out["samples"]["ls_mc"]:

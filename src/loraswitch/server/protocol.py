@@ -2,7 +2,7 @@
 splitting and routing are the library's).
 
 Fields we do not implement but that are harmless at their defaults are accepted and ignored
-(`extra="allow"`); asking for a feature we lack (n > 1, tools, penalties...) is a 400 that names
+(`extra="allow"`); asking for a feature we lack (tools, penalties, best_of...) is a 400 that names
 the field, never a silent difference.
 """
 
@@ -120,8 +120,6 @@ class _Common(BaseModel):
         if where:
             raise bad_request(f"{where} is not valid Unicode text (it holds a lone surrogate such as \\ud800)",
                               where, "invalid_text")
-        if (self.n or 1) > 1:
-            raise bad_request("only n=1 is supported", "n", "unsupported_value")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0, 0.0):
                 raise bad_request(f"{name} is not supported (leave it unset or 0)", name, "unsupported_parameter")
@@ -169,6 +167,7 @@ class ChatCompletionRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0: with echo, the prompt's logprobs alone
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = None
@@ -180,26 +179,34 @@ class CompletionRequest(_Common):
             raise bad_request("only best_of=1 is supported", "best_of", "unsupported_value")
         if self.suffix:
             raise bad_request("suffix is not supported", "suffix", "unsupported_parameter")
+        if self.max_tokens == 0 and not self.echo:
+            raise bad_request("max_tokens must be at least 1 (0 asks for nothing new: only with echo=true, which "
+                              "returns the prompt and its logprobs)", "max_tokens")
+
+    @property
+    def echo_only(self) -> bool:
+        """max_tokens 0 with echo: score the prompt, write nothing (one token is decoded and dropped)."""
+        return self.max_tokens == 0 and bool(self.echo)
 
     def limit(self) -> int | None:
-        return self.max_tokens
+        return 1 if self.echo_only else self.max_tokens
 
     def logprob_count(self) -> int | None:
         return self.logprobs
 
-    def prompt_input(self) -> str | list[int]:
-        """The one prompt, as text or token ids (a batch of several prompts is refused)."""
+    def prompt_inputs(self) -> list[str | list[int]]:
+        """The prompts, each as text or token ids: a string, a list of token ids, or a list of
+        either (a batch: one choice per prompt, in order)."""
         p = self.prompt
         if isinstance(p, str):
-            return p
+            return [p]
         if not p:
             raise bad_request("prompt must not be empty", "prompt")
         if all(isinstance(x, int) for x in p):
-            return list(p)  # type: ignore[arg-type]
-        if len(p) != 1:
-            raise bad_request("only one prompt per request is supported (send several requests; they batch together)",
-                              "prompt", "unsupported_value")
-        return p[0]  # type: ignore[return-value]
+            return [list(p)]  # type: ignore[arg-type]
+        if not all(isinstance(x, str) for x in p) and not all(isinstance(x, list) for x in p):
+            raise bad_request("a batch of prompts is all strings or all lists of token ids", "prompt")
+        return list(p)  # type: ignore[arg-type]
 
 
 class AdapterLoadRequest(BaseModel):

@@ -174,13 +174,20 @@ class Scheduler:
     # ------------------------------------------------------------------ requests
     def submit(self, job: Job) -> None:
         """Queue `job`; raises APIError 429 when the queue is full, 503 when stopping."""
+        self.submit_all([job])
+
+    def submit_all(self, jobs: list[Job]) -> None:
+        """Queue the choices of one request together, or none of them: APIError 429 when the
+        queue has no room for all, 503 when stopping."""
         with self._cv:
             if self._stopping:
                 raise errors.unavailable("the server is shutting down")
-            if len(self._queue) >= self.max_queue:
+            if len(self._queue) + len(jobs) > self.max_queue:
                 raise errors.queue_full(len(self._queue))
-            job.submitted = time.monotonic()
-            self._queue.append(job)
+            now = time.monotonic()
+            for job in jobs:
+                job.submitted = now
+                self._queue.append(job)
             self._cv.notify()
 
     def requeue(self, handle) -> None:

@@ -11,8 +11,7 @@ from fastapi import Request as HTTPRequest
 
 from loraswitch.generate import Generation, TokenLogprob
 from loraswitch.server.protocol import ChatCompletionRequest
-from loraswitch.server.scheduler import Job
-from loraswitch.server.serving import OpenAIServing
+from loraswitch.server.serving import Choice, OpenAIServing
 from loraswitch.server.state import ServerState, state
 from loraswitch.server.token_bytes import token_bytes
 from loraswitch.switch.request import Request
@@ -24,24 +23,28 @@ class ChatServing(OpenAIServing):
     kind, id_prefix, param = "chat", "chatcmpl-", "messages"
     body: ChatCompletionRequest
 
-    def build(self) -> Request:
-        return Request(messages=tuple(self.body.conversation()))
+    def build(self) -> list[Request]:
+        return [Request(messages=tuple(self.body.conversation()))]
 
-    def choice(self, job: Job, answer: Generation) -> dict:
-        logprobs = self.logprobs(answer.logprobs) if job.request.logprobs is not None else None
-        return {"index": 0, "message": {"role": "assistant", "content": answer.text}, "logprobs": logprobs,
+    def choice(self, choice: Choice, answer: Generation) -> dict:
+        logprobs = self.logprobs(answer.logprobs) if choice.job.request.logprobs is not None else None
+        return {"index": choice.index, "message": {"role": "assistant", "content": answer.text}, "logprobs": logprobs,
                 "finish_reason": answer.finish_reason, "stop_reason": answer.stop_reason}
 
-    def chunk_choice(self, text, finish, logprobs) -> dict:
+    def chunk_choice(self, index, text, finish, logprobs) -> dict:
         delta = {} if text is None else {"content": text}
-        return {"index": 0, "delta": delta, "logprobs": self.logprobs(logprobs) if logprobs is not None else None,
+        return {"index": index, "delta": delta, "logprobs": self.logprobs(logprobs) if logprobs is not None else None,
                 "finish_reason": finish}
 
-    def stream_start(self, job: Job) -> list[dict]:
-        first = {**self.head(job, self.body.model, chunk=True), "choices": [self.chunk_choice("", None, None)],
-                 **self._no_usage_yet()}
-        first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-        return [first]
+    def stream_start(self) -> list[dict]:
+        """Each choice's first chunk names the role (OpenAI's)."""
+        out = []
+        for c in self.choices:
+            first = {**self.head(self.body.model, chunk=True), "choices": [self.chunk_choice(c.index, "", None, None)],
+                     **self._no_usage_yet()}
+            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            out.append(first)
+        return out
 
     def logprobs(self, items: list[TokenLogprob]) -> dict:
         """The OpenAI chat shape: per token its text, logprob, UTF-8 bytes and the alternatives."""
