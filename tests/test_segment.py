@@ -270,5 +270,6 @@ def test_the_issues_prompts_are_answered_in_two_parts():
         k += len(texts)
     # `loraswitch route` tells which adapter answers each part, as `auto` would
     routed = sw.route("Answer each part.\n1. What is 12 + 30?\n2. Spell out in French: 17")
-    assert [p["adapter"] for p in routed["parts"]] == ["add", "num_to_french"]
+    assert [p["adapter"] for p in routed["parts"]] == ["add", "num_to_french"] == routed["adapter"]
+    assert routed["confidence"] == min(p["confidence"] for p in routed["parts"]) and "adapter" in routed["whole"]
     assert "parts" not in sw.route("Add 45 and 38.") and sw.route("Add 45 and 38.")["adapter"] == "add"

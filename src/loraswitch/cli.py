@@ -108,6 +108,9 @@ def generate(
     route: Annotated[str, typer.Option(help="Router when no --adapter: auto | seq | arrow | gate.")] = "auto",
     max_new_tokens: Annotated[int, typer.Option(min=1, max=4096)] = 64,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Sample among the likeliest tokens holding this much probability.")] = 1.0,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample among the k likeliest tokens (0: off).")] = 0,
+    repetition_penalty: Annotated[float, typer.Option(min=0.0, help="> 1 discourages repeating prompt and answer tokens (1: off; greedy too).")] = 1.0,
     seed: int | None = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {text, token_ids, adapter, routing} as JSON.")] = False,
     trace: Annotated[bool, typer.Option(help="Include the per-token routing trace.")] = False,
@@ -123,7 +126,8 @@ def generate(
     switch = open_switch(base, adapter_dir, router_dir, library)
     switch.engine.compile = compile_step
     model = adapter if adapter is not None else "auto"
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            repetition_penalty=repetition_penalty, seed=seed)
     try:
         res = switch.chat([prompt], model=model, route=None if adapter is not None else route, params=params)[0]
     except (AdapterError, StaleRouterError, FileNotFoundError, ValueError) as exc:
@@ -156,7 +160,8 @@ def route(
     library: LibraryOpt = "demo",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Which adapter would answer PROMPT: {adapter (null = base model), confidence, scores}."""
+    """Which adapter would answer PROMPT: {adapter (null = base model), confidence, scores}; a
+    prompt answered part by part: {adapter: [one per part], confidence, parts, whole}."""
     from loraswitch.routing.base import StaleRouterError
 
     if not prompt.strip():
@@ -169,8 +174,9 @@ def route(
     if as_json:
         print(json.dumps(decision))
         return
-    console.print(f"{decision['adapter'] or 'base model'} (confidence {decision['confidence']:.2f}) "
-                  f"{decision.get('reason', '')}")
+    chosen = decision["adapter"]
+    shown = " + ".join(a or "base model" for a in chosen) if isinstance(chosen, list) else chosen or "base model"
+    console.print(f"{shown} (confidence {decision['confidence']:.2f}) {decision.get('reason', '')}")
     for name, score in sorted(decision.get("scores", {}).items(), key=lambda kv: -kv[1]):
         console.print(f"  {name:<16} {score:.3f}")
     for k, part in enumerate(decision.get("parts", []), 1):

@@ -97,16 +97,41 @@ MIN_TEMPERATURE = 1e-5
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
+    """The next tokens: the argmax, or a draw at `temperature` among the tokens top_k, min_p and
+    top_p keep (in that order, as vLLM applies them)."""
     if params.temperature < MIN_TEMPERATURE:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / params.temperature, -1)
+    if 0 < params.top_k < probs.shape[-1]:
+        kth = probs.topk(params.top_k, -1).values[..., -1:]
+        probs = torch.where(probs < kth, 0.0, probs)
+    if params.min_p > 0:
+        probs = torch.where(probs < params.min_p * probs.amax(-1, keepdim=True), 0.0, probs)
     if params.top_p < 1.0:
+        probs = probs / probs.sum(-1, keepdim=True)
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > params.top_p
         sorted_p[drop] = 0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
+
+def _penalized(logits: torch.Tensor, answers: list[Generation], params: SamplingParams) -> torch.Tensor:
+    """The logits with the repetition penalties applied, row by row, as vLLM applies them:
+    presence and frequency penalties over the answer's tokens so far, the repetition penalty
+    over the prompt's and the answer's (a positive logit divided by it, a negative one
+    multiplied). Logprobs are still reported from the model's own logits."""
+    out = logits.float().clone()
+    vocab = out.shape[-1]
+    for b, res in enumerate(answers):
+        if (params.presence_penalty or params.frequency_penalty) and res.token_ids:
+            counts = torch.bincount(torch.tensor(res.token_ids), minlength=vocab)[:vocab].to(out.dtype)
+            out[b] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(out.dtype)
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(t for t in {*res.prompt_ids, *res.token_ids} if 0 <= t < vocab), dtype=torch.long)
+            values = out[b, seen]
+            out[b, seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    return out
 
 
 def _logprob(logp: torch.Tensor, token: int, k: int) -> TokenLogprob:
@@ -184,7 +209,8 @@ class _Rows:
         finish here."""
         params, policy, engine = self.params, self.policy, self.engine
         logits, broken = _finite_rows(logits)
-        tokens = _sample(logits, params, self.gen).tolist()
+        chosen_from = _penalized(logits, [self.results[r] for r in self.live], params) if params.penalized else logits
+        tokens = _sample(chosen_from, params, self.gen).tolist()
         logp = torch.log_softmax(logits.float(), -1) if params.logprobs is not None else None
         keep = []
         for b, row in enumerate(self.live):

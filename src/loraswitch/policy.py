@@ -22,10 +22,19 @@ class SamplingParams:
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0: off; k: sample among the k likeliest tokens
+    min_p: float = 0.0  # 0: off; drop tokens less likely than min_p x the likeliest's probability
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every token the answer holds
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the answer
+    repetition_penalty: float = 1.0  # vLLM's / transformers': logits of prompt and answer tokens divided by it (> 0: x it)
     seed: int | None = None
     stop_ids: set[int] | None = None  # default: the model's end-of-turn / eos tokens
     logprobs: int | None = None  # None: none; k: each new token's log-probability and the k likeliest
     echo: bool = False  # also the prompt tokens' log-probabilities (the prefill keeps every position's logits)
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 @dataclass(frozen=True)

@@ -37,3 +37,20 @@ def test_default_allowed_hosts_follow_the_bound_address():
     assert default_hosts("0.0.0.0") == ["*"]  # a wildcard bind cannot know its public names
     assert [host_name(h) for h in ("LocalHost:8000", "[::1]:80", "::1", "example.org")] == \
         ["localhost", "::1", "::1", "example.org"]
+
+
+def test_a_busy_port_is_a_clear_error_and_port_zero_gets_a_real_one():
+    import socket
+
+    import pytest
+    import typer
+
+    from loraswitch.server.cli import listening_socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(typer.BadParameter, match="cannot listen on 127.0.0.1"):
+            listening_socket("127.0.0.1", busy.getsockname()[1])
+    with listening_socket("127.0.0.1", 0) as sock:  # what `serve --port 0` prints
+        assert sock.getsockname()[1] > 0

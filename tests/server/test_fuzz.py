@@ -45,7 +45,8 @@ common = {
     "stop": st.one_of(words, st.lists(words, max_size=5), anything), "stream": st.one_of(st.booleans(), anything),
     "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": st.booleans()}), anything),
     "presence_penalty": st.one_of(floats, anything), "frequency_penalty": st.one_of(floats, anything),
-    "logit_bias": st.one_of(st.dictionaries(words, floats, max_size=2), anything),
+    "repetition_penalty": st.one_of(floats, anything), "top_k": st.one_of(ints, anything),
+    "min_p": st.one_of(floats, anything), "logit_bias": st.one_of(st.dictionaries(words, floats, max_size=2), anything),
     "loraswitch": st.one_of(st.fixed_dictionaries({}, optional={"trace": anything, "route": st.one_of(words, anything)}),
                             anything),
     "route": st.one_of(st.sampled_from(["auto", "seq", "arrow", "gate", "none"]), anything),
@@ -57,7 +58,9 @@ valid = {  # values the server must serve: each body is mostly these...
     "max_tokens": st.integers(1, 8), "temperature": st.one_of(st.floats(0, 2), st.sampled_from([0, 1e-40, 1e-320])),
     "top_p": st.floats(0.01, 1), "seed": st.integers(-(2**63), 2**64 - 1), "stream": st.booleans(),
     "stop": st.one_of(prose, st.lists(prose, min_size=1, max_size=4)), "route": st.sampled_from(["arrow", "auto"]),
-    "loraswitch": st.fixed_dictionaries({}, optional={"trace": st.booleans()}), "n": st.just(1), "user": prose,
+    "loraswitch": st.fixed_dictionaries({}, optional={"trace": st.booleans()}), "n": st.integers(1, 2), "user": prose,
+    "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2), "repetition_penalty": st.floats(0.5, 2),
+    "top_k": st.integers(-1, 50), "min_p": st.floats(0, 1),
 }
 valid_chat = st.fixed_dictionaries(
     {"model": st.sampled_from(["auto", "base", "alpha", "beta", "auto:arrow"]),

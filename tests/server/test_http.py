@@ -63,6 +63,23 @@ def test_completions_endpoint(client, lib):
     assert again.choices[0].text == ref.text
 
 
+def test_penalties_and_vllm_sampling_fields_reach_the_library(client, lib):
+    switch, _ = lib
+    asked = dict(frequency_penalty=1.0, presence_penalty=0.5)
+    resp = chat(client, "alpha", max_tokens=12, **asked, extra_body={"repetition_penalty": 1.3})
+    ref = library_answer(switch, Request.chat(PROMPT, model="alpha", max_tokens=12, repetition_penalty=1.3, **asked))
+    plain = library_answer(switch, Request.chat(PROMPT, model="alpha", max_tokens=12))
+    assert resp.choices[0].message.content == ref.text != plain.text
+    sampled = chat(client, "beta", max_tokens=8, temperature=1.5, seed=3, extra_body={"top_k": 4, "min_p": 0.05})
+    ref = library_answer(switch, Request.chat(PROMPT, model="beta", max_tokens=8, temperature=1.5, seed=3, top_k=4,
+                                              min_p=0.05))
+    assert sampled.choices[0].message.content == ref.text
+    for field, value in (("presence_penalty", 3), ("repetition_penalty", 0), ("top_k", -2), ("min_p", 1.5)):
+        with pytest.raises(openai.BadRequestError) as err:
+            chat(client, "alpha", extra_body={field: value})
+        assert field in str(err.value), field
+
+
 def test_auto_routes_and_reports(client, lib):
     switch, _ = lib
     resp = chat(client, "auto", max_tokens=6, extra_body={"loraswitch": {"trace": True}})
@@ -117,7 +134,7 @@ def test_errors_are_openai_shaped(client, http, live):
     check(http.post("/v1/completions", json={"model": "alpha", "prompt": []}), 400)
     check(http.post("/v1/completions", json={"model": "alpha", "prompt": "a", "echo": True, "stream": True}), 400,
           "unsupported_parameter")
-    check(http.get("/v1/nowhere"), 404)
+    check(http.get("/v1/nowhere"), 404, "unknown_endpoint")
     check(httpx.post(live.url + "/v1/chat/completions", json={"model": "alpha", "messages": []}), 401, "invalid_api_key")
     check(httpx.get(live.url + "/v1/models", headers={"Authorization": "Bearer wrong"}), 401, "invalid_api_key")
     with pytest.raises(openai.AuthenticationError):

@@ -153,15 +153,15 @@ class SequenceRouter(Router):
         are out of the running as if they were not loaded: their probability mass is removed and
         the rest renormalized (so a prompt for a denied adapter mostly abstains rather than
         going to the runner-up), and their added heads claim nothing."""
-        probs = torch.softmax(self.logits(feats) / self.temperature, -1)
+        scaled = self.logits(feats) / self.temperature
         claims = self.added.claims(feats, (feats - self.mean) / self.std, engine) if self.added else None
-        if allowed is not None:
+        if allowed is not None:  # renormalized in log space: the kept mass may be below any float epsilon
             keep = torch.tensor([c == NONE_CLASS or c in allowed for c in self.classes])
-            probs = probs * keep
-            probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-12)
-            if claims is not None:
-                off = torch.tensor([h.name not in allowed for h in claims.heads], dtype=torch.bool)
-                claims.margins = claims.margins.masked_fill(off, float("-inf"))
+            scaled = scaled.masked_fill(~keep, float("-inf"))
+        probs = torch.softmax(scaled, -1)
+        if allowed is not None and claims is not None:
+            off = torch.tensor([h.name not in allowed for h in claims.heads], dtype=torch.bool)
+            claims.margins = claims.margins.masked_fill(off, float("-inf"))
         return self.decide(probs, engine, claims)
 
     @property

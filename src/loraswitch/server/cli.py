@@ -39,7 +39,7 @@ def serve(
     adapter_admin: Annotated[bool, typer.Option(help="Allow POST/DELETE /v1/adapters (loading folders from this machine's disk).")] = True,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body in bytes (413 above).")] = 4 * 1024 * 1024,
     max_parts: Annotated[int, typer.Option(min=1, help="Most numbered parts 'auto' answers part by part (capped by --max-batch); a longer list is answered whole.")] = 16,
-    allowed_hosts: Annotated[list[str] | None, typer.Option("--allowed-hosts", help="Host header served when no API key is set (repeatable or comma-separated; default: the --host address and localhost; '*': any).")] = None,
+    allowed_hosts: Annotated[list[str] | None, typer.Option("--allowed-hosts", help="Host header served when no API key is set (repeatable or comma-separated; default: the --host address, localhost, 127.0.0.1 and [::1]; '*': any).")] = None,
     docs: Annotated[bool, typer.Option(help="Serve /docs, /redoc and /openapi.json (behind --api-key when one is set).")] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     keep_prompts: Annotated[bool, typer.Option("--keep-prompts", help="Keep the texts of prompts no adapter took, for /v1/routing/shifts examples and 'loraswitch shifts export' (default: counts and router features only).")] = False,
@@ -54,7 +54,7 @@ def serve(
     compile_step: Annotated[bool, typer.Option("--compile", help="Decode with the compiled step (torch.compile): faster per token; its graphs compile before the port opens (minutes on a CPU: see --compile-context).")] = False,
     compile_context: Annotated[int, typer.Option("--compile-context", min=1, metavar="POSITIONS", help="With --compile: compile the step for every cache length bucket up to this many positions (prompt plus answer) before the port opens; on a CPU the first bucket's graphs serve any length, on a GPU those of the second (128). Nothing compiles after: what they do not cover decodes on the eager loop.")] = COMPILE_CONTEXT,
     prefix_cache: Annotated[int, typer.Option("--prefix-cache", min=0, metavar="POSITIONS", help="Reuse the keys and values of prompt openings that earlier prompts under the same adapters shared (the chat template's), up to this many cached positions (~46 KB each for SmolLM2); 0: off.")] = 2048,
-    ray: Annotated[bool, typer.Option("--ray", help="Serve on Ray Serve: several replicas behind one API (needs pip install 'loraswitch[ray]'; see docs/scale-out.md).")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Serve on Ray Serve: several replicas behind one API (needs pip install 'loraswitch\\[ray]'; see docs/scale-out.md).")] = False,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --ray: join this Ray cluster (default: start a local Ray on 127.0.0.1, stopped on exit).")] = None,
     replicas: Annotated[int, typer.Option(min=1, help="With --ray: how many replicas (each a whole engine with its own batching).")] = 1,
     autoscale: Annotated[str | None, typer.Option("--autoscale", metavar="MIN:MAX", help="With --ray: between MIN and MAX replicas by load (instead of --replicas).")] = None,
@@ -87,15 +87,33 @@ def serve(
 
     from loraswitch.server.app import create_app
 
+    sock = listening_socket(host, port)  # before the model loads: a busy port fails at once
     switch = open_switch(base, adapter_dirs, router_dir, library)
     if upstream:
         switch.upstream = escalator(switch, upstream, upstream_model, upstream_api_key_env, upstream_timeout,
                                     escalate_threshold, escalate_rate, calibration)
     prepare_engine(switch.engine, compile_step, prefix_cache, adapters_per_replica, compile_context)
-    where = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
+    where = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{sock.getsockname()[1]}"
     typer.echo(f"loraswitch serving {switch.base.name} with {len(switch.engine.names)} adapters "
                f"({', '.join(switch.engine.names) or 'none'}) on {where}  (trace page: {where}/ui)", err=True)
-    uvicorn.run(create_app(switch, settings), host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=10)
+    config = uvicorn.Config(create_app(switch, settings), log_level=log_level.lower(), timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def listening_socket(host: str, port: int):
+    """The server's socket, bound here so a busy port is a clear error (exit 2) and `--port 0`
+    prints the port the system gave."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _check_scale_out(ray: bool, ray_address: str | None, autoscale: str | None, replicas: int,

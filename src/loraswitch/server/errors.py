@@ -122,6 +122,8 @@ def install(app) -> None:
         if exc.status_code == 404:
             message = f"Unknown endpoint {request.method} {request.url.path}"
         err = for_status(exc.status_code, message)
+        if exc.status_code in (404, 405):
+            err.code = "unknown_endpoint" if exc.status_code == 404 else "method_not_allowed"
         if exc.status_code == 413:
             err.code = "request_too_large"
         return reply(err, getattr(exc, "headers", None))

@@ -2,7 +2,7 @@
 splitting and routing are the library's).
 
 Fields we do not implement but that are harmless at their defaults are accepted and ignored
-(`extra="allow"`); asking for a feature we lack (tools, penalties, best_of...) is a 400 that names
+(`extra="allow"`); asking for a feature we lack (tools, logit_bias, best_of...) is a 400 that names
 the field, never a silent difference.
 """
 
@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from loraswitch.server.errors import bad_request
-from loraswitch.switch.request import MAX_LOGPROBS
+from loraswitch.switch.request import MAX_LOGPROBS, MAX_REPETITION_PENALTY
 
 MAX_TOP_LOGPROBS = MAX_LOGPROBS  # alternatives per token a request may ask for (the OpenAI limit)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
@@ -89,14 +89,24 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    # vLLM's sampling extensions
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
+    top_k: int | None = Field(default=None, ge=-1)  # -1 or 0: off
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool | None = None  # vLLM's extension: decode past the end-of-turn token to max_tokens
     # loraswitch extensions
     trace: bool | None = None
     route: str | None = None
     loraswitch: LoraswitchOptions | None = None
+
+    def sampling(self) -> dict:
+        """The library request's sampling fields beyond temperature and top_p (unset: off)."""
+        return {"top_k": max(self.top_k or 0, 0), "min_p": self.min_p or 0.0,
+                "presence_penalty": self.presence_penalty or 0.0, "frequency_penalty": self.frequency_penalty or 0.0,
+                "repetition_penalty": self.repetition_penalty if self.repetition_penalty is not None else 1.0}
 
     def stops(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -120,9 +130,6 @@ class _Common(BaseModel):
         if where:
             raise bad_request(f"{where} is not valid Unicode text (it holds a lone surrogate such as \\ud800)",
                               where, "invalid_text")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                raise bad_request(f"{name} is not supported (leave it unset or 0)", name, "unsupported_parameter")
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias", "unsupported_parameter")
         if self.stream_options is not None and not self.stream:

@@ -105,7 +105,7 @@ class OpenAIServing:
         self.fans_out = model == "auto" and built[0].is_chat and (route or "auto") == "auto"  # auto answers parts
         common = dict(model=model, route=route, allow=allow, deny=deny, temperature=temperature,
                       top_p=body.top_p if body.top_p is not None else 1.0, seed=body.seed, stop=tuple(body.stops()),
-                      logprobs=body.logprob_count(), ignore_eos=bool(body.ignore_eos))
+                      logprobs=body.logprob_count(), ignore_eos=bool(body.ignore_eos), **body.sampling())
         built = [replace(req, **common) for req in built]
         prepared = await asyncio.get_running_loop().run_in_executor(self.st.prep, self._prepare_all, built)
         return [(p, replace(req, seed=nth_seed(req.seed, j)), rows)

@@ -24,7 +24,7 @@ from loraswitch.library import AdapterError
 from loraswitch.routing import ROUTER_NAMES, Router, load_router
 from loraswitch.switch.escalate import Escalator
 from loraswitch.switch.mixture import MixtureError, MixturePolicy, allowed_set, check_names, mixture_of, parse_model
-from loraswitch.switch.request import Done, Event, Failed, Handle, Request, listed
+from loraswitch.switch.request import PENALTIES, Done, Event, Failed, Handle, Request, listed
 from loraswitch.switch.run import run
 
 if TYPE_CHECKING:
@@ -112,8 +112,10 @@ class Switch:
 
     def route(self, prompt: str, router: str = "auto") -> dict:
         """Which adapter would answer `prompt` (the decision's dict: adapter, confidence, scores);
-        with a router that fans out, and a prompt it would answer part by part, also `parts`:
-        each part's text, its span in the prompt and the adapter that would answer it."""
+        with a router that fans out, and a prompt it would answer part by part, what the answer's
+        routing would say: `adapter` the list of the parts' adapters, `confidence` the lowest, and
+        `parts` (each part's text, its span in the prompt, its adapter and confidence); the
+        whole prompt's own decision is kept under `whole`."""
         from loraswitch.switch.segment import segment
 
         chosen = self.router(router)
@@ -122,8 +124,10 @@ class Switch:
             found = segment(chosen, self.engine, [prompt])[0]
             if len(found.parts) >= 2:
                 decisions = chosen.route(self.engine, found.texts)
-                out["parts"] = [{"text": p.text, "span": [p.start, p.end], "adapter": d.adapter,
-                                 "confidence": round(d.confidence, 4)} for p, d in zip(found.parts, decisions)]
+                parts = [{"text": p.text, "span": [p.start, p.end], "adapter": d.adapter,
+                          "confidence": round(d.confidence, 4)} for p, d in zip(found.parts, decisions)]
+                out = {"router": out.get("router"), "adapter": [p["adapter"] for p in parts],
+                       "confidence": min(p["confidence"] for p in parts), "parts": parts, "whole": out}
         return out
 
     def run(self, handles: list[Handle], max_rows: int | None = MAX_BATCH, max_parts: int | None = None,
@@ -181,8 +185,9 @@ class Switch:
         allow = tuple(allow) if allow is not None else None
         requests = [Request.chat(p, system=system, model=model, route=route, allow=allow, deny=tuple(deny),
                                  max_tokens=params.max_new_tokens,
-                                 temperature=params.temperature, top_p=params.top_p, seed=params.seed,
-                                 logprobs=params.logprobs) for p in prompts]
+                                 temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                                 min_p=params.min_p, seed=params.seed, logprobs=params.logprobs,
+                                 **{name: getattr(params, name) for name in PENALTIES}) for p in prompts]
         answers: list[Generation | None] = [None] * len(requests)
         errors: list[Exception] = []
 

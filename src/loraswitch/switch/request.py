@@ -42,16 +42,18 @@ def listed(values):
 
 
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's and vLLM's default limit)
+MAX_REPETITION_PENALTY = 10.0  # beyond it every seen token is all but forbidden (typical: 1.0-1.5)
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 def _numbers(r: Request) -> None:
     """numpy and other numeric types as plain Python numbers (a whole float such as 8.0 as an int);
     a bool is no number here."""
-    for name in ("max_tokens", "logprobs", "seed"):
+    for name in ("max_tokens", "logprobs", "seed", "top_k"):
         value = getattr(r, name)
         if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
             object.__setattr__(r, name, int(value))
-    for name in ("temperature", "top_p"):
+    for name in ("temperature", "top_p", "min_p", *PENALTIES):
         value = getattr(r, name)
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             object.__setattr__(r, name, float(value))
@@ -72,6 +74,16 @@ def _check_sampling(r: Request) -> None:
         raise ValueError(f"temperature must be a finite number >= 0 (got {r.temperature!r})")
     if not isinstance(r.top_p, float) or not 0 < r.top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (got {r.top_p!r})")
+    if not whole(r.top_k) or r.top_k < 0:
+        raise ValueError(f"top_k must be a whole number >= 0 (0: off; got {r.top_k!r})")
+    if not isinstance(r.min_p, float) or not 0 <= r.min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1] (got {r.min_p!r})")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(r, name)
+        if not isinstance(value, float) or not -2 <= value <= 2:
+            raise ValueError(f"{name} must be a number from -2 to 2 (got {value!r})")
+    if not isinstance(r.repetition_penalty, float) or not 0 < r.repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1: off; got {r.repetition_penalty!r})")
     if r.logprobs is not None and (not whole(r.logprobs) or not 0 <= r.logprobs <= MAX_LOGPROBS):
         raise ValueError(f"logprobs must be a whole number from 0 to {MAX_LOGPROBS} (got {r.logprobs!r})")
     if r.seed is not None and not whole(r.seed):
@@ -100,6 +112,11 @@ class Request:
     max_tokens: int = 64
     temperature: float = 0.0  # 0 (or below generate.MIN_TEMPERATURE) = greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0: off; k: sample among the k likeliest tokens (vLLM's)
+    min_p: float = 0.0  # 0: off; drop tokens below min_p x the likeliest's probability (vLLM's)
+    presence_penalty: float = 0.0  # -2..2, OpenAI's: once per token the answer already holds
+    frequency_penalty: float = 0.0  # -2..2, OpenAI's: per occurrence in the answer
+    repetition_penalty: float = 1.0  # vLLM's: > 1 discourages prompt and answer tokens (greedy too)
     seed: int | None = None  # a seeded sampled request decodes alone, so its seed reproduces it
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
     logprobs: int | None = None  # None: none; k: each answer token's logprob and the k likeliest
@@ -168,8 +185,11 @@ class Request:
     @property
     def sampling_key(self) -> tuple:
         """Requests decode in one `generate` call only with equal keys: it samples a batch with one
-        setting and one set of stop tokens, and echo keeps every prefill logit."""
-        key: tuple = ("greedy",) if self.greedy else ("sample", float(self.temperature), float(self.top_p))
+        setting (penalties included) and one set of stop tokens, and echo keeps every prefill logit."""
+        key: tuple = ("greedy",) if self.greedy else ("sample", float(self.temperature), float(self.top_p),
+                                                       self.top_k, float(self.min_p))
+        penalties = tuple(float(getattr(self, name)) for name in PENALTIES)
+        key = (*key, "penalties", *penalties) if penalties != (0.0, 0.0, 1.0) else key
         key = (*key, "echo") if self.echo else key
         return (*key, "ignore_eos") if self.ignore_eos else key  # the batch has one set of stop tokens
 

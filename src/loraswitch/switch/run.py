@@ -47,7 +47,7 @@ from loraswitch.routing.base import StaleRouterError
 from loraswitch.routing.features import reading_ahead
 from loraswitch.switch.mixture import MixtureError
 from loraswitch.switch.parts import PartsAnswer, PartsError, SingleAnswer, fan_out
-from loraswitch.switch.request import Handle, Request, RouterUnavailable
+from loraswitch.switch.request import PENALTIES, Handle, Request, RouterUnavailable
 from loraswitch.switch.rows import BatchListener, Row
 from loraswitch.switch.segment import segment_requests
 from loraswitch.switch.text import Detokenizer, StopStrings
@@ -241,7 +241,8 @@ def _generate(switch, call: Call, route_s: float = 0.0, arrivals: Arrivals | Non
     lead = rows[0].request
     wanted = [r.request.logprobs for r in rows if r.request.logprobs is not None]
     params = SamplingParams(max_new_tokens=max(r.request.max_tokens for r in rows),
-                            temperature=max(lead.temperature, 0.0), top_p=lead.top_p,
+                            temperature=max(lead.temperature, 0.0), top_p=lead.top_p, top_k=lead.top_k,
+                            min_p=lead.min_p, **{name: getattr(lead, name) for name in PENALTIES},
                             seed=None if lead.greedy else lead.seed,  # greedy rows draw nothing
                             logprobs=max(wanted) if wanted else None, echo=lead.echo,
                             stop_ids=set() if lead.ignore_eos else None)  # one sampling key: all rows alike

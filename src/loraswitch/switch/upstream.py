@@ -74,6 +74,10 @@ class Upstream:
                       "top_p": request.top_p, "stream": True, "stream_options": {"include_usage": True}}
         if request.seed is not None:
             body["seed"] = request.seed
+        for name, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0),
+                          ("top_k", 0), ("min_p", 0.0)):  # the last three: vLLM's, sent only when asked for
+            if getattr(request, name) != off:
+                body[name] = getattr(request, name)
         if request.stop:
             body["stop"] = list(request.stop)
         if request.is_chat:
