@@ -4,6 +4,8 @@ incremental text and stop strings, part-by-part answers of prompts that mix task
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from loraswitch.generate import SamplingParams, TokenLogprob
 from loraswitch.numbered import numbered, parse_numbered, split_parts
 from loraswitch.routing.base import Decision, Router
 from loraswitch.switch import Switch
-from loraswitch.switch.parts import PartsError, fan_out, part_budget, separator_ids
+from loraswitch.switch.parts import PartsError, TokenPool, fan_out, part_budget, pooled_lengths, separator_ids
 from loraswitch.switch.request import Done, Failed, Handle, Request, Started, Switched, Token
 from loraswitch.switch.text import Detokenizer, StopStrings
 
@@ -56,7 +58,7 @@ def test_part_budget_and_fan_out(tiny_base):
     parts = fan_out(Request.chat(COMPOSITE, max_tokens=40, system="be brief"), tiny_base)
     overhead = sum(len(separator_ids(tiny_base.tokenizer, k)) for k in (1, 2, 3))
     assert [p.route_text(tiny_base) for p in parts] == PARTS
-    assert {p.max_tokens for p in parts} == {(40 - overhead) // 3}  # the whole answer stays within max_tokens
+    assert {p.max_tokens for p in parts} == {40 - overhead}  # the parts share what the separators leave
     assert parts[0].messages[0] == {"role": "system", "content": "be brief"}  # the conversation is kept
     assert fan_out(Request.chat("plain"), tiny_base) is None
     assert fan_out(Request(prompt=COMPOSITE), tiny_base) is None  # raw completions are not split
@@ -182,6 +184,45 @@ def test_a_named_adapter_reads_like_a_routers_decision(switch):
 
 
 # ---------------------------------------------------------------------------- part by part
+def _parts_alone(switch, max_tokens):
+    """COMPOSITE's parts each asked alone with the whole pool, cut to what each keeps when they
+    share it (what `loraswitch eval`'s oracle does)."""
+    pool = fan_out(Request.chat(COMPOSITE, max_tokens=max_tokens), switch.base)[0].max_tokens
+    alone = [switch.chat([p], model=m, params=SamplingParams(max_new_tokens=pool))[0]
+             for p, m in zip(PARTS, ["alpha", "gamma", "base"])]
+    kept = pooled_lengths([len(g.token_ids) for g in alone], [g.finish_reason == "stop" for g in alone], pool)
+    tok = switch.base.tokenizer
+    return [replace(g, token_ids=g.token_ids[:k], text=tok.decode(g.token_ids[:k], skip_special_tokens=True))
+            for g, k in zip(alone, kept)]
+
+
+def test_parts_share_max_tokens_a_part_that_ends_early_gives_the_rest_to_the_others(switch):
+    """The pool: a part that stops after a few tokens hands its unused share to the parts still
+    writing, and the assembled answer stays within max_tokens."""
+    switch._routers[("auto", switch.engine.version)] = _KeywordRouter()
+    long = _parts_alone(switch, 400)  # nothing stops in a random model: what each part would write
+    early = next(t for i, t in enumerate(long[1].token_ids[2:], 2)
+                 if t not in long[1].token_ids[:i] and t not in long[0].token_ids[:60] + long[2].token_ids[:60])
+    switch.base._stops = {*switch.base.stop_ids, early}  # part 2 now ends after its first few tokens
+    res = switch.chat([COMPOSITE], model="auto", params=SamplingParams(max_new_tokens=60))[0]
+    expected = _parts_alone(switch, 60)
+    pool = fan_out(Request.chat(COMPOSITE, max_tokens=60), switch.base)[0].max_tokens
+    assert len(expected[1].token_ids) < 5 and sum(len(g.token_ids) for g in expected) == pool
+    assert len(expected[0].token_ids) > pool // 3 < len(expected[2].token_ids)  # more than an equal share
+    written = [[t for t, e in zip(res.token_ids, res.trace) if e["part"] == k and not e.get("separator")] for k in (1, 2, 3)]
+    assert written == [g.token_ids for g in expected]  # each part kept what the pool simulation says
+    assert len(res.token_ids) <= 60 and res.finish_reason == "length"
+    pool = TokenPool(10, 3)
+    assert pool.limits == [4, 3, 3]
+    pool.end(1, 0)
+    assert pool.limits == [6, 0, 4] and sum(pool.limits) == 10
+    pool.end(0, 6)
+    pool.end(2, 1)
+    assert pool.limits == [6, 0, 1]
+    assert pooled_lengths([2, 50, 50], [True, False, False], 12) == [2, 5, 5]
+    assert pooled_lengths([50, 2, 1], [False, True, True], 12) == [9, 2, 1]
+
+
 def test_auto_answers_each_part_as_its_own_row(switch):
     """A multi-part prompt fans out: each part is answered exactly as if asked alone with its
     routed adapter (same tokens as an explicit request), then assembled in order."""
@@ -190,9 +231,7 @@ def test_auto_answers_each_part_as_its_own_row(switch):
     single = "a lone date question"
     res, alone = switch.chat([COMPOSITE, single], model="auto", params=params)
 
-    per_part = fan_out(Request.chat(COMPOSITE, max_tokens=30), switch.base)[0].max_tokens
-    expected = [switch.chat([p], model=m, params=SamplingParams(max_new_tokens=per_part))[0]
-                for p, m in zip(PARTS, ["alpha", "gamma", "base"])]
+    expected = _parts_alone(switch, 30)
     assert res.text == "\n".join(f"{k}. {g.text}" for k, g in enumerate(expected, 1))
     assert parse_numbered(res.text, 3) == [g.text.strip() for g in expected]
     assert res.routing["adapter"] == ["alpha", "gamma", None] and res.routing["fan_out"] == 3
@@ -222,6 +261,10 @@ def test_a_stop_string_ends_the_whole_multi_part_answer(switch):
     for stops, want, parts in (((stop,), full.text[: full.text.find(stop)], 2), (("\n2. ",), full.text[:second], 1)):
         events = _stream(switch, [Request.chat(COMPOSITE, max_tokens=30, stop=stops)])[0]
         answer = events[-1].answer
+        if parts == 2:  # part 2 stopped early, so part 1 had its unused tokens (the pool) and wrote on
+            head, tail = want[:second], want[second:]
+            assert answer.text.startswith(head) and answer.text.endswith(tail) and len(answer.text) > len(want)
+            want = answer.text
         assert answer.text == want and answer.finish_reason == "stop" and answer.stop_reason == stops[0]
         assert "".join(e.text for e in events if isinstance(e, Token)) == want  # never streamed past it
         assert answer.routing["fan_out"] == parts  # the parts the answer holds

@@ -28,7 +28,7 @@ from loraswitch.eval.data import Item
 from loraswitch.eval.suite import Suite
 from loraswitch.generate import Generation, SamplingParams
 from loraswitch.library import Adapter, scan
-from loraswitch.switch.parts import assemble, parts_budget
+from loraswitch.switch.parts import assemble, pooled_lengths, separators_tokens
 
 
 @dataclass
@@ -128,8 +128,8 @@ class OracleMethod(Method):
         jobs: list[tuple[int, int, str, str, int]] = []  # (item index, part index or -1, task, prompt, max tokens)
         for i, it in enumerate(items):
             if it.parts:
-                per_part = parts_budget(switch.base.tokenizer, it.max_new_tokens, len(it.parts))  # what `auto`'s part rows get
-                jobs += [(i, j, p.task, p.prompt, per_part) for j, p in enumerate(it.parts)]
+                pool = parts_pool(switch.base.tokenizer, it.max_new_tokens, len(it.parts))  # what `auto`'s part rows share
+                jobs += [(i, j, p.task, p.prompt, pool) for j, p in enumerate(it.parts)]
             else:
                 jobs.append((i, -1, it.task, it.prompt, it.max_new_tokens))
         results: dict[tuple[int, int], Generation] = {}
@@ -148,13 +148,32 @@ class OracleMethod(Method):
             if not it.parts:
                 out.append(results[(i, -1)])
             else:
-                parts = [results[(i, j)] for j in range(len(it.parts))]
+                parts = _pooled([results[(i, j)] for j in range(len(it.parts))], switch.base.tokenizer,
+                                parts_pool(switch.base.tokenizer, it.max_new_tokens, len(it.parts)))
                 answers = [replace(a, trace=a.trace[: len(a.token_ids)],
                                    routing={"router": "oracle", "adapter": p.task, "confidence": 1.0})
                            for a, p in zip(parts, it.parts)]
                 out.append(assemble(switch.base.tokenizer, answers, "oracle"))
             self.ctx.progress(1)
         return out
+
+
+def parts_pool(tokenizer, max_new_tokens: int, n_parts: int) -> int:
+    """The new tokens a composite's parts share, as `auto`'s part rows share them."""
+    return max_new_tokens - separators_tokens(tokenizer, n_parts)
+
+
+def _pooled(parts: list[Generation], tokenizer, pool: int) -> list[Generation]:
+    """The oracle's parts, each answered alone with the whole pool, cut to what each keeps when
+    the parts share the pool as `auto`'s rows do (`switch.parts.pooled_lengths`)."""
+    kept = pooled_lengths([len(a.token_ids) for a in parts], [a.finish_reason == "stop" for a in parts], pool)
+    out = []
+    for a, k in zip(parts, kept):
+        if k < len(a.token_ids):
+            a = replace(a, token_ids=a.token_ids[:k], text=tokenizer.decode(a.token_ids[:k], skip_special_tokens=True),
+                        trace=a.trace[:k], logprobs=a.logprobs[:k], finish_reason="length")
+        out.append(a)
+    return out
 
 
 # ---------------------------------------------------------------------------- routers

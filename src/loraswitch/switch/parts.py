@@ -2,9 +2,11 @@
 
 A chat request whose last user message numbers its parts ("1. ...", "2. ...", the grammar of
 `loraswitch.numbered`) is fanned out: each part becomes a row of the same batch, its own prompt
-(the conversation with that message replaced by the part), routed on the part's own words, with
-an equal share of the request's `max_tokens` (what is left after the separators the assembly
-writes, so the whole answer stays within `max_tokens`). At most `max_parts` parts (the server's
+(the conversation with that message replaced by the part), routed on the part's own words. The
+parts share the request's `max_tokens` (what is left after the separators the assembly writes,
+so the whole answer stays within it) as a pool (`TokenPool`): each starts with an equal share,
+and a part that ends early hands what it did not use to the parts still writing, so a long
+answer beside short ones is not cut at 1/n of the budget. At most `max_parts` parts (the server's
 `--max-parts`): a prompt of a hundred numbered lines must not become a hundred rows. All rows
 decode together in one batched forward (several, beyond the batch limit); the answers are assembled in order into one numbered answer ("1. ...\\n2. ..."),
 with a trace that labels every token with its part and one switch event per part.
@@ -44,9 +46,61 @@ class PartsError(ValueError):
 
 
 def part_budget(max_new_tokens: int, n_parts: int, overhead: int = 0) -> int:
-    """New tokens each part may write: what is left of the request's budget after `overhead`
-    (the separators' tokens), shared equally, so the assembled answer never exceeds it."""
+    """Each part's first share of new tokens: what is left of the request's budget after
+    `overhead` (the separators' tokens), shared equally (`TokenPool` then moves what parts leave
+    unused to the others, so the assembled answer never exceeds the budget)."""
     return (max_new_tokens - overhead) // n_parts
+
+
+class TokenPool:
+    """The new tokens a multi-part answer's parts share: `total` (max_tokens less the
+    separators), an equal share each to start (the first `total % n` one more). A part that
+    ends before its share gives the rest to the parts still writing, in equal shares (the
+    earlier parts get the remainder). The rows of one batch write a token a step, so the short
+    parts end first and their tokens reach the long ones in time; the limits never sum to more
+    than `total`, whatever the order, so the answer stays within max_tokens."""
+
+    def __init__(self, total: int, n_parts: int):
+        share, extra = divmod(total, n_parts)
+        self.limits = [share + (1 if k < extra else 0) for k in range(n_parts)]
+        self.running = set(range(n_parts))
+
+    def limit(self, part: int) -> int:
+        return self.limits[part]
+
+    def end(self, part: int, used: int) -> None:
+        """Part `part` ended after writing `used` tokens: its unused share goes to the others."""
+        if part not in self.running:
+            return
+        self.running.discard(part)
+        spare, self.limits[part] = self.limits[part] - used, min(used, self.limits[part])
+        if spare <= 0 or not self.running:
+            return
+        each, extra = divmod(spare, len(self.running))
+        for i, k in enumerate(sorted(self.running)):
+            self.limits[k] += each + (1 if i < extra else 0)
+
+
+def pooled_lengths(natural: list[int], ended: list[bool], total: int) -> list[int]:
+    """How many tokens each part keeps when the parts decode together as rows of one batch from
+    one `TokenPool`, given what each writes with the whole pool to itself: `natural[k]` tokens,
+    `ended[k]` when it stopped on its own there (else it would go on). Steps the rows as
+    `generate` does, in part order: what `loraswitch eval`'s oracle keeps of its parts, which it
+    answers one at a time, so it is measured on the budget `auto`'s rows get."""
+    pool, kept, live, step = TokenPool(total, len(natural)), list(natural), list(range(len(natural))), 0
+    while live:
+        step += 1
+        going = []
+        for k in live:
+            if ended[k] and step > natural[k]:  # it samples its stop token at step natural + 1
+                pool.end(k, natural[k])
+            elif step >= pool.limit(k) or (not ended[k] and step >= natural[k]):  # its limit (or all it had)
+                kept[k] = step
+                pool.end(k, step)
+            else:
+                going.append(k)
+        live = going
+    return kept
 
 
 def separators_tokens(tokenizer, n_parts: int) -> int:
@@ -81,15 +135,14 @@ def fan_out(request: Request, base, max_parts: int | None = None, found=None) ->
             return None
         raise PartsError(f"the message has {n} numbered parts; at most {max_parts} are answered part by part "
                          "(send fewer parts, or several requests)", "too_many_parts")
-    budget = parts_budget(base.tokenizer, request.max_tokens, n)
-    if budget < 1:
+    overhead = separators_tokens(base.tokenizer, n)
+    if (request.max_tokens - overhead) // n < 1:
         if not explicit:  # parts nobody numbered: answer whole rather than refuse a small max_tokens
             return None
-        overhead = separators_tokens(base.tokenizer, n)
         raise PartsError(f"max_tokens={request.max_tokens} is too small for {n} parts: the separators take "
                          f"{overhead} tokens and each part needs at least one (ask for at least {overhead + n})",
                          "max_tokens_too_small")
-    return [replace(request.with_route_text(p), max_tokens=budget) for p in parts]
+    return [replace(request.with_route_text(p), max_tokens=request.max_tokens - overhead) for p in parts]
 
 
 def separator_ids(tokenizer, k: int) -> list[int]:
@@ -150,6 +203,13 @@ class SingleAnswer:
         self.over = False
         self.not_split = not_split
 
+    def limit(self, part: int, asked: int) -> int:
+        """The new tokens part `part` may write now (`asked`: its request's max_tokens)."""
+        return asked
+
+    def ended(self, part: int, used: int) -> None:
+        """Part `part`'s row left the batch after writing `used` tokens."""
+
     @property
     def gone(self) -> bool:
         return self.over or self.handle.cancelled
@@ -177,9 +237,10 @@ class PartsAnswer(SingleAnswer):
     behind their separators, renumbering token indices to the assembled answer, and answers once
     every part is done, with `assemble`."""
 
-    def __init__(self, handle: Handle, n_parts: int, tokenizer, router: str, found=None):
+    def __init__(self, handle: Handle, n_parts: int, tokenizer, router: str, found=None, pool: int | None = None):
         super().__init__(handle)
         self.tokenizer, self.router, self.n, self.found = tokenizer, router, n_parts, found
+        self.pool = TokenPool(pool, n_parts) if pool is not None else None  # None: each part its own max_tokens
         self.sep_ids = [separator_ids(tokenizer, k) for k in range(1, n_parts + 1)]  # as `assemble` writes them
         self.results: list[tuple[Generation, dict] | None] = [None] * n_parts
         self.pending: list[list[Token | Switched]] = [[] for _ in range(n_parts)]  # held back, per part
@@ -187,6 +248,13 @@ class PartsAnswer(SingleAnswer):
         self.current = 0  # the part being streamed
         self.offset = 0  # assembled token index where the current part's separator starts
         self.began = False
+
+    def limit(self, part: int, asked: int) -> int:
+        return min(asked, self.pool.limit(part)) if self.pool is not None else asked
+
+    def ended(self, part: int, used: int) -> None:
+        if self.pool is not None:
+            self.pool.end(part, used)
 
     def started(self, part: int, batch: dict) -> None:
         if not self.began:

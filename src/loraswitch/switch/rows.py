@@ -78,7 +78,7 @@ class BatchListener(Listener):
             if row.cut is not None:
                 return "stop"
         row.emit_text(text, len(text) - row.stops.holdback(text), gen)
-        return "length" if len(gen.token_ids) >= row.request.max_tokens else None
+        return "length" if len(gen.token_ids) >= row.answer.limit(row.part, row.request.max_tokens) else None
 
     def finished(self, r: int, gen: Generation) -> None:
         began = time.perf_counter()
@@ -91,6 +91,7 @@ class BatchListener(Listener):
 
     def _finished(self, r: int, gen: Generation) -> None:
         row = self.rows[r]
+        row.answer.ended(row.part, len(gen.token_ids))  # a multi-part answer's unused tokens go to its other parts
         if gen.finish_reason == "cancelled" or row.answer.gone:
             return
         if gen.finish_reason == "error":

@@ -68,7 +68,8 @@ def _rows(switch, handle: Handle, max_parts: int | None = None, found=None) -> l
     if parts is None:
         answer, parts = SingleAnswer(handle, why_whole), [request]
     else:
-        answer = PartsAnswer(handle, len(parts), base.tokenizer, request.route or "auto", found)
+        answer = PartsAnswer(handle, len(parts), base.tokenizer, request.route or "auto", found,
+                             pool=parts[0].max_tokens)  # fan_out gave each part the whole pool
     return [Row(answer, k, p.tokenized(base), Detokenizer(base.tokenizer), StopStrings(p.stop))
             for k, p in enumerate(parts)]
 
