@@ -144,10 +144,10 @@ def test_resume_reuses_finished_methods_on_the_same_prompts(tmp_path, tiny_base,
         calls.append(1)
         return Base(tiny_model(), tiny_base.tokenizer, "tiny-llama", "random")
 
-    def cfg(methods, limit=1, resume=True):
+    def cfg(methods, limit=1, resume=True, max_new_tokens=2):
         return EvalConfig(suite=SUITE, methods=methods, tasks=["add"], limit=limit, composite_sizes=(), oos_limit=0,
-                          max_new_tokens=2, out_dir=tmp_path / "out", adapter_dirs=[task_adapters], progress=False,
-                          resume=resume)
+                          max_new_tokens=max_new_tokens, out_dir=tmp_path / "out", adapter_dirs=[task_adapters],
+                          progress=False, resume=resume)
 
     first = run_eval(cfg(["base"], resume=False), base_factory=factory)
     assert json.loads((tmp_path / "out" / "results.json").read_text())["methods"]["base"]["status"] == "ok"
@@ -167,6 +167,17 @@ def test_resume_reuses_finished_methods_on_the_same_prompts(tmp_path, tiny_base,
     other = run_eval(cfg(["base"], limit=2), base_factory=factory)  # other prompts: rerun
     assert other["methods"]["base"]["accuracy"]["n"] == 2 and "base" not in other["heatmaps"]
     assert "resumed" not in other["meta"]
+    n_loads = len(calls)
+    with pytest.warns(UserWarning, match="max_new_tokens changed"):  # same prompts, other settings: rerun
+        longer = run_eval(cfg(["base"], limit=2, max_new_tokens=3), base_factory=factory)
+    assert len(calls) > n_loads and "resumed" not in longer["meta"]
+    adapter = next(p for p in task_adapters.rglob("adapter_model.safetensors"))
+    adapter.write_bytes(adapter.read_bytes())  # the same bytes: still the same adapters, reused
+    assert "resumed" in run_eval(cfg(["base"], limit=2, max_new_tokens=3), base_factory=factory)["meta"]
+    config = next(p for p in task_adapters.rglob("adapter_config.json"))
+    config.write_text(config.read_text().replace("{", '{"_edited": 1, ', 1))  # other files: rerun
+    with pytest.warns(UserWarning, match="adapter / router files"):
+        run_eval(cfg(["base"], limit=2, max_new_tokens=3), base_factory=factory)
 
 
 # ---------------------------------------------------------------------------- scoring by hand

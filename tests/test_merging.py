@@ -255,8 +255,8 @@ def _write(tmp_path: Path, doc: dict) -> Path:
     [
         ({"method": "average"}, "unknown method 'average' (known: linear, ties, dare_linear, dare_ties, pcb, adamerging)"),
         ({"adapters": ["alpha", "nope"]}, "unknown adapter 'nope'"),
-        ({"output": {"rank": 0}}, "output.rank must be a positive integer or 'full', got 0"),
-        ({"output": {"rank": "big"}}, "output.rank must be a positive integer or 'full'"),
+        ({"output": {"rank": 0}}, "output.rank must be an integer from 1 to 1024"),
+        ({"output": {"rank": "big"}}, "output.rank must be an integer from 1 to 1024"),
         ({"output": {"rank": 4, "format": "gguf"}}, "output.format must be one of adapter, model"),
         ({"parameters": {"density": 1.5}}, "parameters.density must be in (0.0, 1.0], got 1.5"),
         ({"parameters": {"densty": 0.2}}, "unknown parameter(s) ['densty'] for method 'ties'"),
@@ -373,7 +373,7 @@ def test_merge_command_end_to_end(tiny_base, adapter_dir, tmp_path):
     # errors exit 2 with the message, before any model is loaded
     bad = _write(tmp_path, {**doc, "output": {"rank": -3}})
     res = runner.invoke(app, [str(bad), str(tmp_path / "x"), "--base", str(base_dir)])
-    assert res.exit_code == 2 and "output.rank must be a positive integer" in res.output
+    assert res.exit_code == 2 and "output.rank must be an integer from 1" in " ".join(res.output.split())
 
 
 def test_coefficient_router_gives_gradient_at_zero_and_at_one(tiny_base, adapter_dir):
@@ -422,3 +422,43 @@ def test_adamerging_prompts_come_from_config_file_or_adapter_examples(tiny_base,
     assert got == [tiny_base.chat_ids("one"), tiny_base.chat_ids("two")]
     with pytest.raises(ConfigError, match="prompts_file"):
         parse_config({"method": "adamerging", "adapters": ["a"], "parameters": {"prompts_file": str(tmp_path / "nope.txt")}})
+
+
+def test_merge_command_never_loses_a_folder_and_reads_the_configs_it_documents(tiny_base, adapter_dir, tmp_path):
+    """The output is checked before any model loads: a file, an input adapter's folder, a folder
+    with files (without --force) are refused with exit 2; AdaMerging's `prompts` list is taken
+    from the YAML; a key given twice and a non-UTF-8 file are errors; rank is bounded."""
+    app = typer.Typer()
+    app.command("merge")(merge_command)
+    app.command("noop")(lambda: None)
+    runner = CliRunner()
+    doc = {"method": "linear", "adapters": ["alpha", "beta"], "adapter_dirs": [str(adapter_dir)]}
+    cfg = _write(tmp_path, doc)
+    (tmp_path / "afile").write_text("x")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    for out, why in ((tmp_path / "afile", "is not a folder"), (adapter_dir / "alpha", "one of the adapters"),
+                     (full, "already holds files")):
+        res = runner.invoke(app, ["merge", str(cfg), str(out)])
+        assert res.exit_code == 2 and why in " ".join(res.output.split()), res.output
+    assert (full / "keep.txt").read_text() == "mine" and (tmp_path / "afile").read_text() == "x"
+    for bad, why in (({**doc, "output": {"rank": 2000}}, "from 1 to 1024"),
+                     ({**doc, "method": "ties", "parameters": {"drop_rate": 0.5}}, "unknown parameter")):
+        with pytest.raises(ConfigError, match=why):
+            parse_config(bad)
+    ada = parse_config({"method": "adamerging", "adapters": ["alpha", "beta"], "adapter_dirs": [str(adapter_dir)],
+                        "parameters": {"prompts": ["one prompt", "another"], "steps": 1}})
+    assert ada.parameters["prompts"] == ["one prompt", "another"] and ada.parameters["prompts_file"] is None
+    (tmp_path / "prompts.txt").write_text("a prompt\n")
+    near = tmp_path / "near.yaml"  # a prompts file beside the YAML, whatever the working directory
+    near.write_text(yaml.safe_dump({**doc, "method": "adamerging", "parameters": {"prompts_file": "prompts.txt"}}))
+    assert Path(load_config(near).parameters["prompts_file"]) == tmp_path / "prompts.txt"
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(f"method: ties\nmethod: linear\nadapters: [alpha]\nadapter_dirs: [{adapter_dir}]\n")
+    with pytest.raises(ConfigError, match="given twice"):
+        load_config(twice)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(binary)

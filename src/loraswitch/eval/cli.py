@@ -78,8 +78,13 @@ def make_eval_command(suite_for: Callable[[str], object]) -> Callable[..., None]
         else:
             cfg = EvalConfig(**{k: v for k, v in overrides.items() if v is not None})
         unknown = [m for m in cfg.methods if m not in reg]
-        if unknown:
-            console.print(f"[red]error:[/red] unknown method(s) {unknown}; known: {', '.join(reg)}")
+        n_tasks = len(cfg.tasks or suite.task_names)
+        sizes = [n for n in (composite or ()) if not 2 <= n <= n_tasks]
+        problem = (f"unknown method(s) {unknown}; known: {', '.join(reg)}" if unknown
+                   else f"--composite sizes must be from 2 to {n_tasks} (the tasks asked for), got {sizes}" if sizes
+                   else _unwritable(out, doc, readme))
+        if problem:
+            console.print(f"[red]error:[/red] {problem}")
             raise typer.Exit(2)
         try:
             results = run_eval(cfg, on_method=_on_method)
@@ -92,6 +97,16 @@ def make_eval_command(suite_for: Callable[[str], object]) -> Callable[..., None]
         print(Path(out) / "results.json")
 
     return eval_command
+
+
+def _unwritable(out: Path, doc: Path | None, readme: Path | None) -> str | None:
+    """Why the outputs cannot be written, checked before an eval of many minutes (None: they can)."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} exists and is not a folder"
+    for flag, path in (("--doc", doc), ("--readme", readme)):
+        if path is not None and not path.is_file():
+            return f"{flag} {path} is not a file (it must exist and hold the generated markers)"
+    return None
 
 
 def _quiet() -> None:

@@ -9,6 +9,7 @@ and the PNG plots (see `report`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import tempfile
@@ -113,12 +114,13 @@ def run_eval(cfg: EvalConfig, base_factory: Callable[[], Base] | None = None,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "suite": suite.name, "tasks": tasks,
             "config": _jsonable({f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "suite"}),
             "adapter_dirs": [str(d) for d in adapter_dirs], "torch_threads": torch.get_num_threads(),
+            "files": _fingerprint([*adapter_dirs, *([Path(cfg.router_dir)] if cfg.router_dir else [])]),
             "platform": platform.platform(), "n_items": {s: sum(1 for i in items if i.set == s) for s in sorted({i.set for i in items})},
         },
         "methods": {},
     }
     all_records: dict[str, list[dict]] = {}
-    done = _finished_methods(out_dir, items) if cfg.resume else {}
+    done = _finished_methods(out_dir, items, results["meta"]) if cfg.resume else {}
     # saved records keep no traces: the reused methods' heatmap traces come from the last results
     kept_heatmaps = _saved(out_dir).get("heatmaps", {}) if done else {}
     if done:  # the reused answers date from the run that made them; this run only resumed it
@@ -166,18 +168,45 @@ def _saved(out_dir: Path) -> dict:
         return {}
 
 
-def _finished_methods(out_dir: Path, items: list[Item]) -> dict[str, tuple[dict, list[dict]]]:
+# the settings that change answers: a resumed run reuses nothing when one of them differs
+ANSWER_SETTINGS = ("base", "router_dir", "max_new_tokens", "part_tokens", "batch_size", "quick", "xlora_limit",
+                   "xlora_train_per_adapter", "xlora_epochs")
+
+
+def _finished_methods(out_dir: Path, items: list[Item], meta: dict) -> dict[str, tuple[dict, list[dict]]]:
     """(entry, records) of each method an earlier run into `out_dir` finished without error, if
-    it asked exactly these prompts; nothing otherwise (a changed suite, limit or seed reruns all)."""
+    it asked exactly these prompts with the same settings and the same adapter and router files;
+    nothing otherwise (a changed suite, limit, seed, token budget, base or library reruns all,
+    and says why)."""
     results = _saved(out_dir)
     try:
         saved = json.loads((out_dir / "records.json").read_text())
     except (OSError, ValueError):
         return {}
+    old = results.get("meta", {})
+    changed = [k for k in ANSWER_SETTINGS if old.get("config", {}).get(k) != meta["config"].get(k)]
+    changed += ["adapter_dirs"] if old.get("adapter_dirs") != meta["adapter_dirs"] else []
+    changed += ["the adapter / router files"] if old.get("files", meta["files"]) != meta["files"] else []
     if [i.get("prompt") for i in saved.get("items", [])] != [i.prompt for i in items]:
+        changed.append("the prompts (suite, tasks, limits or seed)")
+    if changed:
+        if results.get("methods"):
+            warnings.warn(f"--resume: every method runs again: {', '.join(changed)} changed since the run in {out_dir}",
+                          stacklevel=2)
         return {}
     return {m: (entry, saved["records"][m]) for m, entry in results.get("methods", {}).items()
             if entry.get("status") == "ok" and m in saved.get("records", {})}
+
+
+def _fingerprint(dirs: list[Path]) -> str:
+    """A hash of every file under `dirs` (adapters, routers): a resumed run must not reuse
+    answers given by other weights."""
+    digest = hashlib.sha1()
+    for d in dirs:
+        for f in sorted(p for p in Path(d).rglob("*") if p.is_file()) if Path(d).is_dir() else ():
+            digest.update(str(f.relative_to(d)).encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _run_method(spec, ctx: EvalContext, items: list[Item], cfg: EvalConfig) -> tuple[dict, list[dict]]:

@@ -8,6 +8,7 @@ stderr through rich; the last stdout line is the path of `merge_report.json`.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +28,7 @@ def merge_command(
     config: Annotated[Path, typer.Argument(help="Merge YAML: method, adapters (+weights), parameters, output.")],
     out_dir: Annotated[Path, typer.Argument(help="Output folder (an adapter folder, or a model folder with output.format: model).")],
     base: Annotated[str | None, typer.Option("--base", help="Model directory or .gguf file (overrides the YAML's base; default: embedded SmolLM2-135M-Instruct).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR when it already holds files (never an input adapter).")] = False,
 ) -> None:
     """Merge several LoRA adapters into one (linear, ties, dare_linear, dare_ties, pcb, adamerging)."""
     from loraswitch.base import BaseModelError, load_base
@@ -42,8 +44,9 @@ def merge_command(
     try:
         cfg = load_config(config)
         if cfg.output.format == "adapter":
-            validate_name(out_dir.name)  # the folder name is the merged adapter's name in loraswitch
-    except (ConfigError, AdapterError) as exc:
+            validate_name(out_dir.resolve().name)  # the folder name is the merged adapter's name in loraswitch
+        _check_output(out_dir, [a.path for a in cfg.adapters], force)
+    except (ConfigError, AdapterError, ValueError) as exc:
         raise _fail(str(exc)) from None
     console.print(f"[bold]merge[/bold] {cfg.method}: " + ", ".join(f"{a.name} x{a.weight:g}" for a in cfg.adapters))
     try:
@@ -57,14 +60,39 @@ def merge_command(
     result = run_merge(cfg, base_model, adapters)
     if result.adamerging is not None:
         _print_adamerging(result.adamerging)
-    if cfg.output.format == "model":
-        report = export_model(result, out_dir, base_model)
-        console.print(f"[green]wrote merged model[/green] {out_dir} ({report['n_modules']} modules updated, exact)")
-    else:
-        report = export_adapter(result, out_dir, cfg.output.rank, base_model)
-        _print_reconstruction(report)
-        console.print(f"[green]wrote merged adapter[/green] {out_dir} (rank {report['output']['rank']})")
+    if force and out_dir.exists():
+        shutil.rmtree(out_dir)
+    try:
+        if cfg.output.format == "model":
+            report = export_model(result, out_dir, base_model)
+            console.print(f"[green]wrote merged model[/green] {out_dir} ({report['n_modules']} modules updated, exact)")
+        else:
+            report = export_adapter(result, out_dir, cfg.output.rank, base_model)
+            _print_reconstruction(report)
+            console.print(f"[green]wrote merged adapter[/green] {out_dir} (rank {report['output']['rank']})")
+    except OSError as exc:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise _fail(f"cannot write {out_dir}: {exc.strerror or exc}") from None
+    except BaseException:  # interrupted or failed: no half-written folder is left to look like an adapter
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     print(out_dir / "merge_report.json")
+
+
+def _check_output(out_dir: Path, inputs: list[Path | None], force: bool) -> None:
+    """Refuse, before any model loads, an output that would lose something or cannot be written:
+    a file, an input adapter's folder, a folder that holds files (without --force), a place
+    where no folder can be made."""
+    out = out_dir.resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a folder")
+    if any(p is not None and Path(p).resolve() == out for p in inputs):
+        raise ValueError(f"{out_dir} is one of the adapters being merged; write the merge to another folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ValueError(f"{out_dir} already holds files; choose a new folder, or pass --force to replace it")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot create {out_dir}: {parent} is not a writable folder")
 
 
 def _print_reconstruction(report: dict) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from loraswitch.library import find_adapter_dirs
+from loraswitch.library import MAX_RANK, find_adapter_dirs
 from loraswitch.merging.methods import METHODS
 
 ADAMERGING = "adamerging"
@@ -110,14 +110,14 @@ def _check_range(key: str, value: float, lo: float | None, hi: float | None, lo_
         raise ConfigError(f"{key} must be in {left}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}], got {value}")
 
 
-def _parse_params(method: str, raw: Any) -> dict[str, Any]:
+def _parse_params(method: str, raw: Any, base_dir: Path | None = None) -> dict[str, Any]:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"parameters must be a mapping, got {type(raw).__name__}")
     raw = dict(raw)
     allowed = method_params(method)
-    if "drop_rate" in raw and "density" in allowed:  # DARE's p, spelled as in the paper
+    if "drop_rate" in raw and "density" in allowed and method.startswith("dare"):  # DARE's p, spelled as in the paper
         if "density" in raw:
             raise ConfigError("give parameters.density or parameters.drop_rate, not both (density = 1 - drop_rate)")
         p = _number("parameters.drop_rate", raw.pop("drop_rate"))
@@ -147,14 +147,14 @@ def _parse_params(method: str, raw: Any) -> dict[str, Any]:
             _check_range(name, out[key], 0.0, None, lo_open=True)
         elif key == "init":
             out[key] = None if value is None else _number(name, value)
+            if out[key] is not None:
+                _check_range(name, out[key], 0.0, _number("parameters.max_coef", params.get("max_coef", 1.0)))
         elif key == "granularity":
             if value not in GRANULARITIES:
                 raise ConfigError(f"{name} must be one of {', '.join(GRANULARITIES)}, got {value!r}")
             out[key] = value
         elif key == "prompts_file":
-            if not isinstance(value, str) or not Path(value).is_file():
-                raise ConfigError(f"{name} must name an existing .txt or .jsonl file, got {value!r}")
-            out[key] = value
+            out[key] = None if value is None else str(_prompts_file(name, value, base_dir))
         elif key == "prompts":
             if value is not None and (not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value)):
                 raise ConfigError(f"{name} must be a non-empty list of strings, got {value!r}")
@@ -162,6 +162,14 @@ def _parse_params(method: str, raw: Any) -> dict[str, Any]:
         else:  # a registered method's own parameter: numbers only
             out[key] = _number(name, value)
     return out
+
+
+def _prompts_file(name: str, value: Any, base_dir: Path | None) -> Path:
+    """AdaMerging's prompts file: from the working directory, else beside the YAML."""
+    path = _resolve_dir(value, base_dir, name) if isinstance(value, str) and value else None
+    if path is None or not path.is_file() or path.suffix not in (".txt", ".jsonl"):
+        raise ConfigError(f"{name} must name an existing .txt or .jsonl file, got {value!r}")
+    return path
 
 
 def _parse_adapters(raw: Any) -> list[AdapterSpec]:
@@ -202,8 +210,9 @@ def _parse_output(raw: Any) -> OutputSpec:
     if fmt not in FORMATS:
         raise ConfigError(f"output.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     rank = raw.get("rank", 16)
-    if rank != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ConfigError(f"output.rank must be a positive integer or 'full', got {rank!r}")
+    if rank != "full" and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RANK):
+        raise ConfigError(f"output.rank must be an integer from 1 to {MAX_RANK} (what an adapter may have) or "
+                          f"'full', got {rank!r}")
     return OutputSpec(format=fmt, rank=rank)
 
 
@@ -242,7 +251,8 @@ def parse_config(raw: Any, base_dir: Path | None = None) -> MergeConfig:
     base = raw.get("base")
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"base must be a model directory or .gguf path, got {base!r}")
-    cfg = MergeConfig(method, adapters, _parse_params(method, raw.get("parameters")), _parse_output(raw.get("output")), dirs, base)
+    cfg = MergeConfig(method, adapters, _parse_params(method, raw.get("parameters"), base_dir),
+                      _parse_output(raw.get("output")), dirs, base)
     resolve_adapters(cfg, base_dir)
     return cfg
 
@@ -271,7 +281,8 @@ def resolve_adapters(cfg: MergeConfig, base_dir: Path | None = None) -> None:
     names = [s.name for s in cfg.adapters]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ConfigError(f"adapter(s) {dup} are given twice (once by name, once by path?)")
+        raise ConfigError(f"adapter(s) {dup} are given twice: once by name and once by path, or as two folders of "
+                          "the same name (runs/a/final, runs/b/final); copy or link one under another name")
 
 
 def load_config(path: str | Path) -> MergeConfig:
@@ -280,7 +291,23 @@ def load_config(path: str | Path) -> MergeConfig:
     if not path.is_file():
         raise ConfigError(f"merge config {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text (a merge config is a YAML file)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     return parse_config(raw, path.parent)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice is an error (the last one silently won:
+    `method: ties` then `method: linear` ran linear)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
