@@ -61,7 +61,8 @@ def test_top_k_and_min_p_keep_only_the_likeliest_tokens():
 
 
 def test_requests_check_the_new_fields_and_batch_only_with_equal_ones():
-    for bad in (dict(top_k=-1), dict(top_k=2.5), dict(min_p=1.5), dict(presence_penalty=2.5),
+    assert Request.chat("x", top_k=-1).top_k == 0  # vLLM's "off"
+    for bad in (dict(top_k=-2), dict(top_k=2.5), dict(seed=2**64), dict(min_p=1.5), dict(presence_penalty=2.5),
                 dict(frequency_penalty=float("nan")), dict(repetition_penalty=0), dict(repetition_penalty=11)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             Request.chat("x", **bad)
@@ -72,3 +73,12 @@ def test_requests_check_the_new_fields_and_batch_only_with_equal_ones():
     sampled = Request.chat("x", temperature=0.7, top_k=5, min_p=0.1)
     assert sampled.sampling_key != Request.chat("x", temperature=0.7).sampling_key
     assert Request.chat("x", top_k=5.0, repetition_penalty=1).top_k == 5  # whole floats and ints are normalised
+
+
+def test_seeds_beyond_32_bits_still_draw_differently():
+    """torch's CPU generator keeps a seed's low 32 bits: 0, 2**32 and -2**63 drew the same tokens."""
+    from loraswitch.generate import seed32
+
+    assert seed32(7) == 7 and seed32(2**32 - 1) == 2**32 - 1  # what fits is used as it is
+    high = [seed32(s) for s in (2**32, 2**63, -(2**63), -1, 2**64 - 1)]
+    assert len(set(high + [0])) == 6 and all(0 <= s < 2**32 for s in high)

@@ -108,9 +108,9 @@ def generate(
     route: Annotated[str, typer.Option(help="Router when no --adapter: auto | seq | arrow | gate.")] = "auto",
     max_new_tokens: Annotated[int, typer.Option(min=1, max=4096)] = 64,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Sample among the likeliest tokens holding this much probability.")] = 1.0,
-    top_k: Annotated[int, typer.Option(min=0, help="Sample among the k likeliest tokens (0: off).")] = 0,
-    repetition_penalty: Annotated[float, typer.Option(min=0.0, help="> 1 discourages repeating prompt and answer tokens (1: off; greedy too).")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="In (0, 1]: sample among the likeliest tokens holding this much probability.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens (0 or -1: off).")] = 0,
+    repetition_penalty: Annotated[float, typer.Option(help="In (0, 10]: > 1 discourages repeating prompt and answer tokens (1: off; greedy too).")] = 1.0,
     seed: int | None = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {text, token_ids, adapter, routing} as JSON.")] = False,
     trace: Annotated[bool, typer.Option(help="Include the per-token routing trace.")] = False,
@@ -120,9 +120,15 @@ def generate(
     from loraswitch.generate import SamplingParams
     from loraswitch.library import AdapterError
     from loraswitch.routing.base import StaleRouterError
+    from loraswitch.switch.request import Request
 
     if not prompt.strip():
         raise fail("the prompt is empty")
+    try:  # the sampling settings are checked before the model loads
+        top_k = Request.chat(prompt, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                             repetition_penalty=repetition_penalty).top_k
+    except ValueError as exc:
+        raise fail(str(exc)) from None
     switch = open_switch(base, adapter_dir, router_dir, library)
     switch.engine.compile = compile_step
     model = adapter if adapter is not None else "auto"

@@ -21,6 +21,7 @@ tokens do not depend on whether it joined: its positions are its own and padding
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -94,6 +95,15 @@ def _prefill_routing(policy: Policy, prompts: list[list[int]], width: int) -> Ro
 # Below this temperature sampling is greedy: dividing logits by it overflows to inf (1e-40 did),
 # and the distribution is already a point mass on the argmax.
 MIN_TEMPERATURE = 1e-5
+
+
+def seed32(seed: int) -> int:
+    """The seed torch's generator is given. Its CPU generator keeps only the low 32 bits, so 0,
+    2**32 and -2**63 drew the same tokens: a seed outside [0, 2**32) is hashed into that range
+    (seeds inside it are used as they are)."""
+    if 0 <= seed < 2**32:
+        return seed
+    return int.from_bytes(hashlib.sha256(str(seed).encode()).digest()[:4], "little")
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
@@ -181,7 +191,7 @@ class _Rows:
     def __init__(self, engine: Engine, policy: Policy, params: SamplingParams, listener: Listener):
         self.engine, self.policy, self.params, self.listener = engine, policy, params, listener
         self.stop = params.stop_ids if params.stop_ids is not None else engine.base.stop_ids
-        self.gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.gen = torch.Generator().manual_seed(seed32(params.seed)) if params.seed is not None else None
         self.results: list[Generation] = []
         self.limit: list[int] = []  # answer tokens each row may give
         self.budget: list[int] = []  # forwards each row may take: its limit plus its policy's extra steps

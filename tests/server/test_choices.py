@@ -134,3 +134,31 @@ def test_the_choices_are_queued_together_or_not_at_all(client, live):
             assert all(f.result().choices[0].message.content is not None for f in waiting)
     finally:
         sched.resume()
+
+
+def test_streamed_stop_reason_metrics_and_malformed_prompts(http, client, lib):
+    switch, _ = lib
+    full = library_answer(switch, Request(prompt="The river ran", model="beta", max_tokens=8)).text
+    stop = full[3:6]
+    body = {"model": "beta", "prompt": "The river ran", "max_tokens": 8, "temperature": 0, "stop": [stop]}
+    plain = http.post("/v1/completions", json=body).json()["choices"][0]
+    lines = http.post("/v1/completions", json={**body, "stream": True}).text.splitlines()
+    last = [json.loads(line[6:]) for line in lines if line.startswith("data: {")][-1]["choices"][0]
+    assert plain["stop_reason"] == last["stop_reason"] == stop and last["finish_reason"] == "stop"
+
+    def prompt_tokens():
+        text = http.get("/metrics").text
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("loraswitch_prompt_tokens_total")))
+
+    before = prompt_tokens()
+    resp = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": PROMPT}], n=3,
+                                          max_tokens=2, temperature=0)
+    assert prompt_tokens() - before == resp.usage.prompt_tokens  # the prompt counted once, as in usage
+    for bad in (["Hi", [19556]], [19556, "Hi"], ["Hi", 5], [[1, 2], []], [True, 2]):
+        r = http.post("/v1/completions", json={"model": "alpha", "prompt": bad, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_prompt", (bad, r.text)
+    r = http.post("/v1/completions", content=b'{"model": "alpha", "prompt": "\xff\xfe"}',
+                  headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+    r = http.post("/v1/completions", json={"model": "alpha", "prompt": ["a"] * 7, "max_tokens": 2})
+    assert r.json()["error"]["param"] == "prompt"  # too many prompts, not too many samples

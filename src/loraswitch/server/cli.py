@@ -62,13 +62,15 @@ def serve(
 ) -> None:
     """Serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), adapter
     management, /healthz, /metrics and the routing trace page /ui."""
+    _check_scale_out(ray, ray_address, autoscale, replicas, upstream)
+    check_upstream(upstream, upstream_model, escalate_threshold, escalate_rate, calibration)
+    sock = None if ray else listening_socket(host, port)  # before the heavy imports: a busy port fails at once
+
     import logging
 
     from loraswitch.server.middleware import default_hosts
     from loraswitch.server.state import ServerSettings
 
-    _check_scale_out(ray, ray_address, autoscale, replicas, upstream)
-    check_upstream(upstream, upstream_model, escalate_threshold, escalate_rate, calibration)
     settings = ServerSettings(
         max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
         default_max_tokens=min(default_max_tokens, max_new_tokens), default_temperature=default_temperature,
@@ -87,7 +89,6 @@ def serve(
 
     from loraswitch.server.app import create_app
 
-    sock = listening_socket(host, port)  # before the model loads: a busy port fails at once
     switch = open_switch(base, adapter_dirs, router_dir, library)
     if upstream:
         switch.upstream = escalator(switch, upstream, upstream_model, upstream_api_key_env, upstream_timeout,

@@ -122,6 +122,8 @@ def install(app) -> None:
         if exc.status_code == 404:
             message = f"Unknown endpoint {request.method} {request.url.path}"
         err = for_status(exc.status_code, message)
+        if exc.status_code == 400:  # the body could not be parsed (bad UTF-8, absurd nesting or numbers)
+            err.code = "invalid_json"
         if exc.status_code in (404, 405):
             err.code = "unknown_endpoint" if exc.status_code == 404 else "method_not_allowed"
         if exc.status_code == 413:

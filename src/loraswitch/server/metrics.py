@@ -118,7 +118,8 @@ class Metrics:
         """A request was answered (`done`: the library's Done event)."""
         answer, request = done.answer, job.request
         self.generations.labels(outcome=answer.finish_reason).inc()
-        self.prompt_tokens.inc(len(answer.prompt_ids))
+        if job.counts_prompt:  # the other samples of one prompt (n > 1) read it too, counted once as in usage
+            self.prompt_tokens.inc(len(answer.prompt_ids))
         self.completion_tokens.inc(len(answer.token_ids))
         requested = request.model if request.model in ("auto", "base") else "explicit"
         who = "upstream" if (answer.routing or {}).get("target") == "upstream" else "base"

@@ -173,7 +173,7 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[Any]  # a string, token ids, or a batch of either: `prompt_inputs` says which
     max_tokens: int | None = Field(default=None, ge=0)  # 0: with echo, the prompt's logprobs alone
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -209,11 +209,19 @@ class CompletionRequest(_Common):
             return [p]
         if not p:
             raise bad_request("prompt must not be empty", "prompt")
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        if not all(isinstance(x, str) for x in p) and not all(isinstance(x, list) for x in p):
-            raise bad_request("a batch of prompts is all strings or all lists of token ids", "prompt")
-        return list(p)  # type: ignore[arg-type]
+        if all(_token_ids(x) for x in p):
+            return [list(p)]
+        if all(isinstance(x, str) for x in p):
+            return list(p)
+        if all(isinstance(x, list) and x and all(_token_ids(t) for t in x) for x in p):
+            return [list(x) for x in p]
+        raise bad_request("prompt must be a string, a list of token ids, or a batch: a list of strings or a list of "
+                          "non-empty token-id lists (not a mix)", "prompt", "invalid_prompt")
+
+
+def _token_ids(value: Any) -> bool:
+    """A token id: an int (a JSON true is no token)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class AdapterLoadRequest(BaseModel):

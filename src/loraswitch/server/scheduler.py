@@ -41,6 +41,7 @@ class Job:
     queue: asyncio.Queue | None = None
     metrics: object | None = None  # server.metrics.Metrics
     rows: int = 1  # batch rows it takes (a multi-part request: one per part)
+    counts_prompt: bool = True  # False for the 2nd..nth sample of a prompt: its tokens are counted once
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
     first_token: float | None = None

@@ -83,7 +83,9 @@ class OpenAIServing:
         raise NotImplementedError
 
     def chunk_choice(self, index: int, text: str | None, finish: str | None,
-                     logprobs: list[TokenLogprob] | None) -> dict:
+                     logprobs: list[TokenLogprob] | None, stop_reason: str | None = None) -> dict:
+        """One choice of a chunk; the last one of a choice carries `finish_reason` and, as vLLM's,
+        `stop_reason` (the stop string that ended it, else null)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ requests
@@ -99,7 +101,8 @@ class OpenAIServing:
         built, n = self.build(), body.n or 1
         if len(built) * n > settings.max_queue:
             raise bad_request(f"{len(built)} prompt(s) x n={n} is {len(built) * n} choices; this server queues at most "
-                              f"{settings.max_queue} requests (send fewer, or several requests)", "n", "too_many_choices")
+                              f"{settings.max_queue} requests (send fewer, or several requests)",
+                              "n" if n > 1 else self.param, "too_many_choices")
         for req in built:
             self._check_chars(req)
         self.fans_out = model == "auto" and built[0].is_chat and (route or "auto") == "auto"  # auto answers parts
@@ -176,7 +179,8 @@ class OpenAIServing:
             asked = await self.requests()
             self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
             self.choices = [Choice(i, p, Job(Handle(req), loop=self.loop, queue=_Tagged(self.events, i),
-                                             metrics=self.st.metrics, rows=rows))
+                                             metrics=self.st.metrics, rows=rows,
+                                             counts_prompt=i == 0 or asked[i - 1][0] != p))
                             for i, (p, req, rows) in enumerate(asked)]
             self.deadline = self.loop.time() + self.st.settings.timeout
             self.st.scheduler.submit_all([c.job for c in self.choices])  # 429 / 503 before any byte is sent
@@ -312,7 +316,8 @@ class OpenAIServing:
     def final_chunk(self, choice: Choice, done: Done) -> dict:
         answer = done.answer
         return {**self.head(model_name(choice.job.request, answer), chunk=True),
-                "choices": [self.chunk_choice(choice.index, None, answer.finish_reason, None)], **self._no_usage_yet(),
+                "choices": [self.chunk_choice(choice.index, None, answer.finish_reason, None, answer.stop_reason)],
+                **self._no_usage_yet(),
                 "routing": self.routing(choice, answer), "batch": {**done.batch, **choice.job.timings()}}
 
     def token_text(self, token_id: int) -> str:

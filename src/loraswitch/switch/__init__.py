@@ -119,7 +119,9 @@ class Switch:
         from loraswitch.switch.segment import segment
 
         chosen = self.router(router)
-        out = chosen.route(self.engine, [prompt])[0].to_dict()
+        inner = getattr(chosen, "inner", None)  # `auto` names the router it runs, as answers do
+        out = {"router": f"{chosen.name} ({inner.name})" if inner is not None else chosen.name,
+               **chosen.route(self.engine, [prompt])[0].to_dict()}
         if getattr(chosen, "fans_out", False):
             found = segment(chosen, self.engine, [prompt])[0]
             if len(found.parts) >= 2:
@@ -179,6 +181,8 @@ class Switch:
         is assembled from theirs (`switch.parts`). `model` may be a mixture, as a string
         ("a:0.7+b:0.3") or {name: weight}; `allow` / `deny` restrict what `auto` chooses."""
         prompts, allow, deny = listed(prompts), listed(allow), listed(deny)  # one name: not its letters
+        if any(not isinstance(p, str) for p in prompts):
+            raise TypeError("Switch.chat takes prompt strings; give Request objects to Switch.stream or Switch.run")
         params = params or SamplingParams()
         model = mixture_of(model).spec if isinstance(model, dict) else model
         model, route = self.resolve(model, route, allow, deny)

@@ -74,8 +74,10 @@ def _check_sampling(r: Request) -> None:
         raise ValueError(f"temperature must be a finite number >= 0 (got {r.temperature!r})")
     if not isinstance(r.top_p, float) or not 0 < r.top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (got {r.top_p!r})")
+    if whole(r.top_k) and r.top_k == -1:  # vLLM's spelling of "off"
+        object.__setattr__(r, "top_k", 0)
     if not whole(r.top_k) or r.top_k < 0:
-        raise ValueError(f"top_k must be a whole number >= 0 (0: off; got {r.top_k!r})")
+        raise ValueError(f"top_k must be a whole number >= 0 (0 or -1: off; got {r.top_k!r})")
     if not isinstance(r.min_p, float) or not 0 <= r.min_p <= 1:
         raise ValueError(f"min_p must be in [0, 1] (got {r.min_p!r})")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -86,8 +88,8 @@ def _check_sampling(r: Request) -> None:
         raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1: off; got {r.repetition_penalty!r})")
     if r.logprobs is not None and (not whole(r.logprobs) or not 0 <= r.logprobs <= MAX_LOGPROBS):
         raise ValueError(f"logprobs must be a whole number from 0 to {MAX_LOGPROBS} (got {r.logprobs!r})")
-    if r.seed is not None and not whole(r.seed):
-        raise ValueError(f"seed must be a whole number (got {r.seed!r})")
+    if r.seed is not None and (not whole(r.seed) or not -(2**63) <= r.seed < 2**64):
+        raise ValueError(f"seed must be a whole number from -2**63 to 2**64 - 1 (got {r.seed!r})")
     if not all(isinstance(s, str) and s for s in r.stop):
         raise ValueError("stop strings must be non-empty strings")
 
