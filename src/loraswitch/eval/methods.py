@@ -28,7 +28,7 @@ from loraswitch.eval.data import Item
 from loraswitch.eval.suite import Suite
 from loraswitch.generate import Generation, SamplingParams
 from loraswitch.library import Adapter, scan
-from loraswitch.switch.parts import assemble, pooled_lengths, separators_tokens
+from loraswitch.switch.parts import assemble, parts_pool, pooled_lengths
 
 
 @dataclass
@@ -126,10 +126,11 @@ class OracleMethod(Method):
             raise RuntimeError(f"no adapter loaded for task(s) {missing}")
         # every prompt to answer (single tasks, and each part of each composite) grouped by task
         jobs: list[tuple[int, int, str, str, int]] = []  # (item index, part index or -1, task, prompt, max tokens)
+        pools: dict[int, int] = {}  # composite item index -> the new tokens its parts share
         for i, it in enumerate(items):
             if it.parts:
-                pool = parts_pool(switch.base.tokenizer, it.max_new_tokens, len(it.parts))  # what `auto`'s part rows share
-                jobs += [(i, j, p.task, p.prompt, pool) for j, p in enumerate(it.parts)]
+                pools[i] = parts_pool(switch.base.tokenizer, it.max_new_tokens, len(it.parts))  # as `auto`'s rows share them
+                jobs += [(i, j, p.task, p.prompt, pools[i]) for j, p in enumerate(it.parts)]
             else:
                 jobs.append((i, -1, it.task, it.prompt, it.max_new_tokens))
         results: dict[tuple[int, int], Generation] = {}
@@ -148,19 +149,13 @@ class OracleMethod(Method):
             if not it.parts:
                 out.append(results[(i, -1)])
             else:
-                parts = _pooled([results[(i, j)] for j in range(len(it.parts))], switch.base.tokenizer,
-                                parts_pool(switch.base.tokenizer, it.max_new_tokens, len(it.parts)))
+                parts = _pooled([results[(i, j)] for j in range(len(it.parts))], switch.base.tokenizer, pools[i])
                 answers = [replace(a, trace=a.trace[: len(a.token_ids)],
                                    routing={"router": "oracle", "adapter": p.task, "confidence": 1.0})
                            for a, p in zip(parts, it.parts)]
                 out.append(assemble(switch.base.tokenizer, answers, "oracle"))
             self.ctx.progress(1)
         return out
-
-
-def parts_pool(tokenizer, max_new_tokens: int, n_parts: int) -> int:
-    """The new tokens a composite's parts share, as `auto`'s part rows share them."""
-    return max_new_tokens - separators_tokens(tokenizer, n_parts)
 
 
 def _pooled(parts: list[Generation], tokenizer, pool: int) -> list[Generation]:

@@ -104,7 +104,7 @@ class _Common(BaseModel):
 
     def sampling(self) -> dict:
         """The library request's sampling fields beyond temperature and top_p (unset: off)."""
-        return {"top_k": max(self.top_k or 0, 0), "min_p": self.min_p or 0.0,
+        return {"top_k": self.top_k or 0, "min_p": self.min_p or 0.0,
                 "presence_penalty": self.presence_penalty or 0.0, "frequency_penalty": self.frequency_penalty or 0.0,
                 "repetition_penalty": self.repetition_penalty if self.repetition_penalty is not None else 1.0}
 

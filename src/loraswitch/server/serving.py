@@ -42,10 +42,10 @@ DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks tha
 
 @dataclass(eq=False)
 class Choice:
-    """One choice of a response: the job that answers it and the prompt it answers."""
+    """One choice of a response and the job that answers it (`job.counts_prompt`: the first
+    choice of its prompt, whose prompt tokens usage and metrics count)."""
 
     index: int
-    prompt: int  # which of the body's prompts (usage counts each prompt once, whatever n is)
     job: Job
 
 
@@ -83,9 +83,7 @@ class OpenAIServing:
         raise NotImplementedError
 
     def chunk_choice(self, index: int, text: str | None, finish: str | None,
-                     logprobs: list[TokenLogprob] | None, stop_reason: str | None = None) -> dict:
-        """One choice of a chunk; the last one of a choice carries `finish_reason` and, as vLLM's,
-        `stop_reason` (the stop string that ended it, else null)."""
+                     logprobs: list[TokenLogprob] | None) -> dict:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ requests
@@ -178,9 +176,8 @@ class OpenAIServing:
         with self.st.scheduler.arriving():  # a round about to start waits for this request
             asked = await self.requests()
             self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
-            self.choices = [Choice(i, p, Job(Handle(req), loop=self.loop, queue=_Tagged(self.events, i),
-                                             metrics=self.st.metrics, rows=rows,
-                                             counts_prompt=i == 0 or asked[i - 1][0] != p))
+            self.choices = [Choice(i, Job(Handle(req), loop=self.loop, queue=_Tagged(self.events, i),
+                                          metrics=self.st.metrics, rows=rows, counts_prompt=i == 0 or asked[i - 1][0] != p))
                             for i, (p, req, rows) in enumerate(asked)]
             self.deadline = self.loop.time() + self.st.settings.timeout
             self.st.scheduler.submit_all([c.job for c in self.choices])  # 429 / 503 before any byte is sent
@@ -242,25 +239,23 @@ class OpenAIServing:
         """One choice: its routing and batch timings at the top level, as always. Several: each
         choice carries its own, and `model` names every adapter that answered."""
         done = [answers[c.index] for c in self.choices]
-        models = [model_name(c.job.request, d.answer) for c, d in zip(self.choices, done)]
+        extras = [{"routing": self.routing(c, d.answer), "batch": _batch(c, d)} for c, d in zip(self.choices, done)]
+        choices = [self.choice(c, d.answer) for c, d in zip(self.choices, done)]
         if len(self.choices) == 1:
-            c, d = self.choices[0], done[0]
-            return {**self.head(models[0]), "choices": [self.choice(c, d.answer)], "usage": self.usage(done),
-                    "routing": self.routing(c, d.answer), "batch": {**d.batch, **c.job.timings()}}
-        choices = [{**self.choice(c, d.answer), "routing": self.routing(c, d.answer),
-                    "batch": {**d.batch, **c.job.timings()}} for c, d in zip(self.choices, done)]
-        return {**self.head("+".join(dict.fromkeys(models))), "choices": choices, "usage": self.usage(done)}
+            return {**self.head(self.model_of(done)), "choices": choices, "usage": self.usage(done), **extras[0]}
+        return {**self.head(self.model_of(done)), "choices": [{**c, **e} for c, e in zip(choices, extras)],
+                "usage": self.usage(done)}
+
+    def model_of(self, done: list[Done]) -> str:
+        """The response's `model`: every adapter that answered one of the choices (`model_name`)."""
+        return "+".join(dict.fromkeys(model_name(c.job.request, d.answer) for c, d in zip(self.choices, done)))
 
     def usage(self, done: list[Done]) -> dict:
         """Summed over the choices, each prompt's tokens counted once (as OpenAI counts n > 1)."""
-        seen: set[int] = set()
         total: dict = {}
         for c, d in zip(self.choices, done):
             part = usage(d.answer)
-            if c.prompt in seen:
-                part = _without_prompt(part)
-            seen.add(c.prompt)
-            total = _added(total, part)
+            total = _added(total, part if c.job.counts_prompt else _without_prompt(part))
         return total
 
     def routing(self, choice: Choice, answer: Generation) -> dict:
@@ -293,9 +288,8 @@ class OpenAIServing:
                     yield SSE_DONE
                     return
             if self.body.include_usage():
-                models = [model_name(c.job.request, done[c.index].answer) for c in self.choices]
-                yield sse({**self.head("+".join(dict.fromkeys(models)), chunk=True), "choices": [],
-                           "usage": self.usage([done[c.index] for c in self.choices])})
+                ordered = [done[c.index] for c in self.choices]
+                yield sse({**self.head(self.model_of(ordered), chunk=True), "choices": [], "usage": self.usage(ordered)})
             yield SSE_DONE
         finally:
             self.cancel_all()  # client gone or timed out: free the rows (finished jobs are skipped)
@@ -314,11 +308,12 @@ class OpenAIServing:
         return {"usage": None} if self.body.include_usage() else {}
 
     def final_chunk(self, choice: Choice, done: Done) -> dict:
+        """A choice's last chunk: `finish_reason` and, as vLLM's, `stop_reason` (the stop string
+        that ended it, else null), with the choice's routing and batch timings."""
         answer = done.answer
-        return {**self.head(model_name(choice.job.request, answer), chunk=True),
-                "choices": [self.chunk_choice(choice.index, None, answer.finish_reason, None, answer.stop_reason)],
-                **self._no_usage_yet(),
-                "routing": self.routing(choice, answer), "batch": {**done.batch, **choice.job.timings()}}
+        last = {**self.chunk_choice(choice.index, None, answer.finish_reason, None), "stop_reason": answer.stop_reason}
+        return {**self.head(model_name(choice.job.request, answer), chunk=True), "choices": [last],
+                **self._no_usage_yet(), "routing": self.routing(choice, answer), "batch": _batch(choice, done)}
 
     def token_text(self, token_id: int) -> str:
         piece = self.tok.convert_ids_to_tokens(int(token_id))
@@ -345,6 +340,11 @@ def usage(answer: Generation) -> dict:
     return {"prompt_tokens": p + up_p, "completion_tokens": c + up_c, "total_tokens": p + c + up_p + up_c,
             "local": {"prompt_tokens": p, "completion_tokens": c},
             "upstream": {"prompt_tokens": up_p, "completion_tokens": up_c}}
+
+
+def _batch(choice: Choice, done: Done) -> dict:
+    """A choice's `batch`: the batched forward that answered it and the request's timings."""
+    return {**done.batch, **choice.job.timings()}
 
 
 def nth_seed(seed: int | None, j: int) -> int | None:

@@ -31,11 +31,10 @@ class ChatServing(OpenAIServing):
         return {"index": choice.index, "message": {"role": "assistant", "content": answer.text}, "logprobs": logprobs,
                 "finish_reason": answer.finish_reason, "stop_reason": answer.stop_reason}
 
-    def chunk_choice(self, index, text, finish, logprobs, stop_reason=None) -> dict:
+    def chunk_choice(self, index, text, finish, logprobs) -> dict:
         delta = {} if text is None else {"content": text}
-        out = {"index": index, "delta": delta, "logprobs": self.logprobs(logprobs) if logprobs is not None else None,
-               "finish_reason": finish}
-        return {**out, "stop_reason": stop_reason} if finish is not None else out
+        return {"index": index, "delta": delta, "logprobs": self.logprobs(logprobs) if logprobs is not None else None,
+                "finish_reason": finish}
 
     def stream_start(self) -> list[dict]:
         """Each choice's first chunk names the role (OpenAI's)."""

@@ -59,14 +59,13 @@ class CompletionServing(OpenAIServing):
             return answer
         return replace(answer, token_ids=[], text="", logprobs=[], trace=[], finish_reason="length", stop_reason=None)
 
-    def chunk_choice(self, index, text, finish, logprobs, stop_reason=None) -> dict:
+    def chunk_choice(self, index, text, finish, logprobs) -> dict:
         chosen = None
         if logprobs is not None:  # offsets count from the answer's start, across chunks (as vLLM's)
             at = self._offsets.get(index, 0)
             chosen = self.logprobs(logprobs, [lp.token_id for lp in logprobs], at)
             self._offsets[index] = at + sum(len(t) for t in chosen["tokens"])
-        out = {"index": index, "text": text or "", "logprobs": chosen, "finish_reason": finish}
-        return {**out, "stop_reason": stop_reason} if finish is not None else out
+        return {"index": index, "text": text or "", "logprobs": chosen, "finish_reason": finish}
 
     def logprobs(self, items: list[TokenLogprob | None], token_ids: list[int], start: int = 0) -> dict:
         """The OpenAI completions shape: parallel lists of tokens, their logprobs (None: the first

@@ -128,7 +128,7 @@ class Switch:
                 decisions = chosen.route(self.engine, found.texts)
                 parts = [{"text": p.text, "span": [p.start, p.end], "adapter": d.adapter,
                           "confidence": round(d.confidence, 4)} for p, d in zip(found.parts, decisions)]
-                out = {"router": out.get("router"), "adapter": [p["adapter"] for p in parts],
+                out = {"router": out["router"], "adapter": [p["adapter"] for p in parts],
                        "confidence": min(p["confidence"] for p in parts), "parts": parts, "whole": out}
         return out
 

@@ -108,10 +108,10 @@ def separators_tokens(tokenizer, n_parts: int) -> int:
     return sum(len(separator_ids(tokenizer, k)) for k in range(1, n_parts + 1))
 
 
-def parts_budget(tokenizer, max_new_tokens: int, n_parts: int) -> int:
-    """What each of `n_parts` rows may write so the assembled answer, separators included, stays
-    within `max_new_tokens` (what the oracle of `loraswitch eval` should give its parts too)."""
-    return part_budget(max_new_tokens, n_parts, separators_tokens(tokenizer, n_parts))
+def parts_pool(tokenizer, max_new_tokens: int, n_parts: int) -> int:
+    """The new tokens `n_parts` rows share (`TokenPool`) so the assembled answer, separators
+    included, stays within `max_new_tokens` (what the oracle of `loraswitch eval` shares too)."""
+    return max_new_tokens - separators_tokens(tokenizer, n_parts)
 
 
 def fan_out(request: Request, base, max_parts: int | None = None, found=None) -> list[Request] | None:
@@ -135,14 +135,15 @@ def fan_out(request: Request, base, max_parts: int | None = None, found=None) ->
             return None
         raise PartsError(f"the message has {n} numbered parts; at most {max_parts} are answered part by part "
                          "(send fewer parts, or several requests)", "too_many_parts")
-    overhead = separators_tokens(base.tokenizer, n)
-    if (request.max_tokens - overhead) // n < 1:
+    pool = parts_pool(base.tokenizer, request.max_tokens, n)
+    if part_budget(pool, n) < 1:
         if not explicit:  # parts nobody numbered: answer whole rather than refuse a small max_tokens
             return None
+        overhead = request.max_tokens - pool
         raise PartsError(f"max_tokens={request.max_tokens} is too small for {n} parts: the separators take "
                          f"{overhead} tokens and each part needs at least one (ask for at least {overhead + n})",
                          "max_tokens_too_small")
-    return [replace(request.with_route_text(p), max_tokens=request.max_tokens - overhead) for p in parts]
+    return [replace(request.with_route_text(p), max_tokens=pool) for p in parts]
 
 
 def separator_ids(tokenizer, k: int) -> list[int]:
