@@ -39,18 +39,20 @@ import typer
 OUT = Path(__file__).resolve().parent / "results"
 
 
-def _segmentation(singles: int, layout_prompts: int, seed: int) -> dict:
+def _segmentation(singles: int, layout_prompts: int, seed: int, split: str = "test",
+                  min_confidence: float | None = None) -> dict:
     from loraswitch.demo.tasks import TASK_NAMES, examples
     from loraswitch.demo.tasks.freeform import freeform
     from loraswitch.switch import Switch
-    from loraswitch.switch.segment import segment
+    from loraswitch.switch.segment import Settings, segment
 
     sw = Switch()
     router = sw.router("auto")
-    cases = [e for t in TASK_NAMES for e in examples(t, "test", singles, seed=seed)]
-    comps = [c for heldout in (False, True) for n in (2, 3, 5) for c in freeform(n, layout_prompts, heldout, "test", seed)]
+    cases = [e for t in TASK_NAMES for e in examples(t, split, singles, seed=seed)]
+    comps = [c for heldout in (False, True) for n in (2, 3, 5) for c in freeform(n, layout_prompts, heldout, split, seed)]
+    settings = Settings() if min_confidence is None else Settings(min_confidence=min_confidence)
     t0 = time.perf_counter()
-    found = segment(router, sw.engine, [e.prompt for e in cases] + [c.prompt for c in comps])
+    found = segment(router, sw.engine, [e.prompt for e in cases] + [c.prompt for c in comps], settings)
     seconds = time.perf_counter() - t0
     split = [(e, f) for e, f in zip(cases, found) if len(f.parts) >= 2]
     layouts: dict[str, dict] = {}
@@ -126,7 +128,10 @@ def _segmentation_bigbench(singles: int, per_size: int, seed: int, heldout: int)
 
 
 def main(singles: int = 50, layout_prompts: int = 4, eval_limit: int = 4, freeform: int = 2, seed: int = 0,
-         out: Path | None = None, skip_eval: bool = False, library: str = "demo", heldout_singles: int = 20) -> None:
+         out: Path | None = None, skip_eval: bool = False, library: str = "demo", heldout_singles: int = 20,
+         split: str = "test", min_confidence: float | None = None) -> None:
+    """`--split val --min-confidence X --skip-eval`: how `switch.segment`'s settings are tuned (on
+    the validation split; the test split measures them)."""
     import torch
 
     torch.manual_seed(0)
@@ -141,8 +146,8 @@ def main(singles: int = 50, layout_prompts: int = 4, eval_limit: int = 4, freefo
         return
     out = out or OUT / "segmentation.json"
     result = {"settings": {"singles_per_task": singles, "layout_prompts": layout_prompts, "eval_limit": eval_limit,
-                           "freeform_per_layout": freeform, "seed": seed},
-              "segmentation": _segmentation(singles, layout_prompts, seed)}
+                           "freeform_per_layout": freeform, "seed": seed, "split": split, "min_confidence": min_confidence},
+              "segmentation": _segmentation(singles, layout_prompts, seed, split, min_confidence)}
     print(json.dumps({k: v for k, v in result["segmentation"].items() if k != "false_split_examples"}, indent=1))
     if not skip_eval:
         from loraswitch.demo.suites import DemoSuite

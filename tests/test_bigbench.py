@@ -199,8 +199,28 @@ def test_router_data_folder_from_train_splits(root, tmp_path):
     train, val = read_folder(tmp_path / "rd")
     for task in tasks.TASK_NAMES:
         rows = train.get(task, []) + val.get(task, [])
-        train_split = {e.prompt for e in tasks.splits(task)["train"]}
-        assert len(rows) == 20 and {p for p, _ in rows} <= train_split
+        train_split = {e.prompt: e for e in tasks.splits(task)["train"]}
+        original = [(p, a) for p, a in rows if p in train_split]
+        reworded = [(p, a) for p, a in rows if p not in train_split]
+        # each training example as BIG-bench renders it and once reworded, with the same answer
+        assert len(original) == 20 and len(reworded) == 20
+        assert {a for _, a in reworded} <= {e.answer for e in train_split.values()}
+
+
+def test_rewording_keeps_the_question_and_options_in_another_layout(root):
+    from loraswitch.demo.bigbench.rewording import reword
+
+    exs = tasks.examples("epistemic_reasoning", "train", 40, root=root)
+    again = [reword(e) for e in exs]
+    assert [r.prompt for r in again] == [reword(e).prompt for e in exs]  # the same every time
+    assert len({r.prompt.split("Made-up")[0] for r in again}) > 3  # several framings and layouts
+    for e, r in zip(exs, again):
+        assert (r.task, r.answer, r.targets) == (e.task, e.answer, e.targets)
+        question = e.prompt.split("\n")[1]
+        options = [line[len("choice: "):] for line in e.prompt.split("\n") if line.startswith("choice: ")]
+        assert question in r.prompt and all(o in r.prompt for o in options)
+        assert not any(line[:1].isdigit() for line in r.prompt.split("\n"))  # never read as a numbered list
+    assert any("choice: " not in r.prompt for r in again) and any("Fixture prefix." not in r.prompt for r in again)
 
 
 def test_heldout_tasks_come_from_the_same_sdist_into_their_own_folder(tmp_path, monkeypatch):

@@ -85,6 +85,17 @@ def test_auto_routes_spec_examples_and_abstains_out_of_suite(switch):
     assert decisions[-1].reason
 
 
+def test_auto_sends_near_misses_to_the_base_model(switch):
+    """Prompts that look like a task and ask another (benchmarks/probes/demo_dev_nearmiss.txt):
+    the committed router sent each of these to the adapter it resembles, at confidence 1.00,
+    before near misses were in its `__none__` class (docs/routing.md "Near misses")."""
+    near = ["Translate to German: the house is big.", "Multiply 12 by 7.", "What is 144 divided by 12?",
+            "Convert this to YAML: name Alice, age 30.", "Capitalize every word: the quick brown fox.",
+            "Sort these words alphabetically: pear, apple, fig."]
+    decisions = switch.router("auto").route(switch.engine, near)
+    assert [d.adapter for d in decisions] == [None] * len(near), [(d.adapter, d.reason) for d in decisions]
+
+
 def test_auto_answers_a_mixed_prompt_part_by_part(switch):
     comp = composites(3, 1, seed=11)[0]
     res = switch.chat([comp.prompt], model="auto", params=SamplingParams(max_new_tokens=96))[0]

@@ -51,5 +51,10 @@ def test_hot_loading_an_unrelated_adapter_keeps_the_demo_routing(real_base, tmp_
     auto = sw.router("auto")
     assert not auto.note and auto.describe(sw.engine)["unrelated"]["source"] == "zero-shot"
     after = auto.inner.route_features(sw.engine, feats)
-    assert [(d.adapter, d.confidence) for d in after] == [(d.adapter, d.confidence) for d in before]
-    assert all(d.source == "trained" for d in after)
+    # the zero-shot head may claim about 1% of traffic (its threshold claims 1% of the reservoir;
+    # the growing-library benchmark: 3 of 360 demo test prompts): every decision it does not
+    # claim is exactly the one made before, and it claims at most one of these 27
+    claimed = [a for a in after if a.source != "trained"]
+    assert len(claimed) <= 1 and all(a.adapter == "unrelated" and a.source == "zero-shot" for a in claimed)
+    assert [(a.adapter, a.confidence) for a in after if a.source == "trained"] == \
+        [(b.adapter, b.confidence) for a, b in zip(after, before) if a.source == "trained"]

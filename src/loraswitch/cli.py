@@ -198,6 +198,7 @@ def train_router(
     adapter_dir: DirsOpt = None,
     library: LibraryOpt = "demo",
     per_adapter: Annotated[int, typer.Option(help="Training prompts per adapter from the demo suite.")] = 200,
+    max_threshold: Annotated[float, typer.Option(min=0.2, max=0.99, help="seq: the abstain threshold's ceiling; higher abstains on more near misses and more new wordings of your tasks alike (docs/routing.md, 'Near misses').")] = 0.7,
 ) -> None:
     """Train the sequence selector or the token-level gates for an adapter library."""
     from loraswitch.console import library_paths
@@ -219,7 +220,7 @@ def train_router(
             raise fail(str(exc)) from None
     out = out or library_paths(library, None, None)[1]
     if router == "seq":
-        trained = train_selector(switch.engine, prompts_only(train), prompts_only(val))
+        trained = train_selector(switch.engine, prompts_only(train), prompts_only(val), ceiling=max_threshold)
         console.print(f"temperature {trained.temperature:.3f}, abstain threshold {trained.threshold:.3f}")
     elif router == "gate":
         subset = {k: v[: max(8, per_adapter // 5)] for k, v in train.items()}

@@ -115,6 +115,8 @@ def test_too_many_choices_and_a_mixed_batch_are_refused(http, client):
     r = http.post("/v1/completions", content=json.dumps({"model": "alpha", "prompt": ["a", [1, 2]]}),
                   headers={"Content-Type": "application/json"})
     assert r.status_code == 400
+    r = http.post("/v1/completions", json={"model": "alpha", "prompt": "a", "n": 2, "best_of": 1, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of" and "at least n" in r.text
 
 
 def test_the_choices_are_queued_together_or_not_at_all(client, live):

@@ -18,13 +18,18 @@ def demo_pairs(split: str, n_per_task: int, seed: int = 0) -> Pairs:
     measure routing on new wording honestly."""
     data: Pairs = {t: [(e.prompt, e.answer) for e in examples(t, split, n_per_task, seed) if not e.heldout_template]
                    for t in TASK_NAMES}
-    data[NONE_CLASS] = [(p, None) for p in out_of_suite(split, n_per_task, seed)]
+    # the bundled generic prompts at their usual share (2,000 to train beside 200 a task): half are
+    # near misses spread over a dozen families, which a task's share would spread too thin
+    data[NONE_CLASS] = [(p, None) for p in out_of_suite(split, 10 * n_per_task, seed)]
     return data
 
 
 def write_bigbench_router_data(out: Path, per_task: int = 200, seed: int = 0) -> list[Path]:
     """`<task>.jsonl` files of BIG-bench training prompts and answers (train split only: test
-    prompts stay unseen by routers) in the folder format `loraswitch train-router --data` reads."""
+    prompts stay unseen by routers) in the folder format `loraswitch train-router --data` reads:
+    each example as BIG-bench renders it and once reworded (`bigbench.rewording`), so the router
+    learns the task rather than its one framing."""
+    from loraswitch.demo.bigbench.rewording import reword
     from loraswitch.demo.bigbench.tasks import TASK_NAMES as BB_TASKS
     from loraswitch.demo.bigbench.tasks import examples as bb_examples
 
@@ -32,7 +37,8 @@ def write_bigbench_router_data(out: Path, per_task: int = 200, seed: int = 0) ->
     paths = []
     for task in BB_TASKS:
         path = out / f"{task}.jsonl"
-        rows = [json.dumps({"prompt": e.prompt, "answer": e.answer}) for e in bb_examples(task, "train", per_task, seed=seed + 1)]
+        exs = bb_examples(task, "train", per_task, seed=seed + 1)
+        rows = [json.dumps({"prompt": e.prompt, "answer": e.answer}) for ex in exs for e in (ex, reword(ex))]
         path.write_text("\n".join(rows) + "\n")
         paths.append(path)
     return paths

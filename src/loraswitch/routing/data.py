@@ -15,7 +15,7 @@ from pathlib import Path
 
 from loraswitch.library import read_examples
 from loraswitch.routing.base import NONE_CLASS
-from loraswitch.routing.generic import generic_prompts
+from loraswitch.routing.generic import BUNDLED_TRAIN, BUNDLED_VAL, generic_prompts
 
 Pairs = dict[str, list[tuple[str, str | None]]]  # adapter -> [(prompt, answer or None)]
 
@@ -37,8 +37,8 @@ def read_folder(folder: str | Path) -> tuple[Pairs, Pairs]:
     if not train:
         raise ValueError(f"{folder} has no <adapter>.jsonl or <adapter>.txt example files")
     if NONE_CLASS not in train:
-        train[NONE_CLASS] = [(p, None) for p in generic_prompts("train", 300)]
-        val[NONE_CLASS] = [(p, None) for p in generic_prompts("val", 60)]
+        train[NONE_CLASS] = [(p, None) for p in generic_prompts("train", BUNDLED_TRAIN)]
+        val[NONE_CLASS] = [(p, None) for p in generic_prompts("val", BUNDLED_VAL)]
     return train, val
 
 

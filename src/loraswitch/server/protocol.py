@@ -177,11 +177,13 @@ class CompletionRequest(_Common):
     max_tokens: int | None = Field(default=None, ge=0)  # 0: with echo, the prompt's logprobs alone
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    best_of: int | None = None
+    best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
+        if self.best_of is not None and self.best_of < (self.n or 1):  # the OpenAI API's and vLLM's rule
+            raise bad_request(f"best_of ({self.best_of}) must be at least n ({self.n})", "best_of")
         if (self.best_of or 1) > 1:
             raise bad_request("only best_of=1 is supported", "best_of", "unsupported_value")
         if self.suffix:

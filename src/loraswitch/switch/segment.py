@@ -5,7 +5,7 @@ sees. A prompt is split into candidate units by its own structure (`routing.unit
 items, lines, sentences, clauses), every unit of every prompt of a batch is scored by the
 sequence selector in one feature pass, and the prompt is cut where the decision changes:
 
-* a unit the selector routes to an adapter with calibrated confidence >= `min_confidence` is a
+* a unit the selector routes to an adapter with raw confidence >= `min_confidence` is a
   *question*; anything else (greetings, "answer each part", `__none__`, low confidence) is
   *context* and joins a neighbour: the part before it, or the part after it when it leads the
   same line; context on lines of its own before the first question is an instruction to the
@@ -45,7 +45,7 @@ from loraswitch.routing.units import PROSE, Unit, is_heading, is_statement, spli
 
 @dataclass(frozen=True)
 class Settings:
-    min_confidence: float = 0.9  # a unit is a question above this calibrated confidence
+    min_confidence: float = 0.8  # a unit is a question above this confidence (raw softmax, `Scores`)
     max_merge_gain: float = 8.0  # energy(L+R) - max(energy(L), energy(R)) above this: one request
 
 

@@ -1,0 +1,56 @@
+"""The bundled `__none__` prompts (open requests and near misses) and the selector's calibration
+rules that keep its abstain threshold meaningful (docs/routing.md "Near misses")."""
+
+import re
+
+import torch
+
+from loraswitch.routing import generic
+from loraswitch.routing.seq import MAX_THRESHOLD, _fit_temperature, _pick_threshold
+
+
+def _family_of(prompt: str) -> str:
+    """Which template family wrote `prompt` ("open" or a near-miss family), by matching templates."""
+    def matches(template: str) -> bool:
+        pattern = re.escape(template.replace("{{", "{").replace("}}", "}"))
+        return re.fullmatch(re.sub(r"\\\{[a-z_0-9]+\\\}", ".+", pattern), prompt, re.S) is not None
+
+    if any(matches(t) for t in generic._OPEN_TEMPLATES):
+        return "open"
+    return next(name for name, ts in generic._NEAR_MISS_FAMILIES.items() if any(matches(t) for t in ts))
+
+
+def test_bundled_prompts_mix_open_requests_and_every_near_miss_family():
+    prompts = generic.generic_prompts("train", 600)
+    assert len(prompts) == len(set(prompts)) == 600
+    assert not any(re.search(r"\{[a-z_0-9]+\}", p) for p in prompts)  # every slot filled
+    families = [_family_of(p) for p in prompts]
+    assert 0.35 < families.count("open") / len(families) < 0.65
+    assert set(families) == {"open", *generic._NEAR_MISS_FAMILIES}
+    assert prompts == generic.generic_prompts("train", 600)  # the same every time
+
+
+def test_bundled_splits_are_disjoint_and_open_only_on_request():
+    train, test = generic.generic_prompts("train", 1000), generic.generic_prompts("test", 100)
+    assert len(test) == 100 and not set(train) & set(test)
+    assert {_family_of(p) for p in generic.generic_prompts("train", 200, near_misses=False)} == {"open"}
+    assert generic.generic_prompts("train", 50, seed=1) != generic.generic_prompts("train", 50, seed=0)
+
+
+def test_temperature_softens_but_never_sharpens():
+    labels = torch.arange(4).repeat(25)
+    easy = torch.nn.functional.one_hot(labels, 4).float() * 3.0  # every validation prompt right, by a margin
+    assert _fit_temperature(easy, labels) == 1.0  # free, it would sharpen to the grid's end
+    assert _fit_temperature(easy, labels, lowest=10 ** -1.5) < 0.1
+    noisy = easy.clone()
+    noisy[::3] = torch.nn.functional.one_hot((labels[::3] + 1) % 4, 4).float() * 3.0  # a third confidently wrong
+    assert _fit_temperature(noisy, labels) > 1.0
+
+
+def test_abstain_threshold_stays_under_its_ceiling():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    sure = torch.nn.functional.one_hot(labels, 4).float() * 0.99 + 0.0025
+    assert abs(_pick_threshold(sure, labels, none_idx=3) - MAX_THRESHOLD) < 1e-6
+    assert abs(_pick_threshold(sure, labels, none_idx=3, ceiling=0.9) - 0.9) < 1e-6
+    unsure = torch.full((6, 4), 0.1).scatter(1, labels[:, None], 0.55)  # right, at 0.55
+    assert abs(_pick_threshold(unsure, labels, none_idx=3) - 0.55) < 1e-6
