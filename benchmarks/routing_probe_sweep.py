@@ -1,7 +1,10 @@
 """`benchmarks/routing_probe.py --sweep`: the trade-off behind the sequence router's settings
 (weight decay, abstain-threshold ceiling, bundled near misses), measured on the probe sets the
 router's design looked at (`dev`, `heldout`) and on the suite's test prompts. The `sealed` set is
-left out of the sweep on purpose: it measures the settings once chosen (`routing_probe.py`)."""
+left out of the sweep on purpose: it measures the settings once chosen (`routing_probe.py`).
+The `__none__` prompts are always the bundled ones (a `__none__` file in a `--data` folder is not
+read here): the sweep is about the bundled set and the settings trained on it.
+`_cascade` mirrors `SequenceRouter._cascade` for features read once for many fits."""
 
 from __future__ import annotations
 
@@ -12,13 +15,15 @@ from pathlib import Path
 import torch
 from routing_probe import OUT, load_probes, suite_cases
 
+from loraswitch.routing.generic import BUNDLED_TRAIN, BUNDLED_VAL
 from loraswitch.routing.seq import MAX_THRESHOLD, WEIGHT_DECAY
 
-BEFORE = {"label": "before: open requests only, free temperature, ceiling 0.9", "near_misses": False,
-          "weight_decay": 1e-3, "ceiling": 0.9, "lowest_temperature": 10 ** -1.5}
+# the router before: 300 / 60 open requests (train / val), free temperature, ceiling 0.9
+BEFORE = {"label": "before: 300 open requests, free temperature, ceiling 0.9", "near_misses": False,
+          "weight_decay": 1e-3, "ceiling": 0.9, "lowest_temperature": 10 ** -1.5, "bundled": (300, 60)}
 GRID = [{"label": f"wd {wd:g}, ceiling {c}", "near_misses": True, "weight_decay": wd, "ceiling": c,
-         "lowest_temperature": 1.0} for wd in (1e-3, 3e-3, 1e-2) for c in (0.5, 0.6, 0.7, 0.8, 0.9)]
-BUNDLED = 2000
+         "lowest_temperature": 1.0, "bundled": (BUNDLED_TRAIN, BUNDLED_VAL)}
+        for wd in (1e-3, 3e-3, 1e-2) for c in (0.5, 0.6, 0.7, 0.8, 0.9)]
 
 
 def _features(library: str, data: Path | None):
@@ -52,15 +57,16 @@ def _features(library: str, data: Path | None):
 
 
 def _fit(classes, layers, cls_train, cls_val, pools, cfg: dict, draw: int):
-    """Both heads on the classes' prompts and a draw of BUNDLED bundled prompts; the fast head
-    attached to the main one, as `train_selector` makes them."""
+    """Both heads on the classes' prompts and a draw of `cfg["bundled"]` bundled prompts (train,
+    val); the fast head attached to the main one, as `train_selector` makes them."""
     from loraswitch.routing.seq import SequenceRouter, fit_selector
 
     g = torch.Generator().manual_seed(draw)
     (xt, yt), (xv, yv) = cls_train, cls_val
     pt, pv = pools[("train", cfg["near_misses"])], pools[("val", cfg["near_misses"])]
-    ti = torch.randperm(pt[layers[0]].shape[0], generator=g)[:BUNDLED]
-    vi = torch.randperm(pv[layers[0]].shape[0], generator=g)[:BUNDLED // 5]
+    n_train, n_val = cfg["bundled"]
+    ti = torch.randperm(pt[layers[0]].shape[0], generator=g)[:n_train]
+    vi = torch.randperm(pv[layers[0]].shape[0], generator=g)[:n_val]
     none = len(classes) - 1
     heads = []
     for layer in layers:
@@ -110,13 +116,15 @@ def sweep(library: str, data: Path | None, draws: int) -> dict:
                 scores[k].append(sum(g == w for g, w in zip(got, want)) / len(want))
         rows.append({**cfg, **{k: [statistics.mean(v), statistics.pstdev(v)] for k, v in scores.items()}})
         print(cfg["label"], {k: round(v[0], 3) for k, v in rows[-1].items() if isinstance(v, list)}, flush=True)
-    return {"library": library, "draws": draws, "bundled": BUNDLED, "layers": layers, "rows": rows}
+    return {"library": library, "draws": draws, "layers": layers, "rows": rows}
 
 
 def sweep_report(r: dict, plot: Path | None) -> str:
-    keys = [k for k in r["rows"][0] if isinstance(r["rows"][0][k], list)]
+    keys = [k for k in r["rows"][0] if isinstance(r["rows"][0][k], list) and k != "bundled"]
     lines = [f"{r['library']} library, both heads (layers {r['layers'][0]} and {r['layers'][1]}) fitted {r['draws']} times "
-             f"on draws of {r['bundled']} bundled `__none__` prompts; mean (spread = population std) over the draws "
+             f"on draws of bundled `__none__` prompts ({BUNDLED_TRAIN} / {BUNDLED_VAL} for train / validation; the "
+             "'before' row 300 / 60 open requests, as the router before was trained: from 648 / 76 there are, so its "
+             f"draws differ little); mean (spread = population std) over the draws "
              f"(`python benchmarks/routing_probe.py --library {r['library']} --sweep`):", "",
              "| settings | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for row in r["rows"]:

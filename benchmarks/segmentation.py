@@ -54,7 +54,7 @@ def _segmentation(singles: int, layout_prompts: int, seed: int, split: str = "te
     t0 = time.perf_counter()
     found = segment(router, sw.engine, [e.prompt for e in cases] + [c.prompt for c in comps], settings)
     seconds = time.perf_counter() - t0
-    split = [(e, f) for e, f in zip(cases, found) if len(f.parts) >= 2]
+    cut = [(e, f) for e, f in zip(cases, found) if len(f.parts) >= 2]
     layouts: dict[str, dict] = {}
     for c, f in zip(comps, found[len(cases):]):
         # the adapter each found part is answered with: the same selector on the part's own text
@@ -78,9 +78,9 @@ def _segmentation(singles: int, layout_prompts: int, seed: int, split: str = "te
                   "parts_found": sum(e["parts_found"] for e in layouts.values() if e["group"] == g),
                   "parts_and_adapters_right": sum(e["parts_and_adapters_right"] for e in layouts.values()
                                                   if e["group"] == g)} for g in ("train", "heldout")}
-    return {"single_task_prompts": len(cases), "false_splits": len(split),
-            "false_split_rate": round(len(split) / max(1, len(cases)), 4),
-            "false_split_examples": [{"task": e.task, "prompt": e.prompt, "parts": f.texts} for e, f in split[:10]],
+    return {"single_task_prompts": len(cases), "false_splits": len(cut),
+            "false_split_rate": round(len(cut) / max(1, len(cases)), 4),
+            "false_split_examples": [{"task": e.task, "prompt": e.prompt, "parts": f.texts} for e, f in cut[:10]],
             "layouts": layouts, "groups": groups, "seconds": round(seconds, 1)}
 
 
@@ -134,6 +134,13 @@ def main(singles: int = 50, layout_prompts: int = 4, eval_limit: int = 4, freefo
     the validation split; the test split measures them)."""
     import torch
 
+    from loraswitch.switch.segment import Settings
+
+    if library == "bigbench" and (split != "test" or min_confidence is not None):
+        raise typer.BadParameter("--split and --min-confidence apply to the demo library only")
+    if split != "test" and out is None:
+        raise typer.BadParameter("--split val needs --out (the committed segmentation.json is the test split's)")
+    min_confidence = Settings().min_confidence if min_confidence is None else min_confidence
     torch.manual_seed(0)
     if library == "bigbench":
         result = {"settings": {"library": library, "singles_per_task": singles, "composites_per_size": layout_prompts,

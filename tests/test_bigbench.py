@@ -12,7 +12,7 @@ import tarfile
 import pytest
 
 from loraswitch.demo.bigbench import composites as comp
-from loraswitch.demo.bigbench import fetch, tasks
+from loraswitch.demo.bigbench import fetch, rewording, tasks
 from loraswitch.demo.bigbench.metrics import normalize, score
 
 N = 320  # examples per fixture file: enough for test (200) + val (100) + a train split
@@ -59,9 +59,11 @@ def root(tmp_path, sdist, monkeypatch):
     monkeypatch.setattr(fetch, "data_dir", lambda: out)
     tasks.splits.cache_clear()
     tasks._verified.cache_clear()
+    rewording._framing.cache_clear()
     yield out
     tasks.splits.cache_clear()
     tasks._verified.cache_clear()
+    rewording._framing.cache_clear()
 
 
 def test_extract_takes_only_the_needed_files_and_verifies(root):
@@ -202,9 +204,11 @@ def test_router_data_folder_from_train_splits(root, tmp_path):
         train_split = {e.prompt: e for e in tasks.splits(task)["train"]}
         original = [(p, a) for p, a in rows if p in train_split]
         reworded = [(p, a) for p, a in rows if p not in train_split]
-        # each training example as BIG-bench renders it and once reworded, with the same answer
-        assert len(original) == 20 and len(reworded) == 20
+        # each training example as BIG-bench renders it, and most once reworded with the same
+        # answer; a validation prompt is never one of a reworded pair (no twin on the other side)
+        assert len(original) == 20 and 12 <= len(reworded) < 20
         assert {a for _, a in reworded} <= {e.answer for e in train_split.values()}
+        assert all(p in train_split for p, _ in val.get(task, []))
 
 
 def test_rewording_keeps_the_question_and_options_in_another_layout(root):

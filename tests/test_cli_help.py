@@ -44,3 +44,14 @@ def test_a_mistyped_folder_is_an_error_not_a_quiet_fallback(tmp_path):
                             ("--router-dir", tmp_path / "nope", "does not exist")):
         r = CliRunner().invoke(app, ["route", flag, str(path), "What is 2 + 3?"])
         assert r.exit_code == 2 and why in " ".join(r.output.split()), r.output  # rich wraps long lines
+
+
+def test_max_threshold_is_for_the_sequence_router_only():
+    from typer.testing import CliRunner
+
+    from loraswitch.cli import app
+
+    r = CliRunner().invoke(app, ["train-router", "--router", "gate", "--max-threshold", "0.8"])
+    assert r.exit_code == 2 and "applies to --router seq" in r.output, r.output
+    r = CliRunner().invoke(app, ["train-router", "--max-threshold", "1.5"])
+    assert r.exit_code == 2, r.output  # out of [0.2, 0.99]

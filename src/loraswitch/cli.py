@@ -198,7 +198,7 @@ def train_router(
     adapter_dir: DirsOpt = None,
     library: LibraryOpt = "demo",
     per_adapter: Annotated[int, typer.Option(help="Training prompts per adapter from the demo suite.")] = 200,
-    max_threshold: Annotated[float, typer.Option(min=0.2, max=0.99, help="seq: the abstain threshold's ceiling; higher abstains on more near misses and more new wordings of your tasks alike (docs/routing.md, 'Near misses').")] = 0.7,
+    max_threshold: Annotated[float | None, typer.Option(min=0.2, max=0.99, help="seq only: the abstain threshold's ceiling (default 0.7); higher abstains on more near misses and more new wordings of your tasks alike (docs/routing.md, 'Near misses').")] = None,
 ) -> None:
     """Train the sequence selector or the token-level gates for an adapter library."""
     from loraswitch.console import library_paths
@@ -206,6 +206,8 @@ def train_router(
     from loraswitch.routing.gate import train_gates
     from loraswitch.routing.seq import train_selector
 
+    if max_threshold is not None and router != "seq":
+        raise typer.BadParameter("--max-threshold applies to --router seq only", param_hint="--max-threshold")
     switch = open_switch(base, adapter_dir, library=library)
     if data is None:  # the demo library's routers, trained on its own task suite
         if library != "demo" or adapter_dir:
@@ -220,7 +222,8 @@ def train_router(
             raise fail(str(exc)) from None
     out = out or library_paths(library, None, None)[1]
     if router == "seq":
-        trained = train_selector(switch.engine, prompts_only(train), prompts_only(val), ceiling=max_threshold)
+        ceiling = {} if max_threshold is None else {"ceiling": max_threshold}
+        trained = train_selector(switch.engine, prompts_only(train), prompts_only(val), **ceiling)
         console.print(f"temperature {trained.temperature:.3f}, abstain threshold {trained.threshold:.3f}")
     elif router == "gate":
         subset = {k: v[: max(8, per_adapter // 5)] for k, v in train.items()}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from loraswitch.demo.tasks import TASK_NAMES, examples, out_of_suite
 from loraswitch.routing.base import NONE_CLASS
-from loraswitch.routing.data import Pairs
+from loraswitch.routing.data import Pairs, is_validation
 
 
 def demo_pairs(split: str, n_per_task: int, seed: int = 0) -> Pairs:
@@ -27,8 +27,9 @@ def demo_pairs(split: str, n_per_task: int, seed: int = 0) -> Pairs:
 def write_bigbench_router_data(out: Path, per_task: int = 200, seed: int = 0) -> list[Path]:
     """`<task>.jsonl` files of BIG-bench training prompts and answers (train split only: test
     prompts stay unseen by routers) in the folder format `loraswitch train-router --data` reads:
-    each example as BIG-bench renders it and once reworded (`bigbench.rewording`), so the router
-    learns the task rather than its one framing."""
+    each example as BIG-bench renders it and, where both fall in the training split, once
+    reworded (`bigbench.rewording`), so the router learns the task rather than its one framing and
+    no validation prompt has a twin in training (`routing.data.is_validation`)."""
     from loraswitch.demo.bigbench.rewording import reword
     from loraswitch.demo.bigbench.tasks import TASK_NAMES as BB_TASKS
     from loraswitch.demo.bigbench.tasks import examples as bb_examples
@@ -38,7 +39,9 @@ def write_bigbench_router_data(out: Path, per_task: int = 200, seed: int = 0) ->
     for task in BB_TASKS:
         path = out / f"{task}.jsonl"
         exs = bb_examples(task, "train", per_task, seed=seed + 1)
-        rows = [json.dumps({"prompt": e.prompt, "answer": e.answer}) for ex in exs for e in (ex, reword(ex))]
+        twins = [reword(ex) for ex in exs]
+        pairs = [(ex, tw) for ex, tw in zip(exs, twins) if not is_validation(ex.prompt) and not is_validation(tw.prompt)]
+        rows = [json.dumps({"prompt": e.prompt, "answer": e.answer}) for e in [*exs, *(tw for _, tw in pairs)]]
         path.write_text("\n".join(rows) + "\n")
         paths.append(path)
     return paths

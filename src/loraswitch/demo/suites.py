@@ -63,8 +63,8 @@ class DemoSuite:
 
 class BigBenchSuite(DemoSuite):
     """The ten BIG-bench tasks (`loraswitch.demo.bigbench`): BIG-bench's metric in generative
-    form, MeteoRA's composite-3/5/10 sets and format. Out-of-suite prompts are the demo's
-    generic open questions (no BIG-bench task asks for a haiku)."""
+    form, MeteoRA's composite-3/5/10 sets and format. Out-of-suite prompts are the demo's, the
+    router's bundled generic ones: open requests and near misses of other tasks than these."""
 
     name = "bigbench"
     composite_sizes = (3, 5, 10)

@@ -32,7 +32,7 @@ def read_folder(folder: str | Path) -> tuple[Pairs, Pairs]:
             continue
         rows = read_examples(path)
         for prompt, answer in rows:
-            target = val if zlib.crc32(prompt.encode()) % 10 == 0 else train
+            target = val if is_validation(prompt) else train
             target.setdefault(path.stem, []).append((prompt, answer))
     if not train:
         raise ValueError(f"{folder} has no <adapter>.jsonl or <adapter>.txt example files")
@@ -40,6 +40,12 @@ def read_folder(folder: str | Path) -> tuple[Pairs, Pairs]:
         train[NONE_CLASS] = [(p, None) for p in generic_prompts("train", BUNDLED_TRAIN)]
         val[NONE_CLASS] = [(p, None) for p in generic_prompts("val", BUNDLED_VAL)]
     return train, val
+
+
+def is_validation(prompt: str) -> bool:
+    """Whether `read_folder` puts `prompt` in the validation split (1 in 10, by its hash): a
+    writer of router data that adds paraphrases keeps each paraphrase in its original's split."""
+    return zlib.crc32(prompt.encode()) % 10 == 0
 
 
 def prompts_only(pairs: Pairs) -> dict[str, list[str]]:

@@ -2,24 +2,29 @@
 learns to abstain on when a user's example folder brings no `__none__` file of its own. They
 belong to the router, not to any task suite.
 
-Two kinds, drawn in equal shares. *Open requests* (haikus, fun facts, advice) are what a chat
-model is asked most. *Near misses* are requests that look like a narrow task and ask something
+Two kinds, drawn half and half until the open requests run out: 20 templates over 40 topics
+make 800, about 650 of them in the train split, so of the 2,000 prompts a router trains on about
+a third are open requests and two thirds near misses (of 400 validation prompts, 76 open).
+*Open requests* (haikus, fun facts, advice) are what a chat model is asked most. *Near misses* are requests that look like a narrow task and ask something
 else: other arithmetic, numbers in other languages, other date questions, other output formats,
 other string operations, other classifications, plain text work, code and trivia. With only open
 requests to learn from, the demo router sent 123 of 160 near misses to an adapter ("Multiply 12
 by 7" to an addition adapter, "Translate to German: ..." to a French one), every one with
 confidence 1.00 (`benchmarks/routing_probe.py`, docs/routing.md "Near misses"). The families stop
 short of a task's own variants and inputs: sorting descending is left out (a sorting adapter may
-well do both ways), and so are other questions about a list of numbers (its largest, its median):
-in a first training with them, the demo's sort_numbers lost 6 of its 30 held-out-wording test
-prompts and 5 free-form composites lost a part. A near miss can still be a user's own task (a
+well do both ways), and so are questions about a list of numbers that sorting would answer in
+passing (its largest, its smallest, its median): in a first training with them, 7 of the demo's
+sort_numbers test prompts in one held-out wording went to the base model and 5 free-form
+composites lost their sorting part. A near miss can still be a user's own task (a
 library with a multiplication adapter): a `__none__.txt` of the user's replaces these prompts
 (`routing.data.read_folder`).
 """
 
 from __future__ import annotations
 
+import functools
 import random
+import re
 import zlib
 
 BUNDLED_TRAIN, BUNDLED_VAL = 2000, 400  # bundled prompts a router trains and calibrates on
@@ -193,17 +198,37 @@ def _fill(template: str, rng: random.Random) -> str:
 
 
 def generic_prompts(split: str, n: int, seed: int = 0, near_misses: bool = True) -> list[str]:
-    """`n` generic prompts of `split` (train / val / test: 80 / 10 / 10 by hashing the prompt):
-    about half open requests, half near misses from a family drawn at random (`near_misses`
-    False: open requests only, the bundled set as it was, for `benchmarks/routing_probe.py`)."""
+    """Up to `n` distinct generic prompts of `split` (train / val / test: 80 / 10 / 10 by hashing
+    the prompt): an open request or a near miss from a family drawn at random, half and half
+    until the open requests run out (the module doc). `near_misses` False: open requests only,
+    the kind the bundled set held before (for `benchmarks/routing_probe.py`); there are fewer
+    than `n` of those when `n` is large (648 in the train split)."""
     rng = random.Random(zlib.crc32(f"oos|{split}|{seed}".encode()))
     families = list(_NEAR_MISS_FAMILIES.values())
     out: list[str] = []
+    seen: set[str] = set()
     for _ in range(60 * n):
         if len(out) >= n:
             break
         templates = _OPEN_TEMPLATES if not near_misses or rng.random() < 0.5 else rng.choice(families)
         prompt = _fill(rng.choice(templates), rng)
-        if _split_of(prompt) == split and prompt not in out:
+        if _split_of(prompt) == split and prompt not in seen:
+            seen.add(prompt)
             out.append(prompt)
     return out
+
+
+def fills_a_template(prompt: str) -> bool:
+    """Whether `prompt` is one of the bundled templates with its slots filled (any words in
+    them): a probe prompt that does is a near miss the router was all but shown."""
+    return any(_template_pattern(t).fullmatch(prompt) for t in _all_templates())
+
+
+def _all_templates() -> list[str]:
+    return [*_OPEN_TEMPLATES, *(t for ts in _NEAR_MISS_FAMILIES.values() for t in ts)]
+
+
+@functools.cache
+def _template_pattern(template: str) -> re.Pattern:
+    literal = re.escape(template.replace("{{", "{").replace("}}", "}"))
+    return re.compile(re.sub(r"\\\{[a-z_0-9]+\\\}", ".+", literal), re.S | re.I)

@@ -90,8 +90,9 @@ class Segmentation:
 @dataclass
 class Scores:
     """Per text: the selector's decision (adapter or None), its uncalibrated confidence (softmax
-    of the raw logits: the calibrated one is fitted on whole in-suite prompts and reads 1.0 on
-    almost any fragment) and its energy (logsumexp of the logits)."""
+    of the raw logits: a calibrated one is fitted on whole in-suite prompts, and while its
+    temperature could sharpen it read 1.0 on almost any fragment) and its energy (logsumexp of
+    the logits)."""
 
     adapter: list[str | None]
     confidence: list[float]

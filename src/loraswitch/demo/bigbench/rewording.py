@@ -13,7 +13,9 @@ adapters are still trained and scored on BIG-bench's own rendering (`tasks.rende
 
 from __future__ import annotations
 
+import functools
 import random
+import string
 import zlib
 
 from loraswitch.demo.bigbench.fetch import load_task_file
@@ -50,20 +52,22 @@ INSTRUCTIONS = {
 }
 
 
-def _framing(task: str) -> tuple[set[str], set[str]]:
-    """The task's own prefix lines and output-prefix lines, as `render` writes them."""
+@functools.cache
+def _framing(task: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The task's own prefix lines and output-prefix lines, as `render` writes them (read once:
+    a task file can be megabytes)."""
     prefixes, suffixes = set(), set()
     for rel in TASKS[task].files:
         meta = load_task_file(rel)
         prefixes.add(meta.get("task_prefix", "").strip())
         suffixes.add(meta.get("example_output_prefix", "").strip())
-    return prefixes - {""}, suffixes - {""}
+    return frozenset(prefixes - {""}), frozenset(suffixes - {""})
 
 
 def _options(choices: list[str], rng: random.Random) -> list[str]:
     """The options in one of four layouts (never numbered: "1. ..." lines read as a multi-part prompt)."""
-    letters = "ABCDEFGHIJ"
-    style = rng.randrange(4)
+    letters = string.ascii_uppercase
+    style = rng.randrange(4) if len(choices) > 1 else rng.randrange(3)  # "Choose from: x or y" needs two
     if style == 0:
         return [f"choice: {c}" for c in choices]
     if style == 1:
