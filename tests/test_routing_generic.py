@@ -62,3 +62,20 @@ def test_abstain_threshold_stays_under_its_ceiling():
     assert abs(_pick_threshold(sure, labels, none_idx=3, ceiling=0.9) - 0.9) < 1e-6
     unsure = torch.full((6, 4), 0.1).scatter(1, labels[:, None], 0.55)  # right, at 0.55
     assert abs(_pick_threshold(unsure, labels, none_idx=3) - 0.55) < 1e-6
+
+
+def test_a_users_none_file_adds_to_the_bundled_prompts_unless_told_not_to(tmp_path):
+    from loraswitch.routing.base import NONE_CLASS
+    from loraswitch.routing.data import read_folder
+
+    (tmp_path / "add.txt").write_text("\n".join(f"What is {i} + {i + 7}?" for i in range(30)) + "\n")
+    mine = [f"Tell me about planet number {i}." for i in range(10)]
+    (tmp_path / "__none__.txt").write_text("\n".join(mine) + "\n")
+    train, val = read_folder(tmp_path)
+    nones = {p for p, _ in train[NONE_CLASS] + val[NONE_CLASS]}
+    # a five-line file used to replace all 2,000 bundled prompts, and the router forgot the rest
+    assert set(mine) <= nones and len(nones) == len(mine) + generic.BUNDLED_TRAIN + generic.BUNDLED_VAL
+    train, val = read_folder(tmp_path, bundled=False)
+    assert {p for p, _ in train[NONE_CLASS] + val.get(NONE_CLASS, [])} == set(mine)
+    (tmp_path / "__none__.txt").unlink()
+    assert NONE_CLASS not in read_folder(tmp_path, bundled=False)[0]

@@ -198,6 +198,7 @@ def train_router(
     adapter_dir: DirsOpt = None,
     library: LibraryOpt = "demo",
     per_adapter: Annotated[int, typer.Option(help="Training prompts per adapter from the demo suite.")] = 200,
+    bundled_none: Annotated[bool, typer.Option("--bundled-none/--no-bundled-none", help="Train on the bundled __none__ prompts (open requests and near misses) besides your __none__ file; leave them out when one of your adapters does what a bundled near miss asks.")] = True,
     max_threshold: Annotated[float | None, typer.Option(min=0.2, max=0.99, help="seq only: the abstain threshold's ceiling (default 0.7); higher abstains on more near misses and more new wordings of your tasks alike (docs/routing.md, 'Near misses').")] = None,
 ) -> None:
     """Train the sequence selector or the token-level gates for an adapter library."""
@@ -217,9 +218,11 @@ def train_router(
         train, val = demo_pairs("train", per_adapter), demo_pairs("val", max(20, per_adapter // 4))
     else:
         try:
-            train, val = read_folder(data)
+            train, val = read_folder(data, bundled=bundled_none)
         except (OSError, ValueError) as exc:
             raise fail(str(exc)) from None
+        if "__none__" not in train:
+            console.print("[yellow]no __none__ prompts: the router will abstain only below its threshold[/yellow]")
     out = out or library_paths(library, None, None)[1]
     if router == "seq":
         ceiling = {} if max_threshold is None else {"ceiling": max_threshold}

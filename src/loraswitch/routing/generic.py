@@ -16,8 +16,8 @@ well do both ways), and so are questions about a list of numbers that sorting wo
 passing (its largest, its smallest, its median): in a first training with them, 7 of the demo's
 sort_numbers test prompts in one held-out wording went to the base model and 5 free-form
 composites lost their sorting part. A near miss can still be a user's own task (a
-library with a multiplication adapter): a `__none__.txt` of the user's replaces these prompts
-(`routing.data.read_folder`).
+library with a multiplication adapter): `train-router --no-bundled-none` leaves these prompts out
+and trains on the user's `__none__.txt` alone (`routing.data.read_folder`).
 """
 
 from __future__ import annotations
