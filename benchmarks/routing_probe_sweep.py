@@ -59,7 +59,7 @@ def _features(library: str, data: Path | None):
 def _fit(classes, layers, cls_train, cls_val, pools, cfg: dict, draw: int):
     """Both heads on the classes' prompts and a draw of `cfg["bundled"]` bundled prompts (train,
     val); the fast head attached to the main one, as `train_selector` makes them."""
-    from loraswitch.routing.seq import SequenceRouter, fit_selector
+    from loraswitch.routing.seq import fit_selector
 
     g = torch.Generator().manual_seed(draw)
     (xt, yt), (xv, yv) = cls_train, cls_val
@@ -75,7 +75,7 @@ def _fit(classes, layers, cls_train, cls_val, pools, cfg: dict, draw: int):
         heads.append(fit_selector(classes, x, y, xval, yval, layer, weight_decay=cfg["weight_decay"],
                                   ceiling=cfg["ceiling"], lowest_temperature=cfg["lowest_temperature"]))
     fast, main = heads
-    main.fast = SequenceRouter(classes, fast.W, fast.b, fast.mean, fast.std, fast.layer, fast.temperature, fast.threshold)
+    main.fast = fast  # as train_selector attaches it (its reservoir goes unread: no head is added here)
     return main
 
 

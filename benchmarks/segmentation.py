@@ -39,8 +39,7 @@ import typer
 OUT = Path(__file__).resolve().parent / "results"
 
 
-def _segmentation(singles: int, layout_prompts: int, seed: int, split: str = "test",
-                  min_confidence: float | None = None) -> dict:
+def _segmentation(singles: int, layout_prompts: int, seed: int, split: str, min_confidence: float) -> dict:
     from loraswitch.demo.tasks import TASK_NAMES, examples
     from loraswitch.demo.tasks.freeform import freeform
     from loraswitch.switch import Switch
@@ -50,7 +49,7 @@ def _segmentation(singles: int, layout_prompts: int, seed: int, split: str = "te
     router = sw.router("auto")
     cases = [e for t in TASK_NAMES for e in examples(t, split, singles, seed=seed)]
     comps = [c for heldout in (False, True) for n in (2, 3, 5) for c in freeform(n, layout_prompts, heldout, split, seed)]
-    settings = Settings() if min_confidence is None else Settings(min_confidence=min_confidence)
+    settings = Settings(min_confidence=min_confidence)
     t0 = time.perf_counter()
     found = segment(router, sw.engine, [e.prompt for e in cases] + [c.prompt for c in comps], settings)
     seconds = time.perf_counter() - t0

@@ -203,6 +203,7 @@ def train_router(
 ) -> None:
     """Train the sequence selector or the token-level gates for an adapter library."""
     from loraswitch.console import library_paths
+    from loraswitch.routing.base import NONE_CLASS
     from loraswitch.routing.data import prompts_only, read_folder
     from loraswitch.routing.gate import train_gates
     from loraswitch.routing.seq import train_selector
@@ -221,7 +222,7 @@ def train_router(
             train, val = read_folder(data, bundled=bundled_none)
         except (OSError, ValueError) as exc:
             raise fail(str(exc)) from None
-        if "__none__" not in train:
+        if NONE_CLASS not in train:
             console.print("[yellow]no __none__ prompts: the router will abstain only below its threshold[/yellow]")
     out = out or library_paths(library, None, None)[1]
     if router == "seq":

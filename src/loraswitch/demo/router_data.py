@@ -18,7 +18,7 @@ def demo_pairs(split: str, n_per_task: int, seed: int = 0) -> Pairs:
     measure routing on new wording honestly."""
     data: Pairs = {t: [(e.prompt, e.answer) for e in examples(t, split, n_per_task, seed) if not e.heldout_template]
                    for t in TASK_NAMES}
-    # the bundled generic prompts at their usual share (2,000 to train beside 200 a task): half are
+    # the bundled generic prompts at their usual share (2,000 to train beside 200 a task): most are
     # near misses spread over a dozen families, which a task's share would spread too thin
     data[NONE_CLASS] = [(p, None) for p in out_of_suite(split, 10 * n_per_task, seed)]
     return data
