@@ -23,6 +23,10 @@ round of `auto` at the largest concurrency.
     python benchmarks/auto_cost.py --quick --doc docs/benchmarks.md   # ~5 minutes on 2 cores
     python benchmarks/auto_cost.py --concurrency 1,8,32 --repeats 5
 
+`--base/--adapter-dir/--router-dir` serve another library (e.g. `benchmarks/random_library.py`'s
+on a GPU, with `LORASWITCH_DEVICE=cuda`); `--compile` decodes on the compiled step in the
+library and the server (`serve --compile`: its graphs compile before the port opens).
+
 Writes benchmarks/results/auto_cost.json and .md (and, with --doc, the generated block
 `auto-cost` there). Bounded: --time-limit per server request; loopback only.
 """
@@ -35,6 +39,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 from statistics import median
 
 import httpx
@@ -186,23 +191,32 @@ def server_run(url: str, reqs: list[dict], config: str, args) -> dict:
     return out
 
 
-def server_phases(args, switch, names: list[str]) -> dict:
+def library_flags(args) -> list[str]:
+    """The library options the server gets too (the same base, adapters and routers as `Switch`)."""
+    flags = ["--base", args.base] if args.base else []
+    for folder in args.adapter_dir or ():
+        flags += ["--adapter-dir", folder]
+    flags += ["--router-dir", args.router_dir] if args.router_dir else []
+    return flags + (["--compile", "--compile-context", str(args.compile_context)] if args.compile else [])
+
+
+def start_server(args, switch) -> ServerProcess:
+    """The server, started before this process's own set-up: with --compile both compile at once."""
     flags = ["--max-batch", "32", "--max-queue", "256", "--timeout", str(args.time_limit), "--max-new-tokens",
              str(args.max_tokens), "--default-temperature", "0", "--log-level", "warning",
-             "--prefix-cache", str(switch.engine.prefix_tokens)]
-    server = ServerProcess(flags, args.threads)
+             "--prefix-cache", str(switch.engine.prefix_tokens), *library_flags(args)]
+    return ServerProcess(flags, args.threads, log=Path(args.server_log) if args.server_log else None)
+
+
+def server_phases(args, switch, names: list[str], server: ServerProcess) -> dict:
     out = {}
-    try:
-        server.wait_ready()
-        for k, n in enumerate(args.concurrency):
-            reqs = requests_for(n, names, args.seed)
-            fns = {c: (lambda c=c, reqs=reqs: server_run(server.url, reqs, c, args))
-                   for c in SERVER_CONFIGS if not c.startswith("engine")}
-            out[str(n)] = round_robin({**fns, **engine_fns(switch, reqs, args.max_tokens, SERVER_CONFIGS, args.ignore_eos)},
-                                      args.repeats, f"server c={n}", k == 0 or args.fresh_prompts,
-                                      refresher(args, names, n, reqs))
-    finally:
-        server.stop()
+    for k, n in enumerate(args.concurrency):
+        reqs = requests_for(n, names, args.seed)
+        fns = {c: (lambda c=c, reqs=reqs: server_run(server.url, reqs, c, args))
+               for c in SERVER_CONFIGS if not c.startswith("engine")}
+        out[str(n)] = round_robin({**fns, **engine_fns(switch, reqs, args.max_tokens, SERVER_CONFIGS, args.ignore_eos)},
+                                  args.repeats, f"server c={n}", k == 0 or args.fresh_prompts,
+                                  refresher(args, names, n, reqs))
     return out
 
 
@@ -281,6 +295,30 @@ def cprofile_round(switch, names: list[str], n: int, max_tokens: int, top: int =
     return buf.getvalue()
 
 
+def measure(args, switch, modes: set[str], server: ServerProcess | None, report: dict) -> None:
+    """This process's compile (with --compile, while the server compiles its own), then the library
+    phases and the server's."""
+    if args.compile:
+        from loraswitch.server.cli import prepare_engine
+
+        t0 = time.perf_counter()
+        prepare_engine(switch.engine, True, switch.engine.prefix_tokens, None, args.compile_context)
+        report["compile_s"] = round(time.perf_counter() - t0, 1)
+    if server is not None:  # nothing else running while the library is timed
+        t0 = time.perf_counter()
+        server.wait_ready(timeout=1800)
+        print(f"server ready ({time.perf_counter() - t0:.0f} s after this process's set-up)", flush=True)
+    report.update(prefix_cache=switch.engine.prefix_tokens, fresh_prompts=args.fresh_prompts)
+    names = list(switch.engine.names)
+    if "library" in modes:
+        for k, n in enumerate(args.concurrency):
+            report["library"][str(n)] = library_phase(args, switch, names, n, k == 0 or args.fresh_prompts)
+        if args.cprofile:
+            report["cprofile"] = cprofile_round(switch, names, max(args.concurrency), args.max_tokens)
+    if server is not None:
+        report["server"] = server_phases(args, switch, names, server)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated numbers of concurrent requests")
@@ -300,6 +338,13 @@ def main(argv: list[str] | None = None) -> int:
                    "ignore_eos, vLLM's): served tokens/s against the engine's forced decode on the same work")
     p.add_argument("--fresh-prompts", action="store_true", help="each round asks new prompts of the same tasks "
                    "(the same for every configuration of the round) instead of repeating one set")
+    p.add_argument("--base", help="model directory or .gguf (default: the embedded SmolLM2)")
+    p.add_argument("--adapter-dir", action="append", help="PEFT adapter folder (repeatable; default: the demo's); "
+                   "adapters named after demo tasks get that task's prompts")
+    p.add_argument("--router-dir", help="trained routers for these adapters (default: the demo's)")
+    p.add_argument("--compile", action="store_true", help="decode on the compiled step, here and in the server")
+    p.add_argument("--compile-context", type=int, default=128, help="with --compile: positions compiled for up front")
+    p.add_argument("--server-log", help="keep the server's log in this file (default: removed when it stops)")
     args = p.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
     if args.quick:
@@ -311,22 +356,22 @@ def main(argv: list[str] | None = None) -> int:
     from loraswitch.switch import Switch
 
     modes = {m.strip() for m in args.modes.split(",")}
+    switch = Switch(args.base, args.adapter_dir, args.router_dir)
+    device = next(switch.engine.model.parameters()).device
+    card = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     report: dict = {"started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": load(),
-                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s)",
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s), "
+                               f"device {device}{card}" + (", compiled step" if args.compile else ""),
                     "argv": sys.argv[1:] if argv is None else argv, "max_tokens": args.max_tokens,
                     "repeats": args.repeats, "library": {}, "server": {}}
-    switch = Switch()
     if args.prefix_cache is not None:
         switch.engine.prefix_tokens = args.prefix_cache
-    report.update(prefix_cache=switch.engine.prefix_tokens, fresh_prompts=args.fresh_prompts)
-    names = list(switch.engine.names)
-    if "library" in modes:
-        for k, n in enumerate(args.concurrency):
-            report["library"][str(n)] = library_phase(args, switch, names, n, k == 0 or args.fresh_prompts)
-        if args.cprofile:
-            report["cprofile"] = cprofile_round(switch, names, max(args.concurrency), args.max_tokens)
-    if "server" in modes:
-        report["server"] = server_phases(args, switch, names)
+    server = start_server(args, switch) if "server" in modes else None
+    try:
+        measure(args, switch, modes, server, report)
+    finally:
+        if server is not None:
+            server.stop()
     report["load_end"] = load()
     report["finished_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     from auto_cost_report import markdown

@@ -93,6 +93,14 @@ def _prompts_note(report: dict) -> str:
     return f"Prompts: {fresh}; prefix cache {'off' if not cache else f'{cache} positions'}."
 
 
+def _tokens_note(report: dict) -> str:
+    if "--ignore-eos" in report.get("argv", []):
+        return (f"Completion tokens/s counts the answers' tokens (`ignore_eos`: every answer is {report['max_tokens']} "
+                "tokens, so every configuration does the same work)")
+    return ("Completion tokens/s counts the answers' tokens (answers stop at the end-of-turn token, so `base`, "
+            "which writes longer answers, is not the same work)")
+
+
 def markdown(report: dict) -> str:
     lines = [f"# What `auto` costs end to end ({report['finished_at']})", "",
              f"Demo prompts, request i asks task i mod 8; greedy, max_tokens {report['max_tokens']}; "
@@ -101,9 +109,8 @@ def markdown(report: dict) -> str:
              f"{report['load_start']} at the start, {report['load_end']} at the end (the machine is shared). "
              f"{_prompts_note(report)}", "",
              "## auto vs named adapter vs base", "", *_end_to_end(report), "",
-             "Completion tokens/s counts the answers' tokens (answers stop at the end-of-turn token, so `base`, "
-             "which writes longer answers, is not the same work); `engine`: `generate` alone over the same "
-             "chat-templated prompts with the adapters named (the same answers as `named`).", "",
+             _tokens_note(report) + "; `engine`: `generate` alone over the same chat-templated prompts with the "
+             "adapters named (the same answers as `named`).", "",
              "## The selector's share of prefill (auto)", "", *_selector_share(report), "",
              "Segmentation's screen reads the batch's whole prompts for the selector's fast head in its own pass "
              "(`features.read_ahead`), so that pass counts in `segmentation`; `route` is what is left (the main "

@@ -15,7 +15,12 @@
 #   3. continuous batching on the compiled step (scripts/gpu_joins.py): CUDA graphs recorded per
 #      state sizing, memory, tokens/s, answers vs the eager loop;
 #   4. correctness on CUDA: the compiled decode step (inductor + CUDA graph) gives the eager loop's
-#      greedy tokens for a mixed batch and batch 1 on a random SmolLM2-shaped model with adapters.
+#      greedy tokens for a mixed batch and batch 1 on a random SmolLM2-shaped model with adapters;
+#   5. "served": the served path on CUDA (benchmarks/auto_cost.py on benchmarks/random_library.py's
+#      random SmolLM2-shaped library, its router trained there): auto vs named vs base vs the engine,
+#      in the library and through `serve`, 1/8/32 requests, eager and/or compiled (SERVED_MODES).
+#      The server needs fastapi & co., which the image lacks: `prepare` downloads their wheels into
+#      .whl/ (carry it too: carry=[".gpu", ".whl"]).
 # Steps run in the order STEPS names them (the H100 run of 2026-11-26: STEPS="correctness compiled smollm2";
 # its smollm2 step ran out of 150 s: give it more, or run it first). The scaling sweep runs
 # by default (1..128 adapters): pass --scaling 8 to a short step. Unpack results.tgz into benchmarks/results/gpu/, then copy bench_cuda.md's tables into docs/benchmarks.md with the card named.
@@ -27,9 +32,21 @@ prepare)
   . .venv/bin/activate
   python -c "from loraswitch.base import load_base; load_base().tokenizer.save_pretrained('.gpu/tokenizer')"
   ls -la .gpu/tokenizer
+  # the server's packages the device image lacks (Python 3.12 wheels; installed by "run" into /tmp/site)
+  grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
+  for pkg in fastapi starlette pydantic pydantic_core annotated-types annotated-doc typing-inspection typing_extensions \
+             uvicorn opentelemetry-api; do
+    python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux2014_x86_64 -d .whl "$pkg==$(python -c "import importlib.metadata as m; print(m.version('$pkg'))")"
+  done
+  ls -la .whl
   ;;
 run)
   export PYTHONPATH=src PYTHONUNBUFFERED=1 LORASWITCH_TOKENIZER=.gpu/tokenizer
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=src:/tmp/site
+  fi
   out="${OUT:-benchmarks/results/gpu}"
   mkdir -p "$out"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
@@ -54,6 +71,18 @@ run)
   # 5. continuous batching on the compiled step with CUDA graphs: graphs recorded per state sizing
   joins) timeout "${JOINS_LIMIT:-240}" python3 scripts/gpu_joins.py --layers "${JOINS_LAYERS:-8}" 2>&1 | tee "$out/joins.txt" || true ;;
   correctness) timeout "${CORRECTNESS_LIMIT:-180}" python3 scripts/gpu_correctness.py 2>&1 | tee "$out/correctness.txt" || true ;;
+  # 6. the served path: a random library (kept in /tmp while the machine is warm), then auto_cost per mode
+  served) lib=/tmp/random_library
+    [ -f $lib/routers/seq_router.safetensors ] || LORASWITCH_DEVICE="${SERVED_DEVICE:-cuda}" timeout "${LIBRARY_LIMIT:-240}" \
+      python3 benchmarks/random_library.py $lib ${SERVED_LAYERS:+--layers $SERVED_LAYERS} 2>&1 | grep -v 'it/s]' | tail -20 \
+      | tee -a "$out/random_library.txt" || true
+    for mode in ${SERVED_MODES:-eager compiled}; do
+      LORASWITCH_DEVICE="${SERVED_DEVICE:-cuda}" timeout "${SERVED_LIMIT:-300}" python3 benchmarks/auto_cost.py --base $lib/base \
+        --adapter-dir $lib/adapters --router-dir $lib/routers --ignore-eos --max-tokens 32 --fresh-prompts \
+        --repeats "${SERVED_REPEATS:-3}" --threads 4 --tag "cuda_$mode" $([ "$mode" = compiled ] && echo --compile) \
+        --server-log "$out/server_$mode.log" 2>&1 | grep -v 'it/s]' | tee "$out/served_$mode.txt" | tail -60 || true
+      cp benchmarks/results/auto_cost_cuda_"$mode".* "$out/" 2>/dev/null || true
+    done ;;
   *) echo "unknown step $step" >&2 ;;
   esac; done
   (cd "$out" && tar czf results.tgz --remove-files -- *)

@@ -204,6 +204,36 @@ class _OneStepEach(Listener):
         return "length" if len(gen.token_ids) >= 2 else None
 
 
+def test_with_cuda_graphs_the_warm_up_compiles_the_several_rows_graphs_only(tiny_base, adapter_dir):
+    """Where the step replays CUDA graphs (`Decoder.graphed`, a GPU's case; here traced by the
+    eager backend), one row runs in two slots (`static.slot_rows`), so `warm_up` traces the
+    several-rows graphs alone (half of what it compiled: 8 graphs of SmolLM2 did not finish in
+    480 s on an H200), and a request alone decodes on them with the eager loop's tokens."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    from loraswitch.generate import warm_up
+    from loraswitch.static import Decoder
+
+    engine = Engine(tiny_base, [adapter_dir], compile="eager")
+    engine.prefix_tokens = 0
+    prompt = [tiny_base.chat_ids("one row alone")]
+    params = SamplingParams(max_new_tokens=5, temperature=0, stop_ids=set(), logprobs=0)
+    engine.compile = False
+    eager = generate(engine, prompt, explicit(engine, ["alpha"]), params)[0]
+    engine.compile, engine.decoder = "eager", Decoder("eager")
+    engine.decoder.graphed, engine.decoder.any_length = True, False
+    dynamo.reset()
+    counters.clear()
+    assert set(warm_up(engine, 100)) == {(2, n, k) for n in (64, 128) for k in (0, 1)}
+    graphs = counters["stats"]["unique_graphs"]
+    alone = generate(engine, prompt, explicit(engine, ["alpha"]), params)[0]
+    assert alone.token_ids == eager.token_ids
+    assert [lp.logprob for lp in alone.logprobs] == pytest.approx([lp.logprob for lp in eager.logprobs], abs=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs and engine.decoder.uncompiled == set()
+    assert {rows for rows, _ in engine.decoder.states} == {2}
+
+
 @pytest.mark.parametrize("any_length", [False, True])
 def test_warm_up_compiles_what_a_server_meets_first(tiny_base, adapter_dir, monkeypatch, any_length):
     """`warm_up` traces one row and two rows, routed and not, for each cache length bucket up to

@@ -344,7 +344,8 @@ def warm_up(engine: Engine, context: int = 0) -> dict[tuple[int, int, int], floa
     larger batch, `static`), each with the first adapter routed and with none, for every cache
     length bucket up to the one that holds `context` positions (prompt plus answer; 0: the
     shortest bucket only); without CUDA graphs the first bucket's graphs serve every other, with
-    them the second bucket's every longer one (`static.Decoder.covers`).
+    them the second bucket's every longer one (`static.Decoder.covers`). With CUDA graphs one
+    row runs in two slots (`static.slot_rows`), so the one-row pass reuses the two-row graphs.
     A server calls it at start with `--compile` (`--compile-context`). Afterwards the decoder is
     frozen: a batch of a bucket not covered decodes on the eager loop, and a step shape not
     compiled (more choices per token) runs uncompiled, the same tokens more slowly, rather than

@@ -73,12 +73,15 @@ def cache_length(needed: int) -> int:
 
 
 def slot_rows(rows: int) -> int:
-    """The rows of a static state that CUDA graphs replay: 1, 2, 4, 8, then multiples of 8 (the
+    """The rows of a static state that CUDA graphs replay: 2, 4, 8, then multiples of 8 (the
     padding rows are free slots, masked). A graph is recorded per batch size and per set of
     tensor addresses, so a server whose batches join and compact all day would otherwise record
     one for every row count it meets, each kept by torch; padded, a handful serve every batch,
-    and the spare slots take later joins in place."""
-    return 1 << (rows - 1).bit_length() if rows <= 8 else -(-rows // 8) * 8
+    and the spare slots take later joins in place. One row takes two slots: dynamo traces a batch
+    of one apart from the symbolic batch of two or more, so a graphed server would compile every
+    graph twice (a minute or more each for SmolLM2 on a GPU), while a second row adds little to a
+    step that kernel launches bound (not yet timed on a card: docs/benchmarks.md, the served path)."""
+    return max(2, 1 << (rows - 1).bit_length()) if rows <= 8 else -(-rows // 8) * 8
 
 
 def device_of(engine: Engine) -> torch.device:

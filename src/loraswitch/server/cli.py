@@ -15,8 +15,9 @@ from loraswitch.console import LibraryOpt, open_switch
 
 # positions (prompt plus answer) the compiled step is warmed up for by default: the 64 and 128
 # buckets. On a CPU the first bucket's four graphs take any cache length and the 128 bucket
-# reuses them; with CUDA graphs the 128 bucket compiles its own four, which take every longer
-# length (`static.Decoder.covers`); either way every longer context decodes compiled too
+# reuses them; with CUDA graphs each bucket compiles two (one row runs in two slots), and the
+# 128 bucket's take every longer length (`static.Decoder.covers`); either way every longer
+# context decodes compiled too
 COMPILE_CONTEXT = 128
 
 
