@@ -83,6 +83,10 @@ def test_auto_routes_spec_examples_and_abstains_out_of_suite(switch):
     decisions = switch.router("auto").route(switch.engine, prompts)
     assert [d.adapter for d in decisions] == list(SPEC) + [None, None]
     assert decisions[-1].reason
+    # the none class's probability on every decision: low where an adapter was picked, high
+    # on the open requests (docs/routing.md: a client's own bar on "no adapter fits")
+    assert all(d.none_probability < 0.2 for d in decisions[:-2]), [d.none_probability for d in decisions]
+    assert all(d.none_probability > 0.5 for d in decisions[-2:]), [d.none_probability for d in decisions]
 
 
 def test_auto_sends_near_misses_to_the_base_model(switch):

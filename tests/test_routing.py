@@ -99,6 +99,15 @@ def test_seq_selector_trains_calibrates_abstains_and_detects_stale_library(tiny_
     assert picked.count("alpha") >= 14 and picked[16:].count("beta") >= 14
     assert sum(d.adapter is None for d in router.route(engine, test[NONE_CLASS])) >= 12
     assert all(0 <= d.confidence <= 1 and set(d.scores) == {"alpha", "beta"} for d in decisions)
+    # none_probability: the same quantity whatever was decided (confidence is the decision's own):
+    # the scores and it sum to one; where `__none__` won, the confidence is it
+    for d in decisions + router.route(engine, test[NONE_CLASS]):
+        assert d.none_probability is not None and sum(d.scores.values()) + d.none_probability == pytest.approx(1, abs=2e-3)
+        assert d.to_dict()["none_probability"] == d.none_probability
+        if d.reason.startswith("out of suite"):
+            assert d.confidence == pytest.approx(d.none_probability, abs=1e-4)
+        elif d.adapter is not None:
+            assert d.none_probability < d.confidence
 
     router.save(tmp_path)
     loaded = SequenceRouter.load(tmp_path, engine)

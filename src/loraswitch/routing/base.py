@@ -32,9 +32,17 @@ class Decision:
     scores: dict[str, float] = field(default_factory=dict)
     reason: str = ""  # why it abstained, when it did; for an added adapter, how it was routed
     source: str = ""  # which head decided: "trained", "examples" or "zero-shot" (empty: not a selector)
+    # the trained selector's probability that no adapter fits (its `__none__` class), whatever it
+    # decided: `confidence` is the probability of the decision, this one is always the same
+    # quantity, so a client can threshold it itself. None: the router has no such class
+    none_probability: float | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["confidence"] = round(float(out["confidence"]), 4)  # as the scores are
+        if out["none_probability"] is None:
+            del out["none_probability"]
+        return out
 
 
 class Router(ABC):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -83,7 +83,13 @@ class SequenceRouter(Router):
         return torch.softmax(self.logits(prompt_features(engine, prompts, self.layer)) / self.temperature, -1)
 
     def decide(self, probs: torch.Tensor, engine: Engine, claims: Claims | None = None) -> list[Decision]:
-        """The trained head's decision per row, unless an added adapter's head claims the row."""
+        """The trained head's decision per row, unless an added adapter's head claims the row;
+        each with the row's `__none__` probability."""
+        none = self.classes.index(NONE_CLASS) if NONE_CLASS in self.classes else None
+        return [replace(d, none_probability=round(float(row[none]), 4)) if none is not None else d
+                for d, row in zip(self._decide(probs, engine, claims), probs)]
+
+    def _decide(self, probs: torch.Tensor, engine: Engine, claims: Claims | None) -> list[Decision]:
         out = []
         for i, row in enumerate(probs):
             scores = {c: round(float(p), 4) for c, p in zip(self.classes, row) if c != NONE_CLASS and c in engine.adapters}

@@ -127,7 +127,9 @@ class Switch:
             if len(found.parts) >= 2:
                 decisions = chosen.route(self.engine, found.texts)
                 parts = [{"text": p.text, "span": [p.start, p.end], "adapter": d.adapter,
-                          "confidence": round(d.confidence, 4)} for p, d in zip(found.parts, decisions)]
+                          "confidence": round(d.confidence, 4),
+                          **({"none_probability": d.none_probability} if d.none_probability is not None else {})}
+                         for p, d in zip(found.parts, decisions)]
                 out = {"router": out["router"], "adapter": [p["adapter"] for p in parts],
                        "confidence": min(p["confidence"] for p in parts), "parts": parts, "whole": out}
         return out

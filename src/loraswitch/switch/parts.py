@@ -31,7 +31,7 @@ from loraswitch.generate import Generation, TokenLogprob
 from loraswitch.numbered import separator, split_parts
 from loraswitch.switch.request import Done, Failed, Handle, Request, Started, Switched, Token
 
-_DECISION_KEYS = ("adapter", "confidence", "scores", "reason", "source")  # source: trained, examples or zero-shot head
+_DECISION_KEYS = ("adapter", "confidence", "none_probability", "scores", "reason", "source")  # source: trained, examples or zero-shot head
 
 
 class PartsError(ValueError):
