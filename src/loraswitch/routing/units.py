@@ -7,7 +7,7 @@ Why structure first: the router can only say which task a piece of text is; wher
 has to come from the text. Every layout people use to list several requests marks its pieces
 somehow: tagged or bracketed blocks (`[INST] ... [/INST]`, `<q>...</q>`), list items (numbers,
 letters, bullets, "Question 2:"), lines and paragraphs, sentences, and clauses joined by "and
-then", "also", "after that" or ";". Nothing here decides that two units are two tasks; a unit is
+then", "also", "after that", ";" or " | ". Nothing here decides that two units are two tasks; a unit is
 only a place where a cut *may* go. `Unit.text` is the unit without its marker, tag or leading
 connective, so a part is answered from the words of its request alone.
 
@@ -45,6 +45,9 @@ _OPTION_LEAD = re.compile(r".*(?:\?|\b(?:options?|choices?|answers?|choose|selec
 _SENTENCE = re.compile(r"(?<=[.?!])\s+(?=[\"'(\[]?[A-Z0-9])")
 _CLAUSE = re.compile(r"\s*;\s*|,\s*(?:and\s+)?(?:then|after that|afterwards|also|next|finally)\b,?\s*"
                      r"|\s+and\s+(?:then|also|after that|afterwards|finally|next)\b,?\s*", re.I)
+# " | " joins requests in a sentence too ("Sort 5, 3 | reverse: a b"), except in a table row,
+# whose cells are one line's data ("| Alice | 30 |"): there the pipes are no separators
+_CLAUSE_OR_PIPE = re.compile(_CLAUSE.pattern + r"|\s+\|\s+", re.I)
 _LEAD = re.compile(r"(?:and\s+)?(?:also|then|after that|afterwards|next|finally|lastly|additionally|besides|"
                    r"first(?:ly)?|second(?:ly)?|third(?:ly)?|and)\b[,:]?\s+", re.I)
 
@@ -121,10 +124,11 @@ def _pieces(text: str, start: int, pattern: re.Pattern) -> list[tuple[int, int]]
 
 
 def _prose(prompt: str, start: int, end: int, **kw) -> list[Unit]:
-    """Sentences of a line, and the clauses of each sentence (`_CLAUSE`)."""
+    """Sentences of a line, and the clauses of each sentence (`_CLAUSE`, and " | " outside tables)."""
     units = []
+    row = prompt[start:end].strip().startswith("|")
     for s0, s1 in _pieces(prompt[start:end], start, _SENTENCE):
-        clauses = _pieces(prompt[s0:s1], s0, _CLAUSE)
+        clauses = _pieces(prompt[s0:s1], s0, _CLAUSE if row else _CLAUSE_OR_PIPE)
         kind = "clause" if len(clauses) > 1 else "sentence"
         for c0, c1 in clauses:
             units.append(Unit(c0, c1, clean(prompt[c0:c1]), kind, **kw))
