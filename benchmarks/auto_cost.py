@@ -25,7 +25,9 @@ round of `auto` at the largest concurrency.
 
 `--base/--adapter-dir/--router-dir` serve another library (e.g. `benchmarks/random_library.py`'s
 on a GPU, with `LORASWITCH_DEVICE=cuda`); `--compile` decodes on the compiled step in the
-library and the server (`serve --compile`: its graphs compile before the port opens).
+library and the server (`serve --compile`: its graphs compile before the port opens). `--grow N`
+adds N random adapters after the selector was trained (library only): what `auto` costs once the
+library has grown.
 
 Writes benchmarks/results/auto_cost.json and .md (and, with --doc, the generated block
 `auto-cost` there). Bounded: --time-limit per server request; loopback only.
@@ -309,7 +311,7 @@ def measure(args, switch, modes: set[str], server: ServerProcess | None, report:
         server.wait_ready(timeout=1800)
         print(f"server ready ({time.perf_counter() - t0:.0f} s after this process's set-up)", flush=True)
     report.update(prefix_cache=switch.engine.prefix_tokens, fresh_prompts=args.fresh_prompts)
-    names = list(switch.engine.names)
+    names = [n for n in switch.engine.names if not n.startswith("added_")]  # `--grow`'s get no requests
     if "library" in modes:
         for k, n in enumerate(args.concurrency):
             report["library"][str(n)] = library_phase(args, switch, names, n, k == 0 or args.fresh_prompts)
@@ -317,6 +319,29 @@ def measure(args, switch, modes: set[str], server: ServerProcess | None, report:
             report["cprofile"] = cprofile_round(switch, names, max(args.concurrency), args.max_tokens)
     if server is not None:
         report["server"] = server_phases(args, switch, names, server)
+
+
+def grown_router_dir(args) -> Path:
+    """A scratch copy of the routers, so the heads of the adapters `grow` adds go nowhere else."""
+    import shutil
+    import tempfile
+
+    from loraswitch.constants import DEMO_ROUTER_DIR
+
+    scratch = Path(tempfile.mkdtemp(prefix="loraswitch-grow-"))
+    shutil.copytree(args.router_dir or DEMO_ROUTER_DIR, scratch / "routers")
+    return scratch / "routers"
+
+
+def grow(switch, n: int) -> None:
+    """The library grown by `n` random adapters after the selector was trained: each gets a
+    zero-shot head (`routing.added`), and `auto` must read what they may claim."""
+    from loraswitch.bench.fixtures import random_adapters
+    from loraswitch.library import Adapter
+
+    for a in random_adapters(switch.engine.model, n, 8, seed=7):
+        switch.engine.add_adapter(Adapter(f"added_{a.name}", a.modules))
+    switch.router("auto").route(switch.engine, ["warm the added heads"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="decode on the compiled step, here and in the server")
     p.add_argument("--compile-context", type=int, default=128, help="with --compile: positions compiled for up front")
     p.add_argument("--server-log", help="keep the server's log in this file (default: removed when it stops)")
+    p.add_argument("--grow", type=int, default=0, help="add this many random adapters after training (zero-shot "
+                   "heads; library only): what `auto` costs once the library has grown")
+    p.add_argument("--fast-sure", type=float, help="override routing.seq.FAST_SURE in the library (1.01: every "
+                   "prompt read at the main layer once the library has grown, the behaviour before it)")
     args = p.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
     if args.quick:
@@ -356,7 +385,15 @@ def main(argv: list[str] | None = None) -> int:
     from loraswitch.switch import Switch
 
     modes = {m.strip() for m in args.modes.split(",")}
-    switch = Switch(args.base, args.adapter_dir, args.router_dir)
+    if args.grow and "server" in modes:
+        p.error("--grow measures the library only (--modes library)")
+    switch = Switch(args.base, args.adapter_dir, grown_router_dir(args) if args.grow else args.router_dir)
+    if args.grow:
+        grow(switch, args.grow)
+    if args.fast_sure is not None:
+        from loraswitch.routing import seq
+
+        seq.FAST_SURE = args.fast_sure
     device = next(switch.engine.model.parameters()).device
     card = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     report: dict = {"started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": load(),

@@ -4,7 +4,7 @@ router's design looked at (`dev`, `heldout`) and on the suite's test prompts. Th
 left out of the sweep on purpose: it measures the settings once chosen (`routing_probe.py`).
 The `__none__` prompts are always the bundled ones (a `__none__` file in a `--data` folder is not
 read here): the sweep is about the bundled set and the settings trained on it.
-`_cascade` mirrors `SequenceRouter._cascade` for features read once for many fits."""
+Routed through `SequenceRouter.cascade` on features read once for many fits."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from routing_probe import OUT, load_probes, suite_cases
 
+from loraswitch.routing.features import precomputed
 from loraswitch.routing.generic import BUNDLED_TRAIN, BUNDLED_VAL
 from loraswitch.routing.seq import MAX_THRESHOLD, WEIGHT_DECAY
 
@@ -79,11 +80,9 @@ def _fit(classes, layers, cls_train, cls_val, pools, cfg: dict, draw: int):
     return main
 
 
-def _cascade(router, engine, feats: dict[int, torch.Tensor]) -> list[str | None]:
-    """`SequenceRouter._cascade` on features already read: the fast head's pick, else the main head's."""
-    fast = [d.adapter for d in router.fast.route_features(engine, feats[router.fast.layer])]
-    main = [d.adapter for d in router.route_features(engine, feats[router.layer])]
-    return [f if f is not None else m for f, m in zip(fast, main)]
+def _cascade(router, engine, texts: list[str], feats: dict[int, torch.Tensor]) -> list[str | None]:
+    """`SequenceRouter.cascade` (what `auto` runs) on features already read."""
+    return [d.adapter for d in router.cascade(engine, texts, read=precomputed(texts, feats))[0]]
 
 
 def _probe_features(engine, layers, library: str):
@@ -94,13 +93,12 @@ def _probe_features(engine, layers, library: str):
         if name == "sealed":
             continue
         if probe["nearmiss"]:
-            sets[f"{name} near misses abstained"] = (layer_features(engine, probe["nearmiss"], layers), [None] * len(probe["nearmiss"]))
+            sets[f"{name} near misses abstained"] = (probe["nearmiss"], [None] * len(probe["nearmiss"]))
         if probe["intask"]:
-            sets[f"{name} in-task routed right"] = (layer_features(engine, [p for _, p in probe["intask"]], layers),
-                                                    [a for a, _ in probe["intask"]])
+            sets[f"{name} in-task routed right"] = ([p for _, p in probe["intask"]], [a for a, _ in probe["intask"]])
     cases = suite_cases(library)
-    sets["suite test routed right"] = (layer_features(engine, [c.prompt for c in cases], layers), [c.task for c in cases])
-    return sets
+    sets["suite test routed right"] = ([c.prompt for c in cases], [c.task for c in cases])
+    return {k: (texts, layer_features(engine, texts, layers), want) for k, (texts, want) in sets.items()}
 
 
 def sweep(library: str, data: Path | None, draws: int) -> dict:
@@ -111,8 +109,8 @@ def sweep(library: str, data: Path | None, draws: int) -> dict:
         scores = {k: [] for k in sets}
         for draw in range(draws):
             router = _fit(classes, layers, cls_train, cls_val, pools, cfg, draw)
-            for k, (feats, want) in sets.items():
-                got = _cascade(router, engine, feats)
+            for k, (texts, feats, want) in sets.items():
+                got = _cascade(router, engine, texts, feats)
                 scores[k].append(sum(g == w for g, w in zip(got, want)) / len(want))
         rows.append({**cfg, **{k: [statistics.mean(v), statistics.pstdev(v)] for k, v in scores.items()}})
         print(cfg["label"], {k: round(v[0], 3) for k, v in rows[-1].items() if isinstance(v, list)}, flush=True)

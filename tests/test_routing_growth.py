@@ -82,6 +82,39 @@ def test_added_adapter_from_examples_claims_its_prompts_and_leaves_the_rest(trai
     assert all("gamma" not in d.scores and d.adapter != "gamma" for d in gone)
 
 
+def test_after_growth_the_main_layer_reads_only_what_the_fast_head_is_unsure_of(trained, adapter_dir, monkeypatch):
+    """`auto`'s cost once the library has grown (issue 17): an added head is scored on the main
+    features, half a prefill, so the prompts the fast head picks a trained adapter for at
+    FAST_SURE or more keep that pick unread; the rest are read there and may be claimed. The
+    same cascade on features read once (`features.precomputed`, what benchmarks pass) decides
+    the same."""
+    from loraswitch.routing import seq as seq_module
+    from loraswitch.routing.features import precomputed, prompt_features
+
+    engine, routers = trained
+    engine.load_adapter(adapter_dir / "gamma", examples=_pig(20))
+    router = SequenceRouter.load(routers, engine)
+    test = _data(16, offset=90)
+    prompts = test["alpha"][:8] + test["beta"][:8] + _pig(8, offset=40) + test[NONE_CLASS][:4]
+    fast = router.fast.route_features(engine, prompt_features(engine, prompts, router.fast.layer))
+    sure = [i for i, d in enumerate(fast) if d.adapter is not None and d.confidence >= seq_module.FAST_SURE]
+    assert sure, [(d.adapter, d.confidence) for d in fast]  # in-suite prompts the fast head is sure of
+    reads = []
+    real = seq_module.prompt_features
+    monkeypatch.setattr(seq_module, "prompt_features", lambda e, p, layer, **kw: reads.append((layer, len(p))) or real(e, p, layer, **kw))
+    decisions = router.route(engine, prompts)
+    assert reads == [(router.fast.layer, len(prompts)), (router.layer, len(prompts) - len(sure))]
+    assert all(decisions[i].adapter == fast[i].adapter and decisions[i].source == "trained" for i in sure)
+    assert sum(d.adapter == "gamma" for d in decisions[16:24]) >= 6  # the new task's prompts still claimed
+    feats = {layer: real(engine, prompts, layer) for layer in (router.fast.layer, router.layer)}
+    again, _ = router.cascade(engine, prompts, read=precomputed(prompts, feats))
+    assert [(d.adapter, round(d.confidence, 4)) for d in again] == [(d.adapter, round(d.confidence, 4)) for d in decisions]
+    monkeypatch.setattr(seq_module, "FAST_SURE", 1.01)  # as before: every prompt read at the main layer
+    reads.clear()
+    router.route(engine, prompts)
+    assert reads == [(router.fast.layer, len(prompts)), (router.layer, len(prompts))]
+
+
 def test_added_adapter_without_examples_is_routed_zero_shot_and_calibrated(trained, adapter_dir):
     engine, routers = trained
     engine.load_adapter(adapter_dir / "gamma")

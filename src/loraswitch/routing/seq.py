@@ -18,8 +18,9 @@ was because it also reads prompt fragments: segmentation (`switch.segment`) scor
 a prompt with it, and at layers 5, 6 and 8 it found 2-6 fewer of the demo's 81 free-form
 composites (docs/routing.md); the fast head only screens which prompts it reads so, and its
 reading of a batch's whole prompts comes from that screen's pass (`features.read_ahead`). Adapters added after training (`routing.added`) are scored on the
-main features: once the library has grown, one pass reads both layers, so adding an adapter
-leaves every decision it does not claim as it was.
+main features: once the library has grown, the prompts the fast head picks an adapter for at
+less than FAST_SURE are read at the main layer too, where an added head may claim them; adding
+an adapter leaves every decision it does not claim as it was.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -50,6 +52,12 @@ from loraswitch.routing.features import FEATURES, default_layer, fast_layer, lay
 
 FILE = "seq_router.safetensors"
 RESERVOIR = 48  # standardized training features kept per class (incl. __none__) for adapters added later
+# once adapters were added, a prompt the fast head picks a trained adapter for at this calibrated
+# confidence or more is not read at the main layer (where added heads claim): half a prefill
+# saved on most in-suite prompts (`cascade`). Chosen on the validation split of the demo's
+# leave-one-out as the lowest value that keeps every added adapter's share of its prompts
+# (`benchmarks/growing_cascade.py`; 0.95 lost 3 points there)
+FAST_SURE = 0.98
 
 
 @dataclass
@@ -114,43 +122,43 @@ class SequenceRouter(Router):
         return out
 
     def route(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None) -> list[Decision]:
-        return self._cascade(engine, prompts, allowed)[0]
+        return self.cascade(engine, prompts, allowed)[0]
 
     def policy(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None) -> DecisionPolicy:
         """The decisions for every token, keeping the standardized main-layer features of the
         prompts sent to no adapter (what shift detection reads; zeros for the others where the
         fast head decided)."""
-        decisions, z = self._cascade(engine, prompts, allowed)
+        decisions, z = self.cascade(engine, prompts, allowed)
         return DecisionPolicy(engine, decisions, self.name, z)
 
-    def _cascade(self, engine: Engine, prompts: list[str],
-                 allowed: frozenset[str] | None) -> tuple[list[Decision], torch.Tensor]:
+    def cascade(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None,
+                read: Callable[[Engine, list[str], int], torch.Tensor] | None = None,
+                ) -> tuple[list[Decision], torch.Tensor]:
         """The fast head's decisions where it picks an adapter, the main head's for the rest (all
-        of them without a fast head), and the main features. Once the library has grown, every
-        prompt needs the main features (an added head may claim it), read in the same pass as
-        the fast head's: a claim wins, else the decision is the one made before the library grew."""
+        of them without a fast head), and the main features (zeros where the fast head decided).
+        Once the library has grown, an added head (scored on the main features) may claim any
+        prompt, so the prompts the fast head picks an adapter for at less than FAST_SURE are read
+        at the main layer too: a claim wins, else the fast head's pick stands. Those it picks at
+        FAST_SURE or more keep its pick unread (measured: `benchmarks/growing_library.py`).
+        `read(engine, texts, layer)` gives the features (benchmarks pass ones read once,
+        `features.precomputed`; default `features.prompt_features`)."""
+        read = read or prompt_features
         fast = self.fast
         if fast is None:
-            feats = prompt_features(engine, prompts, self.layer)
+            feats = read(engine, prompts, self.layer)
             return self.route_features(engine, feats, allowed), (feats - self.mean) / self.std
-        if self.added:
-            both = layer_features(engine, prompts, [fast.layer, self.layer])
-            feats = both[self.layer]
-            out = []
-            for f, m in zip(fast.route_features(engine, both[fast.layer], allowed),
-                            self.route_features(engine, feats, allowed)):
-                if m.source == "trained" and f.adapter is not None:
+        out = fast.route_features(engine, read(engine, prompts, fast.layer), allowed)
+        z = torch.zeros(len(prompts), self.mean.numel())
+        sure = FAST_SURE if self.added else 0.0
+        rest = [i for i, d in enumerate(out) if d.adapter is None or d.confidence < sure]
+        if rest:
+            feats = read(engine, [prompts[i] for i in rest], self.layer)
+            for i, m in zip(rest, self.route_features(engine, feats, allowed)):
+                f = out[i]
+                if m.source == "trained" and f.adapter is not None:  # no claim: the fast head's pick stands
                     f.scores.update({k: v for k, v in m.scores.items() if k in self.added})
                     m = f
-                out.append(m)
-            return out, (feats - self.mean) / self.std
-        out = fast.route_features(engine, prompt_features(engine, prompts, fast.layer), allowed)
-        z = torch.zeros(len(prompts), self.mean.numel())
-        rest = [i for i, d in enumerate(out) if d.adapter is None]
-        if rest:
-            feats = prompt_features(engine, [prompts[i] for i in rest], self.layer)
-            for i, d in zip(rest, self.route_features(engine, feats, allowed)):
-                out[i] = d
+                out[i] = m
             z[rest] = (feats - self.mean) / self.std
         return out, z
 
