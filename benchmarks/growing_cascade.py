@@ -12,9 +12,10 @@ cascade at several FAST_SURE values, 1.01 being every prompt read at the main la
 before it): share of its prompts routed to it, of the others' routed right, and of all prompts
 read at the main layer.
 
-    python benchmarks/growing_cascade.py [--doc docs/routing.md]     # ~10 min on one core (features cached)
+    python benchmarks/growing_cascade.py [--doc docs/routing.md]     # ~5 min on one core (features cached)
+    python benchmarks/growing_cascade.py --library bigbench          # the BIG-bench library's selector
 
-Writes benchmarks/results/growing_cascade.{json,md}.
+Writes benchmarks/results/growing_cascade[_bigbench].{json,md}.
 """
 
 from __future__ import annotations
@@ -27,10 +28,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from growing_library import N_EXAMPLES, RESULTS, attach, featurize, loo_selector, suite, write_doc
+from growing_library import N_EXAMPLES, RESULTS, attach, bigbench_suite, featurize, loo_selector, suite, write_doc
 
-from loraswitch.constants import DEMO_ROUTER_DIR
-from loraswitch.demo.tasks import TASK_NAMES
 from loraswitch.routing import seq as seq_module
 from loraswitch.routing.added import fit_examples_head
 from loraswitch.routing.base import NONE_CLASS
@@ -89,11 +88,11 @@ def held_out(sw: Switch, data: dict, F: dict, F_fast: dict, layer: int, fast: in
     return row
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], library: str = "demo") -> str:
     committed = seq_module.FAST_SURE
     mean = {k: {m: sum(r[k][m] for r in rows) / len(rows) for m in rows[0][k]} for k in rows[0] if k != "adapter"}
     lines = ["`auto`'s cascade after an adapter is added (leave-one-out: a selector and fast head trained "
-             f"without the adapter, a head for it from {N_EXAMPLES} examples): means over the 8 demo adapters "
+             f"without the adapter, a head for it from {N_EXAMPLES} examples): means over the {len(rows)} {library} adapters "
              "of the share of its prompts routed to it, of the others' routed right, and of every prompt read "
              f"at layer 15, per FAST_SURE ({BEFORE}: every prompt read there, the behaviour before it; "
              f"committed: {committed}). Validation split (training wording) and test split:", "",
@@ -116,22 +115,29 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--doc", type=Path, help="rewrite the generated block `growing-cascade` of this markdown file")
+    ap.add_argument("--library", choices=("demo", "bigbench"), default="demo")
+    ap.add_argument("--doc", type=Path, help="rewrite the generated block `growing-cascade[-bigbench]` of this markdown file")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    from loraswitch.console import library_paths
+
+    adapters, routers = library_paths(args.library, None, None)
     with tempfile.TemporaryDirectory() as tmp:
-        shutil.copytree(DEMO_ROUTER_DIR, Path(tmp) / "routers")
-        sw = Switch(router_dir=Path(tmp) / "routers")
+        work = Path(tmp)
+        shutil.copytree(routers, work / "routers")  # added heads go to the copy
+        sw = Switch(None, adapters, work / "routers")
         layer, fast = sw.router("seq").layer, fast_layer(sw.engine)
-        data = suite()
+        data = suite() if args.library == "demo" else bigbench_suite(work)
         F, F_fast = featurize(sw.engine, data, layer), featurize(sw.engine, data, fast)
-        rows = [held_out(sw, data, F, F_fast, layer, fast, held) for held in TASK_NAMES]
-    md = markdown(rows)
+        tasks = [c for c in data["train"] if c != NONE_CLASS]
+        rows = [held_out(sw, data, F, F_fast, layer, fast, held) for held in tasks]
+    md = markdown(rows, args.library)
+    tag = "" if args.library == "demo" else f"_{args.library}"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "growing_cascade.json").write_text(json.dumps({"fast_sure": seq_module.FAST_SURE, "rows": rows}, indent=1))
-    (RESULTS / "growing_cascade.md").write_text(md)
+    (RESULTS / f"growing_cascade{tag}.json").write_text(json.dumps({"fast_sure": seq_module.FAST_SURE, "rows": rows}, indent=1))
+    (RESULTS / f"growing_cascade{tag}.md").write_text(md)
     if args.doc:
-        write_doc(args.doc, md, "growing-cascade")
+        write_doc(args.doc, md, "growing-cascade" + tag.replace("_", "-"))
     print(md)
 
 
