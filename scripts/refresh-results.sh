@@ -3,7 +3,8 @@
 # Each step rewrites its own generated block; nothing in those blocks is typed by hand.
 #   zoo      the demo adapters on their test splits        -> README.md, libraries/demo/adapters/manifest.json
 #   eval     quality of every method on the demo suite      -> README.md, docs/evaluation.md, benchmarks/results/eval/
-#   routing  near misses and new wordings on the probe sets, and the settings' trade-off (a few minutes)
+#   routing  near misses and new wordings on the probe sets, the settings' trade-off, and routing once the
+#            library has grown (about 30 minutes)
 #                                                           -> docs/routing.md, benchmarks/results/routing_probe_demo*
 #   bench    speed and memory vs merged weights and PEFT    -> README.md, docs/benchmarks.md, benchmarks/results/bench_cpu.*
 #            (--quick: SmolLM2, batches 1 and 16, 8 / 128 / 1,000 adapters, one torch thread; `python
@@ -29,7 +30,9 @@ for step in "${steps[@]}"; do
     eval) loraswitch eval --limit 10 --out benchmarks/results/eval --doc docs/evaluation.md --readme README.md ;;
     routing)
       python benchmarks/routing_probe.py --library demo --doc docs/routing.md
-      python benchmarks/routing_probe.py --library demo --sweep --doc docs/routing.md ;;
+      python benchmarks/routing_probe.py --library demo --sweep --doc docs/routing.md
+      python benchmarks/growing_library.py --doc docs/routing.md
+      python benchmarks/growing_cascade.py --doc docs/routing.md ;;
     bench) LORASWITCH_THREADS=${LORASWITCH_THREADS:-1} python benchmarks/bench.py --quick --repeats 5 --scaling 8 --scaling 128 --scaling 1000 \
                --max-resident 128 --doc docs/benchmarks.md --readme README.md ;;
     load) python benchmarks/load_server.py --requests 200 --compare-requests 24 --max-tokens 16 --doc docs/server.md ;;
@@ -48,6 +51,7 @@ for step in "${steps[@]}"; do
       python benchmarks/routing_probe.py --library bigbench --doc docs/routing.md
       python benchmarks/segmentation.py --library bigbench --singles 20 --layout-prompts 3 --heldout-singles 20
       python benchmarks/growing_library.py --library bigbench --doc docs/routing.md
+      python benchmarks/growing_cascade.py --library bigbench --doc docs/routing.md
       loraswitch eval --library bigbench --limit 10 --composite-limit 3 --resume --out benchmarks/results/eval_bigbench \
         --doc docs/real-tasks.md ;;
     *) echo "unknown step $step (zoo, eval, routing, bench, load, soak, ray, bigbench)" >&2; exit 2 ;;
