@@ -45,7 +45,7 @@ from pathlib import Path
 from statistics import median
 
 import httpx
-from load_server import ServerProcess, _metric, build_requests, one, save_report
+from load_server import ServerProcess, _metric, build_requests, library_args, one, save_report
 
 LIB_CONFIGS = ("auto", "named", "base", "engine")
 SERVER_CONFIGS = ("auto", "named", "base", "engine", "engine_forced")
@@ -193,20 +193,11 @@ def server_run(url: str, reqs: list[dict], config: str, args) -> dict:
     return out
 
 
-def library_flags(args) -> list[str]:
-    """The library options the server gets too (the same base, adapters and routers as `Switch`)."""
-    flags = ["--base", args.base] if args.base else []
-    for folder in args.adapter_dir or ():
-        flags += ["--adapter-dir", folder]
-    flags += ["--router-dir", args.router_dir] if args.router_dir else []
-    return flags + (["--compile", "--compile-context", str(args.compile_context)] if args.compile else [])
-
-
 def start_server(args, switch) -> ServerProcess:
     """The server, started before this process's own set-up: with --compile both compile at once."""
     flags = ["--max-batch", "32", "--max-queue", "256", "--timeout", str(args.time_limit), "--max-new-tokens",
              str(args.max_tokens), "--default-temperature", "0", "--log-level", "warning",
-             "--prefix-cache", str(switch.engine.prefix_tokens), *library_flags(args)]
+             "--prefix-cache", str(switch.engine.prefix_tokens), *library_args(args)]
     return ServerProcess(flags, args.threads, log=Path(args.server_log) if args.server_log else None)
 
 
@@ -323,12 +314,14 @@ def measure(args, switch, modes: set[str], server: ServerProcess | None, report:
 
 def grown_router_dir(args) -> Path:
     """A scratch copy of the routers, so the heads of the adapters `grow` adds go nowhere else."""
+    import atexit
     import shutil
     import tempfile
 
     from loraswitch.constants import DEMO_ROUTER_DIR
 
     scratch = Path(tempfile.mkdtemp(prefix="loraswitch-grow-"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     shutil.copytree(args.router_dir or DEMO_ROUTER_DIR, scratch / "routers")
     return scratch / "routers"
 

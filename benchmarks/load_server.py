@@ -105,14 +105,21 @@ def serve_args(args: argparse.Namespace, max_batch: int) -> list[str]:
     out = ["--max-batch", str(max_batch), "--max-queue", str(args.requests + 16), "--timeout", str(args.time_limit),
            "--max-new-tokens", str(max(args.max_tokens, 1)), "--default-temperature", "0", "--log-level", "warning"]
     out += getattr(args, "serve_extra", None) or []
-    if getattr(args, "compile", False):
-        out += ["--compile"]
+    return out + library_args(args)
+
+
+def library_args(args: argparse.Namespace) -> list[str]:
+    """`serve`'s flags for the run's library and decode step: --base, --adapter-dir, --router-dir,
+    --compile (and --compile-context where the run has one)."""
+    out = ["--compile"] if getattr(args, "compile", False) else []
+    if getattr(args, "compile", False) and getattr(args, "compile_context", None):
+        out += ["--compile-context", str(args.compile_context)]
     if getattr(args, "base", None):
         out += ["--base", args.base]
     for d in getattr(args, "adapter_dir", None) or []:
-        out += ["--adapter-dir", d]
+        out += ["--adapter-dir", str(d)]
     if getattr(args, "router_dir", None):
-        out += ["--router-dir", args.router_dir]
+        out += ["--router-dir", str(args.router_dir)]
     return out
 
 

@@ -2,7 +2,7 @@
 # GPU run of issue 17 in one go (device time is short: prepare here, run there once).
 #
 #   here:   scripts/gpu-bench.sh prepare      # saves the tokenizer into .gpu/ (git-ignored, a few MB)
-#   there:  run(command="bash scripts/gpu-bench.sh run", carry=[".gpu"], timeout_s=560)
+#   there:  run(command="bash scripts/gpu-bench.sh run", carry=[".gpu", ".whl"], timeout_s=560)
 #           (the device image has torch, transformers, peft, typer, rich, matplotlib; nothing to install)
 #           The device copies the working tree, 64 MiB at most: move src/loraswitch/libraries (109 MB of
 #           adapters) out of the tree for the call and back after; these steps use random weights.
@@ -36,8 +36,10 @@ prepare)
   grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
   for pkg in fastapi starlette pydantic pydantic_core annotated-types annotated-doc typing-inspection typing_extensions \
              uvicorn opentelemetry-api; do
+    version=$(python -c "import importlib.metadata as m; print(m.version('$pkg'))" 2>/dev/null) \
+      || { echo "prepare: $pkg is not installed here (run scripts/setup.sh first)" >&2; exit 1; }
     python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux2014_x86_64 -d .whl "$pkg==$(python -c "import importlib.metadata as m; print(m.version('$pkg'))")"
+      --platform manylinux2014_x86_64 -d .whl "$pkg==$version"
   done
   ls -la .whl
   ;;
@@ -71,8 +73,8 @@ run)
   # 5. continuous batching on the compiled step with CUDA graphs: graphs recorded per state sizing
   joins) timeout "${JOINS_LIMIT:-240}" python3 scripts/gpu_joins.py --layers "${JOINS_LAYERS:-8}" 2>&1 | tee "$out/joins.txt" || true ;;
   correctness) timeout "${CORRECTNESS_LIMIT:-180}" python3 scripts/gpu_correctness.py 2>&1 | tee "$out/correctness.txt" || true ;;
-  # 6. the served path: a random library (kept in /tmp while the machine is warm), then auto_cost per mode
-  served) lib=/tmp/random_library
+  # the served path (5. above): a random library (kept in /tmp while the machine is warm), then auto_cost per mode
+  served) lib=/tmp/random_library${SERVED_LAYERS:+_$SERVED_LAYERS}
     [ -f $lib/routers/seq_router.safetensors ] || LORASWITCH_DEVICE="${SERVED_DEVICE:-cuda}" timeout "${LIBRARY_LIMIT:-240}" \
       python3 benchmarks/random_library.py $lib ${SERVED_LAYERS:+--layers $SERVED_LAYERS} 2>&1 | grep -v 'it/s]' | tail -20 \
       | tee -a "$out/random_library.txt" || true

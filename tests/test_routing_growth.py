@@ -85,11 +85,15 @@ def test_added_adapter_from_examples_claims_its_prompts_and_leaves_the_rest(trai
 def test_after_growth_the_main_layer_reads_only_what_the_fast_head_is_unsure_of(trained, adapter_dir, monkeypatch):
     """`auto`'s cost once the library has grown (issue 17): an added head is scored on the main
     features, half a prefill, so the prompts the fast head picks a trained adapter for at
-    FAST_SURE or more keep that pick unread; the rest are read there and may be claimed. The
-    same cascade on features read once (`features.precomputed`, what benchmarks pass) decides
-    the same."""
+    FAST_SURE or more keep that pick unread; the rest are read there and may be claimed. Where
+    the fast features are not at hand (segmentation's screen reads them ahead) and most recent
+    prompts were unsure, both layers are read in one pass instead, with the same decisions. The same cascade on features read once
+    (`features.precomputed`, what benchmarks pass) decides the same. Restricted to adapters no
+    added head is for, nothing is read at the main layer for a pick; with an added one allowed,
+    every pick is (renormalized confidences would skip more)."""
+    from loraswitch.routing import features as features_module
     from loraswitch.routing import seq as seq_module
-    from loraswitch.routing.features import precomputed, prompt_features
+    from loraswitch.routing.features import precomputed, prompt_features, read_ahead, reading_ahead
 
     engine, routers = trained
     engine.load_adapter(adapter_dir / "gamma", examples=_pig(20))
@@ -99,19 +103,37 @@ def test_after_growth_the_main_layer_reads_only_what_the_fast_head_is_unsure_of(
     fast = router.fast.route_features(engine, prompt_features(engine, prompts, router.fast.layer))
     sure = [i for i, d in enumerate(fast) if d.adapter is not None and d.confidence >= seq_module.FAST_SURE]
     assert sure, [(d.adapter, d.confidence) for d in fast]  # in-suite prompts the fast head is sure of
-    reads = []
-    real = seq_module.prompt_features
-    monkeypatch.setattr(seq_module, "prompt_features", lambda e, p, layer, **kw: reads.append((layer, len(p))) or real(e, p, layer, **kw))
+    passes = []
+    real = features_module.layer_features
+    monkeypatch.setattr(features_module, "layer_features", lambda e, p, layers, *a, **kw: passes.append((tuple(layers), len(p))) or real(e, p, layers, *a, **kw))
+    monkeypatch.setattr(seq_module, "layer_features", features_module.layer_features)
+    router.unsure_rate = 0.9  # traffic the fast head is mostly unsure of, no read-ahead: one pass for both layers
     decisions = router.route(engine, prompts)
-    assert reads == [(router.fast.layer, len(prompts)), (router.layer, len(prompts) - len(sure))]
+    assert passes == [((router.fast.layer, router.layer), len(prompts))]
+    assert 0.8 < router.unsure_rate < 0.9  # this batch's share moved it
+    router.unsure_rate, passes[:] = 0.0, []  # mostly sure: the fast layer, then the main one for the unsure
+    two_step = router.route(engine, prompts)
+    assert passes == [((router.fast.layer,), len(prompts)), ((router.layer,), len(prompts) - len(sure))]
+    assert [(d.adapter, round(d.confidence, 3)) for d in two_step] == [(d.adapter, round(d.confidence, 3)) for d in decisions]
     assert all(decisions[i].adapter == fast[i].adapter and decisions[i].source == "trained" for i in sure)
     assert sum(d.adapter == "gamma" for d in decisions[16:24]) >= 6  # the new task's prompts still claimed
-    feats = {layer: real(engine, prompts, layer) for layer in (router.fast.layer, router.layer)}
+    passes.clear()
+    with reading_ahead():  # as segmentation's screen leaves them: the fast features at hand
+        read_ahead(engine, [], router.fast.layer, prompts)
+        passes.clear()
+        ahead = router.route(engine, prompts)
+    assert passes == [((router.layer,), len(prompts) - len(sure))]
+    assert [(d.adapter, round(d.confidence, 3)) for d in ahead] == [(d.adapter, round(d.confidence, 3)) for d in decisions]
+    feats = {layer: prompt_features(engine, prompts, layer) for layer in (router.fast.layer, router.layer)}
     again, _ = router.cascade(engine, prompts, read=precomputed(prompts, feats))
-    assert [(d.adapter, round(d.confidence, 4)) for d in again] == [(d.adapter, round(d.confidence, 4)) for d in decisions]
-    monkeypatch.setattr(seq_module, "FAST_SURE", 1.01)  # as before: every prompt read at the main layer
+    assert [(d.adapter, round(d.confidence, 3)) for d in again] == [(d.adapter, round(d.confidence, 3)) for d in decisions]
+    reads = []
+    counted = precomputed(prompts, feats)
+    router.cascade(engine, prompts, frozenset({"alpha", "beta"}), read=lambda e, t, layer: reads.append((layer, len(t))) or counted(e, t, layer))
+    picked = [i for i, d in enumerate(router.fast.route_features(engine, feats[router.fast.layer], frozenset({"alpha", "beta"}))) if d.adapter]
+    assert reads == [(router.fast.layer, len(prompts)), (router.layer, len(prompts) - len(picked))]
     reads.clear()
-    router.route(engine, prompts)
+    router.cascade(engine, prompts, frozenset({"alpha", "gamma"}), read=lambda e, t, layer: reads.append((layer, len(t))) or counted(e, t, layer))
     assert reads == [(router.fast.layer, len(prompts)), (router.layer, len(prompts))]
 
 

@@ -39,6 +39,7 @@ def test_units_follow_the_prompts_own_structure():
     assert texts("Do x; do y") == ["Do x", "Do y"]
     assert texts("Sort 5, 3, 9 | reverse the words: a b c") == ["Sort 5, 3, 9", "Reverse the words: a b c"]
     assert texts("| name | age |\n| Alice | 30 |") == ["| name | age |", "| Alice | 30 |"]  # a table's rows stay whole
+    assert texts("Explain `ps aux | grep python`") == ["Explain `ps aux | grep python`"]  # quoted code stays whole
     assert texts("[INST] A date [/INST]\n[INST] A sum [/INST]") == ["A date", "A sum"]
     assert texts("<q>A date</q> <task>A sum</task>") == ["A date", "A sum"]
     assert texts("a) A date b) A sum") == ["A date", "A sum"]

@@ -80,7 +80,9 @@ def slot_rows(rows: int) -> int:
     and the spare slots take later joins in place. One row takes two slots: dynamo traces a batch
     of one apart from the symbolic batch of two or more, so a graphed server would compile every
     graph twice (a minute or more each for SmolLM2 on a GPU), while a second row adds little to a
-    step that kernel launches bound (not yet timed on a card: docs/benchmarks.md, the served path)."""
+    step that kernel launches bound (not yet timed on a card: docs/benchmarks.md, the served path).
+    Its cost is memory: a request decoding alone holds a second row's KV cache (0.5 GB per 4,096
+    positions for a 7B-shaped model in bf16)."""
     return max(2, 1 << (rows - 1).bit_length()) if rows <= 8 else -(-rows // 8) * 8
 
 

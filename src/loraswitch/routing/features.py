@@ -296,6 +296,13 @@ def reading_ahead() -> Iterator[None]:
         _AHEAD.reset(token)
 
 
+def kept_ahead(engine: Engine, texts: list[str], layer: int) -> bool:
+    """Whether a `read_ahead` kept the features of every one of `texts` at `layer` (reading them
+    costs nothing then)."""
+    kept = _AHEAD.get() or {}
+    return all(kept.get((id(engine.model), layer, t)) for t in texts)
+
+
 def read_ahead(engine: Engine, texts: list[str], layer: int, later: list[str]) -> torch.Tensor:
     """Features of `texts` at `layer`, computed in one pass with those of `later`, which are kept
     for the `prompt_features` call that asks for them next: segmentation's screen reads a batch's

@@ -48,7 +48,15 @@ from loraswitch.routing.base import (
     load_router_file,
     save_router_file,
 )
-from loraswitch.routing.features import FEATURES, default_layer, fast_layer, layer_features, prompt_features
+from loraswitch.routing.features import (
+    FEATURES,
+    default_layer,
+    fast_layer,
+    kept_ahead,
+    layer_features,
+    precomputed,
+    prompt_features,
+)
 
 FILE = "seq_router.safetensors"
 RESERVOIR = 48  # standardized training features kept per class (incl. __none__) for adapters added later
@@ -81,6 +89,7 @@ class SequenceRouter(Router):
         self.library = library or []
         self.reservoir, self.trained_at = reservoir, trained_at
         self.added = AddedHeads()  # adapters loaded after training (`routing.added`)
+        self.unsure_rate = 0.0  # recent share of prompts a grown library read at the main layer (`cascade`)
         self.fast = fast  # the same classifier at a lower layer, tried first (the module doc)
 
     # ------------------------------------------------------------------ inference
@@ -137,20 +146,29 @@ class SequenceRouter(Router):
         """The fast head's decisions where it picks an adapter, the main head's for the rest (all
         of them without a fast head), and the main features (zeros where the fast head decided).
         Once the library has grown, an added head (scored on the main features) may claim any
-        prompt, so the prompts the fast head picks an adapter for at less than FAST_SURE are read
-        at the main layer too: a claim wins, else the fast head's pick stands. Those it picks at
-        FAST_SURE or more keep its pick unread (measured: `benchmarks/growing_library.py`).
+        prompt, so the prompts the fast head picks an adapter for at less than `_sure` are read
+        at the main layer too: a claim wins, else the fast head's pick stands; those it picks at
+        `_sure` or more keep its pick (`benchmarks/growing_cascade.py`, `auto_cost.py --grow`).
         `read(engine, texts, layer)` gives the features (benchmarks pass ones read once,
-        `features.precomputed`; default `features.prompt_features`)."""
-        read = read or prompt_features
+        `features.precomputed`; default `features.prompt_features`). Cost: the fast layer's
+        pass (free when segmentation's screen read it ahead, `features.kept_ahead`) and a main
+        pass over the unsure share u, against one pass reading both layers for all: the two
+        steps cost less while u is under about 2/3 (5 + 15u layers against 15). So where the
+        fast features are not at hand, the choice follows the share seen lately
+        (`unsure_rate`); the decisions are the same either way."""
         fast = self.fast
         if fast is None:
-            feats = read(engine, prompts, self.layer)
+            feats = (read or prompt_features)(engine, prompts, self.layer)
             return self.route_features(engine, feats, allowed), (feats - self.mean) / self.std
+        sure = self._sure(allowed)
+        if read is None and sure > 0 and self.unsure_rate > 2 / 3 and not kept_ahead(engine, prompts, fast.layer):
+            read = precomputed(prompts, layer_features(engine, prompts, [fast.layer, self.layer]))
+        read = read or prompt_features
         out = fast.route_features(engine, read(engine, prompts, fast.layer), allowed)
         z = torch.zeros(len(prompts), self.mean.numel())
-        sure = FAST_SURE if self.added else 0.0
         rest = [i for i, d in enumerate(out) if d.adapter is None or d.confidence < sure]
+        if sure > 0 and prompts:  # a moving share over calls (one request each, or batches)
+            self.unsure_rate = 0.9 * self.unsure_rate + 0.1 * len(rest) / len(prompts)
         if rest:
             feats = read(engine, [prompts[i] for i in rest], self.layer)
             for i, m in zip(rest, self.route_features(engine, feats, allowed)):
@@ -161,6 +179,16 @@ class SequenceRouter(Router):
                 out[i] = m
             z[rest] = (feats - self.mean) / self.std
         return out, z
+
+    def _sure(self, allowed: frozenset[str] | None) -> float:
+        """The fast head's confidence from which its pick stands unread at the main layer: 0 where
+        no added head may claim (nothing added, or none of them allowed), FAST_SURE once the
+        library has grown; with `allowed` restricting it, every pick is read (the fast head's
+        confidence is renormalized over the allowed classes then, which would skip more)."""
+        heads = [n for n in self.added if allowed is None or n in allowed] if self.added else []
+        if not heads:
+            return 0.0
+        return FAST_SURE if allowed is None else 1.01
 
     def route_features(self, engine: Engine, feats: torch.Tensor,
                        allowed: frozenset[str] | None = None) -> list[Decision]:

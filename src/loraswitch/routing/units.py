@@ -46,7 +46,8 @@ _SENTENCE = re.compile(r"(?<=[.?!])\s+(?=[\"'(\[]?[A-Z0-9])")
 _CLAUSE = re.compile(r"\s*;\s*|,\s*(?:and\s+)?(?:then|after that|afterwards|also|next|finally)\b,?\s*"
                      r"|\s+and\s+(?:then|also|after that|afterwards|finally|next)\b,?\s*", re.I)
 # " | " joins requests in a sentence too ("Sort 5, 3 | reverse: a b"), except in a table row,
-# whose cells are one line's data ("| Alice | 30 |"): there the pipes are no separators
+# whose cells are one line's data ("| Alice | 30 |"), and in a line that quotes code ("`ps | grep x`"):
+# there the pipes are no separators
 _CLAUSE_OR_PIPE = re.compile(_CLAUSE.pattern + r"|\s+\|\s+", re.I)
 _LEAD = re.compile(r"(?:and\s+)?(?:also|then|after that|afterwards|next|finally|lastly|additionally|besides|"
                    r"first(?:ly)?|second(?:ly)?|third(?:ly)?|and)\b[,:]?\s+", re.I)
@@ -126,7 +127,7 @@ def _pieces(text: str, start: int, pattern: re.Pattern) -> list[tuple[int, int]]
 def _prose(prompt: str, start: int, end: int, **kw) -> list[Unit]:
     """Sentences of a line, and the clauses of each sentence (`_CLAUSE`, and " | " outside tables)."""
     units = []
-    row = prompt[start:end].strip().startswith("|")
+    row = prompt[start:end].strip().startswith("|") or "`" in prompt[start:end]
     for s0, s1 in _pieces(prompt[start:end], start, _SENTENCE):
         clauses = _pieces(prompt[s0:s1], s0, _CLAUSE if row else _CLAUSE_OR_PIPE)
         kind = "clause" if len(clauses) > 1 else "sentence"
