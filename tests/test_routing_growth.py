@@ -64,6 +64,9 @@ def test_added_adapter_from_examples_claims_its_prompts_and_leaves_the_rest(trai
     mine = router.route(engine, _pig(16, offset=40))
     assert sum(d.adapter == "gamma" for d in mine) >= 14
     assert all(d.source == EXAMPLES and "from 20 examples" in d.reason for d in mine if d.adapter == "gamma")
+    # the trained selector's none class knows nothing of gamma's task: its claims carry no none_probability
+    assert all(d.none_probability is None for d in mine if d.adapter == "gamma")
+    assert all(d.none_probability is not None for d in mine if d.source == "trained")
     after = router.route(engine, known)
     unclaimed = [(d.adapter, d.confidence) for d in after]
     same = sum(a == b for a, b in zip(before, unclaimed))

@@ -101,10 +101,12 @@ class SequenceRouter(Router):
 
     def decide(self, probs: torch.Tensor, engine: Engine, claims: Claims | None = None) -> list[Decision]:
         """The trained head's decision per row, unless an added adapter's head claims the row;
-        each with the row's `__none__` probability."""
+        the trained head's with the row's `__none__` probability (a claimed row has none: that
+        class knows nothing of the added adapter's task, and a client's bar on it would turn
+        away every prompt an added adapter takes)."""
         none = self.classes.index(NONE_CLASS) if NONE_CLASS in self.classes else None
-        return [replace(d, none_probability=round(float(row[none]), 4)) if none is not None else d
-                for d, row in zip(self._decide(probs, engine, claims), probs)]
+        return [replace(d, none_probability=round(float(row[none]), 4)) if none is not None and d.source == "trained"
+                else d for d, row in zip(self._decide(probs, engine, claims), probs)]
 
     def _decide(self, probs: torch.Tensor, engine: Engine, claims: Claims | None) -> list[Decision]:
         out = []
