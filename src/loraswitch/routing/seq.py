@@ -29,7 +29,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -100,15 +100,11 @@ class SequenceRouter(Router):
         return torch.softmax(self.logits(prompt_features(engine, prompts, self.layer)) / self.temperature, -1)
 
     def decide(self, probs: torch.Tensor, engine: Engine, claims: Claims | None = None) -> list[Decision]:
-        """The trained head's decision per row, unless an added adapter's head claims the row;
-        the trained head's with the row's `__none__` probability (a claimed row has none: that
-        class knows nothing of the added adapter's task, and a client's bar on it would turn
-        away every prompt an added adapter takes)."""
+        """The trained head's decision per row, with the row's `__none__` probability, unless an
+        added adapter's head claims the row (a claimed row has none: that class knows nothing of
+        the added adapter's task, and a client's bar on it would turn away every prompt an added
+        adapter takes)."""
         none = self.classes.index(NONE_CLASS) if NONE_CLASS in self.classes else None
-        return [replace(d, none_probability=round(float(row[none]), 4)) if none is not None and d.source == "trained"
-                else d for d, row in zip(self._decide(probs, engine, claims), probs)]
-
-    def _decide(self, probs: torch.Tensor, engine: Engine, claims: Claims | None) -> list[Decision]:
         out = []
         for i, row in enumerate(probs):
             scores = {c: round(float(p), 4) for c, p in zip(self.classes, row) if c != NONE_CLASS and c in engine.adapters}
@@ -118,19 +114,24 @@ class SequenceRouter(Router):
             if claim is not None:
                 out.append(claim.decision(scores))
                 continue
-            top = int(row.argmax())
-            conf = float(row[top])
-            name = self.classes[top]
-            if name == NONE_CLASS:
-                out.append(Decision(None, conf, scores, f"out of suite (p={conf:.2f} that no adapter fits)", "trained"))
-            elif conf < self.threshold:
-                out.append(Decision(None, conf, scores, f"confidence {conf:.2f} below threshold {self.threshold:.2f}",
-                                    "trained"))
-            elif name not in engine.adapters:
-                out.append(Decision(None, conf, scores, f"picked {name!r}, which is no longer loaded", "trained"))
-            else:
-                out.append(Decision(name, conf, scores, source="trained"))
+            d = self._trained(row, scores, engine)
+            if none is not None:
+                d.none_probability = round(float(row[none]), 4)
+            out.append(d)
         return out
+
+    def _trained(self, row: torch.Tensor, scores: dict[str, float], engine: Engine) -> Decision:
+        """The trained head's own decision on one row of probabilities."""
+        top = int(row.argmax())
+        conf = float(row[top])
+        name = self.classes[top]
+        if name == NONE_CLASS:
+            return Decision(None, conf, scores, f"out of suite (p={conf:.2f} that no adapter fits)", "trained")
+        if conf < self.threshold:
+            return Decision(None, conf, scores, f"confidence {conf:.2f} below threshold {self.threshold:.2f}", "trained")
+        if name not in engine.adapters:
+            return Decision(None, conf, scores, f"picked {name!r}, which is no longer loaded", "trained")
+        return Decision(name, conf, scores, source="trained")
 
     def route(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None) -> list[Decision]:
         return self.cascade(engine, prompts, allowed)[0]

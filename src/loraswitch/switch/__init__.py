@@ -126,9 +126,8 @@ class Switch:
             found = segment(chosen, self.engine, [prompt])[0]
             if len(found.parts) >= 2:
                 decisions = chosen.route(self.engine, found.texts)
-                parts = [{"text": p.text, "span": [p.start, p.end], "adapter": d.adapter,
-                          "confidence": round(d.confidence, 4),
-                          **({"none_probability": d.none_probability} if d.none_probability is not None else {})}
+                parts = [{"text": p.text, "span": [p.start, p.end],
+                          **{k: v for k, v in d.to_dict().items() if k in ("adapter", "confidence", "none_probability")}}
                          for p, d in zip(found.parts, decisions)]
                 out = {"router": out["router"], "adapter": [p["adapter"] for p in parts],
                        "confidence": min(p["confidence"] for p in parts), "parts": parts, "whole": out}
