@@ -34,9 +34,11 @@ import torch
 
 from loraswitch.bench.config import LLAMA_SHAPES
 from loraswitch.bench.fixtures import make_base, random_adapters
-from loraswitch.demo.tasks import TASK_NAMES, examples
+from loraswitch.demo.router_data import demo_pairs
+from loraswitch.demo.tasks import TASK_NAMES
 from loraswitch.eval.peft_baselines import harmonise
 from loraswitch.library import Adapter
+from loraswitch.routing.base import NONE_CLASS
 
 
 def write_library(out: Path, model: str, layers: int, seed: int = 0) -> dict:
@@ -59,10 +61,10 @@ def write_library(out: Path, model: str, layers: int, seed: int = 0) -> dict:
 def write_data(out: Path, per_task: int = 200, seed: int = 0) -> None:
     """data/<task>.jsonl: the demo's training prompts, the folder a user hands `train-router`."""
     (out / "data").mkdir(parents=True, exist_ok=True)
-    for task in TASK_NAMES:
-        rows = [json.dumps({"prompt": e.prompt, "answer": e.answer}) for e in examples(task, "train", per_task, seed)
-                if not e.heldout_template]
-        (out / "data" / f"{task}.jsonl").write_text("\n".join(rows) + "\n")
+    for task, pairs in demo_pairs("train", per_task, seed).items():
+        if task != NONE_CLASS:  # train-router adds the bundled __none__ prompts itself
+            rows = [json.dumps({"prompt": p, "answer": a}) for p, a in pairs]
+            (out / "data" / f"{task}.jsonl").write_text("\n".join(rows) + "\n")
 
 
 def train_router(out: Path) -> tuple[float, str]:
