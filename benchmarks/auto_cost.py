@@ -367,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                    "heads; library only): what `auto` costs once the library has grown")
     p.add_argument("--fast-sure", type=float, help="override routing.seq.FAST_SURE in the library (1.01: every "
                    "prompt read at the main layer once the library has grown, the behaviour before it)")
+    p.add_argument("--no-resume", action="store_true", help="in the library, every read at the main layer starts "
+                   "again from the first layer (the behaviour before `features.resuming`)")
     args = p.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
     if args.quick:
@@ -387,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         from loraswitch.routing import seq
 
         seq.FAST_SURE = args.fast_sure
+    if args.no_resume:
+        from loraswitch.routing import features
+
+        features._resumable = lambda engine: False
     device = next(switch.engine.model.parameters()).device
     card = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     report: dict = {"started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": load(),

@@ -143,3 +143,31 @@ def test_a_read_ahead_hands_each_feature_out_once(tiny_base, adapter_dir, monkey
     prompt_features(engine, ["b"], 1)
     assert computed == [["b"]]
     assert len(read_ahead(engine, ["c"], 1, ["d"])) == 1 and computed[-1] == ["c"]  # outside a scope: `later` unread
+
+
+def test_a_higher_read_resumes_from_where_a_lower_one_stopped(tokenizer, monkeypatch):
+    """Inside a `resuming` scope, reading texts at layer 4 after layer 1 runs layers 2-4 over the
+    kept layer-1 hidden states (layers 0-1 run for the texts never read before only), and the
+    features are those of a pass from the first token; outside a scope nothing is kept."""
+    from loraswitch.base import Base
+    from tests.conftest import tiny_model
+
+    engine = Engine(Base(model=tiny_model(layers=6), tokenizer=tokenizer, name="tiny-llama", source="random"), [])
+    stack = features.decoder_layers(engine.model)
+    calls = [0] * len(stack)
+    for i, layer in enumerate(stack):
+        layer.register_forward_pre_hook(lambda _m, _a, i=i: calls.__setitem__(i, calls[i] + 1))
+    seen = ["What is 2 + 2?", "Convert to ISO date: March 3 2021, please", "x"]
+    asked = [seen[1], "never read", seen[0], seen[0]]
+    reference = layer_features(engine, asked, [1, 4], shared_prefix=False)
+    layer_features(engine, ["warm"], [2, 4])  # the template's prefix, read once per model and layers
+    with features.resuming():
+        layer_features(engine, seen, [1])
+        calls[:] = [0] * len(stack)
+        got = layer_features(engine, asked, [2, 4])
+    assert calls[0] == calls[1] == 1 and calls[2] == calls[4] == 2  # "never read" alone from layer 0
+    torch.testing.assert_close(got[4], reference[4], rtol=1e-4, atol=1e-5)
+    with features.resuming():  # a fresh scope: nothing from the last one
+        calls[:] = [0] * len(stack)
+        layer_features(engine, [seen[0]], [2, 4])
+    assert calls[0] == 1

@@ -28,19 +28,26 @@ mask), not padded to the longest: a pass costs a fixed part (every layer's weigh
 plus its tokens, and padding a 40-token review next to 12-token requests made every row cost
 40 (sorting rows by length into several passes paid the fixed part again instead). One
 pass can read several layers (`layer_features`): the selector's fast head and its main head are
-trained on one pass over the training prompts. A text asked twice in one call is computed twice,
-as the prefill computes it: `benchmarks/auto_cost.py` at 32 requests asks each of 8 prompts 4
-times, and computing each once would make `auto` look cheaper there than on traffic that does
-not repeat (`read_ahead` hands each feature it keeps out once).
+trained on one pass over the training prompts. A text asked twice is computed twice, as the
+prefill computes it (`auto_cost.py` at 32 requests asks 8 prompts 4 times each: computing each
+once would flatter `auto`), so `read_ahead` hands each feature it keeps out once.
 
 `read_ahead` keeps features only inside `reading_ahead()`, the scope of one batch's
 segmentation and routing (`switch.run`): a context variable, so threads and nested batches (a
 running batch taking arrivals in) each see their own, and nothing outlives the batch.
+
+A pass that reads a text to a higher layer than one before it in the same scope resumes from
+where that one stopped (`resuming`): the selector's fast head reads layer 5, and the prompts it
+sends to no adapter (or, once the library has grown, is unsure of) are read at 15 by running
+layers 6-15 over the kept layer-5 hidden states, not 0-15 again; segmentation's main-head
+scoring of the units its screen read resumes the same way. Same features up to float rounding;
+every asked row still runs every layer it needs once, so repeated prompts cost what they did.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import weakref
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -140,6 +147,32 @@ def _run(engine: Engine, layers: tuple[int, ...], **inputs) -> dict[int, torch.T
     return captured
 
 
+def _run_from(engine: Engine, start: int, layers: tuple[int, ...], hidden: torch.Tensor,
+              **inputs) -> dict[int, torch.Tensor]:
+    """The outputs of decoder layers `layers` for `hidden`, the output of layer `start`: the
+    layers above it called one by one as the model's own forward calls them (Llama-family
+    decoders, `_resumable`), with `inputs`' 4D mask, positions and cache."""
+    stack, inner = decoder_layers(engine.model), getattr(engine.model, "model", engine.model)
+    inputs = {k: v.to(engine.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    if "cache" in inspect.signature(stack[start + 1].forward).parameters:  # its name from transformers 5.2x
+        inputs["cache"] = inputs.pop("past_key_values")
+    rotary = inner.rotary_emb(hidden, position_ids=inputs["position_ids"])
+    captured = {}
+    with engine.routed(None):
+        for i in range(start + 1, max(layers) + 1):
+            out = stack[i](hidden, position_embeddings=rotary, use_cache=True, **inputs)
+            hidden = out[0] if isinstance(out, tuple) else out
+            if i in layers:
+                captured[i] = hidden
+    return captured
+
+
+def _resumable(engine: Engine) -> bool:
+    """Whether a pass can start above layer 0 (`_run_from`): the decoder keeps its rotary
+    embedding beside the layers, as the Llama family does; other models read from the start."""
+    return hasattr(getattr(engine.model, "model", engine.model), "rotary_emb")
+
+
 def _prefix(engine: Engine, layers: tuple[int, ...]) -> _Prefix | None:
     ids = _template_prefix(engine)
     if len(ids) < 2:
@@ -155,45 +188,57 @@ def _prefix(engine: Engine, layers: tuple[int, ...]) -> _Prefix | None:
     return per_model[key]
 
 
-def _shared_features(engine: Engine, pre: _Prefix, layers: tuple[int, ...], rows: list[list[int]],
-                     batch_size: int, progress: bool = False) -> dict[int, torch.Tensor]:
-    """Features of `rows` (each starts with `pre.ids`, and has more) at each of `layers`: their
-    tails after the cached prefix packed into sequences (`_pack`), each tail reading the prefix
-    and its own tokens only; a pass holds at most as many tokens as `batch_size` rows padded to
-    the longest did (a sequence up to four rows long costs attention memory by its square)."""
-    p = len(pre.ids)
-    tails = [r[p:] for r in rows]
+def _shared_features(engine: Engine, pre: _Prefix, layers: tuple[int, ...], tails: list, batch_size: int,
+                     progress: bool = False, start: int | None = None, tops: list | None = None,
+                     ) -> dict[int, torch.Tensor]:
+    """Features at each of `layers` of rows that start with `pre.ids` and have more: `tails`,
+    what follows the prefix, are token ids, or with `start` the hidden states layer `start`
+    output for them (a resumed pass, `_run_from`). The tails are packed into sequences
+    (`_pack`), each reading the prefix and its own positions only; a pass holds at most as many
+    tokens as `batch_size` rows padded to the longest did (a sequence up to four rows long costs
+    attention memory by its square). `tops`, when given, receives each row's hidden states at
+    the highest layer (what a later pass resumes from)."""
+    p, dtype = len(pre.ids), engine.model.dtype
     width, bins = _pack([len(t) for t in tails])
     per_pass = max(1, batch_size * max(len(t) for t in tails) // width)
-    feats = {layer: torch.empty(len(rows), 2 * engine.model.config.hidden_size) for layer in layers}
+    feats = {layer: torch.empty(len(tails), 2 * engine.model.config.hidden_size) for layer in layers}
     for first in tqdm(range(0, len(bins), per_pass), desc="features", disable=not progress):
         chunk = bins[first : first + per_pass]
-        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        if start is None:
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        else:
+            ids = torch.zeros((len(chunk), width, engine.model.config.hidden_size), dtype=dtype, device=engine.device)
         row = torch.full((len(chunk), width), -1)  # which row each position holds (-1: padding)
         pos = torch.zeros((len(chunk), width), dtype=torch.long)  # its position after the prefix
         spans = []  # (row, bin, start, length)
         for b, members in enumerate(chunk):
-            start = 0
+            at = 0
             for j in members:
                 n = len(tails[j])
-                ids[b, start : start + n] = torch.as_tensor(tails[j], dtype=torch.long)
-                row[b, start : start + n], pos[b, start : start + n] = j, torch.arange(n)
-                spans.append((j, b, start, n))
-                start += n
+                ids[b, at : at + n] = torch.as_tensor(tails[j], dtype=ids.dtype, device=ids.device)
+                row[b, at : at + n], pos[b, at : at + n] = j, torch.arange(n)
+                spans.append((j, b, at, n))
+                at += n
         sees = (row[:, :, None] == row[:, None, :]) & (row[:, None, :] >= 0) & (pos[:, None, :] <= pos[:, :, None])
         sees = torch.cat([torch.ones(len(chunk), width, p, dtype=torch.bool), sees], dim=-1)
-        dtype = engine.model.dtype
         mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)[:, None]
         n = len(chunk)
         cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in pre.kv])
-        out = _run(engine, layers, input_ids=ids, attention_mask=mask, position_ids=p + pos, past_key_values=cache,
-                   use_cache=True)
+        if start is None:
+            out = _run(engine, layers, input_ids=ids, attention_mask=mask, position_ids=p + pos,
+                       past_key_values=cache, use_cache=True)
+        else:
+            out = _run_from(engine, start, layers, ids, attention_mask=mask, position_ids=p + pos,
+                            past_key_values=cache)
         for layer in layers:
             h = out[layer].float().cpu()
-            for j, b, start, n in spans:
-                mine = h[b, start : start + n]
+            for j, b, at, n in spans:
+                mine = h[b, at : at + n]
                 mean = (pre.hidden_sum[layer] + mine.sum(0)) / (p + n)
                 feats[layer][j] = torch.cat([mean, mine[-1]])
+        if tops is not None:
+            for j, b, at, n in spans:
+                tops[j] = out[max(layers)][b, at : at + n].clone()
     return feats
 
 
@@ -252,10 +297,24 @@ def layer_features(engine: Engine, prompts: list[str], layers: list[int], batch_
     p = len(pre.ids) if pre is not None else 0
     shared = [j for j, r in enumerate(enc) if pre is not None and len(r) > p and r[:p] == pre.ids]
     plain = sorted(set(range(len(enc))) - set(shared))
-    if shared:
-        got = _shared_features(engine, pre, wanted, [enc[j] for j in shared], batch_size, progress)
+    states = _STATES.get() if shared_prefix else None
+    resumed: dict[int, list[int]] = {}  # layer resumed from -> rows
+    if states is not None and _resumable(engine):
+        for j in shared:
+            state = states.get((id(engine.model), prompts[j]))
+            if state is not None and state[0] < wanted[0] and len(state[1]) == len(enc[j]) - p:
+                resumed.setdefault(state[0], []).append(j)
+    fresh = sorted(set(shared) - {j for rows in resumed.values() for j in rows})
+    for start, rows in [(None, fresh)] + sorted(resumed.items()):
+        if not rows:
+            continue
+        tails = [enc[j][p:] for j in rows] if start is None else [states[(id(engine.model), prompts[j])][1] for j in rows]
+        tops: list | None = [None] * len(rows) if states is not None else None
+        got = _shared_features(engine, pre, wanted, tails, batch_size, progress, start, tops)
         for i in wanted:
-            feats[i][shared] = got[i]
+            feats[i][rows] = got[i]
+        for j, top in zip(rows, tops or []):
+            states[(id(engine.model), prompts[j])] = (wanted[-1], top)
     for k in tqdm(range(0, len(plain), batch_size), desc="features", disable=not progress or not plain):
         rows = plain[k : k + batch_size]
         got = _padded_features(engine, wanted, [enc[j] for j in rows])
@@ -285,22 +344,38 @@ def prompt_features(engine: Engine, prompts: list[str], layer: int, batch_size: 
 _AHEAD: ContextVar[dict[tuple[int, int, str], list[torch.Tensor]] | None] = ContextVar("loraswitch_ahead", default=None)
 
 
+# {(id of the model, text): (layer, [tokens after the prefix, hidden])}: how far a pass inside the
+# current `resuming` scope read each text, and the hidden states it stopped at (None outside one)
+_STATES: ContextVar[dict[tuple[int, str], tuple[int, torch.Tensor]] | None] = ContextVar("loraswitch_states",
+                                                                                          default=None)
+
+
 @contextlib.contextmanager
 def reading_ahead() -> Iterator[None]:
     """The scope of one batch's segmentation and routing, inside which `read_ahead` keeps the
-    features it computes for later (the module doc); they are dropped when it ends."""
-    token = _AHEAD.set({})
+    features it computes for later and passes resume (the module doc); all is dropped when it
+    ends."""
+    token, states = _AHEAD.set({}), _STATES.set({})
     try:
         yield
     finally:
         _AHEAD.reset(token)
+        _STATES.reset(states)
 
 
-def kept_ahead(engine: Engine, texts: list[str], layer: int) -> bool:
-    """Whether a `read_ahead` kept the features of every one of `texts` at `layer` (reading them
-    costs nothing then)."""
-    kept = _AHEAD.get() or {}
-    return all(kept.get((id(engine.model), layer, t)) for t in texts)
+@contextlib.contextmanager
+def resuming() -> Iterator[None]:
+    """A scope inside which a pass reading a text higher than an earlier one resumes from where
+    that one stopped (the module doc): the enclosing one's, where there is one (a batch's
+    `reading_ahead`), else a new one that ends with it."""
+    if _STATES.get() is not None:
+        yield
+        return
+    token = _STATES.set({})
+    try:
+        yield
+    finally:
+        _STATES.reset(token)
 
 
 def read_ahead(engine: Engine, texts: list[str], layer: int, later: list[str]) -> torch.Tensor:

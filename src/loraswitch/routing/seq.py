@@ -12,15 +12,16 @@ so a changed library is detected instead of silently misrouted.
 The fast head (issue 17: `auto` must cost at most 1.1x naming the adapter). The same classifier,
 trained on the same prompts at `features.fast_layer` (5 of 30: a third of the middle layer's
 pass), decides whole prompts first; only the prompts it does not send to an adapter (abstained,
-out of suite, below its threshold) are read again at the main layer and decided by the main head,
-so the base model answers exactly the prompts it answered before. The main head stays where it
-was because it also reads prompt fragments: segmentation (`switch.segment`) scores the units of
-a prompt with it, and at layers 5, 6 and 8 it found 2-6 fewer of the demo's 81 free-form
-composites (docs/routing.md); the fast head only screens which prompts it reads so, and its
-reading of a batch's whole prompts comes from that screen's pass (`features.read_ahead`). Adapters added after training (`routing.added`) are scored on the
-main features: once the library has grown, the prompts the fast head picks an adapter for at
-less than FAST_SURE are read at the main layer too, where an added head may claim them; adding
-an adapter leaves every decision it does not claim as it was.
+out of suite, below its threshold) are read on up to the main layer (from the fast pass's hidden
+states, `features.resuming`) and decided by the main head, so the base model answers exactly the
+prompts it answered before. The main head stays where it was because it also reads prompt
+fragments: segmentation (`switch.segment`) scores the units of a prompt with it, and at layers
+5, 6 and 8 it found 2-6 fewer of the demo's 81 free-form composites (docs/routing.md); the fast
+head only screens which prompts it reads so, and its reading of a batch's whole prompts comes
+from that screen's pass (`features.read_ahead`). Adapters added after training
+(`routing.added`) are scored on the main features: once the library has grown, the prompts the
+fast head picks an adapter for at less than FAST_SURE are read at the main layer too, where an
+added head may claim them; adding an adapter leaves every decision it does not claim as it was.
 """
 
 from __future__ import annotations
@@ -52,10 +53,9 @@ from loraswitch.routing.features import (
     FEATURES,
     default_layer,
     fast_layer,
-    kept_ahead,
     layer_features,
-    precomputed,
     prompt_features,
+    resuming,
 )
 
 FILE = "seq_router.safetensors"
@@ -89,7 +89,6 @@ class SequenceRouter(Router):
         self.library = library or []
         self.reservoir, self.trained_at = reservoir, trained_at
         self.added = AddedHeads()  # adapters loaded after training (`routing.added`)
-        self.unsure_rate = 0.0  # recent share of prompts a grown library read at the main layer (`cascade`)
         self.fast = fast  # the same classifier at a lower layer, tried first (the module doc)
 
     # ------------------------------------------------------------------ inference
@@ -154,26 +153,22 @@ class SequenceRouter(Router):
         `_sure` or more keep its pick (`benchmarks/growing_cascade.py`, `auto_cost.py --grow`).
         `read(engine, texts, layer)` gives the features (benchmarks pass ones read once,
         `features.precomputed`; default `features.prompt_features`). Cost: the fast layer's
-        pass (free when segmentation's screen read it ahead, `features.kept_ahead`) and a main
-        pass over the unsure share u, against one pass reading both layers for all: the two
-        steps cost less while u is under about 2/3 (5 + 15u layers against 15). So where the
-        fast features are not at hand, the choice follows the share seen lately
-        (`unsure_rate`); the decisions are the same either way."""
+        pass (free when segmentation's screen read it ahead) and, for the unsure share u, the
+        layers from the fast one up to the main one, resumed from the fast pass's hidden states
+        (`features.resuming`): 5 + 10u layers of 30, never more than the 15 one pass reading
+        both layers would cost."""
         fast = self.fast
+        read = read or prompt_features
         if fast is None:
-            feats = (read or prompt_features)(engine, prompts, self.layer)
+            feats = read(engine, prompts, self.layer)
             return self.route_features(engine, feats, allowed), (feats - self.mean) / self.std
         sure = self._sure(allowed)
-        if read is None and sure > 0 and self.unsure_rate > 2 / 3 and not kept_ahead(engine, prompts, fast.layer):
-            read = precomputed(prompts, layer_features(engine, prompts, [fast.layer, self.layer]))
-        read = read or prompt_features
-        out = fast.route_features(engine, read(engine, prompts, fast.layer), allowed)
+        with resuming():
+            out = fast.route_features(engine, read(engine, prompts, fast.layer), allowed)
+            rest = [i for i, d in enumerate(out) if d.adapter is None or d.confidence < sure]
+            feats = read(engine, [prompts[i] for i in rest], self.layer) if rest else None
         z = torch.zeros(len(prompts), self.mean.numel())
-        rest = [i for i, d in enumerate(out) if d.adapter is None or d.confidence < sure]
-        if sure > 0 and prompts:  # a moving share over calls (one request each, or batches)
-            self.unsure_rate = 0.9 * self.unsure_rate + 0.1 * len(rest) / len(prompts)
         if rest:
-            feats = read(engine, [prompts[i] for i in rest], self.layer)
             for i, m in zip(rest, self.route_features(engine, feats, allowed)):
                 f = out[i]
                 if m.source == "trained" and f.adapter is not None:  # no claim: the fast head's pick stands
