@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loraswitch.routing.units import is_statement, split_units
-from loraswitch.switch import Switch
+from loraswitch.switch import Switch, screen
 from loraswitch.switch import segment as seg
 from loraswitch.switch.segment import Scores, Settings, finish, plan
 
@@ -140,6 +140,45 @@ def test_enumerations_are_answered_item_by_item():
     assert _parts("Sort these:\n- 42\n- 7") == []
 
 
+def test_a_request_no_adapter_fits_is_a_part_only_when_complete_and_asked_next(monkeypatch):
+    """A request no adapter fits (`__none__`) joined to a task's as the next request is answered
+    as a part of its own (by the base model); one that modifies its neighbour, or is not asked as
+    the next request, stays context. The words decide (`units.stands_alone`): the selector reads
+    "tell me a joke" and "explain how you did it" alike."""
+    from loraswitch.routing.units import follows_as_next, stands_alone
+
+    assert all(stands_alone(t) for t in ["Tell me a joke about cats.", "Who wrote Hamlet?", "Multiply 12 by 7.",
+                                         "Give me three tips for sleeping better.", "What is the capital of Japan?"])
+    assert not any(stands_alone(t) for t in [
+        "Explain how you did it.", "Show your work.", "Be brief.", "Answer in one word.", "Thanks!", "Explain why.",
+        "Double-check the result.", "Show the steps.", "Multiply by 2.", "Add a field for city.", "9, 2, 7.",
+        "The kettle broke after a day.", "Give me the answer in words."])
+    prompt = "Sort 3, 1. Then a joke. Newcastle and Pitt joined."
+    u = split_units(prompt)
+    assert follows_as_next(prompt, u[0], u[1]) and not follows_as_next(prompt, u[1], u[2])
+    # a sentence ends after a closing quote too
+    assert [x.text for x in split_units("Positive? 'Great phone.' And write a haiku.")] == [
+        "Positive?", "'Great phone.'", "Write a haiku."]
+
+    def scores(router, engine, texts):
+        base = _keyword_scores(router, engine, texts)
+        return Scores(base.adapter, base.confidence, base.energy, [0.0 if a else 0.99 for a in base.adapter])
+
+    monkeypatch.setattr(seg, "score_texts", scores)
+    router = types.SimpleNamespace(fast=None)
+    prompts = ["Give the date, then tell me a joke about cats.", "Tell me a joke about owls | the sum of 2 and 3",
+               "Give the date, then explain how you did it.", "Give the date. Tell me a joke about cats.",
+               "Tell me a joke about cats, then write a haiku about dogs."]
+    found = seg.segment(router, None, prompts)
+    assert [[(p.text, p.adapter) for p in f.parts] for f in found] == [
+        [("Give the date", "alpha"), ("Tell me a joke about cats.", None)],
+        [("Tell me a joke about owls", None), ("The sum of 2 and 3", "gamma")], [], [], []]
+    # with the `__none__` probability under `min_none`, the request is context as before
+    monkeypatch.setattr(seg, "score_texts", lambda r, e, t: Scores(*[getattr(scores(r, e, t), f) for f in
+                                                                     ("adapter", "confidence", "energy")], [0.5] * len(t)))
+    assert seg.segment(router, None, prompts[:1])[0].parts == []
+
+
 def test_a_cut_that_reads_as_one_request_is_merged(monkeypatch):
     """The energy check: when the two parts read together score much higher than either alone
     (a request spread over two sentences), the cut is undone."""
@@ -202,20 +241,24 @@ def test_the_screen_sends_on_only_prompts_two_units_read_as_different_tasks(monk
     router = types.SimpleNamespace(fast=fast, added=None)
     prompts = ["The date. A date again, please.", "The date. Then the sum.", "Hello there. The date.",
                "The date, maybe. The date.", "1. the date\n2. the date", "The date."]
-    read = seg.screen(router, None, [split_units(p) for p in prompts], ahead=["whole"])
+    read = screen.screen(router, None, [split_units(p) for p in prompts], ahead=["whole"])
     assert read == [False, True, False, True, True, False]
     # one pass: the prose prompts' units, with the texts the selector reads next
     assert len(passes) == 1 and passes[0][1] == ["whole"] and "1. the date" not in " ".join(passes[0][0])
     # no fast head, or adapters added since training: every prompt of several units goes on
     for other in (types.SimpleNamespace(fast=None), types.SimpleNamespace(fast=fast, added=["x"])):
-        assert seg.screen(other, None, [split_units(p) for p in prompts]) == [True] * 5 + [False]
+        assert screen.screen(other, None, [split_units(p) for p in prompts]) == [True] * 5 + [False]
+    # a unit that may be a request no adapter fits sends on a prompt with a task in another unit
+    asks = ["The date. Then tell me a joke.", "Hello there. Then tell me a joke."]
+    assert screen.screen(router, None, [split_units(p) for p in asks], asks=[True, True]) == [True, False]
+    assert screen.screen(router, None, [split_units(p) for p in asks], asks=[False, False]) == [False, False]
 
 
 def test_two_tasks_needs_different_tasks_in_two_units():
     one, two, both = frozenset({0}), frozenset({1}), frozenset({0, 1})
-    assert not seg._two_tasks([one, one, one])
-    assert not seg._two_tasks([both])  # one unit, however unsure, is one part
-    assert seg._two_tasks([one, two]) and seg._two_tasks([both, one])
+    assert not screen._two_tasks([one, one, one])
+    assert not screen._two_tasks([both])  # one unit, however unsure, is one part
+    assert screen._two_tasks([one, two]) and screen._two_tasks([both, one])
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -262,6 +305,15 @@ def test_the_issues_prompts_are_answered_in_two_parts():
         "3. Bake for 20 minutes.": "whole",
         "Sort ascending:\n1. 44\n2. 9\n3. 17": "whole",
         "Translate into French:\n1. Good morning\n2. Thank you": "whole",
+        # a request no adapter fits, asked next to a task's: a part the base model answers
+        "Sort these ascending: 8, 2, 6. Then tell me a joke about cats.": ["sort_numbers", None],
+        "What is 25 + 17? Also, who wrote Hamlet?": ["add", None],
+        "Is this review positive or negative: 'Great phone, awful battery.' Also, write a haiku about autumn.":
+            ["sentiment", None],
+        # ... but not one that modifies the task's request
+        "Sort these ascending: 8, 2, 6, then explain how you did it.": "whole",
+        "Sort these ascending: 8, 2, 6. Be brief.": "whole",
+        "Add 345 and 278, then multiply by 2.": "whole",
     }
     found = seg.segment(sw.router("auto"), sw.engine, list(prompts))
     got = [f.texts for f in found]

@@ -382,7 +382,7 @@ def read_ahead(engine: Engine, texts: list[str], layer: int, later: list[str]) -
     """Features of `texts` at `layer`, computed in one pass with those of `later`, which are kept
     for the `prompt_features` call that asks for them next: segmentation's screen reads a batch's
     units with the selector's fast head right before the selector reads its whole prompts at the
-    same layer (`switch.segment.screen`), and one pass costs less than two (`_pack`). Each kept
+    same layer (`switch.screen`), and one pass costs less than two (`_pack`). Each kept
     feature is handed out once and the next read-ahead drops what was not, so a text is still
     computed once per time it is asked (the module doc); outside `reading_ahead` nothing is kept
     and `later` is not read."""

@@ -42,7 +42,9 @@ _PARA = re.compile(r"\n[ \t]*\n")
 _OPTION_LABEL = re.compile(r"\s*([A-Za-z][A-Za-z ]{0,15}?)\s*:\s+\S")
 _OPTION_LETTER = re.compile(r"\s*\(?([A-H])[.)]\s+\S")
 _OPTION_LEAD = re.compile(r".*(?:\?|\b(?:options?|choices?|answers?|choose|select|pick)\b[^:]*:)\s*$", re.I)
-_SENTENCE = re.compile(r"(?<=[.?!])\s+(?=[\"'(\[]?[A-Z0-9])")
+# a sentence ends at ".", "?" or "!", or just after a closing quote or bracket that follows one
+# ("... 'Great phone, terrible battery.' And write a haiku.")
+_SENTENCE = re.compile(r"(?:(?<=[.?!])|(?<=[.?!][\"'\u201d\u2019)\]]))\s+(?=[\"'(\[\u201c\u2018]?[A-Z0-9])")
 _CLAUSE = re.compile(r"\s*;\s*|,\s*(?:and\s+)?(?:then|after that|afterwards|also|next|finally)\b,?\s*"
                      r"|\s+and\s+(?:then|also|after that|afterwards|finally|next)\b,?\s*", re.I)
 # " | " joins requests in a sentence too ("Sort 5, 3 | reverse: a b"), except in a table row,
@@ -73,6 +75,56 @@ def is_statement(text: str) -> bool:
     confidently the selector routes it. Questions, imperatives and units with options are not."""
     text = text.strip()
     return "\n" not in text and _STATEMENT.match(text) is not None and _VERB.search(text) is not None
+
+
+# a word pointing back at the rest of the prompt or at the answer: a request holding one modifies
+# its neighbour ("Explain how you did it.", "Show your work.", "Double-check the result.")
+_BACK = re.compile(r"\b(?:it|its|this|that|these|those|them|they|their|your|yours|above|previous|same|"
+                   r"result|results|answer|answers|each|both|again|too|instead)\b"
+                   # "the" before what the other request reads or writes: "Is the total even?"
+                   r"|\bthe\s+(?:[\w'-]+\s+)?(?:total|sum|numbers?|values?|list|output|words?|date|phrase|review|"
+                   r"digits?|letters?|steps?|carrying|smallest|largest|biggest|middle|order|day|year|month|original|"
+                   r"input|text|sentence|reasoning|calculation|pronunciation|spelling|median|average|json)\b", re.I)
+# a verb and "the" something, nothing more: what it names is elsewhere ("Show the steps.", "Give
+# me the median."), where a request of its own says which ("the capital of Japan")
+_THE_END = re.compile(r"^(?:please\s+)?[\w'-]+\s+(?:me\s+)?the(?:\s+[\w'-]+){1,2}\s*[.!]*$", re.I)
+# an instruction about the answer's form ("Be brief.", "Answer in one word.", "Reply in French."),
+# an edit of what the request before it produces ("Add a field for city.", "Translate that too."),
+# or a verb whose object is left out ("..., then multiply by 2.")
+_FORM = re.compile(r"(?:please\s+)?(?:(?:be|keep|make|use|answer|reply|respond|format|avoid|don't|do\s+not|add|remove|"
+                   r"delete|change|replace|include|append|insert|drop|rename|capitalize|convert|translate|sort|"
+                   r"reverse|round|repeat|redo|fix|correct|shorten|expand|rewrite|rephrase|simplify)\b"
+                   r"|\w+\s+(?:by|to|into|from|with|as|in|on)\b)", re.I)
+# what leads a request that follows another: a clause separator between them, or a connective
+# opening it ("Also, ...", "Then ...", "And ...")
+_NEXT = re.compile(r"[;|]|\b(?:then|also|after that|afterwards|next|finally|lastly|additionally|besides|plus|and)\b",
+                   re.I)
+_NEXT_LEAD = re.compile(r"\W*(?:and\s+)?(?:then|also|after that|afterwards|next|finally|lastly|additionally|besides|"
+                        r"plus|and)\b", re.I)
+
+
+def stands_alone(text: str) -> bool:
+    """A request complete in itself: 3 to 30 words (two of them words, not numbers), not a
+    statement or other sentence opening with its subject, no word pointing back
+    at the rest of the prompt or the answer, not an instruction about the answer's form. What a
+    request no adapter fits must be to be answered as a part of its own ("Sort 8, 2, 6, then
+    tell me a joke.") rather than read as its neighbour's context ("..., then explain how you
+    did it."): the selector reads both as `__none__` (0.99 and 0.996 on the demo router), so
+    the words decide."""
+    text = text.strip()
+    declarative = re.match(_SUBJECT, text, re.I) is not None and not text.endswith("?")  # "The kettle broke."
+    words = re.findall(r"[\w']+", text)
+    return (3 <= len(words) <= 30 and sum(w[0].isalpha() for w in words) >= 2 and not is_statement(text)
+            and not declarative and not _BACK.search(text) and not _THE_END.search(text) and not _FORM.match(text))
+
+
+def follows_as_next(prompt: str, before: Unit, unit: Unit) -> bool:
+    """Whether `unit` is asked as the next request after `before`: a connective opens it ("Also,
+    ...", "Then ...", "And ..."), or a separator joins them in one paragraph ("; ", " | ", ",
+    then")."""
+    if _NEXT_LEAD.match(prompt[unit.start : unit.end]):
+        return True
+    return unit.para == before.para and _NEXT.search(prompt[before.end : unit.start]) is not None
 
 
 # a line that names what follows rather than asking anything: "### Task 2", "**Part 1**", "Question 3:"

@@ -6,7 +6,10 @@ items, lines, sentences, clauses), every unit of every prompt of a batch is scor
 sequence selector in one feature pass, and the prompt is cut where the decision changes:
 
 * a unit the selector routes to an adapter with raw confidence >= `min_confidence` is a
-  *question*; anything else (greetings, "answer each part", `__none__`, low confidence) is
+  *question*, and so is a request no adapter fits, asked next to another (`__none__` at raw
+  probability >= `min_none`, complete in itself and joined to its neighbour as the next
+  request: `units.stands_alone`, `units.follows_as_next`): "Sort 8, 2, 6, then tell me a
+  joke." is two parts, the second answered by the base model; anything else (greetings, "answer each part", `__none__`, low confidence) is
   *context* and joins a neighbour: the part before it, or the part after it when it leads the
   same line; context on lines of its own before the first question is an instruction to the
   whole prompt and joins no part (the row of a part reads its own request only);
@@ -40,13 +43,16 @@ from dataclasses import dataclass, field
 import torch
 
 from loraswitch.numbered import split_parts
-from loraswitch.routing.units import PROSE, Unit, is_heading, is_statement, split_units
+from loraswitch.routing.base import NONE_CLASS
+from loraswitch.routing.units import PROSE, Unit, follows_as_next, is_heading, is_statement, split_units, stands_alone
+from loraswitch.switch.screen import screen
 
 
 @dataclass(frozen=True)
 class Settings:
     min_confidence: float = 0.8  # a unit is a question above this confidence (raw softmax, `Scores`)
     max_merge_gain: float = 8.0  # energy(L+R) - max(energy(L), energy(R)) above this: one request
+    min_none: float = 0.8  # a request no adapter fits is a part above this `__none__` probability (raw)
 
 
 @dataclass
@@ -97,6 +103,7 @@ class Scores:
     adapter: list[str | None]
     confidence: list[float]
     energy: list[float]
+    none: list[float] = field(default_factory=list)  # the raw `__none__` probability (empty: no such class)
 
 
 def score_texts(router, engine, texts: list[str]) -> Scores | None:
@@ -120,55 +127,8 @@ def score_texts(router, engine, texts: list[str]) -> Scores | None:
     index = {c: i for i, c in enumerate(inner.classes)}
     conf = [float(raw[i, index[d.adapter]]) if d.adapter in index else float(d.confidence) if d.adapter else 0.0
             for i, d in enumerate(decisions)]
-    return Scores([d.adapter for d in decisions], conf, torch.logsumexp(logits, -1).tolist())
-
-
-PLAUSIBLE = 0.01  # the fast head's raw probability above which an adapter is a unit's possible task
-
-
-def screen(router, engine, docs: list[list[Unit]], ahead: list[str] = ()) -> list[bool]:
-    """Which prompts (given as their units) the main head must read unit by unit. Most prompts
-    of several sentences ask one thing ("Positive or negative? The kettle broke. One star."),
-    and reading their units at the main layer was `auto`'s largest fixed cost at 8 requests
-    (issue 17). So the selector's fast head reads the units of every prose prompt first, in a
-    pass a third as deep, and a prompt goes on only when two of its units are read as plausibly
-    different tasks (adapter A in one, B in another, raw probability >= `PLAUSIBLE` each): its
-    parts are of different tasks (parts of one task are one part), each from a unit of its own.
-    Lists, blocks and worked examples always go on (their items are parts by layout), and so
-    does every prompt when there is no fast head or the library has grown (the fast head cannot
-    read an added adapter's task). On the demo's 126 prose composites of the test and
-    validation layouts every one goes on up to a threshold of 0.4; at 0.01, 59 of its 72
-    single-task prompts of several units do not (docs/routing.md). `ahead`: texts the selector
-    reads at the fast layer next (the batch's whole prompts), read in the same pass
-    (`features.read_ahead`)."""
-    want = [len(units) > 1 for units in docs]
-    inner = getattr(router, "inner", router)
-    fast = getattr(inner, "fast", None)
-    if fast is None or getattr(inner, "added", None):
-        return want
-    prose = [w and all(u.kind in PROSE and u.list_id < 0 and not u.example for u in units)
-             for units, w in zip(docs, want)]
-    texts = [(k, u.text) for k, units in enumerate(docs) if prose[k] for u in units]
-    if not texts and not ahead:
-        return want
-    from loraswitch.routing.base import NONE_CLASS
-    from loraswitch.routing.features import read_ahead
-
-    with torch.inference_mode():
-        feats = read_ahead(engine, [t for _, t in texts], fast.layer, list(ahead))
-        probs = torch.softmax(fast.logits(feats).float(), -1) if texts else []
-    adapters = [i for i, c in enumerate(fast.classes) if c != NONE_CLASS]
-    reads: dict[int, list[frozenset[int]]] = {}
-    for (k, _), row in zip(texts, probs):
-        plausible = frozenset(i for i in adapters if float(row[i]) >= PLAUSIBLE)
-        if plausible:
-            reads.setdefault(k, []).append(plausible)
-    return [w and (not prose[k] or _two_tasks(reads.get(k, []))) for k, w in enumerate(want)]
-
-
-def _two_tasks(reads: list[frozenset[int]]) -> bool:
-    """Whether two of these units' plausible tasks differ: A in one unit, B != A in another."""
-    return len(reads) >= 2 and not (len(set(reads)) == 1 and len(reads[0]) == 1)
+    none = raw[:, index[NONE_CLASS]].tolist() if NONE_CLASS in index else []
+    return Scores([d.adapter for d in decisions], conf, torch.logsumexp(logits, -1).tolist(), none)
 
 
 def _join(prompt: str, units: list[Unit]) -> str:
@@ -214,14 +174,15 @@ def _forward(units: list[Unit], adapter: list[str | None], question: list[bool],
 
 
 def plan(units: list[Unit], adapter: list[str | None], confidence: list[float],
-         settings: Settings = Settings()) -> tuple[list[Part], list[int]]:
+         settings: Settings = Settings(), asked: list[bool] | None = None) -> tuple[list[Part], list[int]]:
     """Parts from scored units (see the module doc), before the cut check; and the units that
-    joined no part."""
+    joined no part. `asked`: the units that are requests no adapter fits (`_Doc.plan`)."""
     # a statement (`units.is_statement`) is never a question, however confidently routed
     statement = [u.kind in PROSE and is_statement(u.text) for u in units]
     heading = [u.kind in PROSE and is_heading(u.text) for u in units]
     question = [a is not None and c >= settings.min_confidence and not st and not h
                 for a, c, st, h in zip(adapter, confidence, statement, heading)]
+    question = [q or bool(asked and asked[i] and adapter[i] is None) for i, q in enumerate(question)]
     firm = _firm_lists(units, question)
     top = next((u for u in units if u.list_id in firm and u.numbered), None)
     for i, u in enumerate(units):
@@ -292,11 +253,21 @@ class _Doc:
     adapter: list[str | None] = field(default_factory=list)
     confidence: list[float] = field(default_factory=list)
     energy: list[float] = field(default_factory=list)
+    none: list[float] = field(default_factory=list)
     parts: list[Part] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
 
+    def may_ask(self) -> list[bool]:
+        """The units that, by their words, may be a request no adapter fits asked next to
+        another: complete in themselves and joined to a neighbour as the next request."""
+        u = self.units
+        nexts = [i > 0 and follows_as_next(self.prompt, u[i - 1], u[i]) for i in range(len(u))]
+        return [u[i].kind in PROSE and not u[i].example and (nexts[i] or (i + 1 < len(u) and nexts[i + 1]))
+                and stands_alone(u[i].text) for i in range(len(u))]
+
     def plan(self, settings: Settings) -> None:
-        self.parts, self.dropped = plan(self.units, self.adapter, self.confidence, settings)
+        asked = [m and n >= settings.min_none for m, n in zip(self.may_ask(), self.none or [0.0] * len(self.units))]
+        self.parts, self.dropped = plan(self.units, self.adapter, self.confidence, settings, asked)
 
     def runs(self) -> list[list[int]]:
         """Runs of two or more adjacent context units of prose on one paragraph: a request whose
@@ -314,7 +285,7 @@ class _Doc:
             run = [i] if free else []
         return out + ([run] if len(run) > 1 else [])
 
-    def fuse(self, run: list[int], adapter: str | None, confidence: float, energy: float) -> None:
+    def fuse(self, run: list[int], adapter: str | None, confidence: float, energy: float, none: float) -> None:
         """Make the units of `run` one unit with the given scores."""
         a, b = self.units[run[0]], self.units[run[-1]]
         fused = Unit(a.start, b.end, _join(self.prompt, [self.units[i] for i in run]), "sentence", line=a.line,
@@ -322,6 +293,8 @@ class _Doc:
         lo, hi = run[0], run[-1] + 1
         self.units[lo:hi] = [fused]
         self.adapter[lo:hi], self.confidence[lo:hi], self.energy[lo:hi] = [adapter], [confidence], [energy]
+        if self.none:
+            self.none[lo:hi] = [none]
 
 
 def segment(router, engine, prompts: list[str], settings: Settings = Settings(),
@@ -332,7 +305,8 @@ def segment(router, engine, prompts: list[str], settings: Settings = Settings(),
     (only where there are any). `selector_next`: the selector routes these prompts right after
     (`auto`), so the screen reads them whole in its pass too."""
     docs = [_Doc(p, split_units(p)) for p in prompts]
-    read = screen(router, engine, [d.units for d in docs], prompts if selector_next else ())
+    read = screen(router, engine, [d.units for d in docs], prompts if selector_next else (),
+                  [any(d.may_ask()) for d in docs])
     live = [d for d, r in zip(docs, read) if r]
     todo = [(d, i) for d in live for i, u in enumerate(d.units) if not u.example]
     scores = score_texts(router, engine, [d.units[i].text for d, i in todo])
@@ -340,9 +314,10 @@ def segment(router, engine, prompts: list[str], settings: Settings = Settings(),
         return [_numbered(p) for p in prompts]
     for d in live:
         n = len(d.units)
-        d.adapter, d.confidence, d.energy = [None] * n, [0.0] * n, [0.0] * n
-    for (d, i), a, c, e in zip(todo, scores.adapter, scores.confidence, scores.energy):
+        d.adapter, d.confidence, d.energy, d.none = [None] * n, [0.0] * n, [0.0] * n, [0.0] * n
+    for k, ((d, i), a, c, e) in enumerate(zip(todo, scores.adapter, scores.confidence, scores.energy)):
         d.adapter[i], d.confidence[i], d.energy[i] = a, c, e
+        d.none[i] = scores.none[k] if scores.none else 0.0
     for d in live:
         d.plan(settings)
     _rescue(router, engine, live, settings)
@@ -361,9 +336,10 @@ def _rescue(router, engine, docs: list[_Doc], settings: Settings) -> None:
         return
     s = score_texts(router, engine, [_join(d.prompt, [d.units[i] for i in r]) for d, r in runs])
     touched = []
-    for (d, r), a, c, e in sorted(zip(runs, s.adapter, s.confidence, s.energy), key=lambda x: -x[0][1][0]):
+    nones = s.none or [0.0] * len(runs)
+    for (d, r), a, c, e, n in sorted(zip(runs, s.adapter, s.confidence, s.energy, nones), key=lambda x: -x[0][1][0]):
         if a is not None and c >= settings.min_confidence:
-            d.fuse(r, a, c, e)
+            d.fuse(r, a, c, e, n)
             touched.append(d)
     for d in {id(d): d for d in touched}.values():
         d.plan(settings)
