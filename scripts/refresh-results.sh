@@ -32,7 +32,11 @@ for step in "${steps[@]}"; do
       python benchmarks/routing_probe.py --library demo --doc docs/routing.md
       python benchmarks/routing_probe.py --library demo --sweep --doc docs/routing.md
       python benchmarks/growing_library.py --doc docs/routing.md
-      python benchmarks/growing_cascade.py --doc docs/routing.md ;;
+      python benchmarks/growing_cascade.py --doc docs/routing.md
+      # requests no adapter fits, asked next to a task's (printed; docs/routing.md's table)
+      for set in "" benchmarks/open_requests_heldout.json benchmarks/open_requests_heldout2.json; do
+        python benchmarks/open_requests.py ${set:+--file "$set"}
+      done ;;
     bench) LORASWITCH_THREADS=${LORASWITCH_THREADS:-1} python benchmarks/bench.py --quick --repeats 5 --scaling 8 --scaling 128 --scaling 1000 \
                --max-resident 128 --doc docs/benchmarks.md --readme README.md ;;
     load) python benchmarks/load_server.py --requests 200 --compare-requests 24 --max-tokens 16 --doc docs/server.md ;;

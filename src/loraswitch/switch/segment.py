@@ -9,10 +9,11 @@ sequence selector in one feature pass, and the prompt is cut where the decision 
   *question*, and so is a request no adapter fits, asked next to another (`__none__` at raw
   probability >= `min_none`, complete in itself and joined to its neighbour as the next
   request: `units.stands_alone`, `units.follows_as_next`): "Sort 8, 2, 6, then tell me a
-  joke." is two parts, the second answered by the base model; anything else (greetings, "answer each part", `__none__`, low confidence) is
-  *context* and joins a neighbour: the part before it, or the part after it when it leads the
-  same line; context on lines of its own before the first question is an instruction to the
-  whole prompt and joins no part (the row of a part reads its own request only);
+  joke." is two parts, the second answered by the base model; anything else (greetings,
+  "answer each part", other `__none__` units, low confidence) is *context* and joins a
+  neighbour: the part before it, or the part after it when it leads the same line; context on
+  lines of its own before the first question is an instruction to the whole prompt and joins
+  no part (the row of a part reads its own request only);
 * worked examples (`Unit.example`) are context and join no part;
 * adjacent prose units of one task stay one part; an enumeration (tagged blocks, list items,
   "a) b)") whose items are questions - at least two of them confident, or numbered 1..n as
