@@ -1,4 +1,4 @@
-"""Requests no adapter fits, asked next to a task's (`switch.segment`, `units.stands_alone`).
+"""Requests no adapter fits, asked next to a task's (`switch.segment`, `requests.stands_alone`).
 
 Two hand-written sets on the demo library, never used to fit anything: *open* prompts ask a
 task and a request no adapter fits ("Sort 8, 2, 6 ascending, then tell me a joke about cats."),

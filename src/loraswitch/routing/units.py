@@ -57,8 +57,8 @@ _LEAD = re.compile(r"(?:and\s+)?(?:also|then|after that|afterwards|next|finally|
 
 # a declarative sentence: a subject first ("The ...", "There are ...", "I have ..."), or a scene
 # set before one ("In a golf tournament, there were ..."), ending without a question mark
-_SUBJECT = r"(?:a|an|the|this|that|these|those|there|it|i|we|they|he|she|my|our|their|his|her|its)\b"
-_STATEMENT = re.compile(rf"(?:{_SUBJECT}|(?:in|on|at|during|after|before)\b[^,?]{{0,60}},\s*{_SUBJECT})[^?]*$", re.I | re.S)
+SUBJECT = r"(?:a|an|the|this|that|these|those|there|it|i|we|they|he|she|my|our|their|his|her|its)\b"
+_STATEMENT = re.compile(rf"(?:{SUBJECT}|(?:in|on|at|during|after|before)\b[^,?]{{0,60}},\s*{SUBJECT})[^?]*$", re.I | re.S)
 # ... with a finite verb: "The date please." and "The sum of 2 and 3." are requests, not statements
 _VERB = re.compile(r"\b(?:is|are|was|were|am|has|have|had|will|would|can|could|does|did)\b"
                    r"|\w['\u2019](?:m|re|ve|d|ll)\b|n['\u2019]t\b"  # I'm, we've, they'd, don't
@@ -75,56 +75,6 @@ def is_statement(text: str) -> bool:
     confidently the selector routes it. Questions, imperatives and units with options are not."""
     text = text.strip()
     return "\n" not in text and _STATEMENT.match(text) is not None and _VERB.search(text) is not None
-
-
-# a word pointing back at the rest of the prompt or at the answer: a request holding one modifies
-# its neighbour ("Explain how you did it.", "Show your work.", "Double-check the result.")
-_BACK = re.compile(r"\b(?:it|its|this|that|these|those|them|they|their|your|yours|above|previous|same|"
-                   r"result|results|answer|answers|each|both|again|too|instead)\b"
-                   # "the" before what the other request reads or writes: "Is the total even?"
-                   r"|\bthe\s+(?:[\w'-]+\s+)?(?:total|sum|numbers?|values?|list|output|words?|date|phrase|review|"
-                   r"digits?|letters?|steps?|carrying|smallest|largest|biggest|middle|order|day|year|month|original|"
-                   r"input|text|sentence|reasoning|calculation|pronunciation|spelling|median|average|json)\b", re.I)
-# a verb and "the" something, nothing more: what it names is elsewhere ("Show the steps.", "Give
-# me the median."), where a request of its own says which ("the capital of Japan")
-_THE_END = re.compile(r"^(?:please\s+)?[\w'-]+\s+(?:me\s+)?the(?:\s+[\w'-]+){1,2}\s*[.!]*$", re.I)
-# an instruction about the answer's form ("Be brief.", "Answer in one word.", "Reply in French."),
-# an edit of what the request before it produces ("Add a field for city.", "Translate that too."),
-# or a verb whose object is left out ("..., then multiply by 2.")
-_FORM = re.compile(r"(?:please\s+)?(?:(?:be|keep|make|use|answer|reply|respond|format|avoid|don't|do\s+not|add|remove|"
-                   r"delete|change|replace|include|append|insert|drop|rename|capitalize|convert|translate|sort|"
-                   r"reverse|round|repeat|redo|fix|correct|shorten|expand|rewrite|rephrase|simplify)\b"
-                   r"|\w+\s+(?:by|to|into|from|with|as|in|on)\b)", re.I)
-# what leads a request that follows another: a clause separator between them, or a connective
-# opening it ("Also, ...", "Then ...", "And ...")
-_NEXT = re.compile(r"[;|]|\b(?:then|also|after that|afterwards|next|finally|lastly|additionally|besides|plus|and)\b",
-                   re.I)
-_NEXT_LEAD = re.compile(r"\W*(?:and\s+)?(?:then|also|after that|afterwards|next|finally|lastly|additionally|besides|"
-                        r"plus|and)\b", re.I)
-
-
-def stands_alone(text: str) -> bool:
-    """A request complete in itself: 3 to 30 words (two of them words, not numbers), not a
-    statement or other sentence opening with its subject, no word pointing back
-    at the rest of the prompt or the answer, not an instruction about the answer's form. What a
-    request no adapter fits must be to be answered as a part of its own ("Sort 8, 2, 6, then
-    tell me a joke.") rather than read as its neighbour's context ("..., then explain how you
-    did it."): the selector reads both as `__none__` (0.99 and 0.996 on the demo router), so
-    the words decide."""
-    text = text.strip()
-    declarative = re.match(_SUBJECT, text, re.I) is not None and not text.endswith("?")  # "The kettle broke."
-    words = re.findall(r"[\w']+", text)
-    return (3 <= len(words) <= 30 and sum(w[0].isalpha() for w in words) >= 2 and not is_statement(text)
-            and not declarative and not _BACK.search(text) and not _THE_END.search(text) and not _FORM.match(text))
-
-
-def follows_as_next(prompt: str, before: Unit, unit: Unit) -> bool:
-    """Whether `unit` is asked as the next request after `before`: a connective opens it ("Also,
-    ...", "Then ...", "And ..."), or a separator joins them in one paragraph ("; ", " | ", ",
-    then")."""
-    if _NEXT_LEAD.match(prompt[unit.start : unit.end]):
-        return True
-    return unit.para == before.para and _NEXT.search(prompt[before.end : unit.start]) is not None
 
 
 # a line that names what follows rather than asking anything: "### Task 2", "**Part 1**", "Question 3:"
@@ -166,14 +116,27 @@ def clean(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+# quoted text: double or curly quotes, or single quotes that open after a space or colon and close
+# before one (not an apostrophe); what they hold is data, never split
+QUOTED = re.compile(r"\"[^\"\n]*\"|\u201c[^\u201d\n]*\u201d|(?<![\w'])'[^'\n]*'(?![\w'])")
+# a piece that is nothing but connectives and separators ("..., and then also, after that, ...")
+_EMPTY_PIECE = re.compile(r"[\W_]*(?:(?:and|then|also|after that|afterwards|next|finally|lastly|additionally|"
+                          r"besides|plus)\b[\W_]*)*", re.I)
+
+
 def _pieces(text: str, start: int, pattern: re.Pattern) -> list[tuple[int, int]]:
-    """Spans of `text` (at offset `start`) between the matches of `pattern`, blanks dropped."""
+    """Spans of `text` (at offset `start`) between the matches of `pattern` outside quotes
+    ("Reverse: \"I walked home, then made tea.\"" is one piece), pieces of connectives alone
+    dropped."""
+    quoted = [m.span() for m in QUOTED.finditer(text)]
     out, pos = [], 0
     for m in pattern.finditer(text):
+        if any(a < m.start() < b for a, b in quoted):
+            continue
         out.append((pos, m.start()))
         pos = m.end()
     out.append((pos, len(text)))
-    return [(start + a, start + b) for a, b in out if text[a:b].strip()]
+    return [(start + a, start + b) for a, b in out if not _EMPTY_PIECE.fullmatch(text[a:b])]
 
 
 def _prose(prompt: str, start: int, end: int, **kw) -> list[Unit]:
@@ -184,6 +147,8 @@ def _prose(prompt: str, start: int, end: int, **kw) -> list[Unit]:
         clauses = _pieces(prompt[s0:s1], s0, _CLAUSE if row else _CLAUSE_OR_PIPE)
         kind = "clause" if len(clauses) > 1 else "sentence"
         for c0, c1 in clauses:
+            while not row and prompt[c0] in "|; \t":  # "Sort 3, 1 | | tell me ...": the doubled separator
+                c0 += 1
             units.append(Unit(c0, c1, clean(prompt[c0:c1]), kind, **kw))
     return units
 

@@ -126,8 +126,10 @@ class Switch:
             found = segment(chosen, self.engine, [prompt])[0]
             if len(found.parts) >= 2:
                 decisions = chosen.route(self.engine, found.texts)
+                # a part cut because no adapter fits it is answered by the base model (`parts.fan_out`)
                 parts = [{"text": p.text, "span": [p.start, p.end],
-                          **{k: v for k, v in d.to_dict().items() if k in ("adapter", "confidence", "none_probability")}}
+                          **({"adapter": None, "confidence": 1.0} if p.units and p.adapter is None else
+                             {k: v for k, v in d.to_dict().items() if k in ("adapter", "confidence", "none_probability")})}
                          for p, d in zip(found.parts, decisions)]
                 out = {"router": out["router"], "adapter": [p["adapter"] for p in parts],
                        "confidence": min(p["confidence"] for p in parts), "parts": parts, "whole": out}

@@ -143,7 +143,12 @@ def fan_out(request: Request, base, max_parts: int | None = None, found=None) ->
         raise PartsError(f"max_tokens={request.max_tokens} is too small for {n} parts: the separators take "
                          f"{overhead} tokens and each part needs at least one (ask for at least {overhead + n})",
                          "max_tokens_too_small")
-    return [replace(request.with_route_text(p), max_tokens=pool) for p in parts]
+    # a part segmentation cut because no adapter fits it is the base model's, not routed again
+    # (the selector's fast head, which routes a part first, may read its words as a task)
+    base_parts = {k for k, p in enumerate(found.parts) if p.units and p.adapter is None} if found is not None else set()
+    base = {"model": "base", "route": None, "allow": None, "deny": ()}
+    return [replace(request.with_route_text(p), max_tokens=pool, **(base if k in base_parts else {}))
+            for k, p in enumerate(parts)]
 
 
 def separator_ids(tokenizer, k: int) -> list[int]:

@@ -8,7 +8,7 @@ sequence selector in one feature pass, and the prompt is cut where the decision 
 * a unit the selector routes to an adapter with raw confidence >= `min_confidence` is a
   *question*, and so is a request no adapter fits, asked next to another (`__none__` at raw
   probability >= `min_none`, complete in itself and joined to its neighbour as the next
-  request: `units.stands_alone`, `units.follows_as_next`): "Sort 8, 2, 6, then tell me a
+  request: `requests.stands_alone`, `requests.follows_as_next`): "Sort 8, 2, 6, then tell me a
   joke." is two parts, the second answered by the base model; anything else (greetings,
   "answer each part", other `__none__` units, low confidence) is *context* and joins a
   neighbour: the part before it, or the part after it when it leads the same line; context on
@@ -45,7 +45,8 @@ import torch
 
 from loraswitch.numbered import split_parts
 from loraswitch.routing.base import NONE_CLASS
-from loraswitch.routing.units import PROSE, Unit, follows_as_next, is_heading, is_statement, split_units, stands_alone
+from loraswitch.routing.requests import follows_as_next, stands_alone
+from loraswitch.routing.units import PROSE, Unit, is_heading, is_statement, split_units
 from loraswitch.switch.screen import screen
 
 

@@ -1,0 +1,78 @@
+"""Whether a unit is a request of its own, by its words: what `switch.segment` asks of a unit
+the selector reads as `__none__` before answering it as a part of its own (by the base model)
+instead of as its neighbour's context. The selector cannot tell "Sort 8, 2, 6, then tell me a
+joke." from "Sort 8, 2, 6, then explain how you did it." (both halves read `__none__` at 0.99 or
+more on the demo router), so the words decide: `follows_as_next` (a connective or separator
+makes it the next request) and `stands_alone` (nothing in it points back at the other request
+or its answer). Plain text, no model (docs/routing.md has what these rules miss).
+"""
+
+from __future__ import annotations
+
+import re
+
+from loraswitch.routing.units import QUOTED, SUBJECT, Unit, is_statement
+
+# a word pointing back at the rest of the prompt or at the answer: a request holding one modifies
+# its neighbour ("Explain how you did it.", "Show your work.", "Double-check the result.")
+_BACK = re.compile(r"\b(?:it|its|this|that|these|those|them|they|their|your|yours|above|previous|same|"
+                   r"result|results|answer|answers|each|both|again|too|instead)\b"
+                   # "the" before what the other request reads or writes: "Is the total even?"
+                   r"|\bthe\s+(?:[\w'-]+\s+)?(?:total|sum|numbers?|values?|list|output|words?|date|phrase|review|"
+                   r"digits?|letters?|steps?|carrying|order|day|year|month|original|input|text|sentence|reasoning|"
+                   r"calculation|pronunciation|spelling|median|average|json)\b"
+                   # the data itself, what was done to it, or a question left without its subject:
+                   # "print a dash between numbers", "explain what you did", "which is largest?", "tell me why"
+                   r"|\b(?:numbers|digits|values|items|entries)\b|\b(?:what|how)\s+(?:you|changed|happened)\b"
+                   r"|\bhow\s+many\s+(?:are|is|there|of)\b|\bwhich\s+(?:one|number|word|item|value|date|is|are|was)\b"
+                   r"|\bhow\s+(?:sure|confident|certain)\b"
+                   r"|\b(?:why|largest|smallest|biggest|highest|lowest|longest|shortest)\W*$", re.I)
+# a pleasantry, not a request: "Thank you so much for the help.", "Have a wonderful day!"
+_POLITE = re.compile(r"\b(?:thanks?|thank\s+you|cheers|best\s+wishes|regards|appreciated?|lifesaver|hurry|"
+                     r"have\s+a\s+(?:\w+\s+)?(?:day|weekend|evening|night|one))\b", re.I)
+# a sentence opening with a name and a verb: "John is waiting downstairs.", "Paris is lovely in spring."
+_NAMED = re.compile(r"[A-Z][\w'-]*(?:\s+[A-Z][\w'-]*)*\s+(?:is|are|was|were|has|have|had|will|seems?|looks?)\b")
+# a verb and "the" one common noun, nothing more: what it names is elsewhere ("Show the steps.",
+# "Give me the median."), where a request of its own says which ("the capital of Japan", "the
+# water cycle", "the Eiffel Tower")
+_THE_END = re.compile(r"^(?:[Pp]lease\s+)?[\w'-]+\s+(?:me\s+)?the\s+[a-z][\w'-]*\s*[.!]*$")
+# an instruction about the answer's form ("Be brief.", "Answer in one word.", "Reply in French."),
+# an edit of what the request before it produces ("Add a field for city.", "Translate that too."),
+# or a verb whose object is left out ("..., then multiply by 2.")
+_FORM = re.compile(r"(?:please\s+)?(?:(?:be|keep|make|use|answer|reply|respond|format|avoid|don't|do\s+not|add|remove|"
+                   r"delete|change|replace|include|append|insert|drop|rename|capitalize|convert|translate|sort|"
+                   r"reverse|round|repeat|redo|fix|correct|shorten|expand|rewrite|rephrase|simplify)\b"
+                   r"|\w+\s+(?:by|to|into|from|with|as|in|on)\b)", re.I)
+# what leads a request that follows another: a clause separator between them, or a connective
+# opening it ("Also, ...", "Then ...", "And ...")
+_NEXT = re.compile(r"[;|]|\b(?:then|also|after that|afterwards|next|finally|lastly|additionally|besides|plus|and)\b",
+                   re.I)
+_NEXT_LEAD = re.compile(r"\W*(?:and\s+)?(?:then|also|after that|afterwards|next|finally|lastly|additionally|besides|"
+                        r"plus|and)\b", re.I)
+
+
+def stands_alone(text: str) -> bool:
+    """A request complete in itself: 3 to 30 words ("please" aside; two of them words, not
+    numbers), not a statement or other sentence opening with its subject, not a pleasantry, no
+    word pointing back
+    at the rest of the prompt or the answer, not an instruction about the answer's form. What a
+    request no adapter fits must be to be answered as a part of its own ("Sort 8, 2, 6, then
+    tell me a joke.") rather than read as its neighbour's context ("..., then explain how you
+    did it."): the selector reads both as `__none__` (0.99 and 0.996 on the demo router), so
+    the words decide."""
+    text = text.strip()
+    declarative = (re.match(SUBJECT, text, re.I) or _NAMED.match(text)) and not text.endswith("?")  # "The kettle broke."
+    words = [w for w in re.findall(r"[\w']+", text) if w.lower() != "please"]
+    bare = QUOTED.sub('""', text)  # quoted words are data: "How do you say 'thank you' in Japanese?"
+    return (3 <= len(words) <= 30 and sum(w[0].isalpha() for w in words) >= 2 and not is_statement(text)
+            and not declarative and not _BACK.search(bare) and not _THE_END.search(bare) and not _FORM.match(bare)
+            and not _POLITE.search(bare))
+
+
+def follows_as_next(prompt: str, before: Unit, unit: Unit) -> bool:
+    """Whether `unit` is asked as the next request after `before`: a connective opens it ("Also,
+    ...", "Then ...", "And ..."), or a separator joins them in one paragraph ("; ", " | ", ",
+    then")."""
+    if _NEXT_LEAD.match(prompt[unit.start : unit.end]):
+        return True
+    return unit.para == before.para and _NEXT.search(prompt[before.end : unit.start]) is not None
