@@ -78,9 +78,14 @@ def _segmentation(singles: int, layout_prompts: int, seed: int, split: str, min_
                   "parts_and_adapters_right": sum(e["parts_and_adapters_right"] for e in layouts.values()
                                                   if e["group"] == g)} for g in ("train", "heldout")}
     return {"single_task_prompts": len(cases), "false_splits": len(cut),
-            "false_split_rate": round(len(cut) / max(1, len(cases)), 4),
+            "false_split_rate": round(len(cut) / max(1, len(cases)), 4), "parts_pointing_back": _pointing_back(found),
             "false_split_examples": [{"task": e.task, "prompt": e.prompt, "parts": f.texts} for e, f in cut[:10]],
             "layouts": layouts, "groups": groups, "seconds": round(seconds, 1)}
+
+
+def _pointing_back(found) -> int:
+    """Parts answered with the request before them in sight (`Part.answered`, docs/routing.md)."""
+    return sum(p.answered != p.text for f in found for p in f.parts if p.answered)
 
 
 def _segmentation_bigbench(singles: int, per_size: int, seed: int, heldout: int) -> dict:
@@ -116,6 +121,7 @@ def _segmentation_bigbench(singles: int, per_size: int, seed: int, heldout: int)
             entry["parts_and_adapters_right"] += all(d.adapter == p.task for d, p in zip(routed, parts))
     return {"single_task_prompts": len(cases), "false_splits": len(split),
             "false_split_rate": round(len(split) / max(1, len(cases)), 4), "false_split_rate_per_task": per_task,
+            "parts_pointing_back": _pointing_back(found + found_others),
             "false_split_examples": [{"task": e.task, "prompt": e.prompt[:600], "parts": [t[:200] for t in f.texts]}
                                      for e, f in split[:10]],
             "composites": sizes, "seconds": round(seconds, 1),

@@ -191,6 +191,27 @@ def test_a_request_no_adapter_fits_is_a_part_only_when_complete_and_asked_next(m
     assert seg.segment(router, None, prompts[:1])[0].parts == []
 
 
+def test_a_part_pointing_back_is_answered_with_the_request_before_it_and_routed_by_its_own_words(tokenizer):
+    from loraswitch.switch.parts import fan_out
+    from loraswitch.switch.request import Request
+
+    def found_in(prompt: str):
+        units = split_units(prompt)
+        s = _keyword_scores(None, None, [u.text for u in units])
+        return finish(prompt, units, *plan(units, s.adapter, s.confidence, Settings()))
+
+    prompt = "Give the date, and then spell it in french."
+    found = found_in(prompt)
+    assert found.texts == ["Give the date", "Spell it in french."]
+    assert found.answered == ["Give the date", prompt]
+    other = found_in("Give the date, and then spell 17 in french.")  # nothing pointing back
+    assert other.answered == other.texts == ["Give the date", "Spell 17 in french."]
+    base = types.SimpleNamespace(tokenizer=tokenizer)
+    rows = fan_out(Request.chat(prompt), base, found=found)
+    assert [r.messages[-1]["content"] for r in rows] == found.answered
+    assert [r.route_text(base) for r in rows] == found.texts  # routed by its own words
+
+
 def test_a_cut_that_reads_as_one_request_is_merged(monkeypatch):
     """The energy check: when the two parts read together score much higher than either alone
     (a request spread over two sentences), the cut is undone."""
@@ -327,6 +348,8 @@ def test_the_issues_prompts_are_answered_in_two_parts():
         "Sort these ascending: 8, 2, 6. Be brief.": "whole",
         "Add 345 and 278, then multiply by 2.": "whole",
         "Spell out 42 in French. Also, have a wonderful day!": "whole",
+        # a part pointing back is routed by its own words (and answered with the request before it)
+        "Spell out 58 in English, and then write it in French.": ["num_to_english", "num_to_french"],
     }
     found = seg.segment(sw.router("auto"), sw.engine, list(prompts))
     got = [f.texts for f in found]
@@ -347,6 +370,9 @@ def test_the_issues_prompts_are_answered_in_two_parts():
     answer = sw.chat([joke], params=SamplingParams(max_new_tokens=24))[0]
     assert [p["adapter"] for p in answer.routing["parts"]] == ["sort_numbers", None]
     assert answer.text.startswith("1. 2, 6, 8\n2. ")
+    # "write it in French" answered with the 58 in sight (alone, num_to_french wrote "quinze")
+    answer = sw.chat(["Spell out 58 in English, and then write it in French."], params=SamplingParams(max_new_tokens=32))[0]
+    assert answer.text == "1. fifty-eight\n2. cinquante-huit"
     # `loraswitch route` tells which adapter answers each part, as `auto` would
     routed = sw.route("Answer each part.\n1. What is 12 + 30?\n2. Spell out in French: 17")
     assert [p["adapter"] for p in routed["parts"]] == ["add", "num_to_french"] == routed["adapter"]

@@ -76,3 +76,15 @@ def follows_as_next(prompt: str, before: Unit, unit: Unit) -> bool:
     if _NEXT_LEAD.match(prompt[unit.start : unit.end]):
         return True
     return unit.para == before.para and _NEXT.search(prompt[before.end : unit.start]) is not None
+
+
+# what a request names of the one before it: "Write it in French.", "Spell the result in English."
+# (not "this" / "these", which mostly bring their own data: "Is this review positive: ...")
+_POINTER = re.compile(r"\b(?:it|its|them|they|their|result|results|answer|answers|same|above|previous)\b", re.I)
+
+
+def points_back(text: str) -> bool:
+    """Whether the request `text` names something of the one before it: a part opening so is
+    answered with the prompt from that request on (`switch.segment.finish`), though routed by its
+    own words."""
+    return _POINTER.search(QUOTED.sub('""', text)) is not None

@@ -127,6 +127,7 @@ def fan_out(request: Request, base, max_parts: int | None = None, found=None) ->
         explicit = found.numbered
     else:
         parts, explicit = split_parts(request.route_text(base)), True
+    answered = found.answered if found is not None and parts else parts
     if not parts:
         return None
     n = len(parts)
@@ -147,8 +148,10 @@ def fan_out(request: Request, base, max_parts: int | None = None, found=None) ->
     # (the selector's fast head, which routes a part first, may read its words as a task)
     base_parts = {k for k, p in enumerate(found.parts) if p.units and p.adapter is None} if found is not None else set()
     base = {"model": "base", "route": None, "allow": None, "deny": ()}
-    return [replace(request.with_route_text(p), max_tokens=pool, **(base if k in base_parts else {}))
-            for k, p in enumerate(parts)]
+    # a part answered with the request before it in sight is still routed by its own words
+    return [replace(request.with_route_text(a), max_tokens=pool, route_as=p if a != p else None,
+                    **(base if k in base_parts else {}))
+            for k, (p, a) in enumerate(zip(parts, answered))]
 
 
 def separator_ids(tokenizer, k: int) -> list[int]:

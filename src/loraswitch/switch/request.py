@@ -127,6 +127,9 @@ class Request:
     # stop string (load tests and benchmarks that need answers of a known length)
     ignore_eos: bool = False
     prompt_ids: tuple[int, ...] | None = None  # filled by `tokenized`
+    # what a router reads instead of the last user message: a part answered with the request
+    # before it in sight is routed by its own words (`switch.parts.fan_out`)
+    route_as: str | None = None
 
     def __post_init__(self):
         if (self.messages is None) == (self.prompt is None):
@@ -158,6 +161,8 @@ class Request:
     def route_text(self, base: Base) -> str:
         """What a router reads: the last user message (routers are trained on single user turns;
         a system prompt says nothing about the task), or the completion prompt."""
+        if self.route_as is not None:
+            return self.route_as
         if self.messages is not None:
             return self.messages[self._route_index()]["content"]
         if isinstance(self.prompt, str):

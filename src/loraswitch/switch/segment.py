@@ -45,7 +45,7 @@ import torch
 
 from loraswitch.numbered import split_parts
 from loraswitch.routing.base import NONE_CLASS
-from loraswitch.routing.requests import follows_as_next, stands_alone
+from loraswitch.routing.requests import follows_as_next, points_back, stands_alone
 from loraswitch.routing.units import PROSE, Unit, is_heading, is_statement, split_units
 from loraswitch.switch.screen import screen
 
@@ -59,9 +59,12 @@ class Settings:
 
 @dataclass
 class Part:
-    """One part to answer: its text (the units' words, markers and connectives dropped), its
-    characters in the prompt (`start`, `end`), how it was found (`kind`), and the unit-level
-    decision (adapter, confidence) the cut was made on."""
+    """One part to answer: its text (the units' words, markers and connectives dropped: what
+    routes it), its characters in the prompt (`start`, `end`), how it was found (`kind`), the
+    unit-level decision (adapter, confidence) the cut was made on, and what its adapter answers
+    (`answered`: its text, or the prompt from the part before it on when it points back at that
+    one: "Spell out 58 in English, and then write it in French." answers "write it in French"
+    with the 58 in sight, where its words alone made `num_to_french` write "quinze")."""
 
     units: list[int]
     firm: bool  # an enumeration item: never merged with a neighbour
@@ -72,6 +75,7 @@ class Part:
     end: int = 0
     text: str = ""
     kind: str = ""
+    answered: str = ""
 
     def to_dict(self) -> dict:
         return {"span": [self.start, self.end], "kind": self.kind, "unit_adapter": self.adapter,
@@ -92,7 +96,13 @@ class Segmentation:
 
     @property
     def texts(self) -> list[str]:
+        """The parts' own words: what routes each."""
         return [p.text for p in self.parts]
+
+    @property
+    def answered(self) -> list[str]:
+        """What each part's adapter answers (`Part.answered`)."""
+        return [p.answered or p.text for p in self.parts]
 
 
 @dataclass
@@ -232,12 +242,18 @@ def finish(prompt: str, units: list[Unit], parts: list[Part], dropped: list[int]
     """Texts and spans of the parts (none when fewer than two: the prompt is answered whole)."""
     if len(parts) < 2:
         return Segmentation([], [])
-    for p in parts:
+    last = None  # the unit the part before ends with
+    for k, p in enumerate(parts):
         members = sorted(p.units + p.context)
         p.start, p.end = units[members[0]].start, units[members[-1]].end
         p.text = _join(prompt, [units[i] for i in members])
         first = units[p.units[0]]
         p.kind = "numbered" if first.numbered else first.kind
+        lead = units[members[0]]  # the part's opening unit, when it is its request (not context before it)
+        if (k and not p.firm and not parts[k - 1].firm and members[0] in p.units and lead.kind in PROSE
+                and points_back(lead.text) and follows_as_next(prompt, units[last], lead)):
+            p.answered = prompt[parts[k - 1].start : p.end].strip()
+        last = members[-1]
     return Segmentation(parts, [(units[i].start, units[i].end) for i in sorted(dropped)])
 
 
