@@ -80,6 +80,7 @@ def demo(
         auto_out = switch.chat(prompts, model="auto", params=params)
     wins = _demo_table(suite, picks, [by_prompt[p] for p in prompts], auto_out, prompts)
     _demo_composite(switch, suite, tasks)
+    _demo_open_request(switch, picks[0].prompt if picks else None)
     Console().print(f"\n{wins} of {len(picks)} task prompts answered correctly by routing where the base model failed.")
 
 
@@ -120,6 +121,20 @@ def _demo_composite(switch, suite, tasks: list[str]) -> None:
     Console().print(f"\n[bold]A prompt that mixes tasks[/bold]\n{_short(comp.prompt, 3000)}\n\n[bold]answer[/bold] "
                     f"(adapter per part: {_short(str(res.routing.get('adapter')), 400)})\n{_short(res.text, 2000)}")
     Console().print("part scores: " + " ".join("✓" if suite.score(p, got) else "✗" for p, got in zip(comp.parts, parts)))
+
+
+def _demo_open_request(switch, task_prompt: str | None) -> None:
+    """A task's prompt with a request no adapter fits asked after it: two parts, the second the
+    base model's (docs/routing.md, "A request no adapter fits")."""
+    from loraswitch.generate import SamplingParams
+
+    if not task_prompt or "\n" in task_prompt.strip():
+        return
+    prompt = task_prompt.strip().rstrip(".") + ". Also, tell me a fun fact about owls."
+    res = switch.chat([prompt], model="auto", params=SamplingParams(max_new_tokens=72))[0]
+    who = [p.get("adapter") or "base" for p in res.routing.get("parts", [])] or [res.routing.get("adapter") or "base"]
+    Console().print(f"\n[bold]A task and a request no adapter fits[/bold]\n{_short(prompt, 600)}\n\n[bold]answer[/bold] "
+                    f"(per part: {', '.join(who)})\n{_short(res.text, 1000)}")
 
 
 # ---------------------------------------------------------------------------- zoo
