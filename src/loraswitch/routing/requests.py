@@ -54,12 +54,11 @@ _NEXT_LEAD = re.compile(r"\W*(?:and\s+)?(?:then|also|after that|afterwards|next|
 def stands_alone(text: str) -> bool:
     """A request complete in itself: 3 to 30 words ("please" aside; two of them words, not
     numbers), not a statement or other sentence opening with its subject, not a pleasantry, no
-    word pointing back
-    at the rest of the prompt or the answer, not an instruction about the answer's form. What a
-    request no adapter fits must be to be answered as a part of its own ("Sort 8, 2, 6, then
-    tell me a joke.") rather than read as its neighbour's context ("..., then explain how you
-    did it."): the selector reads both as `__none__` (0.99 and 0.996 on the demo router), so
-    the words decide."""
+    word pointing back at the rest of the prompt or the answer, not an instruction about the
+    answer's form, an edit, or a verb without its object. What a request no adapter fits must be
+    to be answered as a part of its own ("Sort 8, 2, 6, then tell me a joke.") rather than read
+    as its neighbour's context ("..., then explain how you did it."): the selector reads both as
+    `__none__` (0.99 and 0.996 on the demo router), so the words decide."""
     text = text.strip()
     declarative = (re.match(SUBJECT, text, re.I) or _NAMED.match(text)) and not text.endswith("?")  # "The kettle broke."
     words = [w for w in re.findall(r"[\w']+", text) if w.lower() != "please"]
