@@ -46,7 +46,7 @@ import torch
 from loraswitch.numbered import split_parts
 from loraswitch.routing.base import NONE_CLASS
 from loraswitch.routing.requests import follows_as_next, points_back, stands_alone
-from loraswitch.routing.units import PROSE, Unit, is_heading, is_statement, split_units
+from loraswitch.routing.units import PROSE, Unit, clean, is_heading, is_statement, split_units
 from loraswitch.switch.screen import screen
 
 
@@ -246,7 +246,10 @@ def finish(prompt: str, units: list[Unit], parts: list[Part], dropped: list[int]
     for k, p in enumerate(parts):
         members = sorted(p.units + p.context)
         p.start, p.end = units[members[0]].start, units[members[-1]].end
-        p.text = _join(prompt, [units[i] for i in members])
+        prose = all(units[i].kind in PROSE for i in members) and members == list(range(members[0], members[-1] + 1))
+        # running prose keeps its own words between units ("Tell me a joke about cats, then explain
+        # it."), not its units' joined by a space ("Tell me a joke about cats Explain it.")
+        p.text = clean(prompt[p.start : p.end]) if prose else _join(prompt, [units[i] for i in members])
         first = units[p.units[0]]
         p.kind = "numbered" if first.numbered else first.kind
         lead = units[members[0]]  # the part's opening unit, when it is its request (not context before it)
