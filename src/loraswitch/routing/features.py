@@ -298,23 +298,24 @@ def layer_features(engine: Engine, prompts: list[str], layers: list[int], batch_
     shared = [j for j, r in enumerate(enc) if pre is not None and len(r) > p and r[:p] == pre.ids]
     plain = sorted(set(range(len(enc))) - set(shared))
     states = _STATES.get() if shared_prefix else None
+    key = lambda j: (id(engine.model), prompts[j])  # noqa: E731  (a row's entry in `states`)
     resumed: dict[int, list[int]] = {}  # layer resumed from -> rows
     if states is not None and _resumable(engine):
         for j in shared:
-            state = states.get((id(engine.model), prompts[j]))
+            state = states.get(key(j))
             if state is not None and state[0] < wanted[0] and len(state[1]) == len(enc[j]) - p:
                 resumed.setdefault(state[0], []).append(j)
     fresh = sorted(set(shared) - {j for rows in resumed.values() for j in rows})
     for start, rows in [(None, fresh)] + sorted(resumed.items()):
         if not rows:
             continue
-        tails = [enc[j][p:] for j in rows] if start is None else [states[(id(engine.model), prompts[j])][1] for j in rows]
+        tails = [enc[j][p:] for j in rows] if start is None else [states[key(j)][1] for j in rows]
         tops: list | None = [None] * len(rows) if states is not None else None
         got = _shared_features(engine, pre, wanted, tails, batch_size, progress, start, tops)
         for i in wanted:
             feats[i][rows] = got[i]
         for j, top in zip(rows, tops or []):
-            states[(id(engine.model), prompts[j])] = (wanted[-1], top)
+            states[key(j)] = (wanted[-1], top)
     for k in tqdm(range(0, len(plain), batch_size), desc="features", disable=not progress or not plain):
         rows = plain[k : k + batch_size]
         got = _padded_features(engine, wanted, [enc[j] for j in rows])

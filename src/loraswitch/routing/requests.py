@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from loraswitch.routing.units import QUOTED, SUBJECT, Unit, is_statement
+from loraswitch.routing.units import CONNECTIVES, QUOTED, SUBJECT, Unit, is_statement
 
 # a word pointing back at the rest of the prompt or at the answer: a request holding one modifies
 # its neighbour ("Explain how you did it.", "Show your work.", "Double-check the result.")
@@ -45,10 +45,8 @@ _FORM = re.compile(r"(?:please\s+)?(?:(?:be|keep|make|use|answer|reply|respond|f
                    r"|\w+\s+(?:by|to|into|from|with|as|in|on)\b)", re.I)
 # what leads a request that follows another: a clause separator between them, or a connective
 # opening it ("Also, ...", "Then ...", "And ...")
-_NEXT = re.compile(r"[;|]|\b(?:then|also|after that|afterwards|next|finally|lastly|additionally|besides|plus|and)\b",
-                   re.I)
-_NEXT_LEAD = re.compile(r"\W*(?:and\s+)?(?:then|also|after that|afterwards|next|finally|lastly|additionally|besides|"
-                        r"plus|and)\b", re.I)
+_NEXT = re.compile(rf"[;|]|\b(?:{CONNECTIVES}|and)\b", re.I)
+_NEXT_LEAD = re.compile(rf"\W*(?:and\s+)?(?:{CONNECTIVES}|and)\b", re.I)
 
 
 def stands_alone(text: str) -> bool:

@@ -119,9 +119,10 @@ def clean(text: str) -> str:
 # quoted text: double or curly quotes, or single quotes that open after a space or colon and close
 # before one (not an apostrophe); what they hold is data, never split
 QUOTED = re.compile(r"\"[^\"\n]*\"|\u201c[^\u201d\n]*\u201d|(?<![\w'])'[^'\n]*'(?![\w'])")
+# the words that lead a request following another ("Also, ...", "and then ...")
+CONNECTIVES = r"then|also|after that|afterwards|next|finally|lastly|additionally|besides|plus"
 # a piece that is nothing but connectives and separators ("..., and then also, after that, ...")
-_EMPTY_PIECE = re.compile(r"[\W_]*(?:(?:and|then|also|after that|afterwards|next|finally|lastly|additionally|"
-                          r"besides|plus)\b[\W_]*)*", re.I)
+_EMPTY_PIECE = re.compile(rf"[\W_]*(?:(?:and|{CONNECTIVES})\b[\W_]*)*", re.I)
 
 
 def _pieces(text: str, start: int, pattern: re.Pattern) -> list[tuple[int, int]]:

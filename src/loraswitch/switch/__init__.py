@@ -128,7 +128,7 @@ class Switch:
                 decisions = chosen.route(self.engine, found.texts)
                 # a part cut because no adapter fits it is answered by the base model (`parts.fan_out`)
                 parts = [{"text": p.text, "span": [p.start, p.end],
-                          **({"adapter": None, "confidence": 1.0} if p.units and p.adapter is None else
+                          **({"adapter": None, "confidence": 1.0} if p.for_base else
                              {k: v for k, v in d.to_dict().items() if k in ("adapter", "confidence", "none_probability")})}
                          for p, d in zip(found.parts, decisions)]
                 out = {"router": out["router"], "adapter": [p["adapter"] for p in parts],

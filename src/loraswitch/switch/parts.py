@@ -146,7 +146,7 @@ def fan_out(request: Request, base, max_parts: int | None = None, found=None) ->
                          "max_tokens_too_small")
     # a part segmentation cut because no adapter fits it is the base model's, not routed again
     # (the selector's fast head, which routes a part first, may read its words as a task)
-    base_parts = {k for k, p in enumerate(found.parts) if p.units and p.adapter is None} if found is not None else set()
+    base_parts = {k for k, p in enumerate(found.parts) if p.for_base} if found is not None else set()
     base = {"model": "base", "route": None, "allow": None, "deny": ()}
     # a part answered with the request before it in sight is still routed by its own words
     return [replace(request.with_route_text(a), max_tokens=pool, route_as=p if a != p else None,

@@ -77,6 +77,12 @@ class Part:
     kind: str = ""
     answered: str = ""
 
+    @property
+    def for_base(self) -> bool:
+        """Cut because no adapter fits it (a request asked next to another): the base model
+        answers it, not routed again (`parts.fan_out`, `Switch.route`)."""
+        return bool(self.units) and self.adapter is None
+
     def to_dict(self) -> dict:
         return {"span": [self.start, self.end], "kind": self.kind, "unit_adapter": self.adapter,
                 "unit_confidence": round(self.confidence, 4)}
@@ -336,9 +342,9 @@ def segment(router, engine, prompts: list[str], settings: Settings = Settings(),
     for d in live:
         n = len(d.units)
         d.adapter, d.confidence, d.energy, d.none = [None] * n, [0.0] * n, [0.0] * n, [0.0] * n
-    for k, ((d, i), a, c, e) in enumerate(zip(todo, scores.adapter, scores.confidence, scores.energy)):
-        d.adapter[i], d.confidence[i], d.energy[i] = a, c, e
-        d.none[i] = scores.none[k] if scores.none else 0.0
+    nones = scores.none or [0.0] * len(todo)
+    for (d, i), a, c, e, n in zip(todo, scores.adapter, scores.confidence, scores.energy, nones):
+        d.adapter[i], d.confidence[i], d.energy[i], d.none[i] = a, c, e, n
     for d in live:
         d.plan(settings)
     _rescue(router, engine, live, settings)
