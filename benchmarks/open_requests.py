@@ -4,7 +4,8 @@ Two hand-written sets on the demo library, never used to fit anything: *open* pr
 task and a request no adapter fits ("Sort 8, 2, 6 ascending, then tell me a joke about cats."),
 each of which should be two parts, the open one answered by the base model; *modifier* prompts
 ask a task and something about that task's answer ("..., then explain how you did it.", "Be
-brief.", "Then reverse them."), which must not be cut off as a base-model part. Prints how many
+brief.", "Then reverse them."), which must not be cut off as a base-model part (one that names
+the answer, "Then tell me if the result is prime.", is chained to it instead and counted apart). Prints how many
 of each the segmentation gets right and the ones it does not.
 
     python benchmarks/open_requests.py                      # the sets below, ~30 s on one core
@@ -77,8 +78,11 @@ def main() -> None:
     opened, modified = found[: len(opens)], found[len(opens):]
     right = [[p.adapter for p in f.parts] == want
              for f, (_, want) in zip(opened, opens)]
-    # a modifier prompt goes wrong only when a part no adapter fits was cut off it
-    cut = [any(p.adapter is None for p in f.parts) for f in modified]
+    # a modifier prompt goes wrong only when a part no adapter fits was cut off it; one working on
+    # the answer before it ("Then tell me if the result is prime.") is answered on that answer
+    # instead (chained, `Part.after`), not lost as context
+    cut = [any(p.for_base for p in f.parts) for f in modified]
+    chained = [any(p.chained for p in f.parts) for f in modified]
     print(f"open requests asked next to a task, answered as parts of their own: {sum(right)} / {len(opens)}")
     for ok, f, (prompt, want) in zip(right, opened, opens):
         if not ok:
@@ -87,6 +91,10 @@ def main() -> None:
     for c, f, prompt in zip(cut, modified, modifiers):
         if c:
             print(f"  cut: {prompt!r}: {[(p.text, p.adapter) for p in f.parts]}")
+    print(f"modifiers answered on the answer before them (chained): {sum(chained)} / {len(modifiers)}")
+    for c, f, prompt in zip(chained, modified, modifiers):
+        if c:
+            print(f"  chained: {prompt!r}: {[(p.text, p.adapter, p.after) for p in f.parts]}")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ def _segmentation(singles: int, layout_prompts: int, seed: int, split: str, min_
                                                   if e["group"] == g)} for g in ("train", "heldout")}
     return {"single_task_prompts": len(cases), "false_splits": len(cut),
             "false_split_rate": round(len(cut) / max(1, len(cases)), 4), "parts_pointing_back": _pointing_back(found),
+            "parts_chained": _chained(found),
             "false_split_examples": [{"task": e.task, "prompt": e.prompt, "parts": f.texts} for e, f in cut[:10]],
             "layouts": layouts, "groups": groups, "seconds": round(seconds, 1)}
 
@@ -86,6 +87,11 @@ def _segmentation(singles: int, layout_prompts: int, seed: int, split: str, min_
 def _pointing_back(found) -> int:
     """Parts answered with the request before them in sight (`Part.answered`, docs/routing.md)."""
     return sum(p.answered != p.text for f in found for p in f.parts if p.answered)
+
+
+def _chained(found) -> int:
+    """Parts answered after the part before them, on its answer (`Part.after`, docs/routing.md)."""
+    return sum(p.chained for f in found for p in f.parts)
 
 
 def _segmentation_bigbench(singles: int, per_size: int, seed: int, heldout: int) -> dict:
@@ -122,6 +128,7 @@ def _segmentation_bigbench(singles: int, per_size: int, seed: int, heldout: int)
     return {"single_task_prompts": len(cases), "false_splits": len(split),
             "false_split_rate": round(len(split) / max(1, len(cases)), 4), "false_split_rate_per_task": per_task,
             "parts_pointing_back": _pointing_back(found + found_others),
+            "parts_chained": _chained(found + found_others),
             "false_split_examples": [{"task": e.task, "prompt": e.prompt[:600], "parts": [t[:200] for t in f.texts]}
                                      for e, f in split[:10]],
             "composites": sizes, "seconds": round(seconds, 1),

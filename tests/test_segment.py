@@ -213,6 +213,45 @@ def test_a_part_pointing_back_is_answered_with_the_request_before_it_and_routed_
     assert [r.route_text(base) for r in rows] == found.texts  # routed by its own words
 
 
+def test_a_part_working_on_the_answer_before_it_is_chained_to_it():
+    """A request naming the answer of the one before it ("Then spell the result in English.") is
+    a part of its own, chained to that one (`Part.after`), even where the selector reads no task
+    in it or the same task as before; it is answered once that part is, with its answer written
+    in (`requests.with_result`). Requests bringing their own data, or asking for their own
+    result, are not chained."""
+    from loraswitch.routing.requests import names_result, with_result
+
+    assert all(names_result(t) for t in ["Spell the result in English.", "Then add 10 to that answer.",
+                                         "Write your answer in French.", "Tell me what you got, in French."])
+    assert not any(names_result(t) for t in ["What is the answer to 12 + 30?", "The result is clear.",
+                                             "Sort 3, 1, 2 and give me the result.", "Write it in French.",
+                                             "Reverse the words: 'the result is here'.", "Find the total: 3 + 4"])
+    assert with_result("Spell the result in English.", " 42.\n") == "Spell 42 in English."
+    assert with_result("Write it in French.", "42") == "Write it in French."  # nothing names a result
+    assert with_result("Translate the output into French.", "line one\nline two") == (
+        "Translate the text below into French.\n\nline one\nline two")
+
+    def found_in(prompt: str, scores=None):
+        units = split_units(prompt)
+        s = (scores or _keyword_scores)(None, None, [u.text for u in units])
+        return finish(prompt, units, *plan(units, s.adapter, s.confidence, Settings(),
+                                           chains=seg._Doc(prompt, units).may_chain()))
+
+    found = found_in("Give the date, and then spell the result in french.")
+    assert found.texts == ["Give the date", "Spell the result in french."]
+    assert [p.after for p in found.parts] == [None, 0] and found.answered == found.texts
+    assert found.parts[1].to_dict()["chained_from"] == 1
+    # the same task twice is one part, unless the second works on the first one's answer
+    assert found_in("Give the date, then the date again.").parts == []
+    assert [p.after for p in found_in("Give the date, then add a day to the date in the result.").parts] == [None, 0]
+    # no task read in it (its input is the answer): still a part, routed once the answer is in
+    chained = found_in("Give the date. Then write the answer out in words.").parts
+    assert [p.adapter for p in chained] == ["alpha", None] and chained[1].chained and not chained[1].for_base
+    # not asked as the next request, or pointing at its input: not chained
+    assert found_in("Give the date. Spell the result in french.").parts[1].after is None
+    assert [p.after for p in found_in("Give the date, and then spell it in french.").parts] == [None, None]
+
+
 def test_a_cut_that_reads_as_one_request_is_merged(monkeypatch):
     """The energy check: when the two parts read together score much higher than either alone
     (a request spread over two sentences), the cut is undone."""
@@ -314,6 +353,41 @@ def test_chat_answers_detected_parts_with_spans(switch_tiny, monkeypatch):
     assert "fan_out" not in out[1].routing
 
 
+def test_a_chained_part_decodes_after_the_part_before_it_with_its_answer_written_in(switch_tiny, monkeypatch):
+    from loraswitch.routing.requests import with_result
+    from loraswitch.switch.request import Done, Request, Token
+
+    monkeypatch.setattr(seg, "score_texts", _keyword_scores)
+    prompt = "Tell me the date, and then the sum of the result."
+    events = list(switch_tiny.stream([Request.chat(prompt, model="auto", max_tokens=12)]))
+    done = events[-1][1]
+    assert isinstance(done, Done)
+    answer, parts = done.answer, done.answer.routing["parts"]
+    assert [p.get("chained_from") for p in parts] == [None, 1]
+    first = switch_tiny.base.tokenizer.decode([e["token_id"] for e in answer.trace if e["part"] == 1
+                                               and not e.get("separator")])
+    assert parts[1]["read"] == with_result("The sum of the result.", first)
+    assert len(done.batch["batches"]) == 2  # the chained part decoded in a batch of its own, after
+    assert "".join(e.text for _, e in events if isinstance(e, Token)) == answer.text  # streamed in order
+    assert len(answer.token_ids) <= 12  # both parts drew on one pool of max_tokens
+
+
+def test_a_chained_part_waits_and_is_dropped_with_its_request():
+    from loraswitch.switch.rows import Row, chained_ready
+
+    class Answer:
+        gone, done = False, None
+
+        def answer_of(self, part):
+            return self.done
+
+    waiting, over = Answer(), Answer()
+    over.gone = True
+    rows = [Row(waiting, 1, None, None, None, after=0), Row(over, 1, None, None, None, after=0)]
+    ready, still = chained_ready(None, rows)
+    assert ready == [] and still == [rows[0]]  # the one whose request is over is dropped
+
+
 @pytest.mark.real
 def test_the_issues_prompts_are_answered_in_two_parts():
     sw = Switch()
@@ -371,6 +445,10 @@ def test_the_issues_prompts_are_answered_in_two_parts():
     answer = sw.chat([joke], params=SamplingParams(max_new_tokens=24))[0]
     assert [p["adapter"] for p in answer.routing["parts"]] == ["sort_numbers", None]
     assert answer.text.startswith("1. 2, 6, 8\n2. ")
+    # a part on the answer before it is answered after it, with that answer written in
+    answer = sw.chat(["What is 25 + 17? Then spell the result in English."], params=SamplingParams(max_new_tokens=32))[0]
+    assert answer.text == "1. 42\n2. forty-two"
+    assert answer.routing["parts"][1]["chained_from"] == 1 and answer.routing["parts"][1]["read"] == "Spell 42 in English."
     # "write it in French" answered with the 58 in sight (alone, num_to_french wrote "quinze")
     answer = sw.chat(["Spell out 58 in English, and then write it in French."], params=SamplingParams(max_new_tokens=32))[0]
     assert answer.text == "1. fifty-eight\n2. cinquante-huit"

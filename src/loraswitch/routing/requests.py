@@ -86,3 +86,40 @@ def points_back(text: str) -> bool:
     answered with the prompt from that request on (`switch.segment.finish`), though routed by its
     own words."""
     return _POINTER.search(QUOTED.sub('""', text)) is not None
+
+
+# what names the answer of the request before it, not its input: "Spell the result in English.",
+# "Write the answer in French." ("the result of 4 + 5" brings its own data; "the sum" and "the
+# total" are what the `add` task's own requests ask for: "Find the total: 3 + 4")
+_RESULT = re.compile(r"\b(?:the|that|this|your|its)\s+(?:(?:final|last|previous|first)\s+)?"
+                     r"(?:result|answer|output|outcome)(?!\s+(?:of|to|for)\b)\b|\bwhat\s+you\s+(?:got|get|found)\b", re.I)
+# ... unless it closes a request of its own asking for that request's answer: "Sort 30, 10, 20
+# and give me the result."
+_OWN_RESULT = re.compile(r"\b(?:and|then)\s+(?:give|show|tell|send|return|print)\s+(?:me\s+|us\s+)?"
+                         r"(?:the|your)\s+(?:result|answer|output)s?\W*$", re.I)
+_INLINE_MAX = 80  # characters of an answer written into the next request's sentence; longer: set below it
+
+
+def names_result(text: str) -> bool:
+    """Whether the request `text` works on the answer of the one before it ("Then spell the
+    result in English."): such a part is answered after that one, with its answer written in
+    (`with_result`), rather than side by side with the prompt in sight (`points_back`)."""
+    bare = QUOTED.sub('""', text)
+    return _RESULT.search(bare) is not None and not _OWN_RESULT.search(bare) and not is_statement(text)
+
+
+def with_result(text: str, result: str) -> str:
+    """`text` with the words naming the answer before it replaced by that answer: "Spell the
+    result in English." and "42" give "Spell 42 in English." (an adapter trained on single
+    requests reads a request like its own); an answer of several lines or over _INLINE_MAX
+    characters is named "the text below" and set under the request. Unchanged when nothing in
+    it names a result, or the answer is empty."""
+    result = result.strip()
+    bare = QUOTED.sub(lambda m: "\0" * len(m.group()), text)  # positions kept; quoted words are data
+    found = _RESULT.search(bare)
+    if found is None or not result:
+        return text
+    inline = "\n" not in result and len(result) <= _INLINE_MAX
+    put = result.rstrip(".!") if inline else "the text below"
+    out = text[: found.start()] + put + text[found.end():]
+    return out if inline else f"{out}\n\n{result}"

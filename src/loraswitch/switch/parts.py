@@ -29,6 +29,7 @@ from dataclasses import replace
 
 from loraswitch.generate import Generation, TokenLogprob
 from loraswitch.numbered import separator, split_parts
+from loraswitch.routing.requests import with_result
 from loraswitch.switch.request import Done, Failed, Handle, Request, Started, Switched, Token
 
 _DECISION_KEYS = ("adapter", "confidence", "none_probability", "scores", "reason", "source")  # source: trained, examples or zero-shot head
@@ -260,6 +261,19 @@ class PartsAnswer(SingleAnswer):
 
     def limit(self, part: int, asked: int) -> int:
         return min(asked, self.pool.limit(part)) if self.pool is not None else asked
+
+    def answer_of(self, part: int) -> Generation | None:
+        """Part `part`'s answer, once it is done."""
+        got = self.results[part]
+        return got[0] if got is not None else None
+
+    def chained(self, part: int, request: Request, before: str) -> Request:
+        """Chained part `part`'s request with the answer it works on written into its words
+        (`requests.with_result`: "Spell the result in English." -> "Spell 42 in English."), routed
+        on them; the answer's routing reports what it read (`Part.read`)."""
+        found = self.found.parts[part]
+        found.read = with_result(found.text, before)
+        return replace(request.with_route_text(found.read), route_as=None)
 
     def ended(self, part: int, used: int) -> None:
         if self.pool is not None:

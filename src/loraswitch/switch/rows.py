@@ -1,14 +1,16 @@
 """A batch row's decoding state and the listener that follows it (`switch.run`'s rows): per-row
-token limits, stop strings, cancellation, switch events and streaming of text and logprobs."""
+token limits, stop strings, cancellation, switch events and streaming of text and logprobs; and
+how requests become rows (held to the model's context, fanned out into parts, a chained part's
+request rewritten once the answer it works on is in)."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from loraswitch.generate import Generation, Listener
-from loraswitch.switch.parts import SingleAnswer
-from loraswitch.switch.request import InvalidOutput, Request, Switched, Token
+from loraswitch.switch.parts import PartsAnswer, PartsError, SingleAnswer, fan_out
+from loraswitch.switch.request import Handle, InvalidOutput, Request, Switched, Token
 from loraswitch.switch.text import Detokenizer, StopStrings
 
 
@@ -27,6 +29,7 @@ class Row:
     released: int = 0  # tokens whose logprobs were emitted
     cut: int | None = None  # where a stop string starts
     top: str | None = None  # the adapter of the last token (for switch events)
+    after: int | None = None  # a chained part: decoded once this part's answer is in (`switch.run`)
 
     def emit_text(self, text: str, upto: int, gen: Generation, final: bool = False) -> None:
         """Emit `text[sent:upto]` with its token pieces and the logprobs of completed tokens."""
@@ -105,3 +108,79 @@ class BatchListener(Listener):
             gen.text = row.detok.text[: row.cut]
         row.emit_text(gen.text, len(gen.text), gen, final=True)
         row.answer.done(row.part, gen, row.batch)
+
+
+def request_rows(switch, handle: Handle, max_parts: int | None = None, found=None) -> list[Row]:
+    """The rows of one request: one, or one per part of a multi-part request (`found`: the
+    parts `switch.segment` detected in it, if it looked); `fits_context` has tokenized the request. A chained part's row waits
+    (`after`) for the part whose answer it works on."""
+    base, request = switch.base, handle.request
+    fans = request.model == "auto" and request.is_chat and _fans_out(switch, request.route)
+    try:
+        parts, why_whole = (fan_out(request, base, max_parts, found) if fans else None), None
+    except PartsError as exc:  # numbered parts it cannot answer one by one: answered whole, and says so
+        parts, why_whole = None, str(exc)
+    if parts is None:
+        answer, parts = SingleAnswer(handle, why_whole), [request]
+    else:
+        answer = PartsAnswer(handle, len(parts), base.tokenizer, request.route or "auto", found,
+                             pool=parts[0].max_tokens)  # fan_out gave each part the whole pool
+    chained = [q.after for q in found.parts] if found is not None and len(parts) > 1 else [None] * len(parts)
+    return [Row(answer, k, p.tokenized(base), Detokenizer(base.tokenizer), StopStrings(p.stop), after=after)
+            for k, (p, after) in enumerate(zip(parts, chained))]
+
+
+def chained_ready(switch, waiting: list[Row]) -> tuple[list[Row], list[Row]]:
+    """The chained parts (`Row.after`) whose part before is answered, their requests rewritten
+    with that answer (`PartsAnswer.chained`), and those still waiting. A part of a request that is
+    over (failed, stopped at a stop string, cancelled) is dropped."""
+    ready, still = [], []
+    for row in waiting:
+        if row.answer.gone:
+            continue
+        before = row.answer.answer_of(row.after)
+        if before is None:
+            still.append(row)
+            continue
+        try:
+            row.request = within_context(switch, row.answer.chained(row.part, row.request, before.text))
+        except Exception as exc:  # its prompt with the answer written in no longer fits
+            row.answer.failed(exc)
+            continue
+        ready.append(row)
+    return ready, still
+
+
+def _fans_out(switch, route: str | None) -> bool:
+    try:
+        return switch.router(route or "auto").fans_out
+    except Exception:  # the router is unavailable: building the policy reports why
+        return False
+
+
+def fits_context(switch, handle: Handle) -> bool:
+    """Tokenize the request and hold it to the model's context: a prompt that fills it fails
+    alone, at once (a 28k-token prompt once ran for minutes and answered noise), and `max_tokens`
+    is cut to what the context leaves (the answer then ends with finish_reason "length")."""
+    try:
+        handle.request = within_context(switch, handle.request)
+        return True
+    except Exception as exc:  # a template that refuses the conversation, too long, empty
+        SingleAnswer(handle).failed(exc)
+        return False
+
+
+def within_context(switch, request: Request) -> Request:
+    """`request` tokenized, its `max_tokens` cut to what the model's context leaves; raises
+    ValueError for an empty prompt or one that fills the context."""
+    request = request.tokenized(switch.base)
+    n = len(request.prompt_ids)
+    if not n:
+        raise ValueError("the prompt is empty")
+    context = int(getattr(switch.base.model.config, "max_position_embeddings", 0) or 0)
+    if context and n >= context:
+        raise ValueError(f"the prompt has {n} tokens; the model's context holds {context} "
+                         "(prompt and answer together)")
+    if context and n + request.max_tokens > context:
+        request = replace(request, max_tokens=context - n)
+    return request

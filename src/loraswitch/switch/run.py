@@ -39,46 +39,19 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import replace
 
 from loraswitch.generate import Joining, Policy, RowsPolicy, SamplingParams, generate
 from loraswitch.library import AdapterError
 from loraswitch.routing.base import StaleRouterError
 from loraswitch.routing.features import reading_ahead
 from loraswitch.switch.mixture import MixtureError
-from loraswitch.switch.parts import PartsAnswer, PartsError, SingleAnswer, fan_out
+from loraswitch.switch.parts import SingleAnswer
 from loraswitch.switch.request import PENALTIES, Handle, Request, RouterUnavailable
-from loraswitch.switch.rows import BatchListener, Row
+from loraswitch.switch.rows import BatchListener, Row, chained_ready, fits_context, request_rows
 from loraswitch.switch.segment import segment_requests
-from loraswitch.switch.text import Detokenizer, StopStrings
 
 log = logging.getLogger("loraswitch.switch")
 _batch_ids = itertools.count(1)
-
-
-def _rows(switch, handle: Handle, max_parts: int | None = None, found=None) -> list[Row]:
-    """The rows of one request: one, or one per part of a multi-part request (`found`: the
-    parts `switch.segment` detected in it, if it looked); `_fits` has tokenized the request."""
-    base, request = switch.base, handle.request
-    fans = request.model == "auto" and request.is_chat and _fans_out(switch, request.route)
-    try:
-        parts, why_whole = (fan_out(request, base, max_parts, found) if fans else None), None
-    except PartsError as exc:  # numbered parts it cannot answer one by one: answered whole, and says so
-        parts, why_whole = None, str(exc)
-    if parts is None:
-        answer, parts = SingleAnswer(handle, why_whole), [request]
-    else:
-        answer = PartsAnswer(handle, len(parts), base.tokenizer, request.route or "auto", found,
-                             pool=parts[0].max_tokens)  # fan_out gave each part the whole pool
-    return [Row(answer, k, p.tokenized(base), Detokenizer(base.tokenizer), StopStrings(p.stop))
-            for k, p in enumerate(parts)]
-
-
-def _fans_out(switch, route: str | None) -> bool:
-    try:
-        return switch.router(route or "auto").fans_out
-    except Exception:  # the router is unavailable: building the policy reports why
-        return False
 
 
 def _policy(switch, rows: list[Row]) -> Policy:
@@ -294,7 +267,7 @@ def _rows_of(switch, handles: list[Handle], max_parts: int | None, phases: dict[
     `template` into `phases`; a request that cannot become rows is answered with its error."""
     rows: list[Row] = []
     with _timed(phases, "template"):  # tokenizing is the template phase's work, wherever it happens
-        handles = [h for h in handles if _fits(switch, h)]
+        handles = [h for h in handles if fits_context(switch, h)]
     try:  # where each prompt changes task: every prompt of the batch in one feature pass
         with _timed(phases, "segment"):
             found = segment_requests(switch, handles)
@@ -304,32 +277,20 @@ def _rows_of(switch, handles: list[Handle], max_parts: int | None, phases: dict[
     with _timed(phases, "template"):
         for handle in handles:
             try:
-                rows += _rows(switch, handle, max_parts, found.get(id(handle)))
+                rows += request_rows(switch, handle, max_parts, found.get(id(handle)))
             except Exception as exc:  # e.g. a conversation the chat template refuses
                 SingleAnswer(handle).failed(exc)
     return rows
 
 
-def _fits(switch, handle: Handle) -> bool:
-    """Tokenize the request and hold it to the model's context: a prompt that fills it fails
-    alone, at once (a 28k-token prompt once ran for minutes and answered noise), and `max_tokens`
-    is cut to what the context leaves (the answer then ends with finish_reason "length")."""
-    try:
-        request = handle.request.tokenized(switch.base)
-        n = len(request.prompt_ids)
-        if not n:
-            raise ValueError("the prompt is empty")
-        context = int(getattr(switch.base.model.config, "max_position_embeddings", 0) or 0)
-        if context and n >= context:
-            raise ValueError(f"the prompt has {n} tokens; the model's context holds {context} "
-                             "(prompt and answer together)")
-        if context and n + request.max_tokens > context:
-            request = replace(request, max_tokens=context - n)
-        handle.request = request
-        return True
-    except Exception as exc:  # a template that refuses the conversation, too long, empty
-        SingleAnswer(handle).failed(exc)
-        return False
+def _sampling_calls(switch, rows: list[Row], max_rows: int | None) -> list[tuple[Call, float]]:
+    """The `generate` calls for `rows`, grouped by sampling setting first (`_calls` within each);
+    a seeded sampled request decodes alone."""
+    by_sampling: dict[tuple, list[Row]] = {}
+    for row in rows:
+        key = (id(row),) if row.request.decodes_alone else row.request.sampling_key
+        by_sampling.setdefault(key, []).append(row)
+    return [c for group in by_sampling.values() for c in _calls(switch, group, max_rows)]
 
 
 def _joinable(call: Call) -> bool:
@@ -346,13 +307,10 @@ def run_local(switch, handles: list[Handle], max_rows: int | None = None, max_pa
     phases: dict[str, float] = {}
     with reading_ahead():  # segmentation's pass reads the prompts for the selector too
         rows = _rows_of(switch, handles, max_parts, phases)
-        by_sampling: dict[tuple, list[Row]] = {}
-        for row in rows:
-            key = (id(row),) if row.request.decodes_alone else row.request.sampling_key
-            by_sampling.setdefault(key, []).append(row)
+        waiting = [r for r in rows if r.after is not None]  # chained parts: once the part before is answered
         batches = []
         with switch.engine.pin():  # adapters removed from now on stay valid for these rows
-            calls = [c for group in by_sampling.values() for c in _calls(switch, group, max_rows)]
+            calls = _sampling_calls(switch, [r for r in rows if r.after is None], max_rows)
             open_call = max((i for i, (c, _) in enumerate(calls) if _joinable(c)), default=None) if arrivals else None
             if open_call is not None:  # it decodes last: the others must not wait for the arrivals it takes in
                 calls.append(calls.pop(open_call))
@@ -363,6 +321,11 @@ def run_local(switch, handles: list[Handle], max_rows: int | None = None, max_pa
                 calls += later
                 if info is not None:
                     batches.append(info)
+                if waiting:
+                    ready, waiting = chained_ready(switch, waiting)
+                    calls += _sampling_calls(switch, ready, max_rows)
+        for row in waiting:  # their part before never answered (it cannot: every call has run)
+            row.answer.failed(RuntimeError(f"part {row.part + 1} waited for part {row.after + 1}, which was not answered"))
     if batches:  # the round's own phases, once
         mine = batches[0]["phases"]
         for name, value in phases.items():

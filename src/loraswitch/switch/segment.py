@@ -45,8 +45,9 @@ import torch
 
 from loraswitch.numbered import split_parts
 from loraswitch.routing.base import NONE_CLASS
-from loraswitch.routing.requests import follows_as_next, points_back, stands_alone
-from loraswitch.routing.units import PROSE, Unit, clean, is_heading, is_statement, split_units
+from loraswitch.routing.requests import follows_as_next, names_result, stands_alone
+from loraswitch.routing.units import PROSE, Unit, is_heading, is_statement, split_units
+from loraswitch.switch.found import Part, Segmentation, finish, join_units
 from loraswitch.switch.screen import screen
 
 
@@ -55,60 +56,6 @@ class Settings:
     min_confidence: float = 0.8  # a unit is a question above this confidence (raw softmax, `Scores`)
     max_merge_gain: float = 8.0  # energy(L+R) - max(energy(L), energy(R)) above this: one request
     min_none: float = 0.8  # a request no adapter fits is a part above this `__none__` probability (raw)
-
-
-@dataclass
-class Part:
-    """One part to answer: its text (the units' words, markers and connectives dropped: what
-    routes it), its characters in the prompt (`start`, `end`), how it was found (`kind`), the
-    unit-level decision (adapter, confidence) the cut was made on, and what its adapter answers
-    (`answered`: its text, or the prompt from the part before it on when it points back at that
-    one: "Spell out 58 in English, and then write it in French." answers "write it in French"
-    with the 58 in sight, where its words alone made `num_to_french` write "quinze")."""
-
-    units: list[int]
-    firm: bool  # an enumeration item: never merged with a neighbour
-    adapter: str | None
-    confidence: float
-    context: list[int] = field(default_factory=list)
-    start: int = 0
-    end: int = 0
-    text: str = ""
-    kind: str = ""
-    answered: str = ""
-
-    @property
-    def for_base(self) -> bool:
-        """Cut because no adapter fits it (a request asked next to another): the base model
-        answers it, not routed again (`parts.fan_out`, `Switch.route`)."""
-        return bool(self.units) and self.adapter is None
-
-    def to_dict(self) -> dict:
-        return {"span": [self.start, self.end], "kind": self.kind, "unit_adapter": self.adapter,
-                "unit_confidence": round(self.confidence, 4)}
-
-
-@dataclass
-class Segmentation:
-    """A prompt's parts (two or more), and the spans that joined no part (instructions, examples)."""
-
-    parts: list[Part]  # fewer than two: the prompt is answered whole
-    dropped: list[tuple[int, int]]
-
-    @property
-    def numbered(self) -> bool:
-        """The parts are a list the user numbered (its size limit is an error, not a fallback)."""
-        return bool(self.parts) and all(p.kind == "numbered" for p in self.parts)
-
-    @property
-    def texts(self) -> list[str]:
-        """The parts' own words: what routes each."""
-        return [p.text for p in self.parts]
-
-    @property
-    def answered(self) -> list[str]:
-        """What each part's adapter answers (`Part.answered`)."""
-        return [p.answered or p.text for p in self.parts]
 
 
 @dataclass
@@ -149,16 +96,6 @@ def score_texts(router, engine, texts: list[str]) -> Scores | None:
     return Scores([d.adapter for d in decisions], conf, torch.logsumexp(logits, -1).tolist(), none)
 
 
-def _join(prompt: str, units: list[Unit]) -> str:
-    """The words of `units` as one text: a newline where the prompt had one between them."""
-    out = ""
-    for prev, u in zip([None, *units], units):
-        if prev is not None:
-            out += "\n" if "\n" in prompt[prev.end : u.start] else " "
-        out += u.text
-    return out.strip()
-
-
 def _firm_lists(units: list[Unit], question: list[bool]) -> set[int]:
     """Enumerations answered item by item: two or more confident items, or a list numbered 1..n
     with one when that is at least half of it (a list of tasks may hold requests no adapter
@@ -192,15 +129,21 @@ def _forward(units: list[Unit], adapter: list[str | None], question: list[bool],
 
 
 def plan(units: list[Unit], adapter: list[str | None], confidence: list[float],
-         settings: Settings = Settings(), asked: list[bool] | None = None) -> tuple[list[Part], list[int]]:
+         settings: Settings = Settings(), asked: list[bool] | None = None,
+         chains: list[bool] | None = None) -> tuple[list[Part], list[int]]:
     """Parts from scored units (see the module doc), before the cut check; and the units that
-    joined no part. `asked`: the units that are requests no adapter fits (`_Doc.plan`)."""
+    joined no part. `asked`: the units that are requests no adapter fits; `chains`: the units
+    that work on the answer before them, never merged into that part (`_Doc.plan`)."""
     # a statement (`units.is_statement`) is never a question, however confidently routed
     statement = [u.kind in PROSE and is_statement(u.text) for u in units]
     heading = [u.kind in PROSE and is_heading(u.text) for u in units]
     question = [a is not None and c >= settings.min_confidence and not st and not h
                 for a, c, st, h in zip(adapter, confidence, statement, heading)]
     question = [q or bool(asked and asked[i] and adapter[i] is None) for i, q in enumerate(question)]
+    # a request on the answer before it is one whatever the selector reads in it: its input is
+    # that answer, not in its words ("Then write the answer in English." reads `__none__`), and
+    # it is routed once the answer is written in (`switch.run`)
+    question = [q or bool(chains and chains[i]) for i, q in enumerate(question)]
     firm = _firm_lists(units, question)
     top = next((u for u in units if u.list_id in firm and u.numbered), None)
     for i, u in enumerate(units):
@@ -228,7 +171,7 @@ def plan(units: list[Unit], adapter: list[str | None], confidence: list[float],
         last = parts[-1] if parts else None
         setup = any(j in forward for j in pending)
         if (not is_firm and last is not None and not last.firm and last.adapter == adapter[i]
-                and (not pending or setup)):
+                and (not pending or setup) and not (chains and chains[i])):  # a chain is a part of its own
             last.units += last.context + pending + [i]
             last.context, pending = [], []
             last.confidence = min(last.confidence, confidence[i])
@@ -242,28 +185,6 @@ def plan(units: list[Unit], adapter: list[str | None], confidence: list[float],
         parts.append(part)
     dropped += pending
     return parts, dropped
-
-
-def finish(prompt: str, units: list[Unit], parts: list[Part], dropped: list[int]) -> Segmentation:
-    """Texts and spans of the parts (none when fewer than two: the prompt is answered whole)."""
-    if len(parts) < 2:
-        return Segmentation([], [])
-    last = None  # the unit the part before ends with
-    for k, p in enumerate(parts):
-        members = sorted(p.units + p.context)
-        p.start, p.end = units[members[0]].start, units[members[-1]].end
-        prose = all(units[i].kind in PROSE for i in members) and members == list(range(members[0], members[-1] + 1))
-        # running prose keeps its own words between units ("Tell me a joke about cats, then explain
-        # it."), not its units' joined by a space ("Tell me a joke about cats Explain it.")
-        p.text = clean(prompt[p.start : p.end]) if prose else _join(prompt, [units[i] for i in members])
-        first = units[p.units[0]]
-        p.kind = "numbered" if first.numbered else first.kind
-        lead = units[members[0]]  # the part's opening unit, when it is its request (not context before it)
-        if (k and not p.firm and not parts[k - 1].firm and members[0] in p.units and lead.kind in PROSE
-                and points_back(lead.text) and follows_as_next(prompt, units[last], lead)):
-            p.answered = prompt[parts[k - 1].start : p.end].strip()
-        last = members[-1]
-    return Segmentation(parts, [(units[i].start, units[i].end) for i in sorted(dropped)])
 
 
 def _merge(a: Part, b: Part, adapter: str | None) -> Part:
@@ -292,9 +213,17 @@ class _Doc:
         return [u[i].kind in PROSE and not u[i].example and (nexts[i] or (i + 1 < len(u) and nexts[i + 1]))
                 and stands_alone(u[i].text) for i in range(len(u))]
 
+    def may_chain(self) -> list[bool]:
+        """The units that work on the answer of the request before them ("Then spell the result
+        in English."), asked as the next request: a part of their own even where the same
+        adapter answers both ("Add 5 and 9, then add 10 to the result.")."""
+        u = self.units
+        return [i > 0 and u[i].kind in PROSE and not u[i].example and names_result(u[i].text)
+                and follows_as_next(self.prompt, u[i - 1], u[i]) for i in range(len(u))]
+
     def plan(self, settings: Settings) -> None:
         asked = [m and n >= settings.min_none for m, n in zip(self.may_ask(), self.none or [0.0] * len(self.units))]
-        self.parts, self.dropped = plan(self.units, self.adapter, self.confidence, settings, asked)
+        self.parts, self.dropped = plan(self.units, self.adapter, self.confidence, settings, asked, self.may_chain())
 
     def runs(self) -> list[list[int]]:
         """Runs of two or more adjacent context units of prose on one paragraph: a request whose
@@ -315,7 +244,7 @@ class _Doc:
     def fuse(self, run: list[int], adapter: str | None, confidence: float, energy: float, none: float) -> None:
         """Make the units of `run` one unit with the given scores."""
         a, b = self.units[run[0]], self.units[run[-1]]
-        fused = Unit(a.start, b.end, _join(self.prompt, [self.units[i] for i in run]), "sentence", line=a.line,
+        fused = Unit(a.start, b.end, join_units(self.prompt, [self.units[i] for i in run]), "sentence", line=a.line,
                      para=a.para)
         lo, hi = run[0], run[-1] + 1
         self.units[lo:hi] = [fused]
@@ -333,7 +262,7 @@ def segment(router, engine, prompts: list[str], settings: Settings = Settings(),
     (`auto`), so the screen reads them whole in its pass too."""
     docs = [_Doc(p, split_units(p)) for p in prompts]
     read = screen(router, engine, [d.units for d in docs], prompts if selector_next else (),
-                  [any(d.may_ask()) for d in docs])
+                  [any(d.may_ask()) or any(d.may_chain()) for d in docs])
     live = [d for d, r in zip(docs, read) if r]
     todo = [(d, i) for d in live for i, u in enumerate(d.units) if not u.example]
     scores = score_texts(router, engine, [d.units[i].text for d, i in todo])
@@ -361,7 +290,7 @@ def _rescue(router, engine, docs: list[_Doc], settings: Settings) -> None:
             for r in found]
     if not runs:
         return
-    s = score_texts(router, engine, [_join(d.prompt, [d.units[i] for i in r]) for d, r in runs])
+    s = score_texts(router, engine, [join_units(d.prompt, [d.units[i] for i in r]) for d, r in runs])
     touched = []
     nones = s.none or [0.0] * len(runs)
     for (d, r), a, c, e, n in sorted(zip(runs, s.adapter, s.confidence, s.energy, nones), key=lambda x: -x[0][1][0]):
@@ -376,10 +305,11 @@ def _check_cuts(router, engine, docs: list[_Doc], settings: Settings) -> None:
     """Merge adjacent prose parts whose text reads more like one request whole than apart."""
     pairs = []
     for d in docs:
+        chains = d.may_chain()
         for j in range(len(d.parts) - 1):
             a, b = d.parts[j], d.parts[j + 1]
-            if not a.firm and not b.firm and a.adapter != b.adapter:
-                pairs.append((d, j, _join(d.prompt, [d.units[i] for i in sorted(a.units + a.context + b.units)])))
+            if not a.firm and not b.firm and a.adapter != b.adapter and not chains[b.units[0]]:
+                pairs.append((d, j, join_units(d.prompt, [d.units[i] for i in sorted(a.units + a.context + b.units)])))
     if not pairs:
         return
     merged = score_texts(router, engine, [t for _, _, t in pairs])
