@@ -353,13 +353,32 @@ def test_chat_answers_detected_parts_with_spans(switch_tiny, monkeypatch):
     assert "fan_out" not in out[1].routing
 
 
-def test_a_chained_part_decodes_after_the_part_before_it_with_its_answer_written_in(switch_tiny, monkeypatch):
+CHAIN = "Tell me the date, and then the sum of the result."
+
+
+@pytest.fixture
+def parts_end(monkeypatch):
+    """Parts that end on their own: the tiny random model writes on to its token share, and a
+    chained part works only on a whole answer (`PartsAnswer.cut_short`)."""
+    from loraswitch.switch.parts import PartsAnswer
+
+    original = PartsAnswer.answer_of
+
+    def answer_of(self, part):
+        got = original(self, part)
+        if got is not None:
+            got.finish_reason = "stop"
+        return got
+
+    monkeypatch.setattr(PartsAnswer, "answer_of", answer_of)
+    monkeypatch.setattr(seg, "score_texts", _keyword_scores)
+
+
+def test_a_chained_part_decodes_after_the_part_before_it_with_its_answer_written_in(switch_tiny, parts_end):
     from loraswitch.routing.requests import with_result
     from loraswitch.switch.request import Done, Request, Token
 
-    monkeypatch.setattr(seg, "score_texts", _keyword_scores)
-    prompt = "Tell me the date, and then the sum of the result."
-    events = list(switch_tiny.stream([Request.chat(prompt, model="auto", max_tokens=12)]))
+    events = list(switch_tiny.stream([Request.chat(CHAIN, model="auto", max_tokens=12)]))
     done = events[-1][1]
     assert isinstance(done, Done)
     answer, parts = done.answer, done.answer.routing["parts"]
@@ -370,6 +389,41 @@ def test_a_chained_part_decodes_after_the_part_before_it_with_its_answer_written
     assert len(done.batch["batches"]) == 2  # the chained part decoded in a batch of its own, after
     assert "".join(e.text for _, e in events if isinstance(e, Token)) == answer.text  # streamed in order
     assert len(answer.token_ids) <= 12  # both parts drew on one pool of max_tokens
+
+
+def test_a_chained_part_joining_a_running_batch_still_waits_for_its_answer(switch_tiny, parts_end):
+    """Continuous batching (a server's arrivals): a chained request that joins a running batch
+    holds its chained part back as `run_local` does, not decoded side by side."""
+    from loraswitch.switch.request import Done, Handle, Request
+
+    got: dict[str, list] = {"plain": [], "chain": []}
+    plain = Handle(Request.chat("just one thing", model="base", max_tokens=8), emit=got["plain"].append)
+    chain = Handle(Request.chat(CHAIN, model="auto", max_tokens=12), emit=got["chain"].append)
+    offered = [chain]
+
+    def arrivals(room, fits):
+        out = [h for h in offered if fits(h.request)]
+        offered.clear()
+        return out
+
+    switch_tiny.run([plain], arrivals=arrivals)
+    done = got["chain"][-1]
+    assert isinstance(done, Done) and isinstance(got["plain"][-1], Done)
+    parts = done.answer.routing["parts"]
+    assert [p.get("chained_from") for p in parts] == [None, 1] and "read" in parts[1]
+    assert len(done.batch["batches"]) == 2  # joined the running batch, then its chained part after it
+
+
+def test_a_chained_part_whose_answer_before_was_cut_at_max_tokens_is_not_answered(switch_tiny, monkeypatch):
+    from loraswitch.switch.request import Done, Request
+
+    monkeypatch.setattr(seg, "score_texts", _keyword_scores)
+    events = list(switch_tiny.stream([Request.chat(CHAIN, model="auto", max_tokens=12)]))
+    done = events[-1][1]
+    assert isinstance(done, Done) and done.answer.finish_reason == "length"
+    parts = done.answer.routing["parts"]
+    assert "read" not in parts[1] and "cut at max_tokens" in parts[1]["reason"]
+    assert done.answer.text.endswith("\n2. ")  # the random model's part 1 ran to its share
 
 
 def test_a_chained_part_waits_and_is_dropped_with_its_request():

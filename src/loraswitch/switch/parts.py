@@ -267,6 +267,14 @@ class PartsAnswer(SingleAnswer):
         got = self.results[part]
         return got[0] if got is not None else None
 
+    def cut_short(self, part: int) -> None:
+        """Chained part `part` is not answered: the answer it works on was cut at its share of
+        max_tokens, so there is no whole answer to work on (a sum cut to "4" would be spelled as
+        4). It ends empty, its finish_reason "length", as the answer's."""
+        self.ended(part, 0)
+        batch = next(r[1] for r in self.results if r is not None)
+        self.done(part, Generation([], routing={"reason": "the answer it works on was cut at max_tokens"}), batch)
+
     def chained(self, part: int, request: Request, before: str) -> Request:
         """Chained part `part`'s request with the answer it works on written into its words
         (`requests.with_result`: "Spell the result in English." -> "Spell 42 in English."), routed

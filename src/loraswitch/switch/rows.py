@@ -133,7 +133,8 @@ def request_rows(switch, handle: Handle, max_parts: int | None = None, found=Non
 def chained_ready(switch, waiting: list[Row]) -> tuple[list[Row], list[Row]]:
     """The chained parts (`Row.after`) whose part before is answered, their requests rewritten
     with that answer (`PartsAnswer.chained`), and those still waiting. A part of a request that is
-    over (failed, stopped at a stop string, cancelled) is dropped."""
+    over (failed, stopped at a stop string, cancelled) is dropped; one whose answer before was cut
+    at max_tokens ends empty (`PartsAnswer.cut_short`)."""
     ready, still = [], []
     for row in waiting:
         if row.answer.gone:
@@ -141,6 +142,9 @@ def chained_ready(switch, waiting: list[Row]) -> tuple[list[Row], list[Row]]:
         before = row.answer.answer_of(row.after)
         if before is None:
             still.append(row)
+            continue
+        if before.finish_reason == "length":  # cut at its share of max_tokens: nothing whole to work on
+            row.answer.cut_short(row.part)
             continue
         try:
             row.request = within_context(switch, row.answer.chained(row.part, row.request, before.text))

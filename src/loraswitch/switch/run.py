@@ -155,7 +155,8 @@ def _start(rows: list[Row], info: dict) -> None:
 class _Joins:
     """The `admit` of one running `generate` call: takes the waiting requests that fit it from
     `arrivals`, makes their rows and policies, and hands the static ones in (their `listener`
-    rows added); rows a per-layer router routes wait in `later` for a call of their own."""
+    rows added); rows a per-layer router routes wait in `later` for a call of their own, and
+    chained parts in `waiting` until the part before them is answered."""
 
     def __init__(self, switch, arrivals: Arrivals, limits: tuple[int | None, int | None], listener: BatchListener,
                  info: dict, params: SamplingParams):
@@ -164,6 +165,7 @@ class _Joins:
         self.key = listener.rows[0].request.sampling_key
         self.logprobs = params.logprobs
         self.later: list[tuple[Call, float]] = []
+        self.waiting: list[Row] = []  # joined requests' chained parts (`Row.after`), for `run_local`
         self.phases: dict[str, float] = {}
         self.seconds = 0.0  # spent here (templating, segmentation, routing), not decoding
         self.joined = 0
@@ -183,7 +185,8 @@ class _Joins:
         try:
             with reading_ahead():  # segmentation's pass reads the prompts for the selector too
                 rows = _rows_of(self.switch, handles, self.max_parts, self.phases)
-                calls = _calls(self.switch, rows, None)
+                self.waiting += [r for r in rows if r.after is not None]  # chained parts: after this call
+                calls = _calls(self.switch, [r for r in rows if r.after is None], None)
             static: Call = []
             for call, route_s in calls:
                 self.phases["route"] = self.phases.get("route", 0.0) + route_s
@@ -204,14 +207,14 @@ class _Joins:
 
 
 def _generate(switch, call: Call, route_s: float = 0.0, arrivals: Arrivals | None = None,
-              limits: tuple[int | None, int | None] = (None, None)) -> tuple[dict | None, list[tuple[Call, float]]]:
+              limits: tuple[int | None, int | None] = (None, None)) -> tuple[dict | None, list[tuple[Call, float]], list[Row]]:
     """One `generate` call for `call`'s rows (the policies were built over all of them, in
     `route_s` seconds); its info carries its `phases` (see the module doc). With `arrivals`,
-    waiting requests join it (`_Joins`); returns the info, and the calls of joined requests that
-    need a forward of their own."""
+    waiting requests join it (`_Joins`); returns the info, the calls of joined requests that
+    need a forward of their own, and their chained parts."""
     policy, rows = _call_policy(call)
     if all(r.answer.gone for r in rows):
-        return None, []
+        return None, [], []
     lead = rows[0].request
     wanted = [r.request.logprobs for r in rows if r.request.logprobs is not None]
     params = SamplingParams(max_new_tokens=max(r.request.max_tokens for r in rows),
@@ -242,7 +245,7 @@ def _generate(switch, call: Call, route_s: float = 0.0, arrivals: Arrivals | Non
     info = {**info, "size": len(listener.rows), "joined": joins.joined if joins else 0,
             "models": sorted({r.request.model for r in listener.rows}), "seconds": round(ended - began, 4),
             "phases": {k: round(v, 5) for k, v in phases.items()}}
-    return info, (joins.later if joins else [])
+    return info, (joins.later if joins else []), (joins.waiting if joins else [])
 
 
 def run(switch, handles: list[Handle], max_rows: int | None = None, max_parts: int | None = None,
@@ -316,9 +319,10 @@ def run_local(switch, handles: list[Handle], max_rows: int | None = None, max_pa
                 calls.append(calls.pop(open_call))
             open_index = len(calls) - 1 if open_call is not None else None
             for i, (call, route_s) in enumerate(calls):
-                info, later = _generate(switch, call, route_s, arrivals if i == open_index else None,
+                info, later, chained = _generate(switch, call, route_s, arrivals if i == open_index else None,
                                         (max_rows, max_parts))
                 calls += later
+                waiting += chained
                 if info is not None:
                     batches.append(info)
                 if waiting:
