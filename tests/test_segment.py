@@ -222,7 +222,8 @@ def test_a_part_working_on_the_answer_before_it_is_chained_to_it():
     from loraswitch.routing.requests import names_result, with_result
 
     assert all(names_result(t) for t in ["Spell the result in English.", "Then add 10 to that answer.",
-                                         "Write your answer in French.", "Tell me what you got, in French."])
+                                         "Write your answer in French.", "Tell me what you got, in French.",
+                                         "Write that number in French.", "Reverse the sorted list."])
     assert not any(names_result(t) for t in ["What is the answer to 12 + 30?", "The result is clear.",
                                              "Sort 3, 1, 2 and give me the result.", "Write it in French.",
                                              "Reverse the words: 'the result is here'.", "Find the total: 3 + 4"])
@@ -362,7 +363,7 @@ def parts_end(monkeypatch):
     chained part works only on a whole answer (`PartsAnswer.cut_short`)."""
     from loraswitch.switch.parts import PartsAnswer
 
-    original = PartsAnswer.answer_of
+    original, limit = PartsAnswer.answer_of, PartsAnswer.limit
 
     def answer_of(self, part):
         got = original(self, part)
@@ -371,6 +372,9 @@ def parts_end(monkeypatch):
         return got
 
     monkeypatch.setattr(PartsAnswer, "answer_of", answer_of)
+    # the first part stops after 3 tokens, leaving the rest of the pool to the part after it
+    monkeypatch.setattr(PartsAnswer, "limit", lambda self, part, asked: min(limit(self, part, asked), 3)
+                        if part == 0 else limit(self, part, asked))
     monkeypatch.setattr(seg, "score_texts", _keyword_scores)
 
 
@@ -424,6 +428,21 @@ def test_a_chained_part_whose_answer_before_was_cut_at_max_tokens_is_not_answere
     parts = done.answer.routing["parts"]
     assert "read" not in parts[1] and "cut at max_tokens" in parts[1]["reason"]
     assert done.answer.text.endswith("\n2. ")  # the random model's part 1 ran to its share
+    # part 1 ended on its own, but on the last token of the pool (the share part 2 lent it): no token left
+    from loraswitch.switch.parts import PartsAnswer
+
+    original = PartsAnswer.answer_of
+
+    def ended_on_its_own(self, part):
+        got = original(self, part)
+        if got is not None:
+            got.finish_reason = "stop"
+        return got
+
+    monkeypatch.setattr(PartsAnswer, "answer_of", ended_on_its_own)
+    done = list(switch_tiny.stream([Request.chat(CHAIN, model="auto", max_tokens=12)]))[-1][1]
+    assert done.answer.text.endswith("\n2. ") and len(done.answer.token_ids) <= 12
+    assert "read" not in done.answer.routing["parts"][1]
 
 
 def test_a_chained_part_waits_and_is_dropped_with_its_request():

@@ -219,6 +219,11 @@ def test_parts_share_max_tokens_a_part_that_ends_early_gives_the_rest_to_the_oth
     pool.end(0, 6)
     pool.end(2, 1)
     assert pool.limits == [6, 0, 1]
+    # a chained part (2 waits for 1) lends its share to the part it waits for, and gets back what it leaves
+    pool = TokenPool(10, 3, waits={2: 1})
+    assert pool.limits == [4, 6, 0]
+    pool.end(1, 2)
+    assert pool.limits == [6, 2, 2] and sum(pool.limits) == 10
     assert pooled_lengths([2, 50, 50], [True, False, False], 12) == [2, 5, 5]
     assert pooled_lengths([50, 2, 1], [False, True, True], 12) == [9, 2, 1]
 

@@ -89,10 +89,14 @@ def points_back(text: str) -> bool:
 
 
 # what names the answer of the request before it, not its input: "Spell the result in English.",
-# "Write the answer in French." ("the result of 4 + 5" brings its own data; "the sum" and "the
+# "Write the answer in French.", "Write that number in French." ("the result of 4 + 5" brings its own data; "the sum" and "the
 # total" are what the `add` task's own requests ask for: "Find the total: 3 + 4")
 _RESULT = re.compile(r"\b(?:the|that|this|your|its)\s+(?:(?:final|last|previous|first)\s+)?"
-                     r"(?:result|answer|output|outcome)(?!\s+(?:of|to|for)\b)\b|\bwhat\s+you\s+(?:got|get|found)\b", re.I)
+                     r"(?:result|answer|output|outcome)(?!\s+(?:of|to|for)\b)\b|\bwhat\s+you\s+(?:got|get|found)\b"
+                     # what it wrote, named by its kind: "Write that number in French.", "Reverse the sorted list."
+                     r"|\bthat\s+(?:number|sum|total|list|date|value|sentence|phrase|text)\b"
+                     r"|\bthe\s+(?:sorted|reversed|resulting|converted|computed)\s+"
+                     r"(?:list|numbers?|words?|date|sum|total|text|value|phrase)\b", re.I)
 # ... unless it closes a request of its own asking for that request's answer: "Sort 30, 10, 20
 # and give me the result."
 _OWN_RESULT = re.compile(r"\b(?:and|then)\s+(?:give|show|tell|send|return|print)\s+(?:me\s+|us\s+)?"

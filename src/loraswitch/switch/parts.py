@@ -61,10 +61,15 @@ class TokenPool:
     parts end first and their tokens reach the long ones in time; the limits never sum to more
     than `total`, whatever the order, so the answer stays within max_tokens."""
 
-    def __init__(self, total: int, n_parts: int):
+    def __init__(self, total: int, n_parts: int, waits: dict[int, int] | None = None):
         share, extra = divmod(total, n_parts)
         self.limits = [share + (1 if k < extra else 0) for k in range(n_parts)]
         self.running = set(range(n_parts))
+        # a chained part (`waits`: part -> the part it works on) cannot write while it waits, and
+        # works only on a whole answer: its share goes to that part, and comes back as what it leaves
+        for k, before in sorted((waits or {}).items(), reverse=True):
+            self.limits[before] += self.limits[k]
+            self.limits[k] = 0
 
     def limit(self, part: int) -> int:
         return self.limits[part]
@@ -250,7 +255,8 @@ class PartsAnswer(SingleAnswer):
     def __init__(self, handle: Handle, n_parts: int, tokenizer, router: str, found=None, pool: int | None = None):
         super().__init__(handle)
         self.tokenizer, self.router, self.n, self.found = tokenizer, router, n_parts, found
-        self.pool = TokenPool(pool, n_parts) if pool is not None else None  # None: each part its own max_tokens
+        waits = {k: p.after for k, p in enumerate(found.parts) if p.chained} if found is not None else {}
+        self.pool = TokenPool(pool, n_parts, waits) if pool is not None else None  # None: each part its own max_tokens
         self.sep_ids = [separator_ids(tokenizer, k) for k in range(1, n_parts + 1)]  # as `assemble` writes them
         self.results: list[tuple[Generation, dict] | None] = [None] * n_parts
         self.pending: list[list[Token | Switched]] = [[] for _ in range(n_parts)]  # held back, per part
@@ -262,15 +268,20 @@ class PartsAnswer(SingleAnswer):
     def limit(self, part: int, asked: int) -> int:
         return min(asked, self.pool.limit(part)) if self.pool is not None else asked
 
+    def starved(self, part: int) -> bool:
+        """Whether part `part` has no token left to write (a chained part whose part before used
+        the share it lent it, and every other part's spare)."""
+        return self.pool is not None and self.pool.limit(part) < 1
+
     def answer_of(self, part: int) -> Generation | None:
         """Part `part`'s answer, once it is done."""
         got = self.results[part]
         return got[0] if got is not None else None
 
     def cut_short(self, part: int) -> None:
-        """Chained part `part` is not answered: the answer it works on was cut at its share of
-        max_tokens, so there is no whole answer to work on (a sum cut to "4" would be spelled as
-        4). It ends empty, its finish_reason "length", as the answer's."""
+        """Chained part `part` is not answered: the answer it works on was cut at max_tokens (a
+        sum cut to "4" would be spelled as 4), or left it no token. It ends empty, its
+        finish_reason "length", as the answer's."""
         self.ended(part, 0)
         batch = next(r[1] for r in self.results if r is not None)
         self.done(part, Generation([], routing={"reason": "the answer it works on was cut at max_tokens"}), batch)

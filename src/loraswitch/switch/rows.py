@@ -143,7 +143,7 @@ def chained_ready(switch, waiting: list[Row]) -> tuple[list[Row], list[Row]]:
         if before is None:
             still.append(row)
             continue
-        if before.finish_reason == "length":  # cut at its share of max_tokens: nothing whole to work on
+        if before.finish_reason == "length" or row.answer.starved(row.part):  # nothing whole to work on, or no token left
             row.answer.cut_short(row.part)
             continue
         try:
