@@ -81,6 +81,7 @@ def demo(
     wins = _demo_table(suite, picks, [by_prompt[p] for p in prompts], auto_out, prompts)
     _demo_composite(switch, suite, tasks)
     _demo_open_request(switch, picks[0].prompt if picks else None)
+    _demo_chain(switch)
     Console().print(f"\n{wins} of {len(picks)} task prompts answered correctly by routing where the base model failed.")
 
 
@@ -135,6 +136,25 @@ def _demo_open_request(switch, task_prompt: str | None) -> None:
     who = [p.get("adapter") or "base" for p in res.routing.get("parts", [])] or [res.routing.get("adapter") or "base"]
     Console().print(f"\n[bold]A task and a request no adapter fits[/bold]\n{_short(prompt, 600)}\n\n[bold]answer[/bold] "
                     f"(per part: {', '.join(who)})\n{_short(res.text, 1000)}")
+
+
+CHAIN_PROMPT = "What is 25 + 17? Then spell the result in English."
+
+
+def _demo_chain(switch) -> None:
+    """A request on the answer of the one before it: the second part is answered after the first,
+    with its answer written in (docs/routing.md, "A part that works on the answer before it").
+    Shown where the library has the two adapters it needs (the demo library)."""
+    from loraswitch.generate import SamplingParams
+
+    if not {"add", "num_to_english"} <= set(switch.engine.adapters):
+        return
+    res = switch.chat([CHAIN_PROMPT], model="auto", params=SamplingParams(max_new_tokens=32))[0]
+    parts = res.routing.get("parts", [])
+    read = next((p["read"] for p in parts if p.get("read")), None)
+    Console().print(f"\n[bold]A request on the answer before it[/bold]\n{CHAIN_PROMPT}\n\n[bold]answer[/bold] "
+                    f"(per part: {', '.join(p.get('adapter') or 'base' for p in parts)}"
+                    f"{'; part 2 read ' + repr(read) if read else ''})\n{_short(res.text, 1000)}")
 
 
 # ---------------------------------------------------------------------------- zoo
