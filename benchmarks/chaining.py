@@ -43,6 +43,10 @@ CHAINS = [
      ["sort_numbers", "reverse_words"], ["12, 30, 88", "88, 30, 12"]),
     ("Put 5, 3, 8 in increasing order, then read the result from last to first.", ["sort_numbers", "reverse_words"],
      ["3, 5, 8", "8, 5, 3"]),
+    # no connective: the answer words say it
+    ("What is 130 + 12? Spell the result in English.", ["add", "num_to_english"], ["142", "one hundred forty-two"]),
+    ("Add 30 and 41. Write the answer in French.", ["add", "num_to_french"], ["71", "soixante et onze"]),
+    ("Compute 200 + 50. Add 5 to the result.", ["add", "add"], ["250", "255"]),
 ]
 
 INDEPENDENT = [

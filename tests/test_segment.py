@@ -248,8 +248,12 @@ def test_a_part_working_on_the_answer_before_it_is_chained_to_it():
     # no task read in it (its input is the answer): still a part, routed once the answer is in
     chained = found_in("Give the date. Then write the answer out in words.").parts
     assert [p.adapter for p in chained] == ["alpha", None] and chained[1].chained and not chained[1].for_base
-    # not asked as the next request, or pointing at its input: not chained
-    assert found_in("Give the date. Spell the result in french.").parts[1].after is None
+    # right after the request in its paragraph, the answer words say what a connective would
+    assert [p.after for p in found_in("Give the date. Spell the result in french.").parts] == [None, 0]
+    assert found_in("Give the date.\n\nSpell the result in french.").parts[1].after is None  # another paragraph
+    # a unit that only asks for an answer is a modifier, not a request on it
+    assert not names_result("Show me the result.") and not names_result("Then just give me the final answer!")
+    # pointing at its input: not chained
     assert [p.after for p in found_in("Give the date, and then spell it in french.").parts] == [None, None]
 
 

@@ -97,11 +97,21 @@ _RESULT = re.compile(r"\b(?:the|that|this|your|its)\s+(?:(?:final|last|previous|
                      r"|\bthat\s+(?:number|sum|total|list|date|value|sentence|phrase|text)\b"
                      r"|\bthe\s+(?:sorted|reversed|resulting|converted|computed)\s+"
                      r"(?:list|numbers?|words?|date|sum|total|text|value|phrase)\b", re.I)
-# ... unless it closes a request of its own asking for that request's answer: "Sort 30, 10, 20
-# and give me the result."
-_OWN_RESULT = re.compile(r"\b(?:and|then)\s+(?:give|show|tell|send|return|print)\s+(?:me\s+|us\s+)?"
-                         r"(?:the|your)\s+(?:result|answer|output)s?\W*$", re.I)
+# ... unless it only asks for an answer, its own or the one before ("Sort 30, 10, 20 and give me
+# the result.", "Sort 9, 4, 7. Show me the result."): nothing to do on it, a modifier
+_OWN_RESULT = re.compile(r"(?:^\W*|\b(?:and|then)\s+)(?:please\s+)?(?:just\s+)?(?:give|show|tell|send|return|print|"
+                         r"write|output)\s+(?:me\s+|us\s+)?(?:only\s+)?(?:the|your)\s+(?:final\s+)?"
+                         r"(?:result|answer|output)s?\W*$", re.I)
 _INLINE_MAX = 80  # characters of an answer written into the next request's sentence; longer: set below it
+
+
+def works_on(prompt: str, before: Unit, unit: Unit) -> bool:
+    """Whether `unit` works on the answer of the request in `before` (a part of its own, answered
+    after that one): it names an answer (`names_result`) and follows that request as the next
+    one, or right after it in its paragraph ("What is 25 + 17? Spell the result in English.":
+    the answer words say what the connective would)."""
+    return names_result(prompt[unit.start : unit.end]) and (
+        unit.para == before.para or follows_as_next(prompt, before, unit))
 
 
 def names_result(text: str) -> bool:

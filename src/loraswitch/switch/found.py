@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from loraswitch.routing.requests import follows_as_next, names_result, points_back
+from loraswitch.routing.requests import follows_as_next, points_back, works_on
 from loraswitch.routing.units import PROSE, Unit, clean
 
 
@@ -101,11 +101,10 @@ def finish(prompt: str, units: list[Unit], parts: list[Part], dropped: list[int]
         first = units[p.units[0]]
         p.kind = "numbered" if first.numbered else first.kind
         lead = units[members[0]]  # the part's opening unit, when it is its request (not context before it)
-        if (k and not p.firm and not parts[k - 1].firm and members[0] in p.units and lead.kind in PROSE
-                and follows_as_next(prompt, units[last], lead)):
-            if names_result(lead.text):  # works on the answer: answered after it, routed on it
+        if k and not p.firm and not parts[k - 1].firm and members[0] in p.units and lead.kind in PROSE:
+            if works_on(prompt, units[last], lead):  # works on the answer: answered after it, routed on it
                 p.after = k - 1
-            elif points_back(lead.text):  # names its input: answered with it in sight
-                p.answered = prompt[parts[k - 1].start : p.end].strip()
+            elif points_back(lead.text) and follows_as_next(prompt, units[last], lead):  # names its input
+                p.answered = prompt[parts[k - 1].start : p.end].strip()  # answered with it in sight
         last = members[-1]
     return Segmentation(parts, [(units[i].start, units[i].end) for i in sorted(dropped)])

@@ -45,7 +45,7 @@ import torch
 
 from loraswitch.numbered import split_parts
 from loraswitch.routing.base import NONE_CLASS
-from loraswitch.routing.requests import follows_as_next, names_result, stands_alone
+from loraswitch.routing.requests import follows_as_next, stands_alone, works_on
 from loraswitch.routing.units import PROSE, Unit, is_heading, is_statement, split_units
 from loraswitch.switch.found import Part, Segmentation, finish, join_units
 from loraswitch.switch.screen import screen
@@ -215,11 +215,11 @@ class _Doc:
 
     def may_chain(self) -> list[bool]:
         """The units that work on the answer of the request before them ("Then spell the result
-        in English."), asked as the next request: a part of their own even where the same
+        in English."), asked next or right after it (`requests.works_on`): a part of their own even where the same
         adapter answers both ("Add 5 and 9, then add 10 to the result.")."""
         u = self.units
-        return [i > 0 and u[i].kind in PROSE and not u[i].example and names_result(u[i].text)
-                and follows_as_next(self.prompt, u[i - 1], u[i]) for i in range(len(u))]
+        return [i > 0 and u[i].kind in PROSE and not u[i].example and works_on(self.prompt, u[i - 1], u[i])
+                for i in range(len(u))]
 
     def plan(self, settings: Settings) -> None:
         asked = [m and n >= settings.min_none for m, n in zip(self.may_ask(), self.none or [0.0] * len(self.units))]
