@@ -462,3 +462,25 @@ def test_merge_command_never_loses_a_folder_and_reads_the_configs_it_documents(t
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(binary)
+
+
+def test_folders_of_the_same_name_are_told_apart_by_the_folders_above_them(adapter_dir, tmp_path):
+    """Every training run's output is called alike (runs/a/final, runs/b/final): such folders
+    are merged under names that tell them apart ("a-final", "b-final"); one folder given twice
+    is an error."""
+    import shutil
+
+    for run, src in (("a", "alpha"), ("b", "beta")):
+        shutil.copytree(adapter_dir / src, tmp_path / "runs" / run / "final")
+    cfg = parse_config({"method": "linear", "adapters": [str(tmp_path / "runs" / r / "final") for r in ("a", "b")]})
+    assert [a.name for a in cfg.adapters] == ["a-final", "b-final"]
+    assert [a.path for a in cfg.adapters] == [tmp_path / "runs" / r / "final" for r in ("a", "b")]
+    deeper = tmp_path / "x" / "a" / "final"  # alike one level up too: named by two folders above
+    shutil.copytree(adapter_dir / "alpha", deeper)
+    cfg = parse_config({"method": "linear", "adapters": [str(tmp_path / "runs" / "a" / "final"), str(deeper)]})
+    assert [a.name for a in cfg.adapters] == ["runs-a-final", "x-a-final"]
+    with pytest.raises(ConfigError, match="given twice"):  # the same folder, spelled two ways
+        parse_config({"method": "linear", "adapters": [str(deeper), str(deeper / ".." / "final")]})
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_config({"method": "linear", "adapters": ["alpha", str(adapter_dir / "alpha")],
+                      "adapter_dirs": [str(adapter_dir)]})

@@ -19,6 +19,7 @@ found. Each problem raises one `ConfigError` naming the key and the allowed valu
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,11 +279,25 @@ def resolve_adapters(cfg: MergeConfig, base_dir: Path | None = None) -> None:
             f"unknown adapter {spec.name!r}: not in adapter_dirs ({', '.join(map(str, cfg.adapter_dirs))}) "
             f"and not a path to an adapter folder (available: {', '.join(sorted(available)) or 'none'}){hint}"
         )
-    names = [s.name for s in cfg.adapters]
-    dup = sorted({n for n in names if names.count(n) > 1})
+    paths = [s.path.resolve() for s in cfg.adapters]
+    dup = sorted({s.name for s, p in zip(cfg.adapters, paths) if paths.count(p) > 1})
     if dup:
-        raise ConfigError(f"adapter(s) {dup} are given twice: once by name and once by path, or as two folders of "
-                          "the same name (runs/a/final, runs/b/final); copy or link one under another name")
+        raise ConfigError(f"adapter(s) {dup} are given twice (once by name and once by path, or twice by path)")
+    _tell_apart(cfg.adapters)
+
+
+def _tell_apart(specs: list[AdapterSpec]) -> None:
+    """Name apart different folders of the same name (runs/a/final, runs/b/final: every training
+    run's output is called alike) by the folders above them, "a-final" and "b-final": as many as
+    it takes, so the merge's summary and its output's metadata say which is which."""
+    for depth in range(2, 64):
+        names = [s.name for s in specs]
+        clashing = [s for s in specs if names.count(s.name) > 1]
+        if not clashing:
+            return
+        for s in clashing:
+            parts = [re.sub(r"[^A-Za-z0-9_.\-]", "_", x) for x in s.path.parts[-depth:] if x not in ("/", "")]
+            s.name = "-".join(parts)[-128:].lstrip("-_.") or s.name
 
 
 def load_config(path: str | Path) -> MergeConfig:
