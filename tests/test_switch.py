@@ -224,6 +224,13 @@ def test_parts_share_max_tokens_a_part_that_ends_early_gives_the_rest_to_the_oth
     assert pool.limits == [4, 6, 0]
     pool.end(1, 2)
     assert pool.limits == [6, 2, 2] and sum(pool.limits) == 10
+    # a chain of three: what the first leaves goes to the part that writes next, not the one still waiting
+    pool = TokenPool(12, 3, waits={1: 0, 2: 1})
+    assert pool.limits == [12, 0, 0]
+    pool.end(0, 4)
+    assert pool.limits == [4, 8, 0]
+    pool.end(1, 3)
+    assert pool.limits == [4, 3, 5]
     assert pooled_lengths([2, 50, 50], [True, False, False], 12) == [2, 5, 5]
     assert pooled_lengths([50, 2, 1], [False, True, True], 12) == [9, 2, 1]
 

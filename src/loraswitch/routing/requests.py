@@ -102,16 +102,24 @@ _RESULT = re.compile(r"\b(?:the|that|this|your|its)\s+(?:(?:final|last|previous|
 _OWN_RESULT = re.compile(r"(?:^\W*|\b(?:and|then)\s+)(?:please\s+)?(?:just\s+)?(?:give|show|tell|send|return|print|"
                          r"write|output)\s+(?:me\s+|us\s+)?(?:only\s+)?(?:the|your)\s+(?:final\s+)?"
                          r"(?:result|answer|output)s?\W*$", re.I)
+# ... and not one about the form, length or checking of that answer, which is the same answer
+# asked differently ("Then keep the answer short.", "Then format the result as JSON.", "Then
+# double-check the answer."): a modifier of its request, not a request on its answer
+_SAME_ANSWER = re.compile(r"\b(?:only|just|short|shorter|brief|briefly|concise|digits?|numerals?|one\s+(?:line|word|"
+                          r"sentence|number)|single\s+(?:line|word|number)|plain\s+text|bold|italics?|brackets|"
+                          r"parenthes[ie]s|quotes|comma[- ]?separated|separated|lowercase|uppercase|json|markdown|"
+                          r"correct|right|sure|exact|exactly|precise|check|double-check|verify|confirm|explain|"
+                          r"justify|reason|why|how|round|rounded|twice|again|below|above|format|formatted|"
+                          r"keep|make|don't|do\s+not|without|no\s+words|if\s+needed|before)\b", re.I)
 _INLINE_MAX = 80  # characters of an answer written into the next request's sentence; longer: set below it
 
 
 def works_on(prompt: str, before: Unit, unit: Unit) -> bool:
     """Whether `unit` works on the answer of the request in `before` (a part of its own, answered
-    after that one): it names an answer (`names_result`) and follows that request as the next
-    one, or right after it in its paragraph ("What is 25 + 17? Spell the result in English.":
-    the answer words say what the connective would)."""
-    return names_result(prompt[unit.start : unit.end]) and (
-        unit.para == before.para or follows_as_next(prompt, before, unit))
+    after that one): it names an answer (`names_result`) and is asked as the next request (a
+    connective or separator, `follows_as_next`). Right after it without one is not enough: "What
+    is 25 + 17? Keep the answer short." is one request, and so are most such pairs."""
+    return names_result(prompt[unit.start : unit.end]) and follows_as_next(prompt, before, unit)
 
 
 def names_result(text: str) -> bool:
@@ -119,7 +127,10 @@ def names_result(text: str) -> bool:
     result in English."): such a part is answered after that one, with its answer written in
     (`with_result`), rather than side by side with the prompt in sight (`points_back`)."""
     bare = QUOTED.sub('""', text)
-    return _RESULT.search(bare) is not None and not _OWN_RESULT.search(bare) and not is_statement(text)
+    lead = _NEXT_LEAD.sub("", text, count=1).strip(" ,")  # "Then the answer must ..." opens with its subject
+    declarative = re.match(SUBJECT, lead, re.I) is not None and not text.rstrip().endswith("?")
+    return (_RESULT.search(bare) is not None and not _OWN_RESULT.search(bare) and not _SAME_ANSWER.search(bare)
+            and not is_statement(text) and not declarative)
 
 
 def with_result(text: str, result: str) -> str:

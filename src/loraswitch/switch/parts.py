@@ -67,7 +67,8 @@ class TokenPool:
         self.running = set(range(n_parts))
         # a chained part (`waits`: part -> the part it works on) cannot write while it waits, and
         # works only on a whole answer: its share goes to that part, and comes back as what it leaves
-        for k, before in sorted((waits or {}).items(), reverse=True):
+        self.waits = dict(waits or {})
+        for k, before in sorted(self.waits.items(), reverse=True):
             self.limits[before] += self.limits[k]
             self.limits[k] = 0
 
@@ -80,10 +81,13 @@ class TokenPool:
             return
         self.running.discard(part)
         spare, self.limits[part] = self.limits[part] - used, min(used, self.limits[part])
-        if spare <= 0 or not self.running:
+        # parts that can write now: a chained part still waiting for a running one would hold its
+        # tokens idle, so they go to the parts that write (the one it waits for among them)
+        writing = sorted(k for k in self.running if self.waits.get(k) not in self.running)
+        if spare <= 0 or not writing:
             return
-        each, extra = divmod(spare, len(self.running))
-        for i, k in enumerate(sorted(self.running)):
+        each, extra = divmod(spare, len(writing))
+        for i, k in enumerate(writing):
             self.limits[k] += each + (1 if i < extra else 0)
 
 
