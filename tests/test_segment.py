@@ -366,13 +366,11 @@ def test_chat_answers_detected_parts_with_spans(switch_tiny, monkeypatch):
 CHAIN = "Tell me the date, and then give the sum of the result."
 
 
-@pytest.fixture
-def parts_end(monkeypatch):
-    """Parts that end on their own: the tiny random model writes on to its token share, and a
-    chained part works only on a whole answer (`PartsAnswer.cut_short`)."""
+def _answers_end_on_their_own(monkeypatch) -> None:
+    """Every part's answer reads as ended by its stop token, whatever cut it."""
     from loraswitch.switch.parts import PartsAnswer
 
-    original, limit = PartsAnswer.answer_of, PartsAnswer.limit
+    original = PartsAnswer.answer_of
 
     def answer_of(self, part):
         got = original(self, part)
@@ -381,6 +379,16 @@ def parts_end(monkeypatch):
         return got
 
     monkeypatch.setattr(PartsAnswer, "answer_of", answer_of)
+
+
+@pytest.fixture
+def parts_end(monkeypatch):
+    """Parts that end on their own: the tiny random model writes on to its token share, and a
+    chained part works only on a whole answer (`PartsAnswer.cut_short`)."""
+    from loraswitch.switch.parts import PartsAnswer
+
+    _answers_end_on_their_own(monkeypatch)
+    limit = PartsAnswer.limit
     # the first part stops after 3 tokens, leaving the rest of the pool to the part after it
     monkeypatch.setattr(PartsAnswer, "limit", lambda self, part, asked: min(limit(self, part, asked), 3)
                         if part == 0 else limit(self, part, asked))
@@ -438,17 +446,7 @@ def test_a_chained_part_whose_answer_before_was_cut_at_max_tokens_is_not_answere
     assert "read" not in parts[1] and "cut at max_tokens" in parts[1]["reason"]
     assert done.answer.text.endswith("\n2. ")  # the random model's part 1 ran to its share
     # part 1 ended on its own, but on the last token of the pool (the share part 2 lent it): no token left
-    from loraswitch.switch.parts import PartsAnswer
-
-    original = PartsAnswer.answer_of
-
-    def ended_on_its_own(self, part):
-        got = original(self, part)
-        if got is not None:
-            got.finish_reason = "stop"
-        return got
-
-    monkeypatch.setattr(PartsAnswer, "answer_of", ended_on_its_own)
+    _answers_end_on_their_own(monkeypatch)
     done = list(switch_tiny.stream([Request.chat(CHAIN, model="auto", max_tokens=12)]))[-1][1]
     assert done.answer.text.endswith("\n2. ") and len(done.answer.token_ids) <= 12
     assert "read" not in done.answer.routing["parts"][1]
