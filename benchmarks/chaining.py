@@ -47,6 +47,10 @@ CHAINS = [
     ("What is 130 + 12? Spell the result in English.", ["add", "num_to_english"], ["142", "one hundred forty-two"]),
     ("Add 30 and 41. Write the answer in French.", ["add", "num_to_french"], ["71", "soixante et onze"]),
     ("Compute 200 + 50. Add 5 to the result.", ["add", "add"], ["250", "255"]),
+    # numbered: the numbers say "next"
+    ("1. What is 25 + 17?\n2. Spell the result in English.", ["add", "num_to_english"], ["42", "forty-two"]),
+    ("Two steps:\n1. Add 40 and 31.\n2. Write the answer in French.", ["add", "num_to_french"],
+     ["71", "soixante et onze"]),
 ]
 
 INDEPENDENT = [

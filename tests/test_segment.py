@@ -258,6 +258,9 @@ def test_a_part_working_on_the_answer_before_it_is_chained_to_it():
         "Then format the result as JSON.", "Then double-check the answer.", "Then explain how you got the answer.",
         "Then write the result as digits only.", "Then the answer must be lowercase.", "Your answer should be one word.",
         "That list came from my homework.", "Then print the sorted list on one line."])
+    # numbered items: the numbers say "next", no connective needed
+    assert [p.after for p in found_in("1. Give the date\n2. Spell the result in french.").parts] == [None, 0]
+    assert [p.after for p in found_in("1. Give the date\n2. Keep the answer in french.").parts] == [None, None]
     # pointing at its input: not chained
     assert [p.after for p in found_in("Give the date, and then spell it in french.").parts] == [None, None]
 

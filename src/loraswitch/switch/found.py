@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from loraswitch.routing.requests import follows_as_next, points_back, works_on
+from loraswitch.routing.requests import follows_as_next, names_result, points_back, works_on
 from loraswitch.routing.units import PROSE, Unit, clean
 
 
@@ -101,7 +101,9 @@ def finish(prompt: str, units: list[Unit], parts: list[Part], dropped: list[int]
         first = units[p.units[0]]
         p.kind = "numbered" if first.numbered else first.kind
         lead = units[members[0]]  # the part's opening unit, when it is its request (not context before it)
-        if k and not p.firm and not parts[k - 1].firm and members[0] in p.units and lead.kind in PROSE:
+        if k and p.kind == "numbered" == parts[k - 1].kind and names_result(lead.text):
+            p.after = k - 1  # "1. What is 25 + 17?\n2. Spell the result in English.": the numbers say "next"
+        elif k and not p.firm and not parts[k - 1].firm and members[0] in p.units and lead.kind in PROSE:
             if works_on(prompt, units[last], lead):  # works on the answer: answered after it, routed on it
                 p.after = k - 1
             elif points_back(lead.text) and follows_as_next(prompt, units[last], lead):  # names its input
