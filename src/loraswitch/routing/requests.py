@@ -89,8 +89,9 @@ def points_back(text: str) -> bool:
 
 
 # what names the answer of the request before it, not its input: "Spell the result in English.",
-# "Write the answer in French.", "Write that number in French." ("the result of 4 + 5" brings its own data; "the sum" and "the
-# total" are what the `add` task's own requests ask for: "Find the total: 3 + 4")
+# "Write the answer in French.", "Write that number in French." ("the result of 4 + 5" brings its
+# own data; "the sum" and "the total" are what the `add` task's own requests ask for: "Find the
+# total: 3 + 4")
 _RESULT = re.compile(r"\b(?:the|that|this|your|its)\s+(?:(?:final|last|previous|first)\s+)?"
                      r"(?:result|answer|output|outcome)(?!\s+(?:of|to|for)\b)\b|\bwhat\s+you\s+(?:got|get|found)\b"
                      # what it wrote, named by its kind: "Write that number in French.", "Reverse the sorted list."

@@ -127,7 +127,8 @@ class Switch:
             if len(found.parts) >= 2:
                 decisions = chosen.route(self.engine, found.texts)
                 # a part cut because no adapter fits it is answered by the base model (`parts.fan_out`)
-                parts = [{"text": p.text, "span": [p.start, p.end], **({"chained_from": p.after + 1} if p.chained else {}),
+                parts = [{"text": p.text, "span": [p.start, p.end],
+                          **({"chained_from": p.after + 1} if p.chained else {}),
                           **({"adapter": None, "confidence": 1.0} if p.for_base else
                              {k: v for k, v in d.to_dict().items() if k in ("adapter", "confidence", "none_probability")})}
                          for p, d in zip(found.parts, decisions)]

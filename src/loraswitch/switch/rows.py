@@ -112,8 +112,8 @@ class BatchListener(Listener):
 
 def request_rows(switch, handle: Handle, max_parts: int | None = None, found=None) -> list[Row]:
     """The rows of one request: one, or one per part of a multi-part request (`found`: the
-    parts `switch.segment` detected in it, if it looked); `fits_context` has tokenized the request. A chained part's row waits
-    (`after`) for the part whose answer it works on."""
+    parts `switch.segment` detected in it, if it looked); `fits_context` has tokenized the
+    request. A chained part's row waits (`after`) for the part whose answer it works on."""
     base, request = switch.base, handle.request
     fans = request.model == "auto" and request.is_chat and _fans_out(switch, request.route)
     try:
@@ -143,7 +143,8 @@ def chained_ready(switch, waiting: list[Row]) -> tuple[list[Row], list[Row]]:
         if before is None:
             still.append(row)
             continue
-        if before.finish_reason == "length" or row.answer.starved(row.part):  # nothing whole to work on, or no token left
+        # an answer cut at max_tokens is nothing whole to work on; or no token is left to write
+        if before.finish_reason == "length" or row.answer.starved(row.part):
             row.answer.cut_short(row.part)
             continue
         try:

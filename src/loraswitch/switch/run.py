@@ -207,7 +207,8 @@ class _Joins:
 
 
 def _generate(switch, call: Call, route_s: float = 0.0, arrivals: Arrivals | None = None,
-              limits: tuple[int | None, int | None] = (None, None)) -> tuple[dict | None, list[tuple[Call, float]], list[Row]]:
+              limits: tuple[int | None, int | None] = (None, None),
+              ) -> tuple[dict | None, list[tuple[Call, float]], list[Row]]:
     """One `generate` call for `call`'s rows (the policies were built over all of them, in
     `route_s` seconds); its info carries its `phases` (see the module doc). With `arrivals`,
     waiting requests join it (`_Joins`); returns the info, the calls of joined requests that
@@ -329,7 +330,8 @@ def run_local(switch, handles: list[Handle], max_rows: int | None = None, max_pa
                     ready, waiting = chained_ready(switch, waiting)
                     calls += _sampling_calls(switch, ready, max_rows)
         for row in waiting:  # their part before never answered (it cannot: every call has run)
-            row.answer.failed(RuntimeError(f"part {row.part + 1} waited for part {row.after + 1}, which was not answered"))
+            row.answer.failed(RuntimeError(f"part {row.part + 1} waited for part {row.after + 1}, "
+                                           "which was not answered"))
     if batches:  # the round's own phases, once
         mine = batches[0]["phases"]
         for name, value in phases.items():
