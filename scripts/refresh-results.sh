@@ -36,6 +36,11 @@ for step in "${steps[@]}"; do
       # requests no adapter fits, asked next to a task's (printed; docs/routing.md's table)
       for set in "" benchmarks/open_requests_heldout.json benchmarks/open_requests_heldout2.json; do
         python benchmarks/open_requests.py ${set:+--file "$set"}
+      done
+      # other layouts of several requests (docs/routing.md's table, benchmarks/results/layouts*.json)
+      python benchmarks/layouts.py --out benchmarks/results/layouts.json
+      for k in "" 2; do
+        python benchmarks/layouts.py --file "benchmarks/layouts_heldout$k.json" --out "benchmarks/results/layouts_heldout$k.json"
       done ;;
     bench) LORASWITCH_THREADS=${LORASWITCH_THREADS:-1} python benchmarks/bench.py --quick --repeats 5 --scaling 8 --scaling 128 --scaling 1000 \
                --max-resident 128 --doc docs/benchmarks.md --readme README.md ;;

@@ -20,6 +20,7 @@ from loraswitch.engine import Engine
 from loraswitch.generate import Policy
 from loraswitch.routing.arrow import ArrowRouter
 from loraswitch.routing.base import Decision, DecisionPolicy, Router, StaleRouterError
+from loraswitch.routing.requests import without_how
 from loraswitch.routing.seq import SequenceRouter
 
 
@@ -45,7 +46,7 @@ class AutoRouter(Router):
             return cls(ArrowRouter(engine), note)
 
     def route(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None) -> list[Decision]:
-        return self._noted(self.inner.route(engine, prompts, allowed))
+        return self._noted(self.inner.route(engine, [without_how(p) for p in prompts], allowed))
 
     def _noted(self, decisions: list[Decision]) -> list[Decision]:
         if self.note:
@@ -72,7 +73,7 @@ class AutoRouter(Router):
         return out
 
     def policy(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None) -> Policy:
-        policy = self.inner.policy(engine, prompts, allowed)
+        policy = self.inner.policy(engine, [without_how(p) for p in prompts], allowed)
         if isinstance(policy, DecisionPolicy):
             self._noted(policy.decisions)
             policy.router = f"auto ({self.inner.name})"

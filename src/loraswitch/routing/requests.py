@@ -10,8 +10,9 @@ or its answer). Plain text, no model (docs/routing.md has what these rules miss)
 from __future__ import annotations
 
 import re
+from collections import Counter
 
-from loraswitch.routing.units import CONNECTIVES, QUOTED, SUBJECT, Unit, is_statement
+from loraswitch.routing.units import CONNECTIVES, QUOTED, SUBJECT, Unit, is_statement, split_units
 
 # a word pointing back at the rest of the prompt or at the answer: a request holding one modifies
 # its neighbour ("Explain how you did it.", "Show your work.", "Double-check the result.")
@@ -27,9 +28,13 @@ _BACK = re.compile(r"\b(?:it|its|this|that|these|those|them|they|their|your|your
                    r"|\bhow\s+many\s+(?:are|is|there|of)\b|\bwhich\s+(?:one|number|word|item|value|date|is|are|was)\b"
                    r"|\bhow\s+(?:sure|confident|certain)\b"
                    r"|\b(?:why|largest|smallest|biggest|highest|lowest|longest|shortest)\W*$", re.I)
-# a pleasantry, not a request: "Thank you so much for the help.", "Have a wonderful day!"
+# a pleasantry, not a request: "Thank you so much for the help.", "Have a wonderful day!", a greeting,
+# or words about the requests rather than one ("Good morning, some quick ones for you.")
 _POLITE = re.compile(r"\b(?:thanks?|thank\s+you|cheers|best\s+wishes|regards|appreciated?|lifesaver|hurry|"
-                     r"have\s+a\s+(?:\w+\s+)?(?:day|weekend|evening|night|one))\b", re.I)
+                     r"have\s+a\s+(?:\w+\s+)?(?:day|weekend|evening|night|one))\b"
+                     r"|^\W*(?:hi|hello|hey|good\s+(?:morning|afternoon|evening|day)|dear|greetings|howdy)\b"
+                     r"|\b(?:some|a\s+few|a\s+couple\s+of|two|three|several)\s+(?:quick\s+|short\s+|more\s+)?"
+                     r"(?:ones|things|questions|tasks|requests)\b", re.I)
 # a sentence opening with a name and a verb: "John is waiting downstairs.", "Paris is lovely in spring."
 _NAMED = re.compile(r"[A-Z][\w'-]*(?:\s+[A-Z][\w'-]*)*\s+(?:is|are|was|were|has|have|had|will|seems?|looks?)\b")
 # a verb and "the" one common noun, nothing more: what it names is elsewhere ("Show the steps.",
@@ -45,8 +50,15 @@ _FORM = re.compile(r"(?:please\s+)?(?:(?:be|keep|make|use|answer|reply|respond|f
                    r"|\w+\s+(?:by|to|into|from|with|as|in|on)\b)", re.I)
 # what leads a request that follows another: a clause separator between them, or a connective
 # opening it ("Also, ...", "Then ...", "And ...")
-_NEXT = re.compile(rf"[;|]|\b(?:{CONNECTIVES}|and)\b", re.I)
+_NEXT = re.compile(rf"[;|\uff1b]|\b(?:{CONNECTIVES}|and)\b", re.I)
+_DASH = re.compile(r"^\W*[\u2014\u2013]\W*$")  # units joined by a dash alone
 _NEXT_LEAD = re.compile(rf"\W*(?:and\s+)?(?:{CONNECTIVES}|and)\b", re.I)
+
+
+# the tail of a sentence cut at a dash or a clause separator, not a request: it opens with a
+# preposition, a conjunction or a verb's "is" ("... housing \u2013 at least in the US \u2013 is caused by ...")
+_FRAGMENT = re.compile(r"\W*(?:at|in|on|for|from|by|with|of|to|as|into|about|after|before|during|since|until|while|"
+                       r"because|although|though|unless|or|but|nor|so|yet|is|are|was|were|am|has|have|had)\b", re.I)
 
 
 def stands_alone(text: str) -> bool:
@@ -58,7 +70,8 @@ def stands_alone(text: str) -> bool:
     as its neighbour's context ("..., then explain how you did it."): the selector reads both as
     `__none__` (0.99 and 0.996 on the demo router), so the words decide."""
     text = text.strip()
-    declarative = (re.match(SUBJECT, text, re.I) or _NAMED.match(text)) and not text.endswith("?")  # "The kettle broke."
+    declarative = ((re.match(SUBJECT, text, re.I) or _NAMED.match(text) or _FRAGMENT.match(text))
+                   and not text.endswith("?"))  # "The kettle broke.", "At least in the US"
     words = [w for w in re.findall(r"[\w']+", text) if w.lower() != "please"]
     bare = QUOTED.sub('""', text)  # quoted words are data: "How do you say 'thank you' in Japanese?"
     return (3 <= len(words) <= 30 and sum(w[0].isalpha() for w in words) >= 2 and not is_statement(text)
@@ -66,14 +79,58 @@ def stands_alone(text: str) -> bool:
             and not _POLITE.search(bare))
 
 
+# how to answer, not what: the form, length or checking of the answers ("Keep each answer short.",
+# "Answer with just the result.", "Don't add any commentary.", "Only the words, please.")
+_HOW = re.compile(r"\W*(?:please\s+)?(?:be|keep|make|use|answer|reply|respond|format|avoid|don't|do\s+not|no|only|just|"
+                  r"without|show|explain|double-check|check|verify|write|give|return|print|list|number|put|"
+                  r"separate|include|add|skip|omit|limit|stick|one)\b", re.I)
+_HOW_WORDS = re.compile(r"\b(?:answers?|results?|responses?|repl(?:y|ies)|outputs?|each|all|them|it|words?|"
+                        r"commentary|explanations?|steps|work|reasoning|lines?|sentences?|numbers?)\b", re.I)
+
+
+def says_how(text: str) -> bool:
+    """Whether `text` says how to answer rather than asking anything (an item of a list of
+    requests: "3. Keep each answer short.", "- Answer with just the result, no explanation."):
+    at most 15 words, no data of its own (digits, quotes), opening as such instructions do, on
+    the answers' form, length or checking, and not a request complete in itself. It joins the
+    part before it instead of being answered as a part by the base model."""
+    words = re.findall(r"[\w']+", text)
+    return (len(words) <= 15 and not re.search(r"\d", text) and not QUOTED.search(text)
+            and _HOW.match(text) is not None and _HOW_WORDS.search(text) is not None and not stands_alone(text))
+
+
+def without_how(prompt: str) -> str:
+    """What routes a prompt answered whole: `prompt` without its lines and list items that say
+    how to answer (`says_how`: "1. What is 74 + 26?\n2. Keep the answer short." reads as
+    "What is 74 + 26?"). Such a line says nothing of the task, and the selector, trained on
+    requests alone, read the two-line prompt as no task's (0.39). Sentences inside a line are
+    kept (a review's "Avoid it."); unchanged when nothing, or nothing but such lines, is found."""
+    units = split_units(prompt)
+    lines = Counter(u.line for u in units)
+    how = [u.kind in ("item", "line", "sentence") and lines[u.line] == 1 and not u.example and says_how(u.text)
+           for u in units]
+    if not any(how) or all(how):
+        return prompt
+    dropped = {u.line for u, h in zip(units, how) if h}
+    return "\n".join(line for k, line in enumerate(prompt.split("\n")) if k not in dropped).strip()
+
+
 def follows_as_next(prompt: str, before: Unit, unit: Unit) -> bool:
     """Whether `unit` is asked as the next request after `before`: a connective opens it ("Also,
     ...", "Then ...", "And ..."), or a separator joins them in one paragraph ("; ", " | ", ",
     then"). A line break alone is not one: on the held-out "paragraphs" layout (a greeting, the
-    requests, a thanks) it made a part of a friendly opening line in 5 of 9 prompts."""
+    requests, a thanks) it made a part of a friendly opening line in 5 of 9 prompts (`switch.segment`
+    takes such lines only next to a task's). A dash is one after a question or before one ("Sort
+    17, 4 ascending \u2014 what's the capital of Australia?"), not in running prose ("... on
+    homicides \u2013 since homicides are ...")."""
     if _NEXT_LEAD.match(prompt[unit.start : unit.end]):
         return True
-    return unit.para == before.para and _NEXT.search(prompt[before.end : unit.start]) is not None
+    between = prompt[before.end : unit.start]
+    if unit.para != before.para:
+        return False
+    if _DASH.search(between):
+        return prompt[: before.end].rstrip()[-1:] in "?!" or unit.text.rstrip().endswith("?")
+    return _NEXT.search(between) is not None
 
 
 # what a request names of the one before it: "Write it in French.", "Spell the result in English."

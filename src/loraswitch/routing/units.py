@@ -27,14 +27,21 @@ from dataclasses import dataclass, replace
 
 _TAG = re.compile(r"\[(?P<b>[A-Za-z_]{1,12})\](?P<bc>.*?)\[/(?P=b)\]"
                   r"|<(?P<x>[A-Za-z][\w-]{0,15})(?:\s[^<>]*)?>(?P<xc>.*?)</(?P=x)>", re.S)
-_NUMBER = re.compile(r"\s*\(?(\d{1,2})[.)]\s+(?=\S)")
+_NUMBER = re.compile(r"\s*(?:\(?(\d{1,2})[.)]|#(\d{1,2}))\s+(?=\S)")
 _LETTER = re.compile(r"\s*\(?([a-hA-H])[).]\s+(?=\S)")
 _BULLET = re.compile(r"\s*([-*\u2022\u25e6\u2023\u2013+])\s+(?=\S)")
-_LABEL = re.compile(r"\s*(?:Q|Question|Task|Part|Request|Step)\s*#?\d{0,2}\s*[:.)]\s+(?=\S)", re.I)
+_LABEL = re.compile(r"\s*(?:Q|Question|Task|Part|Request|Step)\s*#?(\d{0,2})\s*(?:[:.)]|(?<=\d)\s*[-\u2013\u2014])\s+(?=\S)",
+                    re.I)
 _ANSWER = re.compile(r"\s*(?:A|Answer|Output|Result)\s*\d{0,2}\s*:", re.I)
 _ARROW = re.compile(r"\s(?:->|=>|\u2192)\s")
-# inline enumeration inside a line: "a) ... b) ...", "(1) ... (2) ..."
-_INLINE = re.compile(r"(?:(?<=\s)|^)\(?([a-h]|\d{1,2})\)\s+(?=\S)")
+# inline enumeration inside a line: "a) ... b) ...", "(1) ... (2) ...", "(i) ... (ii) ..."
+_INLINE = re.compile(r"(?:(?<=\s)|^)\(?([a-h]|\d{1,2}|i{1,3}|iv|vi{0,3})\)\s+(?=\S)")
+_ROMAN = ["i", "ii", "iii", "iv", "v", "vi", "vii", "viii"]
+# ... or by ordinal words opening its clauses: "Two things: first, ...; second, ..."
+_ORDINAL = re.compile(r"(?:^|(?<=[:;,.?!])|(?<=[:;,.?!]\s)|(?<=\band\s))\s*"
+                      r"(first|second|third|fourth|fifth)(?:ly)?\b(?:\s+of\s+all)?,?\s+(?=\S)", re.I)
+_ORDINALS = ["first", "second", "third", "fourth", "fifth"]
+_ITEM_END = re.compile(r"[\s;,]*(?:\band)?[\s;,]*$")
 _PARA = re.compile(r"\n[ \t]*\n")
 # an answer option of the question above it: "choice: ..." / "Option: ..." (a label repeated on
 # consecutive lines) or "A. ..." / "(B) ..." (capital letters after a question, or after "Options:",
@@ -44,20 +51,31 @@ _OPTION_LETTER = re.compile(r"\s*\(?([A-H])[.)]\s+\S")
 _OPTION_LEAD = re.compile(r".*(?:\?|\b(?:options?|choices?|answers?|choose|select|pick)\b[^:]*:)\s*$", re.I)
 # a sentence ends at ".", "?" or "!", or just after a closing quote or bracket that follows one
 # ("... 'Great phone, terrible battery.' And write a haiku.")
-_SENTENCE = re.compile(r"(?:(?<=[.?!])|(?<=[.?!][\"'\u201d\u2019)\]]))\s+(?=[\"'(\[\u201c\u2018]?[A-Z0-9])")
-_CLAUSE = re.compile(r"\s*;\s*|,\s*(?:and\s+)?(?:then|after that|afterwards|also|next|finally)\b,?\s*"
-                     r"|\s+and\s+(?:then|also|after that|afterwards|finally|next)\b,?\s*", re.I)
+# ... or at a full-width "？", "！" or "。", which need no space after them
+_SENTENCE = re.compile(r"(?:(?<=[.?!])|(?<=[.?!][\"'\u201d\u2019)\]]))\s+(?=[\"'(\[\u201c\u2018]?[A-Z0-9])"
+                       r"|(?<=[\uff1f\uff01\u3002])\s*(?=\S)")
+# a clause ends at ";" (or "；"), before a connective, at a dash set off by spaces or right after a
+# sentence's end ("What is 2 + 3? — Spell 13 in English."; "well—known" is a word, "2013 – 2014" a
+# range), and
+# before "as well as", "in addition" or "plus" between words ("... in order plus convert ...";
+# "230 plus 418" is a sum)
+_CLAUSE = re.compile(r"\s*[;\uff1b]\s*|,\s*(?:and\s+)?(?:then|after that|afterwards|also|next|finally|"
+                     r"second(?:ly)?|third(?:ly)?|lastly)\b,?\s*"
+                     r"|\s+and\s+(?:then|also|after that|afterwards|finally|next|second(?:ly)?|third(?:ly)?)\b,?\s*"
+                     r"|(?<!\d)\s+[\u2014\u2013]\s+|\s+[\u2014\u2013]\s+(?!\d)|(?<=[.?!])\s*[\u2014\u2013]\s*"
+                     r"|,?\s+as\s+well\s+as\s+|(?:,?\s+and)?,?\s+in\s+addition\b,?\s*"
+                     r"|(?<=[A-Za-z]),?\s+plus,?\s+(?=[A-Za-z])", re.I)
 # " | " joins requests in a sentence too ("Sort 5, 3 | reverse: a b"), except in a table row,
 # whose cells are one line's data ("| Alice | 30 |"), and in a line that quotes code ("`ps | grep x`"):
 # there the pipes are no separators
 _CLAUSE_OR_PIPE = re.compile(_CLAUSE.pattern + r"|\s+\|\s+", re.I)
 _LEAD = re.compile(r"(?:and\s+)?(?:also|then|after that|afterwards|next|finally|lastly|additionally|besides|"
-                   r"first(?:ly)?|second(?:ly)?|third(?:ly)?|and)\b[,:]?\s+", re.I)
+                   r"first(?:ly)?|second(?:ly)?|third(?:ly)?|in addition|and)\b[,:]?\s+", re.I)
 
 
 # a declarative sentence: a subject first ("The ...", "There are ...", "I have ..."), or a scene
 # set before one ("In a golf tournament, there were ..."), ending without a question mark
-SUBJECT = r"(?:a|an|the|this|that|these|those|there|it|i|we|they|he|she|my|our|their|his|her|its)\b"
+SUBJECT = r"(?:a|an|the|this|that|these|those|there|here|it|i|we|they|he|she|my|our|their|his|her|its)\b"
 _STATEMENT = re.compile(rf"(?:{SUBJECT}|(?:in|on|at|during|after|before)\b[^,?]{{0,60}},\s*{SUBJECT})[^?]*$", re.I | re.S)
 # ... with a finite verb: "The date please." and "The sum of 2 and 3." are requests, not statements
 _VERB = re.compile(r"\b(?:is|are|was|were|am|has|have|had|will|would|can|could|does|did)\b"
@@ -92,6 +110,7 @@ class Unit:
     """One candidate piece of a prompt. `start`/`end`: its characters in the prompt (marker
     excluded); `kind`: block, item, line, sentence or clause; `list_id`: the enumeration (block
     group or list) it is an item of, -1 for prose; `numbered`: an item of a list numbered 1..n;
+    `ordered`: an item of a list marked in sequence (numbers, letters, "(i)", "Q1:", "first, ...");
     `line`/`para`: where it sits; `example`: part of a worked example (context, not a question)."""
 
     start: int
@@ -104,12 +123,19 @@ class Unit:
     para: int = 0
     answer: bool = False
     example: bool = False
+    ordered: bool = False
+
+
+# full-width punctuation written as the adapters read it ("What is 25 + 17？" -> "... 17?")
+_HALF_WIDTH = str.maketrans({"\uff1f": "?", "\uff01": "!", "\u3002": ".", "\uff1a": ":", "\uff1b": ";",
+                             "\uff0c": ","})
 
 
 def clean(text: str) -> str:
     """A unit's words without a leading connective, capitalised as a request on its own
-    ("also, sort ..." -> "Sort ..."): the adapters were trained on requests asked alone."""
-    text = text.strip()
+    ("also, sort ..." -> "Sort ..."), full-width punctuation as ASCII: the adapters were trained
+    on requests asked alone, in ASCII."""
+    text = text.strip().translate(_HALF_WIDTH)
     m = _LEAD.match(text)
     if m and m.end() < len(text):
         text = text[m.end():]
@@ -120,7 +146,8 @@ def clean(text: str) -> str:
 # before one (not an apostrophe); what they hold is data, never split
 QUOTED = re.compile(r"\"[^\"\n]*\"|\u201c[^\u201d\n]*\u201d|(?<![\w'])'[^'\n]*'(?![\w'])")
 # the words that lead a request following another ("Also, ...", "and then ...")
-CONNECTIVES = r"then|also|after that|afterwards|next|finally|lastly|additionally|besides|plus"
+CONNECTIVES = (r"then|also|after that|afterwards|next|finally|lastly|additionally|besides|plus|in addition|"
+               r"second(?:ly)?|third(?:ly)?")
 # a piece that is nothing but connectives and separators ("..., and then also, after that, ...")
 _EMPTY_PIECE = re.compile(rf"[\W_]*(?:(?:and|{CONNECTIVES})\b[\W_]*)*", re.I)
 
@@ -154,25 +181,38 @@ def _prose(prompt: str, start: int, end: int, **kw) -> list[Unit]:
     return units
 
 
+def _next_key(key: str) -> str:
+    """The marker after `key` in its sequence: 1 -> 2, a -> b, i -> ii, first -> second."""
+    if key.isdigit():
+        return str(int(key) + 1)
+    for seq in (_ROMAN, _ORDINALS):
+        if key in seq:
+            return seq[seq.index(key) + 1] if seq.index(key) + 1 < len(seq) else ""
+    return chr(ord(key) + 1)
+
+
 def _inline(prompt: str, start: int, end: int) -> tuple[int, list[tuple[int, int]]] | None:
-    """An inline enumeration ("a) x b) y", "(1) x (2) y") as (where its lead-in ends, item
-    spans), or None. A lead-in is allowed when it ends with a colon ("Please help me with: (a)
-    ... (b) ..."); any other text before the first marker makes the letters part of a sentence."""
+    """An inline enumeration ("a) x b) y", "(1) x (2) y", "(i) x (ii) y", "first, x; second,
+    y") as (where its lead-in ends, item spans), or None. A lead-in is allowed when it ends with
+    a colon ("Please help me with: (a) ... (b) ..."); any other text before the first marker
+    makes the markers part of a sentence."""
     line = prompt[start:end]
-    found, want = [], None
-    for m in _INLINE.finditer(line):
-        key = m.group(1)
-        first = key in ("a", "1")
-        if first and not found:
-            want = key
-        if want is not None and key == want:
-            found.append(m)
-            want = chr(ord(key) + 1) if key.isalpha() else str(int(key) + 1)
-    lead = line[: found[0].start()].strip() if found else ""
-    if len(found) < 2 or (lead and not lead.endswith(":")):
+    for pattern, firsts in ((_INLINE, ("a", "1", "i")), (_ORDINAL, ("first",))):
+        found, want = [], None
+        for m in pattern.finditer(line):
+            key = m.group(1).lower()
+            if key in firsts and not found:
+                want = key
+            if want is not None and key == want:
+                found.append(m)
+                want = _next_key(key)
+        lead = line[: found[0].start()].strip() if found else ""
+        if len(found) >= 2 and (not lead or lead.endswith((":", "\uff1a"))):
+            break
+    else:
         return None
-    ends = [len(line[: found[i + 1].start()].rstrip(" ;,")) if i + 1 < len(found) else len(line)
-            for i in range(len(found))]  # "(a) x; (b) y": the separator belongs to neither item
+    ends = [len(_ITEM_END.sub("", line[: found[i + 1].start()])) if i + 1 < len(found) else len(line)
+            for i in range(len(found))]  # "(a) x; (b) y", "first, x, and second, y": the separator belongs to neither
     return start + found[0].start(), [(start + m.end(), start + e) for m, e in zip(found, ends)
                                       if line[m.end() : e].strip()]  # "(a) ; (b) x": no empty item
 
@@ -212,7 +252,7 @@ def _marker(line: str) -> tuple[str, str, int] | None:
     for kind, pattern in (("number", _NUMBER), ("letter", _LETTER), ("label", _LABEL), ("bullet", _BULLET)):
         m = pattern.match(line)
         if m:
-            return kind, (m.group(1) if m.groups() else ""), m.end()
+            return kind, next((g for g in m.groups() if g), ""), m.end()
     return None
 
 
@@ -228,14 +268,16 @@ def _line_units(prompt: str, start: int, end: int, lists: _Lists, line: int, par
         list_id = lists.new()
         lists.close()
         lead = _prose(prompt, start, lead_end, line=line, para=para) if prompt[start:lead_end].strip() else []
-        return lead + [Unit(a, b, clean(prompt[a:b]), "item", list_id, False, line, para) for a, b in items]
+        return lead + [Unit(a, b, clean(prompt[a:b]), "item", list_id, False, line, para, ordered=True)
+                       for a, b in items]
     mark = _marker(text)
     if mark is not None:
         kind, key, length = mark
         list_id, _ = lists.item(kind, key)
         if list_id >= 0:
             s = start + length
-            return [Unit(s, end, clean(prompt[s:end]), "item", list_id, kind == "number", line, para)]
+            ordered = kind in ("number", "letter") or (kind == "label" and key.isdigit())
+            return [Unit(s, end, clean(prompt[s:end]), "item", list_id, kind == "number", line, para, ordered=ordered)]
     lists.close()
     return _prose(prompt, start, end, line=line, para=para)
 

@@ -39,16 +39,21 @@ validation prompts only; its held-out layouts are reported apart (docs/routing.m
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
 from loraswitch.numbered import split_parts
 from loraswitch.routing.base import NONE_CLASS
-from loraswitch.routing.requests import follows_as_next, stands_alone, works_on
+from loraswitch.routing.requests import follows_as_next, says_how, stands_alone, without_how, works_on
 from loraswitch.routing.units import PROSE, Unit, is_heading, is_statement, split_units
 from loraswitch.switch.found import Part, Segmentation, finish, join_units
 from loraswitch.switch.screen import screen
+
+_WORD = re.compile(r"[^\W\d_]{2}")  # two letters in a row: a word, in any script
+_QUOTES = "\"'\u201c\u2018"
 
 
 @dataclass(frozen=True)
@@ -96,20 +101,22 @@ def score_texts(router, engine, texts: list[str]) -> Scores | None:
     return Scores([d.adapter for d in decisions], conf, torch.logsumexp(logits, -1).tolist(), none)
 
 
-def _firm_lists(units: list[Unit], question: list[bool]) -> set[int]:
-    """Enumerations answered item by item: two or more confident items, or a list numbered 1..n
-    with one when that is at least half of it (a list of tasks may hold requests no adapter
-    takes: "1. Write a haiku. 2. What is 2 + 3?"). Any other numbered list is what the text
-    around it asks about ("Summarize these steps:" over three steps, one of which a fragment-
-    overconfident selector reads as a sum): `plan` makes its items context."""
+def _firm_lists(units: list[Unit], question: list[bool], how: list[bool]) -> set[int]:
+    """Enumerations answered item by item: two or more confident items, or a list marked in
+    sequence (1..n, a..h, "Q1:", "first, ...") with one when that is at least half of it (a list
+    of tasks may hold requests no adapter takes: "1. Write a haiku. 2. What is 2 + 3?"). Items
+    that say how to answer (`how`: "3. Keep each answer short.") are not counted. Any other
+    numbered list is what the text around it asks about ("Summarize these steps:" over three
+    steps, one of which a fragment-overconfident selector reads as a sum): `plan` makes its
+    items context."""
     firm = set()
     for list_id in {u.list_id for u in units if u.list_id >= 0}:
-        idx = [i for i, u in enumerate(units) if u.list_id == list_id and not u.example]
+        idx = [i for i, u in enumerate(units) if u.list_id == list_id and not u.example and not how[i]]
         if len(idx) < 2:
             continue
         asked = sum(question[i] for i in idx)
-        numbered = all(units[i].numbered for i in idx)
-        if asked >= 2 or (numbered and asked and 2 * asked >= len(idx)):
+        ordered = all(units[i].ordered for i in idx)
+        if asked >= 2 or (ordered and asked and 2 * asked >= len(idx)):
             firm.add(list_id)
     return firm
 
@@ -137,14 +144,18 @@ def plan(units: list[Unit], adapter: list[str | None], confidence: list[float],
     # a statement (`units.is_statement`) is never a question, however confidently routed
     statement = [u.kind in PROSE and is_statement(u.text) for u in units]
     heading = [u.kind in PROSE and is_heading(u.text) for u in units]
-    question = [a is not None and c >= settings.min_confidence and not st and not h
-                for a, c, st, h in zip(adapter, confidence, statement, heading)]
+    # nor is a unit without a word ("14; 3; 77" cut at its semicolons): data
+    worded = [_WORD.search(u.text) is not None for u in units]
+    question = [a is not None and c >= settings.min_confidence and not st and not h and w
+                for a, c, st, h, w in zip(adapter, confidence, statement, heading, worded)]
     question = [q or bool(asked and asked[i] and adapter[i] is None) for i, q in enumerate(question)]
     # a request on the answer before it is one whatever the selector reads in it: its input is
     # that answer, not in its words ("Then write the answer in English." reads `__none__`), and
     # it is routed once the answer is written in (`switch.run`)
     question = [q or bool(chains and chains[i]) for i, q in enumerate(question)]
-    firm = _firm_lists(units, question)
+    # an item saying how to answer ("3. Keep each answer short.") is context of the part before it
+    how = [u.list_id >= 0 and not q and says_how(u.text) for u, q in zip(units, question)]
+    firm = _firm_lists(units, question, how)
     top = next((u for u in units if u.list_id in firm and u.numbered), None)
     for i, u in enumerate(units):
         if u.numbered and u.list_id not in firm:  # a numbered list of data: what the prompt asks about
@@ -159,7 +170,7 @@ def plan(units: list[Unit], adapter: list[str | None], confidence: list[float],
         if u.example:
             dropped.append(i)
             continue
-        is_firm = u.list_id in firm
+        is_firm = u.list_id in firm and not how[i]
         if not is_firm and not question[i]:
             # context joins the part before it, unless it sets up the next question (then it and
             # whatever follows it up to that question wait), or the part before is a list item
@@ -205,13 +216,33 @@ class _Doc:
     parts: list[Part] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
 
-    def may_ask(self) -> list[bool]:
+    def may_ask(self, lines: bool = True) -> list[bool]:
         """The units that, by their words, may be a request no adapter fits asked next to
-        another: complete in themselves and joined to a neighbour as the next request."""
+        another: complete in themselves and joined to a neighbour as the next request (or the
+        first after a heading: "## B\nSuggest a name for a cat."). With `lines`, also those alone
+        on a line next to another such line ("Tell me a joke.\nWhat is 620 + 37?"), which `plan`
+        takes only next to a line the selector reads as a task (`_Doc.plan`)."""
         u = self.units
-        nexts = [i > 0 and follows_as_next(self.prompt, u[i - 1], u[i]) for i in range(len(u))]
-        return [u[i].kind in PROSE and not u[i].example and (nexts[i] or (i + 1 < len(u) and nexts[i + 1]))
-                and stands_alone(u[i].text) for i in range(len(u))]
+        count = Counter(x.line for x in u)
+        headed = [i > 0 and u[i - 1].kind in PROSE and is_heading(u[i - 1].text) and count[u[i].line] == 1
+                  for i in range(len(u))]  # the whole line under a heading ("Positive or negative? ..." is not)
+        nexts = [i > 0 and (follows_as_next(self.prompt, u[i - 1], u[i]) or headed[i]) for i in range(len(u))]
+        own = self.own_lines() if lines else [[] for _ in u]
+        return [u[i].kind in PROSE and not u[i].example and (nexts[i] or (i + 1 < len(u) and nexts[i + 1])
+                                                            or bool(own[i])) and stands_alone(u[i].text)
+                for i in range(len(u))]
+
+    def own_lines(self) -> list[list[int]]:
+        """Per unit that is a sentence alone on its line: the units next to it alone on theirs
+        (else []). Not a line under one ending with a colon, one opening with a quote, or one
+        without an end mark: what a request shows ("Reverse the words:\nsmall birds sing")."""
+        u = self.units
+        count = Counter(x.line for x in u)
+        alone = [x.kind in PROSE and count[x.line] == 1 and not x.example for x in u]
+        sentence = [a and x.text[-1:] in ".?!" and x.text[:1] not in _QUOTES
+                    and not (i and u[i - 1].text.endswith(":")) for i, (a, x) in enumerate(zip(alone, u))]
+        return [[j for j in (i - 1, i + 1) if 0 <= j < len(u) and alone[j]] if sentence[i] else []
+                for i in range(len(u))]
 
     def may_chain(self) -> list[bool]:
         """The units that work on the answer of the request before them ("Then spell the result
@@ -222,7 +253,16 @@ class _Doc:
                 for i in range(len(u))]
 
     def plan(self, settings: Settings) -> None:
-        asked = [m and n >= settings.min_none for m, n in zip(self.may_ask(), self.none or [0.0] * len(self.units))]
+        """Parts from the scored units (`plan`). A request no adapter fits on a line of its own,
+        with no connective, is one only next to a line read as a task ("Tell me a joke.\nWhat is
+        620 + 37?"): lines of greetings and thanks around requests are not ("Good morning, some
+        quick ones for you.")."""
+        task = [a is not None and c >= settings.min_confidence and not is_statement(u.text)
+                for a, c, u in zip(self.adapter, self.confidence, self.units)]
+        own, by_words = self.own_lines(), self.may_ask(lines=False)
+        by_line = [m and any(task[j] for j in own[i]) for i, m in enumerate(self.may_ask())]
+        asked = [(w or b) and n >= settings.min_none
+                 for w, b, n in zip(by_words, by_line, self.none or [0.0] * len(self.units))]
         self.parts, self.dropped = plan(self.units, self.adapter, self.confidence, settings, asked, self.may_chain())
 
     def runs(self) -> list[list[int]]:
@@ -261,7 +301,8 @@ def segment(router, engine, prompts: list[str], settings: Settings = Settings(),
     (only where there are any). `selector_next`: the selector routes these prompts right after
     (`auto`), so the screen reads them whole in its pass too."""
     docs = [_Doc(p, split_units(p)) for p in prompts]
-    read = screen(router, engine, [d.units for d in docs], prompts if selector_next else (),
+    ahead = [without_how(p) for p in prompts] if selector_next else ()  # what `auto` routes them on
+    read = screen(router, engine, [d.units for d in docs], ahead,
                   [any(d.may_ask()) or any(d.may_chain()) for d in docs])
     live = [d for d, r in zip(docs, read) if r]
     todo = [(d, i) for d in live for i, u in enumerate(d.units) if not u.example]

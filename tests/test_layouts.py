@@ -1,0 +1,150 @@
+"""Several requests laid out without a numbered list of parts or "then" (`routing.units`,
+`routing.requests`, `switch.segment`): dashes, full-width punctuation, "first, ...; second,
+...", roman and labelled items, bare lines, and list items that only say how to answer. Pure
+text and a keyword stand-in selector on no model; the real default reads a few headline
+prompts (`real`; the whole sets are `benchmarks/layouts.py`)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from loraswitch.routing.requests import says_how, stands_alone, without_how
+from loraswitch.routing.units import split_units
+from loraswitch.switch import segment as seg
+from loraswitch.switch.segment import Scores
+
+KEYWORDS = {"date": "alpha", "sum": "gamma", "french": "beta"}
+
+
+def _texts(prompt: str) -> list[str]:
+    return [u.text for u in split_units(prompt)]
+
+
+def _scores(router, engine, texts):
+    """A stand-in selector: the adapter of the first keyword in a text, confident when found, else
+    `__none__` at 0.99; energy flat (no cut is merged)."""
+    adapter = [next((a for k, a in KEYWORDS.items() if k in t.lower()), None) for t in texts]
+    return Scores(adapter, [0.99 if a else 0.3 for a in adapter], [0.0] * len(texts),
+                  [0.0 if a else 0.99 for a in adapter])
+
+
+@pytest.fixture
+def keyword_selector(monkeypatch):
+    monkeypatch.setattr(seg, "score_texts", _scores)
+    return types.SimpleNamespace(fast=None)
+
+
+def _parts(router, prompt: str) -> list[tuple[str, str | None]]:
+    return [(p.text, p.adapter) for p in seg.segment(router, None, [prompt])[0].parts]
+
+
+def test_dashes_full_width_marks_and_joining_words_end_a_unit():
+    assert _texts("What is 25 + 17? \u2014 Spell 13 in English.") == ["What is 25 + 17?", "Spell 13 in English."]
+    assert _texts("Sort 63, 2, 19 \u2013 reverse the words: a b") == ["Sort 63, 2, 19", "Reverse the words: a b"]
+    # a range and a hyphenated word are not separators
+    assert _texts("In 2013 \u2013 2014 it rained.") == ["In 2013 \u2013 2014 it rained."]
+    assert _texts("A well\u2014known fact.") == ["A well\u2014known fact."]
+    # full-width marks end a sentence with no space after them, and are read as ASCII
+    assert _texts("What is 25 + 17\uff1fSpell 13 in English\u3002") == ["What is 25 + 17?", "Spell 13 in English."]
+    assert _texts("Sort 9, 4\uff1breverse: a b") == ["Sort 9, 4", "Reverse: a b"]
+    assert _texts("Add 3 and 4 as well as spell 13 in English.") == ["Add 3 and 4", "Spell 13 in English."]
+    assert _texts("Sort 8, 3 in order plus convert the date.") == ["Sort 8, 3 in order", "Convert the date."]
+    assert _texts("What is 230 plus 418?") == ["What is 230 plus 418?"]  # a sum, not two requests
+    assert _texts("Is it positive and, in addition, what is 2 + 3?") == ["Is it positive", "What is 2 + 3?"]
+
+
+def test_ordinal_words_roman_numerals_and_labels_mark_items_in_sequence():
+    units = split_units("I need two things: first, add 5 and 2; second, write 9 in French.")
+    assert [u.text for u in units] == ["I need two things:", "Add 5 and 2", "Write 9 in French."]
+    assert [u.kind for u in units] == ["sentence", "item", "item"] and units[1].ordered
+    assert _texts("Two tasks: firstly, sort 5, 1, and secondly, write 40 in French.") == [
+        "Two tasks:", "Sort 5, 1", "Write 40 in French."]
+    assert _texts("First, sort 5, 1. Second, write 40 in French.") == ["Sort 5, 1.", "Write 40 in French."]
+    # "first" with no "second" is a connective, and ordinals inside a sentence with no lead-in colon are words
+    assert _texts("First, sort 5, 1, then write 40 in French.") == ["Sort 5, 1", "Write 40 in French."]
+    assert len(split_units("He came first, and I came second in the race.")) == 1
+    assert _texts("(i) sort 5, 1 (ii) reverse: a b (iii) add 2 and 3") == ["Sort 5, 1", "Reverse: a b", "Add 2 and 3"]
+    for prompt in ("Task 1 - the date\nTask 2 - the sum", "#1 the date\n#2 the sum", "Q1: the date\nQ2: the sum"):
+        units = split_units(prompt)
+        assert [u.text for u in units] == ["The date", "The sum"] and all(u.ordered for u in units), prompt
+    assert not any(u.ordered for u in split_units("- the date\n- the sum"))  # bullets are not a sequence
+
+
+def test_an_item_that_says_how_to_answer_is_not_a_part(keyword_selector):
+    assert all(says_how(t) for t in ["Keep each answer short.", "Answer with just the result, no explanation.",
+                                     "Don't add any commentary.", "Only the words, please.", "Answer briefly."])
+    assert not any(says_how(t) for t in ["Tell me a joke.", "Write 21 in French words", "Give me the median.",
+                                         "Explain how photosynthesis works.", "Reverse the words in 'a b'."])
+    assert _parts(keyword_selector, "1. the date\n2. the sum\n3. Keep each answer short.") == [
+        ("The date", "alpha"), ("The sum\nKeep each answer short.", "gamma")]
+    assert _parts(keyword_selector, "1) Answer each in one line.\n2) the date\n3) the sum") == [
+        ("The date", "alpha"), ("The sum", "gamma")]
+    # one request and an instruction: not a list of parts; answered whole, routed on the request
+    assert _parts(keyword_selector, "1. the date\n2. Keep the answer short.") == []
+    assert without_how("1. What is 74 + 26?\n2. Keep the answer short.") == "1. What is 74 + 26?"
+    assert without_how("What is 74 + 26?\nAnswer briefly.") == "What is 74 + 26?"
+    # a sentence inside a line is kept (a review's "Avoid it."), and so is a prompt of nothing else
+    assert without_how("Positive or negative? It broke. Avoid it.") == "Positive or negative? It broke. Avoid it."
+    assert without_how("Answer briefly.") == "Answer briefly."
+    # an item no adapter fits that asks something of its own is still a part
+    assert _parts(keyword_selector, "1. the date\n2. Tell me a joke about cats.") == [
+        ("The date", "alpha"), ("Tell me a joke about cats.", None)]
+
+
+def test_a_request_no_adapter_fits_on_its_own_line_is_a_part_next_to_a_task(keyword_selector):
+    assert _parts(keyword_selector, "Tell me a joke about penguins.\nWhat is the sum of 2 and 3?") == [
+        ("Tell me a joke about penguins.", None), ("What is the sum of 2 and 3?", "gamma")]
+    assert _parts(keyword_selector, "Hi!\nGive the date.\nRecommend a good sci-fi novel.\nThanks!") == [
+        ("Give the date.", "alpha"), ("Recommend a good sci-fi novel.\nThanks!", None)]  # the thanks: context
+    assert _parts(keyword_selector, "## A\nGive the date.\n## B\nSuggest a good name for a cat.") == [
+        ("Give the date.", "alpha"), ("Suggest a good name for a cat.", None)]
+    # greetings and words about the requests are not requests; a line of data is not one either
+    assert not stands_alone("Good morning, some quick ones for you.") and not stands_alone("At least in the US")
+    assert _parts(keyword_selector, "Good morning, some quick ones for you.\nGive the date.") == []
+    assert _parts(keyword_selector, "Reverse the words of the date:\nsmall birds sing at dawn.") == []
+    assert _parts(keyword_selector, "Give the date.\n'Tell me a joke about cats.'") == []
+    # a dash makes the next request only next to a question: in running prose it is an aside
+    from loraswitch.routing.requests import follows_as_next
+
+    for prompt, asked in [("Sort 17, 4 ascending \u2014 what's the capital of Australia?", True),
+                          ("What is 2 + 3? \u2014 Tell me a joke.", True),
+                          ("Studies focus on homicides \u2013 since homicides are defined alike.", False)]:
+        u = split_units(prompt)
+        assert len(u) == 2 and follows_as_next(prompt, u[0], u[1]) == asked, prompt
+    # two lines no adapter fits: no task line next to them, nothing is cut
+    assert _parts(keyword_selector, "Explain recursion.\nGive an example in Python.") == []
+
+
+def test_a_unit_without_a_word_is_data_never_a_part(keyword_selector, monkeypatch):
+    def scores(router, engine, texts):  # a selector that reads the bare numbers as a sum
+        out = _scores(router, engine, texts)
+        return Scores([a or ("gamma" if not any(c.isalpha() for c in t) else None) for a, t in zip(out.adapter, texts)],
+                      [0.99 if not any(c.isalpha() for c in t) else c for c, t in zip(out.confidence, texts)],
+                      out.energy, out.none)
+
+    monkeypatch.setattr(seg, "score_texts", scores)
+    assert _parts(keyword_selector, "Give the date, lowest first: 14\uff1b3\uff1b77") == []
+
+
+@pytest.mark.real
+def test_the_real_selector_finds_parts_in_these_layouts():
+    from loraswitch.switch import Switch
+
+    sw = Switch()
+    prompts = {
+        "What is 25 + 17? \u2014 Spell out 13 in English.": ["add", "num_to_english"],
+        "What is 25 + 17\uff1fSpell out 13 in English\u3002": ["add", "num_to_english"],
+        "I need two things: first, add 543 and 218; second, write the number 90 in French.": ["add", "num_to_french"],
+        "1. Add 73 and 148.\n2. Convert 25 December 2012 to ISO 8601.\n3. Keep each answer short.": ["add", "iso_date"],
+        "Tell me a joke about penguins.\nWhat is 620 + 37?": [None, "add"],
+        "Sort, lowest first: 14\uff1b3\uff1b77\uff1b50": [],
+        "Here's a date \u2014 12 August 1976 \u2014 please give it in ISO 8601 form.": [],
+        "Reverse the word order of this sentence:\nsmall birds sing at dawn": [],
+    }
+    found = seg.segment(sw.router("auto"), sw.engine, list(prompts))
+    assert [[p.adapter for p in f.parts] for f in found] == list(prompts.values())
+    # one request and an instruction on its own line: routed on the request
+    routed = sw.router("auto").route(sw.engine, ["1. What is 25 + 17?\n2. Keep the answer short."])
+    assert routed[0].adapter == "add"
