@@ -51,6 +51,12 @@ def test_dashes_full_width_marks_and_joining_words_end_a_unit():
     assert _texts("Sort 9, 4\uff1breverse: a b") == ["Sort 9, 4", "Reverse: a b"]
     assert _texts("Add 3 and 4 as well as spell 13 in English.") == ["Add 3 and 4", "Spell 13 in English."]
     assert _texts("Sort 8, 3 in order plus convert the date.") == ["Sort 8, 3 in order", "Convert the date."]
+    assert _texts("Sort 11, 4, 7, plus write 9 in French.") == ["Sort 11, 4, 7", "Write 9 in French."]
+    assert _texts("Reverse: a b along with giving the date.") == ["Reverse: a b", "Giving the date."]
+    # ... before a request only: a list goes on, and so does a request ("in English, as well as in French")
+    assert len(split_units("Sort ascending: 5, 1, 3 as well as 7 and 2.")) == 1
+    assert len(split_units("Sort ascending: 5, 1, 3 in addition to 8 and 4.")) == 1
+    assert len(split_units("Spell out 48 in English, as well as in French.")) == 1
     assert _texts("What is 230 plus 418?") == ["What is 230 plus 418?"]  # a sum, not two requests
     assert _texts("Is it positive and, in addition, what is 2 + 3?") == ["Is it positive", "What is 2 + 3?"]
 
@@ -74,7 +80,8 @@ def test_ordinal_words_roman_numerals_and_labels_mark_items_in_sequence():
 
 def test_an_item_that_says_how_to_answer_is_not_a_part(keyword_selector):
     assert all(says_how(t) for t in ["Keep each answer short.", "Answer with just the result, no explanation.",
-                                     "Don't add any commentary.", "Only the words, please.", "Answer briefly."])
+                                     "Don't add any commentary.", "Only the words, please.", "Answer briefly.",
+                                     "Answers only, no working.", "Lowercase only, no punctuation."])
     assert not any(says_how(t) for t in ["Tell me a joke.", "Write 21 in French words", "Give me the median.",
                                          "Explain how photosynthesis works.", "Reverse the words in 'a b'."])
     assert _parts(keyword_selector, "1. the date\n2. the sum\n3. Keep each answer short.") == [
@@ -110,9 +117,12 @@ def test_a_request_no_adapter_fits_on_its_own_line_is_a_part_next_to_a_task(keyw
 
     for prompt, asked in [("Sort 17, 4 ascending \u2014 what's the capital of Australia?", True),
                           ("What is 2 + 3? \u2014 Tell me a joke.", True),
+                          ("Write a short poem \u2014 reverse the words: a b", True),
                           ("Studies focus on homicides \u2013 since homicides are defined alike.", False)]:
         u = split_units(prompt)
         assert len(u) == 2 and follows_as_next(prompt, u[0], u[1]) == asked, prompt
+    # a question whose line goes on with a statement has its input there: read together, not cut off
+    assert _parts(keyword_selector, "Give the date \u2013 Positive or negative? The lamp stopped working.") == []
     # two lines no adapter fits: no task line next to them, nothing is cut
     assert _parts(keyword_selector, "Explain recursion.\nGive an example in Python.") == []
 
@@ -148,3 +158,54 @@ def test_the_real_selector_finds_parts_in_these_layouts():
     # one request and an instruction on its own line: routed on the request
     routed = sw.router("auto").route(sw.engine, ["1. What is 25 + 17?\n2. Keep the answer short."])
     assert routed[0].adapter == "add"
+
+
+def test_what_a_black_box_review_found(keyword_selector):
+    """Found by a review of about 450 messages through the library, the CLI and the server."""
+    from loraswitch.routing.requests import names_result
+
+    # one request cut in two: short how-to items, calls for attention, asides after a dash
+    assert all(says_how(t) for t in ["Be concise.", "Use digits.", "Numbers only.", "Don't explain.", "One line only."])
+    assert not says_how("Give me the median.")
+    assert not any(stands_alone(t) for t in ["Can you help?", "Could you do me a favour?", "Are you there?"])
+    assert _parts(keyword_selector, "Can you help?\nGive the date.") == []
+    assert _parts(keyword_selector, "Give the date? \u2014 asking for a friend.") == []
+    assert _parts(keyword_selector, "Give the date. Honestly? \u2014 what a waste of money.") == []
+    assert not names_result("What's the result?")  # asks for the answer: nothing to do on it
+    # the line under a request ending with a colon is its input, however confidently read
+    assert _parts(keyword_selector, "Give the date of this:\nWhat is the sum of 2 and 3?") == []
+    # "plus" between numbers is no request's word: "1 plus 4" cut at semicolons is data
+    assert _parts(keyword_selector, "Give the date: 3; 9; 1 plus 4; 2") == []
+    # list markers: roman numerals on lines, a byte-order mark, "#1:", "and finally" closing ordinals
+    assert _texts("(i) the date\n(ii) Tell me a joke\n(iii) the sum") == ["The date", "Tell me a joke", "The sum"]
+    assert _texts("i. the date\nii. the sum") == ["The date", "The sum"]
+    assert _texts("\ufeff1. the date\n2. the sum") == ["The date", "The sum"]
+    assert _texts("#1: the date\n#2: the sum") == ["The date", "The sum"]
+    # found in a third blind set: labels inline, "plus" after a number, help "with something"
+    assert _texts("Q1: the date. Q2: the sum.") == ["The date.", "The sum."]
+    assert _texts("Sort 19, 5, 33 plus tell me a joke.") == ["Sort 19, 5, 33", "Tell me a joke."]
+    assert not stands_alone("Can you help me with something?")
+
+    assert _texts("Do these: first, the date; second, the sum; and finally, a joke.") == [
+        "Do these:", "The date", "The sum", "A joke."]
+    assert not any(u.kind == "item" for u in split_units("First, the date; the sum. Next, a b, and finally a joke."))
+    # the next item of any list, labelled, bulleted or ordinal, that names the answer is chained
+    for prompt in ("- the date\n- Spell the result in French.", "Q1: the date\nQ2: Spell the result in French.",
+                   "First, the date? Second, spell the result in French."):
+        found = seg.segment(keyword_selector, None, [prompt])[0]
+        assert [p.after for p in found.parts] == [None, 0], prompt
+
+
+def test_found_parts_beyond_the_limit_are_answered_whole_and_say_why(tiny_base):
+    """A labelled list of more parts than `max_parts` is answered whole, like a numbered one, and
+    says so (a review found it answered whole with `not_split` empty)."""
+    from loraswitch.switch.found import Part, Segmentation
+    from loraswitch.switch.parts import PartsError, fan_out
+    from loraswitch.switch.request import Request
+
+    found = Segmentation([Part([k], True, None, 1.0, text=f"Q{k}", kind="item") for k in range(5)], [])
+    with pytest.raises(PartsError, match="has 5 parts; at most 3") as exc:
+        fan_out(Request.chat("Q1: a\nQ2: b"), tiny_base, max_parts=3, found=found)
+    assert exc.value.code == "too_many_parts"
+    with pytest.raises(PartsError, match="too small for 5 parts"):
+        fan_out(Request.chat("Q1: a\nQ2: b", max_tokens=6), tiny_base, found=found)

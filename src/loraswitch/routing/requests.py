@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from loraswitch.routing.units import CONNECTIVES, QUOTED, SUBJECT, Unit, is_statement, split_units
+from loraswitch.routing.units import ASKING, CONNECTIVES, QUOTED, SUBJECT, Unit, is_statement, split_units
 
 # a word pointing back at the rest of the prompt or at the answer: a request holding one modifies
 # its neighbour ("Explain how you did it.", "Show your work.", "Double-check the result.")
@@ -29,8 +29,11 @@ _BACK = re.compile(r"\b(?:it|its|this|that|these|those|them|they|their|your|your
                    r"|\bhow\s+(?:sure|confident|certain)\b"
                    r"|\b(?:why|largest|smallest|biggest|highest|lowest|longest|shortest)\W*$", re.I)
 # a pleasantry, not a request: "Thank you so much for the help.", "Have a wonderful day!", a greeting,
-# or words about the requests rather than one ("Good morning, some quick ones for you.")
-_POLITE = re.compile(r"\b(?:thanks?|thank\s+you|cheers|best\s+wishes|regards|appreciated?|lifesaver|hurry|"
+# words about the requests rather than one ("Good morning, some quick ones for you."), or a call for
+# attention ("Can you help?", "Could you do me a favour?", "Are you there?")
+_POLITE = re.compile(r"^\W*(?:(?:can|could|would|will)\s+you\s+(?:please\s+)?(?:help(?:\s+me)?(?:\s+(?:out|with\s+(?:something|this|that|a\s+few\s+things)))?|assist(?:\s+me)?|tell\s+me|"
+                     r"do\s+(?:me\s+)?(?:a\s+favou?r|this|that|it))|are\s+you\s+there|what\s+do\s+you\s+think)\W*$"
+                     r"|\b(?:thanks?|thank\s+you|cheers|best\s+wishes|regards|appreciated?|lifesaver|hurry|"
                      r"have\s+a\s+(?:\w+\s+)?(?:day|weekend|evening|night|one))\b"
                      r"|^\W*(?:hi|hello|hey|good\s+(?:morning|afternoon|evening|day)|dear|greetings|howdy)\b"
                      r"|\b(?:some|a\s+few|a\s+couple\s+of|two|three|several)\s+(?:quick\s+|short\s+|more\s+)?"
@@ -46,12 +49,15 @@ _THE_END = re.compile(r"^(?:[Pp]lease\s+)?[\w'-]+\s+(?:me\s+)?the\s+[a-z][\w'-]*
 # or a verb whose object is left out ("..., then multiply by 2.")
 _FORM = re.compile(r"(?:please\s+)?(?:(?:be|keep|make|use|answer|reply|respond|format|avoid|don't|do\s+not|add|remove|"
                    r"delete|change|replace|include|append|insert|drop|rename|capitalize|convert|translate|sort|"
-                   r"reverse|round|repeat|redo|fix|correct|shorten|expand|rewrite|rephrase|simplify)\b"
+                   r"reverse|round|repeat|redo|fix|correct|shorten|expand|rewrite|rephrase|simplify|lowercase|"
+                   r"uppercase|plain|only|no|short|brief|concise|one\s+(?:line|word|sentence|number))\b"
                    r"|\w+\s+(?:by|to|into|from|with|as|in|on)\b)", re.I)
 # what leads a request that follows another: a clause separator between them, or a connective
 # opening it ("Also, ...", "Then ...", "And ...")
 _NEXT = re.compile(rf"[;|\uff1b]|\b(?:{CONNECTIVES}|and)\b", re.I)
 _DASH = re.compile(r"^\W*[\u2014\u2013]\W*$")  # units joined by a dash alone
+# how a request opens: a verb of the kind requests start with, or a question word
+_ASKING = re.compile(rf"\W*{ASKING}", re.I)
 _NEXT_LEAD = re.compile(rf"\W*(?:and\s+)?(?:{CONNECTIVES}|and)\b", re.I)
 
 
@@ -81,22 +87,29 @@ def stands_alone(text: str) -> bool:
 
 # how to answer, not what: the form, length or checking of the answers ("Keep each answer short.",
 # "Answer with just the result.", "Don't add any commentary.", "Only the words, please.")
-_HOW = re.compile(r"\W*(?:please\s+)?(?:be|keep|make|use|answer|reply|respond|format|avoid|don't|do\s+not|no|only|just|"
-                  r"without|show|explain|double-check|check|verify|write|give|return|print|list|number|put|"
-                  r"separate|include|add|skip|omit|limit|stick|one)\b", re.I)
+_HOW = re.compile(r"\W*(?:please\s+)?(?:be|keep|make|use|answers?|reply|respond|format|avoid|don't|do\s+not|no|only|"
+                  r"just|without|show|explain|double-check|check|verify|write|give|return|print|list|number|put|"
+                  r"separate|include|add|skip|omit|limit|stick|one|lowercase|uppercase|plain|short|brief|"
+                  r"(?:numbers?|digits?|words?|text|figures)\s+only)\b", re.I)
+_HOW_SHORT = re.compile(r"\W*(?:please\s+)?(?:be|keep|use|no|only|just|don't|do\s+not|avoid|format|plain|lowercase|"
+                        r"uppercase|(?:numbers?|digits?|words?|text|figures)\s+only)\b", re.I)  # "Be concise."
 _HOW_WORDS = re.compile(r"\b(?:answers?|results?|responses?|repl(?:y|ies)|outputs?|each|all|them|it|words?|"
-                        r"commentary|explanations?|steps|work|reasoning|lines?|sentences?|numbers?)\b", re.I)
+                        r"commentary|explanations?|steps|work|working|reasoning|lines?|sentences?|numbers?|only|"
+                        r"punctuation|lowercase|uppercase|capitals|brief|briefly|short)\b", re.I)
 
 
 def says_how(text: str) -> bool:
     """Whether `text` says how to answer rather than asking anything (an item of a list of
     requests: "3. Keep each answer short.", "- Answer with just the result, no explanation."):
     at most 15 words, no data of its own (digits, quotes), opening as such instructions do, on
-    the answers' form, length or checking, and not a request complete in itself. It joins the
+    the answers' form, length or checking (or four words at most opening so: "Be concise.", "Use
+    digits."),
+    and not a request complete in itself. It joins the
     part before it instead of being answered as a part by the base model."""
     words = re.findall(r"[\w']+", text)
-    return (len(words) <= 15 and not re.search(r"\d", text) and not QUOTED.search(text)
-            and _HOW.match(text) is not None and _HOW_WORDS.search(text) is not None and not stands_alone(text))
+    return (len(words) <= 15 and not re.search(r"\d", text) and not QUOTED.search(text) and _HOW.match(text) is not None
+            and (_HOW_WORDS.search(text) is not None or (len(words) <= 4 and _HOW_SHORT.match(text) is not None))
+            and not stands_alone(text))
 
 
 def without_how(prompt: str) -> str:
@@ -120,16 +133,17 @@ def follows_as_next(prompt: str, before: Unit, unit: Unit) -> bool:
     ...", "Then ...", "And ..."), or a separator joins them in one paragraph ("; ", " | ", ",
     then"). A line break alone is not one: on the held-out "paragraphs" layout (a greeting, the
     requests, a thanks) it made a part of a friendly opening line in 5 of 9 prompts (`switch.segment`
-    takes such lines only next to a task's). A dash is one after a question or before one ("Sort
-    17, 4 ascending \u2014 what's the capital of Australia?"), not in running prose ("... on
-    homicides \u2013 since homicides are ...")."""
+    takes such lines only next to a task's). A dash is one before a request ("Sort 17, 4 ascending
+    \u2014 what's the capital of Australia?", "Write a poem \u2014 reverse the words: ..."), not
+    before an aside ("... on homicides \u2013 since homicides are ...", "Honestly? \u2014 what a
+    waste of money.", "... \u2014 asking for a friend.")."""
     if _NEXT_LEAD.match(prompt[unit.start : unit.end]):
         return True
     between = prompt[before.end : unit.start]
     if unit.para != before.para:
         return False
     if _DASH.search(between):
-        return prompt[: before.end].rstrip()[-1:] in "?!" or unit.text.rstrip().endswith("?")
+        return _ASKING.match(unit.text) is not None
     return _NEXT.search(between) is not None
 
 
@@ -157,9 +171,9 @@ _RESULT = re.compile(r"\b(?:the|that|this|your|its)\s+(?:(?:final|last|previous|
                      r"(?:list|numbers?|words?|date|sum|total|text|value|phrase)\b", re.I)
 # ... unless it only asks for an answer, its own or the one before ("Sort 30, 10, 20 and give me
 # the result.", "Sort 9, 4, 7. Show me the result."): nothing to do on it, a modifier
-_OWN_RESULT = re.compile(r"(?:^\W*|\b(?:and|then)\s+)(?:please\s+)?(?:just\s+)?(?:give|show|tell|send|return|print|"
-                         r"write|output)\s+(?:me\s+|us\s+)?(?:only\s+)?(?:the|your)\s+(?:final\s+)?"
-                         r"(?:result|answer|output)s?\W*$", re.I)
+_OWN_RESULT = re.compile(r"(?:^\W*|\b(?:and|then)\s+)(?:please\s+)?(?:just\s+)?(?:(?:give|show|tell|send|return|print|"
+                         r"write|output)\s+(?:me\s+|us\s+)?(?:only\s+)?|what(?:'s|\s+is|\s+was)\s+)(?:the|your)\s+"
+                         r"(?:final\s+)?(?:result|answer|output)s?\W*$", re.I)
 # ... and not one about the form, length or checking of that answer, which is the same answer
 # asked differently ("Then keep the answer short.", "Then format the result as JSON.", "Then
 # double-check the answer."): a modifier of its request, not a request on its answer

@@ -25,23 +25,13 @@ import bisect
 import re
 from dataclasses import dataclass, replace
 
+from loraswitch.routing.markers import LABEL, Lists, marker
+from loraswitch.routing.markers import inline as find_inline
+
 _TAG = re.compile(r"\[(?P<b>[A-Za-z_]{1,12})\](?P<bc>.*?)\[/(?P=b)\]"
                   r"|<(?P<x>[A-Za-z][\w-]{0,15})(?:\s[^<>]*)?>(?P<xc>.*?)</(?P=x)>", re.S)
-_NUMBER = re.compile(r"\s*(?:\(?(\d{1,2})[.)]|#(\d{1,2}))\s+(?=\S)")
-_LETTER = re.compile(r"\s*\(?([a-hA-H])[).]\s+(?=\S)")
-_BULLET = re.compile(r"\s*([-*\u2022\u25e6\u2023\u2013+])\s+(?=\S)")
-_LABEL = re.compile(r"\s*(?:Q|Question|Task|Part|Request|Step)\s*#?(\d{0,2})\s*(?:[:.)]|(?<=\d)\s*[-\u2013\u2014])\s+(?=\S)",
-                    re.I)
 _ANSWER = re.compile(r"\s*(?:A|Answer|Output|Result)\s*\d{0,2}\s*:", re.I)
 _ARROW = re.compile(r"\s(?:->|=>|\u2192)\s")
-# inline enumeration inside a line: "a) ... b) ...", "(1) ... (2) ...", "(i) ... (ii) ..."
-_INLINE = re.compile(r"(?:(?<=\s)|^)\(?([a-h]|\d{1,2}|i{1,3}|iv|vi{0,3})\)\s+(?=\S)")
-_ROMAN = ["i", "ii", "iii", "iv", "v", "vi", "vii", "viii"]
-# ... or by ordinal words opening its clauses: "Two things: first, ...; second, ..."
-_ORDINAL = re.compile(r"(?:^|(?<=[:;,.?!])|(?<=[:;,.?!]\s)|(?<=\band\s))\s*"
-                      r"(first|second|third|fourth|fifth)(?:ly)?\b(?:\s+of\s+all)?,?\s+(?=\S)", re.I)
-_ORDINALS = ["first", "second", "third", "fourth", "fifth"]
-_ITEM_END = re.compile(r"[\s;,]*(?:\band)?[\s;,]*$")
 _PARA = re.compile(r"\n[ \t]*\n")
 # an answer option of the question above it: "choice: ..." / "Option: ..." (a label repeated on
 # consecutive lines) or "A. ..." / "(B) ..." (capital letters after a question, or after "Options:",
@@ -54,23 +44,29 @@ _OPTION_LEAD = re.compile(r".*(?:\?|\b(?:options?|choices?|answers?|choose|selec
 # ... or at a full-width "？", "！" or "。", which need no space after them
 _SENTENCE = re.compile(r"(?:(?<=[.?!])|(?<=[.?!][\"'\u201d\u2019)\]]))\s+(?=[\"'(\[\u201c\u2018]?[A-Z0-9])"
                        r"|(?<=[\uff1f\uff01\u3002])\s*(?=\S)")
+# how a request opens: a verb requests start with, a question word, or "can you" and the like
+# (not "what a ..." nor a bare "would ...": "what a waste of money", "would come back!")
+ASKING = (r"(?:please\s+)?(?:tell|give|write|reverse|sort|add|convert|spell|translate|list|explain|describe|"
+          r"recommend|suggest|name|find|calculate|compute|summari[sz]e|make|create|put|arrange|order|extract|pull|"
+          r"turn|rewrite|change|show|what(?!\s+an?\b)|who|how|why|when|where|which|(?:can|could|would|will)\s+you)\b")
 # a clause ends at ";" (or "；"), before a connective, at a dash set off by spaces or right after a
 # sentence's end ("What is 2 + 3? — Spell 13 in English."; "well—known" is a word, "2013 – 2014" a
-# range), and
-# before "as well as", "in addition" or "plus" between words ("... in order plus convert ...";
-# "230 plus 418" is a sum)
+# range), and before "as well as", "along with", "in addition" or "plus" before a request ("... in
+# order plus convert ...", "7, plus write ..."; "230 plus 418" is a sum, "5, 1, 3 as well as 7 and
+# 2" one list, "in English, as well as in French" one request)
 _CLAUSE = re.compile(r"\s*[;\uff1b]\s*|,\s*(?:and\s+)?(?:then|after that|afterwards|also|next|finally|"
                      r"second(?:ly)?|third(?:ly)?|lastly)\b,?\s*"
                      r"|\s+and\s+(?:then|also|after that|afterwards|finally|next|second(?:ly)?|third(?:ly)?)\b,?\s*"
-                     r"|(?<!\d)\s+[\u2014\u2013]\s+|\s+[\u2014\u2013]\s+(?!\d)|(?<=[.?!])\s*[\u2014\u2013]\s*"
-                     r"|,?\s+as\s+well\s+as\s+|(?:,?\s+and)?,?\s+in\s+addition\b,?\s*"
-                     r"|(?<=[A-Za-z]),?\s+plus,?\s+(?=[A-Za-z])", re.I)
+                     r"|(?<!\d)\s+(?:[\u2014\u2013\u2015]|--)\s+|\s+(?:[\u2014\u2013\u2015]|--)\s+(?!\d)"
+                     r"|(?<=[.?!])\s*[\u2014\u2013\u2015]\s*"
+                     rf"|,?\s+(?:as\s+well\s+as|along\s+with)\s+(?={ASKING}|\w{{3,}}ing\b)|(?:,?\s+and)?,?\s+in\s+addition(?:\s+to\s+th(?:at|is))?\b(?!\s+to\b),?\s*"
+                     rf"|,?\s+plus,?\s+(?={ASKING})", re.I)
 # " | " joins requests in a sentence too ("Sort 5, 3 | reverse: a b"), except in a table row,
 # whose cells are one line's data ("| Alice | 30 |"), and in a line that quotes code ("`ps | grep x`"):
 # there the pipes are no separators
 _CLAUSE_OR_PIPE = re.compile(_CLAUSE.pattern + r"|\s+\|\s+", re.I)
 _LEAD = re.compile(r"(?:and\s+)?(?:also|then|after that|afterwards|next|finally|lastly|additionally|besides|"
-                   r"first(?:ly)?|second(?:ly)?|third(?:ly)?|in addition|and)\b[,:]?\s+", re.I)
+                   r"first(?:ly)?|second(?:ly)?|third(?:ly)?|in addition|plus|and)\b[,:]?\s+", re.I)
 
 
 # a declarative sentence: a subject first ("The ...", "There are ...", "I have ..."), or a scene
@@ -181,88 +177,13 @@ def _prose(prompt: str, start: int, end: int, **kw) -> list[Unit]:
     return units
 
 
-def _next_key(key: str) -> str:
-    """The marker after `key` in its sequence: 1 -> 2, a -> b, i -> ii, first -> second."""
-    if key.isdigit():
-        return str(int(key) + 1)
-    for seq in (_ROMAN, _ORDINALS):
-        if key in seq:
-            return seq[seq.index(key) + 1] if seq.index(key) + 1 < len(seq) else ""
-    return chr(ord(key) + 1)
-
-
-def _inline(prompt: str, start: int, end: int) -> tuple[int, list[tuple[int, int]]] | None:
-    """An inline enumeration ("a) x b) y", "(1) x (2) y", "(i) x (ii) y", "first, x; second,
-    y") as (where its lead-in ends, item spans), or None. A lead-in is allowed when it ends with
-    a colon ("Please help me with: (a) ... (b) ..."); any other text before the first marker
-    makes the markers part of a sentence."""
-    line = prompt[start:end]
-    for pattern, firsts in ((_INLINE, ("a", "1", "i")), (_ORDINAL, ("first",))):
-        found, want = [], None
-        for m in pattern.finditer(line):
-            key = m.group(1).lower()
-            if key in firsts and not found:
-                want = key
-            if want is not None and key == want:
-                found.append(m)
-                want = _next_key(key)
-        lead = line[: found[0].start()].strip() if found else ""
-        if len(found) >= 2 and (not lead or lead.endswith((":", "\uff1a"))):
-            break
-    else:
-        return None
-    ends = [len(_ITEM_END.sub("", line[: found[i + 1].start()])) if i + 1 < len(found) else len(line)
-            for i in range(len(found))]  # "(a) x; (b) y", "first, x, and second, y": the separator belongs to neither
-    return start + found[0].start(), [(start + m.end(), start + e) for m, e in zip(found, ends)
-                                      if line[m.end() : e].strip()]  # "(a) ; (b) x": no empty item
-
-
-class _Lists:
-    """Which enumeration a marked line continues (numbers and letters in sequence, the same
-    bullet, labels), or a new one."""
-
-    def __init__(self):
-        self.next_id = 0
-        self.open: dict[str, tuple[int, str]] = {}  # marker kind -> (list id, expected next key)
-
-    def item(self, kind: str, key: str) -> tuple[int, bool]:
-        """(list id, whether it continues an open list) for a line marked `kind` with `key`."""
-        expected = self.open.get(kind)
-        if expected is not None and (expected[1] == key or kind in ("bullet", "label")):
-            list_id, cont = expected[0], True
-        elif key in ("1", "a", "A") or kind in ("bullet", "label"):
-            list_id, cont = self.next_id, False
-            self.next_id += 1
-        else:
-            return -1, False
-        nxt = str(int(key) + 1) if key.isdigit() else (chr(ord(key) + 1) if len(key) == 1 else key)
-        self.open = {kind: (list_id, nxt)}
-        return list_id, cont
-
-    def close(self) -> None:
-        self.open = {}
-
-    def new(self) -> int:
-        self.next_id += 1
-        return self.next_id - 1
-
-
-def _marker(line: str) -> tuple[str, str, int] | None:
-    """(kind, key, length) of a list marker at the start of `line`."""
-    for kind, pattern in (("number", _NUMBER), ("letter", _LETTER), ("label", _LABEL), ("bullet", _BULLET)):
-        m = pattern.match(line)
-        if m:
-            return kind, next((g for g in m.groups() if g), ""), m.end()
-    return None
-
-
-def _line_units(prompt: str, start: int, end: int, lists: _Lists, line: int, para: int) -> list[Unit]:
+def _line_units(prompt: str, start: int, end: int, lists: Lists, line: int, para: int) -> list[Unit]:
     """The units of one line outside tagged blocks."""
     text = prompt[start:end]
     if _ANSWER.match(text):
         lists.close()
         return [Unit(start, end, text.strip(), "line", line=line, para=para, answer=True)]
-    inline = _inline(prompt, start, end)
+    inline = find_inline(prompt, start, end)
     if inline is not None:
         lead_end, items = inline
         list_id = lists.new()
@@ -270,13 +191,13 @@ def _line_units(prompt: str, start: int, end: int, lists: _Lists, line: int, par
         lead = _prose(prompt, start, lead_end, line=line, para=para) if prompt[start:lead_end].strip() else []
         return lead + [Unit(a, b, clean(prompt[a:b]), "item", list_id, False, line, para, ordered=True)
                        for a, b in items]
-    mark = _marker(text)
+    mark = marker(text)
     if mark is not None:
         kind, key, length = mark
         list_id, _ = lists.item(kind, key)
         if list_id >= 0:
             s = start + length
-            ordered = kind in ("number", "letter") or (kind == "label" and key.isdigit())
+            ordered = kind in ("number", "letter", "roman") or (kind == "label" and key.isdigit())
             return [Unit(s, end, clean(prompt[s:end]), "item", list_id, kind == "number", line, para, ordered=ordered)]
     lists.close()
     return _prose(prompt, start, end, line=line, para=para)
@@ -285,7 +206,7 @@ def _line_units(prompt: str, start: int, end: int, lists: _Lists, line: int, par
 def split_units(prompt: str) -> list[Unit]:
     """`prompt`'s candidate units in order (see the module doc), worked examples marked."""
     units: list[Unit] = []
-    lists = _Lists()
+    lists = Lists()
     breaks = [m.start() for m in _PARA.finditer(prompt)]
     pos = 0
     block_list = -1
@@ -319,7 +240,7 @@ def split_units(prompt: str) -> list[Unit]:
 def _option_lines(lines: list[str]) -> set[int]:
     """Indices of the lines that are answer options (see `_OPTION_LABEL` / `_OPTION_LETTER`)."""
     out: set[int] = set()
-    labels = [m.group(1).lower() if (m := _OPTION_LABEL.match(t)) and not _LABEL.match(t) and not _ANSWER.match(t)
+    labels = [m.group(1).lower() if (m := _OPTION_LABEL.match(t)) and not LABEL.match(t) and not _ANSWER.match(t)
               else None for t in lines]
     for i, label in enumerate(labels):
         if label is not None and label in (labels[i - 1] if i else None, labels[i + 1] if i + 1 < len(lines) else None):

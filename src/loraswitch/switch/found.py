@@ -101,8 +101,9 @@ def finish(prompt: str, units: list[Unit], parts: list[Part], dropped: list[int]
         first = units[p.units[0]]
         p.kind = "numbered" if first.numbered else first.kind
         lead = units[members[0]]  # the part's opening unit, when it is its request (not context before it)
-        if k and p.kind == "numbered" == parts[k - 1].kind and names_result(lead.text):
-            p.after = k - 1  # "1. What is 25 + 17?\n2. Spell the result in English.": the numbers say "next"
+        first_before = units[parts[k - 1].units[0]] if k else None
+        if k and first.list_id >= 0 and first.list_id == first_before.list_id and names_result(lead.text):
+            p.after = k - 1  # "1. What is 25 + 17?\n2. Spell the result in English.": the list says "next"
         elif k and not p.firm and not parts[k - 1].firm and members[0] in p.units and lead.kind in PROSE:
             if works_on(prompt, units[last], lead):  # works on the answer: answered after it, routed on it
                 p.after = k - 1

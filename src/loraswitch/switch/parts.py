@@ -127,9 +127,9 @@ def parts_pool(tokenizer, max_new_tokens: int, n_parts: int) -> int:
 def fan_out(request: Request, base, max_parts: int | None = None, found=None) -> list[Request] | None:
     """One request per part of a multi-part chat request, else None. `found`: the parts
     `switch.segment` detected (a `Segmentation`; fewer than two parts: answer whole); without
-    it, the numbered-parts grammar alone. Raises PartsError beyond `max_parts` numbered parts
-    (detected free-form parts beyond it are answered whole: nobody asked for them one by one)
-    or when `max_tokens` leaves a numbered part no token (free-form parts: answered whole)."""
+    it, the numbered-parts grammar alone. Raises PartsError beyond `max_parts` parts or when
+    `max_tokens` leaves a part no token: the request is then answered whole, and its
+    `routing.not_split` says why (`switch.rows.request_rows`), numbered or not."""
     if not request.is_chat:
         return None
     if found is not None:
@@ -141,15 +141,12 @@ def fan_out(request: Request, base, max_parts: int | None = None, found=None) ->
     if not parts:
         return None
     n = len(parts)
+    kind = "numbered parts" if explicit else "parts"
     if max_parts is not None and n > max_parts:
-        if not explicit:
-            return None
-        raise PartsError(f"the message has {n} numbered parts; at most {max_parts} are answered part by part "
+        raise PartsError(f"the message has {n} {kind}; at most {max_parts} are answered part by part "
                          "(send fewer parts, or several requests)", "too_many_parts")
     pool = parts_pool(base.tokenizer, request.max_tokens, n)
     if part_budget(pool, n) < 1:
-        if not explicit:  # parts nobody numbered: answer whole rather than refuse a small max_tokens
-            return None
         overhead = request.max_tokens - pool
         raise PartsError(f"max_tokens={request.max_tokens} is too small for {n} parts: the separators take "
                          f"{overhead} tokens and each part needs at least one (ask for at least {overhead + n})",

@@ -47,12 +47,13 @@ import torch
 
 from loraswitch.numbered import split_parts
 from loraswitch.routing.base import NONE_CLASS
-from loraswitch.routing.requests import follows_as_next, says_how, stands_alone, without_how, works_on
+from loraswitch.routing.requests import follows_as_next, names_result, says_how, stands_alone, without_how, works_on
 from loraswitch.routing.units import PROSE, Unit, is_heading, is_statement, split_units
 from loraswitch.switch.found import Part, Segmentation, finish, join_units
 from loraswitch.switch.screen import screen
 
 _WORD = re.compile(r"[^\W\d_]{2}")  # two letters in a row: a word, in any script
+_OPERATORS = re.compile(r"\b(?:and|or|plus|minus|times|by|to)\b", re.I)  # words between numbers, not a request's
 _QUOTES = "\"'\u201c\u2018"
 
 
@@ -121,6 +122,14 @@ def _firm_lists(units: list[Unit], question: list[bool], how: list[bool]) -> set
     return firm
 
 
+def _under_colon(units: list[Unit], question: list[bool]) -> list[bool]:
+    """The prose lines right under a request ending with a colon: its input ("Reverse the word
+    order of this sentence:\nWhat is 620 + 37?"), never a question of their own, however
+    confidently read."""
+    return [i > 0 and question[i - 1] and units[i - 1].text.endswith(":") and units[i].line > units[i - 1].line
+            and units[i].list_id < 0 and units[i - 1].list_id < 0 for i in range(len(units))]
+
+
 def _forward(units: list[Unit], adapter: list[str | None], question: list[bool], statement: list[bool]) -> set[int]:
     """Statements that set up the question after them: routed to the task of the next question
     in their paragraph ("Convert the date. The kettle broke. Was the buyer happy?": the review
@@ -144,8 +153,8 @@ def plan(units: list[Unit], adapter: list[str | None], confidence: list[float],
     # a statement (`units.is_statement`) is never a question, however confidently routed
     statement = [u.kind in PROSE and is_statement(u.text) for u in units]
     heading = [u.kind in PROSE and is_heading(u.text) for u in units]
-    # nor is a unit without a word ("14; 3; 77" cut at its semicolons): data
-    worded = [_WORD.search(u.text) is not None for u in units]
+    # nor is a unit without a word ("14; 3; 77" cut at its semicolons, "1 plus 4"): data
+    worded = [_WORD.search(_OPERATORS.sub(" ", u.text)) is not None for u in units]
     question = [a is not None and c >= settings.min_confidence and not st and not h and w
                 for a, c, st, h, w in zip(adapter, confidence, statement, heading, worded)]
     question = [q or bool(asked and asked[i] and adapter[i] is None) for i, q in enumerate(question)]
@@ -153,6 +162,7 @@ def plan(units: list[Unit], adapter: list[str | None], confidence: list[float],
     # that answer, not in its words ("Then write the answer in English." reads `__none__`), and
     # it is routed once the answer is written in (`switch.run`)
     question = [q or bool(chains and chains[i]) for i, q in enumerate(question)]
+    question = [q and not below for q, below in zip(question, _under_colon(units, question))]
     # an item saying how to answer ("3. Keep each answer short.") is context of the part before it
     how = [u.list_id >= 0 and not q and says_how(u.text) for u, q in zip(units, question)]
     firm = _firm_lists(units, question, how)
@@ -246,23 +256,30 @@ class _Doc:
 
     def may_chain(self) -> list[bool]:
         """The units that work on the answer of the request before them ("Then spell the result
-        in English."), asked next or right after it (`requests.works_on`): a part of their own even where the same
-        adapter answers both ("Add 5 and 9, then add 10 to the result.")."""
+        in English."), asked next or right after it (`requests.works_on`), or the next item of its
+        list ("- Spell the result in English."): a part of their own even where the same adapter
+        answers both ("Add 5 and 9, then add 10 to the result.")."""
         u = self.units
-        return [i > 0 and u[i].kind in PROSE and not u[i].example and works_on(self.prompt, u[i - 1], u[i])
-                for i in range(len(u))]
+        return [i > 0 and not u[i].example and (
+            (u[i].kind in PROSE and works_on(self.prompt, u[i - 1], u[i]))
+            or (u[i].list_id >= 0 and u[i].list_id == u[i - 1].list_id and names_result(u[i].text)))  # the next item
+            for i in range(len(u))]
 
     def plan(self, settings: Settings) -> None:
         """Parts from the scored units (`plan`). A request no adapter fits on a line of its own,
         with no connective, is one only next to a line read as a task ("Tell me a joke.\nWhat is
         620 + 37?"): lines of greetings and thanks around requests are not ("Good morning, some
-        quick ones for you.")."""
-        task = [a is not None and c >= settings.min_confidence and not is_statement(u.text)
-                for a, c, u in zip(self.adapter, self.confidence, self.units)]
+        quick ones for you."). Nor is a question whose line goes on with a statement: that is its
+        input ("... \u2013 Positive or negative? The battery died after a week.", read together)."""
+        u = self.units
+        task = [a is not None and c >= settings.min_confidence and not is_statement(x.text)
+                for a, c, x in zip(self.adapter, self.confidence, u)]
         own, by_words = self.own_lines(), self.may_ask(lines=False)
         by_line = [m and any(task[j] for j in own[i]) for i, m in enumerate(self.may_ask())]
-        asked = [(w or b) and n >= settings.min_none
-                 for w, b, n in zip(by_words, by_line, self.none or [0.0] * len(self.units))]
+        has_input = [u[i].text.endswith("?") and i + 1 < len(u) and u[i + 1].line == u[i].line
+                     and u[i + 1].kind in PROSE and is_statement(u[i + 1].text) for i in range(len(u))]
+        asked = [(w or b) and n >= settings.min_none and not i
+                 for w, b, n, i in zip(by_words, by_line, self.none or [0.0] * len(u), has_input)]
         self.parts, self.dropped = plan(self.units, self.adapter, self.confidence, settings, asked, self.may_chain())
 
     def runs(self) -> list[list[int]]:
