@@ -9,16 +9,20 @@ sequence selector in one feature pass, and the prompt is cut where the decision 
   *question*, and so is a request no adapter fits, asked next to another (`__none__` at raw
   probability >= `min_none`, complete in itself and joined to its neighbour as the next
   request: `requests.stands_alone`, `requests.follows_as_next`): "Sort 8, 2, 6, then tell me a
-  joke." is two parts, the second answered by the base model; anything else (greetings,
+  joke." is two parts, the second answered by the base model (on a line of its own, with no
+  connective, only next to a line read as a task, or under a heading: `_Doc.plan`); a unit
+  with no word but "and", "plus" and the like, and a line under a request ending with a colon
+  (its input), are never questions; anything else (greetings,
   "answer each part", other `__none__` units, low confidence) is *context* and joins a
   neighbour: the part before it, or the part after it when it leads the same line; context on
   lines of its own before the first question is an instruction to the whole prompt and joins
   no part (the row of a part reads its own request only);
 * worked examples (`Unit.example`) are context and join no part;
 * adjacent prose units of one task stay one part; an enumeration (tagged blocks, list items,
-  "a) b)") whose items are questions - at least two of them confident, or numbered 1..n as
-  `loraswitch.numbered` writes them with one when that is half of it - is answered item by
-  item, each its own part. Any other numbered list is the data of a question ("Which of these
+  "a) b)", "first, ...; second, ...") whose items are questions - at least two of them
+  confident, or marked in sequence (1..n, a..h, "Q1:") with one when that is half of it - is
+  answered item by item, each its own part; an item that only says how to answer ("3. Keep
+  each answer short.", `requests.says_how`) is context of the part before it. Any other numbered list is the data of a question ("Which of these
   is sweeter?\n1. apples\n2. pears"): its items are context, and a prompt with no other part
   is answered whole. The lines just above a numbered list of parts introduce it, and a heading
   line (`units.is_heading`) never joins the part before it;
