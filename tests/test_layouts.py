@@ -189,6 +189,12 @@ def test_what_a_black_box_review_found(keyword_selector):
     assert _texts("Do these: first, the date; second, the sum; and finally, a joke.") == [
         "Do these:", "The date", "The sum", "A joke."]
     assert not any(u.kind == "item" for u in split_units("First, the date; the sum. Next, a b, and finally a joke."))
+    # two whole lines of one task, each a request of its own, are two parts ("Spell out 5 in
+    # English.\nSpell out 6 in English." was one, answered "fifty"); other units of one task stay one
+    assert _parts(keyword_selector, "Give the date of May 5.\nGive the date of June 6.") == [
+        ("Give the date of May 5.", "alpha"), ("Give the date of June 6.", "alpha")]
+    assert _parts(keyword_selector, "Give the date of May 5.\nGive it as a date, please.") == []  # "it": one
+    assert _parts(keyword_selector, "Give the date of May 5. Give the date of June 6.") == []  # one line
     # the next item of any list, labelled, bulleted or ordinal, that names the answer is chained
     for prompt in ("- the date\n- Spell the result in French.", "Q1: the date\nQ2: Spell the result in French.",
                    "First, the date? Second, spell the result in French."):

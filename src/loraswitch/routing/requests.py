@@ -152,6 +152,12 @@ def follows_as_next(prompt: str, before: Unit, unit: Unit) -> bool:
 _POINTER = re.compile(r"\b(?:it|its|them|they|their|result|results|answer|answers|same|above|previous)\b", re.I)
 
 
+def opens_as_request(text: str) -> bool:
+    """Whether `text` opens as a request does: a verb requests start with, a question word or
+    "can you" (`units.ASKING`)."""
+    return _ASKING.match(text) is not None
+
+
 def points_back(text: str) -> bool:
     """Whether the request `text` names something of the one before it: a part opening so is
     answered with the prompt from that request on (`switch.segment.finish`), though routed by its

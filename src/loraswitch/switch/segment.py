@@ -43,7 +43,6 @@ validation prompts only; its held-out layouts are reported apart (docs/routing.m
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -51,21 +50,13 @@ import torch
 
 from loraswitch.numbered import split_parts
 from loraswitch.routing.base import NONE_CLASS
-from loraswitch.routing.requests import follows_as_next, names_result, says_how, stands_alone, without_how, works_on
+from loraswitch.routing.requests import follows_as_next, names_result, stands_alone, without_how, works_on
 from loraswitch.routing.units import PROSE, Unit, is_heading, is_statement, split_units
 from loraswitch.switch.found import Part, Segmentation, finish, join_units
+from loraswitch.switch.planning import Settings, plan
 from loraswitch.switch.screen import screen
 
-_WORD = re.compile(r"[^\W\d_]{2}")  # two letters in a row: a word, in any script
-_OPERATORS = re.compile(r"\b(?:and|or|plus|minus|times|by|to)\b", re.I)  # words between numbers, not a request's
 _QUOTES = "\"'\u201c\u2018"
-
-
-@dataclass(frozen=True)
-class Settings:
-    min_confidence: float = 0.8  # a unit is a question above this confidence (raw softmax, `Scores`)
-    max_merge_gain: float = 8.0  # energy(L+R) - max(energy(L), energy(R)) above this: one request
-    min_none: float = 0.8  # a request no adapter fits is a part above this `__none__` probability (raw)
 
 
 @dataclass
@@ -104,112 +95,6 @@ def score_texts(router, engine, texts: list[str]) -> Scores | None:
             for i, d in enumerate(decisions)]
     none = raw[:, index[NONE_CLASS]].tolist() if NONE_CLASS in index else []
     return Scores([d.adapter for d in decisions], conf, torch.logsumexp(logits, -1).tolist(), none)
-
-
-def _firm_lists(units: list[Unit], question: list[bool], how: list[bool]) -> set[int]:
-    """Enumerations answered item by item: two or more confident items, or a list marked in
-    sequence (1..n, a..h, "Q1:", "first, ...") with one when that is at least half of it (a list
-    of tasks may hold requests no adapter takes: "1. Write a haiku. 2. What is 2 + 3?"). Items
-    that say how to answer (`how`: "3. Keep each answer short.") are not counted. Any other
-    numbered list is what the text around it asks about ("Summarize these steps:" over three
-    steps, one of which a fragment-overconfident selector reads as a sum): `plan` makes its
-    items context."""
-    firm = set()
-    for list_id in {u.list_id for u in units if u.list_id >= 0}:
-        idx = [i for i, u in enumerate(units) if u.list_id == list_id and not u.example and not how[i]]
-        if len(idx) < 2:
-            continue
-        asked = sum(question[i] for i in idx)
-        ordered = all(units[i].ordered for i in idx)
-        if asked >= 2 or (ordered and asked and 2 * asked >= len(idx)):
-            firm.add(list_id)
-    return firm
-
-
-def _under_colon(units: list[Unit], question: list[bool]) -> list[bool]:
-    """The prose lines right under a request ending with a colon: its input ("Reverse the word
-    order of this sentence:\nWhat is 620 + 37?"), never a question of their own, however
-    confidently read."""
-    return [i > 0 and question[i - 1] and units[i - 1].text.endswith(":") and units[i].line > units[i - 1].line
-            and units[i].list_id < 0 and units[i - 1].list_id < 0 for i in range(len(units))]
-
-
-def _forward(units: list[Unit], adapter: list[str | None], question: list[bool], statement: list[bool]) -> set[int]:
-    """Statements that set up the question after them: routed to the task of the next question
-    in their paragraph ("Convert the date. The kettle broke. Was the buyer happy?": the review
-    belongs to the sentiment question, not to the date)."""
-    out, nxt = set(), None
-    for i in range(len(units) - 1, -1, -1):
-        if question[i]:
-            nxt = i
-        elif (nxt is not None and units[nxt].para == units[i].para and adapter[i] is not None
-              and adapter[i] == adapter[nxt] and statement[i]):
-            out.add(i)
-    return out
-
-
-def plan(units: list[Unit], adapter: list[str | None], confidence: list[float],
-         settings: Settings = Settings(), asked: list[bool] | None = None,
-         chains: list[bool] | None = None) -> tuple[list[Part], list[int]]:
-    """Parts from scored units (see the module doc), before the cut check; and the units that
-    joined no part. `asked`: the units that are requests no adapter fits; `chains`: the units
-    that work on the answer before them, never merged into that part (`_Doc.plan`)."""
-    # a statement (`units.is_statement`) is never a question, however confidently routed
-    statement = [u.kind in PROSE and is_statement(u.text) for u in units]
-    heading = [u.kind in PROSE and is_heading(u.text) for u in units]
-    # nor is a unit without a word ("14; 3; 77" cut at its semicolons, "1 plus 4"): data
-    worded = [_WORD.search(_OPERATORS.sub(" ", u.text)) is not None for u in units]
-    question = [a is not None and c >= settings.min_confidence and not st and not h and w
-                for a, c, st, h, w in zip(adapter, confidence, statement, heading, worded)]
-    question = [q or bool(asked and asked[i] and adapter[i] is None) for i, q in enumerate(question)]
-    # a request on the answer before it is one whatever the selector reads in it: its input is
-    # that answer, not in its words ("Then write the answer in English." reads `__none__`), and
-    # it is routed once the answer is written in (`switch.run`)
-    question = [q or bool(chains and chains[i]) for i, q in enumerate(question)]
-    question = [q and not below for q, below in zip(question, _under_colon(units, question))]
-    # an item saying how to answer ("3. Keep each answer short.") is context of the part before it
-    how = [u.list_id >= 0 and not q and says_how(u.text) for u, q in zip(units, question)]
-    firm = _firm_lists(units, question, how)
-    top = next((u for u in units if u.list_id in firm and u.numbered), None)
-    for i, u in enumerate(units):
-        if u.numbered and u.list_id not in firm:  # a numbered list of data: what the prompt asks about
-            question[i] = False
-        elif top is not None and u.list_id < 0 and u.para == top.para and u.line < top.line:
-            question[i], heading[i] = False, True  # the lines just above a list of parts introduce it, as a heading
-    forward = _forward(units, adapter, question, statement)
-    parts: list[Part] = []
-    pending: list[int] = []
-    dropped: list[int] = []
-    for i, u in enumerate(units):
-        if u.example:
-            dropped.append(i)
-            continue
-        is_firm = u.list_id in firm and not how[i]
-        if not is_firm and not question[i]:
-            # context joins the part before it, unless it sets up the next question (then it and
-            # whatever follows it up to that question wait), or the part before is a list item
-            # of another paragraph
-            backward = (parts and not pending and i not in forward and not heading[i]
-                        and not (parts[-1].firm and units[parts[-1].units[-1]].para != u.para))
-            (parts[-1].context if backward else pending).append(i)
-            continue
-        last = parts[-1] if parts else None
-        setup = any(j in forward for j in pending)
-        if (not is_firm and last is not None and not last.firm and last.adapter == adapter[i]
-                and (not pending or setup) and not (chains and chains[i])):  # a chain is a part of its own
-            last.units += last.context + pending + [i]
-            last.context, pending = [], []
-            last.confidence = min(last.confidence, confidence[i])
-            continue
-        part = Part([i], is_firm, adapter[i], confidence[i])
-        for j in pending:  # leading context: kept when it shares the line or sets up the question, else an
-            # instruction (so is the lead-in of an enumeration on its line: "Please help me with: (a) ... (b) ...")
-            joins = (units[j].line == u.line and not is_firm) or (setup and units[j].para == u.para)
-            (part.context if joins else dropped).append(j)
-        pending = []
-        parts.append(part)
-    dropped += pending
-    return parts, dropped
 
 
 def _merge(a: Part, b: Part, adapter: str | None) -> Part:
