@@ -215,3 +215,20 @@ def test_found_parts_beyond_the_limit_are_answered_whole_and_say_why(tiny_base):
     assert exc.value.code == "too_many_parts"
     with pytest.raises(PartsError, match="too small for 5 parts"):
         fan_out(Request.chat("Q1: a\nQ2: b", max_tokens=6), tiny_base, found=found)
+
+
+def test_what_a_second_review_found(keyword_selector):
+    """Found by a second review (164 one-request and 30 multi-request messages, routing only)."""
+    # a request on a line of its own next to task lines is not dropped as an instruction, whatever
+    # the selector reads in it (here nothing: the base model answers it)
+    assert _parts(keyword_selector, "Hey!\nConvert title=Dune, year=1965 to JSON.\nGive the date.\nThanks!") == [
+        ("Convert title=Dune, year=1965 to JSON.", None), ("Give the date.\nThanks!", "alpha")]
+    # ... but a lead-in pointing at the rest is not one
+    assert _parts(keyword_selector, "Translate the following into Spanish.\nGive the date.") == []
+    # a line going on from a sentence cut mid-list, a check on the answer, a task's question without its data
+    assert _parts(keyword_selector, "Could you give the date 5, 17, 3,\n11 and the sum of 8?") == []
+    assert not stands_alone("Are you sure?") and not stands_alone("Is that right?")
+    assert _parts(keyword_selector, "Give the date.\nAre you sure?") == []
+    assert not stands_alone("Positive or negative?") and not stands_alone("What's the sentiment?")
+    # ", and" before a question starts one
+    assert _texts("Convert the date, and what is the sum of 2 and 3?") == ["Convert the date", "What is the sum of 2 and 3?"]

@@ -21,7 +21,9 @@ _BACK = re.compile(r"\b(?:it|its|this|that|these|those|them|they|their|your|your
                    # "the" before what the other request reads or writes: "Is the total even?"
                    r"|\bthe\s+(?:[\w'-]+\s+)?(?:total|sum|numbers?|values?|list|output|words?|date|phrase|review|"
                    r"digits?|letters?|steps?|carrying|order|day|year|month|original|input|text|sentence|reasoning|"
-                   r"calculation|pronunciation|spelling|median|average|json)\b"
+                   r"calculation|pronunciation|spelling|median|average|json|sentiment|tone|mood)\b"
+                   # a task's question without its data: "Positive or negative?" under a review's line
+                   r"|\bpositive\s+or\s+negative\W*$"
                    # the data itself, what was done to it, or a question left without its subject:
                    # "print a dash between numbers", "explain what you did", "which is largest?", "tell me why"
                    r"|\b(?:numbers|digits|values|items|entries)\b|\b(?:what|how)\s+(?:you|changed|happened)\b"
@@ -32,7 +34,8 @@ _BACK = re.compile(r"\b(?:it|its|this|that|these|those|them|they|their|your|your
 # words about the requests rather than one ("Good morning, some quick ones for you."), or a call for
 # attention ("Can you help?", "Could you do me a favour?", "Are you there?")
 _POLITE = re.compile(r"^\W*(?:(?:can|could|would|will)\s+you\s+(?:please\s+)?(?:help(?:\s+me)?(?:\s+(?:out|with\s+(?:something|this|that|a\s+few\s+things)))?|assist(?:\s+me)?|tell\s+me|"
-                     r"do\s+(?:me\s+)?(?:a\s+favou?r|this|that|it))|are\s+you\s+there|what\s+do\s+you\s+think)\W*$"
+                     r"do\s+(?:me\s+)?(?:a\s+favou?r|this|that|it))|are\s+you\s+(?:there|sure|certain)|what\s+do\s+you\s+think"
+                     r"|is\s+(?:that|it|this)\s+(?:right|correct))\W*$"
                      r"|\b(?:thanks?|thank\s+you|cheers|best\s+wishes|regards|appreciated?|lifesaver|hurry|"
                      r"have\s+a\s+(?:\w+\s+)?(?:day|weekend|evening|night|one))\b"
                      r"|^\W*(?:hi|hello|hey|good\s+(?:morning|afternoon|evening|day)|dear|greetings|howdy)\b"
@@ -65,6 +68,17 @@ _NEXT_LEAD = re.compile(rf"\W*(?:and\s+)?(?:{CONNECTIVES}|and)\b", re.I)
 # preposition, a conjunction or a verb's "is" ("... housing \u2013 at least in the US \u2013 is caused by ...")
 _FRAGMENT = re.compile(r"\W*(?:at|in|on|for|from|by|with|of|to|as|into|about|after|before|during|since|until|while|"
                        r"because|although|though|unless|or|but|nor|so|yet|is|are|was|were|am|has|have|had)\b", re.I)
+
+
+def asks_on_its_own(text: str) -> bool:
+    """Whether `text` opens as a request (`opens_as_request`) and says what on in its own words:
+    no word pointing at the rest of the prompt or an answer ("Translate the following into
+    French."), not an instruction on how to answer, not a pleasantry ("Can you help?"). Looser
+    than `stands_alone`, which also refuses edits ("Convert ... to JSON."), for a line of its own
+    next to a task's line (`switch.segment`)."""
+    bare = QUOTED.sub('""', text.strip())
+    return (opens_as_request(text) and not _BACK.search(bare) and not says_how(text)
+            and _POLITE.search(bare) is None)
 
 
 def stands_alone(text: str) -> bool:

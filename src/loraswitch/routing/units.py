@@ -57,6 +57,7 @@ ASKING = (r"(?:please\s+)?(?:tell|give|write|reverse|sort|add|convert|spell|tran
 _CLAUSE = re.compile(r"\s*[;\uff1b]\s*|,\s*(?:and\s+)?(?:then|after that|afterwards|also|next|finally|"
                      r"second(?:ly)?|third(?:ly)?|lastly)\b,?\s*"
                      r"|\s+and\s+(?:then|also|after that|afterwards|finally|next|second(?:ly)?|third(?:ly)?)\b,?\s*"
+                     r"|,\s*and\s+(?=(?:what|who|how|why|when|where|which|(?:can|could)\s+you)\b)"
                      r"|(?<!\d)\s+(?:[\u2014\u2013\u2015]|--)\s+|\s+(?:[\u2014\u2013\u2015]|--)\s+(?!\d)"
                      r"|(?<=[.?!])\s*[\u2014\u2013\u2015]\s*"
                      rf"|,?\s+(?:as\s+well\s+as|along\s+with)\s+(?={ASKING}|\w{{3,}}ing\b)|(?:,?\s+and)?,?\s+in\s+addition(?:\s+to\s+th(?:at|is))?\b(?!\s+to\b),?\s*"

@@ -45,6 +45,13 @@ def _firm_lists(units: list[Unit], question: list[bool], how: list[bool]) -> set
     return firm
 
 
+def _continued(units: list[Unit]) -> list[bool]:
+    """Prose lines that go on with the sentence of the line before: it ends with a comma or no
+    mark at all, and this one opens with a number."""
+    return [i > 0 and u.kind in PROSE and units[i - 1].kind in PROSE and units[i - 1].line < u.line
+            and u.text[:1].isdigit() and units[i - 1].text.rstrip()[-1:] not in ".?!:;" for i, u in enumerate(units)]
+
+
 def _under_colon(units: list[Unit], question: list[bool]) -> list[bool]:
     """The prose lines right under a request ending with a colon: its input ("Reverse the word
     order of this sentence:\nWhat is 620 + 37?"), never a question of their own, however
@@ -90,7 +97,9 @@ def plan(units: list[Unit], adapter: list[str | None], confidence: list[float],
     worded = [_WORD.search(_OPERATORS.sub(" ", u.text)) is not None for u in units]
     question = [a is not None and c >= settings.min_confidence and not st and not h and w
                 for a, c, st, h, w in zip(adapter, confidence, statement, heading, worded)]
-    question = [q or bool(asked and asked[i] and adapter[i] is None) for i, q in enumerate(question)]
+    question = [q or bool(asked and asked[i]) for i, q in enumerate(question)]
+    # a line going on from the line before, cut mid-sentence ("Could you sort 5, 17, 3,\n11 and 8 for me?")
+    question = [q and not c for q, c in zip(question, _continued(units))]
     # a request on the answer before it is one whatever the selector reads in it: its input is
     # that answer, not in its words ("Then write the answer in English." reads `__none__`), and
     # it is routed once the answer is written in (`switch.run`)

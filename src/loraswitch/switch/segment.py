@@ -49,8 +49,8 @@ from dataclasses import dataclass, field
 import torch
 
 from loraswitch.numbered import split_parts
+from loraswitch.routing import requests as rq
 from loraswitch.routing.base import NONE_CLASS
-from loraswitch.routing.requests import follows_as_next, names_result, stands_alone, without_how, works_on
 from loraswitch.routing.units import PROSE, Unit, is_heading, is_statement, split_units
 from loraswitch.switch.found import Part, Segmentation, finish, join_units
 from loraswitch.switch.planning import Settings, plan
@@ -125,10 +125,10 @@ class _Doc:
         count = Counter(x.line for x in u)
         headed = [i > 0 and u[i - 1].kind in PROSE and is_heading(u[i - 1].text) and count[u[i].line] == 1
                   for i in range(len(u))]  # the whole line under a heading ("Positive or negative? ..." is not)
-        nexts = [i > 0 and (follows_as_next(self.prompt, u[i - 1], u[i]) or headed[i]) for i in range(len(u))]
+        nexts = [i > 0 and (rq.follows_as_next(self.prompt, u[i - 1], u[i]) or headed[i]) for i in range(len(u))]
         own = self.own_lines() if lines else [[] for _ in u]
         return [u[i].kind in PROSE and not u[i].example and (nexts[i] or (i + 1 < len(u) and nexts[i + 1])
-                                                            or bool(own[i])) and stands_alone(u[i].text)
+                                                            or bool(own[i])) and rq.stands_alone(u[i].text)
                 for i in range(len(u))]
 
     def own_lines(self) -> list[list[int]]:
@@ -150,8 +150,8 @@ class _Doc:
         answers both ("Add 5 and 9, then add 10 to the result.")."""
         u = self.units
         return [i > 0 and not u[i].example and (
-            (u[i].kind in PROSE and works_on(self.prompt, u[i - 1], u[i]))
-            or (u[i].list_id >= 0 and u[i].list_id == u[i - 1].list_id and names_result(u[i].text)))  # the next item
+            (u[i].kind in PROSE and rq.works_on(self.prompt, u[i - 1], u[i]))
+            or (u[i].list_id >= 0 and u[i].list_id == u[i - 1].list_id and rq.names_result(u[i].text)))  # the next item
             for i in range(len(u))]
 
     def plan(self, settings: Settings) -> None:
@@ -169,6 +169,11 @@ class _Doc:
                      and u[i + 1].kind in PROSE and is_statement(u[i + 1].text) for i in range(len(u))]
         asked = [(w or b) and n >= settings.min_none and not i
                  for w, b, n, i in zip(by_words, by_line, self.none or [0.0] * len(u), has_input)]
+        # a line next to a task's line that opens as a request and says what on is one, whatever the
+        # selector reads in it ("Convert title=Dune, year=1965 to JSON.\nSort 40, 10, 30." lost the
+        # JSON request: read under the threshold, a line before the first question was an instruction)
+        weak = [not t and any(task[j] for j in own[i]) and rq.asks_on_its_own(x.text) for i, (t, x) in enumerate(zip(task, u))]
+        asked = [a or w for a, w in zip(asked, weak)]
         self.parts, self.dropped = plan(self.units, self.adapter, self.confidence, settings, asked, self.may_chain())
 
     def runs(self) -> list[list[int]]:
@@ -207,7 +212,7 @@ def segment(router, engine, prompts: list[str], settings: Settings = Settings(),
     (only where there are any). `selector_next`: the selector routes these prompts right after
     (`auto`), so the screen reads them whole in its pass too."""
     docs = [_Doc(p, split_units(p)) for p in prompts]
-    ahead = [without_how(p) for p in prompts] if selector_next else ()  # what `auto` routes them on
+    ahead = [rq.without_how(p) for p in prompts] if selector_next else ()  # what `auto` routes them on
     read = screen(router, engine, [d.units for d in docs], ahead,
                   [any(d.may_ask()) or any(d.may_chain()) for d in docs])
     live = [d for d, r in zip(docs, read) if r]
