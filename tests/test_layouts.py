@@ -76,6 +76,13 @@ def test_ordinal_words_roman_numerals_and_labels_mark_items_in_sequence():
         units = split_units(prompt)
         assert [u.text for u in units] == ["The date", "The sum"] and all(u.ordered for u in units), prompt
     assert not any(u.ordered for u in split_units("- the date\n- the sum"))  # bullets are not a sequence
+    units = split_units("Part A: the date\nPart B: the sum")
+    assert [u.text for u in units] == ["The date", "The sum"] and all(u.ordered for u in units)
+    assert _texts("Task A: the date. Task B: the sum.") == ["The date.", "The sum."]
+    assert not split_units("Question: what is 2 + 3?")[0].ordered  # a label without a key
+    # a hyphen set off by spaces between words separates too; between numbers it is a minus
+    assert _texts("Spell out 12 in English - sort 9, 3, 6") == ["Spell out 12 in English", "Sort 9, 3, 6"]
+    assert _texts("What is 5 - 3?") == ["What is 5 - 3?"]
 
 
 def test_an_item_that_says_how_to_answer_is_not_a_part(keyword_selector):

@@ -11,11 +11,11 @@ _NUMBER = re.compile(r"\s*(?:\(?(\d{1,2})[.)]|#(\d{1,2})[:.)]?)\s+(?=\S)")
 _LETTER = re.compile(r"\s*\(?([a-hA-H])[).]\s+(?=\S)")
 _ROMAN_LINE = re.compile(r"\s*\(?(i{1,3}|iv|vi{0,3})[).]\s+(?=\S)", re.I)
 _BULLET = re.compile(r"\s*([-*\u2022\u25e6\u2023\u2013+])\s+(?=\S)")
-LABEL = re.compile(r"\s*(?:Q|Question|Task|Part|Request|Step)\s*#?(\d{0,2})\s*(?:[:.)]|(?<=\d)\s*[-\u2013\u2014])\s+(?=\S)",
-                    re.I)
+LABEL = re.compile(r"\s*(?:Q|Question|Task|Part|Request|Step)\s*#?(\d{1,2}|[A-H](?=\s*[-:.)\u2013\u2014]))?\s*"
+                   r"(?:[:.)]|(?<=[\dA-H])\s*[-\u2013\u2014])\s+(?=\S)", re.I)  # "Q1:", "Task 2 -", "Part A:"
 # inline enumeration inside a line: "a) ... b) ...", "(1) ... (2) ...", "(i) ... (ii) ..."
 _INLINE = re.compile(r"(?:(?<=\s)|^)\(?([a-h]|\d{1,2}|i{1,3}|iv|vi{0,3})\)\s+(?=\S)")
-_INLINE_LABEL = re.compile(r"(?:(?<=\s)|^)(?:Q|Question|Task|Part|Step)\s*(\d{1,2})\s*[:.)]\s+(?=\S)")  # "Q1: ... Q2: ..."
+_INLINE_LABEL = re.compile(r"(?:(?<=\s)|^)(?:Q|Question|Task|Part|Step)\s*(\d{1,2}|[A-H])\s*[:.)]\s+(?=\S)")  # "Q1: ... Q2:"
 _ROMAN = ["i", "ii", "iii", "iv", "v", "vi", "vii", "viii"]
 # ... or by ordinal words opening its clauses: "Two things: first, ...; second, ..."
 _ORDINAL = re.compile(r"(?:^|(?<=[:;,.?!])|(?<=[:;,.?!]\s)|(?<=\band\s))\s*"
@@ -41,7 +41,7 @@ def inline(prompt: str, start: int, end: int) -> tuple[int, list[tuple[int, int]
     a colon ("Please help me with: (a) ... (b) ..."); any other text before the first marker
     makes the markers part of a sentence."""
     line = prompt[start:end]
-    for pattern, firsts in ((_INLINE, ("a", "1", "i")), (_INLINE_LABEL, ("1",)), (_ORDINAL, ("first",))):
+    for pattern, firsts in ((_INLINE, ("a", "1", "i")), (_INLINE_LABEL, ("1", "a")), (_ORDINAL, ("first",))):
         found, want = [], None
         for m in pattern.finditer(line):
             key = m.group(1).lower()

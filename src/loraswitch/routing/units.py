@@ -59,6 +59,7 @@ _CLAUSE = re.compile(r"\s*[;\uff1b]\s*|,\s*(?:and\s+)?(?:then|after that|afterwa
                      r"|\s+and\s+(?:then|also|after that|afterwards|finally|next|second(?:ly)?|third(?:ly)?)\b,?\s*"
                      r"|,\s*and\s+(?=(?:what|who|how|why|when|where|which|(?:can|could)\s+you)\b)"
                      r"|(?<!\d)\s+(?:[\u2014\u2013\u2015]|--)\s+|\s+(?:[\u2014\u2013\u2015]|--)\s+(?!\d)"
+                     r"|(?<=[A-Za-z.?!])\s+-\s+(?=[A-Za-z])"  # a hyphen set off by spaces between words
                      r"|(?<=[.?!])\s*[\u2014\u2013\u2015]\s*"
                      rf"|,?\s+(?:as\s+well\s+as|along\s+with)\s+(?={ASKING}|\w{{3,}}ing\b)|(?:,?\s+and)?,?\s+in\s+addition(?:\s+to\s+th(?:at|is))?\b(?!\s+to\b),?\s*"
                      rf"|,?\s+plus,?\s+(?={ASKING})", re.I)
@@ -198,7 +199,7 @@ def _line_units(prompt: str, start: int, end: int, lists: Lists, line: int, para
         list_id, _ = lists.item(kind, key)
         if list_id >= 0:
             s = start + length
-            ordered = kind in ("number", "letter", "roman") or (kind == "label" and key.isdigit())
+            ordered = kind in ("number", "letter", "roman") or (kind == "label" and bool(key))  # "Q1:", "Part A:"
             return [Unit(s, end, clean(prompt[s:end]), "item", list_id, kind == "number", line, para, ordered=ordered)]
     lists.close()
     return _prose(prompt, start, end, line=line, para=para)
