@@ -15,7 +15,8 @@ LABEL = re.compile(r"\s*(?:Q|Question|Task|Part|Request|Step)\s*#?(\d{1,2}|[A-H]
                    r"(?:[:.)]|(?<=[\dA-H])\s*[-\u2013\u2014])\s+(?=\S)", re.I)  # "Q1:", "Task 2 -", "Part A:"
 # inline enumeration inside a line: "a) ... b) ...", "(1) ... (2) ...", "(i) ... (ii) ..."
 _INLINE = re.compile(r"(?:(?<=\s)|^)\(?([a-h]|\d{1,2}|i{1,3}|iv|vi{0,3})\)\s+(?=\S)")
-_INLINE_LABEL = re.compile(r"(?:(?<=\s)|^)(?:Q|Question|Task|Part|Step)\s*(\d{1,2}|[A-H])\s*[:.)]\s+(?=\S)")  # "Q1: ... Q2:"
+# ... by labels: "Q1: ... Q2: ...", "Task A: ... Task B: ..."
+_INLINE_LABEL = re.compile(r"(?:(?<=\s)|^)(?:Q|Question|Task|Part|Step)\s*(\d{1,2}|[A-H])\s*[:.)]\s+(?=\S)")
 _ROMAN = ["i", "ii", "iii", "iv", "v", "vi", "vii", "viii"]
 # ... or by ordinal words opening its clauses: "Two things: first, ...; second, ..."
 _ORDINAL = re.compile(r"(?:^|(?<=[:;,.?!])|(?<=[:;,.?!]\s)|(?<=\band\s))\s*"

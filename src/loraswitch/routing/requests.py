@@ -33,8 +33,10 @@ _BACK = re.compile(r"\b(?:it|its|this|that|these|those|them|they|their|your|your
 # a pleasantry, not a request: "Thank you so much for the help.", "Have a wonderful day!", a greeting,
 # words about the requests rather than one ("Good morning, some quick ones for you."), or a call for
 # attention ("Can you help?", "Could you do me a favour?", "Are you there?")
-_POLITE = re.compile(r"^\W*(?:(?:can|could|would|will)\s+you\s+(?:please\s+)?(?:help(?:\s+me)?(?:\s+(?:out|with\s+(?:something|this|that|a\s+few\s+things)))?|assist(?:\s+me)?|tell\s+me|"
-                     r"do\s+(?:me\s+)?(?:a\s+favou?r|this|that|it))|are\s+you\s+(?:there|sure|certain)|what\s+do\s+you\s+think"
+_POLITE = re.compile(r"^\W*(?:(?:can|could|would|will)\s+you\s+(?:please\s+)?"
+                     r"(?:help(?:\s+me)?(?:\s+(?:out|with\s+(?:something|this|that|a\s+few\s+things)))?"
+                     r"|assist(?:\s+me)?|tell\s+me|do\s+(?:me\s+)?(?:a\s+favou?r|this|that|it))"
+                     r"|are\s+you\s+(?:there|sure|certain)|what\s+do\s+you\s+think"
                      r"|is\s+(?:that|it|this)\s+(?:right|correct))\W*$"
                      r"|\b(?:thanks?|thank\s+you|cheers|best\s+wishes|regards|appreciated?|lifesaver|hurry|"
                      r"have\s+a\s+(?:\w+\s+)?(?:day|weekend|evening|night|one))\b"
@@ -117,9 +119,8 @@ def says_how(text: str) -> bool:
     requests: "3. Keep each answer short.", "- Answer with just the result, no explanation."):
     at most 15 words, no data of its own (digits, quotes), opening as such instructions do, on
     the answers' form, length or checking (or four words at most opening so: "Be concise.", "Use
-    digits."),
-    and not a request complete in itself. It joins the
-    part before it instead of being answered as a part by the base model."""
+    digits."), and not a request complete in itself. It joins the part before it instead of being
+    answered as a part by the base model."""
     words = re.findall(r"[\w']+", text)
     return (len(words) <= 15 and not re.search(r"\d", text) and not QUOTED.search(text) and _HOW.match(text) is not None
             and (_HOW_WORDS.search(text) is not None or (len(words) <= 4 and _HOW_SHORT.match(text) is not None))
@@ -157,7 +158,7 @@ def follows_as_next(prompt: str, before: Unit, unit: Unit) -> bool:
     if unit.para != before.para:
         return False
     if _DASH.search(between):
-        return _ASKING.match(unit.text) is not None
+        return opens_as_request(unit.text)
     return _NEXT.search(between) is not None
 
 

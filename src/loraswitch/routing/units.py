@@ -61,7 +61,8 @@ _CLAUSE = re.compile(r"\s*[;\uff1b]\s*|,\s*(?:and\s+)?(?:then|after that|afterwa
                      r"|(?<!\d)\s+(?:[\u2014\u2013\u2015]|--)\s+|\s+(?:[\u2014\u2013\u2015]|--)\s+(?!\d)"
                      r"|(?<=[A-Za-z.?!])\s+-\s+(?=[A-Za-z])"  # a hyphen set off by spaces between words
                      r"|(?<=[.?!])\s*[\u2014\u2013\u2015]\s*"
-                     rf"|,?\s+(?:as\s+well\s+as|along\s+with)\s+(?={ASKING}|\w{{3,}}ing\b)|(?:,?\s+and)?,?\s+in\s+addition(?:\s+to\s+th(?:at|is))?\b(?!\s+to\b),?\s*"
+                     rf"|,?\s+(?:as\s+well\s+as|along\s+with)\s+(?={ASKING}|\w{{3,}}ing\b)"
+                     r"|(?:,?\s+and)?,?\s+in\s+addition(?:\s+to\s+th(?:at|is))?\b(?!\s+to\b),?\s*"
                      rf"|,?\s+plus,?\s+(?={ASKING})", re.I)
 # " | " joins requests in a sentence too ("Sort 5, 3 | reverse: a b"), except in a table row,
 # whose cells are one line's data ("| Alice | 30 |"), and in a line that quotes code ("`ps | grep x`"):

@@ -24,7 +24,6 @@ class Settings:
     min_none: float = 0.8  # a request no adapter fits is a part above this `__none__` probability (raw)
 
 
-
 def _firm_lists(units: list[Unit], question: list[bool], how: list[bool]) -> set[int]:
     """Enumerations answered item by item: two or more confident items, or a list marked in
     sequence (1..n, a..h, "Q1:", "first, ...") with one when that is at least half of it (a list

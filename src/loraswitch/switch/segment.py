@@ -115,21 +115,24 @@ class _Doc:
     parts: list[Part] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
 
-    def may_ask(self, lines: bool = True) -> list[bool]:
+    def may_ask(self) -> list[bool]:
         """The units that, by their words, may be a request no adapter fits asked next to
         another: complete in themselves and joined to a neighbour as the next request (or the
-        first after a heading: "## B\nSuggest a name for a cat."). With `lines`, also those alone
-        on a line next to another such line ("Tell me a joke.\nWhat is 620 + 37?"), which `plan`
-        takes only next to a line the selector reads as a task (`_Doc.plan`)."""
+        first after a heading: "## B\nSuggest a name for a cat."). Those alone on a line, with
+        no connective, are `on_own_line`."""
         u = self.units
         count = Counter(x.line for x in u)
         headed = [i > 0 and u[i - 1].kind in PROSE and is_heading(u[i - 1].text) and count[u[i].line] == 1
                   for i in range(len(u))]  # the whole line under a heading ("Positive or negative? ..." is not)
         nexts = [i > 0 and (rq.follows_as_next(self.prompt, u[i - 1], u[i]) or headed[i]) for i in range(len(u))]
-        own = self.own_lines() if lines else [[] for _ in u]
-        return [u[i].kind in PROSE and not u[i].example and (nexts[i] or (i + 1 < len(u) and nexts[i + 1])
-                                                            or bool(own[i])) and rq.stands_alone(u[i].text)
-                for i in range(len(u))]
+        return [u[i].kind in PROSE and not u[i].example and (nexts[i] or (i + 1 < len(u) and nexts[i + 1]))
+                and rq.stands_alone(u[i].text) for i in range(len(u))]
+
+    def on_own_line(self, own: list[list[int]]) -> list[bool]:
+        """The units alone on a line next to another such line (`own`, `own_lines`) that are a
+        request complete in itself ("Tell me a joke.\nWhat is 620 + 37?"): `plan` takes them only
+        next to a line the selector reads as a task."""
+        return [bool(o) and rq.stands_alone(x.text) for o, x in zip(own, self.units)]
 
     def own_lines(self) -> list[list[int]]:
         """Per unit that is a sentence alone on its line: the units next to it alone on theirs
@@ -163,8 +166,10 @@ class _Doc:
         u = self.units
         task = [a is not None and c >= settings.min_confidence and not is_statement(x.text)
                 for a, c, x in zip(self.adapter, self.confidence, u)]
-        own, by_words = self.own_lines(), self.may_ask(lines=False)
-        by_line = [m and any(task[j] for j in own[i]) for i, m in enumerate(self.may_ask())]
+        own = self.own_lines()
+        beside_task = [any(task[j] for j in o) for o in own]
+        by_words = self.may_ask()
+        by_line = [m and t for m, t in zip(self.on_own_line(own), beside_task)]
         has_input = [u[i].text.endswith("?") and i + 1 < len(u) and u[i + 1].line == u[i].line
                      and u[i + 1].kind in PROSE and is_statement(u[i + 1].text) for i in range(len(u))]
         asked = [(w or b) and n >= settings.min_none and not i
@@ -172,7 +177,7 @@ class _Doc:
         # a line next to a task's line that opens as a request and says what on is one, whatever the
         # selector reads in it ("Convert title=Dune, year=1965 to JSON.\nSort 40, 10, 30." lost the
         # JSON request: read under the threshold, a line before the first question was an instruction)
-        weak = [not t and any(task[j] for j in own[i]) and rq.asks_on_its_own(x.text) for i, (t, x) in enumerate(zip(task, u))]
+        weak = [not t and b and rq.asks_on_its_own(x.text) for t, b, x in zip(task, beside_task, u)]
         asked = [a or w for a, w in zip(asked, weak)]
         self.parts, self.dropped = plan(self.units, self.adapter, self.confidence, settings, asked, self.may_chain())
 
@@ -214,7 +219,7 @@ def segment(router, engine, prompts: list[str], settings: Settings = Settings(),
     docs = [_Doc(p, split_units(p)) for p in prompts]
     ahead = [rq.without_how(p) for p in prompts] if selector_next else ()  # what `auto` routes them on
     read = screen(router, engine, [d.units for d in docs], ahead,
-                  [any(d.may_ask()) or any(d.may_chain()) for d in docs])
+                  [any(d.may_ask()) or any(d.on_own_line(d.own_lines())) or any(d.may_chain()) for d in docs])
     live = [d for d, r in zip(docs, read) if r]
     todo = [(d, i) for d in live for i, u in enumerate(d.units) if not u.example]
     scores = score_texts(router, engine, [d.units[i].text for d, i in todo])
