@@ -14,7 +14,8 @@ Segmentation only (`switch.segment`, no generation), demo library. Two kinds of 
     python benchmarks/layouts.py --file benchmarks/layouts_heldout.json --out F
 
 `benchmarks/layouts_heldout.json` was written by a colleague who saw the task list only, not the
-rules nor the set below (docs/routing.md has both results).
+rules nor the set below (docs/routing.md has both results); `layouts_dashes.json` holds the dash
+forms ("--", "―", " - ", an em dash with no spaces) and asides after a dash.
 """
 
 from __future__ import annotations

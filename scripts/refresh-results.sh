@@ -39,8 +39,8 @@ for step in "${steps[@]}"; do
       done
       # other layouts of several requests (docs/routing.md's table, benchmarks/results/layouts*.json)
       python benchmarks/layouts.py --out benchmarks/results/layouts.json
-      for k in "" 2 3; do
-        python benchmarks/layouts.py --file "benchmarks/layouts_heldout$k.json" --out "benchmarks/results/layouts_heldout$k.json"
+      for k in _heldout _heldout2 _heldout3 _dashes; do
+        python benchmarks/layouts.py --file "benchmarks/layouts$k.json" --out "benchmarks/results/layouts$k.json"
       done ;;
     bench) LORASWITCH_THREADS=${LORASWITCH_THREADS:-1} python benchmarks/bench.py --quick --repeats 5 --scaling 8 --scaling 128 --scaling 1000 \
                --max-resident 128 --doc docs/benchmarks.md --readme README.md ;;

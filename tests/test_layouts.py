@@ -46,6 +46,10 @@ def test_dashes_full_width_marks_and_joining_words_end_a_unit():
     # a range and a hyphenated word are not separators
     assert _texts("In 2013 \u2013 2014 it rained.") == ["In 2013 \u2013 2014 it rained."]
     assert _texts("A well\u2014known fact.") == ["A well\u2014known fact."]
+    # an em dash with no spaces ends a unit only before a request, "then" or "also"
+    assert _texts("Sort 9, 4, 7\u2014what is 25 + 17?") == ["Sort 9, 4, 7", "What is 25 + 17?"]
+    assert _texts("Spell 58 in English\u2014and also sort 3, 1.") == ["Spell 58 in English", "Sort 3, 1."]
+    assert len(split_units("The hotel\u2014cheap as it was\u2014was spotless.")) == 1
     # full-width marks end a sentence with no space after them, and are read as ASCII
     assert _texts("What is 25 + 17\uff1fSpell 13 in English\u3002") == ["What is 25 + 17?", "Spell 13 in English."]
     assert _texts("Sort 9, 4\uff1breverse: a b") == ["Sort 9, 4", "Reverse: a b"]
@@ -125,9 +129,16 @@ def test_a_request_no_adapter_fits_on_its_own_line_is_a_part_next_to_a_task(keyw
     for prompt, asked in [("Sort 17, 4 ascending \u2014 what's the capital of Australia?", True),
                           ("What is 2 + 3? \u2014 Tell me a joke.", True),
                           ("Write a short poem \u2014 reverse the words: a b", True),
+                          ("Sort 9, 4 -- tell me a joke about cats.", True),  # "--", "\u2015", " - ": as "\u2014"
+                          ("Sort 9, 4 \u2015 what is 2 + 3?", True),
+                          ("Write 21 in French - what is the capital of Peru?", True),
+                          ("Sort 9, 4\u2014what is 2 + 3?", True),
                           ("Studies focus on homicides \u2013 since homicides are defined alike.", False)]:
         u = split_units(prompt)
         assert len(u) == 2 and follows_as_next(prompt, u[0], u[1]) == asked, prompt
+    for aside in ("The blender \u2014 which I bought in May \u2014 broke.", "Great food - when we got there it was warm."):
+        u = split_units(aside)  # a question word before "I", "we", ...: a relative clause, not a request
+        assert not any(follows_as_next(aside, a, b) for a, b in zip(u, u[1:])), aside
     # a question whose line goes on with a statement has its input there: read together, not cut off
     assert _parts(keyword_selector, "Give the date \u2013 Positive or negative? The lamp stopped working.") == []
     # two lines no adapter fits: no task line next to them, nothing is cut

@@ -60,7 +60,8 @@ _FORM = re.compile(r"(?:please\s+)?(?:(?:be|keep|make|use|answer|reply|respond|f
 # what leads a request that follows another: a clause separator between them, or a connective
 # opening it ("Also, ...", "Then ...", "And ...")
 _NEXT = re.compile(rf"[;|\uff1b]|\b(?:{CONNECTIVES}|and)\b", re.I)
-_DASH = re.compile(r"^\W*[\u2014\u2013]\W*$")  # units joined by a dash alone
+# units joined by a dash alone: "\u2014", "\u2013", "\u2015", "--" or a hyphen (units.py cuts at each)
+_DASH = re.compile(r"^\W*(?:[\u2014\u2013\u2015]|--?)\W*$")
 # how a request opens: a verb of the kind requests start with, or a question word
 _ASKING = re.compile(rf"\W*{ASKING}", re.I)
 _NEXT_LEAD = re.compile(rf"\W*(?:and\s+)?(?:{CONNECTIVES}|and)\b", re.I)

@@ -45,13 +45,16 @@ _OPTION_LEAD = re.compile(r".*(?:\?|\b(?:options?|choices?|answers?|choose|selec
 _SENTENCE = re.compile(r"(?:(?<=[.?!])|(?<=[.?!][\"'\u201d\u2019)\]]))\s+(?=[\"'(\[\u201c\u2018]?[A-Z0-9])"
                        r"|(?<=[\uff1f\uff01\u3002])\s*(?=\S)")
 # how a request opens: a verb requests start with, a question word, or "can you" and the like
-# (not "what a ..." nor a bare "would ...": "what a waste of money", "would come back!")
+# (not "what a ..." nor a bare "would ...": "what a waste of money", "would come back!"; nor a
+# relative clause: "... \u2014 which I bought last week \u2014 ...", "when we got home")
 ASKING = (r"(?:please\s+)?(?:tell|give|write|reverse|sort|add|convert|spell|translate|list|explain|describe|"
           r"recommend|suggest|name|find|calculate|compute|summari[sz]e|make|create|put|arrange|order|extract|pull|"
-          r"turn|rewrite|change|show|what(?!\s+an?\b)|who|how|why|when|where|which|(?:can|could|would|will)\s+you)\b")
+          r"turn|rewrite|change|show|what(?!\s+an?\b)|why|(?:who|how|when|where|which)(?!\s+(?:i|we|he|she|they)\b)|"
+          r"(?:can|could|would|will)\s+you)\b")
 # a clause ends at ";" (or "；"), before a connective, at a dash set off by spaces or right after a
 # sentence's end ("What is 2 + 3? — Spell 13 in English."; "well—known" is a word, "2013 – 2014" a
-# range), and before "as well as", "along with", "in addition" or "plus" before a request ("... in
+# range), at an em dash between words only before a request or "then" / "also" ("Sort 9, 4—what is
+# 2 + 3?"), and before "as well as", "along with", "in addition" or "plus" before a request ("... in
 # order plus convert ...", "7, plus write ..."; "230 plus 418" is a sum, "5, 1, 3 as well as 7 and
 # 2" one list, "in English, as well as in French" one request)
 _CLAUSE = re.compile(r"\s*[;\uff1b]\s*|,\s*(?:and\s+)?(?:then|after that|afterwards|also|next|finally|"
@@ -61,6 +64,7 @@ _CLAUSE = re.compile(r"\s*[;\uff1b]\s*|,\s*(?:and\s+)?(?:then|after that|afterwa
                      r"|(?<!\d)\s+(?:[\u2014\u2013\u2015]|--)\s+|\s+(?:[\u2014\u2013\u2015]|--)\s+(?!\d)"
                      r"|(?<=[A-Za-z.?!])\s+-\s+(?=[A-Za-z])"  # a hyphen set off by spaces between words
                      r"|(?<=[.?!])\s*[\u2014\u2013\u2015]\s*"
+                     rf"|(?<=\w)[\u2014\u2015](?=(?:and\s+)?(?:then|also)\b|{ASKING})"  # "9\u2014what is ..."
                      rf"|,?\s+(?:as\s+well\s+as|along\s+with)\s+(?={ASKING}|\w{{3,}}ing\b)"
                      r"|(?:,?\s+and)?,?\s+in\s+addition(?:\s+to\s+th(?:at|is))?\b(?!\s+to\b),?\s*"
                      rf"|,?\s+plus,?\s+(?={ASKING})", re.I)
