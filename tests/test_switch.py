@@ -305,6 +305,24 @@ def test_logprobs_and_echo_are_the_models(switch):
     assert all(lp.logprob == lp.top[0][1] for lp in done.logprobs)  # greedy: the likeliest token
 
 
+def test_each_request_gets_the_logprobs_it_asked_for_in_a_shared_batch(switch):
+    """A batch computes the most alternatives any row asked for; each answer reports its own k
+    (a review found a request for 1 answered with 5 when batched with one for 5)."""
+    reqs = [Request(prompt="Once upon a time", model="gamma", max_tokens=3, logprobs=k, echo=True) for k in (5, 1, 0)]
+    reqs.append(Request(prompt="Once upon a time", model="gamma", max_tokens=3, echo=True))
+    done, sizes = {}, set()
+    for i, e in switch.stream(reqs):
+        if isinstance(e, Done):
+            done[i] = e.answer
+            sizes.add(e.batch["size"])
+    assert sizes == {4}  # decoded together
+    for i, k in enumerate((5, 1, 0)):
+        lps = done[i].logprobs + done[i].prompt_logprobs[1:]
+        assert lps and all(len(lp.top) == k for lp in lps), (k, [len(lp.top) for lp in lps])
+    assert done[3].logprobs == [] and done[3].prompt_logprobs == []
+    assert done[0].logprobs[0].top[0] == done[1].logprobs[0].top[0]
+
+
 def test_multi_part_logprobs_cover_every_token(switch):
     switch._routers[("auto", switch.engine.version)] = _KeywordRouter()
     events = _stream(switch, [Request.chat(COMPOSITE, model="auto", max_tokens=24, logprobs=1)])[0]

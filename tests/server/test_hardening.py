@@ -145,6 +145,22 @@ def test_2_numbers_are_numbers_and_every_error_has_a_code(hard):
     assert _error(_chat(hard.http, stop=["a", "b", "c", "d", "e"]), 400)["code"] == "invalid_request"
 
 
+def test_2_text_parts_join_with_a_newline_and_stop_token_ids_is_refused():
+    """As vLLM: a message's text parts are joined with "\n" ("apple" + "banana" read "applebanana"
+    before a review); vLLM's stop_token_ids is a 400 naming it, not silently ignored."""
+    from loraswitch.server.errors import APIError
+    from loraswitch.server.protocol import ChatCompletionRequest as ChatRequest
+    from loraswitch.server.protocol import ChatMessage
+
+    parts = [{"type": "text", "text": "apple"}, {"type": "text", "text": "banana"}]
+    assert ChatMessage(role="user", content=parts).text(0) == "apple\nbanana"
+    body = ChatRequest(model="base", messages=[{"role": "user", "content": "hi"}], stop_token_ids=[2])
+    with pytest.raises(APIError) as info:
+        body.check_supported()
+    assert info.value.param == "stop_token_ids"
+    ChatRequest(model="base", messages=[{"role": "user", "content": "hi"}], stop_token_ids=[]).check_supported()
+
+
 # ---------------------------------------------------------------- 3. lone surrogates
 def test_3_lone_surrogate_in_completion_prompt_is_400_and_keeps_the_connection(hard):
     port = int(hard.server.url.rsplit(":", 1)[1])

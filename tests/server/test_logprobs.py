@@ -28,10 +28,16 @@ def test_completion_logprobs_with_echo(client, lib, model):
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
     expected = [x.logprob for x in ref.prompt_logprobs[1:] + ref.logprobs]
     assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-5)
-    for value, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]):
-        assert 1 <= len(top) <= 2 and all(v <= 0 for v in top.values()) and max(top.values()) >= value - 1e-6
+    for token, value, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert 1 <= len(top) <= 3 and all(v <= 0 for v in top.values()) and max(top.values()) >= value - 1e-6
+        assert top[token] == pytest.approx(value)  # the chosen token is among them, as OpenAI's and vLLM's
     generated = lp.token_logprobs[len(ref.prompt_ids):]
     assert all(math.isclose(v, max(t.values()), abs_tol=1e-6) for v, t in zip(generated, lp.top_logprobs[-3:]))
+
+
+def test_completion_logprobs_0_gives_the_chosen_token_alone(client):
+    lp = client.completions.create(model="base", prompt="x", max_tokens=2, temperature=0, logprobs=0).choices[0].logprobs
+    assert [list(t) for t in lp.top_logprobs] == [[tok] for tok in lp.tokens]
 
 
 def test_completion_without_logprobs_has_none(client):

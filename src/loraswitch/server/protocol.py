@@ -74,7 +74,7 @@ class ChatMessage(BaseModel):
                 raise bad_request(f"only text content parts are supported (got type {part.type!r})",
                                   f"messages.{index}.content.{j}.type", "unsupported_content")
             pieces.append(part.text)
-        return "".join(pieces)
+        return "\n".join(pieces)  # as vLLM joins a message's text parts
 
 
 class _Common(BaseModel):
@@ -97,6 +97,7 @@ class _Common(BaseModel):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool | None = None  # vLLM's extension: decode past the end-of-turn token to max_tokens
+    stop_token_ids: list[int] | None = None  # vLLM's extension: not supported (a 400 when given)
     # loraswitch extensions
     trace: bool | None = None
     route: str | None = None
@@ -132,6 +133,9 @@ class _Common(BaseModel):
                               where, "invalid_text")
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias", "unsupported_parameter")
+        if self.stop_token_ids:
+            raise bad_request("stop_token_ids is not supported: use stop strings", "stop_token_ids",
+                              "unsupported_parameter")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream=true", "stream_options")
 

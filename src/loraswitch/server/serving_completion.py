@@ -70,15 +70,19 @@ class CompletionServing(OpenAIServing):
     def logprobs(self, items: list[TokenLogprob | None], token_ids: list[int], start: int = 0) -> dict:
         """The OpenAI completions shape: parallel lists of tokens, their logprobs (None: the first
         prompt token, which has no context), the alternatives and each token's text offset
-        (`start`: the characters before these tokens)."""
+        (`start`: the characters before these tokens). The alternatives hold the chosen token
+        too, as the OpenAI API and vLLM have them (up to k + 1; `logprobs: 0` gives it alone)."""
         tokens = [self.token_text(t) for t in token_ids]
         offsets, at = [], start
         for t in tokens:
             offsets.append(at)
             at += len(t)
         return {"tokens": tokens, "token_logprobs": [lp.logprob if lp else None for lp in items],
-                "top_logprobs": [{self.token_text(t): v for t, v in lp.top} if lp else None for lp in items],
+                "top_logprobs": [self._alternatives(lp) if lp else None for lp in items],
                 "text_offset": offsets}
+
+    def _alternatives(self, lp: TokenLogprob) -> dict[str, float]:
+        return {**{self.token_text(t): v for t, v in lp.top}, self.token_text(lp.token_id): lp.logprob}
 
 
 @router.post("/completions")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
-from loraswitch.generate import Generation, Listener
+from loraswitch.generate import Generation, Listener, TokenLogprob
 from loraswitch.switch.parts import PartsAnswer, PartsError, SingleAnswer, fan_out
 from loraswitch.switch.request import Handle, InvalidOutput, Request, Switched, Token
 from loraswitch.switch.text import Detokenizer, StopStrings
@@ -43,6 +43,12 @@ class Row:
         self.sent, self.released = max(self.sent, upto), max(self.released, done)
 
 
+def _within(lp: TokenLogprob, k: int) -> TokenLogprob:
+    """`lp` with only the `k` likeliest alternatives this row asked for: a batch computes the
+    most any of its rows asked for (`switch.run`), each answer reports its own."""
+    return lp if len(lp.top) <= k else replace(lp, top=lp.top[:k])
+
+
 def _top(entry: dict) -> str | None:
     adapters = entry.get("adapters") or {}
     return max(adapters, key=adapters.get) if adapters else None
@@ -74,6 +80,10 @@ class BatchListener(Listener):
         if index == 0 or top != row.top:
             row.top = top
             row.answer.event(row.part, Switched(index, top))
+        if row.request.logprobs is None:  # the batch computes the most any of its rows asked for
+            gen.logprobs.clear()
+        elif len(gen.logprobs) == len(gen.token_ids):
+            gen.logprobs[-1] = _within(gen.logprobs[-1], row.request.logprobs)
         row.detok.add(gen.token_ids[-1])
         text = row.detok.text
         if row.stops:
@@ -103,6 +113,9 @@ class BatchListener(Listener):
             row.answer.failed(InvalidOutput(f"the model produced non-finite logits (NaN or inf) answering with "
                                             f"{who}; the requests batched with it were not affected"))
             return
+        if gen.prompt_logprobs:
+            k = row.request.logprobs
+            gen.prompt_logprobs = [] if k is None else [lp and _within(lp, k) for lp in gen.prompt_logprobs]
         if row.cut is not None:
             gen.stop_reason = row.stops.hit
             gen.text = row.detok.text[: row.cut]
