@@ -103,9 +103,10 @@ def test_duplicate_names_across_folders_are_refused(tmp_path, tiny_base, adapter
 
 
 def test_reserved_and_unknown_names(tiny_base, adapter_dir, tmp_path):
-    shutil.copytree(adapter_dir / "alpha", tmp_path / "auto")
-    with pytest.raises(AdapterError, match="reserved"):
-        read_adapter(tmp_path / "auto", tiny_base.model)
+    for name in ("auto", "mixture"):  # "mixture" is the server's `model` for a weighted mix: never an adapter
+        shutil.copytree(adapter_dir / "alpha", tmp_path / name)
+        with pytest.raises(AdapterError, match="reserved"):
+            read_adapter(tmp_path / name, tiny_base.model)
     engine = Engine(tiny_base, [adapter_dir])
     with pytest.raises(AdapterError, match="unknown adapter"):
         engine.slot_of("nope")
@@ -208,6 +209,9 @@ BAD_CONFIGS = {
     "rslora_string": ({"use_rslora": "yes"}, "use_rslora must be true or false"),
     "targets_missing": ({"target_modules": ["q_proj", "not_a_layer"]}, "does not have: not_a_layer"),
     "targets_type": ({"target_modules": 7}, "target_modules must be a list"),
+    # a config whose rank is not the factors' (PEFT refuses it: size mismatch); the scale would be wrong
+    "rank_contradicts": ({"r": 8}, "says r 8 but its lora_A has rank 4"),
+    "rank_pattern_contradicts": ({"rank_pattern": {"q_proj": 2}}, "says rank_pattern 2 but its lora_A has rank 4"),
 }
 
 
@@ -249,6 +253,18 @@ def test_refusals_are_listed_with_their_reason_and_missing_paths_say_so(tiny_bas
     with pytest.raises(AdapterError) as exc:
         read_adapter(root / "nan_alpha", tiny_base.model)
     assert not exc.value.missing
+
+
+def test_targeted_modules_without_weights_load_with_a_warning(tiny_base, tmp_path):
+    """A partial save (factors of one layer gone): it loads, as in PEFT, and says so (PEFT warns
+    of missing keys); an adapter whose layers_to_transform narrows its targets is not judged."""
+    path = write_adapter(tiny_base.model, tmp_path / "partial")
+    _corrupt_weights(path, lambda t: {k: v for k, v in t.items() if "layers.1.self_attn.q_proj" not in k})
+    (warning,) = read_adapter(path, tiny_base.model).warnings
+    assert "no weights for 1 module(s)" in warning and "layers.1.self_attn.q_proj" in warning
+    assert read_adapter(write_adapter(tiny_base.model, tmp_path / "whole"), tiny_base.model).warnings == []
+    narrowed = write_adapter(tiny_base.model, tmp_path / "narrowed", layers_to_transform=[0])
+    assert read_adapter(narrowed, tiny_base.model).warnings == []
 
 
 def test_a_scale_at_the_bound_loads_and_rslora_alpha_pattern_still_work(tiny_base, tmp_path):

@@ -438,15 +438,31 @@ def test_merge_command_never_loses_a_folder_and_reads_the_configs_it_documents(t
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
-    for out, why in ((tmp_path / "afile", "is not a folder"), (adapter_dir / "alpha", "one of the adapters"),
+    for out, why in ((tmp_path / "afile", "is not a folder"), (adapter_dir / "alpha", "is an adapter being merged"),
                      (full, "already holds files")):
         res = runner.invoke(app, ["merge", str(cfg), str(out)])
         assert res.exit_code == 2 and why in " ".join(res.output.split()), res.output
+    # --force replaces an earlier merge's output only: never a folder holding an input, the config
+    # or other files (a review's --force into the library folder deleted every adapter in it)
+    beside = tmp_path / "configs"
+    beside.mkdir()
+    (beside / "merge.yaml").write_text(cfg.read_text())
+    for out, config, why in ((adapter_dir, cfg, "holds an adapter being merged"), (beside, beside / "merge.yaml",
+                             "holds the merge config"), (full, cfg, "not an earlier merge's output"),
+                             (Path.cwd(), cfg, "working directory")):
+        res = runner.invoke(app, ["merge", str(config), str(out), "--force"])
+        assert res.exit_code == 2 and why in " ".join(res.output.split()), res.output
     assert (full / "keep.txt").read_text() == "mine" and (tmp_path / "afile").read_text() == "x"
+    assert (adapter_dir / "alpha" / "adapter_config.json").is_file() and cfg.is_file()
     for bad, why in (({**doc, "output": {"rank": 2000}}, "from 1 to 1024"),
                      ({**doc, "method": "ties", "parameters": {"drop_rate": 0.5}}, "unknown parameter")):
         with pytest.raises(ConfigError, match=why):
             parse_config(bad)
+    for weights, why in (((1e30, 1.0), "must be in"), ((0, 0.0), "every adapter's weight is 0")):
+        with pytest.raises(ConfigError, match=why):
+            parse_config({**doc, "adapters": [{"name": n, "weight": w} for n, w in zip(("alpha", "beta"), weights)]})
+    small = yaml.safe_load("adapters: [{name: alpha, weight: 1e-3}, beta]")["adapters"]  # YAML 1.1: a string
+    assert parse_config({**doc, "adapters": small}).adapters[0].weight == 1e-3
     ada = parse_config({"method": "adamerging", "adapters": ["alpha", "beta"], "adapter_dirs": [str(adapter_dir)],
                         "parameters": {"prompts": ["one prompt", "another"], "steps": 1}})
     assert ada.parameters["prompts"] == ["one prompt", "another"] and ada.parameters["prompts_file"] is None

@@ -18,32 +18,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from torch import nn
 
-CONFIG_FILE = "adapter_config.json"
+from loraswitch.adapter_config import (
+    CONFIG_FILE,
+    MAX_RANK,
+    AdapterError,
+    check_declared_rank,
+    check_targets,
+    read_config,
+    scale_of,
+    untrained_targets,
+)
+
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
-RESERVED_NAMES = ("auto", "base")
-MAX_RANK = 1024  # r (config or tensors) above this is refused: an r of 100000 is a typo or an attack
+RESERVED_NAMES = ("auto", "base", "mixture")  # `model` values the server reads itself
 MAX_RELATIVE_UPDATE = 100.0  # |scale B A|_F / |W|_F above this is refused (`_check_size`)
 MAX_SCALE = 256.0  # |lora_alpha / r| (rsLoRA: / sqrt r) above this is refused; PEFT adapters use ~0.5-32
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 # base_model.model.<module>.lora_A[.<peft adapter name>].weight
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
-
-
-class AdapterError(ValueError):
-    """An adapter was refused; `str()` says which one and exactly why."""
-
-    def __init__(self, name: str, reason: str, missing: bool = False):
-        super().__init__(f"adapter {name!r}: {reason}")
-        self.name = name
-        self.reason = reason
-        # no adapter folder there at all (no such directory, no config, no weights): a server
-        # says only "cannot load", so callers cannot probe which paths exist on its disk
-        self.missing = missing
 
 
 @dataclass
@@ -109,97 +105,9 @@ class Adapter:
 
 def validate_name(name: str) -> None:
     if name in RESERVED_NAMES:
-        raise AdapterError(name, f"the names {RESERVED_NAMES} are reserved (they mean routing / no adapter)")
+        raise AdapterError(name, f"the names {RESERVED_NAMES} are reserved (they mean routing / no adapter / a weighted mix)")
     if not _NAME_RE.match(name):
         raise AdapterError(name, "names must be 1-128 characters of letters, digits, '_', '-', '.'")
-
-
-def _read_config(name: str, path: Path) -> dict:
-    cfg_path = path / CONFIG_FILE
-    if not path.is_dir():
-        raise AdapterError(name, f"{path} is not a directory", missing=True)
-    if not cfg_path.is_file():
-        raise AdapterError(name, f"missing {CONFIG_FILE} in {path}", missing=True)
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise AdapterError(name, f"corrupt {CONFIG_FILE}: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise AdapterError(name, f"corrupt {CONFIG_FILE}: expected a JSON object")
-    peft_type = str(cfg.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise AdapterError(name, f"peft_type {cfg.get('peft_type')!r} is not LoRA; only LoRA adapters are supported")
-    _check_config(name, cfg)
-    if cfg.get("use_dora"):
-        raise AdapterError(name, "DoRA adapters (use_dora=true) are not supported yet")
-    if cfg.get("lora_bias"):
-        raise AdapterError(name, "LoRA with a bias on B (lora_bias=true) is not supported")
-    return cfg
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _check_rank(name: str, what: str, r) -> None:
-    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_RANK:
-        raise AdapterError(name, f"{what} must be an integer from 1 to {MAX_RANK} (got {r!r})")
-
-
-def _check_config(name: str, cfg: dict) -> None:
-    """Every config field we read has the type PEFT writes: a string where a number belongs
-    used to crash at load (500), and a NaN / inf / 1e30 alpha loaded and poisoned the batch."""
-    _check_rank(name, "r", cfg.get("r"))
-    alpha = cfg.get("lora_alpha", cfg["r"])
-    if not _is_number(alpha):
-        raise AdapterError(name, f"lora_alpha must be a finite number (got {alpha!r})")
-    for field_name, check in (("alpha_pattern", _is_number), ("rank_pattern", None)):
-        patterns = cfg.get(field_name) or {}
-        if not isinstance(patterns, dict):
-            raise AdapterError(name, f"{field_name} must be an object of module pattern -> value (got {patterns!r})")
-        for key, value in patterns.items():
-            if check is not None and not check(value):
-                raise AdapterError(name, f"{field_name}[{key!r}] must be a finite number (got {value!r})")
-            if check is None:
-                _check_rank(name, f"rank_pattern[{key!r}]", value)
-    for flag in ("use_rslora", "use_dora", "lora_bias"):
-        if cfg.get(flag) is not None and not isinstance(cfg[flag], bool):
-            raise AdapterError(name, f"{flag} must be true or false (got {cfg[flag]!r})")
-    targets = cfg.get("target_modules")
-    if targets is not None and not isinstance(targets, str) and not (
-            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
-        raise AdapterError(name, f"target_modules must be a list of module names or a regex (got {targets!r})")
-
-
-def _check_targets(name: str, cfg: dict, base: nn.Module, hint: str) -> None:
-    """Target modules the base model lacks mean an adapter made for another architecture: PEFT
-    matches a listed name against the end of each module's path, a string as a full regex."""
-    targets = cfg.get("target_modules")
-    if targets is None or targets == "all-linear":
-        return
-    names = [n for n, _ in base.named_modules()]
-    if isinstance(targets, str):
-        try:
-            found = any(re.fullmatch(targets, n) for n in names)
-        except re.error as exc:
-            raise AdapterError(name, f"target_modules {targets!r} is not a valid regex: {exc}") from None
-        if not found:
-            raise AdapterError(name, f"target_modules {targets!r} matches no module of the base model{hint}")
-        return
-    lacking = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if lacking:
-        raise AdapterError(name, f"targets modules the base model does not have: {', '.join(lacking)}{hint}")
-
-
-def _scale(cfg: dict, module: str, rank: int) -> float:
-    """PEFT's scaling for one module: alpha / r, or alpha / sqrt(r) with rsLoRA; per-module
-    overrides from alpha_pattern apply (rank_pattern is already visible in the tensor shapes)."""
-    alpha = cfg.get("lora_alpha", cfg["r"])
-    patterns = cfg.get("alpha_pattern") or {}
-    if patterns:
-        key = get_pattern_key(list(patterns), module)
-        alpha = patterns.get(key, alpha)
-    return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
 
 
 def _read_tensors(name: str, path: Path) -> dict[str, torch.Tensor]:
@@ -225,11 +133,11 @@ def read_adapter(path: str | Path, base: nn.Module, name: str | None = None, bas
     path = Path(path)
     name = name or path.name
     validate_name(name)
-    cfg = _read_config(name, path)
+    cfg = read_config(name, path)
     tensors = _read_tensors(name, path)
     declared = cfg.get("base_model_name_or_path")
     wrong_base_hint = f" (the adapter was trained for {declared!r}: wrong base model?)" if declared else ""
-    _check_targets(name, cfg, base, wrong_base_hint)
+    check_targets(name, cfg, base, wrong_base_hint)
 
     if any("lora_embedding" in key for key in tensors):  # before the embedding's saved base layer is met
         raise AdapterError(name, "LoRA on embedding layers is not supported")
@@ -271,10 +179,15 @@ def read_adapter(path: str | Path, base: nn.Module, name: str | None = None, bas
             )
         if not 1 <= A.shape[0] <= MAX_RANK:
             raise AdapterError(name, f"module {module_name!r}: rank {A.shape[0]} (must be 1 to {MAX_RANK})")
-        modules[module_name] = _module(name, module_name, A, B, _scale(cfg, module_name, A.shape[0]), dtype)
+        check_declared_rank(name, cfg, module_name, A.shape[0])
+        modules[module_name] = _module(name, module_name, A, B, scale_of(cfg, module_name, A.shape[0]), dtype)
         _check_size(name, module_name, modules[module_name], target.weight)
 
     adapter = Adapter(name=name, modules=modules, config=cfg, path=path)
+    lacking = untrained_targets(cfg, base, set(modules))
+    if lacking:
+        adapter.warnings.append(f"no weights for {len(lacking)} module(s) its target_modules name (e.g. {lacking[0]!r}): "
+                                "they run without the adapter (PEFT warns of these missing keys too)")
     if declared and base_name and _family(declared) != _family(base_name):
         adapter.warnings.append(f"trained for {declared!r}, running on {base_name!r} (shapes match)")
     return adapter

@@ -441,6 +441,10 @@ def test_11_adapter_errors_do_not_reveal_which_paths_exist(hard, tmp_path):
         err = _error(hard.http.post("/v1/adapters", json={"path": str(path), "name": "probe"}), 400, "invalid_adapter")
         messages.append(err["message"].replace(str(path), "PATH"))
     assert len(set(messages)) == 1 and "cannot load adapter" in messages[0]
+    # a bad name is the name's error, before any folder is read: "" and a reserved name alike
+    for name, why in (("", "at least 1 character"), ("mixture", "reserved"), ("a/b", "names must be")):
+        err = _error(hard.http.post("/v1/adapters", json={"path": str(tmp_path / "nowhere"), "name": name}), 400)
+        assert why in err["message"] and err["param"].endswith("name"), err
 
 
 # ---------------------------------------------------------------- 12. memory stays bounded

@@ -28,7 +28,7 @@ def merge_command(
     config: Annotated[Path, typer.Argument(help="Merge YAML: method, adapters (+weights), parameters, output.")],
     out_dir: Annotated[Path, typer.Argument(help="Output folder (an adapter folder, or a model folder with output.format: model).")],
     base: Annotated[str | None, typer.Option("--base", help="Model directory or .gguf file (overrides the YAML's base; default: embedded SmolLM2-135M-Instruct).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR when it already holds files (never an input adapter).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR when it holds an earlier merge's output (never a folder that holds an input, the config or other files).")] = False,
 ) -> None:
     """Merge several LoRA adapters into one (linear, ties, dare_linear, dare_ties, pcb, adamerging)."""
     from loraswitch.base import BaseModelError, load_base
@@ -45,7 +45,7 @@ def merge_command(
         cfg = load_config(config)
         if cfg.output.format == "adapter":
             validate_name(out_dir.resolve().name)  # the folder name is the merged adapter's name in loraswitch
-        _check_output(out_dir, [a.path for a in cfg.adapters], force)
+        _check_output(out_dir, [a.path for a in cfg.adapters] + [config], force)
     except (ConfigError, AdapterError, ValueError) as exc:
         raise _fail(str(exc)) from None
     console.print(f"[bold]merge[/bold] {cfg.method}: " + ", ".join(f"{a.name} x{a.weight:g}" for a in cfg.adapters))
@@ -81,15 +81,26 @@ def merge_command(
 
 def _check_output(out_dir: Path, inputs: list[Path | None], force: bool) -> None:
     """Refuse, before any model loads, an output that would lose something or cannot be written:
-    a file, an input adapter's folder, a folder that holds files (without --force), a place
-    where no folder can be made."""
+    a file, a folder that is or holds an input (an adapter being merged, the config) or the
+    working directory, a folder that holds files (without --force; with it, only an earlier
+    merge's output, which holds `merge_report.json`, is replaced: a review's `--force` into the
+    library folder deleted every adapter in it), a place where no folder can be made."""
     out = out_dir.resolve()
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out_dir} exists and is not a folder")
-    if any(p is not None and Path(p).resolve() == out for p in inputs):
-        raise ValueError(f"{out_dir} is one of the adapters being merged; write the merge to another folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ValueError(f"{out_dir} already holds files; choose a new folder, or pass --force to replace it")
+    for p in (Path(p).resolve() for p in inputs if p is not None):
+        if p == out or out in p.parents:
+            what = "the merge config" if p.is_file() else "an adapter being merged"
+            raise ValueError(f"{out_dir} {'is' if p == out else 'holds'} {what} ({p}); write the merge to another folder")
+    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
+        raise ValueError(f"{out_dir} is or holds the working directory; write the merge to a folder of its own")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ValueError(f"{out_dir} already holds files; choose a new folder, or pass --force to replace "
+                             "an earlier merge's output")
+        if not (out / "merge_report.json").is_file():
+            raise ValueError(f"{out_dir} holds files that are not an earlier merge's output (no merge_report.json); "
+                             "--force only replaces one: choose a new folder")
     parent = next((p for p in out.parents if p.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"cannot create {out_dir}: {parent} is not a writable folder")

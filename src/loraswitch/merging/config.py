@@ -96,7 +96,14 @@ def known_methods() -> list[str]:
     return [*METHODS, ADAMERGING]
 
 
+# a number YAML 1.1 reads as a string: an exponent without a dot ("1e-3")
+_EXPONENT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+MAX_WEIGHT = 100.0  # an adapter's weight, as a mixture's on the server: beyond it the sum is no adapter
+
+
 def _number(key: str, value: Any, *, integer: bool = False) -> float | int:
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        value = float(value)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         kind = "an integer" if integer else "a finite number"
         raise ConfigError(f"{key} must be {kind}, got {value!r}")
@@ -190,7 +197,10 @@ def _parse_adapters(raw: Any) -> list[AdapterSpec]:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"{where} needs a 'name' (an adapter name or a path)")
         weight = _number(f"{where}.weight", item.get("weight", 1.0))
+        _check_range(f"{where}.weight", weight, -MAX_WEIGHT, MAX_WEIGHT)
         specs.append(AdapterSpec(name=name.strip(), weight=weight))
+    if specs and not any(s.weight for s in specs):
+        raise ConfigError("every adapter's weight is 0: the merge would change nothing")
     seen: set[str] = set()
     for s in specs:
         if s.name in seen:

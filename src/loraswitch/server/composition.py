@@ -10,13 +10,13 @@ inside a mixture or a list is a 400 that names the field, since the model itself
 
 from __future__ import annotations
 
-from loraswitch.library import AdapterError
+from loraswitch.library import RESERVED_NAMES, AdapterError
 from loraswitch.server import errors
 from loraswitch.server.errors import APIError, bad_request
 from loraswitch.server.protocol import _Common
 from loraswitch.switch.mixture import MixtureError, mixture_of, parse_model
 
-MIXTURE_MODEL = "mixture"  # the `model` a body with `loraswitch.adapters` names
+MIXTURE_MODEL = RESERVED_NAMES[2]  # "mixture": the `model` a body with `loraswitch.adapters` names
 
 
 def resolve_body(st, body: _Common, known: list[str]) -> tuple[str, str | None, tuple[str, ...] | None, tuple[str, ...]]:

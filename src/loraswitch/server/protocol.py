@@ -233,6 +233,6 @@ def _token_ids(value: Any) -> bool:
 class AdapterLoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     path: str = Field(min_length=1)
-    name: str | None = None
+    name: str | None = Field(default=None, min_length=1)  # "" is no name (a 400), not the folder's
     # prompts the adapter is for: `auto` learns to route to it from them (else zero-shot)
     examples: list[Annotated[str, Field(min_length=1, max_length=4096)]] | None = Field(default=None, max_length=1000)

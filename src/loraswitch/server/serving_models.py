@@ -15,7 +15,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from loraswitch.library import AdapterError
+from loraswitch.library import AdapterError, validate_name
 from loraswitch.server import errors
 from loraswitch.server.errors import APIError, bad_request
 from loraswitch.server.protocol import AdapterLoadRequest
@@ -74,6 +74,11 @@ def _admin_allowed(st: ServerState) -> None:
 @router.post("/adapters", status_code=201)
 async def load_adapter(body: AdapterLoadRequest, st: ServerState = Depends(state)):
     _admin_allowed(st)
+    if body.name is not None:  # a bad name is the name's fault, whatever the folder holds
+        try:
+            validate_name(body.name)
+        except AdapterError as exc:
+            raise bad_request(str(exc), "name", "invalid_adapter") from None
     name = body.name or Path(body.path).name
     if name in st.engine.adapters:
         pending = " is being removed; retry when it has left GET /v1/adapters" if name in st.removing else \
