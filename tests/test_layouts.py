@@ -250,3 +250,55 @@ def test_what_a_second_review_found(keyword_selector):
     assert not stands_alone("Positive or negative?") and not stands_alone("What's the sentiment?")
     # ", and" before a question starts one
     assert _texts("Convert the date, and what is the sum of 2 and 3?") == ["Convert the date", "What is the sum of 2 and 3?"]
+
+
+def test_what_a_fourth_blind_set_found(keyword_selector):
+    """Found by `benchmarks/layouts_heldout4.json` (written blind: texting style, P.S. lines,
+    slashes, keycap emoji, Q/A forms to fill)."""
+    from loraswitch.routing.requests import follows_as_next
+
+    # " / " and " & " before a request separate requests; elsewhere they are data
+    assert _texts("add 1 and 4 / what's 73 in French / is 'it broke' positive?") == [
+        "Add 1 and 4", "What's 73 in French", "Is 'it broke' positive?"]
+    assert _texts("Spell 33 in French & spell 33 in English") == ["Spell 33 in French", "Spell 33 in English"]
+    for data in ("Tom & Jerry is a show.", "The ratio 3 / 4 is small.", "Is it yes / no?", "Convert 7/14/2019."):
+        assert _texts(data) == [data]
+    # "btw", "oh and", "P.S." / "PS:" / "P.P.S." lead the next request, and are not part of it
+    prompt = "sort 5 82 3 for me btw what year did the wall fall"
+    units = split_units(prompt)
+    assert [u.text for u in units] == ["Sort 5 82 3 for me", "What year did the wall fall"]
+    assert follows_as_next(prompt, *units)
+    prompt = "Give the date.\nP.S. what's 12+12\nP.P.S. how many ounces in a pound?"
+    units = split_units(prompt)
+    assert [u.text for u in units] == ["Give the date.", "What's 12+12", "How many ounces in a pound?"]
+    assert all(follows_as_next(prompt, a, b) for a, b in zip(units, units[1:]))
+    assert _texts("yo add 14 and 9 oh and whats 61 in french") == ["Yo add 14 and 9", "Whats 61 in french"]
+    # keycap emoji number items; empty "A:" lines are blanks to fill, not worked examples
+    assert _texts("1\ufe0f\u20e3 the date\n2\ufe0f\u20e3 the sum") == ["The date", "The sum"]
+    assert not any(u.example for u in split_units("Q: the date?\nA:\nQ: the sum?\nA:"))
+    assert all(u.example for u in split_units("Q: the date?\nA: May 5")[:2])
+    # a question after a question on its line is the next request; a statement after one is its input
+    prompt = "What is the sum of 9 and 10? Why do cats purr?"
+    assert follows_as_next(prompt, *split_units(prompt))
+    assert _parts(keyword_selector, prompt) == [("What is the sum of 9 and 10?", "gamma"), ("Why do cats purr?", None)]
+    prompt = "Give the date of May 5? The shop was closed."
+    assert not follows_as_next(prompt, *split_units(prompt))
+    # a line typed without an end mark that opens as a request is a line of its own
+    assert _parts(keyword_selector, "What is the sum of 2 and 3\nGive the date of May 5\nWhat's the tallest mountain") == [
+        ("What is the sum of 2 and 3", "gamma"), ("Give the date of May 5", "alpha"), ("What's the tallest mountain", None)]
+
+
+def test_a_unit_the_main_head_leaves_takes_the_fast_heads_confident_pick(monkeypatch):
+    """Whole prompts are routed by the fast head first; units the main head sends to no adapter
+    take the fast head's pick when it is confident (>= 0.9), and never once the library grew."""
+    from loraswitch.routing import features
+    from loraswitch.routing.base import Decision
+
+    picks = [Decision("alpha", 0.95, {}), Decision("beta", 0.6, {}), Decision(None, 0.99, {})]
+    fast = types.SimpleNamespace(layer=5, route_features=lambda engine, feats: picks[: len(feats)])
+    monkeypatch.setattr(features, "prompt_features", lambda engine, texts, layer: list(texts))
+    inner = types.SimpleNamespace(fast=fast, added={})
+    main = [Decision(None, 0.9, {}), Decision(None, 0.9, {}), Decision(None, 0.9, {}), Decision("gamma", 0.99, {})]
+    got = seg._fast_picks(inner, None, ["a", "b", "c", "d"], main)
+    assert {i: d.adapter for i, d in got.items()} == {0: "alpha"}  # confident only; "d" was the main head's
+    assert seg._fast_picks(types.SimpleNamespace(fast=fast, added={"new": object()}), None, ["a"], main[:1]) == {}

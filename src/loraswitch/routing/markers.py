@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import re
 
-_NUMBER = re.compile(r"\s*(?:\(?(\d{1,2})[.)]|#(\d{1,2})[:.)]?)\s+(?=\S)")
+# "1.", "(2)", "#3", "#4:", or a keycap emoji "5\ufe0f\u20e3" (\u20e3: the combining keycap)
+_NUMBER = re.compile(r"\s*(?:\(?(\d{1,2})[.)]|#(\d{1,2})[:.)]?|(\d)\ufe0f?\u20e3)\s+(?=\S)")
 _LETTER = re.compile(r"\s*\(?([a-hA-H])[).]\s+(?=\S)")
 _ROMAN_LINE = re.compile(r"\s*\(?(i{1,3}|iv|vi{0,3})[).]\s+(?=\S)", re.I)
 _BULLET = re.compile(r"\s*([-*\u2022\u25e6\u2023\u2013+])\s+(?=\S)")

@@ -59,7 +59,7 @@ _FORM = re.compile(r"(?:please\s+)?(?:(?:be|keep|make|use|answer|reply|respond|f
                    r"|\w+\s+(?:by|to|into|from|with|as|in|on)\b)", re.I)
 # what leads a request that follows another: a clause separator between them, or a connective
 # opening it ("Also, ...", "Then ...", "And ...")
-_NEXT = re.compile(rf"[;|\uff1b]|\b(?:{CONNECTIVES}|and)\b", re.I)
+_NEXT = re.compile(rf"[;|/&\uff1b]|\b(?:{CONNECTIVES}|and)\b", re.I)  # units.py cuts at " / ", " & " before a request
 # units joined by a dash alone: "\u2014", "\u2013", "\u2015", "--" or a hyphen (units.py cuts at each)
 _DASH = re.compile(r"^\W*(?:[\u2014\u2013\u2015]|--?)\W*$")
 # how a request opens: a verb of the kind requests start with, or a question word
@@ -147,7 +147,8 @@ def without_how(prompt: str) -> str:
 def follows_as_next(prompt: str, before: Unit, unit: Unit) -> bool:
     """Whether `unit` is asked as the next request after `before`: a connective opens it ("Also,
     ...", "Then ...", "And ..."), or a separator joins them in one paragraph ("; ", " | ", ",
-    then"). A line break alone is not one: on the held-out "paragraphs" layout (a greeting, the
+    then"), or it is a question after a question on the same line ("What is 9 + 10? Why do cats
+    purr?"). A line break alone is not one: on the held-out "paragraphs" layout (a greeting, the
     requests, a thanks) it made a part of a friendly opening line in 5 of 9 prompts (`switch.segment`
     takes such lines only next to a task's). A dash is one before a request ("Sort 17, 4 ascending
     \u2014 what's the capital of Australia?", "Write a poem \u2014 reverse the words: ..."), not
@@ -160,7 +161,11 @@ def follows_as_next(prompt: str, before: Unit, unit: Unit) -> bool:
         return False
     if _DASH.search(between):
         return opens_as_request(unit.text)
-    return _NEXT.search(between) is not None
+    if _NEXT.search(between):
+        return True
+    # a question after a question on its line ("What is 9 + 10? Why do cats purr?")
+    return (unit.line == before.line and not between.strip() and before.text.rstrip().endswith("?")
+            and unit.text.rstrip().endswith("?") and opens_as_request(unit.text))
 
 
 # what a request names of the one before it: "Write it in French.", "Spell the result in English."

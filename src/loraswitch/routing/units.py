@@ -67,13 +67,16 @@ _CLAUSE = re.compile(r"\s*[;\uff1b]\s*|,\s*(?:and\s+)?(?:then|after that|afterwa
                      rf"|(?<=\w)[\u2014\u2015](?=(?:and\s+)?(?:then|also)\b|{ASKING})"  # "9\u2014what is ..."
                      rf"|,?\s+(?:as\s+well\s+as|along\s+with)\s+(?={ASKING}|\w{{3,}}ing\b)"
                      r"|(?:,?\s+and)?,?\s+in\s+addition(?:\s+to\s+th(?:at|is))?\b(?!\s+to\b),?\s*"
-                     rf"|,?\s+plus,?\s+(?={ASKING})", re.I)
+                     rf"|,?\s+plus,?\s+(?={ASKING})"
+                     rf"|\s+[/&]\s+(?={ASKING}|(?:is|are|does|do)\b)"  # "add 1 and 2 / what's 73 in French"
+                     r"|[,;.!]?\s+(?:btw|oh,?\s+and(?:\s+also)?)\b[,:]?\s*", re.I)
 # " | " joins requests in a sentence too ("Sort 5, 3 | reverse: a b"), except in a table row,
 # whose cells are one line's data ("| Alice | 30 |"), and in a line that quotes code ("`ps | grep x`"):
 # there the pipes are no separators
 _CLAUSE_OR_PIPE = re.compile(_CLAUSE.pattern + r"|\s+\|\s+", re.I)
 _LEAD = re.compile(r"(?:and\s+)?(?:also|then|after that|afterwards|next|finally|lastly|additionally|besides|"
-                   r"first(?:ly)?|second(?:ly)?|third(?:ly)?|in addition|plus|and)\b[,:]?\s+", re.I)
+                   r"first(?:ly)?|second(?:ly)?|third(?:ly)?|in addition|plus|btw|oh,?\s+and(?:\s+also)?|"
+                   r"p\.?\s?(?:p\.?\s?)?s|and)\b\.?[,:]?\s+", re.I)  # "P.S.", "PS:", "P.P.S." too
 
 
 # a declarative sentence: a subject first ("The ...", "There are ...", "I have ..."), or a scene
@@ -150,7 +153,7 @@ def clean(text: str) -> str:
 QUOTED = re.compile(r"\"[^\"\n]*\"|\u201c[^\u201d\n]*\u201d|(?<![\w'])'[^'\n]*'(?![\w'])")
 # the words that lead a request following another ("Also, ...", "and then ...")
 CONNECTIVES = (r"then|also|after that|afterwards|next|finally|lastly|additionally|besides|plus|in addition|"
-               r"second(?:ly)?|third(?:ly)?")
+               r"second(?:ly)?|third(?:ly)?|btw|oh,?\s+and|p\.?\s?(?:p\.?\s?)?s")
 # a piece that is nothing but connectives and separators ("..., and then also, after that, ...")
 _EMPTY_PIECE = re.compile(rf"[\W_]*(?:(?:and|{CONNECTIVES})\b[\W_]*)*", re.I)
 
@@ -301,8 +304,11 @@ def mark_examples(units: list[Unit]) -> list[Unit]:
     lines) before the next group of blocks; a unit followed by an answer line ("A: ..."); a
     unit that shows its own answer ("x -> y")."""
     out = list(units)
+    # empty "A:" lines, two or more, are blanks to fill ("Q: ...\nA:\nQ: ...\nA:"); one closing
+    # the prompt is its answer cue (BIG-bench's "Answer:") and marks what it closes as before
+    blanks = [u.answer and not _ANSWER.sub("", u.text, count=1).strip() for u in out]
     for i, u in enumerate(out):
-        if u.answer:
+        if u.answer and not (blanks[i] and sum(blanks) >= 2):
             out[i] = replace(u, example=True)
             if i > 0 and not out[i - 1].answer:
                 out[i - 1] = replace(out[i - 1], example=True)

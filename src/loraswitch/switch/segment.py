@@ -90,11 +90,33 @@ def score_texts(router, engine, texts: list[str]) -> Scores | None:
             claims = inner.added.claims(feats, (feats - inner.mean) / inner.std, engine)
         decisions = inner.decide(torch.softmax(logits / inner.temperature, -1), engine, claims)
         raw = torch.softmax(logits, -1)
+        fast = _fast_picks(inner, engine, texts, decisions)
     index = {c: i for i, c in enumerate(inner.classes)}
-    conf = [float(raw[i, index[d.adapter]]) if d.adapter in index else float(d.confidence) if d.adapter else 0.0
-            for i, d in enumerate(decisions)]
+    conf = [fast[i].confidence if i in fast else float(raw[i, index[d.adapter]]) if d.adapter in index
+            else float(d.confidence) if d.adapter else 0.0 for i, d in enumerate(decisions)]
+    decisions = [fast.get(i, d) for i, d in enumerate(decisions)]
     none = raw[:, index[NONE_CLASS]].tolist() if NONE_CLASS in index else []
     return Scores([d.adapter for d in decisions], conf, torch.logsumexp(logits, -1).tolist(), none)
+
+
+FAST_UNIT_SURE = 0.9  # the fast head's confidence from which its pick stands for a unit the main head left
+
+
+def _fast_picks(inner, engine, texts: list[str], decisions) -> dict:
+    """The fast head's confident picks ({index: decision}) for the units the main head sent to
+    no adapter: whole prompts are routed by the fast head first (`SequenceRouter.cascade`), and
+    on short units the main head abstains on wordings the fast head reads right ("Give me the
+    French word for the number 80.": `__none__` 0.95 at layer 15, num_to_french 0.95 at layer
+    5; a blind held-out layouts set). Not once the library has grown (the fast head cannot read
+    an added adapter's task). The fast layer's features are mostly read already (`screen`)."""
+    fast = getattr(inner, "fast", None)
+    rest = [i for i, d in enumerate(decisions) if d.adapter is None]
+    if fast is None or not rest or getattr(inner, "added", None):
+        return {}
+    from loraswitch.routing.features import prompt_features
+
+    picks = fast.route_features(engine, prompt_features(engine, [texts[i] for i in rest], fast.layer))
+    return {i: d for i, d in zip(rest, picks) if d.adapter is not None and d.confidence >= FAST_UNIT_SURE}
 
 
 def _merge(a: Part, b: Part, adapter: str | None) -> Part:
@@ -137,11 +159,12 @@ class _Doc:
     def own_lines(self) -> list[list[int]]:
         """Per unit that is a sentence alone on its line: the units next to it alone on theirs
         (else []). Not a line under one ending with a colon, one opening with a quote, or one
-        without an end mark: what a request shows ("Reverse the words:\nsmall birds sing")."""
+        without an end mark that does not open as a request: what a request shows ("Reverse the
+        words:\nsmall birds sing"; "What's the tallest mountain in Africa" typed without one is one)."""
         u = self.units
         count = Counter(x.line for x in u)
         alone = [x.kind in PROSE and count[x.line] == 1 and not x.example for x in u]
-        sentence = [a and x.text[-1:] in ".?!" and x.text[:1] not in _QUOTES
+        sentence = [a and (x.text[-1:] in ".?!" or rq.opens_as_request(x.text)) and x.text[:1] not in _QUOTES
                     and not (i and u[i - 1].text.endswith(":")) for i, (a, x) in enumerate(zip(alone, u))]
         return [[j for j in (i - 1, i + 1) if 0 <= j < len(u) and alone[j]] if sentence[i] else []
                 for i in range(len(u))]
