@@ -142,6 +142,11 @@ def test_a_read_ahead_hands_each_feature_out_once(tiny_base, adapter_dir, monkey
     computed.clear()
     prompt_features(engine, ["b"], 1)
     assert computed == [["b"]]
+    with reading_ahead():  # the units read are kept too: segmentation asks for some again (`_fast_picks`)
+        read_ahead(engine, units, 1, [])
+        computed.clear()
+        prompt_features(engine, units[:1], 1)
+        assert computed == []
     assert len(read_ahead(engine, ["c"], 1, ["d"])) == 1 and computed[-1] == ["c"]  # outside a scope: `later` unread
 
 

@@ -383,16 +383,17 @@ def read_ahead(engine: Engine, texts: list[str], layer: int, later: list[str]) -
     """Features of `texts` at `layer`, computed in one pass with those of `later`, which are kept
     for the `prompt_features` call that asks for them next: segmentation's screen reads a batch's
     units with the selector's fast head right before the selector reads its whole prompts at the
-    same layer (`switch.screen`), and one pass costs less than two (`_pack`). Each kept
-    feature is handed out once and the next read-ahead drops what was not, so a text is still
-    computed once per time it is asked (the module doc); outside `reading_ahead` nothing is kept
-    and `later` is not read."""
+    same layer (`switch.screen`), and one pass costs less than two (`_pack`). The features of
+    `texts` are kept too: segmentation asks for some of its units at that layer again (the fast
+    head's picks, `segment._fast_picks`). Each kept feature is handed out once and the next
+    read-ahead drops what was not, so a text is still computed once per time it is asked (the
+    module doc); outside `reading_ahead` nothing is kept and `later` is not read."""
     kept = _AHEAD.get()
     if kept is None:
         return prompt_features(engine, texts, layer)
     kept.clear()
     feats = prompt_features(engine, texts + later, layer)
-    for t, f in zip(later, feats[len(texts):]):
+    for t, f in zip(texts + later, feats):
         kept.setdefault((id(engine.model), layer, t), []).append(f)
     return feats[: len(texts)]
 

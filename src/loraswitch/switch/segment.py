@@ -108,7 +108,8 @@ def _fast_picks(inner, engine, texts: list[str], decisions) -> dict:
     on short units the main head abstains on wordings the fast head reads right ("Give me the
     French word for the number 80.": `__none__` 0.95 at layer 15, num_to_french 0.95 at layer
     5; a blind held-out layouts set). Not once the library has grown (the fast head cannot read
-    an added adapter's task). The fast layer's features are mostly read already (`screen`)."""
+    an added adapter's task). The screen's pass kept the fast-layer features of the units it
+    read (`features.read_ahead`): for those the picks cost the fast head's logits."""
     fast = getattr(inner, "fast", None)
     rest = [i for i, d in enumerate(decisions) if d.adapter is None]
     if fast is None or not rest or getattr(inner, "added", None):
