@@ -46,6 +46,18 @@ def test_a_mistyped_folder_is_an_error_not_a_quiet_fallback(tmp_path):
         assert r.exit_code == 2 and why in " ".join(r.output.split()), r.output  # rich wraps long lines
 
 
+def test_an_adapter_folder_with_no_adapters_says_so(tmp_path):
+    """A folder that holds no adapter (a mistyped library path) answers from the base model, and
+    says so instead of silently (found by a review)."""
+    from typer.testing import CliRunner
+
+    from loraswitch.cli import app
+
+    (tmp_path / "lib").mkdir()
+    r = CliRunner().invoke(app, ["route", "--adapter-dir", str(tmp_path / "lib"), "What is 2 + 3?"])
+    assert r.exit_code == 0 and "no adapters found in" in " ".join(r.output.split()), r.output
+
+
 def test_max_threshold_is_for_the_sequence_router_only():
     from typer.testing import CliRunner
 

@@ -362,3 +362,20 @@ def test_ignore_eos_decodes_past_the_stop_tokens_in_a_batch_of_its_own(switch):
     assert stopped.token_ids == [] and stopped.finish_reason == "stop"
     assert len(forced.token_ids) == 6 and forced.token_ids[0] == first and forced.finish_reason == "length"
     assert Request.chat("x", ignore_eos=True).sampling_key != Request.chat("x").sampling_key
+
+
+def test_naming_a_refused_adapter_says_why_it_was_refused(tiny_base, tmp_path):
+    """An adapter refused when the library loaded is named with its reason, not as unknown."""
+    import json
+
+    from loraswitch.library import AdapterError
+    from tests.conftest import write_adapter
+
+    path = write_adapter(tiny_base.model, tmp_path / "lib" / "broken")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": "x"}))
+    switch = Switch(tiny_base, [tmp_path / "lib"], router_dir=tmp_path / "no_routers")
+    with pytest.raises(AdapterError, match="was refused when the library loaded: lora_alpha must be"):
+        switch.chat(["hi"], model="broken")
+    with pytest.raises(AdapterError, match="unknown adapter 'nope'"):
+        switch.chat(["hi"], model="nope")

@@ -75,4 +75,7 @@ def open_switch(base: str | None, dirs: list[Path] | None, router_dir: Path | No
         raise fail(str(exc)) from None
     for name, err in switch.engine.errors.items():
         console.print(f"[yellow]refused adapter[/yellow] {name}: {err.reason}")
+    if not switch.engine.adapters and not switch.engine.errors:  # a mistyped --adapter-dir says so
+        where = ", ".join(map(str, adapter_dirs)) or "no folder"
+        console.print(f"[yellow]warning[/yellow] no adapters found in {where}: every answer comes from the base model")
     return switch

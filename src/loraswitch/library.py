@@ -294,6 +294,8 @@ def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
     "prompt" and an optional "answer") or `.txt` (one prompt per line). Router training folders,
     an adapter's own `examples.*` and AdaMerging's unlabeled prompts all use this one format."""
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such example file" + (" (a folder)" if path.is_dir() else ""))
     rows: list[tuple[str, str | None]] = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():

@@ -161,6 +161,17 @@ def test_2_text_parts_join_with_a_newline_and_stop_token_ids_is_refused():
     ChatRequest(model="base", messages=[{"role": "user", "content": "hi"}], stop_token_ids=[]).check_supported()
 
 
+
+def test_2_a_refused_adapter_named_as_model_says_why():
+    from loraswitch.library import AdapterError
+    from loraswitch.server.composition import _unknown
+
+    err = _unknown(AdapterError("x", "was refused when the library loaded: lora_alpha must be a finite number"),
+                   "x", ["auto", "base"], (), (), "model")
+    assert err.status == 404 and "was refused when the library loaded (lora_alpha" in str(err)
+    assert "does not exist" in str(_unknown(AdapterError("y", "unknown adapter 'y'"), "y", ["auto"], (), (), "model"))
+
+
 # ---------------------------------------------------------------- 3. lone surrogates
 def test_3_lone_surrogate_in_completion_prompt_is_400_and_keeps_the_connection(hard):
     port = int(hard.server.url.rsplit(":", 1)[1])

@@ -54,7 +54,8 @@ def resolve_body(st, body: _Common, known: list[str]) -> tuple[str, str | None, 
 
 def _unknown(exc: AdapterError, model: str, known: list[str], allow, deny, param: str) -> APIError:
     if exc.name == model:
-        return errors.model_not_found(model, known)
+        refused = exc.reason.partition("was refused when the library loaded: ")[2]
+        return errors.model_not_found(model, known, refused or None)
     where = ("loraswitch.allow" if allow and exc.name in allow else "loraswitch.deny" if exc.name in deny else param)
     return bad_request(f"unknown adapter {exc.name!r} in {where}; available: {', '.join(known[2:]) or 'none'}", where,
                        "unknown_adapter")

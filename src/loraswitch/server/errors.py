@@ -37,8 +37,10 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_req
     return APIError(400, message, "invalid_request_error", param, code)
 
 
-def model_not_found(model: str, known: list[str]) -> APIError:
-    return APIError(404, f"The model {model!r} does not exist. Available: {', '.join(known)}", "invalid_request_error",
+def model_not_found(model: str, known: list[str], refused: str | None = None) -> APIError:
+    """404 for a `model` the server does not serve; `refused`: why the library refused it."""
+    why = f"was refused when the library loaded ({refused})" if refused else "does not exist"
+    return APIError(404, f"The model {model!r} {why}. Available: {', '.join(known)}", "invalid_request_error",
                     "model", "model_not_found")
 
 

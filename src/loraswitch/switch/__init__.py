@@ -93,7 +93,9 @@ class Switch:
         if route not in (None, "none"):
             raise ValueError(f"route={route!r} only applies to model 'auto' ({model!r} is explicit)")
         if model != "base" and model not in self.engine.names:
-            raise AdapterError(model, f"unknown adapter {model!r}")
+            refused = self.engine.errors.get(model)
+            raise AdapterError(model, f"was refused when the library loaded: {refused.reason}" if refused
+                               else f"unknown adapter {model!r}")
         return model, None
 
     def policy(self, prompts: list[str], model: str = "auto", route: str | None = None, allow=None,
