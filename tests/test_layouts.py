@@ -283,6 +283,11 @@ def test_what_a_fourth_blind_set_found(keyword_selector):
     assert _parts(keyword_selector, prompt) == [("What is the sum of 9 and 10?", "gamma"), ("Why do cats purr?", None)]
     prompt = "Give the date of May 5? The shop was closed."
     assert not follows_as_next(prompt, *split_units(prompt))
+    # a list item that asks on its own, in a list with an item read as a task, is a part
+    assert _parts(keyword_selector, "\u2013 What is the sum of 7 and 8?\n\u2013 What does 'ubiquitous' mean?") == [
+        ("What is the sum of 7 and 8?", "gamma"), ("What does 'ubiquitous' mean?", None)]
+    assert _parts(keyword_selector, "- Tell me a joke\n- Write a poem about May") == []  # no task beside them
+    assert _parts(keyword_selector, "Give the date of these:\n- May 5\n- June 6") == []  # data items
     # a line typed without an end mark that opens as a request is a line of its own
     assert _parts(keyword_selector, "What is the sum of 2 and 3\nGive the date of May 5\nWhat's the tallest mountain") == [
         ("What is the sum of 2 and 3", "gamma"), ("Give the date of May 5", "alpha"), ("What's the tallest mountain", None)]
