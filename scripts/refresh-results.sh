@@ -39,7 +39,7 @@ for step in "${steps[@]}"; do
       done
       # other layouts of several requests (docs/routing.md's table, benchmarks/results/layouts*.json)
       python benchmarks/layouts.py --out benchmarks/results/layouts.json
-      for k in _heldout _heldout2 _heldout3 _heldout4 _dashes; do
+      for k in _heldout _heldout2 _heldout3 _heldout4 _heldout5 _dashes; do
         python benchmarks/layouts.py --file "benchmarks/layouts$k.json" --out "benchmarks/results/layouts$k.json"
       done ;;
     bench) LORASWITCH_THREADS=${LORASWITCH_THREADS:-1} python benchmarks/bench.py --quick --repeats 5 --scaling 8 --scaling 128 --scaling 1000 \
