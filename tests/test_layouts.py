@@ -307,3 +307,17 @@ def test_a_unit_the_main_head_leaves_takes_the_fast_heads_confident_pick(monkeyp
     got = seg._fast_picks(inner, None, ["a", "b", "c", "d"], main)
     assert {i: d.adapter for i, d in got.items()} == {0: "alpha"}  # confident only; "d" was the main head's
     assert seg._fast_picks(types.SimpleNamespace(fast=fast, added={"new": object()}), None, ["a"], main[:1]) == {}
+
+
+def test_questions_making_up_a_line_are_parts_even_of_one_task(keyword_selector):
+    """From a fifth blind set: "What's 11 + 22? What's 33 + 44?" was answered as one part. A line
+    of questions and nothing else, each opening as a request, is one part per question, as two
+    whole lines of one task are; a question with a modifier or its data on the line is not cut."""
+    from loraswitch.switch.planning import question_lines
+
+    prompt = "What is the sum of 1 and 2? What is the sum of 3 and 4?"
+    assert question_lines(split_units(prompt)) == {0}
+    assert _parts(keyword_selector, prompt) == [("What is the sum of 1 and 2?", "gamma"),
+                                                ("What is the sum of 3 and 4?", "gamma")]
+    for one in ("What is the sum of 1 and 2? Please.", "Give the date? Or the day? For May 5."):
+        assert not question_lines(split_units(one)) and _parts(keyword_selector, one) == [], one

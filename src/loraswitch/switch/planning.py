@@ -63,10 +63,23 @@ def _own_requests(units: list[Unit], question: list[bool]) -> list[bool]:
     """Questions that are a whole line and a request complete in itself: opening as requests do,
     ending with a mark, not pointing back. Two such lines of one task are two parts ("Spell out 5
     in English.\nSpell out 6 in English." was one, answered "fifty"), where other adjacent units
-    of one task stay one part."""
+    of one task stay one part). So are the questions of a line made of nothing else
+    (`question_lines`)."""
     count = Counter(u.line for u in units)
-    return [q and u.kind in PROSE and count[u.line] == 1 and u.text[-1:] in ".?!" and opens_as_request(u.text)
-            and not points_back(u.text) for u, q in zip(units, question)]
+    asked = question_lines(units)
+    return [q and u.kind in PROSE and (count[u.line] == 1 or u.line in asked) and u.text[-1:] in ".?!"
+            and opens_as_request(u.text) and not points_back(u.text) for u, q in zip(units, question)]
+
+
+def question_lines(units: list[Unit]) -> set[int]:
+    """Lines of two or more questions and nothing else, each ending with "?" and opening as a
+    request ("What's 11 + 22? What's 33 + 44?"): each is a part of its own, even of one task (the
+    screen sends such prompts on, `segment`)."""
+    lines: dict[int, list[Unit]] = {}
+    for u in units:
+        lines.setdefault(u.line, []).append(u)
+    return {k for k, us in lines.items() if len(us) > 1
+            and all(x.kind in PROSE and x.text.endswith("?") and opens_as_request(x.text) for x in us)}
 
 
 def _forward(units: list[Unit], adapter: list[str | None], question: list[bool], statement: list[bool]) -> set[int]:

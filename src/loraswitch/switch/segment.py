@@ -53,7 +53,7 @@ from loraswitch.routing import requests as rq
 from loraswitch.routing.base import NONE_CLASS
 from loraswitch.routing.units import PROSE, Unit, is_heading, is_statement, split_units
 from loraswitch.switch.found import Part, Segmentation, finish, join_units
-from loraswitch.switch.planning import Settings, plan
+from loraswitch.switch.planning import Settings, plan, question_lines
 from loraswitch.switch.screen import screen
 
 _QUOTES = "\"'\u201c\u2018"
@@ -248,7 +248,8 @@ def segment(router, engine, prompts: list[str], settings: Settings = Settings(),
     docs = [_Doc(p, split_units(p)) for p in prompts]
     ahead = [rq.without_how(p) for p in prompts] if selector_next else ()  # what `auto` routes them on
     read = screen(router, engine, [d.units for d in docs], ahead,
-                  [any(d.may_ask()) or any(d.on_own_line(d.own_lines())) or any(d.may_chain()) for d in docs])
+                  [any(d.may_ask()) or any(d.on_own_line(d.own_lines())) or any(d.may_chain())
+                   or bool(question_lines(d.units)) for d in docs])
     live = [d for d, r in zip(docs, read) if r]
     todo = [(d, i) for d in live for i, u in enumerate(d.units) if not u.example]
     scores = score_texts(router, engine, [d.units[i].text for d, i in todo])
