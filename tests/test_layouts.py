@@ -72,6 +72,7 @@ def test_ordinal_words_roman_numerals_and_labels_mark_items_in_sequence():
     assert _texts("Two tasks: firstly, sort 5, 1, and secondly, write 40 in French.") == [
         "Two tasks:", "Sort 5, 1", "Write 40 in French."]
     assert _texts("First, sort 5, 1. Second, write 40 in French.") == ["Sort 5, 1.", "Write 40 in French."]
+    assert _texts("First: sort 5, 1. Second: write 40 in French.") == ["Sort 5, 1.", "Write 40 in French."]
     # "first" with no "second" is a connective, and ordinals inside a sentence with no lead-in colon are words
     assert _texts("First, sort 5, 1, then write 40 in French.") == ["Sort 5, 1", "Write 40 in French."]
     assert len(split_units("He came first, and I came second in the race.")) == 1

@@ -21,7 +21,7 @@ _INLINE_LABEL = re.compile(r"(?:(?<=\s)|^)(?:Q|Question|Task|Part|Step)\s*(\d{1,
 _ROMAN = ["i", "ii", "iii", "iv", "v", "vi", "vii", "viii"]
 # ... or by ordinal words opening its clauses: "Two things: first, ...; second, ..."
 _ORDINAL = re.compile(r"(?:^|(?<=[:;,.?!])|(?<=[:;,.?!]\s)|(?<=\band\s))\s*"
-                      r"(first|second|third|fourth|fifth|final|last)(?:ly)?\b(?:\s+of\s+all)?,?\s+(?=\S)", re.I)
+                      r"(first|second|third|fourth|fifth|final|last)(?:ly)?\b(?:\s+of\s+all)?[,:]?\s+(?=\S)", re.I)
 _ORDINALS = ["first", "second", "third", "fourth", "fifth"]
 _LAST = ("final", "last")  # "finally" / "lastly" close a list of ordinals: "...; and finally, ..."
 _ITEM_END = re.compile(r"[\s;,]*(?:\band)?[\s;,]*$")
