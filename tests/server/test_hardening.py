@@ -167,7 +167,7 @@ def test_2_a_refused_adapter_named_as_model_says_why():
     from loraswitch.server.composition import _unknown
 
     err = _unknown(AdapterError("x", "was refused when the library loaded: lora_alpha must be a finite number"),
-                   "x", ["auto", "base"], (), (), "model")
+                   "x", ["auto", "base"], (), (), "model", AdapterError("x", "lora_alpha must be a finite number"))
     assert err.status == 404 and "was refused when the library loaded (lora_alpha" in str(err)
     assert "does not exist" in str(_unknown(AdapterError("y", "unknown adapter 'y'"), "y", ["auto"], (), (), "model"))
 

@@ -42,7 +42,7 @@ def resolve_body(st, body: _Common, known: list[str]) -> tuple[str, str | None, 
             param = "loraswitch.allow" if allow is not None else "loraswitch.deny"
         raise bad_request(str(exc), param, exc.code) from None
     except AdapterError as exc:
-        raise _unknown(exc, body.model, known, allow, deny, param) from None
+        raise _unknown(exc, body.model, known, allow, deny, param, st.engine.errors.get(exc.name)) from None
     except ValueError as exc:
         raise bad_request(str(exc), "route", "invalid_route") from None
     for name in [model, *(named.names if named else ()), *(allow or ()), *deny]:
@@ -52,10 +52,12 @@ def resolve_body(st, body: _Common, known: list[str]) -> tuple[str, str | None, 
     return model, route, allow, deny
 
 
-def _unknown(exc: AdapterError, model: str, known: list[str], allow, deny, param: str) -> APIError:
+def _unknown(exc: AdapterError, model: str, known: list[str], allow, deny, param: str,
+             refused: AdapterError | None = None) -> APIError:
+    """The error for an adapter the body names that is not served; `refused`: the library's
+    refusal of it, if it refused it when it loaded."""
     if exc.name == model:
-        refused = exc.reason.partition("was refused when the library loaded: ")[2]
-        return errors.model_not_found(model, known, refused or None)
+        return errors.model_not_found(model, known, refused.reason if refused else None)
     where = ("loraswitch.allow" if allow and exc.name in allow else "loraswitch.deny" if exc.name in deny else param)
     return bad_request(f"unknown adapter {exc.name!r} in {where}; available: {', '.join(known[2:]) or 'none'}", where,
                        "unknown_adapter")

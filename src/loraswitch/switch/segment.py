@@ -201,13 +201,12 @@ class _Doc:
         # a line next to a task's line that opens as a request and says what on is one, whatever the
         # selector reads in it ("Convert title=Dune, year=1965 to JSON.\nSort 40, 10, 30." lost the
         # JSON request: read under the threshold, a line before the first question was an instruction)
-        weak = [not t and b and rq.asks_on_its_own(x.text) for t, b, x in zip(task, beside_task, u)]
         # ... and so is an item of a list with an item read as a task ("- What's 7 + 8?\n- What
         # does 'ubiquitous' mean?": a list of one task's item and an open request)
         tasks_in = Counter(x.list_id for x, t in zip(u, task) if t and x.list_id >= 0)
-        listed = [not t and x.list_id >= 0 and not x.example and tasks_in[x.list_id] > 0 and rq.asks_on_its_own(x.text)
-                  for t, x in zip(task, u)]
-        asked = [a or w or i for a, w, i in zip(asked, weak, listed)]
+        listed = [x.list_id >= 0 and not x.example and tasks_in[x.list_id] > 0 for x in u]
+        weak = [not t and (b or i) and rq.asks_on_its_own(x.text) for t, b, i, x in zip(task, beside_task, listed, u)]
+        asked = [a or w for a, w in zip(asked, weak)]
         self.parts, self.dropped = plan(self.units, self.adapter, self.confidence, settings, asked, self.may_chain())
 
     def runs(self) -> list[list[int]]:
