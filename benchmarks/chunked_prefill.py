@@ -12,6 +12,15 @@ joined row's time to first token from its admission, and the running rows' token
     python benchmarks/chunked_prefill.py --repeats 3
 
 Writes benchmarks/results/chunked_prefill.json and .md.
+
+`--first-batch`: the other case, a long prompt that *starts* a batch (nothing decoding yet) and a
+short request arriving `--arrive-s` seconds into its prefill. A first batch longer than a chunk is
+read chunk by chunk like a joining group, so the short one is admitted after the chunk under way
+and answers before the long one; `one-shot` is the batch read in one forward, which the short
+request waits for whole. Reported: each one's time to first token from its arrival (the long
+one's from the start), and the wall time of the round. Writes chunked_prefill_first.json and .md.
+
+    python benchmarks/chunked_prefill.py --first-batch --chunks 256,one-shot --repeats 3
 """
 
 from __future__ import annotations
@@ -60,6 +69,33 @@ def one_run(switch, short: list[list[int]], long: list[int], names: list[str], a
             "running_tok_s": sum(len(marks[r]) for r in range(len(short))) / wall}
 
 
+def first_run(switch, short: list[int], long: list[int], names: list[str], args, chunk: int | None) -> dict:
+    """A long prompt starting a batch alone; `short` arrives `args.arrive_s` seconds later."""
+    from loraswitch.generate import Joining, Listener, SamplingParams, explicit, generate
+
+    engine = switch.engine
+    marks: dict[int, list[float]] = {}
+    t0 = time.perf_counter()
+    arrival = t0 + args.arrive_s
+    handed = []
+
+    class Marks(Listener):
+        def token(self, row, gen):
+            marks.setdefault(row, []).append(time.perf_counter())
+
+    def admit(held: int):
+        if handed or time.perf_counter() < arrival:
+            return None
+        handed.append(time.perf_counter())
+        return Joining([short], explicit(engine, [names[1]]), args.max_tokens)
+
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=0, stop_ids=set())
+    generate(engine, [long], explicit(engine, [names[0]]), params, Marks(), admit=admit, prefill_chunk=chunk or 1 << 30)
+    wall = time.perf_counter() - t0
+    return {"short_ttft_s": marks[1][0] - arrival if 1 in marks else None, "long_ttft_s": marks[0][0] - t0,
+            "short_first": bool(1 in marks and marks[1][0] < marks[0][0]), "wall_s": wall}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=8)
@@ -69,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunks", default="32,64,128,256,one-shot")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--first-batch", action="store_true", help="a long first prompt and a short arrival (module doc)")
+    p.add_argument("--arrive-s", type=float, default=0.3)
     args = p.parse_args(argv)
     import torch
 
@@ -87,22 +125,26 @@ def main(argv: list[str] | None = None) -> int:
     configs = [None if c == "one-shot" else int(c) for c in args.chunks.split(",")]
     label = {c: "one-shot" if c is None else str(c) for c in configs}
     runs: dict[str, list[dict]] = {label[c]: [] for c in configs}
+    run = (lambda c: first_run(switch, short[0], long, names, args, c)) if args.first_batch else (
+        lambda c: one_run(switch, short, long, names, args, c))
     for c in configs:  # warm-up
-        one_run(switch, short, long, names, args, c)
+        run(c)
     for k in range(args.repeats):
         for c in configs[k % len(configs):] + configs[: k % len(configs)]:
-            runs[label[c]].append(one_run(switch, short, long, names, args, c))
+            runs[label[c]].append(run(c))
             print(label[c], json.dumps(runs[label[c]][-1]), flush=True)
-    summary = {name: {key: round(median(r[key] for r in rs), 4) for key in rs[0]} for name, rs in runs.items()}
+    summary = {name: {key: round(median(r[key] for r in rs), 4) if key != "short_first" else all(r[key] for r in rs)
+                      for key in rs[0]} for name, rs in runs.items()}
     report = {"finished_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
               "load": [round(x, 2) for x in os.getloadavg()], "config": vars(args),
               "long_prompt_tokens": len(long), "argv": sys.argv[1:] if argv is None else argv,
               "summary": summary, "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "chunked_prefill.json").write_text(json.dumps(report, indent=1) + "\n")
-    md = markdown(report)
-    (RESULTS / "chunked_prefill.md").write_text(md)
+    stem = "chunked_prefill_first" if args.first_batch else "chunked_prefill"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    md = markdown_first(report) if args.first_batch else markdown(report)
+    (RESULTS / f"{stem}.md").write_text(md)
     print(md)
     return 0
 
@@ -118,6 +160,22 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|"]
     for name, s in report["summary"].items():
         lines.append(f"| {name} | {s['max_gap_s']} | {s['median_gap_s']} | {s['joined_ttft_s']} | {s['running_tok_s']} |")
+    lines += ["", "Reproduce: `python benchmarks/chunked_prefill.py " + " ".join(report["argv"]) + "`", ""]
+    return "\n".join(lines)
+
+
+def markdown_first(report: dict) -> str:
+    cfg = report["config"]
+    lines = [f"# A short request arriving during a long first prefill ({report['finished_at']})", "",
+             f"A {report['long_prompt_tokens']}-token prompt starts a batch alone; {cfg['arrive_s']} s later a short "
+             f"chat request arrives (greedy, {cfg['max_tokens']} tokens each, no stop, a demo adapter each). Medians of "
+             f"{cfg['repeats']} round-robin runs, {cfg['threads']} torch thread(s), load average {report['load']} "
+             f"({report['machine']}).", "",
+             "| first batch read | short request's first token s (from its arrival) | long prompt's first token s "
+             "| short answered first | round wall s |", "|---|---|---|---|---|"]
+    for name, s in report["summary"].items():
+        read = "in one forward" if name == "one-shot" else f"in chunks of {name}"
+        lines.append(f"| {read} | {s['short_ttft_s']} | {s['long_ttft_s']} | {s['short_first']} | {s['wall_s']} |")
     lines += ["", "Reproduce: `python benchmarks/chunked_prefill.py " + " ".join(report["argv"]) + "`", ""]
     return "\n".join(lines)
 

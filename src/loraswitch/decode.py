@@ -179,3 +179,16 @@ def stepper_for(engine: Engine, batch: LeftPadded, max_new_tokens: int,
     if engine.decoder.frozen and not engine.decoder.compiled_for(cache_length(batch.width + max_new_tokens)):
         return EagerStepper(engine, batch)
     return StaticStepper(engine, EagerStepper(engine, batch), max_new_tokens)
+
+
+def join_into(running: EagerStepper | StaticStepper, joined: EagerStepper, any_running: bool,
+              steps: int) -> EagerStepper | StaticStepper:
+    """The stepper of the running rows followed by the joined ones, for at most `steps` more
+    steps (a static cache keeps the compiled step, even once every running row has left)."""
+    if isinstance(running, StaticStepper):
+        running.join(joined.cache, joined.mask, joined.next_pos, steps)
+        return running
+    if not any_running:
+        return joined
+    running.join(joined)
+    return running

@@ -17,6 +17,10 @@ positions per decode step of the running rows (chunked prefill: a long prompt de
 row's next token by one chunk's forward, not by its whole prefill), then its cache is merged into
 the running one (`EagerStepper.join`, or `StaticStepper.join` on the compiled step). A row's
 tokens do not depend on whether it joined: its positions are its own and padding is masked.
+Up to `JOINING_GROUPS` groups are prefilled at once, so a short prompt that arrives while a long
+one is being read is not held behind it; and a first batch longer than a chunk is itself read as
+a joining group (into an empty batch), so what arrives during its prefill is admitted between its
+chunks instead of after all of it (vLLM's chunked prefill does the same with a token budget).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraswitch.decode import EagerStepper, StaticStepper, buckets, stepper_for
+from loraswitch.decode import EagerStepper, StaticStepper, buckets, join_into, stepper_for
 from loraswitch.engine import Engine
 from loraswitch.kernels import Routing
 from loraswitch.padding import left_pad
@@ -52,6 +56,9 @@ __all__ = ["NO_ADAPTER", "Choice", "FixedPolicy", "Generation", "Joining", "List
 # longest stall 2.5x against one forward, at ~1.2x the joined row's first-token time and the same
 # tokens/s; 64 cut it 3.5x but took 2.7x the first-token time and 20% of the running rows' tokens/s
 PREFILL_CHUNK = 256
+# joining groups prefilled at once: the running rows wait for one chunk of each per step, so more
+# would lengthen their stall; two let a short prompt pass a long one whose prefill is under way
+JOINING_GROUPS = 2
 
 
 @dataclass
@@ -271,9 +278,11 @@ class _Joiner:
         joining.policy.on_forward(list(range(len(rows))), width)
         routing = _prefill_routing(joining.policy, joining.prompts, width)
         self.chunks = self.stepper.prefill_chunks(routing, None, 1, chunk)
+        self.left = -(-width // chunk)  # chunks to go (fewer on a prefix cache hit)
 
     def advance(self) -> torch.Tensor | None:
         """Prefill the next chunk: the rows' first logits once their prompts are all read."""
+        self.left -= 1
         out = next(self.chunks)
         return None if out is None else out.logits[:, -1]
 
@@ -297,16 +306,22 @@ def generate(engine: Engine, prompts: list[list[int]], policy: Policy | None = N
     rows = _Rows(engine, policy, params, listener or Listener())
     with engine.pin():
         policy.start(engine, prompts)
-        rows.live = rows.add(prompts, policy, params.max_new_tokens)
+        first_rows = rows.add(prompts, policy, params.max_new_tokens)
         batch = left_pad(prompts, engine.base.tokenizer.pad_token_id or 0)
         stepper = stepper_for(engine, batch, params.max_new_tokens + policy.extra_steps(), policy.dynamic)
-        logits = _prefill(policy, prompts, stepper, params, rows.results)
-        if rows.budget[0] <= 0:  # max_new_tokens=0: nothing to generate
-            for row in rows.live:
-                rows.end(row, "length")
-            rows.live = []
-        joiner: _Joiner | None = None
         admit = admit if joins else None
+        joiners: list[_Joiner] = []
+        logits = None
+        if admit is not None and batch.width > prefill_chunk and params.max_new_tokens > 0:
+            # read in chunks as a group joining an empty batch: arrivals are admitted between them
+            joiners.append(_Joiner(engine, Joining(prompts, policy, params.max_new_tokens), first_rows, prefill_chunk))
+        else:
+            rows.live = first_rows
+            logits = _prefill(policy, prompts, stepper, params, rows.results)
+            if rows.budget[0] <= 0:  # max_new_tokens=0: nothing to generate
+                for row in rows.live:
+                    rows.end(row, "length")
+                rows.live = []
         while True:
             keep, tokens = rows.sample(logits) if rows.live else ([], [])
             if len(keep) < len(rows.live):
@@ -314,20 +329,21 @@ def generate(engine: Engine, prompts: list[list[int]], policy: Policy | None = N
                 rows.live = [rows.live[b] for b in keep]
                 if admit is not None and rows.live:  # a batch rows join: drop what only leavers used
                     stepper.trim()
-            if admit is not None and joiner is None:
-                joiner = _join(engine, policy, rows, admit(len(rows.live)), prefill_chunk)
-            if not rows.live and joiner is None:
+            if admit is not None and len(joiners) < JOINING_GROUPS:
+                held = len(rows.live) + sum(len(j.rows) for j in joiners)
+                joiner = _join(engine, policy, rows, admit(held), prefill_chunk)
+                joiners += [joiner] if joiner is not None else []
+            if not rows.live and not joiners:
                 break
-            logits = stepper.step(tokens, rows.choices(), policy.dynamic) if rows.live else logits[:0]
-            first = joiner.advance() if joiner is not None else None
-            while first is None and joiner is not None and not rows.live:  # no rows to keep decoding:
-                first = joiner.advance()  # its prompts are read without waiting for steps
-            if first is not None:
-                steps = max(rows.budget[r] - rows.taken[r] for r in rows.live + joiner.rows)
-                stepper = _merged(stepper, joiner.stepper, bool(rows.live), steps)
-                rows.live += joiner.rows
-                logits = torch.cat([logits, first])
-                joiner = None
+            logits = stepper.step(tokens, rows.choices(), policy.dynamic) if rows.live else None
+            for joiner in sorted(joiners, key=lambda j: j.left):  # a chunk of each, the nearest done first
+                first = joiner.advance()
+                if first is not None:
+                    steps = max(rows.budget[r] - rows.taken[r] for r in rows.live + joiner.rows)
+                    stepper = join_into(stepper, joiner.stepper, bool(rows.live), steps)
+                    rows.live += joiner.rows
+                    logits = first if logits is None else torch.cat([logits, first])
+                    joiners.remove(joiner)
     return rows.results
 
 
@@ -379,19 +395,6 @@ def _join(engine: Engine, policy: RowsPolicy, rows: _Rows, joining: Joining | No
     policy.add(joining.policy, len(joining.prompts))
     new = rows.add(joining.prompts, joining.policy, joining.max_new_tokens)
     return _Joiner(engine, joining, new, max(1, chunk))
-
-
-def _merged(running: EagerStepper | StaticStepper, joined: EagerStepper, any_running: bool,
-            steps: int) -> EagerStepper | StaticStepper:
-    """The stepper of the running rows followed by the joined ones, for at most `steps` more
-    steps (a static cache keeps the compiled step, even once every running row has left)."""
-    if isinstance(running, StaticStepper):
-        running.join(joined.cache, joined.mask, joined.next_pos, steps)
-        return running
-    if not any_running:
-        return joined
-    running.join(joined)
-    return running
 
 
 def _finite_rows(logits: torch.Tensor) -> tuple[torch.Tensor, set[int]]:

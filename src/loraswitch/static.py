@@ -300,11 +300,12 @@ class StaticStepper:
         (same tensors, no new shape); otherwise the static state is rebuilt with the live rows
         and the joined ones (a longer bucket where needed: `Decoder.covers` says whether its step
         runs compiled without a compile).
-        Positions are per row and padding is masked, so every row decodes as it would alone."""
+        Positions are per row and padding is masked, so every row decodes as it would alone.
+        Before any state (a first batch read in chunks, `generate`), its rows make the first."""
         kv, mask = trimmed(kv_of(cache), mask)
         n, width = mask.shape
         live = set(self.live)
-        free = [b for b in range(self.st.mask.shape[0]) if b not in live]
+        free = [b for b in range(self.st.mask.shape[0]) if b not in live] if self.st is not None else []
         if len(free) >= n and width <= self.t and self.t + steps <= self.st.mask.shape[1]:
             self._place(free[:n], kv, mask, next_pos)
         else:
