@@ -117,3 +117,52 @@ def test_ray_flags_need_ray():
     assert result.exit_code == 2 and "not both" in said(result)
     result = CliRunner().invoke(app, ["serve", "--ray", "--autoscale", "2:1"])
     assert result.exit_code == 2 and "MIN:MAX" in said(result)
+
+
+def test_a_replica_waiting_to_apply_a_change_keeps_reporting_and_is_waited_for(monkeypatch):
+    """A change is applied between batches, so a replica may wait out a long batch before it has
+    it; its heartbeat goes on meanwhile, so the ingress sees it live and behind (and waits for it)
+    instead of taking it for dead and answering the change before it applied it."""
+    pytest.importorskip("ray.serve")
+    from types import SimpleNamespace
+
+    from loraswitch.server.ray_serve import replica as rp
+
+    class Remote:
+        def __init__(self, fn):
+            self.fn = fn
+
+        async def remote(self, *args):
+            return self.fn(*args)
+
+    lib = Library()
+    lib.append({"op": "remove", "name": "x"})
+    r = rp.Replica.__new__(rp.Replica)
+    r.library = SimpleNamespace(since=Remote(lib.since), report=Remote(lib.report))
+    r.id, r.version = "r1", 0
+    r.app = SimpleNamespace(state=SimpleNamespace(metrics=SimpleNamespace(render=lambda: b"")))
+    r.health = lambda: {"alive": True}
+    batch_over = asyncio.Event()
+
+    async def apply_after_the_batch(op):
+        await batch_over.wait()
+
+    r._apply = apply_after_the_batch
+    monkeypatch.setattr(rp, "POLL_S", 0.01)
+
+    async def scenario():
+        tasks = [asyncio.create_task(r._follow()), asyncio.create_task(r._beat())]
+        await asyncio.sleep(0.1)
+        seen = lib.reports["r1"]["at"]
+        await asyncio.sleep(0.1)
+        beating = lib.reports["r1"]["at"] > seen
+        behind = lib.behind(1)
+        batch_over.set()
+        await asyncio.sleep(0.1)
+        for t in tasks:
+            t.cancel()
+        return beating, behind, lib.behind(1)
+
+    beating, behind, after = asyncio.run(scenario())
+    assert beating and behind == ["r1"]  # live while it waits, and known to be behind
+    assert after == [] and r.version == 1

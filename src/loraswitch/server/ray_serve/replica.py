@@ -67,7 +67,7 @@ class Replica:
         self.version = 0
         self.id = serve.get_replica_context().replica_id.unique_id
         await self.sync()
-        self._poller = asyncio.create_task(self._follow())
+        self._tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._beat())]
 
     # ------------------------------------------------------------------ requests
     async def forward(self, req: Forwarded):
@@ -90,6 +90,10 @@ class Replica:
             with contextlib.suppress(Exception):  # one bad change must not stop the others
                 await self._apply(op)
             self.version += 1
+        await self.report()
+
+    async def report(self) -> None:
+        """The heartbeat: the version applied so far, metrics and health."""
         await self.library.report.remote(self.id, self.version, self.app.state.metrics.render(), self.health())
 
     async def _apply(self, op: dict) -> None:
@@ -118,7 +122,19 @@ class Replica:
             except Exception:  # the library actor is briefly away: try again
                 log.exception("replica %s: library sync failed", self.id)
 
+    async def _beat(self) -> None:
+        """Reports on its own, not after `sync`: a change is applied between batches, so `sync`
+        can wait out a batch longer than `cluster.LIVE_S`, and a replica silent that long would
+        be taken for dead and not waited for (the ingress answered an add before it had it)."""
+        while True:
+            await asyncio.sleep(POLL_S)
+            try:
+                await self.report()
+            except Exception:
+                log.exception("replica %s: report failed", self.id)
+
     def __del__(self):
         with contextlib.suppress(Exception):
-            self._poller.cancel()
+            for task in self._tasks:
+                task.cancel()
             self.scheduler.stop(timeout=2)
