@@ -64,6 +64,25 @@ def test_switch_refuses_what_it_cannot_serve(switch):
         switch.chat(["hi"], model="auto", allow=["nope"])
 
 
+def test_stream_takes_the_models_chat_takes_and_refuses_the_same_alone(switch):
+    """Requests built by hand for `stream` / `run`: a {name: weight} model and list-valued allow /
+    deny are read as `chat` reads them (they crashed the batch's thread, every request lost), and
+    a request `chat` would refuse fails alone, its neighbours answered."""
+    from loraswitch.switch import Request
+    from loraswitch.switch.request import Done, Failed
+
+    reqs = [Request.chat("hi", model={"alpha": 1.0}, max_tokens=3), Request.chat("hi", allow=["alpha"], max_tokens=3),
+            Request.chat("hi", deny=["beta"], max_tokens=3), Request.chat("hi", allow=("nope",), max_tokens=3),
+            Request.chat("hi", model="alpha", allow=("alpha",), max_tokens=3), Request.chat("hi", model="alpha", max_tokens=3)]
+    assert reqs[0].model == "alpha:1" and reqs[1].allow == ("alpha",) and reqs[2].deny == ("beta",)
+    ends = {i: e for i, e in switch.stream(reqs) if isinstance(e, (Done, Failed))}
+    assert sorted(ends) == list(range(6))
+    assert [isinstance(ends[i], Done) for i in range(6)] == [True, True, True, False, False, True]
+    assert isinstance(ends[3].error, AdapterError) and "nope" in str(ends[3].error)
+    assert isinstance(ends[4].error, MixtureError) and "only apply to model 'auto'" in str(ends[4].error)
+    assert ends[0].answer.token_ids == ends[5].answer.token_ids  # weight 1 of alpha is alpha
+
+
 def _merged(adapter_dir, weights: dict[str, float]) -> torch.nn.Module:
     """A copy of the base with sum_e w_e * delta_e merged into its weights, each delta taken from
     PEFT's own merge of that adapter (merged weight minus base weight). The base is rebuilt

@@ -19,6 +19,7 @@ from pathlib import PurePath
 
 from loraswitch.base import Base
 from loraswitch.generate import MIN_TEMPERATURE, Generation, TokenLogprob
+from loraswitch.switch.mixture import mixture_of
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
 
@@ -134,9 +135,12 @@ class Request:
     def __post_init__(self):
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("a Request has either messages or a prompt")
-        for name in ("allow", "deny", "stop"):  # one name or string, not its characters
-            if isinstance(getattr(self, name), str):
-                object.__setattr__(self, name, tuple(listed(getattr(self, name))))
+        for name in ("allow", "deny", "stop"):  # one name or string, not its characters; a list as a tuple
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(listed(value)))
+        if isinstance(self.model, dict):  # {name: weight}, as Switch.chat takes it: the mixture's spelling
+            object.__setattr__(self, "model", mixture_of(self.model).spec)
         _check_sampling(self)
 
     @classmethod

@@ -188,6 +188,20 @@ def fits_context(switch, handle: Handle) -> bool:
         return False
 
 
+def asks_what_exists(switch, handle: Handle) -> bool:
+    """Whether the request's model, router and allow / deny name what this switch has, as
+    `Switch.chat` and the server check before they queue a request; one that does not fails
+    alone (`Switch.stream` and `run` take requests built by hand: an unknown name in `allow`
+    was answered by the base model, `allow` with a named adapter was ignored)."""
+    r = handle.request
+    try:
+        switch.resolve(r.model, r.route, r.allow, r.deny)
+        return True
+    except Exception as exc:
+        SingleAnswer(handle).failed(exc)
+        return False
+
+
 def within_context(switch, request: Request) -> Request:
     """`request` tokenized, its `max_tokens` cut to what the model's context leaves; raises
     ValueError for an empty prompt or one that fills the context."""

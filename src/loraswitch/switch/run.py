@@ -47,7 +47,7 @@ from loraswitch.routing.features import reading_ahead
 from loraswitch.switch.mixture import MixtureError
 from loraswitch.switch.parts import SingleAnswer
 from loraswitch.switch.request import PENALTIES, Handle, Request, RouterUnavailable
-from loraswitch.switch.rows import BatchListener, Row, chained_ready, fits_context, request_rows
+from loraswitch.switch.rows import BatchListener, Row, asks_what_exists, chained_ready, fits_context, request_rows
 from loraswitch.switch.segment import segment_requests
 
 log = logging.getLogger("loraswitch.switch")
@@ -257,6 +257,7 @@ def run(switch, handles: list[Handle], max_rows: int | None = None, max_parts: i
     without waiting); `arrivals` is then not asked (a request that joins a running batch would
     skip the escalation decision). Returns what each `generate` call was: id, size, dynamic,
     joined, models, seconds."""
+    handles = [h for h in handles if asks_what_exists(switch, h)]
     escalator = getattr(switch, "upstream", None)
     if escalator is None:
         return run_local(switch, handles, max_rows, max_parts, arrivals)
