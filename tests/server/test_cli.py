@@ -29,6 +29,25 @@ def test_serve_command_line():
         assert result.exit_code == 2, (bad, result.output)
 
 
+def test_bad_upstream_urls_and_calibration_files_are_refused_before_the_model_loads(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from loraswitch.server.cli import serve
+
+    app = typer.Typer()
+    app.command("serve")(serve)
+    app.command("noop")(lambda: None)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "bad.jsonl").write_text('{"no_prompt": 1}\n')
+    up = ["--upstream", "http://127.0.0.1:1", "--upstream-model", "m", "--escalate-rate", "0.2", "--calibration"]
+    for bad, why in ((["--upstream", "ftp://127.0.0.1:1", "--upstream-model", "m"], "http"),
+                     ([*up, str(tmp_path / "missing.txt")], "no such"), ([*up, str(tmp_path / "empty.txt")], "no prompt"),
+                     ([*up, str(tmp_path / "bad.jsonl")], "prompt")):
+        result = CliRunner().invoke(app, ["serve", "--port", "0", *bad])
+        assert result.exit_code == 2 and why in result.output, (bad, result.output)
+
+
 def test_default_allowed_hosts_follow_the_bound_address():
     from loraswitch.server.middleware import default_hosts, host_name
 

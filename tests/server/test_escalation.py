@@ -127,6 +127,9 @@ def test_below_threshold_and_explicit_models_stay_local(central, edge, escalate_
     with_logprobs = ask(edge.url, logprobs=True, top_logprobs=1).json()  # logprobs are of local tokens
     assert with_logprobs["routing"]["target"] in ("adapter", "base")
     assert "kept local" in with_logprobs["routing"]["escalation"]["reason"]
+    base_only = ask(edge.url, loraswitch={"allow": []}).json()  # allow / deny name this server's adapters
+    assert base_only["model"] == "base" and base_only["routing"]["target"] == "base"
+    assert "allow / deny" in base_only["routing"]["escalation"]["reason"]
 
 
 def test_upstream_down_falls_back_to_the_local_answer(edge, edge_switch, escalate_to):

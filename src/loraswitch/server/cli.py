@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 
@@ -93,7 +94,7 @@ def serve(
     switch = open_switch(base, adapter_dirs, router_dir, library)
     if upstream:
         switch.upstream = escalator(switch, upstream, upstream_model, upstream_api_key_env, upstream_timeout,
-                                    escalate_threshold, escalate_rate, calibration)
+                                    escalate_threshold, escalate_rate, calibration, timeout)
     prepare_engine(switch.engine, compile_step, prefix_cache, adapters_per_replica, compile_context)
     where = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{sock.getsockname()[1]}"
     typer.echo(f"loraswitch serving {switch.base.name} with {len(switch.engine.names)} adapters "
@@ -185,18 +186,34 @@ def check_upstream(url: str | None, model: str | None, threshold: float | None, 
         raise typer.BadParameter("give --escalate-rate or --escalate-threshold, not both")
     if (rate is None) != (calibration is None):
         raise typer.BadParameter("--escalate-rate and --calibration FILE go together (the rate is calibrated on it)")
+    if url and urlsplit(url).scheme not in ("http", "https"):
+        raise typer.BadParameter(f"--upstream {url!r}: an http:// or https:// URL")
+    if calibration is not None:
+        from loraswitch.library import read_examples
+
+        try:
+            if not read_examples(calibration):
+                raise ValueError("it holds no prompt")
+        except (OSError, ValueError) as exc:
+            raise typer.BadParameter(f"--calibration {calibration}: {exc}") from None
+
+
+MIN_CALIBRATION = 50  # distinct calibration prompts below which the calibrated rate is a guess
 
 
 def escalator(switch, url: str, model: str | None, key_env: str | None, timeout: float, threshold: float | None,
-              rate: float | None, calibration: Path | None):
-    """The `Escalator` the --upstream options describe (its threshold calibrated for --escalate-rate)."""
+              rate: float | None, calibration: Path | None, request_timeout: float = 300.0):
+    """The `Escalator` the --upstream options describe (its threshold calibrated for --escalate-rate).
+    An upstream answer is cut at 90% of the request's --timeout (it ends with what arrived,
+    finish_reason "error"), so a slow upstream never turns into the server's 504."""
     from loraswitch.library import read_examples
     from loraswitch.switch.escalate import Escalator
     from loraswitch.switch.escalation import DEFAULT_THRESHOLD
     from loraswitch.switch.upstream import Upstream
 
     try:
-        up = Upstream.from_env(url, model or "", key_env, timeout=timeout)
+        up = Upstream.from_env(url, model or "", key_env, timeout=timeout,
+                               deadline=min(Upstream.deadline, 0.9 * request_timeout))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     esc = Escalator(up, DEFAULT_THRESHOLD if threshold is None else threshold)
@@ -205,6 +222,9 @@ def escalator(switch, url: str, model: str | None, key_env: str | None, timeout:
         esc.calibrate(switch, prompts, rate)
         typer.echo(f"escalation threshold {esc.threshold:.4f}: {rate:.0%} of {len(prompts)} calibration prompts",
                    err=True)
+        if len(set(prompts)) < MIN_CALIBRATION:
+            typer.echo(f"warning: only {len(set(prompts))} distinct calibration prompts; the share of real traffic "
+                       f"that escalates can be far from {rate:.0%} (give {MIN_CALIBRATION} or more like it)", err=True)
     return esc
 
 

@@ -41,6 +41,10 @@ class Escalator:
     _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
+    def __post_init__(self):
+        if not (isinstance(self.threshold, (int, float)) and self.threshold >= 0):  # NaN fails too
+            raise ValueError(f"an escalation threshold is a risk >= 0 (above 1: never), not {self.threshold!r}")
+
     def calibrate(self, switch, prompts: list[str], rate: float, route: str | None = None) -> float:
         """Set the threshold so that `rate` of `prompts` (held-out, like the traffic) escalate."""
         self.threshold = threshold_for_rate(risks(switch, prompts, route), rate)
@@ -144,7 +148,11 @@ class _Annotated:
     def __call__(self, event: Event) -> None:
         if isinstance(event, Done) and event.answer.routing.get("target") != "upstream":
             routing = event.answer.routing
-            routing["target"] = self.verdict.local
-            routing["escalation"] = {**self.verdict.to_dict(), "target": self.verdict.local,
+            # what answered, not what the verdict expected: allow / deny can leave the router's
+            # pick out, and a part-by-part answer names its parts' adapters
+            chosen = routing.get("adapter")
+            local = "adapter" if (any(chosen) if isinstance(chosen, list) else chosen) else "base"
+            routing["target"] = local
+            routing["escalation"] = {**self.verdict.to_dict(), "target": local,
                                      **({"decided": "upstream", "fallback": self.fallback} if self.fallback else {})}
         self.emit(event)  # type: ignore[operator]

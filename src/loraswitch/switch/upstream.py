@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -51,21 +52,38 @@ class Upstream:
             raise ValueError(f"--upstream-api-key-env {api_key_env}: that environment variable is not set")
         return cls(url, model, key, **kw)
 
+    def __post_init__(self):
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"the upstream URL must be http:// or https:// with a host, got {self.url!r}")
+
     @property
     def base_url(self) -> str:
         url = self.url.rstrip("/")
         return url if url.endswith("/v1") else url + "/v1"
 
     def describe(self) -> dict:
-        return {"url": self.base_url, "model": self.model}
+        """Where requests go, as /healthz and responses show it: a password in the URL is hidden."""
+        return {"url": self.redact(self.base_url), "model": self.model}
+
+    def redact(self, text: str) -> str:
+        """`text` without the API key or the URL's password: an upstream's error body can echo the
+        Authorization header, and that text reaches clients (`escalation.fallback`)."""
+        for secret in (self.api_key, urlsplit(self.url).password):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
 
     def accepts(self, request: Request) -> str | None:
         """Why `request` cannot go upstream (None: it can). Logprobs and echo are of the local
-        model's tokens; a prompt of token ids means nothing to another tokenizer."""
+        model's tokens; a prompt of token ids means nothing to another tokenizer; allow / deny
+        name local adapters, which an upstream cannot honour ("allow": [] asks for the base model)."""
         if request.logprobs is not None or request.echo:
             return "logprobs / echo are answered by the local model's tokens"
         if not request.is_chat and not isinstance(request.prompt, str):
             return "a prompt of token ids is only meaningful to the local tokenizer"
+        if request.allow is not None or request.deny:
+            return "allow / deny choose among this model's own adapters"
         return None
 
     def body(self, request: Request) -> tuple[str, dict]:
@@ -106,14 +124,28 @@ class Upstream:
                     stream.line(line, emit)
                     if stream.ended:
                         break
-        except (httpx.HTTPError, ValueError, UpstreamError) as exc:
-            why = exc if isinstance(exc, UpstreamError) else UpstreamError(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # whatever broke: before any text, answer locally; after, end with it
+            why = UpstreamError(self.redact(str(exc) if isinstance(exc, UpstreamError) else f"{type(exc).__name__}: {exc}"))
             if not stream.text:
                 raise why from exc
             stream.error, stream.finish = f"the upstream stream broke after {len(stream.text)} characters: {why}", "error"
         if not stream.text and not stream.ended:
             raise UpstreamError("the upstream closed the stream without an answer")
         return stream.generation(request, self.describe())
+
+
+def _delta(choice) -> str | None:
+    """A chunk choice's new text (chat `delta.content` or completion `text`); ValueError for
+    anything not shaped so: it must not reach a client as it came (an integer `content` did)."""
+    if not isinstance(choice, dict):
+        raise ValueError(f"a stream choice that is not a JSON object: {str(choice)[:100]}")
+    delta = choice.get("delta", {}) or {}
+    if not isinstance(delta, dict):
+        raise ValueError(f"a stream delta that is not a JSON object: {str(delta)[:100]}")
+    text = delta.get("content") if "delta" in choice else choice.get("text")
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"a stream delta whose text is not a string: {str(text)[:100]}")
+    return text
 
 
 class _Stream:
@@ -135,12 +167,14 @@ class _Stream:
             self.ended = True
             return
         chunk = json.loads(data)  # ValueError: not an OpenAI stream
+        if not isinstance(chunk, dict):
+            raise ValueError(f"a stream chunk that is not a JSON object: {data[:100]}")
         if "error" in chunk and not chunk.get("choices"):
             raise UpstreamError(f"the upstream answered an error: {json.dumps(chunk['error'])[:300]}")
         self.model = chunk.get("model", self.model)
         self.usage = chunk.get("usage") or self.usage
         for choice in chunk.get("choices") or []:
-            delta = choice.get("delta", {}).get("content") if "delta" in choice else choice.get("text")
+            delta = _delta(choice)
             if delta:
                 if not self.text:
                     self.first_token_s = time.monotonic() - self.began
