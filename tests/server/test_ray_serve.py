@@ -88,6 +88,11 @@ def test_routed_explicit_and_streamed_answers_over_two_replicas(cluster, client)
     models = [m.id for m in client.models.list().data]
     assert {"auto", "base", "add", "num_to_french"} <= set(models)
     assert httpx.get(cluster.url + "/v1/models", timeout=10).status_code == 401  # the ingress checks the key
+    deep = httpx.post(cluster.url + "/v1/chat/completions", content=b"[" * 100_000 + b"]" * 100_000,
+                      headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
+    assert deep.status_code == 400 and deep.json()["error"]["code"] == "invalid_json"  # the plain server's 400
+    options = httpx.request("OPTIONS", cluster.url + "/v1/chat/completions", headers=AUTH, timeout=30)
+    assert options.status_code == 405 and "error" in options.json()  # the server's error shape
 
 
 def test_a_library_spread_over_replicas_pages_adapters_where_the_traffic_is(cluster, client):

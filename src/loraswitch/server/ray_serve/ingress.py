@@ -56,7 +56,8 @@ class Ingress:
         http.add_api_route("/v1/models", self.models, methods=["GET"])
         http.add_api_route("/metrics", self.prometheus, methods=["GET"])
         http.add_api_route("/healthz", self.healthz, methods=["GET"])
-        http.add_api_route("/{path:path}", self.anything, methods=["GET", "POST", "DELETE", "PUT", "PATCH"])
+        http.add_api_route("/{path:path}", self.anything,  # the replica's answer (its 404 / 405 shape too)
+                           methods=["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD"])
         return Gate(http, metrics=self.metrics, **self.gate)
 
     # ------------------------------------------------------------------ requests
@@ -65,7 +66,7 @@ class Ingress:
         try:
             body = json.loads(req.body)
             model, stream = body.get("model"), bool(body.get("stream"))
-        except (ValueError, AttributeError):  # the replica answers the 400 / 422 the server would
+        except (ValueError, AttributeError, RecursionError):  # the replica answers the 400 / 422 the server would
             model, stream = None, False
         placed = model if isinstance(model, str) and model not in UNROUTED and not model.startswith("auto:") else ""
         return await self.relay(req, placed, stream)
