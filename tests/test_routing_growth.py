@@ -159,6 +159,23 @@ def test_removed_trained_adapter_abstains_instead_of_misrouting(trained):
     assert all(d.adapter != "beta" and "beta" not in d.scores for d in decisions)
 
 
+def test_an_added_adapter_takes_over_the_task_of_a_trained_one_that_is_removed(trained, adapter_dir):
+    """A v2 added under a new name with the task's examples: while v1 (a trained class) is
+    loaded, its prompts stay with v1; once v1 is removed, the added head claims them (the gone
+    class's centroid no longer counts as a competitor), instead of the selector abstaining."""
+    engine, routers = trained
+    engine.load_adapter(adapter_dir / "gamma", name="beta_v2", examples=_data(20, offset=30)["beta"])
+    sums = _data(16, offset=70)["beta"]
+    both = SequenceRouter.load(routers, engine).route(engine, sums)
+    assert sum(d.adapter == "beta" for d in both) >= 14
+    engine.remove_adapter("beta")
+    router = SequenceRouter.load(routers, engine)
+    after = router.route(engine, sums)
+    assert sum(d.adapter == "beta_v2" for d in after) >= 14, [(d.adapter, d.reason) for d in after]
+    others = router.route(engine, _data(16, offset=70)["alpha"])
+    assert sum(d.adapter == "alpha" for d in others) >= 14  # the classes still loaded keep their prompts
+
+
 def test_unwritable_router_dir_keeps_heads_in_memory(trained, adapter_dir):
     engine, routers = trained
     (routers / "added").write_text("not a folder")  # makes writing heads there fail

@@ -34,7 +34,7 @@ from loraswitch.base import cache_dir
 from loraswitch.constants import LIBRARIES_DIR
 from loraswitch.engine import Engine
 from loraswitch.library import adapter_examples
-from loraswitch.routing.base import Decision, load_router_file, save_router_file
+from loraswitch.routing.base import NONE_CLASS, Decision, load_router_file, save_router_file
 from loraswitch.routing.features import prompt_features
 from loraswitch.routing.zeroshot import DEFAULT_VARIANT, RANK, adapter_factor, quadratic_scores, stack
 
@@ -111,11 +111,18 @@ class Space:
     wordings of known tasks stay with their class; the raw feature carries what the logits of
     the known classes cannot express (a task none of them is for)."""
 
-    def __init__(self, W: torch.Tensor, b: torch.Tensor, reservoir_z: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, W: torch.Tensor, b: torch.Tensor, reservoir_z: torch.Tensor, labels: torch.Tensor,
+                 present: torch.Tensor | None = None):
+        """`present`: the class indices whose adapters are loaded (and `__none__`); None: all. A
+        class whose adapter is gone is no competitor: an added adapter that replaces it (v2 under a
+        new name, or the task served by a library without it) takes its prompts, where the gone
+        class's centroid used to keep them from every added head."""
         self.W, self.b = W, b
-        fit = torch.arange(len(labels)) % 2 == 0
+        kept = torch.ones(len(labels), dtype=torch.bool) if present is None else torch.isin(labels, present)
+        fit = (torch.arange(len(labels)) % 2 == 0) & kept
+        self.calibration = (torch.arange(len(labels)) % 2 == 1) & kept  # rows a head's threshold is set on
         v = self.embed(reservoir_z[fit])
-        self.known = torch.stack([v[labels[fit] == c].mean(0) for c in labels.unique()])
+        self.known = torch.stack([v[labels[fit] == c].mean(0) for c in labels[fit].unique()])
         self.known = self.known / self.known.norm(dim=1, keepdim=True)
 
     def embed(self, z: torch.Tensor) -> torch.Tensor:
@@ -193,10 +200,11 @@ def _calibrate(neg_scores: torch.Tensor, rate: float) -> tuple[float, float]:
 def fit_examples_head(name: str, fingerprint: str, z_pos: torch.Tensor, space: Space, reservoir_z: torch.Tensor,
                       key: str) -> Head:
     """The examples' centroid in `space`; the threshold claims EXAMPLES_CLAIM_RATE of the
-    reservoir's odd rows (which the known centroids were not computed from), and is at least 0."""
+    reservoir's odd rows of the present classes (the known centroids were not computed from
+    them), and is at least 0."""
     centroid = space.embed(z_pos).mean(0)
     centroid = centroid / centroid.norm()
-    cal = space.scores(reservoir_z[1::2], centroid[:, None])[:, 0]
+    cal = space.scores(reservoir_z[space.calibration], centroid[:, None])[:, 0]
     threshold, scale = _calibrate(cal, EXAMPLES_CLAIM_RATE)
     # and never claim a prompt nearer to a known class's centroid than to the examples': a task
     # close to a known one (German next to French) must not take that one's borderline prompts
@@ -292,9 +300,13 @@ def sync_added(router, engine: Engine, router_dir: Path) -> None:
     if not new:
         return
     folder = added_dir(router_dir)
+    labels = router.reservoir.labels
+    present = torch.tensor([i for i, c in enumerate(router.classes) if c == NONE_CLASS or c in engine.adapters])
+    kept = torch.isin(labels, present)  # the reservoir of the classes still loaded: what added heads compete with
     z_res, raw_res = router.reservoir.z.float(), router.raw_reservoir()
-    router.added.space = Space(router.W, router.b, z_res, router.reservoir.labels)
+    router.added.space = Space(router.W, router.b, z_res, labels, present)
     trained = [n for n in router.classes if n in engine.adapters]
+    raw_res = raw_res[kept]
     router.added.known = Known([f for n in trained if (f := factor(engine, n)) is not None], raw_res)
     for name in new:
         adapter = engine.adapters[name]
