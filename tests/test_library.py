@@ -103,7 +103,8 @@ def test_duplicate_names_across_folders_are_refused(tmp_path, tiny_base, adapter
 
 
 def test_reserved_and_unknown_names(tiny_base, adapter_dir, tmp_path):
-    for name in ("auto", "mixture"):  # "mixture" is the server's `model` for a weighted mix: never an adapter
+    # "mixture" is the server's `model` for a weighted mix; in any case ("AUTO" reads as the router)
+    for name in ("auto", "mixture", "AUTO", "Base"):
         shutil.copytree(adapter_dir / "alpha", tmp_path / name)
         with pytest.raises(AdapterError, match="reserved"):
             read_adapter(tmp_path / name, tiny_base.model)

@@ -3,6 +3,8 @@ one gets a head of its own, from examples or zero-shot) or removed, on tiny rand
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -227,5 +229,11 @@ def test_server_learns_an_adapter_from_posted_examples_and_lists_how_each_is_rou
             assert listed["alpha"]["source"] == "trained" and listed["gamma"]["source"] == EXAMPLES
             bad = http.post("/v1/adapters", json={"path": str(adapter_dir / "gamma"), "name": "g2", "examples": [""]})
             assert bad.status_code == 400
+            assert (routers / "added" / "gamma.safetensors").is_file()
+            assert http.delete("/v1/adapters/gamma").status_code in (200, 202)
+            deadline = time.monotonic() + 30  # removed between batches: the head goes with it
+            while (routers / "added" / "gamma.safetensors").exists():
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
     finally:
         server.stop()

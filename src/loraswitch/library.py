@@ -104,10 +104,13 @@ class Adapter:
 
 
 def validate_name(name: str) -> None:
-    if name in RESERVED_NAMES:
-        raise AdapterError(name, f"the names {RESERVED_NAMES} are reserved (they mean routing / no adapter / a weighted mix)")
+    """Refuse a name a `model` string could not mean unambiguously: a reserved word in any case
+    ("AUTO" would read as the router to a client and as the adapter to the server)."""
+    if name.lower() in RESERVED_NAMES:
+        raise AdapterError(name, f"the names {RESERVED_NAMES} are reserved in any case (they mean routing / no "
+                                 "adapter / a weighted mix)")
     if not _NAME_RE.match(name):
-        raise AdapterError(name, "names must be 1-128 characters of letters, digits, '_', '-', '.'")
+        raise AdapterError(name, "names must be 1-128 characters of ASCII letters, digits, '_', '-', '.'")
 
 
 def _read_tensors(name: str, path: Path) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ a head whose adapter changed is refitted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 from loraswitch.base import cache_dir
-from loraswitch.constants import LIBRARIES_DIR
+from loraswitch.constants import DEMO_ROUTER_DIR, LIBRARIES_DIR
 from loraswitch.engine import Engine
 from loraswitch.library import adapter_examples
 from loraswitch.routing.base import NONE_CLASS, Decision, load_router_file, save_router_file
@@ -252,6 +253,16 @@ def added_dir(router_dir: Path) -> Path:
     if router_dir.is_relative_to(LIBRARIES_DIR):
         return cache_dir() / "routers" / router_dir.relative_to(LIBRARIES_DIR) / "added"
     return router_dir / "added"
+
+
+def forget_head(router_dir: Path | None, name: str) -> None:
+    """Drop the head kept for `name` (an adapter removed from the library): on disk, heads of
+    every adapter ever added piled up in `added/`; in memory, every fingerprint's. Re-adding the
+    adapter fits its head again (seconds)."""
+    for ident in [k for k in _MEMORY if k[1] == name]:
+        _MEMORY.pop(ident, None)
+    with contextlib.suppress(OSError):  # None: the routers `load_router` reads by default
+        (added_dir(Path(router_dir or DEMO_ROUTER_DIR)) / f"{name}.safetensors").unlink(missing_ok=True)
 
 
 def examples_key(prompts: list[str]) -> str:

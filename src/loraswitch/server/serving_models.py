@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from loraswitch.library import AdapterError, validate_name
+from loraswitch.routing.added import forget_head
 from loraswitch.server import errors
 from loraswitch.server.errors import APIError, bad_request
 from loraswitch.server.protocol import AdapterLoadRequest
@@ -143,6 +144,7 @@ async def remove_adapter(name: str, st: ServerState = Depends(state)):
     def remove():
         try:
             engine.remove_adapter(name)
+            forget_head(st.switch.router_dir, name)
         finally:
             st.removing.discard(name)
         log.info("removed adapter %s", name)
