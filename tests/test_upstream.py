@@ -27,6 +27,7 @@ BODIES = {
     "int_after_text": _chunk("Fake") + _chunk(123) + _chunk(" more"),
     "int_first": _chunk(123),
     "not_object_first": b"data: \"hello\"\n\n",
+    "endless": b"".join(_chunk("word " * 50) for _ in range(40)) + b"data: [DONE]\n\n",
 }
 
 
@@ -95,3 +96,11 @@ def test_no_secret_is_repeated_in_errors_or_descriptions(fake):
     assert "hunter2pw" not in json.dumps(up.describe())
     with pytest.raises(ValueError, match="http"):
         Upstream("ftp://127.0.0.1/", "m")
+
+
+def test_an_upstream_that_ignores_max_tokens_is_cut(fake):
+    from loraswitch.switch.upstream import MAX_CHARS_PER_TOKEN
+
+    answer, tokens = _ask(fake, "endless")  # 10,000 characters for max_tokens 8
+    assert len(answer.text) == MAX_CHARS_PER_TOKEN * 8 == len("".join(tokens))
+    assert answer.finish_reason == "length" and "past max_tokens" in answer.routing["upstream"]["error"]

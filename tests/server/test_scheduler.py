@@ -111,6 +111,40 @@ def test_concurrent_requests_share_one_batched_forward(client, live):
     assert health["scheduler"]["max_batch_size"] >= 5
 
 
+def test_answering_counts_the_requests_still_being_answered_not_the_rounds_jobs(lib):
+    """/healthz's `running` is `answering`: a round keeps its jobs until it ends, so a request
+    answered early must not count while the others decode."""
+    import threading
+
+    switch, _ = lib
+    sched = Scheduler(switch, max_batch=8, max_queue=8)
+    release, tokens = threading.Event(), {"a": 0, "b": 0}
+
+    def sink_for(key):
+        def sink(event):
+            if isinstance(event, Token):
+                tokens[key] += 1
+                if key == "b" and tokens["b"] == 6:
+                    release.wait(30)  # holds the worker, mid-round, after "a" was answered
+        return sink
+
+    jobs = {key: _job("alpha", n, sink_for(key)) for key, n in (("a", 3), ("b", 20))}
+    sched.pause()
+    sched.start()
+    try:
+        for job in jobs.values():
+            sched.submit(job)
+        sched.resume()
+        wait_for(lambda: jobs["a"].finished and tokens["b"] >= 6)
+        assert sched.running == 2 and sched.answering == 1
+        release.set()
+        wait_for(lambda: jobs["b"].finished and sched.running == 0)
+        assert sched.answering == 0
+    finally:
+        release.set()
+        sched.stop()
+
+
 def test_scheduler_per_row_limits_and_cancel(lib):
     switch, _ = lib
     sched = Scheduler(switch, max_batch=8, max_queue=8)

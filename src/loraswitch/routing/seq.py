@@ -129,7 +129,7 @@ class SequenceRouter(Router):
         if conf < self.threshold:
             return Decision(None, conf, scores, f"confidence {conf:.2f} below threshold {self.threshold:.2f}", "trained")
         if name not in engine.adapters:
-            return Decision(None, conf, scores, f"picked {name!r}, which is no longer loaded", "trained")
+            return Decision(None, conf, scores, f"picked {name!r}, which is not loaded", "trained")
         return Decision(name, conf, scores, source="trained")
 
     def route(self, engine: Engine, prompts: list[str], allowed: frozenset[str] | None = None) -> list[Decision]:

@@ -91,7 +91,7 @@ class Metrics:
     def bind(self, scheduler) -> None:
         """Gauges read live from the scheduler and engine at scrape time."""
         self.queue_depth.set_function(lambda: scheduler.queue_depth)
-        self.running.set_function(lambda: scheduler.running)
+        self.running.set_function(lambda: scheduler.answering)
         self.adapters_loaded.set_function(lambda: len(scheduler.engine.names))
 
     def render(self) -> bytes:

@@ -19,7 +19,7 @@ async def healthz(st: ServerState = Depends(state)):
     sched = st.scheduler
     ok = sched.alive
     body = {"status": "ok" if ok else "worker stopped", "model": st.switch.base.name, "adapters": st.engine.names,
-            "queue_depth": sched.queue_depth, "running": sched.running,
+            "queue_depth": sched.queue_depth, "running": sched.answering,
             "scheduler": {**sched.stats, "max_batch": sched.max_batch, "max_queue": sched.max_queue,
                           "recent": list(sched.recent)[-8:]}}
     if st.engine.max_resident is not None:  # --adapters-per-replica: which adapters are in the layers now

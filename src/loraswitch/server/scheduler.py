@@ -170,7 +170,15 @@ class Scheduler:
 
     @property
     def running(self) -> int:
+        """Jobs of the round under way, answered ones included (0: the round ended and was counted)."""
         return len(self._running)
+
+    @property
+    def answering(self) -> int:
+        """Requests being answered now (what /healthz reports as running): a round keeps its jobs,
+        and those that joined it, until it ends, so counting them made /healthz read 48 while at
+        most 24 requests were in flight."""
+        return sum(1 for j in self._running if not j.finished and not j.handle.cancelled)
 
     # ------------------------------------------------------------------ requests
     def submit(self, job: Job) -> None:

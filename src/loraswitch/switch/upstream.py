@@ -27,6 +27,10 @@ import httpx
 from loraswitch.generate import Generation
 from loraswitch.switch.request import Event, Request, Started, Token
 
+# an upstream answer is cut at this many characters per requested token: a server that ignores
+# max_tokens (one wrote 5 MB for max_tokens 16) must not pass all of it on; real text runs 3-6
+MAX_CHARS_PER_TOKEN = 32
+
 
 class UpstreamError(RuntimeError):
     """The upstream gave no answer (nothing was passed on): answer locally instead."""
@@ -98,6 +102,8 @@ class Upstream:
                 body[name] = getattr(request, name)
         if request.stop:
             body["stop"] = list(request.stop)
+        if request.ignore_eos:  # vLLM's; asked for answers of a known length
+            body["ignore_eos"] = True
         if request.is_chat:
             return "/chat/completions", {**body, "messages": [dict(m) for m in request.messages or ()]}
         return "/completions", {**body, "prompt": request.prompt}
@@ -109,7 +115,7 @@ class Upstream:
         path, body = self.body(request)
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         began = time.monotonic()
-        stream = _Stream(began)
+        stream = _Stream(began, MAX_CHARS_PER_TOKEN * max(1, request.max_tokens))
         try:
             with httpx.Client(timeout=httpx.Timeout(self.timeout), headers=headers) as client, \
                     client.stream("POST", self.base_url + path, json=body) as response:
@@ -151,8 +157,9 @@ def _delta(choice) -> str | None:
 class _Stream:
     """What one upstream SSE stream said so far (chat or completion chunks)."""
 
-    def __init__(self, began: float):
+    def __init__(self, began: float, limit: int):
         self.began, self.text, self.finish, self.usage = began, "", "stop", None
+        self.limit = limit  # characters passed on at most (`MAX_CHARS_PER_TOKEN`)
         self.first_token_s: float | None = None
         self.model: str | None = None
         self.error: str | None = None
@@ -175,6 +182,9 @@ class _Stream:
         self.usage = chunk.get("usage") or self.usage
         for choice in chunk.get("choices") or []:
             delta = _delta(choice)
+            if delta and len(self.text) + len(delta) > self.limit:  # it ignores max_tokens: end here
+                delta, self.ended, self.finish = delta[: self.limit - len(self.text)], True, "length"
+                self.error = f"the upstream wrote past max_tokens; cut at {self.limit} characters"
             if delta:
                 if not self.text:
                     self.first_token_s = time.monotonic() - self.began
@@ -182,7 +192,7 @@ class _Stream:
                 emit(Token(delta, self.pieces))
                 self.text += delta
                 self.pieces += 1
-            if choice.get("finish_reason"):
+            if choice.get("finish_reason") and not self.error:
                 self.finish = choice["finish_reason"]
 
     def generation(self, request: Request, where: dict) -> Generation:

@@ -80,7 +80,7 @@ class Replica:
 
     def health(self) -> dict:
         return {"alive": self.scheduler.alive, "queue_depth": self.scheduler.queue_depth,
-                "running": self.scheduler.running, "adapters": list(self.engine.names), "resident": self.engine.resident, "page_ins": self.engine.page_ins, "version": self.version}
+                "running": self.scheduler.answering, "adapters": list(self.engine.names), "resident": self.engine.resident, "page_ins": self.engine.page_ins, "version": self.version}
 
     # ------------------------------------------------------------------ the cluster's library
     async def sync(self) -> None:
