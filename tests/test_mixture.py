@@ -29,11 +29,16 @@ def test_model_strings():
     assert parse_model("alpha:0.7+beta:0.3") == Mixture((("alpha", 0.7), ("beta", 0.3)))
     assert parse_model(" alpha : 0.5 ").spec == "alpha:0.5"
     assert parse_model("alpha+beta:2").spec == "alpha:1+beta:2"  # a term without a weight has weight 1
+    assert parse_model("alpha:+1").spec == "alpha:1" and parse_model("alpha:-0").spec == "alpha:0"
+    assert parse_model("a:0.5+1b:0.5").names == ["a", "1b"]
     for plain in ("auto", "auto:arrow", "base", "alpha", "my:adapter"):
         assert parse_model(plain) is None, plain
     bad = {"alpha:-0.1+beta:1": "negative", "alpha:nan+beta:1": "finite", "alpha:inf": "finite",
            "alpha:1e999": "finite", "alpha:x+beta:1": "not a number", "alpha:1+alpha:2": "twice",
-           "auto:1+beta:1": "cannot be part", "base:0.5": "cannot be part", ":1+beta:1": "non-empty"}
+           "auto:1+beta:1": "cannot be part", "base:0.5": "cannot be part", ":1+beta:1": "non-empty",
+           # a malformed weight is the mixture's error, never an "unknown adapter 'alpha:'"
+           "alpha:": "not a number", "alpha:0x10": "not a number", "alpha:0.5:0.2": "more than one ':'",
+           "alpha:1_0": "not a number", "alpha:\uff11": "not a number", "alpha:\u0661": "not a number"}
     for text, why in bad.items():
         with pytest.raises(MixtureError, match=why):
             parse_model(text)

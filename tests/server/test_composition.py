@@ -54,6 +54,12 @@ def test_bad_mixtures_are_400s_that_name_the_field(http):
                       "loraswitch": {"adapters": {"alpha": float("nan")}}})  # NaN: a JSON extension
     assert http.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"}).status_code == 400
     assert _error(_post(http, {"model": "alpha", "loraswitch": {"adapters": {"alpha": 1}}}))["code"] == "conflicting_model"
+    for weight in ("0.5", True):  # numbers only, as the library takes them
+        r = _post(http, {"model": "mixture", "loraswitch": {"adapters": {"alpha": weight}}})
+        assert r.status_code == 400 and "adapters" in str(_error(r)["param"]), r.text
+    for text in ("alpha:", "alpha:0.5:0.2", "alpha:1_0"):  # malformed: the mixture's error, not a 404
+        err = _error(_post(http, {"model": text}))
+        assert (err["param"], err["code"]) == ("model", "invalid_mixture"), (text, err)
     assert _error(_post(http, {"model": "mixture"}))["param"] == "model"
     err = _error(_post(http, {"model": "auto", "loraswitch": {"deny": ["zeta"]}}))
     assert (err["param"], err["code"]) == ("loraswitch.deny", "unknown_adapter")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from loraswitch.server.errors import bad_request
 from loraswitch.switch.request import MAX_LOGPROBS, MAX_REPETITION_PENALTY
@@ -44,7 +44,9 @@ class LoraswitchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     trace: bool = False  # include the per-token routing trace
     route: str | None = None  # router for model="auto": auto | seq | arrow | gate
-    adapters: dict[str, float] | None = None  # a weighted mixture, with model="mixture" (server.composition)
+    # a weighted mixture, with model="mixture" (server.composition); numbers only, as the library
+    # takes them ("0.5" and true were read as 0.5 and 1 here and refused there)
+    adapters: dict[str, StrictFloat | StrictInt] | None = None
     allow: list[str] | None = None  # model="auto" chooses only among these adapters
     deny: list[str] | None = None  # ... and never these
 

@@ -15,6 +15,7 @@ call `parse_model`, so the two accept and refuse exactly the same strings.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -62,12 +63,21 @@ def _written(weight: float) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+# a weight as written in a model string: ASCII decimals (Python's float also reads "1_0", "１" and
+# Arabic-Indic digits, which a client would not mean), or nan / inf to be refused by name
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.ASCII | re.IGNORECASE)
+
+
 def _weight(text: str, term: str) -> float:
-    try:
-        weight = float(text)
-    except ValueError:
-        raise MixtureError(f"the weight of {term!r} is not a number (write name:weight, e.g. iso_date:0.7)") from None
-    return weight
+    if not _NUMBER.fullmatch(text):
+        raise MixtureError(f"the weight of {term!r} is not a number (write name:weight, e.g. iso_date:0.7)")
+    return float(text) + 0.0  # -0 is 0
+
+
+def _looks_weighted(text: str) -> bool:
+    """Whether the part after the ':' of a one-term model string was meant as a weight ("", "0x10",
+    "+1", ".5"): then a malformed one is a mixture error, not an unknown adapter or router."""
+    return not text or text[0] in "+-." or text[0].isdigit() or bool(_NUMBER.fullmatch(text))
 
 
 def mixture_of(adapters: Mapping[str, float] | Iterable[tuple[str, float]]) -> Mixture:
@@ -100,22 +110,19 @@ def parse_model(model: str) -> Mixture | None:
     """The mixture a model string names, or None when it names no mixture ("auto", "auto:arrow",
     "base", one adapter). "a:0.7+b:0.3" and "a:0.5" are mixtures; a term without a weight
     inside a "+" mixture has weight 1. Raises MixtureError for a malformed or invalid one."""
-    terms = model.split("+")
+    terms = re.split(r"(?<!:)\+", model)  # "a:+1" is a weight's sign, not a second term
     if len(terms) == 1:
-        name, sep, weight = model.rpartition(":")
-        if not sep or name == "auto":  # "auto:arrow" names a router, not a weight
+        name, sep, weight = model.partition(":")
+        if not sep or name == "auto" or not _looks_weighted(weight.strip()):  # "auto:arrow": a router
             return None
-        try:
-            float(weight)
-        except ValueError:
-            return None
-        terms = [model]
     pairs = []
     for term in terms:
-        name, sep, weight = term.strip().rpartition(":")
+        name, sep, weight = term.strip().partition(":")
         if not sep:
             name, weight = term.strip(), "1"
-        pairs.append((name.strip(), _weight(weight.strip(), term)))
+        if ":" in weight:
+            raise MixtureError(f"{term.strip()!r} has more than one ':' (write name:weight, e.g. iso_date:0.7)")
+        pairs.append((name.strip(), _weight(weight.strip(), term.strip())))
     return mixture_of(pairs)
 
 
