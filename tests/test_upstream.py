@@ -104,3 +104,16 @@ def test_an_upstream_that_ignores_max_tokens_is_cut(fake):
     answer, tokens = _ask(fake, "endless")  # 10,000 characters for max_tokens 8
     assert len(answer.text) == MAX_CHARS_PER_TOKEN * 8 == len("".join(tokens))
     assert answer.finish_reason == "length" and "past max_tokens" in answer.routing["upstream"]["error"]
+
+
+def test_an_upstream_reporting_no_usage_is_counted_with_the_local_tokenizer(fake, tiny_base):
+    from loraswitch.switch.escalate import Escalator
+    from loraswitch.switch.escalation import Verdict
+    from loraswitch.switch.request import Handle
+
+    request = Request.chat("hi", max_tokens=8).tokenized(tiny_base)
+    verdict = Verdict("upstream", 0.9, 0.5, "base", None, 0.1, 0.0, None, "test")
+    answer = Escalator(Upstream(f"{fake}/ok", "m", timeout=5))._ask(Handle(request), verdict, tiny_base)
+    usage = answer.routing["upstream"]["usage"]  # the fake sends no usage chunk
+    assert usage["prompt_tokens"] == len(request.prompt_ids) and "estimated" in usage
+    assert usage["completion_tokens"] == len(tiny_base.tokenizer.encode("Fake answer", add_special_tokens=False)) > 0

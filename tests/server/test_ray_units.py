@@ -166,3 +166,26 @@ def test_a_replica_waiting_to_apply_a_change_keeps_reporting_and_is_waited_for(m
     beating, behind, after = asyncio.run(scenario())
     assert beating and behind == ["r1"]  # live while it waits, and known to be behind
     assert after == [] and r.version == 1
+
+
+def test_a_stream_is_held_until_it_carries_text_so_a_replica_lost_before_is_retried():
+    """The ingress holds a stream's role-only opening chunk until text (or an end or error)
+    follows: a replica that dies in between raises where the request can still go elsewhere."""
+    pytest.importorskip("ray.serve")
+    from loraswitch.server.ray_serve.ingress import opening, says_something
+
+    role = b'data: {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}\n\n'
+    text = b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\n'
+    assert not says_something(role) and says_something(text) and says_something(b"data: [DONE]\n\n")
+    assert says_something(b'data: {"error": {"message": "x"}}\n\n')
+    assert says_something(b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}\n\n')
+
+    async def replica(chunks, dies=False):
+        for c in chunks:
+            yield c
+        if dies:
+            raise RuntimeError("replica died")
+
+    assert asyncio.run(opening(replica([role, text, text]))) == role + text
+    with pytest.raises(RuntimeError, match="died"):  # before any text: the relay retries elsewhere
+        asyncio.run(opening(replica([role], dies=True)))

@@ -91,16 +91,20 @@ class Escalator:
                     verdict.reason += f"; kept local: {refused}"
                 h.emit = _Annotated(h.emit, verdict)
                 if verdict.target == "upstream":
-                    future = self.pool.submit(self._ask, h, verdict)
+                    future = self.pool.submit(self._ask, h, verdict, switch.base)
                     if requeue is not None:
                         future.add_done_callback(lambda f, h=h: _hand_back(h, f, requeue))
                     sent.append((h, future))
         gone = {id(h) for h, _ in sent}
         return [h for h in handles if id(h) not in gone], sent
 
-    def _ask(self, handle: Handle, verdict: Verdict) -> Generation:
+    def _ask(self, handle: Handle, verdict: Verdict, base) -> Generation:
         answer = self.upstream.answer(handle.request, handle.emit, lambda: handle.cancelled)
         info = answer.routing["upstream"]
+        if not info.get("usage"):  # an upstream that reports none (or broke first): counted here
+            info["usage"] = {"prompt_tokens": len(handle.request.prompt_ids or ()),
+                             "completion_tokens": len(base.tokenizer.encode(answer.text, add_special_tokens=False)),
+                             "estimated": "counted with this server's tokenizer (the upstream reported none)"}
         answer.routing = {"router": "escalation", "adapter": None, "confidence": round(1.0 - verdict.risk, 4),
                           "target": "upstream", "reason": verdict.reason, "escalation": verdict.to_dict(),
                           "upstream": info}
