@@ -20,7 +20,9 @@ and answers before the long one; `one-shot` is the batch read in one forward, wh
 request waits for whole. Reported: each one's time to first token from its arrival (the long
 one's from the start), and the wall time of the round. Writes chunked_prefill_first.json and .md.
 
-    python benchmarks/chunked_prefill.py --first-batch --chunks 256,one-shot --repeats 3
+    python benchmarks/chunked_prefill.py --first-batch --chunks 64,256,one-shot --repeats 3 --max-tokens 16
+
+`--doc docs/benchmarks.md` rewrites the doc's block of either case.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--first-batch", action="store_true", help="a long first prompt and a short arrival (module doc)")
     p.add_argument("--arrive-s", type=float, default=0.3)
+    p.add_argument("--doc", help="also rewrite the results block in this markdown file (docs/benchmarks.md)")
     args = p.parse_args(argv)
     import torch
 
@@ -145,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     md = markdown_first(report) if args.first_batch else markdown(report)
     (RESULTS / f"{stem}.md").write_text(md)
+    if args.doc:
+        from loraswitch.eval.report import update_doc
+
+        update_doc(Path(args.doc), "chunked-prefill-first" if args.first_batch else "chunked-prefill", md)
     print(md)
     return 0
 

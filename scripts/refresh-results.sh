@@ -9,7 +9,8 @@
 #   bench    speed and memory vs merged weights and PEFT    -> README.md, docs/benchmarks.md, benchmarks/results/bench_cpu.*
 #            (--quick: SmolLM2, batches 1 and 16, 8 / 128 / 1,000 adapters, one torch thread; `python
 #            benchmarks/bench.py` alone adds a random 280M Llama; ~20 minutes on one core)
-#   load     the server under 200 concurrent requests       -> docs/server.md, benchmarks/results/server_load.*
+#   load     the server under 200 concurrent requests, and chunked prefill -> docs/server.md, docs/benchmarks.md,
+#            benchmarks/results/server_load.*, chunked_prefill*
 #   soak     the server over 3000 requests with adapters unloaded and reloaded under load (about 15 minutes)
 #                                                           -> docs/server.md, benchmarks/results/soak_server.*
 #   ray      scale-out on Ray Serve (needs loraswitch[ray]): plain vs 1 and 2 replicas, a library spread over
@@ -44,7 +45,10 @@ for step in "${steps[@]}"; do
       done ;;
     bench) LORASWITCH_THREADS=${LORASWITCH_THREADS:-1} python benchmarks/bench.py --quick --repeats 5 --scaling 8 --scaling 128 --scaling 1000 \
                --max-resident 128 --doc docs/benchmarks.md --readme README.md ;;
-    load) python benchmarks/load_server.py --requests 200 --compare-requests 24 --max-tokens 16 --doc docs/server.md ;;
+    load) python benchmarks/load_server.py --requests 200 --compare-requests 24 --max-tokens 16 --doc docs/server.md
+      python benchmarks/chunked_prefill.py --repeats 3 --doc docs/benchmarks.md
+      python benchmarks/chunked_prefill.py --first-batch --chunks 64,256,one-shot --repeats 3 --max-tokens 16 \
+        --doc docs/benchmarks.md ;;
     soak) python benchmarks/soak_server.py --requests 3000 --cycle-every 250 --max-tokens 8 --doc docs/server.md ;;
     ray)
       python benchmarks/ray_serve.py --doc docs/scale-out.md
