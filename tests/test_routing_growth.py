@@ -178,6 +178,12 @@ def test_an_added_adapter_takes_over_the_task_of_a_trained_one_that_is_removed(t
     assert sum(d.adapter == "alpha" for d in others) >= 14  # the classes still loaded keep their prompts
 
 
+def test_allow_that_leaves_nothing_says_so_rather_than_out_of_suite(trained):
+    engine, routers = trained
+    decisions = SequenceRouter.load(routers, engine).route(engine, _data(4, offset=70)["alpha"], frozenset())
+    assert all(d.adapter is None and "leave no adapter" in d.reason for d in decisions)
+
+
 def test_unwritable_router_dir_keeps_heads_in_memory(trained, adapter_dir):
     engine, routers = trained
     (routers / "added").write_text("not a folder")  # makes writing heads there fail

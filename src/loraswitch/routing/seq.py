@@ -204,7 +204,11 @@ class SequenceRouter(Router):
         if allowed is not None and claims is not None:
             off = torch.tensor([h.name not in allowed for h in claims.heads], dtype=torch.bool)
             claims.margins = claims.margins.masked_fill(off, float("-inf"))
-        return self.decide(probs, engine, claims)
+        decisions = self.decide(probs, engine, claims)
+        if allowed is not None and not allowed & set(engine.adapters):  # not "out of suite": nothing to choose
+            for d in decisions:
+                d.reason = "allow / deny leave no adapter to choose from: the base model answers"
+        return decisions
 
     @property
     def ident(self) -> str:
