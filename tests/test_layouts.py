@@ -322,3 +322,16 @@ def test_questions_making_up_a_line_are_parts_even_of_one_task(keyword_selector)
                                                 ("What is the sum of 3 and 4?", "gamma")]
     for one in ("What is the sum of 1 and 2? Please.", "Give the date? Or the day? For May 5."):
         assert not question_lines(split_units(one)) and _parts(keyword_selector, one) == [], one
+
+
+def test_spelled_label_numbers_numeric_ordinals_and_repeated_bare_labels_mark_items():
+    """From the fifth blind set's misses: "Task one: ...\\nTask two: ...", "1st ..., 2nd ...,
+    3rd ...", "Q: ... Q: ..." on one line. Dates stay words ("1st of May, 2nd of June")."""
+    units = split_units("Task one: reverse 'a b'.\nTask two: what is the sum of 2 and 2?")
+    assert [u.text for u in units] == ["Reverse 'a b'.", "What is the sum of 2 and 2?"] and all(u.ordered for u in units)
+    assert _texts("Need 3 things: 1st reverse 'a b', 2nd the sum of 5 and 5, 3rd the date") == [
+        "Need 3 things:", "Reverse 'a b'", "The sum of 5 and 5", "The date"]
+    assert _texts("Q: what is the sum of 2 and 3? Q: is the date late?") == [
+        "What is the sum of 2 and 3?", "Is the date late?"]
+    for words in ("Dates: 1st of May, 2nd of June.", "Meetings: 1st March, 2nd April.", "Part two of the book is long."):
+        assert len(split_units(words)) == 1, words

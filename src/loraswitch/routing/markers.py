@@ -12,17 +12,25 @@ _NUMBER = re.compile(r"\s*(?:\(?(\d{1,2})[.)]|#(\d{1,2})[:.)]?|(\d)\ufe0f?\u20e3
 _LETTER = re.compile(r"\s*\(?([a-hA-H])[).]\s+(?=\S)")
 _ROMAN_LINE = re.compile(r"\s*\(?(i{1,3}|iv|vi{0,3})[).]\s+(?=\S)", re.I)
 _BULLET = re.compile(r"\s*([-*\u2022\u25e6\u2023\u2013+])\s+(?=\S)")
-LABEL = re.compile(r"\s*(?:Q|Question|Task|Part|Request|Step)\s*#?(\d{1,2}|[A-H](?=\s*[-:.)\u2013\u2014]))?\s*"
-                   r"(?:[:.)]|(?<=[\dA-H])\s*[-\u2013\u2014])\s+(?=\S)", re.I)  # "Q1:", "Task 2 -", "Part A:"
+_WORD_NUMBERS = "one|two|three|four|five|six|seven|eight"
+# "Q1:", "Task 2 -", "Part A:", "Task one:"
+LABEL = re.compile(r"\s*(?:Q|Question|Task|Part|Request|Step)\s*#?(\d{1,2}|[A-H](?=\s*[-:.)\u2013\u2014])"
+                   rf"|(?:{_WORD_NUMBERS})(?=\s*[-:)\u2013\u2014]))?\s*"
+                   r"(?:[:.)]|(?<=[\dA-Ha-z])\s*[-\u2013\u2014])\s+(?=\S)", re.I)
 # inline enumeration inside a line: "a) ... b) ...", "(1) ... (2) ...", "(i) ... (ii) ..."
 _INLINE = re.compile(r"(?:(?<=\s)|^)\(?([a-h]|\d{1,2}|i{1,3}|iv|vi{0,3})\)\s+(?=\S)")
-# ... by labels: "Q1: ... Q2: ...", "Task A: ... Task B: ..."
+# ... by labels: "Q1: ... Q2: ...", "Task A: ... Task B: ...", or the same bare "Q:" again and again
 _INLINE_LABEL = re.compile(r"(?:(?<=\s)|^)(?:Q|Question|Task|Part|Step)\s*(\d{1,2}|[A-H])\s*[:.)]\s+(?=\S)")
+_INLINE_Q = re.compile(r"(?:(?<=\s)|^)(Q)\s*:\s+(?=\S)")
 _ROMAN = ["i", "ii", "iii", "iv", "v", "vi", "vii", "viii"]
 # ... or by ordinal words opening its clauses: "Two things: first, ...; second, ..."
+_MONTHS = (r"(?:january|february|march|april|may|june|july|august|september|october|november|december"
+           r"|jan|feb|mar|apr|jun|jul|aug|sept?|oct|nov|dec)\b")
 _ORDINAL = re.compile(r"(?:^|(?<=[:;,.?!])|(?<=[:;,.?!]\s)|(?<=\band\s))\s*"
-                      r"(first|second|third|fourth|fifth|final|last)(?:ly)?\b(?:\s+of\s+all)?[,:]?\s+(?=\S)", re.I)
+                      r"(first|second|third|fourth|fifth|final|last|1st|2nd|3rd|4th|5th)(?:ly)?\b"
+                      r"(?:\s+of\s+all)?[,:]?\s+(?!of\b|[\d(]|" + _MONTHS + r")(?=\S)", re.I)  # "1st of May": a date
 _ORDINALS = ["first", "second", "third", "fourth", "fifth"]
+_NUMERIC_ORDINALS = dict(zip(["1st", "2nd", "3rd", "4th", "5th"], _ORDINALS))
 _LAST = ("final", "last")  # "finally" / "lastly" close a list of ordinals: "...; and finally, ..."
 _ITEM_END = re.compile(r"[\s;,]*(?:\band)?[\s;,]*$")
 
@@ -31,6 +39,11 @@ def next_key(key: str) -> str:
     """The marker after `key` in its sequence: 1 -> 2, a -> b, i -> ii, first -> second."""
     if key.isdigit():
         return str(int(key) + 1)
+    if key == "q":  # a bare "Q:" label: the next is "Q:" again
+        return key
+    words = _WORD_NUMBERS.split("|")
+    if key.lower() in words:  # "Task one:" -> "two"
+        return words[words.index(key.lower()) + 1] if words.index(key.lower()) + 1 < len(words) else ""
     for seq in (_ROMAN, _ORDINALS):
         if key in seq:
             return seq[seq.index(key) + 1] if seq.index(key) + 1 < len(seq) else ""
@@ -43,10 +56,12 @@ def inline(prompt: str, start: int, end: int) -> tuple[int, list[tuple[int, int]
     a colon ("Please help me with: (a) ... (b) ..."); any other text before the first marker
     makes the markers part of a sentence."""
     line = prompt[start:end]
-    for pattern, firsts in ((_INLINE, ("a", "1", "i")), (_INLINE_LABEL, ("1", "a")), (_ORDINAL, ("first",))):
+    for pattern, firsts in ((_INLINE, ("a", "1", "i")), (_INLINE_LABEL, ("1", "a")), (_ORDINAL, ("first",)),
+                            (_INLINE_Q, ("q",))):
         found, want = [], None
         for m in pattern.finditer(line):
             key = m.group(1).lower()
+            key = _NUMERIC_ORDINALS.get(key, key)
             if key in firsts and not found:
                 want = key
             if want is not None and key == want:
