@@ -67,3 +67,14 @@ def test_max_threshold_is_for_the_sequence_router_only():
     assert r.exit_code == 2 and "applies to --router seq" in r.output, r.output
     r = CliRunner().invoke(app, ["train-router", "--max-threshold", "1.5"])
     assert r.exit_code == 2, r.output  # out of [0.2, 0.99]
+
+
+def test_training_a_router_for_your_own_adapters_needs_out(tmp_path):
+    """Without --out the router went to the bundled library's own routers folder, inside the
+    package, replacing the demo's (a black-box review)."""
+    from typer.testing import CliRunner
+
+    from loraswitch.cli import app
+
+    r = CliRunner().invoke(app, ["train-router", "--adapter-dir", str(tmp_path), "--data", str(tmp_path)])
+    assert r.exit_code != 0 and "--out FOLDER is required" in r.output, r.output

@@ -269,3 +269,11 @@ def test_build_items_respects_task_subset_and_limits():
             assert len({p.task for p in it.parts}) == len(it.parts)
     with pytest.raises(ValueError, match="unknown task"):
         build_items(SUITE, ["nope"], 1)
+
+
+def test_a_library_whose_adapters_match_no_suite_task_is_refused(tmp_path, adapter_dir):
+    from loraswitch.eval.harness import _check_adapters_match
+
+    _check_adapters_match([adapter_dir], ["alpha", "other"], "demo")  # one match: scored
+    with pytest.raises(ValueError, match="match none of the demo suite's tasks"):
+        _check_adapters_match([adapter_dir], ["iso_date", "add"], "demo")

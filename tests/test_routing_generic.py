@@ -3,6 +3,7 @@ rules that keep its abstain threshold meaningful (docs/routing.md "Near misses")
 
 import re
 
+import pytest
 import torch
 
 from loraswitch.routing import generic
@@ -79,3 +80,35 @@ def test_a_users_none_file_adds_to_the_bundled_prompts_unless_told_not_to(tmp_pa
     assert {p for p, _ in train[NONE_CLASS] + val.get(NONE_CLASS, [])} == set(mine)
     (tmp_path / "__none__.txt").unlink()
     assert NONE_CLASS not in read_folder(tmp_path, bundled=False)[0]
+
+
+def test_a_users_router_data_is_reported_before_training(tmp_path, tiny_base, adapter_dir):
+    """`train-router` says what it read (from a black-box review: a `.json` file, an empty file and
+    an adapter with no file were dropped silently, a latin-1 file's error named no file, and a
+    file for an adapter that is not loaded was a traceback); too few prompts to hold any out
+    still train (calibrated on the training prompts)."""
+    from loraswitch.engine import Engine
+    from loraswitch.routing.data import checked_folder, read_folder
+    from loraswitch.routing.seq import train_selector
+
+    engine = Engine(tiny_base, [adapter_dir])  # alpha, beta, gamma
+    (tmp_path / "alpha.txt").write_text("Convert March 5 to a date.\nSame prompt twice\n")
+    (tmp_path / "beta.txt").write_text("Same prompt twice\n")
+    (tmp_path / "gamma.txt").write_text("\n")
+    (tmp_path / "gamma.json").write_text('{"prompt": "x"}\n')
+    train, val = read_folder(tmp_path, bundled=False)
+    train, val, notes = checked_folder(engine, tiny_base.tokenizer, tmp_path, train, val)
+    said = "\n".join(notes)
+    assert notes[0].startswith("examples read") and "alpha 2" in notes[0] and "beta 1" in notes[0]
+    for part in ("gamma.json: not read", "gamma.txt: no prompts", "no examples for gamma", "more than one adapter",
+                 "fewer than 5 examples for alpha, beta", "no __none__"):
+        assert part in said, (part, said)
+    router = train_selector(engine, {k: [p for p, _ in v] for k, v in train.items()},
+                            {k: [p for p, _ in v] for k, v in val.items()}, steps=20, progress=False)
+    assert router.classes == ["alpha", "beta"] and router.threshold == router.threshold  # not NaN
+    (tmp_path / "delta.txt").write_text("a prompt\n")
+    with pytest.raises(ValueError, match="not loaded: delta"):
+        checked_folder(engine, tiny_base.tokenizer, tmp_path, *read_folder(tmp_path, bundled=False))
+    (tmp_path / "delta.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="delta.txt: not UTF-8"):
+        read_folder(tmp_path, bundled=False)

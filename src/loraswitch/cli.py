@@ -203,13 +203,15 @@ def train_router(
 ) -> None:
     """Train the sequence selector or the token-level gates for an adapter library."""
     from loraswitch.console import library_paths
-    from loraswitch.routing.base import NONE_CLASS
-    from loraswitch.routing.data import prompts_only, read_folder
+    from loraswitch.routing.data import checked_folder, prompts_only, read_folder
     from loraswitch.routing.gate import train_gates
     from loraswitch.routing.seq import train_selector
 
     if max_threshold is not None and router != "seq":
         raise typer.BadParameter("--max-threshold applies to --router seq only", param_hint="--max-threshold")
+    if out is None and adapter_dir:  # the default is the --library's own routers folder
+        raise fail("--out FOLDER is required with --adapter-dir (the default, the --library's routers, belongs to "
+                   "that library); then serve with --router-dir FOLDER")
     switch = open_switch(base, adapter_dir, library=library)
     if data is None:  # the demo library's routers, trained on its own task suite
         if library != "demo" or adapter_dir:
@@ -222,8 +224,12 @@ def train_router(
             train, val = read_folder(data, bundled=bundled_none)
         except (OSError, ValueError) as exc:
             raise fail(str(exc)) from None
-        if NONE_CLASS not in train:
-            console.print("[yellow]no __none__ prompts: the router will abstain only below its threshold[/yellow]")
+        try:
+            train, val, notes = checked_folder(switch.engine, switch.base.tokenizer, data, train, val)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+        for note in notes:
+            console.print(note if note.startswith("examples read") else f"[yellow]{note}[/yellow]")
     out = out or library_paths(library, None, None)[1]
     if router == "seq":
         ceiling = {} if max_threshold is None else {"ceiling": max_threshold}

@@ -300,7 +300,11 @@ def read_examples(path: str | Path) -> list[tuple[str, str | None]]:
     if not path.is_file():
         raise ValueError(f"{path}: no such example file" + (" (a folder)" if path.is_dir() else ""))
     rows: list[tuple[str, str | None]] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         if path.suffix != ".jsonl":

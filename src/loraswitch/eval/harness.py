@@ -88,6 +88,20 @@ def _cap_items(items: list[Item], cap: int) -> list[Item]:
     return out
 
 
+def _check_adapters_match(adapter_dirs: list[Path], tasks: list[str], suite: str) -> None:
+    """A suite scores its tasks with the adapters named after them: a library whose adapters match
+    none of them would be scored as if every answer were the base model's, and reported as a
+    valid run (a black-box review ran `eval --adapter-dir` on its own renamed adapters)."""
+    from loraswitch.library import CONFIG_FILE
+
+    names = {p.name for d in adapter_dirs if d.is_dir()
+             for p in [d, *d.iterdir()] if p.is_dir() and (p / CONFIG_FILE).is_file()}
+    if names and not names & set(tasks):
+        raise ValueError(f"the adapters in {', '.join(map(str, adapter_dirs))} ({', '.join(sorted(names))}) match none "
+                         f"of the {suite} suite's tasks ({', '.join(tasks)}): `loraswitch eval` scores a suite's tasks "
+                         "with the adapters named after them; it has no suite made of your own example files")
+
+
 def run_eval(cfg: EvalConfig, base_factory: Callable[[], Base] | None = None,
              on_method: Callable[[str, dict], None] | None = None) -> dict:
     """Run the evaluation and write its files to `cfg.out_dir`; returns the results dict."""
@@ -104,6 +118,7 @@ def run_eval(cfg: EvalConfig, base_factory: Callable[[], Base] | None = None,
         raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(reg)}")
     factory = base_factory or (lambda: load_base(cfg.base))
     adapter_dirs = [Path(d) for d in (cfg.adapter_dirs or [DEMO_ADAPTER_DIR])]
+    _check_adapters_match(adapter_dirs, tasks, suite.name)
     oos_limit = cfg.oos_limit if cfg.oos_limit is not None else 2 * cfg.limit
     items = build_items(suite, tasks, cfg.limit, cfg.composite_sizes, cfg.composite_limit, oos_limit,
                         cfg.max_new_tokens, cfg.part_tokens, cfg.seed, cfg.freeform_limit)

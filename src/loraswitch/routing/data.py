@@ -47,6 +47,69 @@ def read_folder(folder: str | Path, bundled: bool = True) -> tuple[Pairs, Pairs]
     return train, val
 
 
+def folder_report(folder: str | Path, train: Pairs, val: Pairs, adapters: list[str]) -> list[str]:
+    """What a user should hear about their router data before training on it: files left
+    unread (another suffix, such as `.json`), empty files, loaded adapters with no examples (they
+    get no class: routed zero-shot, or from examples, as added adapters), and prompts given for
+    two adapters (each copy teaches the router a different answer)."""
+    notes = []
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and path.suffix not in (".jsonl", ".txt"):
+            notes.append(f"{path.name}: not read (example files are <adapter>.jsonl or <adapter>.txt)")
+        elif path.is_file() and path.stem not in train and path.stem not in val:
+            notes.append(f"{path.name}: no prompts in it")
+    missing = [a for a in adapters if a not in train and a not in val]
+    if missing:
+        notes.append(f"no examples for {', '.join(missing)}: no class in this router (routed as added adapters are: "
+                     "from an examples file in the adapter's folder, else zero-shot from its weights)")
+    owners: dict[str, set[str]] = {}
+    for pairs in (train, val):
+        for name, rows in pairs.items():
+            for prompt, _ in rows:
+                owners.setdefault(prompt, set()).add(name)
+    clashes = [p for p, names in owners.items() if len(names) > 1]
+    if clashes:
+        notes.append(f"{len(clashes)} prompt(s) given for more than one adapter, e.g. {clashes[0][:60]!r} "
+                     f"({', '.join(sorted(owners[clashes[0]]))})")
+    return notes
+
+
+FEW_EXAMPLES = 5  # below this an adapter's examples are said to be few
+MAX_TRAIN_PROMPT_TOKENS = 2048  # what the server answers (--max-prompt-tokens); longer ones slowed gate training 10x
+
+
+def checked_folder(engine, tokenizer, folder: str | Path, train: Pairs, val: Pairs) -> tuple[Pairs, Pairs, list[str]]:
+    """A user's router data as it will be trained on, and what to tell them before the minute of
+    training (`train-router`): the prompts per adapter first, then what was left unread or
+    unmatched (`folder_report`) and the prompts over MAX_TRAIN_PROMPT_TOKENS, left out. Data for an
+    adapter that is not loaded is a ValueError that says why (refused when loading, or no such
+    adapter: a file is named after its adapter)."""
+    unknown = [n for n in train if n != NONE_CLASS and n not in engine.adapters]
+    if unknown:
+        why = [f"{n} (refused when the library loaded: {engine.errors[n].reason})" if n in engine.errors else n
+               for n in unknown]
+        raise ValueError(f"example files for adapters that are not loaded: {', '.join(why)}; loaded: "
+                         f"{', '.join(engine.names) or 'none'} (a file is named after its adapter, case included)")
+    long = 0
+    for pairs in (train, val):
+        for name, rows in pairs.items():
+            kept = [r for r in rows if len(tokenizer.encode(r[0], add_special_tokens=False)) <= MAX_TRAIN_PROMPT_TOKENS]
+            long += len(rows) - len(kept)
+            pairs[name] = kept
+    counts = ", ".join(f"{n} {len(train.get(n, [])) + len(val.get(n, []))}" for n in [*engine.names, NONE_CLASS]
+                       if n in train or n in val)
+    notes = [f"examples read from {folder}: {counts}", *folder_report(folder, train, val, list(engine.names))]
+    if long:
+        notes.append(f"{long} prompt(s) over {MAX_TRAIN_PROMPT_TOKENS} tokens left out")
+    few = [n for n in engine.names if 0 < len(train.get(n, [])) + len(val.get(n, [])) < FEW_EXAMPLES]
+    if few:
+        notes.append(f"fewer than {FEW_EXAMPLES} examples for {', '.join(few)}: expect it to be missed on "
+                     "wordings they do not show (the demo's router trains on 200 an adapter)")
+    if NONE_CLASS not in train:
+        notes.append("no __none__ prompts: the router will abstain only below its threshold")
+    return train, val, notes
+
+
 def is_validation(prompt: str) -> bool:
     """Whether `read_folder` puts `prompt` in the validation split (1 in 10, by its hash): a
     writer of router data that adds paraphrases keeps each paraphrase in its original's split."""

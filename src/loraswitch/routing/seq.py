@@ -312,7 +312,7 @@ def train_selector(engine: Engine, train: dict[str, list[str]], val: dict[str, l
         for i, c in enumerate(classes):
             prompts += data.get(c, [])
             labels += [i] * len(data.get(c, []))
-        return layer_features(engine, prompts, layers, progress=progress), torch.tensor(labels)
+        return layer_features(engine, prompts, layers, progress=progress), torch.tensor(labels, dtype=torch.long)
 
     (x, y), (xv, yv) = featurize(train), featurize(val)
     router = fit_selector(classes, x[layer], y, xv[layer], yv, layer, steps, progress, ceiling=ceiling)
@@ -334,7 +334,10 @@ def fit_selector(classes: list[str], x: torch.Tensor, y: torch.Tensor, xv: torch
     Weight decay 3e-3 (1e-3 before near misses were in `__none__`): picked on the sweep's first
     run; in its committed rerun the three values' curves lie within a point or two of each other
     (`benchmarks/routing_probe.py --sweep`)."""
-    mean, std = x.mean(0), x.std(0) + 1e-4
+    if len(yv) == 0 or len(y) < 2 * len(classes):  # too few prompts to hold some out (1 in 10 by hash):
+        x, y = torch.cat([x, xv]), torch.cat([y, yv])  # train and calibrate on all of them
+        xv, yv = x, y
+    mean, std = x.mean(0), x.std(0, correction=int(len(x) > 1)) + 1e-4
     z, zv = (x - mean) / std, (xv - mean) / std
     torch.manual_seed(0)
     W = torch.zeros(len(classes), x.shape[1], requires_grad=True)
