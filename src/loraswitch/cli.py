@@ -85,6 +85,9 @@ def _print_adapters(switch, as_json: bool) -> None:
         else:
             table.add_row(r["name"], "[red]refused[/red]", "", r["reason"], "", "")
     Console().print(table)
+    notes = {(r.get("routing") or {}).get("note") for r in rows} - {None, ""}
+    for note in notes:  # auto fell back to Arrow: why (a stale router showed only "arrow" on every row)
+        console.print(f"[yellow]{note}[/yellow]")
 
 
 def _routing_of(switch) -> dict[str, dict]:
@@ -150,6 +153,9 @@ def generate(
     else:
         if adapter is None:
             console.print(f"[dim]routed to {chosen or 'base model'} ({res.routing.get('router')})[/dim]")
+            note = getattr(switch.router(route or "auto"), "note", "") if model == "auto" else ""
+            if note:  # auto fell back to Arrow: say why (a stale router said nothing outside --json)
+                console.print(f"[yellow]{note}[/yellow]")
         print(res.text)
         if trace:
             for step in res.trace:
