@@ -158,31 +158,32 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(report: dict) -> str:
     cfg = report["config"]
-    lines = [f"# A long prompt joining a running batch ({report['finished_at']})", "",
-             f"{cfg['rows']} rows decoding {cfg['max_tokens']} tokens each (greedy, no stop, one demo adapter per row); "
-             f"after {cfg['join_after']} steps a {report['long_prompt_tokens']}-token prompt joins. Medians of "
-             f"{cfg['repeats']} round-robin runs, {cfg['threads']} torch thread(s), load average {report['load']} "
-             f"({report['machine']}).", "",
-             "| prefill chunk | running rows' longest gap s | median gap s | joined row's first token s | running rows tok/s |",
-             "|---|---|---|---|---|"]
-    for name, s in report["summary"].items():
-        lines.append(f"| {name} | {s['max_gap_s']} | {s['median_gap_s']} | {s['joined_ttft_s']} | {s['running_tok_s']} |")
-    lines += ["", "Reproduce: `python benchmarks/chunked_prefill.py " + " ".join(report["argv"]) + "`", ""]
-    return "\n".join(lines)
+    return _table(report, f"A long prompt joining a running batch ({report['finished_at']})",
+                  f"{cfg['rows']} rows decoding {cfg['max_tokens']} tokens each (greedy, no stop, one demo adapter per "
+                  f"row); after {cfg['join_after']} steps a {report['long_prompt_tokens']}-token prompt joins.",
+                  ["prefill chunk", "running rows' longest gap s", "median gap s", "joined row's first token s",
+                   "running rows tok/s"],
+                  [[name, s["max_gap_s"], s["median_gap_s"], s["joined_ttft_s"], s["running_tok_s"]]
+                   for name, s in report["summary"].items()])
 
 
 def markdown_first(report: dict) -> str:
     cfg = report["config"]
-    lines = [f"# A short request arriving during a long first prefill ({report['finished_at']})", "",
-             f"A {report['long_prompt_tokens']}-token prompt starts a batch alone; {cfg['arrive_s']} s later a short "
-             f"chat request arrives (greedy, {cfg['max_tokens']} tokens each, no stop, a demo adapter each). Medians of "
-             f"{cfg['repeats']} round-robin runs, {cfg['threads']} torch thread(s), load average {report['load']} "
-             f"({report['machine']}).", "",
-             "| first batch read | short request's first token s (from its arrival) | long prompt's first token s "
-             "| short answered first | round wall s |", "|---|---|---|---|---|"]
-    for name, s in report["summary"].items():
-        read = "in one forward" if name == "one-shot" else f"in chunks of {name}"
-        lines.append(f"| {read} | {s['short_ttft_s']} | {s['long_ttft_s']} | {s['short_first']} | {s['wall_s']} |")
+    return _table(report, f"A short request arriving during a long first prefill ({report['finished_at']})",
+                  f"A {report['long_prompt_tokens']}-token prompt starts a batch alone; {cfg['arrive_s']} s later a "
+                  f"short chat request arrives (greedy, {cfg['max_tokens']} tokens each, no stop, a demo adapter each).",
+                  ["first batch read", "short request's first token s (from its arrival)", "long prompt's first token s",
+                   "short answered first", "round wall s"],
+                  [["in one forward" if name == "one-shot" else f"in chunks of {name}", s["short_ttft_s"],
+                    s["long_ttft_s"], s["short_first"], s["wall_s"]] for name, s in report["summary"].items()])
+
+
+def _table(report: dict, title: str, setup: str, header: list[str], rows: list[list]) -> str:
+    cfg = report["config"]
+    lines = [f"# {title}", "", f"{setup} Medians of {cfg['repeats']} round-robin runs, {cfg['threads']} torch "
+             f"thread(s), load average {report['load']} ({report['machine']}).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     lines += ["", "Reproduce: `python benchmarks/chunked_prefill.py " + " ".join(report["argv"]) + "`", ""]
     return "\n".join(lines)
 

@@ -16,6 +16,15 @@ from loraswitch.switch.request import Done, Handle, Request, Started, Token
 from tests.server.conftest import PROMPT, chat, library_answer, wait_for
 
 
+def _start_together(sched, jobs) -> None:
+    """Start `sched` with `jobs` queued before its worker takes any: one round for all of them."""
+    sched.pause()
+    sched.start()
+    for job in jobs:
+        sched.submit(job)
+    sched.resume()
+
+
 def _job(model, max_tokens, sink, prompt=PROMPT):
     job = Job(Handle(Request.chat(prompt, model=model, max_tokens=max_tokens)))
     job.deliver = sink  # the test reads the events in the worker thread
@@ -129,12 +138,8 @@ def test_answering_counts_the_requests_still_being_answered_not_the_rounds_jobs(
         return sink
 
     jobs = {key: _job("alpha", n, sink_for(key)) for key, n in (("a", 3), ("b", 20))}
-    sched.pause()
-    sched.start()
     try:
-        for job in jobs.values():
-            sched.submit(job)
-        sched.resume()
+        _start_together(sched, jobs.values())
         wait_for(lambda: jobs["a"].finished and tokens["b"] >= 6)
         assert sched.running == 2 and sched.answering == 1
         release.set()
@@ -160,12 +165,8 @@ def test_scheduler_per_row_limits_and_cancel(lib):
 
     for key, n in (("a", 3), ("b", 20), ("c", 20)):
         jobs[key] = _job("alpha", n, sink_for(key))
-    sched.pause()
-    sched.start()
     try:
-        for job in jobs.values():
-            sched.submit(job)
-        sched.resume()
+        _start_together(sched, jobs.values())
         wait_for(lambda: all(j.finished for j in jobs.values() if j is not jobs["c"]) and sched.running == 0)
     finally:
         sched.stop()
