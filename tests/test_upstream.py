@@ -28,6 +28,7 @@ BODIES = {
     "int_first": _chunk(123),
     "not_object_first": b"data: \"hello\"\n\n",
     "endless": b"".join(_chunk("word " * 50) for _ in range(40)) + b"data: [DONE]\n\n",
+    "odd_fields": _chunk("Fake") + b'data: {"model": 7, "usage": 5, "choices": []}\n\n' + b"data: [DONE]\n\n",
 }
 
 
@@ -117,3 +118,9 @@ def test_an_upstream_reporting_no_usage_is_counted_with_the_local_tokenizer(fake
     usage = answer.routing["upstream"]["usage"]  # the fake sends no usage chunk
     assert usage["prompt_tokens"] == len(request.prompt_ids) and "estimated" in usage
     assert usage["completion_tokens"] == len(tiny_base.tokenizer.encode("Fake answer", add_special_tokens=False)) > 0
+
+
+def test_odd_model_and_usage_fields_are_not_taken_for_them(fake):
+    answer, _ = _ask(fake, "odd_fields")
+    assert answer.text == "Fake" and answer.routing["upstream"]["usage"] is None
+    assert answer.routing["upstream"]["answered_by"] == "m"

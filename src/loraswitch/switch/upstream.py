@@ -178,8 +178,9 @@ class _Stream:
             raise ValueError(f"a stream chunk that is not a JSON object: {data[:100]}")
         if "error" in chunk and not chunk.get("choices"):
             raise UpstreamError(f"the upstream answered an error: {json.dumps(chunk['error'])[:300]}")
-        self.model = chunk.get("model", self.model)
-        self.usage = chunk.get("usage") or self.usage
+        model, usage = chunk.get("model"), chunk.get("usage")
+        self.model = model if isinstance(model, str) else self.model
+        self.usage = usage if isinstance(usage, dict) and usage else self.usage  # a number or list is no usage
         for choice in chunk.get("choices") or []:
             delta = _delta(choice)
             if delta and len(self.text) + len(delta) > self.limit:  # it ignores max_tokens: end here
