@@ -162,6 +162,18 @@ def test_2_text_parts_join_with_a_newline_and_stop_token_ids_is_refused():
 
 
 
+def test_2_library_failures_the_server_checked_before_are_400s_not_500s():
+    """A request is checked again as its batch starts (`switch.rows.asks_what_exists`): what
+    changed while it waited is the client's 4xx, never a 500."""
+    from loraswitch.library import AdapterError
+    from loraswitch.server.errors import from_library
+    from loraswitch.switch.mixture import MixtureError
+
+    err = from_library(MixtureError("allow / deny only apply to model 'auto'", "invalid_allow"), "alpha", ["alpha"])
+    assert (err.status, err.body()["error"]["code"]) == (400, "invalid_allow")
+    assert from_library(AdapterError("gone", "unknown adapter 'gone'"), "gone", ["alpha"]).status == 404
+
+
 def test_2_a_refused_adapter_named_as_model_says_why():
     from loraswitch.library import AdapterError
     from loraswitch.server.composition import _unknown

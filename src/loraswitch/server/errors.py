@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from loraswitch.library import AdapterError
+from loraswitch.switch.mixture import MixtureError
 from loraswitch.switch.request import InvalidOutput, RouterUnavailable
 
 log = logging.getLogger("loraswitch.server")
@@ -81,6 +82,8 @@ def from_library(exc: Exception, model: str, known: list[str]) -> APIError:
         return bad_request(str(exc), "model", "invalid_adapter")
     if isinstance(exc, RouterUnavailable):
         return bad_request(str(exc), "route", "router_unavailable")
+    if isinstance(exc, MixtureError):  # checked again as the batch starts (`switch.rows.asks_what_exists`)
+        return bad_request(str(exc), "model", exc.code)
     if isinstance(exc, InvalidOutput):  # the adapter's fault, not a crash (422: retrying gives the same NaN)
         return APIError(422, str(exc), "invalid_request_error", "model", "invalid_model_output")
     return server_error(f"generation failed: {type(exc).__name__}: {exc}")
