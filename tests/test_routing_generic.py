@@ -97,9 +97,9 @@ def test_a_users_router_data_is_reported_before_training(tmp_path, tiny_base, ad
     (tmp_path / "gamma.txt").write_text("\n")
     (tmp_path / "gamma.json").write_text('{"prompt": "x"}\n')
     train, val = read_folder(tmp_path, bundled=False)
-    train, val, notes = checked_folder(engine, tiny_base.tokenizer, tmp_path, train, val)
+    train, val, counts, notes = checked_folder(engine, tiny_base.tokenizer, tmp_path, train, val)
     said = "\n".join(notes)
-    assert notes[0].startswith("examples read") and "alpha 2" in notes[0] and "beta 1" in notes[0]
+    assert counts.startswith("examples read") and "alpha 2" in counts and "beta 1" in counts
     for part in ("gamma.json: not read", "gamma.txt: no prompts", "no examples for gamma", "more than one adapter",
                  "fewer than 5 examples for alpha, beta", "no __none__"):
         assert part in said, (part, said)

@@ -231,11 +231,12 @@ def train_router(
         except (OSError, ValueError) as exc:
             raise fail(str(exc)) from None
         try:
-            train, val, notes = checked_folder(switch.engine, switch.base.tokenizer, data, train, val)
+            train, val, counts, notes = checked_folder(switch.engine, switch.base.tokenizer, data, train, val)
         except ValueError as exc:
             raise fail(str(exc)) from None
+        console.print(counts)
         for note in notes:
-            console.print(note if note.startswith("examples read") else f"[yellow]{note}[/yellow]")
+            console.print(f"[yellow]{note}[/yellow]")
     out = out or library_paths(library, None, None)[1]
     if router == "seq":
         ceiling = {} if max_threshold is None else {"ceiling": max_threshold}

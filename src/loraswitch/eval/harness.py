@@ -92,10 +92,9 @@ def _check_adapters_match(adapter_dirs: list[Path], tasks: list[str], suite: str
     """A suite scores its tasks with the adapters named after them: a library whose adapters match
     none of them would be scored as if every answer were the base model's, and reported as a
     valid run (a black-box review ran `eval --adapter-dir` on its own renamed adapters)."""
-    from loraswitch.library import CONFIG_FILE
+    from loraswitch.library import find_adapter_dirs
 
-    names = {p.name for d in adapter_dirs if d.is_dir()
-             for p in [d, *d.iterdir()] if p.is_dir() and (p / CONFIG_FILE).is_file()}
+    names = {p.name for d in adapter_dirs for p in find_adapter_dirs(d)}
     if names and not names & set(tasks):
         raise ValueError(f"the adapters in {', '.join(map(str, adapter_dirs))} ({', '.join(sorted(names))}) match none "
                          f"of the {suite} suite's tasks ({', '.join(tasks)}): `loraswitch eval` scores a suite's tasks "

@@ -119,9 +119,10 @@ class Space:
         new name, or the task served by a library without it) takes its prompts, where the gone
         class's centroid used to keep them from every added head."""
         self.W, self.b = W, b
-        kept = torch.ones(len(labels), dtype=torch.bool) if present is None else torch.isin(labels, present)
-        fit = (torch.arange(len(labels)) % 2 == 0) & kept
-        self.calibration = (torch.arange(len(labels)) % 2 == 1) & kept  # rows a head's threshold is set on
+        # the reservoir rows of the present classes: what added heads compete with
+        self.kept = torch.ones(len(labels), dtype=torch.bool) if present is None else torch.isin(labels, present)
+        fit = (torch.arange(len(labels)) % 2 == 0) & self.kept
+        self.calibration = (torch.arange(len(labels)) % 2 == 1) & self.kept  # rows a head's threshold is set on
         v = self.embed(reservoir_z[fit])
         self.known = torch.stack([v[labels[fit] == c].mean(0) for c in labels[fit].unique()])
         self.known = self.known / self.known.norm(dim=1, keepdim=True)
@@ -311,13 +312,11 @@ def sync_added(router, engine: Engine, router_dir: Path) -> None:
     if not new:
         return
     folder = added_dir(router_dir)
-    labels = router.reservoir.labels
     present = torch.tensor([i for i, c in enumerate(router.classes) if c == NONE_CLASS or c in engine.adapters])
-    kept = torch.isin(labels, present)  # the reservoir of the classes still loaded: what added heads compete with
     z_res, raw_res = router.reservoir.z.float(), router.raw_reservoir()
-    router.added.space = Space(router.W, router.b, z_res, labels, present)
+    router.added.space = Space(router.W, router.b, z_res, router.reservoir.labels, present)
     trained = [n for n in router.classes if n in engine.adapters]
-    raw_res = raw_res[kept]
+    raw_res = raw_res[router.added.space.kept]
     router.added.known = Known([f for n in trained if (f := factor(engine, n)) is not None], raw_res)
     for name in new:
         adapter = engine.adapters[name]

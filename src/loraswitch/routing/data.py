@@ -78,9 +78,10 @@ FEW_EXAMPLES = 5  # below this an adapter's examples are said to be few
 MAX_TRAIN_PROMPT_TOKENS = 2048  # what the server answers (--max-prompt-tokens); longer ones slowed gate training 10x
 
 
-def checked_folder(engine, tokenizer, folder: str | Path, train: Pairs, val: Pairs) -> tuple[Pairs, Pairs, list[str]]:
+def checked_folder(engine, tokenizer, folder: str | Path, train: Pairs, val: Pairs
+                   ) -> tuple[Pairs, Pairs, str, list[str]]:
     """A user's router data as it will be trained on, and what to tell them before the minute of
-    training (`train-router`): the prompts per adapter first, then what was left unread or
+    training (`train-router`): the prompts per adapter, then warnings: what was left unread or
     unmatched (`folder_report`) and the prompts over MAX_TRAIN_PROMPT_TOKENS, left out. Data for an
     adapter that is not loaded is a ValueError that says why (refused when loading, or no such
     adapter: a file is named after its adapter)."""
@@ -98,7 +99,7 @@ def checked_folder(engine, tokenizer, folder: str | Path, train: Pairs, val: Pai
             pairs[name] = kept
     counts = ", ".join(f"{n} {len(train.get(n, [])) + len(val.get(n, []))}" for n in [*engine.names, NONE_CLASS]
                        if n in train or n in val)
-    notes = [f"examples read from {folder}: {counts}", *folder_report(folder, train, val, list(engine.names))]
+    notes = folder_report(folder, train, val, list(engine.names))
     if long:
         notes.append(f"{long} prompt(s) over {MAX_TRAIN_PROMPT_TOKENS} tokens left out")
     few = [n for n in engine.names if 0 < len(train.get(n, [])) + len(val.get(n, [])) < FEW_EXAMPLES]
@@ -107,7 +108,7 @@ def checked_folder(engine, tokenizer, folder: str | Path, train: Pairs, val: Pai
                      "wordings they do not show (the demo's router trains on 200 an adapter)")
     if NONE_CLASS not in train:
         notes.append("no __none__ prompts: the router will abstain only below its threshold")
-    return train, val, notes
+    return train, val, f"examples read from {folder}: {counts}", notes
 
 
 def is_validation(prompt: str) -> bool:
