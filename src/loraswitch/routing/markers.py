@@ -13,6 +13,7 @@ _LETTER = re.compile(r"\s*\(?([a-hA-H])[).]\s+(?=\S)")
 _ROMAN_LINE = re.compile(r"\s*\(?(i{1,3}|iv|vi{0,3})[).]\s+(?=\S)", re.I)
 _BULLET = re.compile(r"\s*([-*\u2022\u25e6\u2023\u2013+])\s+(?=\S)")
 _WORD_NUMBERS = "one|two|three|four|five|six|seven|eight"
+_WORDS = _WORD_NUMBERS.split("|")
 # "Q1:", "Task 2 -", "Part A:", "Task one:"
 LABEL = re.compile(r"\s*(?:Q|Question|Task|Part|Request|Step)\s*#?(\d{1,2}|[A-H](?=\s*[-:.)\u2013\u2014])"
                    rf"|(?:{_WORD_NUMBERS})(?=\s*[-:)\u2013\u2014]))?\s*"
@@ -41,12 +42,10 @@ def next_key(key: str) -> str:
         return str(int(key) + 1)
     if key == "q":  # a bare "Q:" label: the next is "Q:" again
         return key
-    words = _WORD_NUMBERS.split("|")
-    if key.lower() in words:  # "Task one:" -> "two"
-        return words[words.index(key.lower()) + 1] if words.index(key.lower()) + 1 < len(words) else ""
-    for seq in (_ROMAN, _ORDINALS):
-        if key in seq:
-            return seq[seq.index(key) + 1] if seq.index(key) + 1 < len(seq) else ""
+    for seq in (_ROMAN, _ORDINALS, _WORDS):  # "Task One:" -> "two"
+        if key.lower() in seq:
+            i = seq.index(key.lower()) + 1
+            return seq[i] if i < len(seq) else ""
     return chr(ord(key) + 1)
 
 
