@@ -151,7 +151,7 @@ def test_a_replica_waiting_to_apply_a_change_keeps_reporting_and_is_waited_for(m
     monkeypatch.setattr(rp, "POLL_S", 0.01)
 
     async def scenario():
-        tasks = [asyncio.create_task(r._follow()), asyncio.create_task(r._beat())]
+        tasks = [asyncio.create_task(r._every_poll(r.sync, "sync")), asyncio.create_task(r._every_poll(r.report, "report"))]
         await asyncio.sleep(0.1)
         seen = lib.reports["r1"]["at"]
         await asyncio.sleep(0.1)

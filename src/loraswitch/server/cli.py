@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import urlsplit
 
 import typer
 
@@ -186,8 +185,13 @@ def check_upstream(url: str | None, model: str | None, threshold: float | None, 
         raise typer.BadParameter("give --escalate-rate or --escalate-threshold, not both")
     if (rate is None) != (calibration is None):
         raise typer.BadParameter("--escalate-rate and --calibration FILE go together (the rate is calibrated on it)")
-    if url and urlsplit(url).scheme not in ("http", "https"):
-        raise typer.BadParameter(f"--upstream {url!r}: an http:// or https:// URL")
+    if url:  # before the model loads, as Upstream checks it
+        from loraswitch.switch.upstream import check_url
+
+        try:
+            check_url(url)
+        except ValueError as exc:
+            raise typer.BadParameter(f"--upstream: {exc}") from None
     if calibration is not None:
         from loraswitch.library import read_examples
 

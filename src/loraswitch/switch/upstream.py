@@ -32,6 +32,13 @@ from loraswitch.switch.request import Event, Request, Started, Token
 MAX_CHARS_PER_TOKEN = 32
 
 
+def check_url(url: str) -> None:
+    """ValueError unless `url` is an http(s) URL with a host: what an upstream can be."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"the upstream URL must be http:// or https:// with a host, got {url!r}")
+
+
 class UpstreamError(RuntimeError):
     """The upstream gave no answer (nothing was passed on): answer locally instead."""
 
@@ -57,9 +64,7 @@ class Upstream:
         return cls(url, model, key, **kw)
 
     def __post_init__(self):
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"the upstream URL must be http:// or https:// with a host, got {self.url!r}")
+        check_url(self.url)
 
     @property
     def base_url(self) -> str:

@@ -67,7 +67,8 @@ class Replica:
         self.version = 0
         self.id = serve.get_replica_context().replica_id.unique_id
         await self.sync()
-        self._tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._beat())]
+        self._tasks = [asyncio.create_task(self._every_poll(self.sync, "library sync")),
+                       asyncio.create_task(self._every_poll(self.report, "report"))]
 
     # ------------------------------------------------------------------ requests
     async def forward(self, req: Forwarded):
@@ -114,24 +115,18 @@ class Replica:
             if isinstance(item, dict) and item["status"] >= 300 and item["status"] != 409:
                 log.warning("replica %s: %s %s answered %s", self.id, method, path, item["status"])
 
-    async def _follow(self) -> None:
+    async def _every_poll(self, step, what: str) -> None:
+        """`step` every POLL_S, on its own task: the heartbeat (`report`) is not sent after `sync`,
+        since a change is applied between batches, so `sync` can wait out a batch longer than
+        `cluster.LIVE_S`, and a replica silent that long was taken for dead and not waited for (the
+        ingress answered an add before it had it). A failure (the library actor briefly away) is
+        logged and the next poll tries again."""
         while True:
             await asyncio.sleep(POLL_S)
             try:
-                await self.sync()
-            except Exception:  # the library actor is briefly away: try again
-                log.exception("replica %s: library sync failed", self.id)
-
-    async def _beat(self) -> None:
-        """Reports on its own, not after `sync`: a change is applied between batches, so `sync`
-        can wait out a batch longer than `cluster.LIVE_S`, and a replica silent that long would
-        be taken for dead and not waited for (the ingress answered an add before it had it)."""
-        while True:
-            await asyncio.sleep(POLL_S)
-            try:
-                await self.report()
+                await step()
             except Exception:
-                log.exception("replica %s: report failed", self.id)
+                log.exception("replica %s: %s failed", self.id, what)
 
     def __del__(self):
         with contextlib.suppress(Exception):
